@@ -1,0 +1,35 @@
+# Two commands a new machine needs: `make demo` and `make test`. Both set up .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-fast demo bench lint clean
+
+venv: $(STAMP)
+
+# Re-installs only when the pins or the project metadata change (idempotent).
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile -q -m "not slow"
+
+demo: $(STAMP)
+	$(VENV)/bin/python -m local.demo
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/api.py
+	$(VENV)/bin/python bench/train.py
+	$(VENV)/bin/python bench/contract.py
+
+lint: $(STAMP)
+	$(VENV)/bin/cfn-lint template.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache

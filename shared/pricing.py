@@ -1,0 +1,167 @@
+"""Cost and time of a job, before it runs (the estimate) and after (the bill).
+
+Money is `Decimal` throughout and rounded once, at the end, to cents. The price table lives in
+`prices.json` beside this file (operators may point FUSION_PRICES at another copy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from decimal import ROUND_HALF_UP, Decimal
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from shared.settings import ContractSettings, TrainSettings
+from shared.shapes import ModelConfig, grown_config
+
+CENT = Decimal("0.01")
+MILLION = Decimal(1_000_000)
+LOCAL_INSTANCE = "local-cpu"
+
+
+class Tier(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    max_parameters: int | None
+    usd_per_million_tokens: Decimal
+    contraction_fee: Decimal
+    instance_type: str
+    instance_count: int
+
+
+class PriceTable(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    growth_fee_per_million_parameters: Decimal
+    tiers: list[Tier]
+    flops_per_second: dict[str, float]
+    model_flops_utilization: float
+    startup_seconds: float
+    max_runtime_margin: float
+
+    def tier_for(self, parameters: int) -> Tier:
+        for tier in self.tiers:
+            if tier.max_parameters is None or parameters <= tier.max_parameters:
+                return tier
+        return self.tiers[-1]
+
+
+@lru_cache(maxsize=4)
+def _load(path: str) -> PriceTable:
+    return PriceTable.model_validate(json.loads(Path(path).read_text()))
+
+
+def price_table() -> PriceTable:
+    return _load(os.environ.get("FUSION_PRICES", str(Path(__file__).with_name("prices.json"))))
+
+
+class Estimate(BaseModel):
+    """The priced breakdown of one job. Components are exact; `total` is rounded to cents once."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_type: str
+    training_tokens: int
+    parameters: int  # of the model being trained (after growth) or of the contraction source
+    tier: str
+    usd_per_million_tokens: Decimal
+    training_cost: Decimal
+    growth_parameters: int
+    growth_fee: Decimal
+    contraction_fee: Decimal
+    total: Decimal
+    instance_type: str
+    instance_count: int
+    eta_seconds: int
+    max_runtime_seconds: int
+
+
+def _seconds(table: PriceTable, tokens: int, parameters: int, instance_type: str, count: int) -> float:
+    flops = table.flops_per_second.get(instance_type)
+    if flops is None:
+        raise KeyError(f"no throughput figure for instance type {instance_type!r} in the price table")
+    utilization = 1.0 if instance_type == LOCAL_INSTANCE else table.model_flops_utilization
+    return 6.0 * parameters * tokens / (flops * utilization * count)
+
+
+def _estimate(
+    job_type: str,
+    tokens: int,
+    parameters: int,
+    growth_parameters: int,
+    with_contraction_fee: bool,
+    instance_type: str | None,
+    table: PriceTable,
+) -> Estimate:
+    tier = table.tier_for(parameters)
+    training_cost = Decimal(tokens) / MILLION * tier.usd_per_million_tokens
+    growth_fee = Decimal(growth_parameters) / MILLION * table.growth_fee_per_million_parameters
+    contraction_fee = tier.contraction_fee if with_contraction_fee else Decimal(0)
+    total = (training_cost + growth_fee + contraction_fee).quantize(CENT, rounding=ROUND_HALF_UP)
+    instance = instance_type or tier.instance_type
+    count = 1 if instance_type else tier.instance_count
+    compute = _seconds(table, tokens, parameters, instance, count)
+    if with_contraction_fee:  # scoring blocks and pruning costs about a few hundred forward passes
+        compute += _seconds(table, 200 * 256, parameters, instance, count) / 3
+    eta = table.startup_seconds + compute
+    return Estimate(
+        job_type=job_type,
+        training_tokens=tokens,
+        parameters=parameters,
+        tier=tier.name,
+        usd_per_million_tokens=tier.usd_per_million_tokens,
+        training_cost=training_cost,
+        growth_parameters=growth_parameters,
+        growth_fee=growth_fee,
+        contraction_fee=contraction_fee,
+        total=total,
+        instance_type=instance,
+        instance_count=count,
+        eta_seconds=round(eta),
+        max_runtime_seconds=max(3600, round(eta * table.max_runtime_margin)),
+    )
+
+
+def estimate_train(
+    settings: TrainSettings, base: ModelConfig, *, instance_type: str | None = None, table: PriceTable | None = None
+) -> Estimate:
+    """Price a train job: tokens at the tier of the grown model, plus the one-time growth fee."""
+    table = table or price_table()
+    grown = grown_config(base)
+    return _estimate(
+        "train",
+        settings.training_tokens(),
+        grown.parameters(),
+        grown.parameters() - base.parameters(),
+        False,
+        instance_type,
+        table,
+    )
+
+
+def estimate_contract(
+    settings: ContractSettings,
+    source: ModelConfig,
+    *,
+    instance_type: str | None = None,
+    table: PriceTable | None = None,
+) -> Estimate:
+    """Price a contract job: the flat fee of the source's tier plus any healing tokens."""
+    table = table or price_table()
+    return _estimate(
+        "contract", settings.training_tokens(), source.parameters(), 0, True, instance_type, table
+    )
+
+
+def bill(estimate: Estimate, tokens_trained: int) -> Decimal:
+    """What a job pays for what actually ran: fees in full, training pro rata to tokens trained.
+
+    A completed job trained every estimated token, so its bill equals the estimate's total.
+    """
+    tokens = min(max(tokens_trained, 0), estimate.training_tokens)
+    training = Decimal(tokens) / MILLION * estimate.usd_per_million_tokens
+    return (training + estimate.growth_fee + estimate.contraction_fee).quantize(CENT, rounding=ROUND_HALF_UP)

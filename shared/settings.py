@@ -1,0 +1,184 @@
+"""Job settings: the public contract of `POST /jobs` (the `hyperparams` object).
+
+One pydantic model per job type, unknown keys rejected. The API validates requests with these
+models and the training container parses SageMaker's all-string `hyperparameters.json` with the
+very same models, so a setting has one default and one range everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+OUTPUT_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+UNDER_TRAINING_STEPS = 500  # below this many steps per cycle a run under-trains
+CONTRACT_SEQ_LEN = 256  # window length of contraction's calibration and healing steps
+
+OutputName = Annotated[
+    str | None,
+    Field(
+        default=None,
+        pattern=OUTPUT_NAME_PATTERN,
+        description="Catalog name of the new model: 1-64 of A-Z a-z 0-9 . _ -. Default: model-<job id>.",
+        examples=["support-bot-v2"],
+    ),
+]
+
+
+class TrainSettings(BaseModel):
+    """Settings of a `train` job: grow the base model once, then train it in turns of cycles."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    turns: int = Field(
+        default=1,
+        ge=1,
+        le=10,
+        description="Complete training passes; each continues from the last. The primary lever on "
+        "quality, time and cost: 1 fast, 2 recommended, 3 best with diminishing returns.",
+    )
+    output_name: OutputName
+    cycles: int = Field(default=6, ge=1, le=100, description="Learning-rate cycles per turn.")
+    steps_per_cycle: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="Optimizer steps per cycle. Keep near 1000; below 500 under-trains (accepted with a warning).",
+    )
+    lr: float = Field(default=1e-4, gt=0, le=1, description="Peak learning rate of each cycle.")
+    seq_len: int = Field(
+        default=256,
+        ge=16,
+        le=8192,
+        description="Tokens per training sequence; at most the base model's context length.",
+    )
+    train_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Overrides cycles x steps_per_cycle as the optimizer steps of each turn.",
+    )
+
+    def steps_per_turn(self) -> int:
+        return self.train_steps if self.train_steps is not None else self.cycles * self.steps_per_cycle
+
+    def cycle_steps(self) -> list[int]:
+        """Optimizer steps of each cycle of one turn; they add up to steps_per_turn().
+
+        With train_steps set, the steps are spread as evenly as whole steps allow (earlier cycles
+        take the remainder); a train_steps below cycles gives that many one-step cycles.
+        """
+        if self.train_steps is None:
+            return [self.steps_per_cycle] * self.cycles
+        cycles = min(self.cycles, self.train_steps)
+        base, extra = divmod(self.train_steps, cycles)
+        return [base + (1 if i < extra else 0) for i in range(cycles)]
+
+    def training_tokens(self) -> int:
+        """The billed token count: turns x steps per turn x seq_len (DESIGN §5)."""
+        return self.turns * self.steps_per_turn() * self.seq_len
+
+    def warnings(self) -> list[str]:
+        if self.train_steps is None and self.steps_per_cycle < UNDER_TRAINING_STEPS:
+            return [
+                f"steps_per_cycle={self.steps_per_cycle} is below {UNDER_TRAINING_STEPS}: "
+                "the run under-trains; keep it near 1000"
+            ]
+        return []
+
+
+class ContractSettings(BaseModel):
+    """Settings of a `contract` job: prune a trained model into a smaller one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source_model_id: str = Field(
+        min_length=1,
+        max_length=128,
+        description="The trained model to shrink (a model in your catalog). It is never modified.",
+    )
+    contraction_ratio: float = Field(
+        default=0.5,
+        ge=0.1,
+        le=0.9,
+        description="Fraction of MLP units and attention heads removed in each targeted layer: "
+        "0.25 conservative, 0.5 balanced, 0.75 aggressive.",
+    )
+    num_layers_to_contract: int = Field(
+        default=8, ge=1, description="How many layers to prune; at most the source model's depth."
+    )
+    train_steps: int = Field(
+        default=0,
+        ge=0,
+        description="Optional healing steps after pruning, billed as train_steps x seq_len tokens.",
+    )
+    output_name: OutputName
+
+    def training_tokens(self) -> int:
+        return self.train_steps * CONTRACT_SEQ_LEN
+
+    def warnings(self) -> list[str]:
+        return []
+
+
+class TrainJobRequest(BaseModel):
+    """Body of `POST /jobs` for a train job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["train"]
+    model: str = Field(min_length=1, max_length=128, description="Base model id (a catalog model).")
+    dataset: str = Field(min_length=1, max_length=1024, description="Dataset id or S3 URI of the training data.")
+    hyperparams: TrainSettings = Field(default_factory=TrainSettings)
+
+
+class ContractJobRequest(BaseModel):
+    """Body of `POST /jobs` for a contract job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["contract"]
+    hyperparams: ContractSettings
+    dataset: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Calibration data; default: the dataset the source model was trained on.",
+    )
+
+
+JobRequest = Annotated[Union[TrainJobRequest, ContractJobRequest], Field(discriminator="type")]
+JOB_REQUEST = TypeAdapter(JobRequest)
+
+SETTINGS_BY_TYPE: dict[str, type[TrainSettings] | type[ContractSettings]] = {
+    "train": TrainSettings,
+    "contract": ContractSettings,
+}
+
+# Keys that travel in hyperparameters.json beside the settings themselves.
+CONTAINER_KEYS = ("job_type", "job_id")
+
+
+def to_hyperparameters(job_type: str, job_id: str, settings: TrainSettings | ContractSettings) -> dict[str, str]:
+    """SageMaker's HyperParameters map: every value a string (None values are left out)."""
+    out = {"job_type": job_type, "job_id": job_id}
+    for key, value in settings.model_dump(exclude_none=True).items():
+        out[key] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+def from_hyperparameters(raw: dict[str, Any]) -> tuple[str, str, TrainSettings | ContractSettings]:
+    """Parse hyperparameters.json back into (job_type, job_id, settings) with the API's models."""
+    values = dict(raw)
+    job_type = str(values.pop("job_type", ""))
+    job_id = str(values.pop("job_id", ""))
+    if job_type not in SETTINGS_BY_TYPE:
+        raise ValueError(f"job_type must be one of {sorted(SETTINGS_BY_TYPE)}, got {job_type!r}")
+    if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", job_id):
+        raise ValueError(f"job_id must be 1-64 of A-Z a-z 0-9 -, got {job_id!r}")
+    return job_type, job_id, SETTINGS_BY_TYPE[job_type].model_validate(values)
+
+
+def default_output_name(job_id: str) -> str:
+    return f"model-{job_id}"

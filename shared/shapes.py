@@ -1,0 +1,134 @@
+"""Model shapes: the one definition of a Fusion decoder's size.
+
+The training image builds its modules from a `ModelConfig`; the API prices jobs and checks
+settings against the same object (read from a model's `config.json` in the catalog). Every
+layer carries its own attention and MLP sizes so contraction can shrink layers one by one,
+and growth can insert copies of a neighbour.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+GROWTH_INTERVAL = 4  # one new block after every 4 existing ones (LLaMA Pro block expansion)
+
+
+class LayerShape(BaseModel):
+    """Sizes of one decoder block. n_heads is a multiple of n_kv_heads (grouped-query attention)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_heads: Annotated[int, Field(ge=1)]
+    n_kv_heads: Annotated[int, Field(ge=1)]
+    mlp_hidden: Annotated[int, Field(ge=1)]
+
+    @model_validator(mode="after")
+    def _groups_divide(self) -> "LayerShape":
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        return self
+
+
+class ModelConfig(BaseModel):
+    """The exact shape of a model; serialized as the model directory's `config.json`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vocab_size: Annotated[int, Field(ge=1)]
+    dim: Annotated[int, Field(ge=1)]
+    head_dim: Annotated[int, Field(ge=1)]
+    context_length: Annotated[int, Field(ge=1)]
+    layers: list[LayerShape] = Field(min_length=1)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+
+    @classmethod
+    def uniform(
+        cls,
+        *,
+        vocab_size: int,
+        dim: int,
+        n_layers: int,
+        n_heads: int,
+        n_kv_heads: int,
+        mlp_hidden: int,
+        context_length: int,
+        **extra,
+    ) -> "ModelConfig":
+        layer = LayerShape(n_heads=n_heads, n_kv_heads=n_kv_heads, mlp_hidden=mlp_hidden)
+        return cls(
+            vocab_size=vocab_size,
+            dim=dim,
+            head_dim=dim // n_heads,
+            context_length=context_length,
+            layers=[layer] * n_layers,
+            **extra,
+        )
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def layer_parameters(self, layer: LayerShape) -> int:
+        d, hd = self.dim, self.head_dim
+        attention = d * layer.n_heads * hd + 2 * d * layer.n_kv_heads * hd + layer.n_heads * hd * d
+        mlp = 3 * d * layer.mlp_hidden  # gate, up, down (SwiGLU)
+        norms = 2 * d
+        return attention + mlp + norms
+
+    def parameters(self) -> int:
+        """Exact parameter count of the model this config describes (no biases anywhere)."""
+        embeddings = self.vocab_size * self.dim
+        head = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        return embeddings + head + self.dim + sum(self.layer_parameters(l) for l in self.layers)
+
+
+def growth_positions(n_layers: int) -> list[int]:
+    """Indices (in the base model) of the blocks that each get a copy inserted right after them.
+
+    One after every GROWTH_INTERVAL blocks, and at least one: a 2-block model grows after block 1.
+    """
+    count = max(1, n_layers // GROWTH_INTERVAL)
+    if n_layers < GROWTH_INTERVAL:
+        return [n_layers - 1]
+    return [(i + 1) * GROWTH_INTERVAL - 1 for i in range(count)]
+
+
+def grown_config(config: ModelConfig) -> ModelConfig:
+    """The config after block expansion: each inserted block has its neighbour's shape."""
+    after = set(growth_positions(config.n_layers))
+    layers: list[LayerShape] = []
+    for i, layer in enumerate(config.layers):
+        layers.append(layer)
+        if i in after:
+            layers.append(layer)
+    return config.model_copy(update={"layers": layers})
+
+
+def growth_parameters(config: ModelConfig) -> int:
+    """Parameters that growth adds to this base: what the growth fee prices."""
+    return grown_config(config).parameters() - config.parameters()
+
+
+# Named sizes. `debug` trains in seconds on a CPU; `tiny` is the local demo's base (deep enough
+# for the default 8-layer contraction); the rest are GPU shapes up to the 1B class.
+SIZES: dict[str, ModelConfig] = {
+    "debug": ModelConfig.uniform(
+        vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, mlp_hidden=172, context_length=512
+    ),
+    "tiny": ModelConfig.uniform(
+        vocab_size=2048, dim=128, n_layers=12, n_heads=4, n_kv_heads=2, mlp_hidden=352, context_length=1024
+    ),
+    "small": ModelConfig.uniform(
+        vocab_size=32768, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, mlp_hidden=2048, context_length=2048
+    ),
+    "medium": ModelConfig.uniform(
+        vocab_size=32768, dim=1024, n_layers=24, n_heads=16, n_kv_heads=8, mlp_hidden=2816, context_length=2048
+    ),
+    "large": ModelConfig.uniform(
+        vocab_size=32768, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, mlp_hidden=5632, context_length=4096
+    ),
+}
