@@ -44,6 +44,17 @@ class ModelConfig(BaseModel):
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
+    # Stable names of the blocks in order ("0".."N-1"; a block grown after "3" is "3_1"), so a
+    # surgery that inserts or removes a block never renames the weights of the others.
+    block_ids: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _block_ids_match(self) -> "ModelConfig":
+        if self.block_ids is not None and (
+            len(self.block_ids) != len(self.layers) or len(set(self.block_ids)) != len(self.block_ids)
+        ):
+            raise ValueError(f"block_ids must name each of the {len(self.layers)} layers once")
+        return self
 
     @classmethod
     def uniform(
@@ -71,6 +82,9 @@ class ModelConfig(BaseModel):
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    def ids(self) -> list[str]:
+        return list(self.block_ids) if self.block_ids is not None else [str(i) for i in range(self.n_layers)]
 
     def layer_parameters(self, layer: LayerShape) -> int:
         d, hd = self.dim, self.head_dim
@@ -101,11 +115,21 @@ def grown_config(config: ModelConfig) -> ModelConfig:
     """The config after block expansion: each inserted block has its neighbour's shape."""
     after = set(growth_positions(config.n_layers))
     layers: list[LayerShape] = []
-    for i, layer in enumerate(config.layers):
+    ids: list[str] = []
+    for i, (layer, bid) in enumerate(zip(config.layers, config.ids())):
         layers.append(layer)
+        ids.append(bid)
         if i in after:
             layers.append(layer)
-    return config.model_copy(update={"layers": layers})
+            ids.append(_next_free_id(bid, set(config.ids()) | set(ids)))
+    return config.model_copy(update={"layers": layers, "block_ids": ids})
+
+
+def _next_free_id(bid: str, taken: set[str]) -> str:
+    n = 1
+    while f"{bid}_{n}" in taken:
+        n += 1
+    return f"{bid}_{n}"
 
 
 def growth_parameters(config: ModelConfig) -> int:

@@ -1,0 +1,152 @@
+"""Fusion's compact decoder, readable top to bottom.
+
+RMSNorm, rotary positions, grouped-query attention through `scaled_dot_product_attention`, and
+a SwiGLU MLP. The shape comes from `shared.shapes.ModelConfig`, where each layer has its own head
+count and MLP width, so contraction can shrink layers one by one. Blocks live in a ModuleDict
+keyed by a stable id ("0", "1", ... and "3_1" for a block grown after block 3), so inserting or
+removing a block never renames the weights of the others.
+
+Shapes in comments: B batch, T time, C model dim, H query heads, K kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.shapes import LayerShape, ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the autocast dtype: the mean of squares loses range in bf16.
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (T, D/2)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, heads, T, D) by position. Halves layout (as Llama's HF checkpoints use)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[None, None], sin[None, None]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, head_dim: int, shape: LayerShape):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = shape.n_heads, shape.n_kv_heads, head_dim
+        self.q_proj = nn.Linear(dim, shape.n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, shape.n_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, shape.n_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(shape.n_heads * head_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:  # each kv head serves a contiguous group of query heads
+            group = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, shape: LayerShape):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config.dim, config.head_dim, shape)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config.dim, shape.mlp_hidden)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    """The model. `config.ids()` fixes both the order of the blocks and their stable names."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        ids = config.ids()
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.blocks = nn.ModuleDict({bid: Block(config, shape) for bid, shape in zip(ids, config.layers)})
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def block_ids(self) -> list[str]:
+        return list(self.blocks.keys())
+
+    def init_weights(self, seed: int = 0) -> "Decoder":
+        """GPT-2 style init; residual output projections scaled by 1/sqrt(2 * depth)."""
+        generator = torch.Generator().manual_seed(seed)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=generator) * residual_std)
+            else:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+        return self
+
+    def forward_hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T, C) of token ids (B, T), before the output norm."""
+        T = idx.shape[1]
+        if T > self.config.context_length:
+            raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.context_length}")
+        x = self.embed(idx)  # (B, T, C)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        for block in self.blocks.values():
+            x = block(x, cos, sin)
+        return x
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits (B, T, vocab); with targets, also the mean next-token cross-entropy."""
+        logits = self.lm_head(self.norm(self.forward_hidden(idx)))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
