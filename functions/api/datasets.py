@@ -1,4 +1,65 @@
 """Dataset routes: register an upload, list and show the caller's datasets."""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from typing import Annotated
+
+from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.api_gateway import Router
+from aws_lambda_powertools.event_handler.openapi.params import Path
+
+from shared.datasets import UPLOAD_URL_SECONDS, CreateDatasetRequest, DatasetNotFound, DatasetStore, dataset_key
 
 router = Router()
+
+
+@cache
+def _store() -> DatasetStore:
+    import boto3
+
+    table = boto3.resource("dynamodb").Table(os.environ["DATASETS_TABLE"])
+    return DatasetStore(table, os.environ["DATA_BUCKET"])
+
+
+@cache
+def _s3():
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(signature_version="s3v4"))
+
+
+def _tenant() -> str:
+    return router.current_event.request_context.authorizer.jwt_claim["sub"]
+
+
+@router.post("/datasets", summary="Register a dataset and get a presigned URL to upload it to")
+def create_dataset(request: CreateDatasetRequest):
+    tenant = _tenant()
+    dataset = _store().register(tenant, request)
+    upload_url = _s3().generate_presigned_url(
+        "put_object",
+        Params={"Bucket": _store().bucket, "Key": dataset_key(tenant, dataset.dataset_id, request.format)},
+        ExpiresIn=UPLOAD_URL_SECONDS,
+    )
+    body = {**dataset.model_dump(mode="json"), "upload_url": upload_url}
+    return Response(status_code=201, content_type=content_types.APPLICATION_JSON, body=body)
+
+
+@router.get("/datasets", summary="The caller's datasets, newest first")
+def list_datasets() -> dict:
+    return {"datasets": [d.model_dump(mode="json") for d in _store().list(_tenant())]}
+
+
+@router.get("/datasets/<dataset_id>", summary="One of the caller's datasets")
+def get_dataset(dataset_id: Annotated[str, Path(max_length=64)]):
+    try:
+        return _store().get(_tenant(), dataset_id)
+    except DatasetNotFound:
+        return Response(
+            status_code=404,
+            content_type=content_types.APPLICATION_JSON,
+            body={"error": {"code": "not_found", "message": f"dataset {dataset_id} not found", "details": []}},
+        )

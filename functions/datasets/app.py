@@ -1,0 +1,45 @@
+"""S3 ObjectCreated on the data bucket: check an uploaded dataset and mark it ready or rejected."""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from urllib.parse import unquote_plus
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.utilities.data_classes import S3Event, event_source
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from shared.datasets import DatasetStore, check_dataset, parse_dataset_key
+
+logger = Logger()
+CHUNK_BYTES = 1 << 20
+
+
+@cache
+def _clients():
+    import boto3
+
+    table = boto3.resource("dynamodb").Table(os.environ["DATASETS_TABLE"])
+    return boto3.client("s3"), DatasetStore(table, os.environ["DATA_BUCKET"])
+
+
+@logger.inject_lambda_context
+@event_source(data_class=S3Event)
+def lambda_handler(event: S3Event, context: LambdaContext) -> dict:
+    s3, store = _clients()
+    checked = []
+    for record in event.records:
+        key = unquote_plus(record.s3.get_object.key)
+        parsed = parse_dataset_key(key)
+        if parsed is None:
+            continue  # tenant data that is not an uploaded dataset
+        owner, dataset_id, fmt = parsed
+        body = s3.get_object(Bucket=record.s3.bucket.name, Key=key)["Body"]
+        result = check_dataset(body.iter_chunks(CHUNK_BYTES), fmt)
+        if store.record_check(owner, dataset_id, result):
+            logger.info("dataset checked", dataset_id=dataset_id, ok=result.ok, reason=result.reason, tokens=result.tokens)
+            checked.append(dataset_id)
+        else:
+            logger.warning("upload for an unregistered dataset", key=key)
+    return {"checked": checked}

@@ -1,0 +1,277 @@
+"""Datasets: what a tenant uploads to train on, and the check that admits or rejects it.
+
+A dataset is registered first (`POST /datasets` hands out an upload URL), then its object lands
+at s3://DATA/<tenant>/datasets/<dataset_id>/data.jsonl|data.txt and the check reads it once:
+JSONL whose every record has a string "text" field, or UTF-8 text, within the size limits. The
+check streams the object, so its memory does not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FILE_NAMES = {"jsonl": "data.jsonl", "text": "data.txt"}
+FORMAT_OF_FILE = {name: fmt for fmt, name in FILE_NAMES.items()}
+DATASET_ID_PATTERN = r"^ds-[a-z0-9]{12}$"
+DATASET_KEY = re.compile(r"^(?P<tenant>[^/]+)/datasets/(?P<dataset_id>ds-[a-z0-9]{12})/(?P<file>data\.jsonl|data\.txt)$")
+
+# One PUT to a presigned URL carries at most 5 GiB; below MIN_TOKENS there is not even one
+# training window plus a held-out split to measure perplexity on.
+MAX_BYTES = 5 * 1024**3
+MIN_TOKENS = 2_000
+UPLOAD_URL_SECONDS = 3600
+
+# A pre-tokenizer's pieces (words, numbers, single punctuation marks): close to what a BPE
+# tokenizer counts on prose and the same for every model, so a dataset has one token count.
+_PIECES = re.compile(r"\w+|[^\w\s]")
+
+
+class CreateDatasetRequest(BaseModel):
+    """Body of `POST /datasets`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="A name for the dataset: 1-64 of A-Z a-z 0-9 . _ -.",
+        examples=["support-tickets"],
+    )
+    format: Literal["jsonl", "text"] = Field(
+        default="jsonl",
+        description='"jsonl": one JSON object per line with a string "text" field; "text": UTF-8 text.',
+    )
+
+
+class Dataset(BaseModel):
+    """A dataset as the API shows it."""
+
+    dataset_id: str
+    name: str
+    status: Literal["pending", "ready", "rejected"]
+    reason: str | None = None
+    s3_uri: str
+    bytes: int | None = None
+    tokens: int | None = None
+    created_at: str
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    ok: bool
+    bytes: int
+    tokens: int
+    records: int
+    reason: str | None = None
+
+
+class DatasetNotFound(LookupError):
+    pass
+
+
+class DatasetNotReady(ValueError):
+    pass
+
+
+def new_dataset_id() -> str:
+    return "ds-" + uuid.uuid4().hex[:12]
+
+
+def dataset_key(tenant: str, dataset_id: str, fmt: str) -> str:
+    return f"{tenant}/datasets/{dataset_id}/{FILE_NAMES[fmt]}"
+
+
+def parse_dataset_key(key: str) -> tuple[str, str, str] | None:
+    """(tenant, dataset_id, format) of an uploaded dataset's object key; None for any other key."""
+    match = DATASET_KEY.match(key)
+    if not match:
+        return None
+    return match["tenant"], match["dataset_id"], FORMAT_OF_FILE[match["file"]]
+
+
+def max_bytes() -> int:
+    return int(os.environ.get("DATASET_MAX_BYTES", MAX_BYTES))
+
+
+def count_tokens(text: str) -> int:
+    return sum(1 for _ in _PIECES.finditer(text))
+
+
+def check_dataset(chunks: Iterable[bytes], fmt: str, *, limit: int | None = None, min_tokens: int = MIN_TOKENS) -> CheckResult:
+    """Read a dataset object once and say whether it can be trained on, and if not, why."""
+    limit = max_bytes() if limit is None else limit
+    state = {"bytes": 0, "tokens": 0, "records": 0}
+
+    def counted(stream: Iterable[bytes]) -> Iterator[bytes]:
+        for chunk in stream:
+            state["bytes"] += len(chunk)
+            if state["bytes"] > limit:
+                raise _Rejected(f"the dataset is larger than the {limit}-byte limit")
+            yield chunk
+
+    try:
+        if fmt == "jsonl":
+            _check_jsonl(counted(chunks), state)
+        elif fmt == "text":
+            _check_text(counted(chunks), state)
+        else:
+            raise _Rejected(f"unknown dataset format {fmt!r}")
+        if state["tokens"] < min_tokens:
+            raise _Rejected(f"the dataset holds {state['tokens']} tokens; training needs at least {min_tokens}")
+    except _Rejected as rejected:
+        return CheckResult(False, state["bytes"], state["tokens"], state["records"], str(rejected))
+    return CheckResult(True, state["bytes"], state["tokens"], state["records"])
+
+
+class _Rejected(Exception):
+    pass
+
+
+def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        yield from complete
+    if pending:
+        yield pending
+
+
+def _check_jsonl(chunks: Iterable[bytes], state: dict[str, int]) -> None:
+    for number, raw in enumerate(_lines(chunks), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except UnicodeDecodeError:
+            raise _Rejected(f"line {number} is not UTF-8") from None
+        except json.JSONDecodeError as error:
+            raise _Rejected(f"line {number} is not JSON: {error.msg}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise _Rejected(f'line {number} has no string "text" field')
+        state["records"] += 1
+        state["tokens"] += count_tokens(record["text"])
+    if not state["records"]:
+        raise _Rejected("the dataset has no records")
+
+
+def _check_text(chunks: Iterable[bytes], state: dict[str, int]) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    tail = ""  # a word cut by a chunk boundary is counted once, with the next chunk
+    offset = 0
+    for chunk in chunks:
+        try:
+            text = tail + decoder.decode(chunk)
+        except UnicodeDecodeError as error:
+            raise _Rejected(f"the text is not UTF-8 (byte {offset + error.start})") from None
+        offset += len(chunk)
+        if "\x00" in text:
+            raise _Rejected("the text holds NUL bytes: is it a binary file?")
+        last_space = _LAST_SPACE.search(text)
+        boundary = last_space.end() if last_space else (len(text) if len(text) > 1 << 20 else 0)
+        state["tokens"] += count_tokens(text[:boundary])
+        tail = text[boundary:]
+    try:
+        tail += decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise _Rejected("the text ends inside a UTF-8 character") from None
+    state["tokens"] += count_tokens(tail)
+    state["records"] = 1 if state["tokens"] else 0
+
+
+_LAST_SPACE = re.compile(r"\s(?=\S*$)")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class DatasetStore:
+    """Datasets in DynamoDB, keyed by dataset id; `owner` (the tenant) scopes every read."""
+
+    def __init__(self, table: Any, bucket: str, index: str = "by-owner"):
+        self.table = table  # a boto3 DynamoDB Table resource
+        self.bucket = bucket
+        self.index = index
+
+    def register(self, owner: str, request: CreateDatasetRequest) -> Dataset:
+        dataset_id = new_dataset_id()
+        dataset = Dataset(
+            dataset_id=dataset_id,
+            name=request.name,
+            status="pending",
+            s3_uri=f"s3://{self.bucket}/{dataset_key(owner, dataset_id, request.format)}",
+            created_at=now(),
+        )
+        self.table.put_item(
+            Item={"owner": owner, **dataset.model_dump(exclude_none=True)},
+            ConditionExpression="attribute_not_exists(dataset_id)",
+        )
+        return dataset
+
+    def get(self, owner: str, dataset_id: str) -> Dataset:
+        item = self.table.get_item(Key={"dataset_id": dataset_id}, ConsistentRead=True).get("Item")
+        if item is None or item.get("owner") != owner:
+            raise DatasetNotFound(dataset_id)
+        return _dataset(item)
+
+    def list(self, owner: str, limit: int = 100) -> list[Dataset]:
+        from boto3.dynamodb.conditions import Key
+
+        page = self.table.query(
+            IndexName=self.index,
+            KeyConditionExpression=Key("owner").eq(owner),
+            ScanIndexForward=False,
+            Limit=limit,
+        )
+        return sorted((_dataset(i) for i in page["Items"]), key=lambda d: d.created_at, reverse=True)
+
+    def record_check(self, owner: str, dataset_id: str, result: CheckResult) -> bool:
+        """Store a check's verdict; False when this owner registered no such dataset (a stray upload)."""
+        from botocore.exceptions import ClientError
+
+        values = {":s": "ready" if result.ok else "rejected", ":b": result.bytes, ":t": result.tokens, ":o": owner}
+        update = "SET #s = :s, #b = :b, tokens = :t"
+        if result.reason:
+            update += ", reason = :r"
+            values[":r"] = result.reason
+        else:
+            update += " REMOVE reason"
+        try:
+            self.table.update_item(
+                Key={"dataset_id": dataset_id},
+                UpdateExpression=update,
+                ConditionExpression="#o = :o",
+                ExpressionAttributeNames={"#s": "status", "#b": "bytes", "#o": "owner"},
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as error:
+            if error.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                return False
+            raise
+        return True
+
+    def training_data_uri(self, owner: str, dataset_id: str) -> str:
+        """The S3 URI a train job reads; only a ready dataset of this owner can be trained on."""
+        dataset = self.get(owner, dataset_id)
+        if dataset.status != "ready":
+            detail = f": {dataset.reason}" if dataset.reason else ""
+            raise DatasetNotReady(f"dataset {dataset_id} is {dataset.status}{detail}")
+        return dataset.s3_uri
+
+
+def _dataset(item: dict[str, Any]) -> Dataset:
+    fields = {k: v for k, v in item.items() if k in Dataset.model_fields}
+    for k in ("bytes", "tokens"):
+        if fields.get(k) is not None:
+            fields[k] = int(fields[k])  # DynamoDB numbers come back as Decimal
+    return Dataset.model_validate(fields)

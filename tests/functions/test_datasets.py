@@ -1,0 +1,194 @@
+"""Dataset routes and the upload check, against moto."""
+
+from __future__ import annotations
+
+import json
+
+import boto3
+import pytest
+import requests
+from aws_lambda_powertools.event_handler import APIGatewayHttpResolver
+from moto import mock_aws
+
+from functions.api import datasets as routes
+from functions.datasets import app as check_function
+from shared.datasets import check_dataset, parse_dataset_key
+
+BUCKET = "fusion-data-test"
+TABLE = "fusion-datasets-test"
+
+
+class _Context:
+    function_name = "fusion-datasets"
+    memory_limit_in_mb = 512
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:fusion-datasets"
+    aws_request_id = "req-1"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 30_000
+
+
+@pytest.fixture
+def aws(monkeypatch):
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("DATASETS_TABLE", TABLE)
+    monkeypatch.setenv("DATA_BUCKET", BUCKET)
+    with mock_aws():
+        routes._store.cache_clear(), routes._s3.cache_clear(), check_function._clients.cache_clear()
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        boto3.client("dynamodb").create_table(
+            TableName=TABLE,
+            BillingMode="PAY_PER_REQUEST",
+            AttributeDefinitions=[
+                {"AttributeName": "dataset_id", "AttributeType": "S"},
+                {"AttributeName": "owner", "AttributeType": "S"},
+                {"AttributeName": "created_at", "AttributeType": "S"},
+            ],
+            KeySchema=[{"AttributeName": "dataset_id", "KeyType": "HASH"}],
+            GlobalSecondaryIndexes=[
+                {
+                    "IndexName": "by-owner",
+                    "KeySchema": [
+                        {"AttributeName": "owner", "KeyType": "HASH"},
+                        {"AttributeName": "created_at", "KeyType": "RANGE"},
+                    ],
+                    "Projection": {"ProjectionType": "ALL"},
+                }
+            ],
+        )
+        yield
+    routes._store.cache_clear(), routes._s3.cache_clear(), check_function._clients.cache_clear()
+
+
+@pytest.fixture
+def api():
+    app = APIGatewayHttpResolver(enable_validation=True)
+    app.include_router(routes.router)
+
+    def call(method: str, path: str, tenant: str = "alice", body: dict | None = None) -> tuple[int, dict]:
+        event = {
+            "version": "2.0",
+            "routeKey": f"{method} {path}",
+            "rawPath": path,
+            "rawQueryString": "",
+            "headers": {"content-type": "application/json"},
+            "requestContext": {
+                "http": {"method": method, "path": path, "sourceIp": "127.0.0.1"},
+                "authorizer": {"jwt": {"claims": {"sub": tenant}, "scopes": []}},
+                "requestId": "r",
+                "stage": "$default",
+            },
+            "body": json.dumps(body) if body is not None else None,
+            "isBase64Encoded": False,
+        }
+        response = app.resolve(event, _Context())
+        return response["statusCode"], json.loads(response["body"])
+
+    return call
+
+
+def _upload(key: str, data: bytes) -> None:
+    boto3.client("s3").put_object(Bucket=BUCKET, Key=key, Body=data)
+
+
+def _s3_event(key: str) -> dict:
+    return {"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+                         "s3": {"bucket": {"name": BUCKET}, "object": {"key": key, "size": 1}}}]}
+
+
+def _jsonl(records: int) -> bytes:
+    return b"".join(json.dumps({"text": f"record {i} says something about fusion training " * 3}).encode() + b"\n" for i in range(records))
+
+
+def test_register_upload_and_check_marks_ready(aws, api):
+    status, created = api("POST", "/datasets", body={"name": "tickets", "format": "jsonl"})
+    assert status == 201 and created["status"] == "pending"
+    dataset_id = created["dataset_id"]
+    key = f"alice/datasets/{dataset_id}/data.jsonl"
+    assert created["s3_uri"] == f"s3://{BUCKET}/{key}"
+    assert key in created["upload_url"] and "X-Amz-Signature" in created["upload_url"]
+
+    _upload(key, _jsonl(300))
+    assert check_function.lambda_handler(_s3_event(key), _Context()) == {"checked": [dataset_id]}
+
+    status, shown = api("GET", f"/datasets/{dataset_id}")
+    assert status == 200 and shown["status"] == "ready" and shown["reason"] is None
+    assert shown["bytes"] == len(_jsonl(300)) and shown["tokens"] > 2000
+
+
+def test_bad_record_rejects_with_the_line(aws, api):
+    _, created = api("POST", "/datasets", body={"name": "broken"})
+    key = f"alice/datasets/{created['dataset_id']}/data.jsonl"
+    _upload(key, _jsonl(300) + b'{"body": "no text here"}\n')
+    check_function.lambda_handler(_s3_event(key), _Context())
+    _, shown = api("GET", f"/datasets/{created['dataset_id']}")
+    assert shown["status"] == "rejected" and shown["reason"] == 'line 301 has no string "text" field'
+
+
+def test_text_format_and_tenant_scoping(aws, api):
+    _, created = api("POST", "/datasets", body={"name": "book", "format": "text"})
+    assert created["s3_uri"].endswith("/data.txt")
+    status, other = api("GET", f"/datasets/{created['dataset_id']}", tenant="mallory")
+    assert status == 404 and other["error"]["code"] == "not_found"
+    _, listed = api("GET", "/datasets", tenant="mallory")
+    assert listed == {"datasets": []}
+    _, mine = api("GET", "/datasets")
+    assert [d["dataset_id"] for d in mine["datasets"]] == [created["dataset_id"]]
+
+
+def test_upload_to_another_tenants_id_is_ignored(aws, api):
+    _, created = api("POST", "/datasets", body={"name": "x"})
+    key = f"mallory/datasets/{created['dataset_id']}/data.jsonl"
+    _upload(key, _jsonl(300))
+    assert check_function.lambda_handler(_s3_event(key), _Context()) == {"checked": []}
+    _, shown = api("GET", f"/datasets/{created['dataset_id']}")
+    assert shown["status"] == "pending"
+
+
+def test_bad_request_names_the_field(aws, api):
+    status, body = api("POST", "/datasets", body={"name": "a b", "format": "csv"})
+    assert status == 422
+    assert "name" in json.dumps(body) and "format" in json.dumps(body)
+
+
+@pytest.mark.parametrize(
+    ("data", "fmt", "reason"),
+    [
+        (b"not json\n", "jsonl", "line 1 is not JSON"),
+        (b'["text"]\n', "jsonl", 'line 1 has no string "text" field'),
+        (b"\n\n", "jsonl", "the dataset has no records"),
+        (b"caf\xc3 au lait", "text", "the text is not UTF-8 (byte 3)"),
+        (b"abc\x00def " * 10, "text", "NUL bytes"),
+        (b"short text", "text", "training needs at least 2000"),
+    ],
+)
+def test_check_reasons(data, fmt, reason):
+    result = check_dataset([data], fmt)
+    assert not result.ok and reason in result.reason
+
+
+def test_size_limit_stops_reading():
+    chunks_read = []
+
+    def chunks():
+        for i in range(100):
+            chunks_read.append(i)
+            yield b"word " * 200
+
+    result = check_dataset(chunks(), "text", limit=5000)
+    assert not result.ok and "5000-byte limit" in result.reason and len(chunks_read) == 6
+
+
+def test_token_count_does_not_depend_on_chunking():
+    text = ("Fusion grows a model, trains it, and contracts it again. " * 100).encode()
+    whole = check_dataset([text], "text", min_tokens=0)
+    for size in (1, 3, 7, 64):
+        assert check_dataset([text[i:i + size] for i in range(0, len(text), size)], "text", min_tokens=0).tokens == whole.tokens
+
+
+def test_dataset_keys():
+    assert parse_dataset_key("t1/datasets/ds-0123456789ab/data.txt") == ("t1", "ds-0123456789ab", "text")
+    assert parse_dataset_key("t1/other/ds-0123456789ab/data.txt") is None
+    assert parse_dataset_key("t1/datasets/ds-0123456789ab/data.csv") is None
