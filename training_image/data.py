@@ -1,0 +1,111 @@
+"""Training text in, packed token windows out.
+
+Datasets are JSONL files whose lines carry a "text" field, or plain .txt files, anywhere under
+a channel directory. Documents are tokenized, joined with the end-of-text token and cut into
+windows of seq_len + 1 tokens (inputs are the first seq_len, targets the last seq_len); a
+seeded share of the windows is held out for perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from training_image.tokenizer import end_of_text_id
+
+TEXT_SUFFIXES = (".jsonl", ".txt")
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Every document under `path` (a file or a directory searched recursively, in sorted order)."""
+    root = Path(path)
+    if root.is_file():
+        files = [root]
+    elif root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    else:
+        raise FileNotFoundError(f"no training data at {root}")
+    texts: list[str] = []
+    for file in files:
+        if file.suffix == ".jsonl":
+            texts.extend(_jsonl_texts(file))
+        else:
+            texts.append(file.read_text(encoding="utf-8", errors="replace"))
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError(f"no text found under {root}: expected .jsonl lines with a \"text\" field or .txt files")
+    return texts
+
+
+def _jsonl_texts(file: Path) -> list[str]:
+    texts = []
+    with file.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{file.name} line {number} is not JSON: {error.msg}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{file.name} line {number} has no string \"text\" field")
+            texts.append(record["text"])
+    return texts
+
+
+def stdlib_corpus(max_bytes: int) -> list[str]:
+    """Python standard library sources, in sorted path order, up to about max_bytes of text.
+
+    Text that is on every machine that runs the trainer: tests, benchmarks and fresh base
+    tokenizers use it so nothing is downloaded.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts: list[str] = []
+    total = 0
+    for file in sorted(root.rglob("*.py")):
+        relative = file.relative_to(root).parts
+        if relative[0] in ("site-packages", "dist-packages") or "test" in relative or "tests" in relative:
+            continue
+        text = file.read_text(encoding="utf-8", errors="replace")
+        if not text:
+            continue
+        texts.append(text[: max_bytes - total])
+        total += len(texts[-1])
+        if total >= max_bytes:
+            break
+    return texts
+
+
+def token_windows(
+    tokenizer: Tokenizer,
+    texts: list[str],
+    seq_len: int,
+    heldout_fraction: float = 0.05,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train (N, seq_len + 1), heldout (M, seq_len + 1)) int64 windows of the packed token stream.
+
+    At least one window is held out whenever there are two or more; the split depends only on
+    the seed, so every process and every restart sees the same one.
+    """
+    eot = end_of_text_id(tokenizer)
+    stream: list[int] = []
+    for encoding in tokenizer.encode_batch(texts):
+        stream.extend(encoding.ids)
+        stream.append(eot)
+    window = seq_len + 1
+    count = len(stream) // window
+    if count < 2:
+        raise ValueError(
+            f"the data holds {len(stream)} tokens: too few for two windows of seq_len+1={window} tokens "
+            "(one to train on, one held out); add data or lower seq_len"
+        )
+    windows = torch.tensor(stream[: count * window], dtype=torch.long).view(count, window)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    heldout = max(1, round(count * heldout_fraction)) if heldout_fraction > 0 else 0
+    heldout = min(heldout, count - 1)
+    return windows[order[heldout:]], windows[order[:heldout]]

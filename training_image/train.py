@@ -1,0 +1,394 @@
+"""Training: turns of cycles of optimizer steps (DESIGN §3), resumable to the very same weights.
+
+A turn is a list of cycles; a cycle is a run of AdamW steps under one learning-rate cycle (a
+short linear warm-up, then cosine decay to a tenth of the peak). Turn k+1 keeps the weights and
+the optimizer state of turn k and reads the data in a fresh order.
+
+Everything a restart needs is a pure function of what the checkpoint holds: the batch of step s
+of turn t is drawn from a permutation seeded by (seed, turn, epoch), and the learning rate is a
+function of the position in the cycle. So a run killed at any point and resumed from its last
+checkpoint ends with exactly the weights of an uninterrupted run.
+
+Under DDP every rank reads its slice of the same global batch, so N processes compute the same
+update as one process with the whole batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from training_image.evaluate import heldout_loss
+from training_image.model import Decoder
+
+CHECKPOINT = "checkpoint.pt"
+PROGRESS = "progress.json"
+CHECKPOINT_FORMAT = 1
+MIN_LR_RATIO = 0.1
+GRAD_CLIP = 1.0
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient stopped being a finite number."""
+
+
+class TrainingStopped(RuntimeError):
+    """A stop was requested (SIGTERM); a checkpoint was written before raising."""
+
+
+def batch_size_for(parameters: int) -> int:
+    """Sequences per optimizer step: 8 up to 80M parameters, doubling with size up to 64 at 640M+.
+
+    A rule rather than a setting: the public settings fix steps and seq_len only, and the billed
+    token count is steps x seq_len (DESIGN §5) whatever this batch is; metrics also report the
+    tokens actually processed (steps x batch x seq_len).
+    """
+    return int(min(64, max(8, 2 ** round(math.log2(max(parameters, 1) / 1e7)))))
+
+
+def warmup_steps(cycle_len: int) -> int:
+    return max(1, min(100, cycle_len // 20))
+
+
+def lr_at(cycle_step: int, cycle_len: int, peak: float) -> float:
+    """Learning rate of the step at position cycle_step (0-based) of a cycle."""
+    warmup = warmup_steps(cycle_len)
+    if cycle_step < warmup:
+        return peak * (cycle_step + 1) / warmup
+    progress = (cycle_step - warmup) / max(1, cycle_len - warmup)
+    return peak * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    turns: int
+    cycle_steps: list[int]
+    lr: float
+    seq_len: int
+    batch_size: int  # sequences per optimizer step, over all ranks
+    seed: int = 0
+
+    @property
+    def steps_per_turn(self) -> int:
+        return sum(self.cycle_steps)
+
+    @property
+    def total_steps(self) -> int:
+        return self.turns * self.steps_per_turn
+
+
+@dataclass
+class TrainerState:
+    """Where the job is. This (with weights and optimizer state) is what a checkpoint saves."""
+
+    turn: int = 0  # 0-based turn in progress (== turns when done)
+    cycle: int = 0  # 0-based cycle in progress within the turn
+    cycle_step: int = 0  # steps done in the cycle in progress
+    step: int = 0  # steps done in the whole job
+    tokens_seen: int = 0  # real tokens through the model, all ranks
+    train_seconds: float = 0.0
+    cycle_loss_sum: float = 0.0
+    cycles: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: Decoder,
+        train_windows: torch.Tensor,
+        heldout_windows: torch.Tensor | None,
+        plan: TrainPlan,
+        *,
+        job_id: str = "local",
+        job_type: str = "train",
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 0,
+        progress_every: int = 10,
+        micro_batch: int | None = None,
+        log: Callable[[str], None] | None = print,
+    ):
+        if train_windows.shape[1] != plan.seq_len + 1:
+            raise ValueError(f"windows hold {train_windows.shape[1]} tokens, expected seq_len+1={plan.seq_len + 1}")
+        self.model = model
+        self.train_windows = train_windows
+        self.heldout_windows = heldout_windows
+        self.plan = plan
+        self.job_id, self.job_type = job_id, job_type
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.checkpoint_every = checkpoint_every
+        self.progress_every = progress_every
+        self.log = log or (lambda line: None)
+        self.state = TrainerState()
+        self.losses: list[float] = []
+        self.stop_requested = False
+
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        if plan.batch_size % self.world_size:
+            raise ValueError(f"batch of {plan.batch_size} sequences does not split over {self.world_size} ranks")
+        self.rank_batch = plan.batch_size // self.world_size
+        self.micro_batch = _largest_divisor_at_most(self.rank_batch, micro_batch or self.rank_batch)
+        self.device = next(model.parameters()).device
+        self.network: nn.Module = model
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.network = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.optimizer = _adamw(model, plan.lr)
+        self._orders: dict[tuple[int, int], torch.Tensor] = {}
+
+    # ---- data order -------------------------------------------------------------------------
+
+    def batch_indices(self, turn: int, turn_step: int) -> torch.Tensor:
+        """Window indices of this rank's share of the global batch of step turn_step of a turn."""
+        n = len(self.train_windows)
+        start = turn_step * self.plan.batch_size + self.rank * self.rank_batch
+        positions = torch.arange(start, start + self.rank_batch)
+        return torch.stack([self._order(turn, int(p) // n)[int(p) % n] for p in positions])
+
+    def _order(self, turn: int, epoch: int) -> torch.Tensor:
+        key = (turn, epoch)
+        if key not in self._orders:
+            self._orders = {k: v for k, v in self._orders.items() if k[0] == turn and k[1] >= epoch - 1}
+            generator = torch.Generator().manual_seed(self.plan.seed * 1_000_003 + turn * 7919 + epoch)
+            self._orders[key] = torch.randperm(len(self.train_windows), generator=generator)
+        return self._orders[key]
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> TrainerState:
+        plan, state = self.plan, self.state
+        self._started = time.monotonic()
+        self._steps_at_start = state.step
+        while state.turn < plan.turns:
+            cycle_len = plan.cycle_steps[state.cycle]
+            while state.cycle_step < cycle_len:
+                self._step(cycle_len)
+                if self.stop_requested:
+                    self.save_checkpoint()
+                    raise TrainingStopped(f"stopped at step {state.step}; checkpoint written")
+                if self.checkpoint_every and state.step % self.checkpoint_every == 0:
+                    self.save_checkpoint()
+            self._end_cycle(cycle_len)
+        return state
+
+    def _step(self, cycle_len: int) -> None:
+        plan, state = self.plan, self.state
+        step_started = time.monotonic()
+        turn_step = sum(plan.cycle_steps[: state.cycle]) + state.cycle_step
+        lr = lr_at(state.cycle_step, cycle_len, plan.lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batch = self.train_windows[self.batch_indices(state.turn, turn_step)].to(self.device, non_blocking=True)
+        micro_batches = batch.split(self.micro_batch)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, micro in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = self.network.no_sync() if (self.world_size > 1 and not last) else contextlib.nullcontext()
+            with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                _, loss = self.network(micro[:, :-1], micro[:, 1:])
+                (loss / len(micro_batches)).backward()
+            loss_sum += loss.detach().float()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
+        # One exchange carries the loss and the stop flag, so all ranks fail or stop at the same step.
+        shared = torch.stack([loss_sum / len(micro_batches), torch.tensor(float(self.stop_requested), device=self.device)])
+        if self.world_size > 1:
+            dist.all_reduce(shared)
+            shared[0] /= self.world_size
+        loss_value, stop, norm = shared[0].item(), shared[1].item() > 0, grad_norm.item()
+        if not (math.isfinite(loss_value) and math.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(
+                f"training diverged: loss={loss_value} gradient norm={norm} at step {state.step + 1} "
+                f"(turn {state.turn + 1}, cycle {state.cycle + 1}, lr={lr:.3g}); try a lower lr"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.stop_requested = stop
+        state.cycle_step += 1
+        state.step += 1
+        state.tokens_seen += plan.batch_size * plan.seq_len
+        state.cycle_loss_sum += loss_value
+        state.train_seconds += time.monotonic() - step_started
+        self.losses.append(loss_value)
+        if state.step % self.progress_every == 0 or state.cycle_step == cycle_len:
+            self.log(
+                f"step={state.step} turn={state.turn + 1} cycle={state.cycle + 1} train_loss={loss_value:.4f} "
+                f"lr={lr:.3g} tokens_per_second={self.tokens_per_second():.1f}"
+            )
+            self.write_progress(loss=loss_value)
+
+    def _end_cycle(self, cycle_len: int) -> None:
+        state = self.state
+        record = {
+            "turn": state.turn + 1,
+            "cycle": state.cycle + 1,
+            "steps": cycle_len,
+            "loss": state.cycle_loss_sum / max(1, cycle_len),
+            "heldout_loss": None,
+            "perplexity": None,
+            "tokens": cycle_len * self.plan.seq_len,
+        }
+        if self.heldout_windows is not None and len(self.heldout_windows):
+            record["heldout_loss"] = heldout_loss(self.model, self.heldout_windows)
+            record["perplexity"] = math.exp(record["heldout_loss"])
+            self.log(
+                f"step={state.step} turn={state.turn + 1} cycle={state.cycle + 1} "
+                f"heldout_loss={record['heldout_loss']:.4f} heldout_perplexity={record['perplexity']:.3f}"
+            )
+        state.cycles.append(record)
+        state.cycle, state.cycle_step, state.cycle_loss_sum = state.cycle + 1, 0, 0.0
+        if state.cycle == len(self.plan.cycle_steps):
+            state.turn, state.cycle = state.turn + 1, 0
+        self.save_checkpoint()
+        self.write_progress(loss=record["loss"], perplexity=record["perplexity"])
+
+    # ---- figures ------------------------------------------------------------------------------
+
+    def tokens_per_second(self) -> float:
+        """Real tokens processed per second of training steps (all ranks)."""
+        seconds = self.state.train_seconds
+        return self.state.tokens_seen / seconds if seconds > 0 else 0.0
+
+    def eta_seconds(self) -> float:
+        done = self.state.step - getattr(self, "_steps_at_start", 0)
+        if done <= 0:
+            return 0.0
+        per_step = (time.monotonic() - self._started) / done
+        return per_step * (self.plan.total_steps - self.state.step)
+
+    def write_progress(self, loss: float | None = None, perplexity: float | None = None) -> None:
+        if self.rank != 0 or self.checkpoint_dir is None:
+            return
+        state, plan = self.state, self.plan
+        done = state.turn >= plan.turns
+        progress = {
+            "job_id": self.job_id,
+            "job_type": self.job_type,
+            "turn": plan.turns if done else state.turn + 1,
+            "turns": plan.turns,
+            "cycle": len(plan.cycle_steps) if done else state.cycle + 1,
+            "cycles": len(plan.cycle_steps),
+            "step": state.step,
+            "total_steps": plan.total_steps,
+            "loss": loss,
+            "perplexity": perplexity if perplexity is not None else _last_perplexity(state),
+            "tokens_trained": state.step * plan.seq_len,
+            "tokens_per_second": round(self.tokens_per_second(), 1),
+            "eta_seconds": round(self.eta_seconds(), 1),
+            "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        _atomic_write_bytes(self.checkpoint_dir / PROGRESS, json.dumps(progress).encode())
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """Weights, optimizer and trainer state, written to a temporary file then renamed into place."""
+        if self.rank != 0 or self.checkpoint_dir is None:
+            return
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT,
+            "job_id": self.job_id,
+            "plan": asdict(self.plan),
+            "config": self.model.config.model_dump(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "state": asdict(self.state),
+        }
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        target = self.checkpoint_dir / CHECKPOINT
+        partial = target.with_name(f".{CHECKPOINT}.partial")
+        with open(partial, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, target)
+
+    def resume(self) -> bool:
+        """Load the last checkpoint of this job if there is one; True when it did."""
+        if self.checkpoint_dir is None or not (self.checkpoint_dir / CHECKPOINT).is_file():
+            return False
+        checkpoint = torch.load(self.checkpoint_dir / CHECKPOINT, map_location=self.device, weights_only=False)
+        if checkpoint.get("format") != CHECKPOINT_FORMAT or checkpoint.get("job_id") != self.job_id:
+            self.log(f"ignoring a checkpoint of another job ({checkpoint.get('job_id')!r})")
+            return False
+        if checkpoint["plan"] != asdict(self.plan):
+            raise ValueError(f"the checkpoint in {self.checkpoint_dir} was made with other settings: {checkpoint['plan']}")
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.state = TrainerState(**checkpoint["state"])
+        self.log(f"resumed from step {self.state.step} (turn {self.state.turn + 1}, cycle {self.state.cycle + 1})")
+        return True
+
+    def install_sigterm(self) -> None:
+        """SIGTERM (SageMaker stop or spot interruption): finish the step, checkpoint, stop."""
+
+        def request_stop(signum, frame):
+            self.stop_requested = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+
+
+def train_steps(
+    model: Decoder,
+    windows: torch.Tensor,
+    steps: int,
+    lr: float,
+    *,
+    batch_size: int | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> list[float]:
+    """Train `model` in place for `steps` AdamW steps of one warm-up + cosine cycle; the step losses.
+
+    For short runs such as healing after contraction; windows are (N, seq_len + 1).
+    """
+    if steps <= 0:
+        return []
+    plan = TrainPlan(
+        turns=1,
+        cycle_steps=[steps],
+        lr=lr,
+        seq_len=windows.shape[1] - 1,
+        batch_size=batch_size or batch_size_for(model.parameter_count()),
+        seed=seed,
+    )
+    trainer = Trainer(model, windows, None, plan, log=log)
+    model.train()
+    trainer.run()
+    return trainer.losses
+
+
+def _adamw(model: nn.Module, lr: float) -> torch.optim.AdamW:
+    # Decay matrices only: norms' gains and the like stay as they are.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    keep = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": keep, "weight_decay": 0.0}]
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, max(1, cap)) + 1) if n % d == 0)
+
+
+def _last_perplexity(state: TrainerState) -> float | None:
+    return state.cycles[-1]["perplexity"] if state.cycles else None
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
