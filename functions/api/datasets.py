@@ -10,7 +10,9 @@ from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.api_gateway import Router
 from aws_lambda_powertools.event_handler.openapi.params import Path
 
+from functions.api import context
 from shared.datasets import UPLOAD_URL_SECONDS, CreateDatasetRequest, DatasetNotFound, DatasetStore, dataset_key
+from shared.jobs import not_found
 
 router = Router()
 
@@ -32,7 +34,7 @@ def _s3():
 
 
 def _tenant() -> str:
-    return router.current_event.request_context.authorizer.jwt_claim["sub"]
+    return context.tenant(router)
 
 
 @router.post("/datasets", summary="Register a dataset and get a presigned URL to upload it to")
@@ -58,8 +60,4 @@ def get_dataset(dataset_id: Annotated[str, Path(max_length=64)]):
     try:
         return _store().get(_tenant(), dataset_id)
     except DatasetNotFound:
-        return Response(
-            status_code=404,
-            content_type=content_types.APPLICATION_JSON,
-            body={"error": {"code": "not_found", "message": f"dataset {dataset_id} not found", "details": []}},
-        )
+        raise not_found("dataset", "dataset_id", dataset_id) from None
