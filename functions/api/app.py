@@ -1,0 +1,77 @@
+"""Fusion HTTP API: jobs, models and datasets behind API Gateway's JWT authorizer."""
+
+
+import json
+from typing import Any
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
+from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
+
+from functions.api import datasets, jobs, models
+from shared.jobs import JobError
+
+logger = Logger()
+app = APIGatewayHttpResolver(enable_validation=True)
+app.include_router(jobs.router)
+app.include_router(models.router)
+app.include_router(datasets.router)
+app.enable_swagger(path="/docs", title="Fusion", version="1.0.0",
+                   description="Grow, train and contract language models; every job priced before it runs.")
+
+
+@app.get("/openapi.json", include_in_schema=False)
+def openapi() -> Response[str]:
+    return Response(200, content_types.APPLICATION_JSON, app.get_openapi_json_schema(title="Fusion", version="1.0.0"))
+
+
+def _error(status: int, code: str, message: str, details: list[dict[str, str]]) -> Response:
+    body = {"error": {"code": code, "message": message, "details": details}}
+    return Response(status, content_types.APPLICATION_JSON, json.dumps(body))
+
+
+@app.exception_handler(JobError)
+def refused(exc: JobError) -> Response:
+    return _error(exc.status, exc.code, exc.message, exc.details)
+
+
+@app.exception_handler(RequestValidationError)
+def invalid_request(exc: RequestValidationError) -> Response:
+    details = [_detail(error) for error in exc.errors()]
+    fields = ", ".join(d["field"] for d in details)
+    return _error(422, "invalid_request", f"the request has invalid fields: {fields}", details)
+
+
+@app.not_found
+def no_route(exc: Exception) -> Response:
+    return _error(404, "not_found", f"no route {app.current_event.http_method} {app.current_event.path}", [])
+
+
+# Tags pydantic puts in an error location for the branch of a discriminated union.
+_UNION_TAGS = {"train", "contract", "request"}
+
+
+def _detail(error: dict[str, Any]) -> dict[str, str]:
+    loc = [str(p) for p in error.get("loc", ())]
+    kind = error.get("type", "")
+    if loc and loc[0] in ("body", "query", "path"):
+        source, loc = loc[0], loc[1:]
+    else:
+        source = "body"
+    if kind == "json_invalid":
+        return {"field": "body", "message": f"malformed JSON: {error.get('ctx', {}).get('error', 'cannot parse')}"}
+    loc = [p for p in loc if p not in _UNION_TAGS]
+    field = ".".join(loc) or source
+    if kind == "extra_forbidden":
+        message = f"'{loc[-1] if loc else field}' is not a known field"
+    elif kind == "missing":
+        message = "is required"
+    elif kind == "union_tag_invalid" or kind == "union_tag_not_found":
+        field, message = "type", "type must be 'train' or 'contract'"
+    else:
+        message = error.get("msg", "is invalid")
+    return {"field": field, "message": message}
+
+
+def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    return app.resolve(event, context)

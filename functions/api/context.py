@@ -1,0 +1,63 @@
+"""What every route needs: the caller's tenant and the lazily created stores and clients."""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from typing import Any
+
+from aws_lambda_powertools.event_handler.api_gateway import Router
+
+from shared.jobs import JobError
+from shared.store import Catalog, Datasets, Jobs
+
+
+def tenant(router: Router) -> str:
+    """The caller: the JWT `sub` claim that API Gateway's authorizer verified."""
+    context = router.current_event.request_context
+    claims = context.authorizer.jwt_claim if context.authorizer else None
+    owner = (claims or {}).get("sub")
+    if not owner:
+        raise JobError(401, "unauthorized", "the request carries no verified identity (JWT sub claim)")
+    return owner
+
+
+@cache
+def session() -> Any:
+    import boto3
+
+    return boto3.session.Session()
+
+
+@cache
+def jobs() -> Jobs:
+    return Jobs(session=session())
+
+
+@cache
+def catalog() -> Catalog:
+    return Catalog(session=session())
+
+
+@cache
+def datasets() -> Datasets:
+    return Datasets(session=session())
+
+
+@cache
+def client(service: str) -> Any:
+    if service == "s3":  # progress reads are best effort: fail fast rather than hold the request
+        from botocore.config import Config
+
+        return session().client("s3", config=Config(connect_timeout=1, read_timeout=1, retries={"max_attempts": 1}))
+    return session().client(service)
+
+
+def env(name: str) -> str:
+    return os.environ[name]
+
+
+def reset() -> None:
+    """Forget cached clients (tests switch AWS backends between cases)."""
+    for cached in (session, jobs, catalog, datasets, client):
+        cached.cache_clear()

@@ -1,0 +1,171 @@
+"""The Fusion HTTP API on loopback, through the very handler API Gateway invokes.
+
+Each HTTP request becomes an API Gateway HTTP API (payload 2.0) event. The JWT in
+`Authorization: Bearer` is decoded but NOT verified (local use only: API Gateway's authorizer
+verifies it in AWS); without a token the caller is tenant "local".
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+LOCAL_TENANT = "local"
+LOCAL_REGION = "us-east-1"
+
+
+def claims_of(authorization: str | None) -> dict[str, Any]:
+    """The payload of an unsigned-or-signed bearer JWT, unverified; {"sub": "local"} without one."""
+    if not authorization or not authorization.lower().startswith("bearer "):
+        return {"sub": LOCAL_TENANT}
+    token = authorization.split(None, 1)[1].strip()
+    parts = token.split(".")
+    if len(parts) < 2:
+        raise ValueError("the bearer token is not a JWT")
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    claims = json.loads(base64.urlsafe_b64decode(payload))
+    if not isinstance(claims, dict) or not claims.get("sub"):
+        raise ValueError("the bearer token has no sub claim")
+    return claims
+
+
+def api_event(
+    method: str,
+    path: str,
+    *,
+    query: str = "",
+    headers: dict[str, str] | None = None,
+    body: str | bytes | None = None,
+    claims: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """An API Gateway HTTP API v2 event, as the JWT authorizer would pass it on."""
+    headers = {k.lower(): v for k, v in (headers or {}).items()}
+    is_base64 = isinstance(body, bytes)
+    if is_base64:
+        body = base64.b64encode(body).decode()
+    params: dict[str, str] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        params[key] = f"{params[key]},{value}" if key in params else value
+    return {
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": path,
+        "rawQueryString": query,
+        "headers": headers,
+        "queryStringParameters": params or None,
+        "requestContext": {
+            "accountId": "123456789012",
+            "apiId": "local",
+            "authorizer": {"jwt": {"claims": claims or {"sub": LOCAL_TENANT}, "scopes": None}},
+            "domainName": headers.get("host", "localhost"),
+            "http": {"method": method, "path": path, "protocol": "HTTP/1.1", "sourceIp": "127.0.0.1",
+                     "userAgent": headers.get("user-agent", "")},
+            "requestId": uuid.uuid4().hex,
+            "routeKey": "$default",
+            "stage": "$default",
+            "time": time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime()),
+            "timeEpoch": int(time.time() * 1000),
+        },
+        "body": body,
+        "isBase64Encoded": is_base64,
+    }
+
+
+class _Context:
+    function_name = "fusion-api-local"
+    memory_limit_in_mb = 512
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:fusion-api-local"
+    aws_request_id = "local"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 30_000
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "fusion-local"
+
+    def _serve(self) -> None:
+        from functions.api.app import lambda_handler
+
+        url = urlsplit(self.path)
+        length = int(self.headers.get("content-length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            claims = claims_of(self.headers.get("authorization"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            body = {"error": {"code": "unauthorized", "message": str(exc), "details": []}}
+            return self._reply(401, {"content-type": "application/json"}, json.dumps(body).encode())
+        try:
+            text: str | bytes | None = raw.decode() if raw else None
+        except UnicodeDecodeError:
+            text = raw
+        event = api_event(self.command, url.path, query=url.query, headers=dict(self.headers.items()),
+                          body=text, claims=claims)
+        result = lambda_handler(event, _Context())
+        payload = result.get("body") or ""
+        data = base64.b64decode(payload) if result.get("isBase64Encoded") else payload.encode()
+        self._reply(result.get("statusCode", 200), result.get("headers") or {}, data)
+
+    def _reply(self, status: int, headers: dict[str, str], data: bytes) -> None:
+        self.send_response(status)
+        for key, value in headers.items():
+            if key.lower() not in ("content-length", "connection"):
+                self.send_header(key, value)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _serve
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if os.environ.get("FUSION_LOG_REQUESTS"):
+            super().log_message(format, *args)
+
+
+def make_server(host: str = "127.0.0.1", port: int = 8080, *, environ: dict[str, str] | None = None) -> ThreadingHTTPServer:
+    """A bound, not yet serving, server (port 0 picks a free one: see server.server_address)."""
+    if environ:
+        os.environ.update(environ)
+    return ThreadingHTTPServer((host, port), _Handler)
+
+
+def serve(host: str = "127.0.0.1", port: int = 8080, *, environ: dict[str, str] | None = None) -> None:
+    """Serve the HTTP API until interrupted; `environ` (e.g. from start_in_process_aws) is applied first."""
+    server = make_server(host, port, environ=environ)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def start_in_process_aws(template_path: str | Path | None = None, *, region: str = LOCAL_REGION) -> dict[str, str]:
+    """Start moto in this process, create the template's resources and seed the base models.
+
+    Returns (and applies to os.environ) the functions' environment. The mock stays active for
+    the life of the process; boto3 clients created from now on talk to it.
+    """
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+    os.environ.setdefault("AWS_DEFAULT_REGION", region)
+    import boto3
+    from moto import mock_aws
+
+    from local.resources import TEMPLATE, create_resources
+    from shared.store import Catalog, seed_base_models
+
+    mock = mock_aws()
+    mock.start()
+    session = boto3.session.Session(region_name=os.environ["AWS_DEFAULT_REGION"])
+    environ = create_resources(session, template_path or TEMPLATE)
+    os.environ.update(environ)
+    seed_base_models(Catalog(session=session), artifacts_bucket=environ["ARTIFACTS_BUCKET"])
+    return environ

@@ -1,0 +1,349 @@
+"""The job domain: resolve and price a request, build its SageMaker launch, and follow it to the end.
+
+Nothing here creates an AWS client: the stores (shared.store) and clients come in as arguments.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+import uuid
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from shared.pricing import Estimate, bill, estimate_contract, estimate_train
+from shared.settings import (
+    ContractJobRequest,
+    ContractSettings,
+    TrainJobRequest,
+    TrainSettings,
+    default_output_name,
+    to_hyperparameters,
+)
+from shared.shapes import ModelConfig
+from shared.store import ACTIVE_STATUSES, Catalog, ConditionFailed, Datasets, Jobs, now
+
+JOB_ID_PATTERN = re.compile(r"[a-z0-9-]{1,40}")
+TRAINING_JOB_PREFIX = "fusion-"
+METRIC_NAMES = ("step", "turn", "cycle", "train_loss", "heldout_loss", "heldout_perplexity", "tokens_per_second")
+MAX_RUNTIME_LIMIT = 28 * 24 * 3600  # SageMaker's ceiling on MaxRuntimeInSeconds
+NO_CHARGE = "0.00"
+
+# The fields of a job that the HTTP API shows (the stored record carries a few more for launching).
+PUBLIC_JOB_FIELDS = (
+    "job_id", "type", "status", "owner", "model", "dataset", "settings", "estimate", "warnings",
+    "training_job_name", "output_model_id", "failure_reason", "progress", "bill", "created_at", "updated_at",
+)
+
+
+@dataclass
+class JobError(Exception):
+    """A request the service refuses, with the HTTP status and the fields at fault."""
+
+    status: int
+    code: str
+    message: str
+    details: list[dict[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+def not_found(what: str, field_name: str, value: str) -> JobError:
+    return JobError(404, f"{what}_not_found", f"{what} {value!r} was not found",
+                    [{"field": field_name, "message": f"no {what} {value!r} in your catalog"}])
+
+
+def invalid(field_name: str, message: str) -> JobError:
+    return JobError(422, "invalid_request", message, [{"field": field_name, "message": message}])
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:20]
+
+
+def training_job_name(job_id: str) -> str:
+    return TRAINING_JOB_PREFIX + job_id
+
+
+def job_id_of(training_job: str) -> str | None:
+    if not training_job.startswith(TRAINING_JOB_PREFIX):
+        return None
+    job_id = training_job[len(TRAINING_JOB_PREFIX):]
+    return job_id if JOB_ID_PATTERN.fullmatch(job_id) else None
+
+
+# --- resolve and price -------------------------------------------------------------------------
+
+
+def resolve(
+    request: TrainJobRequest | ContractJobRequest,
+    owner: str,
+    *,
+    catalog: Catalog,
+    datasets: Datasets,
+    data_bucket: str,
+    job_id: str | None = None,
+) -> dict[str, Any]:
+    """Check a request against the catalog and price it: the job record, not yet stored.
+
+    Raises JobError for anything the caller got wrong; nothing is written.
+    """
+    job_id = job_id or new_job_id()
+    if isinstance(request, TrainJobRequest):
+        base = catalog.get(request.model, owner)
+        if base is None:
+            raise not_found("model", "model", request.model)
+        config = ModelConfig.model_validate(base["config"])
+        settings: TrainSettings | ContractSettings = request.hyperparams
+        if settings.seq_len > config.context_length:
+            raise invalid(
+                "hyperparams.seq_len",
+                f"seq_len={settings.seq_len} exceeds the context length {config.context_length} of {request.model}",
+            )
+        model_id, dataset = request.model, request.dataset
+        estimate = estimate_train(settings, config)
+    else:
+        settings = request.hyperparams
+        source = catalog.get(settings.source_model_id, owner)
+        if source is None or source["owner"] != owner:
+            raise not_found("model", "hyperparams.source_model_id", settings.source_model_id)
+        if settings.num_layers_to_contract > source["depth"]:
+            raise invalid(
+                "hyperparams.num_layers_to_contract",
+                f"num_layers_to_contract={settings.num_layers_to_contract} exceeds the depth "
+                f"{source['depth']} of {settings.source_model_id}",
+            )
+        dataset = request.dataset or source.get("dataset")
+        if not dataset:
+            raise invalid("dataset", f"{settings.source_model_id} records no dataset: give one for calibration")
+        model_id, base = settings.source_model_id, source
+        estimate = estimate_contract(settings, ModelConfig.model_validate(source["config"]))
+    dataset_uri = resolve_dataset(dataset, owner, datasets=datasets, data_bucket=data_bucket)
+    if settings.output_name is None:
+        settings = settings.model_copy(update={"output_name": default_output_name(job_id)})
+    created = now()
+    return {
+        "job_id": job_id,
+        "type": request.type,
+        "status": "queued",
+        "owner": owner,
+        "model": model_id,
+        "dataset": dataset,
+        "settings": settings.model_dump(mode="json"),
+        "estimate": estimate.model_dump(mode="json"),
+        "warnings": settings.warnings(),
+        "training_job_name": None,
+        "output_model_id": None,
+        "failure_reason": None,
+        "progress": None,
+        "bill": None,
+        "created_at": created,
+        "updated_at": created,
+        "dataset_uri": dataset_uri,
+        "input_model_uri": base["artifact_uri"],
+    }
+
+
+def resolve_dataset(dataset: str, owner: str, *, datasets: Datasets, data_bucket: str) -> str:
+    """The S3 URI to train on: a ready dataset id of the caller, or a URI under their data prefix."""
+    if dataset.startswith("s3://"):
+        prefix = f"s3://{data_bucket}/{owner}/"
+        rest = dataset[len(prefix):]
+        if not dataset.startswith(prefix) or not rest or ".." in rest.split("/"):
+            raise invalid("dataset", f"an S3 dataset must lie under {prefix}")
+        return dataset
+    record = datasets.get(dataset, owner)
+    if record is None:
+        raise not_found("dataset", "dataset", dataset)
+    if record.get("status") != "ready":
+        raise invalid("dataset", f"dataset {dataset!r} is {record.get('status')}, not ready")
+    return record["s3_uri"]
+
+
+def public(job: dict[str, Any]) -> dict[str, Any]:
+    return {k: job.get(k) for k in PUBLIC_JOB_FIELDS}
+
+
+def settings_of(job: dict[str, Any]) -> TrainSettings | ContractSettings:
+    cls = TrainSettings if job["type"] == "train" else ContractSettings
+    return cls.model_validate(job["settings"])
+
+
+# --- launch ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    artifacts_bucket: str
+    training_image_uri: str
+    role_arn: str
+    use_spot: bool = False
+    volume_size_gb: int = 50
+
+
+def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str, Any]:
+    """The CreateTrainingJob parameters of a stored job (boto3 shapes)."""
+    job_id = job["job_id"]
+    estimate = Estimate.model_validate(job["estimate"])
+    prefix = f"s3://{config.artifacts_bucket}/jobs/{job_id}"
+    max_runtime = min(estimate.max_runtime_seconds, MAX_RUNTIME_LIMIT)
+    stopping: dict[str, int] = {"MaxRuntimeInSeconds": max_runtime}
+    if config.use_spot:  # waiting for spot capacity gets as long again as the run itself
+        stopping["MaxWaitTimeInSeconds"] = min(2 * max_runtime, MAX_RUNTIME_LIMIT)
+    return {
+        "TrainingJobName": training_job_name(job_id),
+        "HyperParameters": to_hyperparameters(job["type"], job_id, settings_of(job)),
+        "AlgorithmSpecification": {
+            "TrainingImage": config.training_image_uri,
+            "TrainingInputMode": "File",
+            "MetricDefinitions": [{"Name": n, "Regex": f"{n}=([0-9.eE+-]+)"} for n in METRIC_NAMES],
+            "EnableSageMakerMetricsTimeSeries": True,
+        },
+        "RoleArn": config.role_arn,
+        "InputDataConfig": [
+            _channel("training", job["dataset_uri"]),
+            _channel("model", job["input_model_uri"]),
+        ],
+        "OutputDataConfig": {"S3OutputPath": f"{prefix}/output/"},
+        "CheckpointConfig": {"S3Uri": f"{prefix}/checkpoints/", "LocalPath": "/opt/ml/checkpoints"},
+        "ResourceConfig": {
+            "InstanceType": estimate.instance_type,
+            "InstanceCount": estimate.instance_count,
+            "VolumeSizeInGB": config.volume_size_gb,
+        },
+        "StoppingCondition": stopping,
+        "EnableManagedSpotTraining": config.use_spot,
+        "Tags": [{"Key": "fusion:job-id", "Value": job_id}, {"Key": "fusion:owner", "Value": job["owner"]}],
+    }
+
+
+def _channel(name: str, uri: str) -> dict[str, Any]:
+    return {
+        "ChannelName": name,
+        "DataSource": {
+            "S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}
+        },
+    }
+
+
+# --- follow SageMaker to the end ---------------------------------------------------------------
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def progress_key(job_id: str) -> str:
+    return f"jobs/{job_id}/checkpoints/progress.json"
+
+
+def read_progress(s3: Any, bucket: str, job_id: str) -> dict[str, Any] | None:
+    """progress.json of a job, or None when the container has not written one yet."""
+    try:
+        body = s3.get_object(Bucket=bucket, Key=progress_key(job_id))["Body"].read()
+    except s3.exceptions.NoSuchKey:
+        return None
+    return json.loads(body)
+
+
+def read_metrics(s3: Any, model_artifacts_uri: str) -> dict[str, Any]:
+    """metrics.json from the small output.tar.gz SageMaker writes beside model.tar.gz."""
+    bucket, key = split_s3(model_artifacts_uri)
+    key = key.rsplit("/", 1)[0] + "/output.tar.gz"
+    blob = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as archive:
+        for member in archive.getmembers():
+            if member.isfile() and member.name.rsplit("/", 1)[-1] == "metrics.json":
+                return json.load(archive.extractfile(member))
+    raise FileNotFoundError(f"no metrics.json in s3://{bucket}/{key}")
+
+
+# SageMaker's TrainingJobStatus -> Fusion status.
+SAGEMAKER_STATUS = {
+    "InProgress": "running",
+    "Stopping": "cancelling",
+    "Completed": "completed",
+    "Failed": "failed",
+    "Stopped": "cancelled",
+}
+
+
+def model_id_for(job_id: str) -> str:
+    """The catalog id of a job's output: derived from the job, so registering twice is detectable."""
+    return f"m-{job_id}"
+
+
+def catalog_entry(job: dict[str, Any], metrics: dict[str, Any], artifact_uri: str, cost: Decimal) -> dict[str, Any]:
+    config = ModelConfig.model_validate(metrics["config"])
+    return {
+        "model_id": model_id_for(job["job_id"]),
+        "name": job["settings"]["output_name"],
+        "owner": job["owner"],
+        "kind": "trained" if job["type"] == "train" else "contracted",
+        "parent_id": job["model"],
+        "job_id": job["job_id"],
+        "parameters": config.parameters(),
+        "depth": config.n_layers,
+        "perplexity": metrics.get("final_perplexity"),
+        "artifact_uri": artifact_uri,
+        "cost": str(cost),
+        "config": config.model_dump(mode="json"),
+        "dataset": job.get("dataset"),
+        "created_at": now(),
+    }
+
+
+@dataclass
+class Outcome:
+    """What one state-change event did: the job after it, and the model it registered, if any."""
+
+    job: dict[str, Any] | None = None
+    model: dict[str, Any] | None = None
+
+
+def record_state_change(
+    detail: dict[str, Any], *, jobs: Jobs, catalog: Catalog, s3: Any, artifacts_bucket: str
+) -> Outcome:
+    """Apply one "SageMaker Training Job State Change" to the job and the catalog.
+
+    Forward-only conditional writes make duplicates and late arrivals no-ops, so any order of
+    the same events ends in the same state with the same bill. Returns an empty Outcome when
+    the event changed nothing.
+    """
+    job_id = job_id_of(detail.get("TrainingJobName", ""))
+    status = SAGEMAKER_STATUS.get(detail.get("TrainingJobStatus", ""))
+    job = jobs.get(job_id) if job_id and status else None
+    if job is None or job["status"] in ("completed", "failed", "cancelled"):
+        return Outcome()
+    estimate = Estimate.model_validate(job["estimate"])
+    fields: dict[str, Any] = {}
+    model = None
+    if status == "completed":
+        artifact_uri = detail.get("ModelArtifacts", {}).get("S3ModelArtifacts") or (
+            f"s3://{artifacts_bucket}/jobs/{job_id}/output/{training_job_name(job_id)}/output/model.tar.gz"
+        )
+        metrics = read_metrics(s3, artifact_uri)
+        cost = bill(estimate, int(metrics.get("training_tokens", estimate.training_tokens)))
+        model = catalog_entry(job, metrics, artifact_uri, cost)
+        catalog.register(model)  # once: a second register of the same id is a no-op
+        fields = {"output_model_id": model["model_id"], "bill": str(cost)}
+    elif status == "cancelled":
+        progress = read_progress(s3, artifacts_bucket, job_id) or {}
+        fields = {"bill": str(bill(estimate, int(progress.get("tokens_trained", 0))))}
+    elif status == "failed":
+        fields = {"failure_reason": detail.get("FailureReason") or "SageMaker reported the job failed",
+                  "bill": NO_CHARGE}
+    try:
+        job = jobs.transition(job_id, status, **fields)
+    except ConditionFailed:
+        return Outcome()
+    return Outcome(job=job, model=model)
+
+
+def is_active(job: dict[str, Any]) -> bool:
+    return job["status"] in ACTIVE_STATUSES

@@ -1,0 +1,267 @@
+"""DynamoDB data access: jobs, the model catalog and the datasets lookup.
+
+Each class wraps one table. Clients are passed in or created lazily on first use, so importing
+this module costs nothing and tests can hand in a moto-backed session. Records keep the fields
+that conditions and indexes need as top-level attributes and the rest of the document as one
+JSON string, so floats and nested settings round-trip without DynamoDB's number rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from typing import Any
+
+from shared.shapes import SIZES
+
+PUBLIC_OWNER = "public"
+BASE_PREFIX = "base-"
+BY_OWNER_INDEX = "by-owner"
+
+# Lifecycle order (DESIGN §6). A transition may only move to a higher rank; the three end
+# states share the top rank so none of them can replace another.
+STATUS_RANK = {"queued": 0, "launching": 1, "running": 2, "cancelling": 3, "completed": 4, "failed": 4, "cancelled": 4}
+ACTIVE_STATUSES = ("launching", "running", "cancelling")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class ConditionFailed(Exception):
+    """A conditional write lost: the record was already in (or past) the wanted state."""
+
+
+class _Table:
+    """Lazily bound DynamoDB table of one environment variable's name."""
+
+    env_var = ""
+
+    def __init__(self, table_name: str | None = None, *, session: Any = None, client: Any = None):
+        self._name = table_name
+        self._session = session
+        self._client = client
+
+    @property
+    def name(self) -> str:
+        return self._name or os.environ[self.env_var]
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            if self._session is None:
+                import boto3
+
+                self._session = boto3.session.Session()
+            self._client = self._session.client("dynamodb")
+        return self._client
+
+    def _get(self, key: dict[str, str]) -> dict[str, Any] | None:
+        item = self.client.get_item(TableName=self.name, Key=_ddb(key), ConsistentRead=True).get("Item")
+        return _plain(item) if item else None
+
+    def _query_owner(self, owner: str, limit: int) -> list[dict[str, Any]]:
+        response = self.client.query(
+            TableName=self.name,
+            IndexName=BY_OWNER_INDEX,
+            KeyConditionExpression="#o = :o",
+            ExpressionAttributeNames={"#o": "owner"},
+            ExpressionAttributeValues={":o": {"S": owner}},
+            ScanIndexForward=False,
+            Limit=limit,
+        )
+        return [_plain(item) for item in response.get("Items", [])]
+
+    def _put_new(self, key_name: str, item: dict[str, Any]) -> None:
+        try:
+            self.client.put_item(
+                TableName=self.name,
+                Item=_ddb(item),
+                ConditionExpression="attribute_not_exists(#k)",
+                ExpressionAttributeNames={"#k": key_name},
+            )
+        except self.client.exceptions.ConditionalCheckFailedException as exc:
+            raise ConditionFailed(item[key_name]) from exc
+
+
+def _ddb(item: dict[str, Any]) -> dict[str, dict[str, str]]:
+    out = {}
+    for key, value in item.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            out[key] = {"BOOL": value}
+        elif isinstance(value, int):
+            out[key] = {"N": str(value)}
+        else:
+            out[key] = {"S": str(value)}
+    return out
+
+
+def _plain(item: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, typed in item.items():
+        (kind, value), = typed.items()
+        out[key] = int(value) if kind == "N" else value
+    return out
+
+
+class Jobs(_Table):
+    """The jobs table. `doc` holds the immutable request side (settings, estimate, warnings)."""
+
+    env_var = "JOBS_TABLE"
+
+    def create(self, job: dict[str, Any]) -> None:
+        self._put_new("job_id", _job_item(job))
+
+    def get(self, job_id: str, owner: str | None = None) -> dict[str, Any] | None:
+        item = self._get({"job_id": job_id})
+        if item is None or (owner is not None and item["owner"] != owner):
+            return None
+        return _job_from_item(item)
+
+    def list(self, owner: str, limit: int = 100) -> list[dict[str, Any]]:
+        return [_job_from_item(item) for item in self._query_owner(owner, limit)]
+
+    def transition(self, job_id: str, status: str, **fields: Any) -> dict[str, Any]:
+        """Move a job forward to `status`, setting `fields` with it; ConditionFailed otherwise.
+
+        Returns the job as it is after the write.
+        """
+        earlier = [s for s, rank in STATUS_RANK.items() if rank < STATUS_RANK[status]]
+        return self._update(job_id, {"status": status, **fields}, earlier)
+
+    def annotate(self, job_id: str, allowed: tuple[str, ...], **fields: Any) -> dict[str, Any]:
+        """Set fields without changing status, only while the job is in one of `allowed`."""
+        return self._update(job_id, fields, list(allowed))
+
+    def _update(self, job_id: str, fields: dict[str, Any], allowed: list[str]) -> dict[str, Any]:
+        fields = {**fields, "updated_at": now()}
+        names = {f"#f{i}": k for i, k in enumerate(fields)}
+        values = {f":v{i}": v for i, v in enumerate(fields.values())}
+        values.update({f":s{i}": s for i, s in enumerate(allowed)})
+        names["#status"] = "status"
+        sets = ", ".join(f"#f{i} = :v{i}" for i in range(len(fields)))
+        allowed_list = ", ".join(f":s{i}" for i in range(len(allowed)))
+        try:
+            response = self.client.update_item(
+                TableName=self.name,
+                Key=_ddb({"job_id": job_id}),
+                UpdateExpression=f"SET {sets}",
+                ConditionExpression=f"attribute_exists(job_id) AND #status IN ({allowed_list})",
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=_ddb(values),
+                ReturnValues="ALL_NEW",
+            )
+        except self.client.exceptions.ConditionalCheckFailedException as exc:
+            raise ConditionFailed(job_id) from exc
+        return _job_from_item(_plain(response["Attributes"]))
+
+
+_JOB_COLUMNS = (
+    "job_id", "owner", "status", "type", "created_at", "updated_at", "training_job_name",
+    "output_model_id", "failure_reason", "bill",
+)
+
+
+def _job_item(job: dict[str, Any]) -> dict[str, Any]:
+    item = {k: job.get(k) for k in _JOB_COLUMNS}
+    item["doc"] = json.dumps({k: v for k, v in job.items() if k not in _JOB_COLUMNS and k != "progress"})
+    return item
+
+
+def _job_from_item(item: dict[str, Any]) -> dict[str, Any]:
+    job = {k: item.get(k) for k in _JOB_COLUMNS}
+    job.update(json.loads(item.get("doc", "{}")))
+    return job
+
+
+class Catalog(_Table):
+    """The model catalog: base models (owner "public") and each tenant's trained models."""
+
+    env_var = "MODELS_TABLE"
+
+    def register(self, model: dict[str, Any]) -> bool:
+        """Add a model once: False when a model with this id is already registered."""
+        try:
+            self._put_new("model_id", _model_item(model))
+        except ConditionFailed:
+            return False
+        return True
+
+    def get(self, model_id: str, owner: str) -> dict[str, Any] | None:
+        """The model if the caller may see it: their own or a public base model."""
+        base = base_model(model_id, artifacts_bucket=os.environ.get("ARTIFACTS_BUCKET", ""))
+        if base is not None:
+            return base
+        item = self._get({"model_id": model_id})
+        if item is None or item["owner"] not in (owner, PUBLIC_OWNER):
+            return None
+        return _model_from_item(item)
+
+    def list(self, owner: str, limit: int = 100) -> list[dict[str, Any]]:
+        items = self._query_owner(PUBLIC_OWNER, limit) + self._query_owner(owner, limit)
+        return [_model_from_item(item) for item in items]
+
+
+_MODEL_COLUMNS = ("model_id", "owner", "name", "kind", "created_at", "job_id")
+
+
+def _model_item(model: dict[str, Any]) -> dict[str, Any]:
+    item = {k: model.get(k) for k in _MODEL_COLUMNS}
+    item["doc"] = json.dumps({k: v for k, v in model.items() if k not in _MODEL_COLUMNS})
+    return item
+
+
+def _model_from_item(item: dict[str, Any]) -> dict[str, Any]:
+    model = {k: item.get(k) for k in _MODEL_COLUMNS}
+    model.update(json.loads(item.get("doc", "{}")))
+    return model
+
+
+def base_model(model_id: str, *, artifacts_bucket: str) -> dict[str, Any] | None:
+    """The public base model `base-<size>` for each named size, or None for any other id."""
+    if not model_id.startswith(BASE_PREFIX) or model_id[len(BASE_PREFIX):] not in SIZES:
+        return None
+    size = model_id[len(BASE_PREFIX):]
+    config = SIZES[size]
+    return {
+        "model_id": model_id,
+        "name": model_id,
+        "owner": PUBLIC_OWNER,
+        "kind": "base",
+        "parent_id": None,
+        "job_id": None,
+        "parameters": config.parameters(),
+        "depth": config.n_layers,
+        "perplexity": None,
+        "artifact_uri": f"s3://{artifacts_bucket}/base-models/{size}/model.tar.gz",
+        "cost": None,
+        "config": config.model_dump(mode="json"),
+        "dataset": None,
+        "created_at": "1970-01-01T00:00:00.000Z",
+    }
+
+
+def seed_base_models(catalog: Catalog, *, artifacts_bucket: str | None = None) -> list[str]:
+    """Write the public base models into the catalog (idempotent); returns their ids."""
+    bucket = artifacts_bucket or os.environ["ARTIFACTS_BUCKET"]
+    ids = []
+    for size in SIZES:
+        model = base_model(f"{BASE_PREFIX}{size}", artifacts_bucket=bucket)
+        catalog.register(model)
+        ids.append(model["model_id"])
+    return ids
+
+
+class Datasets(_Table):
+    """Read side of the datasets table: which dataset ids a tenant may train on."""
+
+    env_var = "DATASETS_TABLE"
+
+    def get(self, dataset_id: str, owner: str) -> dict[str, Any] | None:
+        item = self._get({"dataset_id": dataset_id})
+        if item is None or item.get("owner") != owner:
+            return None
+        return item

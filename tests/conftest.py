@@ -1,0 +1,76 @@
+"""Shared fixtures: a moto AWS with every resource of template.yaml, and an HTTP API caller."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from local.resources import create_resources
+from local.server import api_event
+from shared.store import Catalog, seed_base_models
+
+REGION = "us-east-1"
+
+
+class LambdaContext:
+    function_name = "fusion-test"
+    memory_limit_in_mb = 512
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:fusion-test"
+    aws_request_id = "test-request"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 30_000
+
+
+@pytest.fixture
+def aws(monkeypatch):
+    """moto with the template's tables, queues, buckets and bus; the functions' env applied."""
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    for var in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    with mock_aws():
+        session = boto3.session.Session(region_name=REGION)
+        env = create_resources(session)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        seed_base_models(Catalog(session=session), artifacts_bucket=env["ARTIFACTS_BUCKET"])
+        _forget_cached_clients()
+        yield SimpleNamespace(session=session, env=env)
+        _forget_cached_clients()
+
+
+def _forget_cached_clients() -> None:
+    from functions.api import context
+    from functions.events import app as events_app
+    from functions.launcher import app as launcher_app
+
+    context.reset()
+    launcher_app._clients.cache_clear()
+    events_app._clients.cache_clear()
+
+
+@pytest.fixture
+def api(aws):
+    """call(method, path, body=None, *, tenant="alice", query="") -> (status, parsed JSON body)."""
+    from functions.api.app import lambda_handler
+
+    def call(method: str, path: str, body: Any = None, *, tenant: str = "alice", query: str = "",
+             raw: str | None = None) -> tuple[int, Any]:
+        text = raw if raw is not None else (json.dumps(body) if body is not None else None)
+        event = api_event(method, path, query=query, headers={"content-type": "application/json"},
+                          body=text, claims={"sub": tenant})
+        result = lambda_handler(event, LambdaContext())
+        payload = result.get("body") or "null"
+        try:
+            return result["statusCode"], json.loads(payload)
+        except json.JSONDecodeError:
+            return result["statusCode"], payload
+
+    return call
