@@ -1,0 +1,342 @@
+"""The whole of Fusion on one machine: the embedded default (DESIGN §8).
+
+moto serves DynamoDB, S3, SQS and EventBridge on a loopback port, and every boto3 client finds it
+through AWS_ENDPOINT_URL; a local SageMaker (local.sagemaker) takes the training jobs; the HTTP API
+is the API function behind local.server. What Lambda's event sources do in AWS is done here by
+small pollers: the launch queue feeds the launcher, uploads to the data bucket feed the dataset
+check, and the local SageMaker delivers its state changes to the events function. The functions
+and the training image run unchanged and cannot tell.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+REGION = "us-east-1"
+UPLOADS_QUEUE = "fusion-local-dataset-uploads"
+# Variables the stack sets for its lifetime and restores on close.
+_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SAGEMAKER", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "POWERTOOLS_SERVICE_NAME",
+            "POWERTOOLS_LOG_LEVEL", "POWERTOOLS_TRACE_DISABLED", "POWERTOOLS_METRICS_NAMESPACE")
+
+
+class LambdaContext:
+    """What a Lambda handler is given as `context`."""
+
+    memory_limit_in_mb = 1024
+
+    def __init__(self, function_name: str, timeout_s: int = 900):
+        self.function_name = function_name
+        self.invoked_function_arn = f"arn:aws:lambda:{REGION}:123456789012:function:{function_name}"
+        self.aws_request_id = str(uuid.uuid4())
+        self._deadline = time.monotonic() + timeout_s
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+def base_model_dir(size: str, home: Path) -> Path:
+    """The base model of a named size, made once by the training image and kept under `home`."""
+    target = home / "base-models" / size
+    if (target / "config.json").exists():
+        return target
+    partial = target.with_name(size + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    command = [str(Path(sys.executable).with_name("fusion-train")), "init", "--size", size, "--out", str(partial)]
+    if not Path(command[0]).exists():
+        command = [sys.executable, "-c", "import sys; from training_image.cli import main; sys.exit(main())", *command[1:]]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"fusion-train init --size {size} failed: {(done.stderr or done.stdout).strip()[-800:]}")
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
+
+
+def tar_model(folder: Path, archive: Path) -> Path:
+    """A model directory as SageMaker packs /opt/ml/model: its files at the archive's root."""
+    if archive.exists() and archive.stat().st_mtime >= max(p.stat().st_mtime for p in folder.rglob("*")):
+        return archive
+    partial = archive.with_suffix(".partial")
+    with tarfile.open(partial, "w:gz") as tar:
+        for path in sorted(folder.rglob("*")):
+            tar.add(path, arcname=path.relative_to(folder).as_posix(), recursive=False)
+    partial.replace(archive)
+    return archive
+
+
+class Poller:
+    """A thread that calls `poll` until stopped; what a Lambda event source mapping does in AWS."""
+
+    def __init__(self, name: str, poll: Callable[[], None]):
+        self.stopping = threading.Event()
+        self._poll = poll
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self._poll()
+            except Exception:
+                if not self.stopping.is_set():
+                    traceback.print_exc()
+                    self.stopping.wait(1.0)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=10)
+
+
+class LocalStack:
+    """Start with `with LocalStack(...) as stack:`; everything it started is stopped on exit."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        base_sizes: tuple[str, ...] = ("debug", "tiny"),
+        home: Path | str | None = None,
+        stop_grace_seconds: float = 30.0,
+        verbose: bool = False,
+        train_command: list[str] | None = None,
+    ):
+        self.host, self.port = host, port
+        self.base_sizes = base_sizes
+        self.home = Path(home or os.environ.get("FUSION_HOME") or REPO / ".fusion").resolve()
+        self.stop_grace_seconds = stop_grace_seconds
+        self.verbose = verbose
+        self.train_command = train_command
+        self.env: dict[str, str] = {}
+        self.api_url = ""
+        self._saved_env: dict[str, str | None] = {}
+        self._moto = None
+        self._api = None
+        self._api_thread: threading.Thread | None = None
+        self.sagemaker = None
+        self._pollers: list[Poller] = []
+        self._session = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> "LocalStack":
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def start(self) -> "LocalStack":
+        from moto.server import ThreadedMotoServer
+
+        self._saved_env = {k: os.environ.get(k) for k in _AWS_ENV}
+        logging.getLogger("werkzeug").setLevel(logging.INFO if self.verbose else logging.ERROR)
+        self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._moto.start()
+        moto_url = "http://127.0.0.1:%d" % self._moto.get_host_and_port()[1]
+        os.environ.pop("AWS_PROFILE", None)
+        os.environ.pop("AWS_SESSION_TOKEN", None)
+        os.environ.update({
+            "AWS_ENDPOINT_URL": moto_url,
+            "AWS_ACCESS_KEY_ID": "fusion-local",
+            "AWS_SECRET_ACCESS_KEY": "fusion-local",
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_REGION": REGION,
+            "POWERTOOLS_SERVICE_NAME": "fusion",
+            "POWERTOOLS_TRACE_DISABLED": "true",
+            "POWERTOOLS_METRICS_NAMESPACE": "Fusion",
+            "POWERTOOLS_LOG_LEVEL": "INFO" if self.verbose else "WARNING",
+        })
+        self._forget_cached_clients()
+
+        import boto3
+
+        from local.resources import create_resources
+        from shared.store import Catalog, seed_base_models
+
+        self._session = boto3.session.Session(region_name=REGION)
+        self.env = create_resources(self._session)
+        for key in self.env:
+            self._saved_env.setdefault(key, os.environ.get(key))
+        os.environ.update(self.env)
+        seed_base_models(Catalog(session=self._session), artifacts_bucket=self.env["ARTIFACTS_BUCKET"])
+        for size in self.base_sizes:
+            self.publish_base_model(size)
+
+        from local.sagemaker import LocalSageMaker
+
+        self.sagemaker = LocalSageMaker(
+            lambda: self._session.client("s3"), self.home / "runs", self._deliver_training_event,
+            region=REGION, train_command=self.train_command, stop_grace_seconds=self.stop_grace_seconds,
+        )
+        os.environ["AWS_ENDPOINT_URL_SAGEMAKER"] = self.sagemaker.start()
+
+        self._watch_uploads()
+        self._pollers.append(Poller("launch-queue", self._poll_launch_queue))
+        for poller in self._pollers:
+            poller.start()
+
+        from local.server import make_server
+
+        self._api = make_server(self.host, self.port)
+        self._api.daemon_threads = True
+        self._api_thread = threading.Thread(target=self._api.serve_forever, name="fusion-api", daemon=True)
+        self._api_thread.start()
+        self.api_url = f"http://{self.host}:{self._api.server_address[1]}"
+        return self
+
+    def close(self) -> None:
+        """Stop the API, the pollers, every training subprocess and moto; restore the environment."""
+        if self._api is not None:
+            self._api.shutdown()
+            self._api.server_close()
+            self._api_thread.join(timeout=5)
+            self._api = None
+        if self.sagemaker is not None:
+            self.sagemaker.close(grace_seconds=min(self.stop_grace_seconds, 10))
+            self.sagemaker = None
+        for poller in self._pollers:
+            poller.stop()
+        self._pollers = []
+        if self._moto is not None:
+            self._moto.stop()
+            if self._moto._server is not None:  # stop() leaves the listening socket open
+                self._moto._server.server_close()
+            self._moto = None
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved_env = {}
+        self._forget_cached_clients()
+
+    def _forget_cached_clients(self) -> None:
+        """The functions cache their boto3 clients per process; the endpoint has just changed."""
+        from functions.api import context as api_context, datasets as api_datasets
+
+        api_context.reset()
+        api_datasets._store.cache_clear()
+        api_datasets._s3.cache_clear()
+        for module in ("functions.launcher.app", "functions.events.app", "functions.datasets.app"):
+            cached = getattr(__import__(module, fromlist=["_clients"]), "_clients", None)
+            if cached is not None and hasattr(cached, "cache_clear"):
+                cached.cache_clear()
+
+    # --- base models -----------------------------------------------------------------------
+
+    def publish_base_model(self, size: str) -> str:
+        folder = base_model_dir(size, self.home)
+        archive = tar_model(folder, self.home / "base-models" / f"{size}.tar.gz")
+        key = f"base-models/{size}/model.tar.gz"
+        self._session.client("s3").upload_file(str(archive), self.env["ARTIFACTS_BUCKET"], key)
+        return f"s3://{self.env['ARTIFACTS_BUCKET']}/{key}"
+
+    # --- event sources ---------------------------------------------------------------------
+
+    def _poll_launch_queue(self) -> None:
+        """The launch queue's event source mapping: batches in, only successful messages deleted."""
+        from functions.launcher.app import lambda_handler
+
+        sqs = self._session.client("sqs")
+        url = self.env["LAUNCH_QUEUE_URL"]
+        messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1,
+                                       AttributeNames=["All"]).get("Messages", [])
+        if not messages:
+            return
+        arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        event = {"Records": [_sqs_record(m, arn) for m in messages]}
+        result = lambda_handler(event, LambdaContext("fusion-launcher")) or {}
+        failed = {f["itemIdentifier"] for f in result.get("batchItemFailures", [])}
+        done = [m for m in messages if m["MessageId"] not in failed]
+        if done:
+            sqs.delete_message_batch(QueueUrl=url, Entries=[
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)])
+        if failed:  # SQS hands them back after the visibility timeout; a second is enough here
+            sqs.change_message_visibility_batch(QueueUrl=url, Entries=[
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 1}
+                for i, m in enumerate(messages) if m["MessageId"] in failed])
+
+    def _watch_uploads(self) -> None:
+        """The data bucket's ObjectCreated notification, through a queue moto can deliver to."""
+        sqs = self._session.client("sqs")
+        url = sqs.create_queue(QueueName=UPLOADS_QUEUE)["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        self._session.client("s3").put_bucket_notification_configuration(
+            Bucket=self.env["DATA_BUCKET"],
+            NotificationConfiguration={"QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]},
+        )
+
+        def poll() -> None:
+            from functions.datasets.app import lambda_handler
+
+            for message in sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", []):
+                event = json.loads(message["Body"])
+                if "Records" in event:  # not the s3:TestEvent sent when the notification is set up
+                    lambda_handler(event, LambdaContext("fusion-datasets"))
+                sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+
+        self._pollers.append(Poller("dataset-uploads", poll))
+
+    def _deliver_training_event(self, event: dict[str, Any]) -> None:
+        """The EventBridge rule on SageMaker's state changes, targeting the events function."""
+        from functions.events.app import lambda_handler
+
+        lambda_handler(event, LambdaContext("fusion-events"))
+
+    # --- conveniences for tests and the demo ----------------------------------------------
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Wait until every local training job has ended."""
+        deadline = time.monotonic() + timeout
+        for name in list(self.sagemaker.jobs):
+            self.sagemaker.wait(name, max(0.1, deadline - time.monotonic()))
+
+
+def _sqs_record(message: dict[str, Any], arn: str) -> dict[str, Any]:
+    return {
+        "messageId": message["MessageId"],
+        "receiptHandle": message["ReceiptHandle"],
+        "body": message["Body"],
+        "attributes": message.get("Attributes", {}),
+        "messageAttributes": message.get("MessageAttributes", {}),
+        "md5OfBody": message.get("MD5OfBody", ""),
+        "eventSource": "aws:sqs",
+        "eventSourceARN": arn,
+        "awsRegion": REGION,
+    }
+
+
+def serve(host: str = "127.0.0.1", port: int = 8080, *, base_sizes: tuple[str, ...] = ("debug", "tiny"),
+          on_ready: Callable[[LocalStack], None] | None = None) -> None:
+    """Run the local stack in the foreground until Ctrl-C."""
+    with LocalStack(host=host, port=port, base_sizes=base_sizes) as stack:
+        if on_ready:
+            on_ready(stack)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
