@@ -98,7 +98,8 @@ class TrainerState:
     cycle_step: int = 0  # steps done in the cycle in progress
     step: int = 0  # steps done in the whole job
     tokens_seen: int = 0  # real tokens through the model, all ranks
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # time in optimizer steps (throughput)
+    wall_seconds: float = 0.0  # time in run(), evaluation and checkpoints included, over restarts
     cycle_loss_sum: float = 0.0
     cycles: list[dict] = field(default_factory=list)
 
@@ -115,6 +116,7 @@ class Trainer:
         job_type: str = "train",
         checkpoint_dir: str | Path | None = None,
         checkpoint_every: int = 0,
+        checkpoint_interval_s: float = 600.0,
         progress_every: int = 10,
         micro_batch: int | None = None,
         log: Callable[[str], None] | None = print,
@@ -128,6 +130,7 @@ class Trainer:
         self.job_id, self.job_type = job_id, job_type
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval_s = checkpoint_interval_s
         self.progress_every = progress_every
         self.log = log or (lambda line: None)
         self.state = TrainerState()
@@ -170,7 +173,9 @@ class Trainer:
     def run(self) -> TrainerState:
         plan, state = self.plan, self.state
         self._started = time.monotonic()
+        self._wall_at_start = state.wall_seconds
         self._steps_at_start = state.step
+        self._last_checkpoint = self._started
         while state.turn < plan.turns:
             cycle_len = plan.cycle_steps[state.cycle]
             while state.cycle_step < cycle_len:
@@ -178,10 +183,17 @@ class Trainer:
                 if self.stop_requested:
                     self.save_checkpoint()
                     raise TrainingStopped(f"stopped at step {state.step}; checkpoint written")
-                if self.checkpoint_every and state.step % self.checkpoint_every == 0:
+                if (self.checkpoint_every and state.step % self.checkpoint_every == 0) or (
+                    time.monotonic() - self._last_checkpoint > self.checkpoint_interval_s
+                ):
                     self.save_checkpoint()
             self._end_cycle(cycle_len)
+        self._update_wall_time()
         return state
+
+    def _update_wall_time(self) -> None:
+        if hasattr(self, "_started"):
+            self.state.wall_seconds = self._wall_at_start + time.monotonic() - self._started
 
     def _step(self, cycle_len: int) -> None:
         plan, state = self.plan, self.state
@@ -295,6 +307,8 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Weights, optimizer and trainer state, written to a temporary file then renamed into place."""
+        self._update_wall_time()
+        self._last_checkpoint = time.monotonic()
         if self.rank != 0 or self.checkpoint_dir is None:
             return
         checkpoint = {

@@ -1,0 +1,221 @@
+"""`train`: the training container's entry point (DESIGN §7).
+
+SageMaker runs it with the /opt/ml tree in place; FUSION_ML_ROOT relocates that tree so the same
+entry point runs anywhere (the local stack, the tests). It reads hyperparameters.json with the
+API's own settings models, then either grows and trains the base model of the `model` channel on
+the `training` channel (job_type "train"), or contracts it (job_type "contract").
+
+Output: the model directory in model/, metrics.json there and in output/data/, `name=value`
+metric lines on stdout, failure text in output/failure with a non-zero exit. SIGTERM writes a
+checkpoint and exits with 143; a restart resumes from checkpoints/.
+
+With several GPUs or several instances (resourceconfig.json lists the hosts) the entry point
+re-launches itself under torchrun, one process per GPU, and trains with DDP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from shared.settings import ContractSettings, TrainSettings, from_hyperparameters
+from training_image.data import read_texts, token_windows
+from training_image.growth import grow
+from training_image.modeldir import METRICS, save_model_dir, load_model_dir
+from training_image.train import Trainer, TrainingStopped, TrainPlan, batch_size_for
+
+MASTER_PORT = 29500
+FAILURE_LIMIT = 1024  # SageMaker keeps about this much of output/failure as FailureReason
+EXIT_STOPPED = 128 + 15
+
+
+def ml_root() -> Path:
+    return Path(os.environ.get("FUSION_ML_ROOT", "/opt/ml"))
+
+
+def main() -> int:
+    root = ml_root()
+    launch = torchrun_command(root)
+    if launch is not None:
+        return subprocess.call(launch)
+    rank = 0
+    try:
+        rank = _init_distributed()
+        hyperparameters = json.loads((root / "input/config/hyperparameters.json").read_text())
+        job_type, job_id, settings = from_hyperparameters(hyperparameters)
+        if job_type == "train":
+            run_train_job(settings, root, job_id)
+        else:
+            run_contract(settings, root, job_id)
+        return 0
+    except TrainingStopped as stop:
+        _log(str(stop))
+        return EXIT_STOPPED
+    except Exception as error:  # the one place every failure becomes SageMaker's failure text
+        traceback.print_exc()
+        if rank == 0:
+            write_failure(root, error)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_contract(settings: ContractSettings, root: Path, job_id: str) -> None:
+    try:
+        from training_image.contract import run_contract_job
+    except ImportError as error:
+        if error.name != "training_image.contract":
+            raise
+        raise RuntimeError("this training image cannot contract models: training_image.contract is missing") from None
+    run_contract_job(settings, root, job_id)
+
+
+def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None) -> dict:
+    """Grow the base model, train it in turns of cycles, write model/ and metrics.json; the metrics."""
+    log = log or _log
+    started = time.monotonic()
+    base, tokenizer = load_model_dir(root / "input/data/model")
+    base_config = base.config
+    if settings.seq_len > base_config.context_length:
+        raise ValueError(f"seq_len={settings.seq_len} exceeds the base model's context length {base_config.context_length}")
+    if tokenizer.get_vocab_size() > base_config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, the model only {base_config.vocab_size}")
+    texts = read_texts(root / "input/data/training")
+    train_windows, heldout_windows = token_windows(tokenizer, texts, settings.seq_len)
+    model, config = grow(base, base_config)
+    del base
+    device = _device()
+    model.to(device).train()
+    plan = TrainPlan(
+        turns=settings.turns,
+        cycle_steps=settings.cycle_steps(),
+        lr=settings.lr,
+        seq_len=settings.seq_len,
+        batch_size=batch_size_for(config.parameters()),
+    )
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if plan.batch_size % world:
+        plan = TrainPlan(**{**plan.__dict__, "batch_size": plan.batch_size + world - plan.batch_size % world})
+    trainer = Trainer(
+        model,
+        train_windows,
+        heldout_windows,
+        plan,
+        job_id=job_id,
+        job_type="train",
+        checkpoint_dir=root / "checkpoints",
+        checkpoint_every=int(os.environ.get("FUSION_CHECKPOINT_EVERY", "0")),
+        log=log if _rank() == 0 else None,
+    )
+    trainer.install_sigterm()
+    log(
+        f"training {config.parameters():,} parameters ({base_config.n_layers} -> {config.n_layers} blocks) "
+        f"on {len(train_windows)} windows of {settings.seq_len} tokens, {plan.batch_size} per step, "
+        f"{plan.total_steps} steps"
+    )
+    trainer.resume()
+    setup_seconds = time.monotonic() - started
+    state = trainer.run()
+    final = state.cycles[-1]["perplexity"] if state.cycles else None
+    metrics = {
+        "job_id": job_id,
+        "job_type": "train",
+        "config": config.model_dump(),
+        "parameters_before": base_config.parameters(),
+        "parameters_after": config.parameters(),
+        "depth_before": base_config.n_layers,
+        "depth_after": config.n_layers,
+        "training_tokens": state.step * plan.seq_len,
+        "tokens_processed": state.tokens_seen,
+        "tokens_per_second": round(trainer.tokens_per_second(), 1),
+        "wall_time_s": round(setup_seconds + state.wall_seconds, 2),
+        "sequences_per_step": plan.batch_size,
+        "cycles": state.cycles,
+        "final_perplexity": final,
+    }
+    if _rank() == 0:
+        write_outputs(root, model, tokenizer, metrics)
+    return metrics
+
+
+def write_outputs(root: Path, model, tokenizer, metrics: dict) -> None:
+    save_model_dir(root / "model", model, tokenizer, metrics)
+    output = root / "output/data"
+    output.mkdir(parents=True, exist_ok=True)
+    (output / METRICS).write_text(json.dumps(metrics, indent=2))
+
+
+def write_failure(root: Path, error: BaseException) -> None:
+    text = f"{type(error).__name__}: {error}"
+    failure = root / "output/failure"
+    failure.parent.mkdir(parents=True, exist_ok=True)
+    failure.write_text(text[:FAILURE_LIMIT])
+
+
+def torchrun_command(root: Path) -> list[str] | None:
+    """The torchrun command that re-launches this entry point over all GPUs and hosts, or None.
+
+    None when already under torchrun, or when there is one process to run (one host, at most
+    one GPU). Ranks follow resourceconfig.json: node rank = the current host's index in hosts,
+    the first host is the rendezvous master.
+    """
+    if "LOCAL_RANK" in os.environ:
+        return None
+    hosts, current = ["localhost"], "localhost"
+    resources = root / "input/config/resourceconfig.json"
+    if resources.is_file():
+        config = json.loads(resources.read_text())
+        hosts, current = config["hosts"], config["current_host"]
+    gpus = torch.cuda.device_count()
+    if len(hosts) == 1 and gpus <= 1:
+        return None
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={len(hosts)}",
+        f"--node_rank={hosts.index(current)}",
+        f"--nproc_per_node={max(1, gpus)}",
+        f"--master_addr={hosts[0]}",
+        f"--master_port={MASTER_PORT}",
+        "-m",
+        "training_image.entry",
+    ]
+
+
+def _init_distributed() -> int:
+    if "LOCAL_RANK" not in os.environ or dist.is_initialized():
+        return _rank()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
