@@ -7,6 +7,7 @@ stack cannot drift apart.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,12 @@ _CfnLoader.add_multi_constructor("!", _construct)
 
 
 def load_template(path: str | Path = TEMPLATE) -> dict[str, Any]:
+    path = Path(path).resolve()
+    return _parsed(str(path), path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=4)
+def _parsed(path: str, mtime_ns: int) -> dict[str, Any]:
     return yaml.load(Path(path).read_text(), Loader=_CfnLoader)
 
 

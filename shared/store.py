@@ -137,6 +137,8 @@ class Jobs(_Table):
         return self._update(job_id, fields, list(allowed))
 
     def _update(self, job_id: str, fields: dict[str, Any], allowed: list[str]) -> dict[str, Any]:
+        if not allowed:
+            raise ConditionFailed(job_id)
         fields = {**fields, "updated_at": now()}
         names = {f"#f{i}": k for i, k in enumerate(fields)}
         values = {f":v{i}": v for i, v in enumerate(fields.values())}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import cache
 from types import SimpleNamespace
 from typing import Any
 
@@ -36,24 +37,19 @@ def aws(monkeypatch):
     for var in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
     with mock_aws():
-        session = boto3.session.Session(region_name=REGION)
+        session = _session()
         env = create_resources(session)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         seed_base_models(Catalog(session=session), artifacts_bucket=env["ARTIFACTS_BUCKET"])
-        _forget_cached_clients()
+        # The functions' cached clients stay valid across cases: moto intercepts every client
+        # while a mock is active, and table names, queue URLs and buckets are read from env per call.
         yield SimpleNamespace(session=session, env=env)
-        _forget_cached_clients()
 
 
-def _forget_cached_clients() -> None:
-    from functions.api import context
-    from functions.events import app as events_app
-    from functions.launcher import app as launcher_app
-
-    context.reset()
-    launcher_app._clients.cache_clear()
-    events_app._clients.cache_clear()
+@cache
+def _session() -> boto3.session.Session:
+    return boto3.session.Session(region_name=REGION)
 
 
 @pytest.fixture

@@ -1,0 +1,224 @@
+"""The HTTP API through its Lambda handler, on moto tables built from template.yaml."""
+
+import json
+from decimal import Decimal
+
+import pytest
+
+from functions.api import context
+from shared.pricing import estimate_contract, estimate_train
+from shared.settings import ContractSettings, TrainSettings
+from shared.shapes import SIZES, grown_config
+from shared.store import Catalog, Jobs
+
+DATASET = "ds-aaaaaaaaaaaa"
+
+
+@pytest.fixture
+def world(aws, api):
+    """alice owns a ready dataset, a pending one and a trained model; bob owns a trained model."""
+    ddb = aws.session.client("dynamodb")
+    bucket = aws.env["DATA_BUCKET"]
+    for dataset_id, owner, status in [(DATASET, "alice", "ready"), ("ds-pppppppppppp", "alice", "pending"),
+                                      ("ds-bbbbbbbbbbbb", "bob", "ready")]:
+        ddb.put_item(TableName=aws.env["DATASETS_TABLE"], Item={
+            "dataset_id": {"S": dataset_id}, "owner": {"S": owner}, "status": {"S": status},
+            "s3_uri": {"S": f"s3://{bucket}/{owner}/datasets/{dataset_id}/data.jsonl"},
+            "created_at": {"S": "2026-01-01T00:00:00Z"}, "name": {"S": "d"}})
+    catalog = Catalog(session=aws.session)
+    config = grown_config(SIZES["debug"])
+    for model_id, owner in [("m-alice", "alice"), ("m-bob", "bob")]:
+        catalog.register({
+            "model_id": model_id, "owner": owner, "name": model_id, "kind": "trained", "parent_id": "base-debug",
+            "job_id": "j0", "parameters": config.parameters(), "depth": config.n_layers, "perplexity": 20.0,
+            "artifact_uri": f"s3://{aws.env['ARTIFACTS_BUCKET']}/jobs/j0/output/fusion-j0/output/model.tar.gz",
+            "cost": "0.62", "config": config.model_dump(mode="json"), "dataset": DATASET, "created_at": "t"})
+    return aws
+
+
+def _train(**hyper):
+    return {"type": "train", "model": "base-debug", "dataset": DATASET, "hyperparams": hyper}
+
+
+def _queued(aws):
+    sqs = aws.session.client("sqs")
+    messages = sqs.receive_message(QueueUrl=aws.env["LAUNCH_QUEUE_URL"], MaxNumberOfMessages=10)
+    return [json.loads(m["Body"]) for m in messages.get("Messages", [])]
+
+
+def _stored(aws, owner="alice"):
+    return Jobs(session=aws.session).list(owner)
+
+
+def test_create_train_job(world, api):
+    status, job = api("POST", "/jobs", _train(turns=2, steps_per_cycle=100))
+    assert status == 201
+    assert job["status"] == "queued" and job["owner"] == "alice" and job["type"] == "train"
+    assert job["settings"]["output_name"] == f"model-{job['job_id']}"
+    assert job["settings"]["turns"] == 2 and job["settings"]["cycles"] == 6
+    expected = estimate_train(TrainSettings(turns=2, steps_per_cycle=100), SIZES["debug"])
+    assert Decimal(job["estimate"]["total"]) == expected.total
+    assert isinstance(job["estimate"]["total"], str)
+    assert "under-trains" in job["warnings"][0]
+    assert _queued(world) == [{"job_id": job["job_id"]}]
+    stored = Jobs(session=world.session).get(job["job_id"])
+    assert stored["dataset_uri"] == f"s3://{world.env['DATA_BUCKET']}/alice/datasets/{DATASET}/data.jsonl"
+    assert stored["input_model_uri"].endswith("/base-models/debug/model.tar.gz")
+    assert api("GET", f"/jobs/{job['job_id']}")[1] == job
+
+
+def test_create_train_job_from_an_s3_uri_under_the_tenant(world, api):
+    uri = f"s3://{world.env['DATA_BUCKET']}/alice/corpus/"
+    status, job = api("POST", "/jobs", {**_train(), "dataset": uri})
+    assert status == 201 and job["dataset"] == uri
+
+
+def test_create_contract_job(world, api):
+    body = {"type": "contract", "hyperparams": {"source_model_id": "m-alice", "num_layers_to_contract": 5,
+                                                "train_steps": 10}}
+    status, job = api("POST", "/jobs", body)
+    assert status == 201
+    assert job["model"] == "m-alice" and job["dataset"] == DATASET  # calibration on the source's data
+    expected = estimate_contract(ContractSettings(source_model_id="m-alice", train_steps=10),
+                                 grown_config(SIZES["debug"]))
+    assert Decimal(job["estimate"]["total"]) == expected.total
+    assert Jobs(session=world.session).get(job["job_id"])["input_model_uri"].endswith("fusion-j0/output/model.tar.gz")
+
+
+@pytest.mark.parametrize("path, query", [("/jobs", "dry_run=true"), ("/jobs/estimate", "")])
+def test_estimate_writes_nothing(world, api, path, query):
+    status, body = api("POST", path, _train(), query=query)
+    assert status == 200
+    assert Decimal(body["estimate"]["total"]) == estimate_train(TrainSettings(), SIZES["debug"]).total
+    assert body["settings"]["lr"] == 1e-4
+    assert _stored(world) == [] and _queued(world) == []
+
+
+BAD_REQUESTS = [
+    ("malformed JSON", None, '{"type": "train",', 422, "body"),
+    ("not an object", [1, 2], None, 422, "body"),
+    ("unknown type", {"type": "grow"}, None, 422, "type"),
+    ("missing model", {"type": "train", "dataset": DATASET}, None, 422, "model"),
+    ("wrong type", _train(lr="fast"), None, 422, "hyperparams.lr"),
+    ("turns out of range", _train(turns=11), None, 422, "hyperparams.turns"),
+    ("zero lr", _train(lr=0), None, 422, "hyperparams.lr"),
+    ("unknown setting", _train(learning_rate=1), None, 422, "hyperparams.learning_rate"),
+    ("unknown top-level key", {**_train(), "priority": 1}, None, 422, "priority"),
+    ("bad output name", _train(output_name="a b"), None, 422, "hyperparams.output_name"),
+    ("seq_len over context", _train(seq_len=1024), None, 422, "hyperparams.seq_len"),
+    ("unknown model", {**_train(), "model": "base-huge"}, None, 404, "model"),
+    ("another tenant's dataset id", {**_train(), "dataset": "ds-bbbbbbbbbbbb"}, None, 404, "dataset"),
+    ("unknown dataset id", {**_train(), "dataset": "ds-zzzzzzzzzzzz"}, None, 404, "dataset"),
+    ("dataset not ready", {**_train(), "dataset": "ds-pppppppppppp"}, None, 422, "dataset"),
+    ("s3 outside the data bucket", {**_train(), "dataset": "s3://elsewhere/alice/x"}, None, 422, "dataset"),
+    ("s3 under another tenant", {**_train(), "dataset": "s3://fusion-databucket/bob/x"}, None, 422, "dataset"),
+    ("s3 escaping the prefix", {**_train(), "dataset": "s3://fusion-databucket/alice/../bob/x"}, None, 422, "dataset"),
+    ("contract without source", {"type": "contract", "hyperparams": {}}, None, 422, "hyperparams.source_model_id"),
+    ("contract ratio out of range", {"type": "contract", "hyperparams": {"source_model_id": "m-alice",
+                                     "contraction_ratio": 0.95}}, None, 422, "hyperparams.contraction_ratio"),
+    ("contract another tenant's model", {"type": "contract", "hyperparams": {"source_model_id": "m-bob"}},
+     None, 404, "hyperparams.source_model_id"),
+    ("contract a base model", {"type": "contract", "hyperparams": {"source_model_id": "base-tiny"}},
+     None, 404, "hyperparams.source_model_id"),
+    ("contract deeper than the source", {"type": "contract", "hyperparams": {"source_model_id": "m-alice",
+                                         "num_layers_to_contract": 6}}, None, 422,
+     "hyperparams.num_layers_to_contract"),
+]
+
+
+@pytest.mark.parametrize("name, body, raw, status, field", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_name_the_field_and_write_nothing(world, api, name, body, raw, status, field):
+    got, error = api("POST", "/jobs", body, raw=raw)
+    assert got == status
+    assert set(error["error"]) == {"code", "message", "details"}
+    fields = [d["field"] for d in error["error"]["details"]]
+    assert field in fields
+    assert all(d["message"] for d in error["error"]["details"])
+    assert _stored(world) == [] and _queued(world) == []
+
+
+def test_dry_run_must_be_a_boolean(world, api):
+    status, error = api("POST", "/jobs", _train(), query="dry_run=perhaps")
+    assert status == 422 and error["error"]["details"][0]["field"] == "dry_run"
+
+
+def test_enqueue_failure_marks_the_job_failed(world, api, monkeypatch):
+    class BrokenQueue:
+        def send_message(self, **kwargs):
+            raise ConnectionError("queue unreachable")
+
+    monkeypatch.setattr(context, "client", lambda service: BrokenQueue())
+    status, error = api("POST", "/jobs", _train())
+    assert status == 503 and error["error"]["code"] == "launch_queue_unavailable"
+    [job] = _stored(world)
+    assert job["status"] == "failed" and "queue unreachable" in job["failure_reason"]
+    assert job["bill"] == "0.00"
+
+
+def test_jobs_are_private_to_their_tenant(world, api):
+    _, job = api("POST", "/jobs", _train())
+    assert api("GET", f"/jobs/{job['job_id']}", tenant="bob")[0] == 404
+    assert api("GET", "/jobs", tenant="bob") == (200, {"jobs": []})
+    assert [j["job_id"] for j in api("GET", "/jobs")[1]["jobs"]] == [job["job_id"]]
+
+
+@pytest.mark.parametrize("job_id", ["nope", "UPPER", "x" * 41])
+def test_unknown_job_is_404(world, api, job_id):
+    status, error = api("GET", f"/jobs/{job_id}")
+    assert status == 404 and error["error"]["details"][0]["field"] == "job_id"
+
+
+def test_progress_of_a_running_job(world, api):
+    _, job = api("POST", "/jobs", _train())
+    Jobs(session=world.session).transition(job["job_id"], "running")
+    assert api("GET", f"/jobs/{job['job_id']}")[1]["progress"] is None  # nothing written yet
+    progress = {"job_id": job["job_id"], "step": 40, "total_steps": 6000, "tokens_trained": 10240}
+    world.session.client("s3").put_object(Bucket=world.env["ARTIFACTS_BUCKET"],
+                                          Key=f"jobs/{job['job_id']}/checkpoints/progress.json",
+                                          Body=json.dumps(progress))
+    assert api("GET", f"/jobs/{job['job_id']}")[1]["progress"] == progress
+
+
+def test_unreadable_progress_never_fails_the_request(world, api):
+    _, job = api("POST", "/jobs", _train())
+    Jobs(session=world.session).transition(job["job_id"], "running")
+    world.session.client("s3").put_object(Bucket=world.env["ARTIFACTS_BUCKET"],
+                                          Key=f"jobs/{job['job_id']}/checkpoints/progress.json", Body=b"{half")
+    status, body = api("GET", f"/jobs/{job['job_id']}")
+    assert status == 200 and body["progress"] is None
+
+
+def test_models(world, api):
+    status, body = api("GET", "/models")
+    ids = {m["model_id"] for m in body["models"]}
+    assert status == 200 and ids == {f"base-{s}" for s in SIZES} | {"m-alice"}
+    status, model = api("GET", "/models/m-alice")
+    assert status == 200 and model["depth"] == 5 and model["parent_id"] == "base-debug" and model["cost"] == "0.62"
+    assert api("GET", "/models/m-alice", tenant="bob")[0] == 404
+    status, base = api("GET", "/models/base-small")
+    assert base["kind"] == "base" and base["parameters"] == SIZES["small"].parameters()
+
+
+def test_openapi_and_docs(world, api):
+    status, spec = api("GET", "/openapi.json")
+    assert status == 200
+    assert {"/jobs", "/jobs/estimate", "/jobs/{job_id}", "/models", "/models/{model_id}"} <= set(spec["paths"])
+    schemas = json.dumps(spec["components"]["schemas"])
+    assert "steps_per_cycle" in schemas and "contraction_ratio" in schemas
+    status, html = api("GET", "/docs")
+    assert status == 200 and "swagger" in html.lower()
+
+
+def test_a_request_without_identity_is_refused(world):
+    from functions.api.app import lambda_handler
+    from local.server import api_event
+
+    event = api_event("GET", "/jobs")
+    event["requestContext"]["authorizer"] = {"jwt": {"claims": {}, "scopes": None}}
+    result = lambda_handler(event, None)
+    assert result["statusCode"] == 401
+
+
+def test_unknown_route_is_a_json_404(world, api):
+    status, error = api("GET", "/nowhere")
+    assert status == 404 and error["error"]["code"] == "not_found"

@@ -1,0 +1,83 @@
+"""The price formula of DESIGN §5 against figures computed by hand."""
+
+from decimal import Decimal
+
+import pytest
+
+from shared.pricing import bill, estimate_contract, estimate_train, price_table
+from shared.settings import ContractSettings, TrainSettings
+from shared.shapes import SIZES
+
+# By hand, SIZES["debug"] (vocab 512, dim 64, 4 blocks, 4 heads of 16, 2 KV heads, MLP 172):
+#   block = attention 64*64 + 2*64*32 + 64*64 = 12288, MLP 3*64*172 = 33024, norms 128 -> 45440
+#   model = embeddings 2*512*64 + final norm 64 + 4 blocks = 65600 + 181760 = 247360
+#   grown = one block more -> 292800; growth adds 45440 parameters.
+DEBUG_BASE, DEBUG_BLOCK = 247_360, 45_440
+
+
+def test_debug_shapes_by_hand():
+    assert SIZES["debug"].parameters() == DEBUG_BASE
+
+
+def test_default_train_estimate_by_hand():
+    # 1 turn x 6 cycles x 1000 steps x 256 tokens = 1,536,000 tokens at xs (0.40/M) = 0.6144
+    # growth 45440 params x 0.02/M = 0.0009088; total 0.6153088 -> 0.62
+    e = estimate_train(TrainSettings(), SIZES["debug"])
+    assert e.training_tokens == 1_536_000
+    assert e.parameters == DEBUG_BASE + DEBUG_BLOCK
+    assert (e.tier, e.usd_per_million_tokens) == ("xs", Decimal("0.40"))
+    assert e.training_cost == Decimal("0.6144")
+    assert e.growth_parameters == DEBUG_BLOCK
+    assert e.growth_fee == Decimal("0.0009088")
+    assert e.contraction_fee == 0
+    assert e.total == Decimal("0.62")
+
+
+def test_turns_scale_training_not_the_growth_fee():
+    one = estimate_train(TrainSettings(turns=1), SIZES["debug"])
+    three = estimate_train(TrainSettings(turns=3), SIZES["debug"])
+    assert three.training_cost == 3 * one.training_cost
+    assert three.growth_fee == one.growth_fee
+
+
+def test_large_model_prices_at_the_grown_tier_by_hand():
+    # large: block = 2048*2048 + 2*2048*256 + 2048*2048 + 3*2048*5632 + 4096 = 44,044,288
+    # base = 2*32768*2048 + 2048 + 22 blocks = 1,103,194,112; growth adds 5 blocks (one per 4)
+    # grown = 1,323,415,552 -> tier s (<= 1.5B) at 1.00/M: 1.536 + 220,221,440 x 0.02/M = 5.9404288
+    e = estimate_train(TrainSettings(), SIZES["large"])
+    assert SIZES["large"].parameters() == 1_103_194_112
+    assert e.parameters == 1_323_415_552
+    assert e.tier == "s"
+    assert e.growth_fee == Decimal("4.4044288")
+    assert e.total == Decimal("5.94")
+
+
+def test_contract_estimate_by_hand():
+    # flat fee of the source's tier (xs: 1.00) + healing 100 steps x 256 tokens x 0.40/M = 1.01024
+    e = estimate_contract(ContractSettings(source_model_id="m", train_steps=100), SIZES["debug"])
+    assert e.training_tokens == 25_600
+    assert e.contraction_fee == Decimal("1.00")
+    assert e.growth_fee == 0
+    assert e.total == Decimal("1.01")
+
+
+@pytest.mark.parametrize("parameters, tier", [
+    (1, "xs"), (150_000_000, "xs"), (150_000_001, "s"), (1_500_000_000, "s"), (1_500_000_001, "m"),
+    (8_000_000_000, "m"), (20_000_000_000, "l"), (20_000_000_001, "xl"),
+])
+def test_tier_boundaries(parameters, tier):
+    assert price_table().tier_for(parameters).name == tier
+
+
+def test_bill_is_pro_rata_to_tokens_with_fees_in_full():
+    e = estimate_train(TrainSettings(), SIZES["debug"])
+    assert bill(e, e.training_tokens) == e.total
+    # half the tokens: 0.3072 + 0.0009088 = 0.3081088 -> 0.31
+    assert bill(e, e.training_tokens // 2) == Decimal("0.31")
+    assert bill(e, 0) == Decimal("0.00")
+    assert bill(e, 10 * e.training_tokens) == e.total  # never more than the estimate
+
+
+def test_max_runtime_has_margin_and_a_floor():
+    e = estimate_train(TrainSettings(), SIZES["large"])
+    assert e.max_runtime_seconds >= max(3600, 2 * e.eta_seconds - 1)

@@ -1,0 +1,89 @@
+"""Stores against moto tables built from template.yaml: tenancy, forward-only status, register once."""
+
+import pytest
+
+from shared.store import Catalog, ConditionFailed, Jobs, base_model, seed_base_models
+from shared.shapes import SIZES
+
+
+def _job(job_id="j1", owner="alice", status="queued", created_at="2026-01-01T00:00:00.000Z"):
+    return {"job_id": job_id, "owner": owner, "status": status, "type": "train", "created_at": created_at,
+            "updated_at": created_at, "settings": {"turns": 1, "lr": 1e-4}, "estimate": {"total": "0.62"}}
+
+
+def test_job_round_trips_with_floats_and_nested_settings(aws):
+    jobs = Jobs(session=aws.session)
+    jobs.create(_job())
+    got = jobs.get("j1")
+    assert got["settings"] == {"turns": 1, "lr": 1e-4}
+    assert got["estimate"] == {"total": "0.62"}
+    assert got["status"] == "queued"
+
+
+def test_create_never_overwrites(aws):
+    jobs = Jobs(session=aws.session)
+    jobs.create(_job())
+    with pytest.raises(ConditionFailed):
+        jobs.create(_job(status="running"))
+    assert jobs.get("j1")["status"] == "queued"
+
+
+def test_other_tenants_do_not_see_a_job(aws):
+    jobs = Jobs(session=aws.session)
+    jobs.create(_job())
+    assert jobs.get("j1", "alice") is not None
+    assert jobs.get("j1", "mallory") is None
+    assert jobs.list("mallory") == []
+
+
+def test_list_is_per_owner_newest_first(aws):
+    jobs = Jobs(session=aws.session)
+    jobs.create(_job("a", created_at="2026-01-01T00:00:00.000Z"))
+    jobs.create(_job("b", created_at="2026-01-02T00:00:00.000Z"))
+    jobs.create(_job("c", owner="bob"))
+    assert [j["job_id"] for j in jobs.list("alice")] == ["b", "a"]
+
+
+@pytest.mark.parametrize("path, blocked", [
+    (["launching", "running", "completed"], ["running", "launching", "queued", "failed", "cancelled"]),
+    (["running", "failed"], ["completed", "cancelled", "running"]),
+    (["cancelling", "cancelled"], ["running", "completed", "cancelling"]),
+])
+def test_transitions_only_move_forward(aws, path, blocked):
+    jobs = Jobs(session=aws.session)
+    jobs.create(_job())
+    for status in path:
+        assert jobs.transition("j1", status)["status"] == status
+    for status in blocked:
+        with pytest.raises(ConditionFailed):
+            jobs.transition("j1", status, bill="9.99")
+    assert jobs.get("j1")["status"] == path[-1]
+    assert jobs.get("j1")["bill"] is None
+
+
+def test_transition_of_a_missing_job_fails(aws):
+    with pytest.raises(ConditionFailed):
+        Jobs(session=aws.session).transition("nope", "running")
+
+
+def test_base_models_are_public_and_seeded(aws):
+    catalog = Catalog(session=aws.session)
+    listed = {m["model_id"] for m in catalog.list("anyone")}
+    assert listed == {f"base-{size}" for size in SIZES}
+    model = catalog.get("base-debug", "anyone")
+    assert model["owner"] == "public" and model["depth"] == SIZES["debug"].n_layers
+    assert model["artifact_uri"] == f"s3://{aws.env['ARTIFACTS_BUCKET']}/base-models/debug/model.tar.gz"
+    assert set(seed_base_models(catalog, artifacts_bucket=aws.env["ARTIFACTS_BUCKET"])) == listed  # idempotent
+    assert base_model("base-nope", artifacts_bucket="b") is None
+
+
+def test_register_once_and_tenancy(aws):
+    catalog = Catalog(session=aws.session)
+    model = {"model_id": "m-1", "owner": "alice", "name": "n", "kind": "trained", "created_at": "t",
+             "job_id": "j1", "perplexity": 12.5, "config": {"dim": 64}}
+    assert catalog.register(model) is True
+    assert catalog.register({**model, "name": "other"}) is False
+    assert catalog.get("m-1", "alice")["name"] == "n"
+    assert catalog.get("m-1", "alice")["perplexity"] == 12.5
+    assert catalog.get("m-1", "bob") is None
+    assert "m-1" not in {m["model_id"] for m in catalog.list("bob")}
