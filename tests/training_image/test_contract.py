@@ -1,0 +1,195 @@
+"""Contraction: exact parameter counts, whole KV groups, spared ends, quality, the container job."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.shapes import SIZES
+from training_image import entry
+from training_image.contract import (
+    block_influence,
+    choose_blocks,
+    contract,
+    contract_blocks,
+    groups_to_remove,
+    run_contract_job,
+)
+from training_image.evaluate import perplexity
+from training_image.model import Decoder
+from training_image.modeldir import load_model_dir, save_model_dir
+from training_image.train import train_steps
+from shared.settings import ContractSettings
+
+from .conftest import small_config, write_hyperparameters
+
+
+def test_parameter_count_is_what_the_config_predicts(debug_model, windows):
+    train, _ = windows
+    model, config = contract(debug_model, debug_model.config, train[:8], ratio=0.5, n_layers=2)
+
+    assert model.parameter_count() == config.parameters()
+    assert config.parameters() < debug_model.config.parameters()
+    assert model.block_ids == debug_model.block_ids == config.ids()
+    shrunk = [bid for bid, layer, old in zip(config.ids(), config.layers, debug_model.config.layers) if layer != old]
+    assert shrunk == ["1", "2"]  # depth 4 allows sparing the first and last block
+    assert config.layers[1].mlp_hidden == 172 - 86 and config.layers[1].n_kv_heads == 1
+
+
+def test_kv_groups_are_removed_whole_with_their_query_heads(windows):
+    config = small_config(head_dim=8, layers=[small_config().layers[0].model_copy(update={"n_heads": 8, "n_kv_heads": 4})] * 3)
+    model = Decoder(config).init_weights(1)
+    train, _ = windows
+    new, new_config = contract_blocks(model, config, train[:4], 0.5, ["1"], method="magnitude")
+
+    old_attn, attn = model.blocks["1"].attn, new.blocks["1"].attn
+    assert (new_config.layers[1].n_heads, new_config.layers[1].n_kv_heads) == (4, 2)
+    assert attn.q_proj.weight.shape == (4 * 8, 64)
+    assert attn.k_proj.weight.shape == attn.v_proj.weight.shape == (2 * 8, 64)
+    assert attn.o_proj.weight.shape == (64, 4 * 8)
+    # Which kv groups survived, read off k_proj; then the kept heads must compute exactly what they
+    # did before, i.e. the old attention with the removed groups' o_proj columns zeroed.
+    kept = [g for g in range(4) if any(torch.equal(old_attn.k_proj.weight[g * 8 : g * 8 + 8], attn.k_proj.weight[i * 8 : i * 8 + 8]) for i in range(2))]
+    assert len(kept) == 2
+    masked = Decoder(config)
+    masked.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for g in set(range(4)) - set(kept):
+            masked.blocks["1"].attn.o_proj.weight[:, g * 16 : g * 16 + 16] = 0
+    x = train[:2, :-1]
+    torch.testing.assert_close(new.blocks["1"].mlp.down_proj.weight.shape, torch.Size([64, 86]))
+    masked.blocks["1"].mlp = new.blocks["1"].mlp  # compare attention only
+    torch.testing.assert_close(new(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kv_heads, ratio, removed",
+    [(2, 0.25, 1), (2, 0.75, 1), (4, 0.5, 2), (4, 0.1, 1), (8, 0.9, 7), (1, 0.5, 0), (4, 0.0, 0)],
+)
+def test_groups_to_remove(kv_heads, ratio, removed):
+    assert groups_to_remove(kv_heads, ratio) == removed
+
+
+def test_first_and_last_blocks_are_spared_while_depth_allows():
+    ids = ["0", "1", "2", "2_1", "3"]
+    influence = {"0": 0.0, "1": 0.5, "2": 0.2, "2_1": 0.1, "3": 0.01}
+    assert choose_blocks(influence, 2, ids) == ["2", "2_1"]
+    assert choose_blocks(influence, 3, ids) == ["1", "2", "2_1"]
+    assert choose_blocks(influence, 4, ids) == ["0", "1", "2", "2_1"]  # the lower of the two ends first
+    assert choose_blocks(influence, 5, ids) == ids
+    with pytest.raises(ValueError, match="5-layer"):
+        choose_blocks(influence, 6, ids)
+
+
+def test_block_influence_is_zero_for_a_block_that_changes_nothing(debug_model, windows):
+    with torch.no_grad():
+        debug_model.blocks["2"].attn.o_proj.weight.zero_()
+        debug_model.blocks["2"].mlp.down_proj.weight.zero_()
+    influence = block_influence(debug_model, windows[0][:4])
+    assert influence["2"] == pytest.approx(0.0, abs=1e-6)
+    assert min(influence[b] for b in ("0", "1", "3")) > 1e-4
+
+
+def test_a_contracted_model_loads_trains_and_contracts_again(tmp_path, debug_model, windows, tokenizer):
+    train, _ = windows
+    model, config = contract(debug_model, debug_model.config, train[:8], ratio=0.5, n_layers=2)
+    save_model_dir(tmp_path / "contracted", model, tokenizer)
+    loaded, _ = load_model_dir(tmp_path / "contracted")
+    assert loaded.config == config
+    torch.testing.assert_close(loaded(train[:2, :-1]), model(train[:2, :-1]))
+
+    losses = train_steps(loaded, train, steps=3, lr=1e-3, batch_size=4)
+    assert len(losses) == 3 and all(math.isfinite(l) for l in losses)
+
+    again, again_config = contract(loaded, loaded.config, train[:8], ratio=0.5, n_layers=3)
+    assert again.parameter_count() == again_config.parameters() < config.parameters()
+    assert again_config.layers[1].mlp_hidden == 86 - 43
+
+
+@pytest.mark.slow
+def test_activation_aware_importance_beats_random_choice(windows):
+    torch.manual_seed(0)
+    train, heldout = windows
+    model = Decoder(SIZES["debug"]).init_weights(0)
+    train_steps(model, train, steps=120, lr=3e-3, batch_size=16)
+    calibration, heldout = train[:32], heldout[:64]
+    ours, _ = contract(model, model.config, calibration, ratio=0.5, n_layers=2)
+    rivals = [contract(model, model.config, calibration, ratio=0.5, n_layers=2, method="random", seed=s)[0] for s in range(3)]
+    base = perplexity(model, heldout)
+    ours_ppl = perplexity(ours, heldout)
+    random_ppl = sum(perplexity(m, heldout) for m in rivals) / len(rivals)
+    assert base < ours_ppl < random_ppl
+
+
+def _digests(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _contract_hyperparameters(root: Path, **extra: str) -> None:
+    values = {"job_type": "contract", "job_id": "contract-1", "source_model_id": "model-abc",
+              "contraction_ratio": "0.5", "num_layers_to_contract": "2", "train_steps": "2"}
+    write_hyperparameters(root, **{**values, **extra})
+
+
+@pytest.mark.slow
+def test_container_contract_job_end_to_end(ml_root, monkeypatch, capsys):
+    monkeypatch.setenv("FUSION_ML_ROOT", str(ml_root))
+    _contract_hyperparameters(ml_root)
+    source = ml_root / "input/data/model"
+    before = _digests(source)
+
+    assert entry.main() == 0
+
+    assert _digests(source) == before
+    metrics = json.loads((ml_root / "model/metrics.json").read_text())
+    assert json.loads((ml_root / "output/data/metrics.json").read_text()) == metrics
+    model, _ = load_model_dir(ml_root / "model")
+    assert model.parameter_count() == metrics["parameters_after"] == model.config.parameters()
+    assert metrics["parameters_before"] == SIZES["debug"].parameters() > metrics["parameters_after"]
+    assert metrics["config"] == model.config.model_dump()
+    assert metrics["layers_contracted"] == ["1", "2"]
+    assert metrics["training_tokens"] == 2 * 256
+    assert (metrics["job_id"], metrics["job_type"], metrics["depth_after"]) == ("contract-1", "contract", 4)
+    for key in ("perplexity_before", "perplexity_after_pruning", "perplexity_after_healing"):
+        assert math.isfinite(metrics[key]) and metrics[key] > 1
+    assert metrics["final_perplexity"] == metrics["perplexity_after_healing"]
+    progress = json.loads((ml_root / "checkpoints/progress.json").read_text())
+    assert (progress["job_type"], progress["step"], progress["total_steps"]) == ("contract", 2, 2)
+    out = capsys.readouterr().out
+    assert "heldout_perplexity=" in out and "train_loss=" in out
+
+
+def test_container_contract_reads_a_tarball_and_leaves_it_unchanged(ml_root, tmp_path):
+    source = ml_root / "input/data/model"
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    with tarfile.open(packed / "model.tar.gz", "w:gz") as tar:
+        for f in source.iterdir():
+            tar.add(f, arcname=f.name)
+    for f in source.iterdir():
+        f.unlink()
+    source.rmdir()
+    packed.rename(source)
+    before = _digests(source)
+
+    settings = ContractSettings(source_model_id="m", num_layers_to_contract=1, contraction_ratio=0.25)
+    metrics = run_contract_job(settings, ml_root, "contract-2", log=lambda line: None)
+
+    assert _digests(source) == before
+    assert metrics["perplexity_after_healing"] is None
+    assert metrics["final_perplexity"] == metrics["perplexity_after_pruning"]
+    assert len(metrics["layers_contracted"]) == 1 and metrics["layers_contracted"][0] in ("1", "2")
+    assert load_model_dir(ml_root / "model")[0].parameter_count() == metrics["parameters_after"]
+
+
+def test_container_rejects_more_layers_than_the_source_has(ml_root):
+    settings = ContractSettings(source_model_id="m", num_layers_to_contract=5)
+    with pytest.raises(ValueError, match="depth 4"):
+        run_contract_job(settings, ml_root, "contract-3", log=lambda line: None)
+    assert not (ml_root / "model").exists()

@@ -1,0 +1,126 @@
+"""The trainer: schedule, exact resume, divergence, progress and checkpoint files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from shared.shapes import SIZES
+from training_image.model import Decoder
+from training_image.train import (
+    CHECKPOINT,
+    PROGRESS,
+    Trainer,
+    TrainingDiverged,
+    TrainingStopped,
+    TrainPlan,
+    batch_size_for,
+    lr_at,
+    train_steps,
+)
+
+PLAN = TrainPlan(turns=2, cycle_steps=[3, 4], lr=3e-3, seq_len=32, batch_size=4, seed=5)
+
+
+class Crash(Exception):
+    pass
+
+
+def _trainer(windows, checkpoint_dir=None, *, crash_at=None, stop_at=None, checkpoint_every=0) -> Trainer:
+    train, heldout = windows
+    model = Decoder(SIZES["debug"]).init_weights(0)
+    trainer = Trainer(
+        model, train[:64], heldout[:8], PLAN, job_id="job-1", checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every, progress_every=1, log=None,
+    )
+
+    def log(line: str) -> None:
+        if trainer.state.step == crash_at:
+            raise Crash(line)
+        if trainer.state.step == stop_at:
+            trainer.stop_requested = True
+
+    trainer.log = log
+    return trainer
+
+
+def test_lr_cycle_warms_up_then_decays_by_cosine():
+    rates = [lr_at(i, 100, 1.0) for i in range(100)]
+    assert rates[0] == pytest.approx(0.2) and rates[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:]))
+    assert rates[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_batch_rule_grows_with_model_size():
+    assert batch_size_for(SIZES["debug"].parameters()) == 8
+    assert batch_size_for(SIZES["large"].parameters()) == 64
+    sizes = [batch_size_for(c.parameters()) for c in SIZES.values()]
+    assert sizes == sorted(sizes)
+
+
+@pytest.mark.slow
+def test_a_run_killed_and_stopped_then_resumed_ends_with_the_uninterrupted_weights(windows, tmp_path):
+    reference = _trainer(windows)
+    reference.run()
+
+    # Killed without warning at step 9 (turn 2): the periodic checkpoint of step 8 is the last.
+    crashing = _trainer(windows, tmp_path, crash_at=9, checkpoint_every=4)
+    with pytest.raises(Crash):
+        crashing.run()
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["state"]["step"] == 8
+    # Stopped by SIGTERM's flag at step 11: a checkpoint of exactly that step.
+    stopping = _trainer(windows, tmp_path, stop_at=11)
+    assert stopping.resume() and stopping.state.step == 8
+    with pytest.raises(TrainingStopped):
+        stopping.run()
+    # A half-written checkpoint (a crash mid-save) is never read.
+    (tmp_path / f".{CHECKPOINT}.partial").write_bytes(b"torn")
+    resumed = _trainer(windows, tmp_path)
+    assert resumed.resume() and resumed.state.step == 11
+    resumed.run()
+
+    for name, value in reference.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+    assert resumed.state.cycles == reference.state.cycles
+    assert [c["turn"] for c in reference.state.cycles] == [1, 1, 2, 2]
+    progress = json.loads((tmp_path / PROGRESS).read_text())
+    assert progress["step"] == progress["total_steps"] == 14 and progress["tokens_trained"] == 14 * 32
+    assert progress["turn"] == 2 and progress["cycle"] == 2
+    assert progress["perplexity"] == pytest.approx(reference.state.cycles[-1]["perplexity"])
+
+
+def test_each_turn_reads_the_data_in_a_fresh_order(windows):
+    trainer = _trainer(windows)
+    first = torch.cat([trainer.batch_indices(0, s) for s in range(16)])
+    second = torch.cat([trainer.batch_indices(1, s) for s in range(16)])
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(64))
+    assert not torch.equal(first, second)
+
+
+def test_a_checkpoint_of_another_job_is_ignored(windows, tmp_path):
+    trainer = _trainer(windows, tmp_path)
+    trainer.save_checkpoint()
+    other = _trainer(windows, tmp_path)
+    other.job_id = "job-2"
+    assert not other.resume()
+
+
+def test_non_finite_loss_fails_with_a_clear_reason_and_keeps_the_weights(windows):
+    trainer = _trainer(windows)
+    with torch.no_grad():
+        trainer.model.embed.weight[:] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"training diverged: loss=nan .* step 1 \(turn 1, cycle 1"):
+        trainer.run()
+    assert trainer.state.step == 0
+
+
+def test_train_steps_lowers_the_loss_in_place(windows):
+    train, heldout = windows
+    torch.manual_seed(0)
+    model = Decoder(SIZES["debug"]).init_weights(0)
+    losses = train_steps(model, train, 30, 3e-3, batch_size=8)
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
