@@ -22,7 +22,8 @@ from shared.events import Bus
 from shared.store import ConditionFailed, Jobs
 
 logger = Logger()
-processor = BatchProcessor(event_type=EventType.SQS)
+# Every message is judged alone: a batch where all failed still reports them one by one.
+processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
 # Errors that say "not now" rather than "never": the message is retried.
 RETRYABLE = {
@@ -88,10 +89,14 @@ def launch(job_id: str, attempt: int) -> str:
 
 
 def _exists(sagemaker: Any, name: str) -> bool:
+    from botocore.exceptions import ClientError
+
     try:
         sagemaker.describe_training_job(TrainingJobName=name)
-    except sagemaker.exceptions.ResourceNotFound:
-        return False
+    except ClientError as exc:
+        if exc.response["Error"].get("Code") in ("ResourceNotFound", "ValidationException"):
+            return False
+        raise
     return True
 
 
