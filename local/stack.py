@@ -54,7 +54,7 @@ def base_model_dir(size: str, home: Path) -> Path:
     target = home / "base-models" / size
     if (target / "config.json").exists():
         return target
-    partial = target.with_name(size + ".partial")
+    partial = target.with_name(f"{size}.partial-{os.getpid()}")  # two stacks may start at once
     shutil.rmtree(partial, ignore_errors=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
     command = [str(Path(sys.executable).with_name("fusion-train")), "init", "--size", size, "--out", str(partial)]
@@ -63,8 +63,10 @@ def base_model_dir(size: str, home: Path) -> Path:
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"fusion-train init --size {size} failed: {(done.stderr or done.stdout).strip()[-800:]}")
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
+    try:
+        partial.rename(target)
+    except OSError:  # another process finished first: theirs is as good
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 
@@ -72,7 +74,7 @@ def tar_model(folder: Path, archive: Path) -> Path:
     """A model directory as SageMaker packs /opt/ml/model: its files at the archive's root."""
     if archive.exists() and archive.stat().st_mtime >= max(p.stat().st_mtime for p in folder.rglob("*")):
         return archive
-    partial = archive.with_suffix(".partial")
+    partial = archive.with_name(f"{archive.name}.partial-{os.getpid()}")
     with tarfile.open(partial, "w:gz") as tar:
         for path in sorted(folder.rglob("*")):
             tar.add(path, arcname=path.relative_to(folder).as_posix(), recursive=False)
@@ -115,6 +117,7 @@ class LocalStack:
         port: int = 0,
         base_sizes: tuple[str, ...] = ("debug", "tiny"),
         home: Path | str | None = None,
+        runs_dir: Path | str | None = None,
         stop_grace_seconds: float = 30.0,
         verbose: bool = False,
         train_command: list[str] | None = None,
@@ -122,6 +125,7 @@ class LocalStack:
         self.host, self.port = host, port
         self.base_sizes = base_sizes
         self.home = Path(home or os.environ.get("FUSION_HOME") or REPO / ".fusion").resolve()
+        self.runs_dir = Path(runs_dir) if runs_dir else self.home / "runs"
         self.stop_grace_seconds = stop_grace_seconds
         self.verbose = verbose
         self.train_command = train_command
@@ -188,7 +192,7 @@ class LocalStack:
         from local.sagemaker import LocalSageMaker
 
         self.sagemaker = LocalSageMaker(
-            lambda: self._session.client("s3"), self.home / "runs", self._deliver_training_event,
+            lambda: self._session.client("s3"), self.runs_dir, self._deliver_training_event,
             region=REGION, train_command=self.train_command, stop_grace_seconds=self.stop_grace_seconds,
         )
         os.environ["AWS_ENDPOINT_URL_SAGEMAKER"] = self.sagemaker.start()
@@ -330,9 +334,9 @@ def _sqs_record(message: dict[str, Any], arn: str) -> dict[str, Any]:
 
 
 def serve(host: str = "127.0.0.1", port: int = 8080, *, base_sizes: tuple[str, ...] = ("debug", "tiny"),
-          on_ready: Callable[[LocalStack], None] | None = None) -> None:
+          on_ready: Callable[[LocalStack], None] | None = None, verbose: bool = False) -> None:
     """Run the local stack in the foreground until Ctrl-C."""
-    with LocalStack(host=host, port=port, base_sizes=base_sizes) as stack:
+    with LocalStack(host=host, port=port, base_sizes=base_sizes, verbose=verbose) as stack:
         if on_ready:
             on_ready(stack)
         try:

@@ -1,0 +1,461 @@
+"""`fusion`: the command line for Fusion's HTTP API, on this machine or deployed.
+
+    fusion serve                         the whole service on loopback (no AWS account)
+    fusion datasets upload FILE          register, upload and check a dataset
+    fusion estimate train --model base-tiny --dataset ds-... --turns 2
+    fusion jobs create train ... --wait  submit, then follow it with a live progress bar
+    fusion jobs list|get|wait|cancel     follow and control jobs
+    fusion models list|show              the catalog
+
+Against a deployed stack: --api-url (or FUSION_API_URL) and --token (or FUSION_TOKEN, a JWT
+your identity provider issued). The job settings' flags are generated from the same pydantic
+models the API validates with, so their names, defaults and help are the API's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, get_args
+
+import requests
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from shared.settings import ContractSettings, TrainSettings
+
+DEFAULT_API_URL = "http://127.0.0.1:8080"
+END_STATUSES = ("completed", "failed", "cancelled")
+TIMEOUT_S = 30
+
+
+class ApiError(Exception):
+    """The API's refusal ({"error": {"code", "message", "details"}}) or an unreachable API."""
+
+    def __init__(self, message: str, code: str = "", details: list[dict[str, str]] | None = None, status: int = 0):
+        super().__init__(message)
+        self.message, self.code, self.details, self.status = message, code, details or [], status
+
+    def line(self) -> str:
+        fields = "; ".join(f"{d.get('field')}: {d.get('message')}" for d in self.details
+                           if d.get("message") and d.get("message") not in self.message)
+        return f"{self.message}" + (f" ({fields})" if fields else "")
+
+
+class Client:
+    """The HTTP API, with the caller's bearer token."""
+
+    def __init__(self, api_url: str, token: str | None = None):
+        self.api_url = api_url.rstrip("/")
+        self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        try:
+            response = self.session.request(method, self.api_url + path, json=body, timeout=TIMEOUT_S)
+        except requests.ConnectionError:
+            raise ApiError(f"cannot reach the Fusion API at {self.api_url}: start it with `fusion serve` "
+                           "or pass --api-url") from None
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = {}
+        if response.status_code >= 400:
+            error = payload.get("error") if isinstance(payload, dict) else None
+            if isinstance(error, dict):
+                raise ApiError(error.get("message") or response.reason, error.get("code", ""),
+                               error.get("details"), response.status_code)
+            message = payload.get("message") if isinstance(payload, dict) else None  # API Gateway's own refusals
+            raise ApiError(f"HTTP {response.status_code}: {message or response.reason}", status=response.status_code)
+        return payload
+
+
+# --- formatting --------------------------------------------------------------------------------
+
+
+def human(n: Any) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:g}"
+
+
+def duration(seconds: Any) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(round(float(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def money(value: Any) -> str:
+    """Totals come in cents; components keep their exact sub-cent value (shown without trailing zeros)."""
+    if value in (None, ""):
+        return "-"
+    text = str(value)
+    if "." in text and len(text.split(".")[1]) > 2:
+        text = text.rstrip("0")
+    return f"${text}"
+
+
+def number(value: Any, digits: int = 2) -> str:
+    return "-" if value is None else f"{float(value):.{digits}f}"
+
+
+def _table(*columns: str, right: tuple[str, ...] = ()) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in columns:
+        table.add_column(column, justify="right" if column in right else "left", no_wrap=True)
+    return table
+
+
+def _pairs(rows: list[tuple[str, str]]) -> Table:
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def models_table(models: list[dict[str, Any]]) -> Table:
+    table = _table("MODEL", "NAME", "KIND", "PARAMETERS", "DEPTH", "PERPLEXITY", "COST", "PARENT",
+                   right=("PARAMETERS", "DEPTH", "PERPLEXITY", "COST"))
+    for m in models:
+        table.add_row(m["model_id"], m.get("name") or "-", m.get("kind") or "-", human(m.get("parameters")),
+                      str(m.get("depth") or "-"), number(m.get("perplexity")), money(m.get("cost")),
+                      m.get("parent_id") or "-")
+    return table
+
+
+def jobs_table(jobs: list[dict[str, Any]]) -> Table:
+    table = _table("JOB", "TYPE", "STATUS", "MODEL", "OUTPUT", "ESTIMATE", "BILL", "CREATED",
+                   right=("ESTIMATE", "BILL"))
+    for j in jobs:
+        table.add_row(j["job_id"], j["type"], j["status"], j.get("model") or "-", j.get("output_model_id") or "-",
+                      money((j.get("estimate") or {}).get("total")), money(j.get("bill")),
+                      (j.get("created_at") or "")[:19].replace("T", " "))
+    return table
+
+
+def datasets_table(datasets: list[dict[str, Any]]) -> Table:
+    table = _table("DATASET", "NAME", "STATUS", "BYTES", "TOKENS", "CREATED", "REASON", right=("BYTES", "TOKENS"))
+    for d in datasets:
+        table.add_row(d["dataset_id"], d["name"], d["status"], human(d.get("bytes")), human(d.get("tokens")),
+                      (d.get("created_at") or "")[:19].replace("T", " "), d.get("reason") or "")
+    return table
+
+
+def estimate_table(quote: dict[str, Any]) -> Table:
+    e = quote["estimate"]
+    rows = [
+        ("job", f"{quote['type']} of {quote.get('model')} on {quote.get('dataset') or '-'}"),
+        ("training tokens", f"{e['training_tokens']:,}"),
+        ("parameters", f"{human(e['parameters'])} (tier {e['tier']}, ${e['usd_per_million_tokens']} per 1M tokens)"),
+        ("training cost", money(e["training_cost"])),
+    ]
+    if e.get("growth_parameters"):
+        rows.append(("growth fee", f"{money(e['growth_fee'])} for {human(e['growth_parameters'])} parameters added"))
+    if float(e.get("contraction_fee") or 0):
+        rows.append(("contraction fee", money(e["contraction_fee"])))
+    rows += [("total", f"[bold]{money(e['total'])}[/bold]"),
+             ("eta", f"{duration(e['eta_seconds'])} on {e['instance_count']} x {e['instance_type']}")]
+    rows += [("warning", w) for w in quote.get("warnings") or []]
+    return _pairs(rows)
+
+
+def job_table(job: dict[str, Any]) -> Table:
+    rows = [("job", job["job_id"]), ("type", job["type"]), ("status", job["status"]), ("model", job.get("model") or "-"),
+            ("dataset", job.get("dataset") or "-"), ("estimate", money((job.get("estimate") or {}).get("total"))),
+            ("bill", money(job.get("bill"))), ("output model", job.get("output_model_id") or "-"),
+            ("training job", job.get("training_job_name") or "-"), ("created", job.get("created_at") or "-"),
+            ("updated", job.get("updated_at") or "-")]
+    if job.get("failure_reason"):
+        rows.append(("failure", job["failure_reason"]))
+    if job.get("progress"):
+        rows.append(("progress", progress_line(job["progress"])))
+    rows.append(("settings", json.dumps(job.get("settings") or {}, separators=(", ", "=")).strip("{}").replace('"', "")))
+    rows += [("warning", w) for w in job.get("warnings") or []]
+    return _pairs(rows)
+
+
+def model_table(model: dict[str, Any]) -> Table:
+    config = model.get("config") or {}
+    layers = config.get("layers") or []
+    shapes = sorted({(l["n_heads"], l["n_kv_heads"], l["mlp_hidden"]) for l in layers})
+    rows = [("model", model["model_id"]), ("name", model.get("name") or "-"), ("kind", model.get("kind") or "-"),
+            ("owner", model.get("owner") or "-"), ("parent", model.get("parent_id") or "-"),
+            ("job", model.get("job_id") or "-"), ("parameters", f"{human(model.get('parameters'))} "
+                                                               f"({model.get('parameters') or 0:,})"),
+            ("depth", str(model.get("depth") or "-")), ("perplexity", number(model.get("perplexity"))),
+            ("cost", money(model.get("cost"))), ("dataset", model.get("dataset") or "-"),
+            ("artifact", model.get("artifact_uri") or "-"), ("created", model.get("created_at") or "-")]
+    if config:
+        rows.append(("shape", f"dim {config.get('dim')}, vocab {config.get('vocab_size')}, context "
+                              f"{config.get('context_length')}, layers (heads/kv/mlp): "
+                              + ", ".join(f"{h}/{k}/{m}" for h, k, m in shapes)))
+    return _pairs(rows)
+
+
+def progress_line(p: dict[str, Any]) -> str:
+    parts = [f"turn {p.get('turn')}/{p.get('turns')}", f"cycle {p.get('cycle')}/{p.get('cycles')}",
+             f"step {p.get('step')}/{p.get('total_steps')}"]
+    if p.get("loss") is not None:
+        parts.append(f"loss {float(p['loss']):.3f}")
+    if p.get("perplexity") is not None:
+        parts.append(f"ppl {float(p['perplexity']):.1f}")
+    if p.get("eta_seconds") is not None:
+        parts.append(f"eta {duration(p['eta_seconds'])}")
+    return " · ".join(parts)
+
+
+# --- following a job ---------------------------------------------------------------------------
+
+
+def follow(client: Client, job_id: str, console: Console, *, interval: float = 1.0, timeout: float | None = None) -> dict:
+    """Poll a job until it ends, with a live bar of its progress.json; returns the final job."""
+    deadline = time.monotonic() + timeout if timeout else None
+    columns = [TextColumn("{task.fields[status]:<10}"), BarColumn(bar_width=30),
+               TextColumn("{task.percentage:>3.0f}%"), TextColumn("{task.fields[detail]}"), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(job_id, total=None, status="queued", detail="")
+        while True:
+            job = client.call("GET", f"/jobs/{job_id}")
+            p = job.get("progress")
+            if p and p.get("total_steps"):
+                bar.update(task, total=p["total_steps"], completed=p.get("step") or 0)
+            if job["status"] == "completed":
+                bar.update(task, total=1, completed=1) if not p else bar.update(task, completed=p["total_steps"])
+            bar.update(task, status=job["status"], detail=progress_line(p) if p else _waiting(job["status"]))
+            if job["status"] in END_STATUSES:
+                return job
+            if deadline and time.monotonic() > deadline:
+                raise ApiError(f"job {job_id} is still {job['status']} after {duration(timeout)}")
+            time.sleep(interval)
+
+
+def _waiting(status: str) -> str:
+    return {"queued": "waiting for a launch slot", "launching": "starting the training job",
+            "running": "loading data and model", "cancelling": "stopping"}.get(status, "")
+
+
+def report_end(job: dict[str, Any], console: Console) -> int:
+    if job["status"] == "completed":
+        console.print(f"[green]completed[/green]: model [bold]{job.get('output_model_id')}[/bold], "
+                      f"billed {money(job.get('bill'))}")
+        return 0
+    if job["status"] == "cancelled":
+        console.print(f"cancelled: billed {money(job.get('bill'))} for what it trained")
+        return 1
+    raise ApiError(f"job {job['job_id']} failed: {job.get('failure_reason') or 'no reason given'}")
+
+
+# --- arguments ---------------------------------------------------------------------------------
+
+
+def _settings_flags(parser: argparse.ArgumentParser, model: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per setting, from the pydantic model the API validates with."""
+    group = parser.add_argument_group("settings (omitted ones take the API's defaults)")
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        kinds = [t for t in (get_args(field.annotation) or (field.annotation,)) if t is not type(None)]
+        kind = kinds[0] if kinds and kinds[0] in (int, float) else str
+        default = "required" if field.is_required() else "API default" if field.default is None else f"default {field.default}"
+        group.add_argument("--" + name.replace("_", "-"), dest="hp_" + name, type=kind, default=None,
+                           metavar=kind.__name__.upper(), help=f"{field.description} ({default})")
+
+
+def _job_parsers(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help_text)
+    kinds = parser.add_subparsers(dest="job_type", required=True, metavar="{train,contract}")
+    train = kinds.add_parser("train", help="grow a base model and train it on a dataset")
+    train.add_argument("--model", required=True, help="base model id, e.g. base-tiny")
+    train.add_argument("--dataset", required=True, help="a ready dataset id (ds-...) or an s3:// URI under your prefix")
+    _settings_flags(train, TrainSettings)
+    contract = kinds.add_parser("contract", help="prune a trained model into a smaller one")
+    contract.add_argument("--dataset", help="calibration data (default: the source model's dataset)")
+    _settings_flags(contract, ContractSettings)
+    for p in (train, contract):
+        if name == "create":
+            p.add_argument("--wait", action="store_true", help="follow the job with a live progress bar until it ends")
+    return parser
+
+
+def _job_request(args: argparse.Namespace) -> dict[str, Any]:
+    hyperparams = {k[3:]: v for k, v in vars(args).items() if k.startswith("hp_") and v is not None}
+    body: dict[str, Any] = {"type": args.job_type, "hyperparams": hyperparams}
+    if getattr(args, "model", None):
+        body["model"] = args.model
+    if getattr(args, "dataset", None):
+        body["dataset"] = args.dataset
+    return body
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusion", description="Grow, train and contract language models.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--api-url", default=os.environ.get("FUSION_API_URL", DEFAULT_API_URL),
+                        help="the Fusion HTTP API (env FUSION_API_URL; default %(default)s)")
+    parser.add_argument("--token", default=os.environ.get("FUSION_TOKEN"),
+                        help="bearer JWT for a deployed API (env FUSION_TOKEN); the local stack needs none")
+    parser.add_argument("--json", action="store_true", help="print the API's JSON instead of tables")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the whole service on this machine (moto, local SageMaker, HTTP API)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--sizes", default="debug,tiny", help="base model sizes to provide (default %(default)s)")
+    serve.add_argument("--verbose", action="store_true", help="log the functions and AWS calls")
+
+    _job_parsers(sub, "estimate", "price a job without creating it")
+
+    jobs = sub.add_parser("jobs", help="create, follow and cancel jobs").add_subparsers(dest="action", required=True)
+    _job_parsers(jobs, "create", "submit a train or contract job")
+    jobs.add_parser("list", help="your jobs, newest first")
+    for action, text in (("get", "one job, with its live progress"), ("cancel", "stop a job; it pays for what it trained"),
+                         ("wait", "follow a job with a live progress bar until it ends")):
+        p = jobs.add_parser(action, help=text)
+        p.add_argument("job_id")
+        if action == "wait":
+            p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+
+    models = sub.add_parser("models", help="the catalog").add_subparsers(dest="action", required=True)
+    models.add_parser("list", help="base models and yours")
+    models.add_parser("show", help="one model in detail").add_argument("model_id")
+
+    datasets = sub.add_parser("datasets", help="training data").add_subparsers(dest="action", required=True)
+    upload = datasets.add_parser("upload", help="register, upload and check a dataset")
+    upload.add_argument("file", type=Path)
+    upload.add_argument("--name", help="dataset name (default: the file's name)")
+    upload.add_argument("--format", choices=("jsonl", "text"), help="default: jsonl for .jsonl files, text otherwise")
+    upload.add_argument("--no-wait", action="store_true", help="return once uploaded, before the check")
+    datasets.add_parser("list", help="your datasets")
+    datasets.add_parser("get", help="one dataset").add_argument("dataset_id")
+    return parser
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def upload_dataset(client: Client, file: Path, *, name: str | None = None, fmt: str | None = None,
+                   wait: bool = True, timeout: float = 300) -> dict[str, Any]:
+    if not file.is_file():
+        raise ApiError(f"no such file: {file}")
+    fmt = fmt or ("jsonl" if file.suffix == ".jsonl" else "text")
+    name = name or "".join(c if c.isalnum() or c in "._-" else "-" for c in file.stem)[:64] or "dataset"
+    dataset = client.call("POST", "/datasets", {"name": name, "format": fmt})
+    with file.open("rb") as body:
+        put = requests.put(dataset["upload_url"], data=body, timeout=600)
+    if put.status_code >= 300:
+        raise ApiError(f"uploading {file} failed: HTTP {put.status_code} {put.text[:200]}")
+    deadline = time.monotonic() + timeout
+    while wait and dataset["status"] == "pending":
+        if time.monotonic() > deadline:
+            raise ApiError(f"dataset {dataset['dataset_id']} is still being checked after {duration(timeout)}")
+        time.sleep(0.5)
+        dataset = client.call("GET", f"/datasets/{dataset['dataset_id']}")
+    return dataset
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    if args.command == "serve":
+        return _serve(args, console)
+    client = Client(args.api_url, args.token)
+    show = (lambda data, table: console.print_json(json.dumps(data))) if args.json else (
+        lambda data, table: console.print(table))
+
+    if args.command == "estimate":
+        quote = client.call("POST", "/jobs/estimate", _job_request(args))
+        show(quote, estimate_table(quote) if not args.json else None)
+        return 0
+    if args.command == "jobs":
+        if args.action == "create":
+            job = client.call("POST", "/jobs", _job_request(args))
+            if args.json and not args.wait:
+                show(job, None)
+                return 0
+            console.print(f"job [bold]{job['job_id']}[/bold] {job['status']}: estimate "
+                          f"{money(job['estimate']['total'])}, eta {duration(job['estimate']['eta_seconds'])}")
+            for warning in job.get("warnings") or []:
+                console.print(f"[yellow]warning[/yellow]: {warning}")
+            return report_end(follow(client, job["job_id"], console), console) if args.wait else 0
+        if args.action == "list":
+            jobs = client.call("GET", "/jobs")["jobs"]
+            show(jobs, jobs_table(jobs) if not args.json else None)
+            return 0
+        if args.action == "get":
+            job = client.call("GET", f"/jobs/{args.job_id}")
+            show(job, job_table(job) if not args.json else None)
+            return 0
+        if args.action == "cancel":
+            job = client.call("POST", f"/jobs/{args.job_id}/cancel")
+            show(job, f"job {job['job_id']} {job['status']}" + (f", billed {money(job['bill'])}" if job.get("bill") else ""))
+            return 0
+        if args.action == "wait":
+            return report_end(follow(client, args.job_id, console, timeout=args.timeout), console)
+    if args.command == "models":
+        if args.action == "list":
+            models = client.call("GET", "/models")["models"]
+            show(models, models_table(models) if not args.json else None)
+        else:
+            model = client.call("GET", f"/models/{args.model_id}")
+            show(model, model_table(model) if not args.json else None)
+        return 0
+    if args.command == "datasets":
+        if args.action == "upload":
+            dataset = upload_dataset(client, args.file, name=args.name, fmt=args.format, wait=not args.no_wait)
+            show(dataset, datasets_table([dataset]) if not args.json else None)
+            if dataset["status"] == "rejected":
+                raise ApiError(f"dataset {dataset['dataset_id']} was rejected: {dataset['reason']}")
+            return 0
+        if args.action == "list":
+            datasets = client.call("GET", "/datasets")["datasets"]
+            show(datasets, datasets_table(datasets) if not args.json else None)
+        else:
+            dataset = client.call("GET", f"/datasets/{args.dataset_id}")
+            show(dataset, datasets_table([dataset]) if not args.json else None)
+        return 0
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def _serve(args: argparse.Namespace, console: Console) -> int:
+    from local.stack import serve
+
+    sizes = tuple(s for s in args.sizes.split(",") if s)
+    console.print(f"starting Fusion on http://{args.host}:{args.port} (base models: {', '.join(sizes)}) ...")
+
+    def ready(stack) -> None:
+        console.print(f"[green]ready[/green]: API at [bold]{stack.api_url}[/bold] (Ctrl-C stops everything)\n"
+                      f"  fusion --api-url {stack.api_url} models list\n"
+                      f"  curl -s {stack.api_url}/models")
+
+    serve(args.host, args.port, base_sizes=sizes, on_ready=ready, verbose=args.verbose)
+    console.print("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    try:
+        return run(args, console)
+    except ApiError as error:
+        Console(stderr=True, highlight=False, width=200).print(f"[red]error[/red]: {error.line()}", soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
