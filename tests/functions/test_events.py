@@ -1,0 +1,188 @@
+"""SageMaker state-change events, hand-written as EventBridge delivers them, in any order and twice."""
+
+import io
+import itertools
+import json
+import tarfile
+from decimal import Decimal
+
+import pytest
+from botocore.exceptions import ClientError
+
+from functions.events import app as events
+from shared import jobs as domain
+from shared.pricing import Estimate, bill
+from shared.settings import JOB_REQUEST
+from shared.shapes import SIZES, grown_config
+from shared.store import Catalog, Datasets, Jobs
+from tests.conftest import LambdaContext
+
+GROWN = grown_config(SIZES["debug"])
+
+
+@pytest.fixture
+def observer(aws):
+    """A queue subscribed to everything on the Fusion bus: what the events function published."""
+    sqs, bridge = aws.session.client("sqs"), aws.session.client("events")
+    url = sqs.create_queue(QueueName="observer")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    bus = aws.env["EVENT_BUS_NAME"]
+    bridge.put_rule(Name="all", EventBusName=bus, EventPattern=json.dumps({"source": ["fusion"]}))
+    bridge.put_targets(Rule="all", EventBusName=bus, Targets=[{"Id": "q", "Arn": arn}])
+
+    def published():
+        out = []
+        while messages := sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages"):
+            for m in messages:
+                body = json.loads(m["Body"])
+                out.append((body["detail-type"], body["detail"]))
+                sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+        return out
+
+    return published
+
+
+def _submit(aws, body):
+    job = domain.resolve(JOB_REQUEST.validate_python(body), "alice", catalog=Catalog(session=aws.session),
+                         datasets=Datasets(session=aws.session), data_bucket=aws.env["DATA_BUCKET"])
+    jobs = Jobs(session=aws.session)
+    jobs.create(job)
+    jobs.transition(job["job_id"], "launching", training_job_name=domain.training_job_name(job["job_id"]))
+    return job
+
+
+@pytest.fixture
+def job(aws):
+    return _submit(aws, {"type": "train", "model": "base-debug", "dataset": f"s3://{aws.env['DATA_BUCKET']}/alice/d/",
+                         "hyperparams": {"steps_per_cycle": 100, "output_name": "support-bot"}})
+
+
+def _artifact(aws, job_id):
+    name = domain.training_job_name(job_id)
+    return f"s3://{aws.env['ARTIFACTS_BUCKET']}/jobs/{job_id}/output/{name}/output/model.tar.gz"
+
+
+def _write_metrics(aws, job, *, tokens=None, config=GROWN, perplexity=17.5):
+    metrics = {"job_id": job["job_id"], "job_type": job["type"], "config": config.model_dump(mode="json"),
+               "training_tokens": job["estimate"]["training_tokens"] if tokens is None else tokens,
+               "final_perplexity": perplexity, "cycles": []}
+    blob = io.BytesIO()
+    with tarfile.open(fileobj=blob, mode="w:gz") as archive:
+        data = json.dumps(metrics).encode()
+        info = tarfile.TarInfo("metrics.json")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    key = _artifact(aws, job["job_id"]).split("/", 3)[3].replace("model.tar.gz", "output.tar.gz")
+    aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=key, Body=blob.getvalue())
+
+
+def _event(aws, job_id, status, reason=None):
+    name = domain.training_job_name(job_id)
+    detail = {"TrainingJobName": name, "TrainingJobStatus": status, "SecondaryStatus": status,
+              "TrainingJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:training-job/{name}"}
+    if status == "Completed":
+        detail["ModelArtifacts"] = {"S3ModelArtifacts": _artifact(aws, job_id)}
+    if reason:
+        detail["FailureReason"] = reason
+    return {"version": "0", "id": f"{job_id}-{status}", "detail-type": "SageMaker Training Job State Change",
+            "source": "aws.sagemaker", "account": "123456789012", "time": "2026-01-01T00:00:00Z",
+            "region": "us-east-1", "resources": [detail["TrainingJobArn"]], "detail": detail}
+
+
+def _deliver(aws, job_id, *statuses, reason=None):
+    return [events.lambda_handler(_event(aws, job_id, s, reason), LambdaContext()) for s in statuses]
+
+
+def _state(aws, job_id):
+    job = Jobs(session=aws.session).get(job_id)
+    models = [m for m in Catalog(session=aws.session).list("alice") if m["kind"] != "base"]
+    return job["status"], job["bill"], job["output_model_id"], job["failure_reason"], models
+
+
+def test_a_completed_job_registers_its_model(aws, job, observer):
+    _write_metrics(aws, job)
+    _deliver(aws, job["job_id"], "InProgress", "Completed")
+    status, billed, model_id, _, [model] = _state(aws, job["job_id"])
+    assert status == "completed" and billed == job["estimate"]["total"]
+    assert model_id == model["model_id"] == domain.model_id_for(job["job_id"])
+    assert model["name"] == "support-bot" and model["kind"] == "trained" and model["owner"] == "alice"
+    assert model["parent_id"] == "base-debug" and model["job_id"] == job["job_id"]
+    assert model["parameters"] == GROWN.parameters() and model["depth"] == GROWN.n_layers
+    assert model["perplexity"] == 17.5 and model["cost"] == billed
+    assert model["artifact_uri"] == _artifact(aws, job["job_id"])
+    assert model["config"] == GROWN.model_dump(mode="json") and model["dataset"] == job["dataset"]
+    published = observer()
+    assert [(t, d.get("status")) for t, d in published] == [
+        ("Fusion Job State Change", "running"), ("Fusion Job State Change", "completed"),
+        ("Fusion Model Registered", None)]
+    assert published[2][1]["model_id"] == model_id
+
+
+ORDERS = sorted(set(itertools.permutations(["InProgress", "Completed", "Completed", "InProgress"])))
+
+
+@pytest.mark.parametrize("order", ORDERS, ids=["-".join(o) for o in ORDERS])
+def test_duplicated_and_reordered_events_end_the_same(aws, job, observer, order):
+    _write_metrics(aws, job)
+    _deliver(aws, job["job_id"], *order)
+    status, billed, model_id, _, models = _state(aws, job["job_id"])
+    assert (status, billed, len(models)) == ("completed", job["estimate"]["total"], 1)
+    assert [t for t, _ in observer()].count("Fusion Model Registered") == 1
+
+
+def test_a_stopped_job_is_billed_for_the_tokens_it_trained(aws, job):
+    tokens = job["estimate"]["training_tokens"] // 3
+    aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"],
+                                        Key=f"jobs/{job['job_id']}/checkpoints/progress.json",
+                                        Body=json.dumps({"tokens_trained": tokens, "step": 200}))
+    _write_metrics(aws, job)
+    _deliver(aws, job["job_id"], "InProgress", "Stopping", "Stopped", "Completed", "Stopped")
+    status, billed, model_id, _, models = _state(aws, job["job_id"])
+    expected = bill(Estimate.model_validate(job["estimate"]), tokens)
+    assert status == "cancelled" and Decimal(billed) == expected and expected < Decimal(job["estimate"]["total"])
+    assert model_id is None and models == []
+
+
+def test_a_stopped_job_without_progress_pays_only_its_fees(aws, job):
+    _deliver(aws, job["job_id"], "Stopped")
+    assert _state(aws, job["job_id"])[1] == str(bill(Estimate.model_validate(job["estimate"]), 0))
+
+
+def test_a_failed_job_keeps_sagemakers_reason(aws, job, observer):
+    _write_metrics(aws, job)
+    _deliver(aws, job["job_id"], "Failed", "InProgress", "Completed", reason="AlgorithmError: CUDA out of memory")
+    status, billed, model_id, reason, models = _state(aws, job["job_id"])
+    assert (status, billed, model_id, models) == ("failed", "0.00", None, [])
+    assert reason == "AlgorithmError: CUDA out of memory"
+    assert [(t, d["status"]) for t, d in observer()] == [("Fusion Job State Change", "failed")]
+
+
+def test_a_contract_job_registers_a_contracted_model(aws, job):
+    _write_metrics(aws, job)
+    _deliver(aws, job["job_id"], "Completed")
+    source_id = domain.model_id_for(job["job_id"])
+    contract = _submit(aws, {"type": "contract", "hyperparams": {"source_model_id": source_id,
+                                                                "num_layers_to_contract": 2}})
+    smaller = GROWN.model_copy(update={"layers": GROWN.layers[:3], "block_ids": GROWN.ids()[:3]})
+    _write_metrics(aws, contract, config=smaller, tokens=0, perplexity=25.0)
+    _deliver(aws, contract["job_id"], "Completed")
+    model = Catalog(session=aws.session).get(domain.model_id_for(contract["job_id"]), "alice")
+    assert model["kind"] == "contracted" and model["parent_id"] == source_id and model["depth"] == 3
+    assert model["cost"] == contract["estimate"]["total"] and model["dataset"] == job["dataset"]
+
+
+def test_missing_metrics_raise_so_the_event_is_retried(aws, job):
+    with pytest.raises(ClientError, match="NoSuchKey"):
+        _deliver(aws, job["job_id"], "Completed")
+    assert _state(aws, job["job_id"])[0] == "launching"
+    _write_metrics(aws, job)
+    _deliver(aws, job["job_id"], "Completed")  # the retry succeeds
+    assert _state(aws, job["job_id"])[0] == "completed"
+
+
+@pytest.mark.parametrize("name", ["other-job", "fusion-no-such-job", "fusion-UPPER"])
+def test_events_of_other_training_jobs_are_ignored(aws, job, name):
+    event = _event(aws, job["job_id"], "Failed")
+    event["detail"]["TrainingJobName"] = name
+    assert events.lambda_handler(event, LambdaContext()) == {"changed": False}
+    assert _state(aws, job["job_id"])[0] == "launching"
