@@ -75,7 +75,8 @@ def _table_spec(name: str, props: dict[str, Any]) -> dict[str, Any]:
 def create_resources(session: Any, template_path: str | Path = TEMPLATE, *, prefix: str = "fusion") -> dict[str, str]:
     """Create every table, queue, bucket and bus the template declares; return the functions' env.
 
-    Physical names are `<prefix>-<logical id>` (lower case for buckets). The returned mapping is
+    Physical names are `<prefix>-<logical id>` (lower case for buckets) unless the template names
+    the resource itself. The returned mapping is
     the template's Globals.Function.Environment with each !Ref / !GetAtt / !Sub resolved to what
     was created here, ready to put into os.environ.
     """
@@ -98,9 +99,13 @@ def create_resources(session: Any, template_path: str | Path = TEMPLATE, *, pref
     for logical in _resources(template, "AWS::SQS::Queue"):
         refs[logical] = sqs.create_queue(QueueName=f"{prefix}-{logical}")["QueueUrl"]
 
+    parameters = {name: str(p.get("Default", "")) for name, p in template.get("Parameters", {}).items()}
+    pseudo = {"AWS::AccountId": LOCAL_ACCOUNT, "AWS::Region": region, "AWS::Partition": "aws",
+              "AWS::StackName": prefix, "AWS::URLSuffix": "amazonaws.com"}
     s3 = session.client("s3")
-    for logical in _resources(template, "AWS::S3::Bucket"):
-        name = f"{prefix}-{logical}".lower()
+    for logical, props in _resources(template, "AWS::S3::Bucket").items():
+        given = props.get("BucketName")
+        name = _resolve(given, {**parameters, **pseudo}, {}) if given else f"{prefix}-{logical}".lower()
         if region == "us-east-1":
             s3.create_bucket(Bucket=name)
         else:
@@ -117,10 +122,9 @@ def create_resources(session: Any, template_path: str | Path = TEMPLATE, *, pref
         "SageMakerExecutionRole.Arn": f"arn:aws:iam::{LOCAL_ACCOUNT}:role/{prefix}-SageMakerExecutionRole",
         "TrainingImageRepository.RepositoryUri": f"{LOCAL_ACCOUNT}.dkr.ecr.{region}.amazonaws.com/{prefix}-training",
     }
-    parameters = {name: str(p.get("Default", "")) for name, p in template.get("Parameters", {}).items()}
     env = {}
     for var, value in template["Globals"]["Function"]["Environment"]["Variables"].items():
-        env[var] = _resolve(value, {**parameters, **refs}, atts)
+        env[var] = _resolve(value, {**parameters, **pseudo, **refs}, atts)
     return env
 
 
