@@ -1,0 +1,67 @@
+"""Job domain pieces that need no AWS: names, metrics archives, the launch request's limits."""
+
+import io
+import json
+import tarfile
+
+import pytest
+
+from shared import jobs as domain
+from shared.pricing import estimate_train
+from shared.settings import TrainSettings
+from shared.shapes import SIZES
+
+
+@pytest.mark.parametrize("name, job_id", [
+    ("fusion-abc-123", "abc-123"), ("fusion-", None), ("other-abc", None), ("fusion-ABC", None),
+    ("fusion-" + "a" * 41, None),
+])
+def test_job_id_of_a_training_job(name, job_id):
+    assert domain.job_id_of(name) == job_id
+
+
+def test_new_job_ids_fit_the_contract():
+    ids = {domain.new_job_id() for _ in range(50)}
+    assert len(ids) == 50 and all(domain.JOB_ID_PATTERN.fullmatch(i) for i in ids)
+
+
+class FakeS3:
+    def __init__(self, objects):
+        self.objects = objects
+
+    def get_object(self, Bucket, Key):
+        return {"Body": io.BytesIO(self.objects[(Bucket, Key)])}
+
+
+def _tar(members):
+    blob = io.BytesIO()
+    with tarfile.open(fileobj=blob, mode="w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return blob.getvalue()
+
+
+@pytest.mark.parametrize("member", ["metrics.json", "./metrics.json", "data/metrics.json"])
+def test_metrics_are_read_from_output_tar_beside_the_model(member):
+    s3 = FakeS3({("b", "jobs/j/output/fusion-j/output/output.tar.gz"):
+                 _tar({"failure": b"", member: json.dumps({"training_tokens": 7}).encode()})})
+    assert domain.read_metrics(s3, "s3://b/jobs/j/output/fusion-j/output/model.tar.gz") == {"training_tokens": 7}
+
+
+def test_an_archive_without_metrics_is_an_error():
+    s3 = FakeS3({("b", "k/output.tar.gz"): _tar({"other.json": b"{}"})})
+    with pytest.raises(FileNotFoundError):
+        domain.read_metrics(s3, "s3://b/k/model.tar.gz")
+
+
+def test_runtime_limits_stay_within_sagemakers_ceiling():
+    estimate = estimate_train(TrainSettings(turns=10, cycles=100, steps_per_cycle=100_000, seq_len=8192),
+                              SIZES["large"])
+    job = {"job_id": "j", "type": "train", "owner": "o", "settings": TrainSettings().model_dump(mode="json"),
+           "estimate": estimate.model_dump(mode="json"), "dataset_uri": "s3://d/o/x", "input_model_uri": "s3://a/m"}
+    config = domain.LaunchConfig(artifacts_bucket="a", training_image_uri="img", role_arn="arn", use_spot=True)
+    stopping = domain.training_job_request(job, config)["StoppingCondition"]
+    assert stopping["MaxRuntimeInSeconds"] == domain.MAX_RUNTIME_LIMIT
+    assert stopping["MaxWaitTimeInSeconds"] == domain.MAX_RUNTIME_LIMIT
