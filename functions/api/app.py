@@ -16,13 +16,35 @@ app = APIGatewayHttpResolver(enable_validation=True)
 app.include_router(jobs.router)
 app.include_router(models.router)
 app.include_router(datasets.router)
-app.enable_swagger(path="/docs", title="Fusion", version="1.0.0",
-                   description="Grow, train and contract language models; every job priced before it runs.")
+
+OPENAPI = {"title": "Fusion", "version": "1.0.0",
+           "description": "Grow, train and contract language models; every job priced before it runs."}
 
 
 @app.get("/openapi.json", include_in_schema=False)
 def openapi() -> Response[str]:
-    return Response(200, content_types.APPLICATION_JSON, app.get_openapi_json_schema(title="Fusion", version="1.0.0"))
+    return Response(200, content_types.APPLICATION_JSON, app.get_openapi_json_schema(**OPENAPI))
+
+
+@app.get("/docs", include_in_schema=False)
+def docs() -> Response[str]:
+    """Swagger UI, self-contained (no CDN). What app.enable_swagger serves, but its OpenAPI
+    models are imported on the first /docs request instead of on every cold start."""
+    from pathlib import Path
+
+    import aws_lambda_powertools.event_handler.openapi.swagger_ui as swagger_ui
+
+    assets = Path(swagger_ui.__file__).parent
+    spec = app.get_openapi_json_schema(**OPENAPI).replace("</", "<\\/")
+    html = swagger_ui.generate_swagger_html(
+        spec,
+        (assets / "swagger-ui-bundle.min.js").read_text(encoding="utf-8"),
+        (assets / "swagger-ui.min.css").read_text(encoding="utf-8"),
+        None,
+        None,
+        False,
+    )
+    return Response(200, "text/html", html)
 
 
 def _error(status: int, code: str, message: str, details: list[dict[str, str]]) -> Response:
