@@ -9,6 +9,8 @@ from typing import Any
 SOURCE = "fusion"
 JOB_STATE_CHANGE = "Fusion Job State Change"
 MODEL_REGISTERED = "Fusion Model Registered"
+JOB_REQUESTED = "Fusion Job Requested"  # accepted, from pipelines: {"owner", "request": <POST /jobs body>}
+JOB_REJECTED = "Fusion Job Rejected"  # the answer to a requested job that failed validation
 
 
 class Bus:
@@ -44,6 +46,9 @@ class Bus:
         self.publish(JOB_STATE_CHANGE, {
             k: job.get(k) for k in ("job_id", "type", "status", "owner", "output_model_id", "failure_reason", "bill")
         })
+
+    def job_rejected(self, owner: str | None, request: Any, error: dict[str, Any]) -> None:
+        self.publish(JOB_REJECTED, {"owner": owner, "request": request, "error": error})
 
     def model_registered(self, model: dict[str, Any]) -> None:
         self.publish(MODEL_REGISTERED, {

@@ -76,6 +76,33 @@ def job_id_of(training_job: str) -> str | None:
     return job_id if JOB_ID_PATTERN.fullmatch(job_id) else None
 
 
+# Tags pydantic puts in an error location for the branch of a discriminated union.
+_UNION_TAGS = {"train", "contract", "request"}
+
+
+def describe_error(error: dict[str, Any]) -> dict[str, str]:
+    """One pydantic (or Powertools request) validation error as {"field", "message"} in words."""
+    loc = [str(p) for p in error.get("loc", ())]
+    kind = error.get("type", "")
+    if loc and loc[0] in ("body", "query", "path"):
+        source, loc = loc[0], loc[1:]
+    else:
+        source = "body"
+    if kind == "json_invalid":
+        return {"field": "body", "message": f"malformed JSON: {error.get('ctx', {}).get('error', 'cannot parse')}"}
+    loc = [p for p in loc if p not in _UNION_TAGS]
+    field = ".".join(loc) or source
+    if kind == "extra_forbidden":
+        message = f"'{loc[-1] if loc else field}' is not a known field"
+    elif kind == "missing":
+        message = "is required"
+    elif kind == "union_tag_invalid" or kind == "union_tag_not_found":
+        field, message = "type", "type must be 'train' or 'contract'"
+    else:
+        message = error.get("msg", "is invalid")
+    return {"field": field, "message": message}
+
+
 # --- resolve and price -------------------------------------------------------------------------
 
 
@@ -162,6 +189,24 @@ def resolve_dataset(dataset: str, owner: str, *, datasets: Datasets, data_bucket
     if record.get("status") != "ready":
         raise invalid("dataset", f"dataset {dataset!r} is {record.get('status')}, not ready")
     return record["s3_uri"]
+
+
+def submit(job: dict[str, Any], *, jobs: Jobs, sqs: Any, queue_url: str) -> dict[str, Any]:
+    """Store a resolved job "queued" and put it on the launch queue.
+
+    If the queue refuses it, the job is marked failed with the reason (never left queued with
+    nothing to launch it) and a 503 JobError is raised.
+    """
+    jobs.create(job)
+    try:
+        sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps({"job_id": job["job_id"]}))
+    except Exception as exc:  # whatever the cause, the job must not sit queued forever unseen
+        failed = jobs.transition(job["job_id"], "failed", failure_reason=f"could not queue the job for launch: {exc}",
+                                 bill=NO_CHARGE)
+        raise JobError(503, "launch_queue_unavailable",
+                       "the job could not be queued for launch and was marked failed; retry later",
+                       [{"field": "job_id", "message": failed["job_id"]}]) from exc
+    return job
 
 
 def public(job: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
 
 from functions.api import datasets, jobs, models
-from shared.jobs import JobError
+from shared.jobs import JobError, describe_error
 
 logger = Logger()
 app = APIGatewayHttpResolver(enable_validation=True)
@@ -59,7 +59,7 @@ def refused(exc: JobError) -> Response:
 
 @app.exception_handler(RequestValidationError)
 def invalid_request(exc: RequestValidationError) -> Response:
-    details = [_detail(error) for error in exc.errors()]
+    details = [describe_error(error) for error in exc.errors()]
     fields = ", ".join(d["field"] for d in details)
     return _error(422, "invalid_request", f"the request has invalid fields: {fields}", details)
 
@@ -67,32 +67,6 @@ def invalid_request(exc: RequestValidationError) -> Response:
 @app.not_found
 def no_route(exc: Exception) -> Response:
     return _error(404, "not_found", f"no route {app.current_event.http_method} {app.current_event.path}", [])
-
-
-# Tags pydantic puts in an error location for the branch of a discriminated union.
-_UNION_TAGS = {"train", "contract", "request"}
-
-
-def _detail(error: dict[str, Any]) -> dict[str, str]:
-    loc = [str(p) for p in error.get("loc", ())]
-    kind = error.get("type", "")
-    if loc and loc[0] in ("body", "query", "path"):
-        source, loc = loc[0], loc[1:]
-    else:
-        source = "body"
-    if kind == "json_invalid":
-        return {"field": "body", "message": f"malformed JSON: {error.get('ctx', {}).get('error', 'cannot parse')}"}
-    loc = [p for p in loc if p not in _UNION_TAGS]
-    field = ".".join(loc) or source
-    if kind == "extra_forbidden":
-        message = f"'{loc[-1] if loc else field}' is not a known field"
-    elif kind == "missing":
-        message = "is required"
-    elif kind == "union_tag_invalid" or kind == "union_tag_not_found":
-        field, message = "type", "type must be 'train' or 'contract'"
-    else:
-        message = error.get("msg", "is invalid")
-    return {"field": field, "message": message}
 
 
 def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:

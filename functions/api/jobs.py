@@ -1,7 +1,6 @@
 """Job routes: price, submit, list and show training and contraction jobs."""
 
 
-import json
 from typing import Annotated, Any
 
 from aws_lambda_powertools import Logger
@@ -48,19 +47,7 @@ def create_job(
     job = _resolve(request)
     if dry_run:
         return _json(200, _quote(job))
-    store = context.jobs()
-    store.create(job)
-    try:
-        context.client("sqs").send_message(
-            QueueUrl=context.env("LAUNCH_QUEUE_URL"), MessageBody=json.dumps({"job_id": job["job_id"]})
-        )
-    except Exception as exc:  # any failure to enqueue: the job must not sit queued forever unseen
-        logger.exception("enqueue failed", extra={"job_id": job["job_id"]})
-        store.transition(job["job_id"], "failed", failure_reason=f"could not queue the job for launch: {exc}",
-                         bill=domain.NO_CHARGE)
-        raise domain.JobError(503, "launch_queue_unavailable",
-                              "the job could not be queued for launch and was marked failed; retry later",
-                              [{"field": "job_id", "message": job["job_id"]}]) from exc
+    domain.submit(job, jobs=context.jobs(), sqs=context.client("sqs"), queue_url=context.env("LAUNCH_QUEUE_URL"))
     return _json(201, domain.public(job))
 
 

@@ -1,7 +1,11 @@
-"""Events: follow SageMaker training jobs to their end, register models, bill, and tell the bus.
+"""Events: follow SageMaker training jobs to their end, and take job requests from pipelines.
 
-Triggered by the EventBridge rule on "SageMaker Training Job State Change" for jobs named
-fusion-*. Duplicates and late events change nothing (forward-only conditional writes).
+Two EventBridge rules invoke it:
+- "SageMaker Training Job State Change" for jobs named fusion-*: move the job forward, register
+  the model, bill. Duplicates and late events change nothing (forward-only conditional writes).
+- "Fusion Job Requested" on the Fusion bus ({"owner", "request": <POST /jobs body>}): the same
+  validation and pricing as POST /jobs, then queued for launch; a refused request is answered
+  with "Fusion Job Rejected".
 """
 
 from __future__ import annotations
@@ -12,34 +16,68 @@ from typing import Any
 
 from aws_lambda_powertools import Logger
 
-from shared.events import Bus
-from shared.jobs import record_state_change
-from shared.store import Catalog, Jobs
+from shared import jobs as domain
+from shared.events import JOB_REQUESTED, Bus
+from shared.store import Catalog, Datasets, Jobs
 
 logger = Logger()
 
 
 @cache
-def _clients() -> tuple[Jobs, Catalog, Any, Bus]:
+def _clients() -> dict[str, Any]:
     import boto3
 
     session = boto3.session.Session()
-    return Jobs(session=session), Catalog(session=session), session.client("s3"), Bus(session=session)
+    return {"jobs": Jobs(session=session), "catalog": Catalog(session=session), "datasets": Datasets(session=session),
+            "s3": session.client("s3"), "sqs": session.client("sqs"), "bus": Bus(session=session)}
 
 
 @logger.inject_lambda_context
 def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    jobs, catalog, s3, bus = _clients()
-    detail = event.get("detail", {})
-    outcome = record_state_change(
-        detail, jobs=jobs, catalog=catalog, s3=s3, artifacts_bucket=os.environ["ARTIFACTS_BUCKET"]
+    if event.get("detail-type") == JOB_REQUESTED:
+        return job_requested(event.get("detail") or {})
+    return training_job_changed(event.get("detail") or {})
+
+
+def training_job_changed(detail: dict[str, Any]) -> dict[str, Any]:
+    c = _clients()
+    outcome = domain.record_state_change(
+        detail, jobs=c["jobs"], catalog=c["catalog"], s3=c["s3"], artifacts_bucket=os.environ["ARTIFACTS_BUCKET"]
     )
     if outcome.job is None:
         logger.info("no change", extra={"training_job": detail.get("TrainingJobName"),
                                         "sagemaker_status": detail.get("TrainingJobStatus")})
         return {"changed": False}
-    bus.job_state_changed(outcome.job)
+    c["bus"].job_state_changed(outcome.job)
     if outcome.model is not None:
-        bus.model_registered(outcome.model)
+        c["bus"].model_registered(outcome.model)
     logger.info("job moved", extra={"job_id": outcome.job["job_id"], "status": outcome.job["status"]})
     return {"changed": True, "job_id": outcome.job["job_id"], "status": outcome.job["status"]}
+
+
+def job_requested(detail: dict[str, Any]) -> dict[str, Any]:
+    """A job request from a pipeline. A refusal is answered on the bus, not retried: it would fail again."""
+    from pydantic import ValidationError
+
+    from shared.settings import JOB_REQUEST
+
+    c = _clients()
+    owner, body = detail.get("owner"), detail.get("request")
+    try:
+        if not isinstance(owner, str) or not owner:
+            raise domain.invalid("owner", "a requested job names its owner (the tenant)")
+        job = domain.resolve(JOB_REQUEST.validate_python(body), owner, catalog=c["catalog"],
+                             datasets=c["datasets"], data_bucket=os.environ["DATA_BUCKET"])
+        domain.submit(job, jobs=c["jobs"], sqs=c["sqs"], queue_url=os.environ["LAUNCH_QUEUE_URL"])
+    except ValidationError as exc:
+        error = {"code": "invalid_request", "message": "the requested job has invalid fields",
+                 "details": [domain.describe_error(e) for e in exc.errors()]}
+        c["bus"].job_rejected(owner, body, error)
+        return {"accepted": False, "error": error}
+    except domain.JobError as exc:
+        error = {"code": exc.code, "message": exc.message, "details": exc.details}
+        c["bus"].job_rejected(owner, body, error)
+        return {"accepted": False, "error": error}
+    c["bus"].job_state_changed(job)
+    logger.info("job requested", extra={"job_id": job["job_id"], "owner": owner})
+    return {"accepted": True, "job_id": job["job_id"]}

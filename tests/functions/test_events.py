@@ -186,3 +186,38 @@ def test_events_of_other_training_jobs_are_ignored(aws, job, name):
     event["detail"]["TrainingJobName"] = name
     assert events.lambda_handler(event, LambdaContext()) == {"changed": False}
     assert _state(aws, job["job_id"])[0] == "launching"
+
+
+def _requested(detail):
+    event = {"version": "0", "id": "r", "detail-type": "Fusion Job Requested", "source": "pipeline.nightly",
+             "account": "123456789012", "time": "2026-01-01T00:00:00Z", "region": "us-east-1", "resources": [],
+             "detail": detail}
+    return events.lambda_handler(event, LambdaContext())
+
+
+def test_a_requested_job_is_validated_priced_and_queued(aws, observer):
+    request = {"type": "train", "model": "base-debug", "dataset": f"s3://{aws.env['DATA_BUCKET']}/alice/d/"}
+    result = _requested({"owner": "alice", "request": request})
+    assert result["accepted"] is True
+    job = Jobs(session=aws.session).get(result["job_id"], "alice")
+    assert job["status"] == "queued" and job["estimate"]["total"] == "0.62"
+    sqs = aws.session.client("sqs")
+    [message] = sqs.receive_message(QueueUrl=aws.env["LAUNCH_QUEUE_URL"])["Messages"]
+    assert json.loads(message["Body"]) == {"job_id": result["job_id"]}
+    assert [(t, d["status"]) for t, d in observer()] == [("Fusion Job State Change", "queued")]
+
+
+@pytest.mark.parametrize("detail, field", [
+    ({"owner": "alice", "request": {"type": "train", "model": "base-debug", "dataset": "ds-x",
+                                    "hyperparams": {"turns": 0}}}, "hyperparams.turns"),
+    ({"owner": "alice", "request": {"type": "train", "model": "base-nope", "dataset": "ds-x"}}, "model"),
+    ({"request": {"type": "train", "model": "base-debug", "dataset": "ds-x"}}, "owner"),
+    ({"owner": "alice", "request": "train please"}, "body"),
+])
+def test_a_refused_request_is_answered_on_the_bus(aws, observer, detail, field):
+    result = _requested(detail)
+    assert result["accepted"] is False
+    assert field in {d["field"] for d in result["error"]["details"]}
+    [(kind, published)] = observer()
+    assert kind == "Fusion Job Rejected" and published["error"] == result["error"]
+    assert Jobs(session=aws.session).list("alice") == []
