@@ -18,6 +18,9 @@ from tokenizers import Tokenizer
 from training_image.tokenizer import end_of_text_id
 
 TEXT_SUFFIXES = (".jsonl", ".txt")
+# Enough held-out tokens for a perplexity good to about a percent, few enough that evaluating
+# at every cycle's end stays a small share of the run.
+HELDOUT_MAX_TOKENS = 65_536
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -89,7 +92,8 @@ def token_windows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(train (N, seq_len + 1), heldout (M, seq_len + 1)) int64 windows of the packed token stream.
 
-    At least one window is held out whenever there are two or more; the split depends only on
+    At least one window is held out whenever there are two or more, at most HELDOUT_MAX_TOKENS
+    worth of them (beyond one window); the split depends only on
     the seed, so every process and every restart sees the same one.
     """
     eot = end_of_text_id(tokenizer)
@@ -107,5 +111,5 @@ def token_windows(
     windows = torch.tensor(stream[: count * window], dtype=torch.long).view(count, window)
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
     heldout = max(1, round(count * heldout_fraction)) if heldout_fraction > 0 else 0
-    heldout = min(heldout, count - 1)
+    heldout = min(heldout, count - 1, max(1, HELDOUT_MAX_TOKENS // window))
     return windows[order[heldout:]], windows[order[:heldout]]

@@ -116,7 +116,6 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None) ->
         checkpoint_every=int(os.environ.get("FUSION_CHECKPOINT_EVERY", "0")),
         log=log if _rank() == 0 else None,
     )
-    trainer.install_sigterm()
     log(
         f"training {config.parameters():,} parameters ({base_config.n_layers} -> {config.n_layers} blocks) "
         f"on {len(train_windows)} windows of {settings.seq_len} tokens, {plan.batch_size} per step, "
@@ -124,7 +123,8 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None) ->
     )
     trainer.resume()
     setup_seconds = time.monotonic() - started
-    state = trainer.run()
+    with trainer.stop_on_sigterm():
+        state = trainer.run()
     final = state.cycles[-1]["perplexity"] if state.cycles else None
     metrics = {
         "job_id": job_id,

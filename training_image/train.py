@@ -345,13 +345,23 @@ class Trainer:
         self.log(f"resumed from step {self.state.step} (turn {self.state.turn + 1}, cycle {self.state.cycle + 1})")
         return True
 
-    def install_sigterm(self) -> None:
-        """SIGTERM (SageMaker stop or spot interruption): finish the step, checkpoint, stop."""
+    def install_sigterm(self):
+        """From now on SIGTERM (SageMaker stop, spot interruption) finishes the step, checkpoints and
+        stops the run; returns the handler it replaced."""
 
         def request_stop(signum, frame):
             self.stop_requested = True
 
-        signal.signal(signal.SIGTERM, request_stop)
+        return signal.signal(signal.SIGTERM, request_stop)
+
+    @contextlib.contextmanager
+    def stop_on_sigterm(self):
+        """install_sigterm() for the duration of a with block."""
+        previous = self.install_sigterm()
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def train_steps(

@@ -16,6 +16,10 @@ from training_image.tokenizer import train_tokenizer
 
 SEQ_LEN = 32
 
+# The suite runs as two pytest workers on two cores: one thread each avoids oversubscription,
+# which slows small matmuls several times over.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def corpus() -> list[str]:
