@@ -6,7 +6,10 @@ from typing import Any
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
-from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
+from aws_lambda_powertools.event_handler.openapi.exceptions import (
+    RequestUnsupportedContentType,
+    RequestValidationError,
+)
 
 from functions.api import datasets, jobs, models
 from shared.jobs import JobError, describe_error
@@ -62,6 +65,20 @@ def invalid_request(exc: RequestValidationError) -> Response:
     details = [describe_error(error) for error in exc.errors()]
     fields = ", ".join(d["field"] for d in details)
     return _error(422, "invalid_request", f"the request has invalid fields: {fields}", details)
+
+
+@app.exception_handler(RequestUnsupportedContentType)
+def unsupported_content(exc: RequestUnsupportedContentType) -> Response:
+    content_type = app.current_event.headers.get("content-type", "")
+    return _error(415, "unsupported_media_type", f"send JSON (application/json), not {content_type!r}",
+                  [{"field": "content-type", "message": "must be application/json"}])
+
+
+@app.exception_handler(Exception)
+def internal(exc: Exception) -> Response:
+    """A fault of ours: logged with its trace, answered in the same error shape, never with details."""
+    logger.exception("unhandled error")
+    return _error(500, "internal_error", "the request failed on our side; it is safe to retry", [])
 
 
 @app.not_found

@@ -224,3 +224,25 @@ def test_a_request_without_identity_is_refused(world):
 def test_unknown_route_is_a_json_404(world, api):
     status, error = api("GET", "/nowhere")
     assert status == 404 and error["error"]["code"] == "not_found"
+
+
+def test_a_non_json_body_is_415_in_the_error_shape(world):
+    from functions.api.app import lambda_handler
+    from local.server import api_event
+
+    event = api_event("POST", "/jobs", headers={"content-type": "text/plain"}, body="train", claims={"sub": "alice"})
+    result = lambda_handler(event, None)
+    error = json.loads(result["body"])["error"]
+    assert result["statusCode"] == 415 and error["details"][0]["field"] == "content-type"
+    assert _stored(world) == []
+
+
+def test_a_fault_of_ours_is_a_500_without_internals(world, api, monkeypatch):
+    class Broken:
+        def list(self, owner):
+            raise RuntimeError("table /secret/path exploded")
+
+    monkeypatch.setattr(context, "catalog", lambda: Broken())
+    status, error = api("GET", "/models")
+    assert status == 500 and error["error"]["code"] == "internal_error"
+    assert "secret" not in json.dumps(error)
