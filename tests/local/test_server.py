@@ -72,3 +72,22 @@ def test_a_garbled_token_is_401(server):
 def test_models_over_http(server):
     status, body = _call(f"{server}/models")
     assert status == 200 and "base-tiny" in {m["model_id"] for m in body["models"]}
+
+
+def test_start_in_process_aws_serves_the_seeded_catalog():
+    """In a fresh process (the mock stays on for the life of the process): resources and base models."""
+    import subprocess
+    import sys
+
+    code = (
+        "from local.server import start_in_process_aws, api_event\n"
+        "env = start_in_process_aws()\n"
+        "from functions.api.app import lambda_handler\n"
+        "import json\n"
+        "models = json.loads(lambda_handler(api_event('GET', '/models'), None)['body'])['models']\n"
+        "print(env['JOBS_TABLE'], sorted(m['model_id'] for m in models))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "POWERTOOLS_LOG_LEVEL": "WARNING"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "fusion-JobsTable" and "'base-debug'," in out.stdout
