@@ -42,8 +42,8 @@ class ApiError(Exception):
         self.message, self.code, self.details, self.status = message, code, details or [], status
 
     def line(self) -> str:
-        fields = "; ".join(f"{d.get('field')}: {d.get('message')}" for d in self.details
-                           if d.get("message") and d.get("message") not in self.message)
+        fields = "; ".join(d.get("field", "") if d.get("message", "") in self.message else
+                           f"{d.get('field')}: {d.get('message')}" for d in self.details)
         return f"{self.message}" + (f" ({fields})" if fields else "")
 
 
@@ -227,6 +227,7 @@ def follow(client: Client, job_id: str, console: Console, *, interval: float = 1
     deadline = time.monotonic() + timeout if timeout else None
     columns = [TextColumn("{task.fields[status]:<10}"), BarColumn(bar_width=30),
                TextColumn("{task.percentage:>3.0f}%"), TextColumn("{task.fields[detail]}"), TimeElapsedColumn()]
+    last_line, printed = "", ""
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(job_id, total=None, status="queued", detail="")
         while True:
@@ -234,9 +235,13 @@ def follow(client: Client, job_id: str, console: Console, *, interval: float = 1
             p = job.get("progress")
             if p and p.get("total_steps"):
                 bar.update(task, total=p["total_steps"], completed=p.get("step") or 0)
+                last_line = progress_line(p)
             if job["status"] == "completed":
-                bar.update(task, total=1, completed=1) if not p else bar.update(task, completed=p["total_steps"])
-            bar.update(task, status=job["status"], detail=progress_line(p) if p else _waiting(job["status"]))
+                bar.update(task, total=bar.tasks[0].total or 1, completed=bar.tasks[0].total or 1)
+            bar.update(task, status=job["status"], detail=last_line or _waiting(job["status"]))
+            if not console.is_terminal and p and (p.get("turn"), p.get("cycle")) != printed:
+                printed = (p.get("turn"), p.get("cycle"))  # a log gets one line per cycle, not a redrawn bar
+                console.print(f"  {job['status']}: {last_line}")
             if job["status"] in END_STATUSES:
                 return job
             if deadline and time.monotonic() > deadline:

@@ -7,9 +7,10 @@ import json
 import boto3
 import pytest
 import requests
-from aws_lambda_powertools.event_handler import APIGatewayHttpResolver
 from moto import mock_aws
 
+from functions.api import app as api_app
+from functions.api import context as api_context
 from functions.api import datasets as routes
 from functions.datasets import app as check_function
 from shared.datasets import check_dataset, parse_dataset_key
@@ -36,7 +37,7 @@ def aws(monkeypatch):
     monkeypatch.setenv("DATASETS_TABLE", TABLE)
     monkeypatch.setenv("DATA_BUCKET", BUCKET)
     with mock_aws():
-        routes._store.cache_clear(), routes._s3.cache_clear(), check_function._clients.cache_clear()
+        _forget_clients()
         boto3.client("s3").create_bucket(Bucket=BUCKET)
         boto3.client("dynamodb").create_table(
             TableName=TABLE,
@@ -59,14 +60,16 @@ def aws(monkeypatch):
             ],
         )
         yield
+    _forget_clients()
+
+
+def _forget_clients() -> None:
     routes._store.cache_clear(), routes._s3.cache_clear(), check_function._clients.cache_clear()
+    api_context.reset()
 
 
 @pytest.fixture
 def api():
-    app = APIGatewayHttpResolver(enable_validation=True)
-    app.include_router(routes.router)
-
     def call(method: str, path: str, tenant: str = "alice", body: dict | None = None) -> tuple[int, dict]:
         event = {
             "version": "2.0",
@@ -83,7 +86,7 @@ def api():
             "body": json.dumps(body) if body is not None else None,
             "isBase64Encoded": False,
         }
-        response = app.resolve(event, _Context())
+        response = api_app.lambda_handler(event, _Context())
         return response["statusCode"], json.loads(response["body"])
 
     return call
@@ -131,7 +134,7 @@ def test_text_format_and_tenant_scoping(aws, api):
     _, created = api("POST", "/datasets", body={"name": "book", "format": "text"})
     assert created["s3_uri"].endswith("/data.txt")
     status, other = api("GET", f"/datasets/{created['dataset_id']}", tenant="mallory")
-    assert status == 404 and other["error"]["code"] == "not_found"
+    assert status == 404 and other["error"]["code"] == "dataset_not_found"
     _, listed = api("GET", "/datasets", tenant="mallory")
     assert listed == {"datasets": []}
     _, mine = api("GET", "/datasets")
@@ -150,7 +153,7 @@ def test_upload_to_another_tenants_id_is_ignored(aws, api):
 def test_bad_request_names_the_field(aws, api):
     status, body = api("POST", "/datasets", body={"name": "a b", "format": "csv"})
     assert status == 422
-    assert "name" in json.dumps(body) and "format" in json.dumps(body)
+    assert {d["field"] for d in body["error"]["details"]} == {"name", "format"}
 
 
 @pytest.mark.parametrize(

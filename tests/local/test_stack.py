@@ -1,0 +1,137 @@
+"""The embedded default end to end: the CLI against the local stack, through the real functions and trainer."""
+
+from __future__ import annotations
+
+import json
+
+import boto3
+import pytest
+import requests
+
+from local.cli import main
+
+SMALL_TRAIN = ["--cycles", "2", "--train-steps", "20", "--seq-len", "64", "--output-name", "stdlib-debug"]
+
+
+def fusion(stack, capsys, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(["--api-url", stack.api_url, *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def dataset_id(stack, dataset_file):
+    response = requests.post(f"{stack.api_url}/datasets", json={"name": "stdlib", "format": "jsonl"}).json()
+    requests.put(response["upload_url"], data=dataset_file.read_bytes()).raise_for_status()
+    for _ in range(100):
+        shown = requests.get(f"{stack.api_url}/datasets/{response['dataset_id']}").json()
+        if shown["status"] != "pending":
+            break
+        stack.sagemaker and __import__("time").sleep(0.1)
+    assert shown["status"] == "ready", shown
+    return shown["dataset_id"]
+
+
+@pytest.mark.slow
+def test_train_then_contract_fills_the_catalog(stack, capsys, dataset_id):
+    code, out, _ = fusion(stack, capsys, "jobs", "create", "train", "--model", "base-debug", "--dataset", dataset_id,
+                          *SMALL_TRAIN, "--wait")
+    assert code == 0, out
+    assert "completed: model m-" in out and "100%" in out
+    train_job = requests.get(f"{stack.api_url}/jobs").json()["jobs"][0]
+    trained = train_job["output_model_id"]
+
+    code, out, _ = fusion(stack, capsys, "jobs", "create", "contract", "--source-model-id", trained,
+                          "--num-layers-to-contract", "2", "--contraction-ratio", "0.5", "--train-steps", "4", "--wait")
+    assert code == 0, out
+    contract_job = requests.get(f"{stack.api_url}/jobs").json()["jobs"][0]
+    assert contract_job["type"] == "contract" and contract_job["status"] == "completed"
+
+    catalog = {m["model_id"]: m for m in requests.get(f"{stack.api_url}/models").json()["models"]}
+    base, grown, contracted = catalog["base-debug"], catalog[trained], catalog[contract_job["output_model_id"]]
+    assert (grown["kind"], grown["parent_id"], grown["name"]) == ("trained", "base-debug", "stdlib-debug")
+    assert grown["depth"] == base["depth"] + 1 and grown["parameters"] > base["parameters"]
+    assert contracted["kind"] == "contracted" and contracted["parent_id"] == trained
+    assert contracted["depth"] == grown["depth"] and contracted["parameters"] < grown["parameters"]
+    for model in (grown, contracted):
+        assert model["perplexity"] > 1 and model["cost"] is not None
+        assert model["artifact_uri"].endswith("/output/model.tar.gz")
+    assert train_job["bill"] == train_job["estimate"]["total"]
+
+    code, out, _ = fusion(stack, capsys, "models", "list")
+    assert code == 0
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert rows[trained][-1] == "base-debug" and rows[contract_job["output_model_id"]][-1] == trained
+    assert out.splitlines()[0].split() == ["MODEL", "NAME", "KIND", "PARAMETERS", "DEPTH", "PERPLEXITY", "COST", "PARENT"]
+
+    code, out, _ = fusion(stack, capsys, "models", "show", trained)
+    assert code == 0 and "parent" in out and "base-debug" in out and f"{grown['parameters']:,}" in out
+
+    code, out, _ = fusion(stack, capsys, "jobs", "list")
+    assert code == 0 and train_job["job_id"] in out and contract_job["job_id"] in out
+
+    code, out, _ = fusion(stack, capsys, "jobs", "get", train_job["job_id"])
+    assert code == 0 and "completed" in out and trained in out
+
+    code, out, _ = fusion(stack, capsys, "jobs", "wait", contract_job["job_id"])
+    assert code == 0 and f"completed: model {contract_job['output_model_id']}" in out
+
+
+@pytest.mark.slow
+def test_trainer_failure_reaches_the_job_with_its_reason(stack, capsys):
+    # An S3 dataset URI skips the upload check, so the trainer itself meets the bad data.
+    bucket = stack.env["DATA_BUCKET"]
+    boto3.client("s3").put_object(Bucket=bucket, Key="local/raw/broken.jsonl", Body=b'{"title": "no text"}\n' * 50)
+    code, out, err = fusion(stack, capsys, "jobs", "create", "train", "--model", "base-debug",
+                            "--dataset", f"s3://{bucket}/local/raw/broken.jsonl", *SMALL_TRAIN, "--wait")
+    assert code == 1
+    job = requests.get(f"{stack.api_url}/jobs").json()["jobs"][0]
+    assert job["status"] == "failed" and job["failure_reason"].startswith("AlgorithmError: ")
+    run_failure = (stack.runs_dir / job["training_job_name"] / "output/failure").read_text().strip()
+    assert run_failure and run_failure in job["failure_reason"]
+    assert err.startswith("error: job ") and run_failure[:40] in err and len(err.strip().splitlines()) == 1
+
+
+def test_estimate_prices_without_creating(stack, capsys, dataset_id):
+    code, out, _ = fusion(stack, capsys, "estimate", "train", "--model", "base-debug", "--dataset", dataset_id,
+                          "--turns", "2", "--steps-per-cycle", "100", "--cycles", "3", "--seq-len", "64")
+    assert code == 0
+    assert "38,400" in out and "growth fee" in out and "total" in out  # 2 x 3 x 100 x 64 tokens
+    assert "under-trains" in out
+    code, out, _ = fusion(stack, capsys, "--json", "estimate", "train", "--model", "base-debug", "--dataset", dataset_id)
+    assert json.loads(out)["estimate"]["training_tokens"] == 6 * 1000 * 256
+
+
+def test_bad_settings_are_one_line_with_the_field(stack, capsys, dataset_id):
+    code, out, err = fusion(stack, capsys, "estimate", "train", "--model", "base-debug", "--dataset", dataset_id,
+                            "--seq-len", "4096")
+    assert code == 1 and out == ""
+    assert err.startswith("error: ") and "hyperparams.seq_len" in err and len(err.strip().splitlines()) == 1
+    code, _, err = fusion(stack, capsys, "jobs", "create", "train", "--model", "base-nope", "--dataset", dataset_id)
+    assert code == 1 and "base-nope" in err
+
+
+def test_datasets_upload_ready_and_rejected(stack, capsys, dataset_file, tmp_path):
+    code, out, _ = fusion(stack, capsys, "datasets", "upload", str(dataset_file))
+    assert code == 0 and "ready" in out and "stdlib" in out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    code, out, err = fusion(stack, capsys, "datasets", "upload", str(bad))
+    assert code == 1 and "rejected" in out and "error: " in err and "line 2 is not JSON" in err
+    code, out, _ = fusion(stack, capsys, "datasets", "list")
+    assert code == 0 and out.count("rejected") == 1
+
+
+def test_jobs_and_models_errors(stack, capsys):
+    code, _, err = fusion(stack, capsys, "jobs", "get", "no-such-job")
+    assert code == 1 and "no-such-job" in err
+    code, _, err = fusion(stack, capsys, "models", "show", "m-missing")
+    assert code == 1 and "m-missing" in err
+
+
+def test_unreachable_api_is_one_clear_line(capsys):
+    code = main(["--api-url", "http://127.0.0.1:9", "models", "list"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.strip() == ("error: cannot reach the Fusion API at http://127.0.0.1:9: start it with "
+                                         "`fusion serve` or pass --api-url")
