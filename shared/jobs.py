@@ -318,6 +318,10 @@ SAGEMAKER_STATUS = {
 }
 
 
+# SecondaryStatus of a job SageMaker stopped at the MaxRuntime / MaxWaitTime the launcher set.
+LIMIT_STOPS = ("MaxRuntimeExceeded", "MaxWaitTimeExceeded")
+
+
 def model_id_for(job_id: str) -> str:
     """The catalog id of a job's output: derived from the job, so registering twice is detectable."""
     return f"m-{job_id}"
@@ -362,6 +366,8 @@ def record_state_change(
     """
     job_id = job_id_of(detail.get("TrainingJobName", ""))
     status = SAGEMAKER_STATUS.get(detail.get("TrainingJobStatus", ""))
+    if status == "cancelled" and detail.get("SecondaryStatus") in LIMIT_STOPS:
+        status = "failed"  # SageMaker stopped it at our own runtime limit: no one cancelled it
     job = jobs.get(job_id) if job_id and status else None
     if job is None or job["status"] in ("completed", "failed", "cancelled"):
         return Outcome()
@@ -381,8 +387,8 @@ def record_state_change(
         progress = read_progress(s3, artifacts_bucket, job_id) or {}
         fields = {"bill": str(bill(estimate, int(progress.get("tokens_trained", 0))))}
     elif status == "failed":
-        fields = {"failure_reason": detail.get("FailureReason") or "SageMaker reported the job failed",
-                  "bill": NO_CHARGE}
+        reason = detail.get("FailureReason") or f"SageMaker reported the job {detail.get('SecondaryStatus') or 'failed'}"
+        fields = {"failure_reason": reason, "bill": NO_CHARGE}
     try:
         job = jobs.transition(job_id, status, **fields)
     except ConditionFailed:

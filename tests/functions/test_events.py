@@ -221,3 +221,11 @@ def test_a_refused_request_is_answered_on_the_bus(aws, observer, detail, field):
     [(kind, published)] = observer()
     assert kind == "Fusion Job Rejected" and published["error"] == result["error"]
     assert Jobs(session=aws.session).list("alice") == []
+
+
+def test_a_job_stopped_at_its_runtime_limit_failed_and_pays_nothing(aws, job):
+    event = _event(aws, job["job_id"], "Stopped")
+    event["detail"]["SecondaryStatus"] = "MaxRuntimeExceeded"
+    events.lambda_handler(event, LambdaContext())
+    status, billed, _, reason, _ = _state(aws, job["job_id"])
+    assert (status, billed) == ("failed", "0.00") and "MaxRuntimeExceeded" in reason
