@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import boto3
 import pytest
@@ -28,7 +29,7 @@ def dataset_id(stack, dataset_file):
         shown = requests.get(f"{stack.api_url}/datasets/{response['dataset_id']}").json()
         if shown["status"] != "pending":
             break
-        stack.sagemaker and __import__("time").sleep(0.1)
+        time.sleep(0.1)
     assert shown["status"] == "ready", shown
     return shown["dataset_id"]
 
@@ -135,3 +136,46 @@ def test_unreachable_api_is_one_clear_line(capsys):
     err = capsys.readouterr().err
     assert code == 1 and err.strip() == ("error: cannot reach the Fusion API at http://127.0.0.1:9: start it with "
                                          "`fusion serve` or pass --api-url")
+
+
+@pytest.mark.slow
+def test_stopping_a_local_training_job_ends_it_cancelled(stack, capsys, dataset_id):
+    job = requests.post(f"{stack.api_url}/jobs", json={
+        "type": "train", "model": "base-debug", "dataset": dataset_id,
+        "hyperparams": {"cycles": 2, "train_steps": 5000, "seq_len": 64}}).json()
+    deadline = time.monotonic() + 60
+    while not ((shown := requests.get(f"{stack.api_url}/jobs/{job['job_id']}").json()).get("progress") or {}).get("step"):
+        assert time.monotonic() < deadline, shown
+        time.sleep(0.2)
+    boto3.client("sagemaker").stop_training_job(TrainingJobName=shown["training_job_name"])
+    assert stack.sagemaker.wait(shown["training_job_name"], 30) == "Stopped"
+    code, out, _ = fusion(stack, capsys, "jobs", "wait", job["job_id"], "--timeout", "30")
+    assert code == 1 and "cancelled" in out
+    ended = requests.get(f"{stack.api_url}/jobs/{job['job_id']}").json()
+    assert ended["status"] == "cancelled" and ended["bill"] is not None
+    assert stack.sagemaker.jobs[shown["training_job_name"]].process.poll() is not None
+
+
+@pytest.mark.slow
+def test_fusion_serve_runs_in_the_foreground_and_stops_on_ctrl_c(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    server = subprocess.Popen([sys.executable, "-m", "local.cli", "serve", "--port", "0", "--sizes", "debug"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = None
+        for line in server.stdout:
+            if line.startswith("ready: API at "):
+                url = line.split()[3]
+                break
+        assert url, "fusion serve never said it was ready"
+        assert any(m["model_id"] == "base-debug" for m in requests.get(f"{url}/models").json()["models"])
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{url}/models", timeout=2)
+    finally:
+        if server.poll() is None:
+            server.kill()
