@@ -4,6 +4,7 @@ import json
 from decimal import Decimal
 
 import pytest
+from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 
 from functions.api import context
 from shared.pricing import estimate_contract, estimate_train
@@ -246,3 +247,29 @@ def test_a_fault_of_ours_is_a_500_without_internals(world, api, monkeypatch):
     status, error = api("GET", "/models")
     assert status == 500 and error["error"]["code"] == "internal_error"
     assert "secret" not in json.dumps(error)
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+_near_valid = st.fixed_dictionaries(
+    {"type": st.sampled_from(["train", "contract", "grow", 1])},
+    optional={"model": st.sampled_from(["base-debug", "base-tiny", "m-alice", "", "x" * 200]) | _json_values,
+              "dataset": st.sampled_from([DATASET, "s3://x/y", ""]) | _json_values,
+              "hyperparams": st.dictionaries(
+                  st.sampled_from(["turns", "cycles", "steps_per_cycle", "lr", "seq_len", "train_steps",
+                                   "output_name", "source_model_id", "contraction_ratio",
+                                   "num_layers_to_contract", "bogus"]),
+                  _json_values | st.integers(-10, 10_000), max_size=5)},
+)
+
+
+@hypothesis_settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=_json_values | _near_valid)
+def test_no_body_makes_the_api_fail_with_a_5xx(world, api, body):
+    status, answer = api("POST", "/jobs", body, query="dry_run=true")
+    assert status < 500, answer
+    if status >= 400:
+        assert answer["error"]["details"] or answer["error"]["code"].endswith("not_found")
