@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.rule import Rule
 
 from local.cli import ApiError, Client, estimate_table, follow, models_table, datasets_table, duration, money, upload_dataset
-from local.stack import REPO, LocalStack
+from local.stack import REPO, LocalStack, interrupt_on_signals
 from shared.shapes import SIZES
 
 SIZE = os.environ.get("FUSION_DEMO_SIZE", "tiny")
@@ -100,6 +100,7 @@ def run_demo(console: Console) -> int:
 
 def main() -> int:
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    interrupt_on_signals()
     try:
         return run_demo(console)
     except ApiError as error:

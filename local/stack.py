@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -333,9 +334,23 @@ def _sqs_record(message: dict[str, Any], arn: str) -> dict[str, Any]:
     }
 
 
+def interrupt_on_signals() -> None:
+    """Ctrl-C, and a SIGTERM too, unwind through the stack's `with` block so it stops everything.
+
+    (Started in the background, Python would ignore SIGINT; killed by SIGTERM, it would skip the
+    cleanup and orphan the trainers, which run in sessions of their own.)
+    """
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def serve(host: str = "127.0.0.1", port: int = 8080, *, base_sizes: tuple[str, ...] = ("debug", "tiny"),
           on_ready: Callable[[LocalStack], None] | None = None, verbose: bool = False) -> None:
     """Run the local stack in the foreground until Ctrl-C."""
+    interrupt_on_signals()
     with LocalStack(host=host, port=port, base_sizes=base_sizes, verbose=verbose) as stack:
         if on_ready:
             on_ready(stack)
