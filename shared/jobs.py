@@ -5,11 +5,9 @@ Nothing here creates an AWS client: the stores (shared.store) and clients come i
 
 from __future__ import annotations
 
-import io
 import json
+import os
 import re
-import tarfile
-import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -62,7 +60,7 @@ def invalid(field_name: str, message: str) -> JobError:
 
 
 def new_job_id() -> str:
-    return uuid.uuid4().hex[:20]
+    return os.urandom(10).hex()
 
 
 def training_job_name(job_id: str) -> str:
@@ -298,6 +296,9 @@ def read_progress(s3: Any, bucket: str, job_id: str) -> dict[str, Any] | None:
 
 def read_metrics(s3: Any, model_artifacts_uri: str) -> dict[str, Any]:
     """metrics.json from the small output.tar.gz SageMaker writes beside model.tar.gz."""
+    import io
+    import tarfile
+
     bucket, key = split_s3(model_artifacts_uri)
     key = key.rsplit("/", 1)[0] + "/output.tar.gz"
     blob = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
