@@ -30,6 +30,15 @@ from shared.settings import ContractSettings
 from .conftest import small_config, write_hyperparameters
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Models this small run fastest on one thread, most of all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_parameter_count_is_what_the_config_predicts(debug_model, windows):
     train, _ = windows
     model, config = contract(debug_model, debug_model.config, train[:8], ratio=0.5, n_layers=2)
@@ -165,6 +174,7 @@ def test_container_contract_job_end_to_end(ml_root, monkeypatch, capsys):
     assert "heldout_perplexity=" in out and "train_loss=" in out
 
 
+@pytest.mark.slow
 def test_container_contract_reads_a_tarball_and_leaves_it_unchanged(ml_root, tmp_path):
     source = ml_root / "input/data/model"
     packed = tmp_path / "packed"
