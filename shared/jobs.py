@@ -22,13 +22,17 @@ from shared.settings import (
     to_hyperparameters,
 )
 from shared.shapes import ModelConfig
-from shared.store import ACTIVE_STATUSES, Catalog, ConditionFailed, Datasets, Jobs, now
+from shared.store import ACTIVE_STATUSES, Catalog, ConditionFailed, Datasets, Jobs, Tenants, now
 
 JOB_ID_PATTERN = re.compile(r"[a-z0-9-]{1,40}")
 TRAINING_JOB_PREFIX = "fusion-"
 METRIC_NAMES = ("step", "turn", "cycle", "train_loss", "heldout_loss", "heldout_perplexity", "tokens_per_second")
 MAX_RUNTIME_LIMIT = 28 * 24 * 3600  # SageMaker's ceiling on MaxRuntimeInSeconds
 NO_CHARGE = "0.00"
+END_STATUSES = ("completed", "failed", "cancelled")
+# The spend limit of a tenant without a record of their own in the tenants table.
+DEFAULT_BUDGET_ENV = "FUSION_DEFAULT_BUDGET_USD"
+DEFAULT_BUDGET_USD = "100.00"
 
 # The fields of a job that the HTTP API shows (the stored record carries a few more for launching).
 PUBLIC_JOB_FIELDS = (
@@ -216,6 +220,142 @@ def settings_of(job: dict[str, Any]) -> TrainSettings | ContractSettings:
     return cls.model_validate(job["settings"])
 
 
+# --- budgets -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A tenant's spend limit and what is already spent against it.
+
+    Spent = the bills of ended jobs + the estimated totals of jobs not yet ended (queued, launching,
+    running, cancelling): an estimate is committed the moment a job is accepted, and replaced by
+    its bill (never more than the estimate) when the job ends.
+    """
+
+    limit: Decimal
+    spent: Decimal
+
+    @property
+    def remaining(self) -> Decimal:
+        return max(self.limit - self.spent, Decimal("0.00"))
+
+    def allows(self, total: Decimal) -> bool:
+        return total <= self.limit - self.spent
+
+    def summary(self) -> dict[str, str]:
+        return {"limit": str(self.limit), "spent": str(self.spent), "remaining": str(self.remaining)}
+
+
+def default_budget() -> Decimal:
+    return Decimal(os.environ.get(DEFAULT_BUDGET_ENV) or DEFAULT_BUDGET_USD)
+
+
+def committed(job: dict[str, Any]) -> Decimal:
+    """What one job counts against its tenant's budget."""
+    if job["status"] in END_STATUSES:
+        return Decimal(job.get("bill") or NO_CHARGE)
+    return Decimal(job["estimate"]["total"])
+
+
+def budget_of(owner: str, *, jobs: Jobs, tenants: Tenants | None) -> Budget:
+    record = tenants.get(owner) if tenants is not None else None
+    limit = Decimal(record["budget_usd"]) if record and record.get("budget_usd") else default_budget()
+    spent = sum((committed(job) for job in jobs.all_of(owner)), Decimal("0.00"))
+    return Budget(limit=limit, spent=spent)
+
+
+def quote(job: dict[str, Any], budget: Budget) -> dict[str, Any]:
+    """The estimate answer: the priced job and whether the tenant's budget lets it run."""
+    allowed = budget.allows(Decimal(job["estimate"]["total"]))
+    estimate = {**job["estimate"], "allowed_to_proceed": allowed, "remaining_budget": str(budget.remaining)}
+    return {"type": job["type"], "model": job["model"], "dataset": job["dataset"], "settings": job["settings"],
+            "estimate": estimate, "warnings": job["warnings"], "allowed_to_proceed": allowed,
+            "budget": budget.summary()}
+
+
+def check_budget(job: dict[str, Any], budget: Budget) -> None:
+    """Refuse a job whose estimate would take its tenant past their spend limit (nothing is written)."""
+    total = Decimal(job["estimate"]["total"])
+    if not budget.allows(total):
+        message = (f"this job is estimated at USD {total} but only USD {budget.remaining} of your budget of "
+                   f"USD {budget.limit} remains (USD {budget.spent} spent or committed)")
+        raise JobError(402, "budget_exceeded", message, [{"field": "estimate.total", "message": message}])
+
+
+def admit(job: dict[str, Any], *, jobs: Jobs, tenants: Tenants | None, sqs: Any, queue_url: str) -> dict[str, Any]:
+    """Check the budget, then store and queue a resolved job: the one way a job is accepted."""
+    check_budget(job, budget_of(job["owner"], jobs=jobs, tenants=tenants))
+    return submit(job, jobs=jobs, sqs=sqs, queue_url=queue_url)
+
+
+# --- cancel ------------------------------------------------------------------------------------
+
+
+def cancel(job_id: str, owner: str, *, jobs: Jobs, sagemaker: Any) -> dict[str, Any]:
+    """Cancel a job of `owner`: a queued job ends at once (nothing ran, nothing billed); a launching
+    or running one becomes cancelling and its training job is asked to stop (the Stopped event
+    then ends it cancelled, billed for the tokens it trained). Repeating it is harmless."""
+    job = jobs.get(job_id, owner) if JOB_ID_PATTERN.fullmatch(job_id) else None
+    if job is None:
+        raise not_found("job", "job_id", job_id)
+    if job["status"] == "queued":
+        try:
+            return jobs.annotate(job_id, ("queued",), status="cancelled", bill=NO_CHARGE,
+                                 failure_reason="cancelled before launch")
+        except ConditionFailed:
+            job = jobs.get(job_id, owner)  # the launcher took it meanwhile: stop it instead
+    if job["status"] in ("launching", "running"):
+        try:
+            job = jobs.annotate(job_id, ("launching", "running"), status="cancelling")
+        except ConditionFailed:
+            job = jobs.get(job_id, owner)
+    if job["status"] == "cancelling":
+        stop_training_job(sagemaker, training_job_name(job_id))
+        return job
+    if job["status"] == "cancelled":
+        return job
+    raise JobError(409, "job_ended", f"job {job_id!r} has already {job['status']}: there is nothing to cancel",
+                   [{"field": "job_id", "message": f"the job is {job['status']}"}])
+
+
+def stop_training_job(sagemaker: Any, name: str) -> bool:
+    """Ask SageMaker to stop a training job; False when there is none running to stop (not yet
+    created, or already ended: its own end event settles the job)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        sagemaker.stop_training_job(TrainingJobName=name)
+    except ClientError as exc:
+        if exc.response["Error"].get("Code") in ("ValidationException", "ResourceNotFound"):
+            return False
+        raise
+    return True
+
+
+# --- domain events, at least once --------------------------------------------------------------
+
+
+def announce(job: dict[str, Any], *, jobs: Jobs, bus: Any, catalog: Catalog | None = None) -> dict[str, Any]:
+    """Publish the job's current state (and, once completed, its model) unless already published.
+
+    The state write comes first and this second: if publishing fails, the job's published_status
+    still trails its status, so whatever retries (the event, the message, the request) publishes
+    again. Subscribers may see an event twice, never miss one; the state itself changes once.
+    """
+    status = job["status"]
+    if job.get("published_status") == status:
+        return job
+    bus.job_state_changed(job)
+    if status == "completed" and job.get("output_model_id") and catalog is not None:
+        model = catalog.get(job["output_model_id"], job["owner"])
+        if model is not None:
+            bus.model_registered(model)
+    try:
+        return jobs.annotate(job["job_id"], (status,), published_status=status)
+    except ConditionFailed:
+        return job  # it moved on: whoever moved it announces the newer state
+
+
 # --- launch ------------------------------------------------------------------------------------
 
 
@@ -354,6 +494,27 @@ class Outcome:
 
     job: dict[str, Any] | None = None
     model: dict[str, Any] | None = None
+    current: dict[str, Any] | None = None  # the job as it is now, changed or not (to announce it)
+
+
+def _definitive(exc: Exception) -> bool:
+    """Whether reading the metrics failed for good (no such object, not an archive, bad content)
+    rather than for now (throttling, network): only the latter is worth the event's retries."""
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        return exc.response["Error"].get("Code") in ("NoSuchKey", "404", "NotFound")
+    return True
+
+
+def _unreadable_metrics() -> tuple[type[Exception], ...]:
+    import tarfile
+
+    from botocore.exceptions import ClientError
+    from pydantic import ValidationError
+
+    return (ClientError, FileNotFoundError, tarfile.TarError, EOFError, OSError, ValueError, KeyError, TypeError,
+            ValidationError)
 
 
 def record_state_change(
@@ -370,8 +531,10 @@ def record_state_change(
     if status == "cancelled" and detail.get("SecondaryStatus") in LIMIT_STOPS:
         status = "failed"  # SageMaker stopped it at our own runtime limit: no one cancelled it
     job = jobs.get(job_id) if job_id and status else None
-    if job is None or job["status"] in ("completed", "failed", "cancelled"):
+    if job is None:
         return Outcome()
+    if job["status"] in END_STATUSES:
+        return Outcome(current=job)
     estimate = Estimate.model_validate(job["estimate"])
     fields: dict[str, Any] = {}
     model = None
@@ -379,11 +542,22 @@ def record_state_change(
         artifact_uri = detail.get("ModelArtifacts", {}).get("S3ModelArtifacts") or (
             f"s3://{artifacts_bucket}/jobs/{job_id}/output/{training_job_name(job_id)}/output/model.tar.gz"
         )
-        metrics = read_metrics(s3, artifact_uri)
-        cost = bill(estimate, int(metrics.get("training_tokens", estimate.training_tokens)))
-        model = catalog_entry(job, metrics, artifact_uri, cost)
-        catalog.register(model)  # once: a second register of the same id is a no-op
-        fields = {"output_model_id": model["model_id"], "bill": str(cost)}
+        unreadable = _unreadable_metrics()
+        try:
+            metrics = read_metrics(s3, artifact_uri)
+            cost = bill(estimate, int(metrics.get("training_tokens", estimate.training_tokens)))
+            model = catalog_entry(job, metrics, artifact_uri, cost)
+        except unreadable as exc:
+            if not _definitive(exc):
+                raise  # throttled or unreachable: the event is retried
+            status, model = "failed", None
+            fields = {"failure_reason": f"SageMaker reported the job completed, but its metrics.json could not be "
+                                        f"read ({type(exc).__name__}: {exc}); no model was registered; the "
+                                        f"artifact is kept at {artifact_uri}",
+                      "bill": NO_CHARGE, "artifact_uri": artifact_uri}
+        else:
+            catalog.register(model)  # once: a second register of the same id is a no-op
+            fields = {"output_model_id": model["model_id"], "bill": str(cost), "artifact_uri": artifact_uri}
     elif status == "cancelled":
         progress = read_progress(s3, artifacts_bucket, job_id) or {}
         fields = {"bill": str(bill(estimate, int(progress.get("tokens_trained", 0))))}
@@ -393,8 +567,8 @@ def record_state_change(
     try:
         job = jobs.transition(job_id, status, **fields)
     except ConditionFailed:
-        return Outcome()
-    return Outcome(job=job, model=model)
+        return Outcome(current=jobs.get(job_id))
+    return Outcome(job=job, model=model, current=job)
 
 
 def is_active(job: dict[str, Any]) -> bool:

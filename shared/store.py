@@ -124,6 +124,20 @@ class Jobs(_Table):
     def list(self, owner: str, limit: int = 100) -> list[dict[str, Any]]:
         return [_job_from_item(item) for item in self._query_owner(owner, limit)]
 
+    def all_of(self, owner: str) -> list[dict[str, Any]]:
+        """Every job of a tenant, all pages (for their spend)."""
+        items, start = [], None
+        while True:
+            page = {"ExclusiveStartKey": start} if start else {}
+            response = self.client.query(
+                TableName=self.name, IndexName=BY_OWNER_INDEX, KeyConditionExpression="#o = :o",
+                ExpressionAttributeNames={"#o": "owner"}, ExpressionAttributeValues={":o": {"S": owner}}, **page,
+            )
+            items += response.get("Items", [])
+            start = response.get("LastEvaluatedKey")
+            if not start:
+                return [_job_from_item(_plain(item)) for item in items]
+
     def transition(self, job_id: str, status: str, **fields: Any) -> dict[str, Any]:
         """Move a job forward to `status`, setting `fields` with it; ConditionFailed otherwise.
 
@@ -161,9 +175,12 @@ class Jobs(_Table):
         return _job_from_item(_plain(response["Attributes"]))
 
 
+# published_status: the last status announced on the bus. It trails `status` between a state
+# write and its event, so a retry that finds them apart publishes again (at least once).
+# artifact_uri: what SageMaker wrote, kept on the job even when no model could be registered.
 _JOB_COLUMNS = (
     "job_id", "owner", "status", "type", "created_at", "updated_at", "training_job_name",
-    "output_model_id", "failure_reason", "bill",
+    "output_model_id", "failure_reason", "bill", "published_status", "artifact_uri",
 )
 
 
@@ -267,3 +284,15 @@ class Datasets(_Table):
         if item is None or item.get("owner") != owner:
             return None
         return item
+
+
+class Tenants(_Table):
+    """Per-tenant settings that operators write: today the spend limit (budget_usd, a decimal string)."""
+
+    env_var = "TENANTS_TABLE"
+
+    def get(self, tenant: str) -> dict[str, Any] | None:
+        return self._get({"tenant": tenant})
+
+    def set_budget(self, tenant: str, budget_usd: str) -> None:
+        self.client.put_item(TableName=self.name, Item=_ddb({"tenant": tenant, "budget_usd": budget_usd}))

@@ -9,7 +9,8 @@ from typing import Any
 from aws_lambda_powertools.event_handler.api_gateway import Router
 
 from shared.jobs import JobError
-from shared.store import Catalog, Datasets, Jobs
+from shared.events import Bus
+from shared.store import Catalog, Datasets, Jobs, Tenants
 
 
 def tenant(router: Router) -> str:
@@ -45,6 +46,16 @@ def datasets() -> Datasets:
 
 
 @cache
+def tenants() -> Tenants:
+    return Tenants(session=session())
+
+
+@cache
+def bus() -> Bus:
+    return Bus(session=session())
+
+
+@cache
 def client(service: str) -> Any:
     if service == "s3":  # progress reads are best effort: fail fast rather than hold the request
         from botocore.config import Config
@@ -59,5 +70,5 @@ def env(name: str) -> str:
 
 def reset() -> None:
     """Forget cached clients (tests switch AWS backends between cases)."""
-    for cached in (session, jobs, catalog, datasets, client):
+    for cached in (session, jobs, catalog, datasets, tenants, bus, client):
         cached.cache_clear()

@@ -1,4 +1,7 @@
-"""Job routes: price, submit, list and show training and contraction jobs."""
+"""Job routes: price, submit, list, show and cancel training and contraction jobs.
+
+Every route acts for the caller's tenant only; another tenant's job is a 404, never a 403.
+"""
 
 
 from typing import Annotated, Any
@@ -6,7 +9,7 @@ from typing import Annotated, Any
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.api_gateway import Router
-from aws_lambda_powertools.event_handler.openapi.params import Body, Path, Query
+from aws_lambda_powertools.event_handler.openapi.params import Body, Header, Path, Query
 
 from functions.api import context
 from shared import jobs as domain
@@ -27,28 +30,46 @@ def _resolve(request: Any) -> dict[str, Any]:
 
 
 def _quote(job: dict[str, Any]) -> dict[str, Any]:
-    return {k: job[k] for k in ("type", "model", "dataset", "settings", "estimate", "warnings")}
+    return domain.quote(job, domain.budget_of(job["owner"], jobs=context.jobs(), tenants=context.tenants()))
 
 
 @router.post("/jobs/estimate", summary="Estimate a job",
-             description="Validate and price a job without creating it: tokens, tier, fees, total and ETA.")
+             description="Validate and price a job without creating it: tokens, tier, fees, total, ETA, and "
+             "whether the caller's remaining budget lets it run (allowed_to_proceed).")
 def estimate_job(request: Annotated[JobRequest, Body()]) -> dict[str, Any]:
     return _quote(_resolve(request))
 
 
 @router.post("/jobs", summary="Create a job",
              description="Validate, price, store and queue a train or contract job. "
-             "With dry_run=true only the estimate is returned and nothing is created.",
+             "With dry_run=true only the estimate is returned and nothing is created. A job that would take "
+             "the caller past their budget is refused (402) before anything is stored. With an "
+             "Idempotency-Key header, repeating the request (same key, same body) within 24 h returns the "
+             "same job; the same key with another body is a 409.",
              responses={201: {"description": "The queued job"}, 200: {"description": "Dry run: the estimate"}})
 def create_job(
     request: Annotated[JobRequest, Body()],
     dry_run: Annotated[bool, Query(description="Price the job without creating it.")] = False,
+    idempotency_key: Annotated[str | None, Header(
+        alias="idempotency-key", min_length=1, max_length=128,
+        description="Any unique string (e.g. a UUID): retries with it never create a second job.")] = None,
 ) -> Response[dict[str, Any]]:
-    job = _resolve(request)
     if dry_run:
-        return _json(200, _quote(job))
-    domain.submit(job, jobs=context.jobs(), sqs=context.client("sqs"), queue_url=context.env("LAUNCH_QUEUE_URL"))
-    return _json(201, domain.public(job))
+        return _json(200, _quote(_resolve(request)))
+    if idempotency_key is None:
+        return _json(201, _create(request))
+    from functions.api import idempotency
+
+    owner = context.tenant(router)
+    return _json(201, idempotency.once(owner, idempotency_key, request.model_dump(mode="json"),
+                                       lambda: _create(request)))
+
+
+def _create(request: Any) -> dict[str, Any]:
+    job = _resolve(request)
+    domain.admit(job, jobs=context.jobs(), tenants=context.tenants(), sqs=context.client("sqs"),
+                 queue_url=context.env("LAUNCH_QUEUE_URL"))
+    return domain.public(job)
 
 
 @router.get("/jobs", summary="List jobs", description="The caller's jobs, newest first.")
@@ -65,6 +86,19 @@ def get_job(job_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
         raise domain.not_found("job", "job_id", job_id)
     if domain.is_active(job):
         job["progress"] = _progress(job_id)
+    return domain.public(job)
+
+
+@router.post("/jobs/<job_id>/cancel", summary="Cancel a job",
+             description="Stop a job: a queued job ends cancelled at once and pays nothing; a launching or "
+             "running one becomes cancelling, its training job is stopped, and it ends cancelled, billed for "
+             "the tokens it trained. Repeating it is harmless; a job that already ended is a 409.")
+def cancel_job(job_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
+    job = domain.cancel(job_id, context.tenant(router), jobs=context.jobs(), sagemaker=context.client("sagemaker"))
+    try:
+        job = domain.announce(job, jobs=context.jobs(), bus=context.bus())
+    except Exception:  # the cancel stands; the next state change publishes what this could not
+        logger.warning("cancel not published", extra={"job_id": job_id}, exc_info=True)
     return domain.public(job)
 
 

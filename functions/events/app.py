@@ -4,8 +4,10 @@ Two EventBridge rules invoke it:
 - "SageMaker Training Job State Change" for jobs named fusion-*: move the job forward, register
   the model, bill. Duplicates and late events change nothing (forward-only conditional writes).
 - "Fusion Job Requested" on the Fusion bus ({"owner", "request": <POST /jobs body>}): the same
-  validation and pricing as POST /jobs, then queued for launch; a refused request is answered
-  with "Fusion Job Rejected".
+  validation, tenancy (the owner's catalog and data prefix) and budget as POST /jobs, then queued
+  for launch; a refused request is answered with "Fusion Job Rejected".
+Domain events are published after the state write and marked published after: a retry of a
+delivery whose publishing failed publishes again (at least once) without changing state twice.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from aws_lambda_powertools import Logger
 
 from shared import jobs as domain
 from shared.events import JOB_REQUESTED, Bus
-from shared.store import Catalog, Datasets, Jobs
+from shared.store import Catalog, Datasets, Jobs, Tenants
 
 logger = Logger()
 
@@ -29,13 +31,13 @@ def _clients() -> dict[str, Any]:
 
     session = boto3.session.Session()
     return {"jobs": Jobs(session=session), "catalog": Catalog(session=session), "datasets": Datasets(session=session),
-            "s3": session.client("s3"), "sqs": session.client("sqs"), "bus": Bus(session=session)}
+            "tenants": Tenants(session=session), "s3": session.client("s3"), "sqs": session.client("sqs"), "bus": Bus(session=session)}
 
 
 @logger.inject_lambda_context
 def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     if event.get("detail-type") == JOB_REQUESTED:
-        return job_requested(event.get("detail") or {})
+        return job_requested(event.get("detail") or {}, event.get("id"))
     return training_job_changed(event.get("detail") or {})
 
 
@@ -44,31 +46,41 @@ def training_job_changed(detail: dict[str, Any]) -> dict[str, Any]:
     outcome = domain.record_state_change(
         detail, jobs=c["jobs"], catalog=c["catalog"], s3=c["s3"], artifacts_bucket=os.environ["ARTIFACTS_BUCKET"]
     )
+    if outcome.current is not None:  # changed now, or changed before but its events were not all published
+        domain.announce(outcome.current, jobs=c["jobs"], bus=c["bus"], catalog=c["catalog"])
     if outcome.job is None:
         logger.info("no change", extra={"training_job": detail.get("TrainingJobName"),
                                         "sagemaker_status": detail.get("TrainingJobStatus")})
         return {"changed": False}
-    c["bus"].job_state_changed(outcome.job)
-    if outcome.model is not None:
-        c["bus"].model_registered(outcome.model)
     logger.info("job moved", extra={"job_id": outcome.job["job_id"], "status": outcome.job["status"]})
     return {"changed": True, "job_id": outcome.job["job_id"], "status": outcome.job["status"]}
 
 
-def job_requested(detail: dict[str, Any]) -> dict[str, Any]:
-    """A job request from a pipeline. A refusal is answered on the bus, not retried: it would fail again."""
+def job_requested(detail: dict[str, Any], event_id: str | None = None) -> dict[str, Any]:
+    """A job request from a pipeline. A refusal is answered on the bus, not retried: it would fail again.
+
+    The job id derives from the event id, so a redelivered request finds its job instead of
+    creating a second one (and publishes what the first delivery could not).
+    """
+    import hashlib
+
     from pydantic import ValidationError
 
     from shared.settings import JOB_REQUEST
 
     c = _clients()
     owner, body = detail.get("owner"), detail.get("request")
+    job_id = "r-" + hashlib.sha256(event_id.encode()).hexdigest()[:24] if event_id else None
+    existing = c["jobs"].get(job_id, owner) if job_id and isinstance(owner, str) else None
+    if existing is not None:
+        domain.announce(existing, jobs=c["jobs"], bus=c["bus"])
+        return {"accepted": True, "job_id": job_id}
     try:
         if not isinstance(owner, str) or not owner:
             raise domain.invalid("owner", "a requested job names its owner (the tenant)")
         job = domain.resolve(JOB_REQUEST.validate_python(body), owner, catalog=c["catalog"],
-                             datasets=c["datasets"], data_bucket=os.environ["DATA_BUCKET"])
-        domain.submit(job, jobs=c["jobs"], sqs=c["sqs"], queue_url=os.environ["LAUNCH_QUEUE_URL"])
+                             datasets=c["datasets"], data_bucket=os.environ["DATA_BUCKET"], job_id=job_id)
+        domain.admit(job, jobs=c["jobs"], tenants=c["tenants"], sqs=c["sqs"], queue_url=os.environ["LAUNCH_QUEUE_URL"])
     except ValidationError as exc:
         error = {"code": "invalid_request", "message": "the requested job has invalid fields",
                  "details": [domain.describe_error(e) for e in exc.errors()]}
@@ -78,6 +90,6 @@ def job_requested(detail: dict[str, Any]) -> dict[str, Any]:
         error = {"code": exc.code, "message": exc.message, "details": exc.details}
         c["bus"].job_rejected(owner, body, error)
         return {"accepted": False, "error": error}
-    c["bus"].job_state_changed(job)
+    domain.announce(job, jobs=c["jobs"], bus=c["bus"])
     logger.info("job requested", extra={"job_id": job["job_id"], "owner": owner})
     return {"accepted": True, "job_id": job["job_id"]}

@@ -4,6 +4,8 @@ Each message is {"job_id"}. The training job name is derived from the job id, so
 message finds the job it already started instead of starting a second one. Throttling and
 quota errors put the message back (partial batch failure) until FUSION_MAX_LAUNCH_ATTEMPTS,
 then mark the job failed; permanent errors mark it failed at once. No path drops a job silently.
+A job cancelled before launch is never launched; one cancelled while its training job was being
+created has that training job stopped.
 """
 
 from __future__ import annotations
@@ -61,15 +63,18 @@ def launch(job_id: str, attempt: int) -> str:
     if job is None:
         logger.warning("no such job: message dropped", extra={"job_id": job_id})
         return "unknown"
-    if job["status"] not in ("queued", "launching"):
-        return "already-" + job["status"]
     name = domain.training_job_name(job_id)
+    if job["status"] == "cancelling":
+        return _cancel_unlaunched(jobs, sagemaker, bus, job)
+    if job["status"] not in ("queued", "launching"):
+        domain.announce(job, jobs=jobs, bus=bus)  # a retry after a publish that failed
+        return "already-" + job["status"]
     if job["status"] == "queued":
         try:
             job = jobs.transition(job_id, "launching", training_job_name=name)
-            bus.job_state_changed(job)
         except ConditionFailed:
             return launch(job_id, attempt)  # moved on meanwhile: decide again on what it is now
+    domain.announce(job, jobs=jobs, bus=bus)
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
@@ -85,7 +90,25 @@ def launch(job_id: str, attempt: int) -> str:
     except BotoCoreError as exc:  # no answer at all (network, endpoint): as transient as throttling
         return _retry_or_fail(jobs, bus, job_id, attempt, str(exc))
     logger.info("training job started", extra={"job_id": job_id, "training_job_name": name})
+    if jobs.get(job_id)["status"] == "cancelling":  # cancelled while it was being created: stop it now
+        domain.stop_training_job(sagemaker, name)
+        return "stopped"
     return "started"
+
+
+def _cancel_unlaunched(jobs: Jobs, sagemaker: Any, bus: Bus, job: dict[str, Any]) -> str:
+    """A job cancelled while launching: end it if its training job was never created, else stop it."""
+    name = domain.training_job_name(job["job_id"])
+    if _exists(sagemaker, name):
+        domain.stop_training_job(sagemaker, name)
+        return "stopped"
+    try:
+        job = jobs.annotate(job["job_id"], ("cancelling",), status="cancelled", bill=domain.NO_CHARGE,
+                            failure_reason="cancelled before launch")
+    except ConditionFailed:
+        return "already-moved"
+    domain.announce(job, jobs=jobs, bus=bus)
+    return "cancelled"
 
 
 def _exists(sagemaker: Any, name: str) -> bool:
@@ -115,7 +138,7 @@ def _fail(jobs: Jobs, bus: Bus, job_id: str, reason: str) -> None:
     except ConditionFailed:
         return
     logger.error("launch failed", extra={"job_id": job_id, "reason": reason})
-    bus.job_state_changed(job)
+    domain.announce(job, jobs=jobs, bus=bus)
 
 
 def record_handler(record: SQSRecord) -> str:

@@ -171,11 +171,29 @@ def test_a_contract_job_registers_a_contracted_model(aws, job):
     assert model["cost"] == contract["estimate"]["total"] and model["dataset"] == job["dataset"]
 
 
-def test_missing_metrics_raise_so_the_event_is_retried(aws, job):
-    with pytest.raises(ClientError, match="NoSuchKey"):
+def test_missing_metrics_fail_the_job_and_keep_the_artifact(aws, job, observer):
+    _deliver(aws, job["job_id"], "Completed", "Completed")  # nothing to retry for: it would never appear
+    status, billed, model_id, reason, models = _state(aws, job["job_id"])
+    assert (status, billed, model_id, models) == ("failed", "0.00", None, [])
+    assert "metrics.json could not be read" in reason and _artifact(aws, job["job_id"]) in reason
+    assert Jobs(session=aws.session).get(job["job_id"])["artifact_uri"] == _artifact(aws, job["job_id"])
+    assert [(t, d["status"]) for t, d in observer()] == [("Fusion Job State Change", "failed")]
+
+
+def test_a_transient_metrics_error_raises_so_the_event_is_retried(aws, job, monkeypatch):
+    from botocore.exceptions import EndpointConnectionError
+
+    _write_metrics(aws, job)
+    real = domain.read_metrics
+
+    def unreachable(s3, uri):
+        raise EndpointConnectionError(endpoint_url="https://s3")
+
+    monkeypatch.setattr(domain, "read_metrics", unreachable)
+    with pytest.raises(EndpointConnectionError):
         _deliver(aws, job["job_id"], "Completed")
     assert _state(aws, job["job_id"])[0] == "launching"
-    _write_metrics(aws, job)
+    monkeypatch.setattr(domain, "read_metrics", real)
     _deliver(aws, job["job_id"], "Completed")  # the retry succeeds
     assert _state(aws, job["job_id"])[0] == "completed"
 
