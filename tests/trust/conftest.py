@@ -1,0 +1,172 @@
+"""Tenants with data and models of their own, a SageMaker that records stops, and an event driver."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+from botocore.exceptions import ClientError
+
+from functions.api import context
+from shared import jobs as domain
+from shared.shapes import SIZES, grown_config
+from shared.store import Catalog, Jobs
+
+GROWN = grown_config(SIZES["debug"])
+
+
+def dataset_id(owner: str) -> str:
+    return f"ds-{owner[:1] * 12}"
+
+
+@pytest.fixture
+def tenants(aws, api):
+    """alice and bob each own a ready dataset and a trained model."""
+    ddb = aws.session.client("dynamodb")
+    catalog = Catalog(session=aws.session)
+    for owner in ("alice", "bob"):
+        ds = dataset_id(owner)
+        ddb.put_item(TableName=aws.env["DATASETS_TABLE"], Item={
+            "dataset_id": {"S": ds}, "owner": {"S": owner}, "status": {"S": "ready"}, "name": {"S": "d"},
+            "s3_uri": {"S": f"s3://{aws.env['DATA_BUCKET']}/{owner}/datasets/{ds}/data.jsonl"},
+            "created_at": {"S": "2026-01-01T00:00:00Z"}})
+        catalog.register({
+            "model_id": f"m-{owner}", "owner": owner, "name": f"m-{owner}", "kind": "trained",
+            "parent_id": "base-debug", "job_id": "j0", "parameters": GROWN.parameters(), "depth": GROWN.n_layers,
+            "perplexity": 20.0, "artifact_uri": f"s3://{aws.env['ARTIFACTS_BUCKET']}/jobs/j0/model.tar.gz",
+            "cost": "0.62", "config": GROWN.model_dump(mode="json"), "dataset": ds, "created_at": "t"})
+    return aws
+
+
+def train(owner: str = "alice", **hyper) -> dict:
+    return {"type": "train", "model": "base-debug", "dataset": dataset_id(owner), "hyperparams": hyper}
+
+
+class FakeSageMaker:
+    """CreateTrainingJob / DescribeTrainingJob / StopTrainingJob with SageMaker's error codes."""
+
+    def __init__(self):
+        self.created: dict[str, dict] = {}
+        self.stopped: list[str] = []
+        self.errors: list[Exception] = []
+
+    def create_training_job(self, **request):
+        if self.errors:
+            raise self.errors.pop(0)
+        if request["TrainingJobName"] in self.created:
+            raise client_error("ResourceInUse", "Training job names must be unique")
+        self.created[request["TrainingJobName"]] = request
+
+    def describe_training_job(self, TrainingJobName):
+        if TrainingJobName not in self.created:
+            raise client_error("ResourceNotFound", "Requested resource not found.")
+        return {"TrainingJobName": TrainingJobName}
+
+    def stop_training_job(self, TrainingJobName):
+        if TrainingJobName not in self.created:
+            raise client_error("ValidationException", f"Requested resource not found: {TrainingJobName}")
+        self.stopped.append(TrainingJobName)
+
+
+def client_error(code: str, message: str = "boom", operation: str = "CreateTrainingJob") -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": message}}, operation)
+
+
+@pytest.fixture
+def sagemaker(aws, monkeypatch):
+    """One fake SageMaker behind the API's and the launcher's clients."""
+    from functions.launcher import app as launcher
+
+    fake = FakeSageMaker()
+    real = context.client
+    monkeypatch.setattr(context, "client", lambda service: fake if service == "sagemaker" else real(service))
+    jobs, _, bus = launcher._clients()
+    monkeypatch.setattr(launcher, "_clients", lambda: (jobs, fake, bus))
+    return fake
+
+
+def launch(*job_ids: str, receive_count: int = 1) -> list[str]:
+    """Run the launcher on one SQS batch; the ids of the messages it handed back for retry."""
+    from functions.launcher import app as launcher
+    from tests.conftest import LambdaContext
+
+    records = [{"messageId": f"msg-{i}", "receiptHandle": "r", "body": json.dumps({"job_id": job_id}),
+                "attributes": {"ApproximateReceiveCount": str(receive_count), "SentTimestamp": "0",
+                               "SenderId": "s", "ApproximateFirstReceiveTimestamp": "0"},
+                "messageAttributes": {}, "md5OfBody": "", "eventSource": "aws:sqs",
+                "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:q", "awsRegion": "us-east-1"}
+               for i, job_id in enumerate(job_ids)]
+    result = launcher.lambda_handler({"Records": records}, LambdaContext())
+    return [f["itemIdentifier"] for f in result["batchItemFailures"]]
+
+
+def artifact(aws, job_id: str) -> str:
+    name = domain.training_job_name(job_id)
+    return f"s3://{aws.env['ARTIFACTS_BUCKET']}/jobs/{job_id}/output/{name}/output/model.tar.gz"
+
+
+def write_metrics(aws, job: dict, *, config=GROWN, tokens=None, perplexity=17.5) -> None:
+    metrics = {"job_id": job["job_id"], "job_type": job["type"], "config": config.model_dump(mode="json"),
+               "training_tokens": job["estimate"]["training_tokens"] if tokens is None else tokens,
+               "final_perplexity": perplexity, "cycles": []}
+    blob = io.BytesIO()
+    with tarfile.open(fileobj=blob, mode="w:gz") as archive:
+        data = json.dumps(metrics).encode()
+        info = tarfile.TarInfo("metrics.json")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    key = artifact(aws, job["job_id"]).split("/", 3)[3].replace("model.tar.gz", "output.tar.gz")
+    aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=key, Body=blob.getvalue())
+
+
+def write_progress(aws, job_id: str, tokens_trained: int) -> None:
+    aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=domain.progress_key(job_id),
+                                        Body=json.dumps({"tokens_trained": tokens_trained, "step": 1}))
+
+
+def sagemaker_event(aws, job_id: str, status: str, reason: str | None = None, secondary: str | None = None) -> dict:
+    name = domain.training_job_name(job_id)
+    detail = {"TrainingJobName": name, "TrainingJobStatus": status, "SecondaryStatus": secondary or status,
+              "TrainingJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:training-job/{name}"}
+    if status == "Completed":
+        detail["ModelArtifacts"] = {"S3ModelArtifacts": artifact(aws, job_id)}
+    if reason:
+        detail["FailureReason"] = reason
+    return {"version": "0", "id": f"{job_id}-{status}", "detail-type": "SageMaker Training Job State Change",
+            "source": "aws.sagemaker", "account": "123456789012", "time": "2026-01-01T00:00:00Z",
+            "region": "us-east-1", "resources": [detail["TrainingJobArn"]], "detail": detail}
+
+
+def deliver(aws, job_id: str, *statuses: str, reason: str | None = None) -> list[dict]:
+    from functions.events import app as events
+    from tests.conftest import LambdaContext
+
+    return [events.lambda_handler(sagemaker_event(aws, job_id, s, reason), LambdaContext()) for s in statuses]
+
+
+def stored(aws, job_id: str) -> dict:
+    return Jobs(session=aws.session).get(job_id)
+
+
+@pytest.fixture
+def observer(aws):
+    """A queue subscribed to everything on the Fusion bus: what was published."""
+    sqs, bridge = aws.session.client("sqs"), aws.session.client("events")
+    url = sqs.create_queue(QueueName="observer")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    bus = aws.env["EVENT_BUS_NAME"]
+    bridge.put_rule(Name="all", EventBusName=bus, EventPattern=json.dumps({"source": ["fusion"]}))
+    bridge.put_targets(Rule="all", EventBusName=bus, Targets=[{"Id": "q", "Arn": arn}])
+
+    def published():
+        out = []
+        while messages := sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages"):
+            for m in messages:
+                body = json.loads(m["Body"])
+                out.append((body["detail-type"], body["detail"]))
+                sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+        return out
+
+    return published
