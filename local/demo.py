@@ -91,8 +91,9 @@ def run_demo(console: Console) -> int:
 
         console.print(Rule("5. catalog"))
         models = client.call("GET", "/models")["models"]
-        lineage = {f"base-{SIZE}", trained, job["output_model_id"]}
-        console.print(models_table([m for m in models if m["model_id"] in lineage]))
+        lineage = [f"base-{SIZE}", trained, job["output_model_id"]]
+        by_id = {m["model_id"]: m for m in models}
+        console.print(models_table([by_id[model_id] for model_id in lineage]))
         console.print(f"\n(the other base models: {', '.join(m['model_id'] for m in models if m['kind'] == 'base' and m['model_id'] not in lineage)})")
     console.print(f"\ndemo finished in {duration(time.monotonic() - started)}; everything it started is stopped.")
     return 0

@@ -139,7 +139,7 @@ def test_unreachable_api_is_one_clear_line(capsys):
 
 
 @pytest.mark.slow
-def test_stopping_a_local_training_job_ends_it_cancelled(stack, capsys, dataset_id):
+def test_cancel_stops_the_trainer_and_bills_what_it_trained(stack, capsys, dataset_id):
     job = requests.post(f"{stack.api_url}/jobs", json={
         "type": "train", "model": "base-debug", "dataset": dataset_id,
         "hyperparams": {"cycles": 2, "train_steps": 5000, "seq_len": 64}}).json()
@@ -147,13 +147,19 @@ def test_stopping_a_local_training_job_ends_it_cancelled(stack, capsys, dataset_
     while not ((shown := requests.get(f"{stack.api_url}/jobs/{job['job_id']}").json()).get("progress") or {}).get("step"):
         assert time.monotonic() < deadline, shown
         time.sleep(0.2)
-    boto3.client("sagemaker").stop_training_job(TrainingJobName=shown["training_job_name"])
+    code, out, _ = fusion(stack, capsys, "jobs", "cancel", job["job_id"])
+    assert code == 0 and out.strip() == f"job {job['job_id']} cancelling"
     assert stack.sagemaker.wait(shown["training_job_name"], 30) == "Stopped"
+    assert stack.sagemaker.jobs[shown["training_job_name"]].process.poll() is not None
     code, out, _ = fusion(stack, capsys, "jobs", "wait", job["job_id"], "--timeout", "30")
-    assert code == 1 and "cancelled" in out
+    assert code == 1 and "cancelled: billed $" in out
     ended = requests.get(f"{stack.api_url}/jobs/{job['job_id']}").json()
     assert ended["status"] == "cancelled" and ended["bill"] is not None
-    assert stack.sagemaker.jobs[shown["training_job_name"]].process.poll() is not None
+    trained = json.loads(boto3.client("s3").get_object(
+        Bucket=stack.env["ARTIFACTS_BUCKET"], Key=f"jobs/{job['job_id']}/checkpoints/progress.json")["Body"].read())
+    assert 0 < trained["tokens_trained"] < ended["estimate"]["training_tokens"]
+    code, _, err = fusion(stack, capsys, "jobs", "cancel", job["job_id"])
+    assert code == 0 or "already" in err
 
 
 @pytest.mark.slow
