@@ -212,7 +212,7 @@ class Trainer:
                 _, loss = self.network(micro[:, :-1], micro[:, 1:])
                 (loss / len(micro_batches)).backward()
             loss_sum += loss.detach().float()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP, foreach=True)
         # One exchange carries the loss and the stop flag, so all ranks fail or stop at the same step.
         shared = torch.stack([loss_sum / len(micro_batches), torch.tensor(float(self.stop_requested), device=self.device)])
         if self.world_size > 1:
@@ -399,8 +399,8 @@ def _adamw(model: nn.Module, lr: float) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     keep = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": keep, "weight_decay": 0.0}]
-    fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    # The fused kernel updates every tensor in one pass (on CPU as on CUDA).
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
