@@ -67,6 +67,12 @@ def invalid_request(exc: RequestValidationError) -> Response:
     return _error(422, "invalid_request", f"the request has invalid fields: {fields}", details)
 
 
+@app.exception_handler(UnicodeDecodeError)
+def undecodable(exc: UnicodeDecodeError) -> Response:
+    message = "malformed JSON: the body is not UTF-8 text"
+    return _error(422, "invalid_request", message, [{"field": "body", "message": message}])
+
+
 @app.exception_handler(RequestUnsupportedContentType)
 def unsupported_content(exc: RequestUnsupportedContentType) -> Response:
     content_type = app.current_event.headers.get("content-type", "")

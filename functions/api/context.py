@@ -72,3 +72,36 @@ def reset() -> None:
     """Forget cached clients (tests switch AWS backends between cases)."""
     for cached in (session, jobs, catalog, datasets, tenants, bus, client):
         cached.cache_clear()
+
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {
+        "type": "object",
+        "required": ["code", "message", "details"],
+        "properties": {
+            "code": {"type": "string"},
+            "message": {"type": "string"},
+            "details": {"type": "array", "items": {
+                "type": "object", "required": ["field", "message"],
+                "properties": {"field": {"type": "string"}, "message": {"type": "string"}}}},
+        },
+    }},
+}
+ERROR_WORDS = {
+    400: "Malformed request", 401: "No verified identity", 402: "Over the tenant's budget",
+    404: "Not found (or not the caller's)", 409: "Conflicts with the current state", 415: "Not JSON",
+    422: "Invalid fields, each named", 500: "A fault of ours (safe to retry)", 503: "A dependency is unavailable",
+}
+
+
+def responses(success: dict[int, str], *errors: int) -> dict[int, dict[str, Any]]:
+    """OpenAPI responses of a route: its successes and the errors it can answer, all in one shape."""
+    out: dict[int, dict[str, Any]] = {
+        status: {"description": words, "content": {"application/json": {"schema": {"type": "object"}}}}
+        for status, words in success.items()
+    }
+    for status in sorted({401, 404, 422, 500, *errors}):
+        out[status] = {"description": ERROR_WORDS[status], "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+    return out

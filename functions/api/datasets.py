@@ -37,7 +37,8 @@ def _tenant() -> str:
     return context.tenant(router)
 
 
-@router.post("/datasets", summary="Register a dataset and get a presigned URL to upload it to")
+@router.post("/datasets", summary="Register a dataset and get a presigned URL to upload it to",
+             responses=context.responses({201: "The registered dataset and its upload URL"}, 415))
 def create_dataset(request: CreateDatasetRequest):
     tenant = _tenant()
     dataset = _store().register(tenant, request)
@@ -50,12 +51,14 @@ def create_dataset(request: CreateDatasetRequest):
     return Response(status_code=201, content_type=content_types.APPLICATION_JSON, body=body)
 
 
-@router.get("/datasets", summary="The caller's datasets, newest first")
+@router.get("/datasets", summary="The caller's datasets, newest first",
+            responses=context.responses({200: "The caller's datasets"}))
 def list_datasets() -> dict:
     return {"datasets": [d.model_dump(mode="json") for d in _store().list(_tenant())]}
 
 
-@router.get("/datasets/<dataset_id>", summary="One of the caller's datasets")
+@router.get("/datasets/<dataset_id>", summary="One of the caller's datasets",
+            responses=context.responses({200: "The dataset"}))
 def get_dataset(dataset_id: Annotated[str, Path(max_length=64)]):
     try:
         return _store().get(_tenant(), dataset_id)

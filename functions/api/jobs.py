@@ -35,7 +35,8 @@ def _quote(job: dict[str, Any]) -> dict[str, Any]:
 
 @router.post("/jobs/estimate", summary="Estimate a job",
              description="Validate and price a job without creating it: tokens, tier, fees, total, ETA, and "
-             "whether the caller's remaining budget lets it run (allowed_to_proceed).")
+             "whether the caller's remaining budget lets it run (allowed_to_proceed).",
+             responses=context.responses({200: "The estimate"}, 415))
 def estimate_job(request: Annotated[JobRequest, Body()]) -> dict[str, Any]:
     return _quote(_resolve(request))
 
@@ -46,7 +47,7 @@ def estimate_job(request: Annotated[JobRequest, Body()]) -> dict[str, Any]:
              "the caller past their budget is refused (402) before anything is stored. With an "
              "Idempotency-Key header, repeating the request (same key, same body) within 24 h returns the "
              "same job; the same key with another body is a 409.",
-             responses={201: {"description": "The queued job"}, 200: {"description": "Dry run: the estimate"}})
+             responses=context.responses({201: "The queued job", 200: "Dry run: the estimate"}, 402, 409, 415, 503))
 def create_job(
     request: Annotated[JobRequest, Body()],
     dry_run: Annotated[bool, Query(description="Price the job without creating it.")] = False,
@@ -72,13 +73,15 @@ def _create(request: Any) -> dict[str, Any]:
     return domain.public(job)
 
 
-@router.get("/jobs", summary="List jobs", description="The caller's jobs, newest first.")
+@router.get("/jobs", summary="List jobs", description="The caller's jobs, newest first.",
+            responses=context.responses({200: "The caller's jobs"}))
 def list_jobs(limit: Annotated[int, Query(ge=1, le=100)] = 50) -> dict[str, Any]:
     return {"jobs": [domain.public(job) for job in context.jobs().list(context.tenant(router), limit)]}
 
 
 @router.get("/jobs/<job_id>", summary="Show a job",
-            description="One job with its estimate, bill and, while it runs, its live progress.")
+            description="One job with its estimate, bill and, while it runs, its live progress.",
+            responses=context.responses({200: "The job"}))
 def get_job(job_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
     owner = context.tenant(router)
     job = context.jobs().get(job_id, owner) if domain.JOB_ID_PATTERN.fullmatch(job_id) else None
@@ -92,7 +95,8 @@ def get_job(job_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
 @router.post("/jobs/<job_id>/cancel", summary="Cancel a job",
              description="Stop a job: a queued job ends cancelled at once and pays nothing; a launching or "
              "running one becomes cancelling, its training job is stopped, and it ends cancelled, billed for "
-             "the tokens it trained. Repeating it is harmless; a job that already ended is a 409.")
+             "the tokens it trained. Repeating it is harmless; a job that already ended is a 409.",
+             responses=context.responses({200: "The job, cancelled or cancelling"}, 409, 503))
 def cancel_job(job_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
     job = domain.cancel(job_id, context.tenant(router), jobs=context.jobs(), sagemaker=context.client("sagemaker"))
     try:
