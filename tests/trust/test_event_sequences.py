@@ -1,0 +1,88 @@
+"""Any sequence of duplicated, reordered or replayed SageMaker events for a set of jobs ends in the
+same statuses, catalog and bills as the events in their true order."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from shared import jobs as domain
+from shared.pricing import Estimate, bill
+from shared.settings import JOB_REQUEST
+from shared.store import Catalog, Datasets, Jobs
+
+from .conftest import dataset_id, deliver, write_metrics, write_progress
+
+# What really happened to a job, as SageMaker reports it in order.
+HISTORIES = {
+    "completes": ["InProgress", "Completed"],
+    "fails": ["InProgress", "Failed"],
+    "is stopped": ["InProgress", "Stopping", "Stopped"],
+    "is stopped before it ran": ["Stopping", "Stopped"],
+    "completes while being stopped": ["InProgress", "Stopping", "Completed"],
+}
+SEQUENCES: list[int] = []
+
+
+def _launched(aws, story: str) -> dict:
+    request = JOB_REQUEST.validate_python({"type": "train", "model": "base-debug", "dataset": dataset_id("alice"),
+                                           "hyperparams": {"steps_per_cycle": 50}})
+    job = domain.resolve(request, "alice", catalog=Catalog(session=aws.session),
+                         datasets=Datasets(session=aws.session), data_bucket=aws.env["DATA_BUCKET"])
+    jobs = Jobs(session=aws.session)
+    jobs.create(job)
+    jobs.transition(job["job_id"], "launching", training_job_name=domain.training_job_name(job["job_id"]))
+    if "Completed" in HISTORIES[story]:
+        write_metrics(aws, job)
+    if "Stopped" in HISTORIES[story]:
+        write_progress(aws, job["job_id"], job["estimate"]["training_tokens"] // 3)
+    return job
+
+
+def _expected(job: dict, story: str) -> tuple:
+    estimate = Estimate.model_validate(job["estimate"])
+    end = HISTORIES[story][-1]
+    if end == "Completed":
+        return ("completed", job["estimate"]["total"], domain.model_id_for(job["job_id"]))
+    if end == "Failed":
+        return ("failed", "0.00", None)
+    return ("cancelled", str(bill(estimate, estimate.training_tokens // 3)), None)
+
+
+@st.composite
+def deliveries(draw):
+    stories = draw(st.lists(st.sampled_from(sorted(HISTORIES)), min_size=1, max_size=3))
+    events = [(i, status) for i, story in enumerate(stories) for status in HISTORIES[story]]
+    replays = draw(st.lists(st.sampled_from(events), max_size=6))
+    order = draw(st.permutations(events + replays))
+    return stories, order
+
+
+@pytest.mark.slow
+@given(case=deliveries())
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+def test_any_delivery_order_ends_in_the_same_statuses_catalog_and_bills(tenants, case):
+    stories, order = case
+    SEQUENCES.append(len(order))
+    jobs = [_launched(tenants, story) for story in stories]
+    for index, status in order:
+        deliver(tenants, jobs[index]["job_id"], status, reason="AlgorithmError: out of memory")
+    store, catalog = Jobs(session=tenants.session), Catalog(session=tenants.session)
+    for job, story in zip(jobs, stories):
+        now = store.get(job["job_id"])
+        assert (now["status"], now["bill"], now["output_model_id"]) == _expected(job, story), (story, order)
+        model = catalog.get(domain.model_id_for(job["job_id"]), "alice")
+        assert (model is not None) == (now["status"] == "completed")
+        if model is not None:
+            assert Decimal(model["cost"]) == Decimal(now["bill"]) and model["job_id"] == job["job_id"]
+        if now["status"] == "failed":
+            assert now["failure_reason"] == "AlgorithmError: out of memory"
+        assert now["published_status"] == now["status"]  # every end state was announced
+
+
+def test_sequences_were_tried():
+    print(f"\nhypothesis: {len(SEQUENCES)} event sequences tried, {sum(SEQUENCES)} events delivered")
+    assert len(SEQUENCES) >= 20
