@@ -170,3 +170,14 @@ def observer(aws):
         return out
 
     return published
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dataset_clients():
+    """The dataset routes and check cache their table by name: start each case on this case's."""
+    from functions.api import datasets as routes
+    from functions.datasets import app as check
+
+    for cached in (routes._store, routes._s3, check._clients):
+        cached.cache_clear()
+    yield
