@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_args
 
@@ -373,65 +374,104 @@ def upload_dataset(client: Client, file: Path, *, name: str | None = None, fmt: 
     return dataset
 
 
+class Output:
+    """Where a command's answer goes: a rendered table, or the API's JSON with --json."""
+
+    def __init__(self, console: Console, as_json: bool):
+        self.console, self.as_json = console, as_json
+
+    def show(self, data: Any, render: Callable[[Any], Any]) -> None:
+        if self.as_json:
+            self.console.print_json(json.dumps(data))
+        else:
+            self.console.print(render(data))
+
+
+def estimate(args: argparse.Namespace, client: Client, out: Output) -> int:
+    out.show(client.call("POST", "/jobs/estimate", _job_request(args)), estimate_table)
+    return 0
+
+
+def jobs_create(args: argparse.Namespace, client: Client, out: Output) -> int:
+    job = client.call("POST", "/jobs", _job_request(args))
+    if out.as_json and not args.wait:
+        out.show(job, job_table)
+        return 0
+    out.console.print(f"job [bold]{job['job_id']}[/bold] {job['status']}: estimate "
+                      f"{money(job['estimate']['total'])}, eta {duration(job['estimate']['eta_seconds'])}")
+    for warning in job.get("warnings") or []:
+        out.console.print(f"[yellow]warning[/yellow]: {warning}")
+    return report_end(follow(client, job["job_id"], out.console), out.console) if args.wait else 0
+
+
+def jobs_list(args: argparse.Namespace, client: Client, out: Output) -> int:
+    out.show(client.call("GET", "/jobs")["jobs"], jobs_table)
+    return 0
+
+
+def jobs_get(args: argparse.Namespace, client: Client, out: Output) -> int:
+    out.show(client.call("GET", f"/jobs/{args.job_id}"), job_table)
+    return 0
+
+
+def jobs_cancel(args: argparse.Namespace, client: Client, out: Output) -> int:
+    job = client.call("POST", f"/jobs/{args.job_id}/cancel")
+    out.show(job, lambda j: f"job {j['job_id']} {j['status']}" + (f", billed {money(j['bill'])}" if j.get("bill") else ""))
+    return 0
+
+
+def jobs_wait(args: argparse.Namespace, client: Client, out: Output) -> int:
+    return report_end(follow(client, args.job_id, out.console, timeout=args.timeout), out.console)
+
+
+def models_list(args: argparse.Namespace, client: Client, out: Output) -> int:
+    out.show(client.call("GET", "/models")["models"], models_table)
+    return 0
+
+
+def models_show(args: argparse.Namespace, client: Client, out: Output) -> int:
+    out.show(client.call("GET", f"/models/{args.model_id}"), model_table)
+    return 0
+
+
+def datasets_upload(args: argparse.Namespace, client: Client, out: Output) -> int:
+    dataset = upload_dataset(client, args.file, name=args.name, fmt=args.format, wait=not args.no_wait)
+    out.show(dataset, lambda d: datasets_table([d]))
+    if dataset["status"] == "rejected":
+        raise ApiError(f"dataset {dataset['dataset_id']} was rejected: {dataset['reason']}")
+    return 0
+
+
+def datasets_list(args: argparse.Namespace, client: Client, out: Output) -> int:
+    out.show(client.call("GET", "/datasets")["datasets"], datasets_table)
+    return 0
+
+
+def datasets_get(args: argparse.Namespace, client: Client, out: Output) -> int:
+    out.show(client.call("GET", f"/datasets/{args.dataset_id}"), lambda d: datasets_table([d]))
+    return 0
+
+
+COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace, Client, Output], int]] = {
+    ("estimate", None): estimate,
+    ("jobs", "create"): jobs_create,
+    ("jobs", "list"): jobs_list,
+    ("jobs", "get"): jobs_get,
+    ("jobs", "cancel"): jobs_cancel,
+    ("jobs", "wait"): jobs_wait,
+    ("models", "list"): models_list,
+    ("models", "show"): models_show,
+    ("datasets", "upload"): datasets_upload,
+    ("datasets", "list"): datasets_list,
+    ("datasets", "get"): datasets_get,
+}
+
+
 def run(args: argparse.Namespace, console: Console) -> int:
     if args.command == "serve":
         return _serve(args, console)
-    client = Client(args.api_url, args.token)
-    show = (lambda data, table: console.print_json(json.dumps(data))) if args.json else (
-        lambda data, table: console.print(table))
-
-    if args.command == "estimate":
-        quote = client.call("POST", "/jobs/estimate", _job_request(args))
-        show(quote, estimate_table(quote) if not args.json else None)
-        return 0
-    if args.command == "jobs":
-        if args.action == "create":
-            job = client.call("POST", "/jobs", _job_request(args))
-            if args.json and not args.wait:
-                show(job, None)
-                return 0
-            console.print(f"job [bold]{job['job_id']}[/bold] {job['status']}: estimate "
-                          f"{money(job['estimate']['total'])}, eta {duration(job['estimate']['eta_seconds'])}")
-            for warning in job.get("warnings") or []:
-                console.print(f"[yellow]warning[/yellow]: {warning}")
-            return report_end(follow(client, job["job_id"], console), console) if args.wait else 0
-        if args.action == "list":
-            jobs = client.call("GET", "/jobs")["jobs"]
-            show(jobs, jobs_table(jobs) if not args.json else None)
-            return 0
-        if args.action == "get":
-            job = client.call("GET", f"/jobs/{args.job_id}")
-            show(job, job_table(job) if not args.json else None)
-            return 0
-        if args.action == "cancel":
-            job = client.call("POST", f"/jobs/{args.job_id}/cancel")
-            show(job, f"job {job['job_id']} {job['status']}" + (f", billed {money(job['bill'])}" if job.get("bill") else ""))
-            return 0
-        if args.action == "wait":
-            return report_end(follow(client, args.job_id, console, timeout=args.timeout), console)
-    if args.command == "models":
-        if args.action == "list":
-            models = client.call("GET", "/models")["models"]
-            show(models, models_table(models) if not args.json else None)
-        else:
-            model = client.call("GET", f"/models/{args.model_id}")
-            show(model, model_table(model) if not args.json else None)
-        return 0
-    if args.command == "datasets":
-        if args.action == "upload":
-            dataset = upload_dataset(client, args.file, name=args.name, fmt=args.format, wait=not args.no_wait)
-            show(dataset, datasets_table([dataset]) if not args.json else None)
-            if dataset["status"] == "rejected":
-                raise ApiError(f"dataset {dataset['dataset_id']} was rejected: {dataset['reason']}")
-            return 0
-        if args.action == "list":
-            datasets = client.call("GET", "/datasets")["datasets"]
-            show(datasets, datasets_table(datasets) if not args.json else None)
-        else:
-            dataset = client.call("GET", f"/datasets/{args.dataset_id}")
-            show(dataset, datasets_table([dataset]) if not args.json else None)
-        return 0
-    raise AssertionError(f"unhandled command {args.command}")
+    command = COMMANDS[(args.command, getattr(args, "action", None))]
+    return command(args, Client(args.api_url, args.token), Output(console, args.json))
 
 
 def _serve(args: argparse.Namespace, console: Console) -> int:
