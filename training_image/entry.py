@@ -6,8 +6,10 @@ API's own settings models, then either grows and trains the base model of the `m
 the `training` channel (job_type "train"), or contracts it (job_type "contract").
 
 Output: the model directory in model/, metrics.json there and in output/data/, `name=value`
-metric lines on stdout, failure text in output/failure with a non-zero exit. SIGTERM writes a
-checkpoint and exits with 143; a restart resumes from checkpoints/.
+metric lines on stdout, failure text in output/failure with a non-zero exit. Checkpoints go to
+checkpoints/ at every cycle's end, every 10 minutes, and every FUSION_CHECKPOINT_EVERY steps when
+that is set; SIGTERM finishes the step, writes one and exits with 143; a restart resumes from the
+last one and ends with the weights an uninterrupted run would have.
 
 With several GPUs or several instances (resourceconfig.json lists the hosts) the entry point
 re-launches itself under torchrun, one process per GPU, and trains with DDP.
@@ -15,6 +17,7 @@ re-launches itself under torchrun, one process per GPU, and trains with DDP.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -104,7 +107,7 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None) ->
     )
     world = dist.get_world_size() if dist.is_initialized() else 1
     if plan.batch_size % world:
-        plan = TrainPlan(**{**plan.__dict__, "batch_size": plan.batch_size + world - plan.batch_size % world})
+        plan = dataclasses.replace(plan, batch_size=plan.batch_size + world - plan.batch_size % world)
     trainer = Trainer(
         model,
         train_windows,
@@ -206,6 +209,11 @@ def _device() -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if "OMP_NUM_THREADS" not in os.environ:
+        # A CPU run shares its machine (the local stack, other jobs). Oversubscribed OpenMP threads
+        # spin-wait on each other: measured here, two threads on two busy cores ran 10-20x slower
+        # than one. Half the cores leaves room for the rest.
+        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
     return torch.device("cpu")
 
 
