@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import boto3
 import pytest
@@ -13,10 +14,9 @@ from functions.api import app as api_app
 from functions.api import context as api_context
 from functions.api import datasets as routes
 from functions.datasets import app as check_function
+from local.resources import create_resources
 from shared.datasets import check_dataset, parse_dataset_key
 
-BUCKET = "fusion-data-test"
-TABLE = "fusion-datasets-test"
 
 
 class _Context:
@@ -31,34 +31,14 @@ class _Context:
 
 @pytest.fixture
 def aws(monkeypatch):
+    """The template's tables, queues and buckets on moto, and the functions' environment."""
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("DATASETS_TABLE", TABLE)
-    monkeypatch.setenv("DATA_BUCKET", BUCKET)
     with mock_aws():
         _forget_clients()
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        boto3.client("dynamodb").create_table(
-            TableName=TABLE,
-            BillingMode="PAY_PER_REQUEST",
-            AttributeDefinitions=[
-                {"AttributeName": "dataset_id", "AttributeType": "S"},
-                {"AttributeName": "owner", "AttributeType": "S"},
-                {"AttributeName": "created_at", "AttributeType": "S"},
-            ],
-            KeySchema=[{"AttributeName": "dataset_id", "KeyType": "HASH"}],
-            GlobalSecondaryIndexes=[
-                {
-                    "IndexName": "by-owner",
-                    "KeySchema": [
-                        {"AttributeName": "owner", "KeyType": "HASH"},
-                        {"AttributeName": "created_at", "KeyType": "RANGE"},
-                    ],
-                    "Projection": {"ProjectionType": "ALL"},
-                }
-            ],
-        )
+        for key, value in create_resources(boto3.session.Session()).items():
+            monkeypatch.setenv(key, value)
         yield
     _forget_clients()
 
@@ -92,13 +72,17 @@ def api():
     return call
 
 
+def _bucket() -> str:
+    return os.environ["DATA_BUCKET"]
+
+
 def _upload(key: str, data: bytes) -> None:
-    boto3.client("s3").put_object(Bucket=BUCKET, Key=key, Body=data)
+    boto3.client("s3").put_object(Bucket=_bucket(), Key=key, Body=data)
 
 
 def _s3_event(key: str) -> dict:
     return {"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
-                         "s3": {"bucket": {"name": BUCKET}, "object": {"key": key, "size": 1}}}]}
+                         "s3": {"bucket": {"name": _bucket()}, "object": {"key": key, "size": 1}}}]}
 
 
 def _jsonl(records: int) -> bytes:
@@ -110,7 +94,7 @@ def test_register_upload_and_check_marks_ready(aws, api):
     assert status == 201 and created["status"] == "pending"
     dataset_id = created["dataset_id"]
     key = f"alice/datasets/{dataset_id}/data.jsonl"
-    assert created["s3_uri"] == f"s3://{BUCKET}/{key}"
+    assert created["s3_uri"] == f"s3://{_bucket()}/{key}"
     assert key in created["upload_url"] and "X-Amz-Signature" in created["upload_url"]
 
     _upload(key, _jsonl(300))
@@ -139,6 +123,28 @@ def test_text_format_and_tenant_scoping(aws, api):
     assert listed == {"datasets": []}
     _, mine = api("GET", "/datasets")
     assert [d["dataset_id"] for d in mine["datasets"]] == [created["dataset_id"]]
+
+
+def test_only_a_ready_dataset_can_be_trained_on(aws, api):
+    _, created = api("POST", "/datasets", body={"name": "tickets"})
+    job = {"type": "train", "model": "base-debug", "dataset": created["dataset_id"], "hyperparams": {"train_steps": 10}}
+    status, refused = api("POST", "/jobs/estimate", body=job)
+    assert status == 422 and "pending" in refused["error"]["message"]
+    assert refused["error"]["details"][0]["field"] == "dataset"
+
+    key = f"alice/datasets/{created['dataset_id']}/data.jsonl"
+    _upload(key, b"not json\n")
+    check_function.lambda_handler(_s3_event(key), _Context())
+    status, refused = api("POST", "/jobs/estimate", body=job)
+    assert status == 422 and "rejected" in refused["error"]["message"]
+
+    status, refused = api("POST", "/jobs/estimate", body=job, tenant="mallory")
+    assert status == 404 and refused["error"]["details"][0]["field"] == "dataset"
+
+    _upload(key, _jsonl(300))
+    check_function.lambda_handler(_s3_event(key), _Context())
+    status, quote = api("POST", "/jobs/estimate", body=job)
+    assert status == 200 and quote["dataset"] == created["dataset_id"]
 
 
 def test_upload_to_another_tenants_id_is_ignored(aws, api):
