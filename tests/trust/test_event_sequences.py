@@ -62,7 +62,7 @@ def deliveries(draw):
 
 @pytest.mark.slow
 @given(case=deliveries())
-@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+@settings(max_examples=30, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 def test_any_delivery_order_ends_in_the_same_statuses_catalog_and_bills(tenants, case):
     stories, order = case

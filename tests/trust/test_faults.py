@@ -23,6 +23,37 @@ from shared.store import Catalog, ConditionFailed, Jobs
 from .conftest import client_error, deliver, launch, stored, train, write_metrics
 
 FAULTS: list[str] = []
+LOST: list[str] = []
+DEFINED = {"queued", "launching", "running", "cancelling", "completed", "failed", "cancelled"}
+
+
+@pytest.fixture
+def created(aws):
+    """The jobs a case created; afterwards each must still be there, in a defined state, with a
+    reason if it failed and its model in the catalog if it completed."""
+    ids: list[str] = []
+    yield ids
+    catalog = Catalog(session=aws.session)
+    for job_id in ids:
+        job = Jobs(session=aws.session).get(job_id)
+        if job is None or job["status"] not in DEFINED:
+            LOST.append(f"job {job_id}")
+        elif job["status"] == "failed" and not job["failure_reason"]:
+            LOST.append(f"reason of {job_id}")
+        elif job["status"] == "completed" and catalog.get(job["output_model_id"], "alice") is None:
+            LOST.append(f"model of {job_id}")
+    assert LOST == []
+
+
+@pytest.fixture
+def api(api, created):
+    def call(method, path, body=None, **kwargs):
+        status, answer = api(method, path, body, **kwargs)
+        if method == "POST" and path == "/jobs" and status == 201:
+            created.append(answer["job_id"])
+        return status, answer
+
+    return call
 
 
 def _create(api, **hyper):
@@ -266,5 +297,5 @@ def test_a_trainer_failure_ends_the_job_failed_with_the_trainers_reason(
 
 
 def test_faults_were_injected_and_nothing_was_lost():
-    print(f"\nfaults injected: {len(FAULTS)} ({', '.join(sorted(set(FAULTS)))})")
-    assert len(FAULTS) >= 10
+    print(f"\nfaults injected: {len(FAULTS)} ({', '.join(sorted(set(FAULTS)))}); lost: {len(LOST)}")
+    assert len(FAULTS) >= 10 and LOST == []

@@ -21,7 +21,7 @@ from schemathesis.checks import (
 
 from local.server import make_server
 
-MAX_EXAMPLES = 30  # per operation and mode (valid, then invalid input)
+MAX_EXAMPLES = 25  # per operation and mode (valid, then invalid input)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 TRIED: list[str] = []
 
