@@ -20,7 +20,3 @@ def test_init_writes_a_loadable_base_with_a_full_vocabulary(tmp_path, capsys):
     ids = tokenizer.encode("import os\nprint(os.getcwd())").ids
     with torch.no_grad():
         assert model(torch.tensor([ids])).shape == (1, len(ids), SIZES["debug"].vocab_size)
-    main(["init", "--size", "debug", "--out", str(tmp_path / "again"), "--seed", "3"])
-    again, same_tokenizer = load_model_dir(tmp_path / "again")
-    assert torch.equal(again.embed.weight, model.embed.weight)
-    assert same_tokenizer.to_str() == tokenizer.to_str()

@@ -132,7 +132,7 @@ def _wait_for_step(root: Path, process: subprocess.Popen, step: int) -> None:
 
 @pytest.mark.slow
 def test_killed_then_terminated_run_resumes_to_the_uninterrupted_weights(ml_root, tmp_path, monkeypatch):
-    hyperparameters = {**TRAIN, "cycles": "2", "steps_per_cycle": "8"}
+    hyperparameters = {**TRAIN, "cycles": "2", "steps_per_cycle": "6"}
     reference = tmp_path / "reference"
     reference.mkdir()
     for channel in ("model", "training"):
@@ -147,16 +147,16 @@ def test_killed_then_terminated_run_resumes_to_the_uninterrupted_weights(ml_root
     env = {**os.environ, "FUSION_ML_ROOT": str(ml_root), "FUSION_CHECKPOINT_EVERY": "2", "OMP_NUM_THREADS": "1"}
     train = [str(Path(sys.executable).with_name("train"))]
     killed = subprocess.Popen(train, env=env, stdout=subprocess.DEVNULL)
-    _wait_for_step(ml_root, killed, 5)
+    _wait_for_step(ml_root, killed, 3)
     killed.kill()
     killed.wait()
     terminated = subprocess.Popen(train, env=env, stdout=subprocess.DEVNULL)
-    _wait_for_step(ml_root, terminated, 20)
+    _wait_for_step(ml_root, terminated, 12)
     terminated.send_signal(signal.SIGTERM)
     assert terminated.wait(timeout=60) == entry.EXIT_STOPPED
     assert not (ml_root / "output/failure").exists()
     stopped_at = torch.load(ml_root / "checkpoints/checkpoint.pt", weights_only=False)["state"]["step"]
-    assert 20 <= stopped_at < 32
+    assert 12 <= stopped_at < 24
     assert _run(ml_root, monkeypatch) == 0
 
     resumed = load_file(str(ml_root / "model/model.safetensors"))
