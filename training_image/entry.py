@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -48,7 +47,9 @@ def main() -> int:
     root = ml_root()
     launch = torchrun_command(root)
     if launch is not None:
-        return subprocess.call(launch)
+        # exec, not a child: torchrun takes this process's place (PID 1 in the container), so
+        # SageMaker's SIGTERM reaches it and it passes it on to every rank.
+        os.execv(launch[0], launch)
     rank = 0
     try:
         rank = _init_distributed()
