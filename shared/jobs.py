@@ -22,7 +22,7 @@ from shared.settings import (
     to_hyperparameters,
 )
 from shared.shapes import ModelConfig
-from shared.store import ACTIVE_STATUSES, Catalog, ConditionFailed, Datasets, Jobs, Tenants, now
+from shared.store import ACTIVE_STATUSES, Catalog, ConditionFailed, Datasets, Jobs, OverBudget, Tenants, cents, now
 
 JOB_ID_PATTERN = re.compile(r"[a-z0-9-]{1,40}")
 TRAINING_JOB_PREFIX = "fusion-"
@@ -193,13 +193,13 @@ def resolve_dataset(dataset: str, owner: str, *, datasets: Datasets, data_bucket
     return record["s3_uri"]
 
 
-def submit(job: dict[str, Any], *, jobs: Jobs, sqs: Any, queue_url: str) -> dict[str, Any]:
+def submit(job: dict[str, Any], *, jobs: Jobs, sqs: Any, queue_url: str, limit_cents: int | None = None) -> dict[str, Any]:
     """Store a resolved job "queued" and put it on the launch queue.
 
     If the queue refuses it, the job is marked failed with the reason (never left queued with
     nothing to launch it) and a 503 JobError is raised.
     """
-    jobs.create(job)
+    jobs.create(job, limit_cents=limit_cents)
     try:
         sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps({"job_id": job["job_id"]}))
     except Exception as exc:  # whatever the cause, the job must not sit queued forever unseen
@@ -229,7 +229,9 @@ class Budget:
 
     Spent = the bills of ended jobs + the estimated totals of jobs not yet ended (queued, launching,
     running, cancelling): an estimate is committed the moment a job is accepted, and replaced by
-    its bill (never more than the estimate) when the job ends.
+    its bill (never more than the estimate) when the job ends. The tenants table keeps it as a
+    counter (shared.store.Jobs moves it in the same transactions as the jobs), so reading it costs
+    one item, however many jobs the tenant has.
     """
 
     limit: Decimal
@@ -250,18 +252,12 @@ def default_budget() -> Decimal:
     return Decimal(os.environ.get(DEFAULT_BUDGET_ENV) or DEFAULT_BUDGET_USD)
 
 
-def committed(job: dict[str, Any]) -> Decimal:
-    """What one job counts against its tenant's budget."""
-    if job["status"] in END_STATUSES:
-        return Decimal(job.get("bill") or NO_CHARGE)
-    return Decimal(job["estimate"]["total"])
-
-
-def budget_of(owner: str, *, jobs: Jobs, tenants: Tenants | None) -> Budget:
-    record = tenants.get(owner) if tenants is not None else None
-    limit = Decimal(record["budget_usd"]) if record and record.get("budget_usd") else default_budget()
-    spent = sum((committed(job) for job in jobs.all_of(owner)), Decimal("0.00"))
-    return Budget(limit=limit, spent=spent)
+def budget_of(owner: str, *, tenants: Tenants) -> Budget:
+    """The tenant's limit (their record's budget_usd, else the default) and their committed spend."""
+    record = tenants.get(owner) or {}
+    limit = Decimal(record["budget_usd"]) if record.get("budget_usd") else default_budget()
+    spent = Decimal(int(record.get("spent_cents", 0))) / 100
+    return Budget(limit=limit, spent=spent.quantize(Decimal("0.01")))
 
 
 def quote(job: dict[str, Any], budget: Budget) -> dict[str, Any]:
@@ -282,10 +278,18 @@ def check_budget(job: dict[str, Any], budget: Budget) -> None:
         raise JobError(402, "budget_exceeded", message, [{"field": "estimate.total", "message": message}])
 
 
-def admit(job: dict[str, Any], *, jobs: Jobs, tenants: Tenants | None, sqs: Any, queue_url: str) -> dict[str, Any]:
-    """Check the budget, then store and queue a resolved job: the one way a job is accepted."""
-    check_budget(job, budget_of(job["owner"], jobs=jobs, tenants=tenants))
-    return submit(job, jobs=jobs, sqs=sqs, queue_url=queue_url)
+def admit(job: dict[str, Any], *, jobs: Jobs, tenants: Tenants, sqs: Any, queue_url: str) -> dict[str, Any]:
+    """Check the budget, then store (committing the estimate) and queue a resolved job: the one way
+    a job is accepted. The check here words the refusal; the conditional write in Jobs.create
+    enforces it against concurrent requests."""
+    budget = budget_of(job["owner"], tenants=tenants)
+    check_budget(job, budget)
+    try:
+        return submit(job, jobs=jobs, sqs=sqs, queue_url=queue_url, limit_cents=cents(budget.limit))
+    except OverBudget:
+        check_budget(job, budget_of(job["owner"], tenants=tenants))  # words it with the spend as it is now
+        raise JobError(402, "budget_exceeded", "another job took the rest of your budget meanwhile",
+                       [{"field": "estimate.total", "message": "over budget"}]) from None
 
 
 # --- cancel ------------------------------------------------------------------------------------

@@ -33,6 +33,20 @@ class ConditionFailed(Exception):
     """A conditional write lost: the record was already in (or past) the wanted state."""
 
 
+class OverBudget(Exception):
+    """Accepting the job would take its tenant's committed spend past their limit."""
+
+
+END_STATUSES = ("completed", "failed", "cancelled")
+
+
+def cents(amount: Any) -> int:
+    """A decimal USD amount (string or Decimal, already rounded to cents) as integer cents."""
+    from decimal import Decimal
+
+    return int((Decimal(str(amount)) * 100).to_integral_value())
+
+
 class _Table:
     """Lazily bound DynamoDB table of one environment variable's name."""
 
@@ -108,12 +122,41 @@ def _plain(item: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 class Jobs(_Table):
-    """The jobs table. `doc` holds the immutable request side (settings, estimate, warnings)."""
+    """The jobs table. `doc` holds the immutable request side (settings, estimate, warnings).
+
+    Spend accounting (with the tenants table, TENANTS_TABLE): a job created with a limit commits
+    its estimate to its tenant's `spent_cents` in the same transaction that stores it, refused if
+    that would pass the limit; the write that ends it replaces the estimate by its bill in the
+    same transaction as the status change. So the counter moves exactly once per job, and two
+    concurrent jobs cannot both squeeze under the same limit.
+    """
 
     env_var = "JOBS_TABLE"
 
-    def create(self, job: dict[str, Any]) -> None:
-        self._put_new("job_id", _job_item(job))
+    def create(self, job: dict[str, Any], *, limit_cents: int | None = None) -> None:
+        """Store a new job; with `limit_cents`, also commit its estimate to its tenant's spend."""
+        if limit_cents is None or not os.environ.get(Tenants.env_var):
+            self._put_new("job_id", _job_item(job))
+            return
+        committed = cents(job["estimate"]["total"])
+        item = {**_job_item(job), "committed_cents": committed}
+        try:
+            self.client.transact_write_items(TransactItems=[
+                {"Put": {"TableName": self.name, "Item": _ddb(item), "ConditionExpression": "attribute_not_exists(job_id)"}},
+                {"Update": {
+                    "TableName": os.environ[Tenants.env_var], "Key": _ddb({"tenant": job["owner"]}),
+                    "UpdateExpression": "ADD spent_cents :c",
+                    "ConditionExpression": "attribute_not_exists(spent_cents) OR spent_cents <= :most",
+                    "ExpressionAttributeValues": _ddb({":c": committed, ":most": limit_cents - committed}),
+                }},
+            ])
+        except self.client.exceptions.TransactionCanceledException as exc:
+            reasons = [r.get("Code") for r in exc.response.get("CancellationReasons", [])]
+            if reasons[:1] == ["ConditionalCheckFailed"]:
+                raise ConditionFailed(job["job_id"]) from exc
+            if reasons[1:2] == ["ConditionalCheckFailed"]:
+                raise OverBudget(job["owner"]) from exc
+            raise
 
     def get(self, job_id: str, owner: str | None = None) -> dict[str, Any] | None:
         item = self._get({"job_id": job_id})
@@ -153,22 +196,15 @@ class Jobs(_Table):
     def _update(self, job_id: str, fields: dict[str, Any], allowed: list[str]) -> dict[str, Any]:
         if not allowed:
             raise ConditionFailed(job_id)
+        if fields.get("status") in END_STATUSES and "bill" in fields and os.environ.get(Tenants.env_var):
+            item = self._get({"job_id": job_id})
+            if item is not None and "committed_cents" in item:
+                return self._end(item, fields, allowed)
         fields = {**fields, "updated_at": now()}
-        names = {f"#f{i}": k for i, k in enumerate(fields)}
-        values = {f":v{i}": v for i, v in enumerate(fields.values())}
-        values.update({f":s{i}": s for i, s in enumerate(allowed)})
-        names["#status"] = "status"
-        sets = ", ".join(f"#f{i} = :v{i}" for i in range(len(fields)))
-        allowed_list = ", ".join(f":s{i}" for i in range(len(allowed)))
         try:
             response = self.client.update_item(
-                TableName=self.name,
-                Key=_ddb({"job_id": job_id}),
-                UpdateExpression=f"SET {sets}",
-                ConditionExpression=f"attribute_exists(job_id) AND #status IN ({allowed_list})",
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues=_ddb(values),
-                ReturnValues="ALL_NEW",
+                TableName=self.name, Key=_ddb({"job_id": job_id}), ReturnValues="ALL_NEW",
+                **_update_parts(fields, allowed),
             )
         except self.client.exceptions.ConditionalCheckFailedException as exc:
             raise ConditionFailed(job_id) from exc
@@ -178,6 +214,39 @@ class Jobs(_Table):
 # published_status: the last status announced on the bus. It trails `status` between a state
 # write and its event, so a retry that finds them apart publishes again (at least once).
 # artifact_uri: what SageMaker wrote, kept on the job even when no model could be registered.
+    def _end(self, item: dict[str, Any], fields: dict[str, Any], allowed: list[str]) -> dict[str, Any]:
+        """End a job and settle its tenant's spend (bill in, estimate out) in one transaction."""
+        job_id = item["job_id"]
+        fields = {**fields, "updated_at": now()}
+        update = _update_parts(fields, allowed)
+        delta = cents(fields["bill"]) - item["committed_cents"]
+        try:
+            self.client.transact_write_items(TransactItems=[
+                {"Update": {"TableName": self.name, "Key": _ddb({"job_id": job_id}), **update}},
+                {"Update": {"TableName": os.environ[Tenants.env_var], "Key": _ddb({"tenant": item["owner"]}),
+                            "UpdateExpression": "ADD spent_cents :d", "ExpressionAttributeValues": _ddb({":d": delta})}},
+            ])
+        except self.client.exceptions.TransactionCanceledException as exc:
+            reasons = [r.get("Code") for r in exc.response.get("CancellationReasons", [])]
+            if reasons[:1] == ["ConditionalCheckFailed"]:
+                raise ConditionFailed(job_id) from exc
+            raise
+        return _job_from_item(self._get({"job_id": job_id}))
+
+
+def _update_parts(fields: dict[str, Any], allowed: list[str]) -> dict[str, Any]:
+    """UpdateExpression, condition and values that set `fields` while the status is one of `allowed`."""
+    names = {f"#f{i}": k for i, k in enumerate(fields)}
+    values = {f":v{i}": v for i, v in enumerate(fields.values())}
+    values.update({f":s{i}": s for i, s in enumerate(allowed)})
+    names["#status"] = "status"
+    sets = ", ".join(f"#f{i} = :v{i}" for i in range(len(fields)))
+    allowed_list = ", ".join(f":s{i}" for i in range(len(allowed)))
+    return {"UpdateExpression": f"SET {sets}",
+            "ConditionExpression": f"attribute_exists(job_id) AND #status IN ({allowed_list})",
+            "ExpressionAttributeNames": names, "ExpressionAttributeValues": _ddb(values)}
+
+
 _JOB_COLUMNS = (
     "job_id", "owner", "status", "type", "created_at", "updated_at", "training_job_name",
     "output_model_id", "failure_reason", "bill", "published_status", "artifact_uri",
@@ -287,7 +356,8 @@ class Datasets(_Table):
 
 
 class Tenants(_Table):
-    """Per-tenant settings that operators write: today the spend limit (budget_usd, a decimal string)."""
+    """Per tenant: the spend limit operators may set (budget_usd, a decimal string) and the spend
+    committed so far (spent_cents: estimates of live jobs + bills of ended ones), kept by Jobs."""
 
     env_var = "TENANTS_TABLE"
 
@@ -295,4 +365,6 @@ class Tenants(_Table):
         return self._get({"tenant": tenant})
 
     def set_budget(self, tenant: str, budget_usd: str) -> None:
-        self.client.put_item(TableName=self.name, Item=_ddb({"tenant": tenant, "budget_usd": budget_usd}))
+        self.client.update_item(TableName=self.name, Key=_ddb({"tenant": tenant}),
+                                UpdateExpression="SET budget_usd = :b", ExpressionAttributeValues=_ddb({":b": budget_usd}))
+

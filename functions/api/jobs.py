@@ -30,7 +30,7 @@ def _resolve(request: Any) -> dict[str, Any]:
 
 
 def _quote(job: dict[str, Any]) -> dict[str, Any]:
-    return domain.quote(job, domain.budget_of(job["owner"], jobs=context.jobs(), tenants=context.tenants()))
+    return domain.quote(job, domain.budget_of(job["owner"], tenants=context.tenants()))
 
 
 @router.post("/jobs/estimate", summary="Estimate a job",

@@ -28,7 +28,7 @@ def test_intrinsics_are_kept_as_tags():
 def test_tables_are_recoverable_and_encrypted():
     resources = load_template()["Resources"]
     tables = {k: r["Properties"] for k, r in resources.items() if r["Type"] == "AWS::DynamoDB::Table"}
-    assert set(tables) == {"JobsTable", "ModelsTable", "DatasetsTable", "IdempotencyTable"}
+    assert set(tables) == {"JobsTable", "ModelsTable", "DatasetsTable", "TenantsTable", "IdempotencyTable"}
     for props in tables.values():
         assert props["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
         assert props["SSESpecification"]["SSEEnabled"] is True

@@ -83,6 +83,7 @@ def test_any_delivery_order_ends_in_the_same_statuses_catalog_and_bills(tenants,
         assert now["published_status"] == now["status"]  # every end state was announced
 
 
+@pytest.mark.slow
 def test_sequences_were_tried():
     print(f"\nhypothesis: {len(SEQUENCES)} event sequences tried, {sum(SEQUENCES)} events delivered")
     assert len(SEQUENCES) >= 20

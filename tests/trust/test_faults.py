@@ -62,10 +62,6 @@ def _create(api, **hyper):
     return job
 
 
-def _all_jobs(aws):
-    return {j["job_id"]: j for j in Jobs(session=aws.session).all_of("alice")}
-
-
 @pytest.mark.parametrize("code", ["ThrottlingException", "ResourceLimitExceeded", "CapacityError"])
 def test_launch_limits_keep_the_job_queued_then_launch_it(tenants, api, sagemaker, code):
     job = _create(api)
