@@ -199,6 +199,7 @@ class LocalStack:
         os.environ["AWS_ENDPOINT_URL_SAGEMAKER"] = self.sagemaker.start()
 
         self._watch_uploads()
+        self._route_bus_rules()
         self._pollers.append(Poller("launch-queue", self._poll_launch_queue))
         for poller in self._pollers:
             poller.start()
@@ -304,6 +305,41 @@ class LocalStack:
                 sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
 
         self._pollers.append(Poller("dataset-uploads", poll))
+
+    def _route_bus_rules(self) -> None:
+        """The template's EventBridge rules on the Fusion bus, each delivering to its function.
+
+        moto matches the rule's pattern and puts each event on a local queue; a poller hands it to
+        the handler the template names, as EventBridge invokes the function in AWS.
+        """
+        from local.resources import load_template
+
+        events, sqs = self._session.client("events"), self._session.client("sqs")
+        bus_refs = {"EventBus": os.environ.get("EVENT_BUS_NAME", "")}
+        for logical, resource in load_template()["Resources"].items():
+            props = resource.get("Properties", {})
+            for name, source in (props.get("Events") or {}).items():
+                rule = source.get("Properties", {})
+                bus = getattr(rule.get("EventBusName"), "value", None)
+                if source.get("Type") != "EventBridgeRule" or bus not in bus_refs:
+                    continue  # SageMaker's rule is on the default bus: the local SageMaker delivers it itself
+                queue = sqs.create_queue(QueueName=f"fusion-local-{logical}-{name}")["QueueUrl"]
+                arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+                events.put_rule(Name=f"{logical}-{name}", EventBusName=bus_refs[bus], EventPattern=json.dumps(rule["Pattern"]))
+                events.put_targets(Rule=f"{logical}-{name}", EventBusName=bus_refs[bus], Targets=[{"Id": "local", "Arn": arn}])
+                self._pollers.append(Poller(f"rule-{name}", self._queue_to_handler(queue, props["Handler"], logical)))
+
+    def _queue_to_handler(self, queue: str, handler: str, function: str) -> Callable[[], None]:
+        module, _, attribute = handler.rpartition(".")
+        sqs = self._session.client("sqs")
+
+        def poll() -> None:
+            call = getattr(__import__(module, fromlist=[attribute]), attribute)
+            for message in sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", []):
+                call(json.loads(message["Body"]), LambdaContext(function))
+                sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])
+
+        return poll
 
     def _deliver_training_event(self, event: dict[str, Any]) -> None:
         """The EventBridge rule on SageMaker's state changes, targeting the events function."""

@@ -94,6 +94,21 @@ def test_trainer_failure_reaches_the_job_with_its_reason(stack, capsys):
     assert err.startswith("error: job ") and run_failure[:40] in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_job_requested_on_the_bus_becomes_a_job(stack, dataset_id):
+    request = {"type": "train", "model": "base-debug", "dataset": dataset_id,
+               "hyperparams": {"train_steps": 2, "cycles": 1, "seq_len": 32, "output_name": "from-the-bus"}}
+    answer = boto3.client("events").put_events(Entries=[{
+        "Source": "pipelines.test", "DetailType": "Fusion Job Requested", "EventBusName": stack.env["EVENT_BUS_NAME"],
+        "Detail": json.dumps({"owner": "local", "request": request})}])
+    assert answer["FailedEntryCount"] == 0
+    deadline = time.monotonic() + 20
+    while not (jobs := [j for j in requests.get(f"{stack.api_url}/jobs").json()["jobs"]
+                        if j["settings"].get("output_name") == "from-the-bus"]):
+        assert time.monotonic() < deadline, "the requested job never appeared"
+        time.sleep(0.2)
+    assert jobs[0]["job_id"].startswith("r-") and jobs[0]["model"] == "base-debug"
+
+
 def test_estimate_prices_without_creating(stack, capsys, dataset_id):
     code, out, _ = fusion(stack, capsys, "estimate", "train", "--model", "base-debug", "--dataset", dataset_id,
                           "--turns", "2", "--steps-per-cycle", "100", "--cycles", "3", "--seq-len", "64")
