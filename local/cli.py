@@ -485,7 +485,10 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
                       f"  fusion --api-url {stack.api_url} models list\n"
                       f"  curl -s {stack.api_url}/models")
 
-    serve(args.host, args.port, base_sizes=sizes, on_ready=ready, verbose=args.verbose)
+    try:
+        serve(args.host, args.port, base_sizes=sizes, on_ready=ready, verbose=args.verbose)
+    except OSError as error:  # typically the port is taken by another `fusion serve`
+        raise ApiError(f"cannot serve on {args.host}:{args.port}: {error.strerror or error}") from None
     console.print("stopped")
     return 0
 

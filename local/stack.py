@@ -10,6 +10,7 @@ and the training image run unchanged and cannot tell.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -51,9 +52,11 @@ class LambdaContext:
 
 
 def base_model_dir(size: str, home: Path) -> Path:
-    """The base model of a named size, made once by the training image and kept under `home`."""
+    """The base model of a named size, made by the training image once per version of its code."""
     target = home / "base-models" / size
-    if (target / "config.json").exists():
+    stamp = _image_fingerprint()
+    if (target / "config.json").exists() and (target / ".fingerprint").exists() \
+            and (target / ".fingerprint").read_text() == stamp:
         return target
     partial = target.with_name(f"{size}.partial-{os.getpid()}")  # two stacks may start at once
     shutil.rmtree(partial, ignore_errors=True)
@@ -64,20 +67,34 @@ def base_model_dir(size: str, home: Path) -> Path:
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"fusion-train init --size {size} failed: {(done.stderr or done.stdout).strip()[-800:]}")
+    (partial / ".fingerprint").write_text(stamp)
+    stale = target.with_name(f"{size}.stale-{os.getpid()}")
+    if target.exists():
+        target.rename(stale)
     try:
         partial.rename(target)
     except OSError:  # another process finished first: theirs is as good
         shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(stale, ignore_errors=True)
     return target
+
+
+def _image_fingerprint() -> str:
+    """A hash of the code that makes and reads model directories: a cached base is remade when it changes."""
+    digest = hashlib.sha256()
+    for path in sorted([*(REPO / "training_image").glob("*.py"), REPO / "shared" / "shapes.py"]):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def tar_model(folder: Path, archive: Path) -> Path:
     """A model directory as SageMaker packs /opt/ml/model: its files at the archive's root."""
     if archive.exists() and archive.stat().st_mtime >= max(p.stat().st_mtime for p in folder.rglob("*")):
         return archive
+    files = [p for p in sorted(folder.rglob("*")) if not p.name.startswith(".")]
     partial = archive.with_name(f"{archive.name}.partial-{os.getpid()}")
     with tarfile.open(partial, "w:gz") as tar:
-        for path in sorted(folder.rglob("*")):
+        for path in files:
             tar.add(path, arcname=path.relative_to(folder).as_posix(), recursive=False)
     partial.replace(archive)
     return archive
