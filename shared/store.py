@@ -124,11 +124,11 @@ def _plain(item: dict[str, dict[str, Any]]) -> dict[str, Any]:
 class Jobs(_Table):
     """The jobs table. `doc` holds the immutable request side (settings, estimate, warnings).
 
-    Spend accounting (with the tenants table, TENANTS_TABLE): a job created with a limit commits
-    its estimate to its tenant's `spent_cents` in the same transaction that stores it, refused if
-    that would pass the limit; the write that ends it replaces the estimate by its bill in the
-    same transaction as the status change. So the counter moves exactly once per job, and two
-    concurrent jobs cannot both squeeze under the same limit.
+    Spend accounting (with the tenants table, TENANTS_TABLE): a job created with a limit first
+    commits its estimate to its tenant's `spent_cents` by a conditional add that fails past the
+    limit (so two concurrent jobs cannot both squeeze under it), then is stored; the write that
+    ends a job replaces its estimate by its bill in the same transaction as the status change, so
+    the counter settles exactly once per job however often the end event is delivered.
     """
 
     env_var = "JOBS_TABLE"
@@ -139,23 +139,22 @@ class Jobs(_Table):
             self._put_new("job_id", _job_item(job))
             return
         committed = cents(job["estimate"]["total"])
-        item = {**_job_item(job), "committed_cents": committed}
+        tenants = self.client, os.environ[Tenants.env_var], _ddb({"tenant": job["owner"]})
         try:
-            self.client.transact_write_items(TransactItems=[
-                {"Put": {"TableName": self.name, "Item": _ddb(item), "ConditionExpression": "attribute_not_exists(job_id)"}},
-                {"Update": {
-                    "TableName": os.environ[Tenants.env_var], "Key": _ddb({"tenant": job["owner"]}),
-                    "UpdateExpression": "ADD spent_cents :c",
-                    "ConditionExpression": "attribute_not_exists(spent_cents) OR spent_cents <= :most",
-                    "ExpressionAttributeValues": _ddb({":c": committed, ":most": limit_cents - committed}),
-                }},
-            ])
-        except self.client.exceptions.TransactionCanceledException as exc:
-            reasons = [r.get("Code") for r in exc.response.get("CancellationReasons", [])]
-            if reasons[:1] == ["ConditionalCheckFailed"]:
-                raise ConditionFailed(job["job_id"]) from exc
-            if reasons[1:2] == ["ConditionalCheckFailed"]:
-                raise OverBudget(job["owner"]) from exc
+            self.client.update_item(
+                TableName=tenants[1], Key=tenants[2], UpdateExpression="ADD spent_cents :c",
+                ConditionExpression="attribute_not_exists(spent_cents) OR spent_cents <= :most",
+                ExpressionAttributeValues=_ddb({":c": committed, ":most": limit_cents - committed}),
+            )
+        except self.client.exceptions.ConditionalCheckFailedException as exc:
+            raise OverBudget(job["owner"]) from exc
+        try:
+            self._put_new("job_id", {**_job_item(job), "committed_cents": committed})
+        except BaseException:
+            # Not stored: give the commitment back. (Were this process to die right here, the
+            # counter would stay over by this estimate: a tenant refused early, never one overspent.)
+            self.client.update_item(TableName=tenants[1], Key=tenants[2], UpdateExpression="ADD spent_cents :c",
+                                    ExpressionAttributeValues=_ddb({":c": -committed}))
             raise
 
     def get(self, job_id: str, owner: str | None = None) -> dict[str, Any] | None:

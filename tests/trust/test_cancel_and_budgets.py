@@ -141,3 +141,34 @@ def test_a_tenant_record_overrides_the_default(tenants, api, monkeypatch):
     assert api("POST", "/jobs", train())[0] == 402
     assert api("POST", "/jobs/estimate", train())[1]["budget"]["limit"] == "0.50"
     assert api("POST", "/jobs", train("bob"), tenant="bob")[0] == 201
+
+
+def test_concurrent_jobs_cannot_both_pass_the_limit(tenants, api):
+    """Two requests checked against the same remaining budget (0.62 + 0.62 > 1.00): the counter's
+    conditional write lets only the first be stored."""
+    from shared.jobs import budget_of, resolve, submit
+    from shared.settings import JOB_REQUEST
+    from shared.store import Catalog, Datasets, OverBudget, cents
+
+    tenants_table = Tenants(session=tenants.session)
+    tenants_table.set_budget("alice", "1.00")
+    priced = [resolve(JOB_REQUEST.validate_python(train()), "alice", catalog=Catalog(session=tenants.session),
+                      datasets=Datasets(session=tenants.session), data_bucket=tenants.env["DATA_BUCKET"])
+              for _ in range(2)]
+    both_saw = budget_of("alice", tenants=tenants_table)
+    assert all(both_saw.allows(Decimal(job["estimate"]["total"])) for job in priced)
+    sqs, queue = tenants.session.client("sqs"), tenants.env["LAUNCH_QUEUE_URL"]
+    submit(priced[0], jobs=Jobs(session=tenants.session), sqs=sqs, queue_url=queue, limit_cents=cents(both_saw.limit))
+    with pytest.raises(OverBudget):
+        submit(priced[1], jobs=Jobs(session=tenants.session), sqs=sqs, queue_url=queue,
+               limit_cents=cents(both_saw.limit))
+    assert [j["job_id"] for j in Jobs(session=tenants.session).list("alice")] == [priced[0]["job_id"]]
+    assert tenants_table.get("alice")["spent_cents"] == cents(priced[0]["estimate"]["total"])
+
+
+def test_the_spend_counter_follows_each_job_to_its_bill(tenants, api, sagemaker):
+    job = _create(api)
+    spent = lambda: Tenants(session=tenants.session).get("alice")["spent_cents"]
+    assert spent() == int(Decimal(job["estimate"]["total"]) * 100)
+    api("POST", f"/jobs/{job['job_id']}/cancel")
+    assert spent() == 0

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from shared import jobs as domain
 from shared.pricing import Estimate, bill
 from shared.settings import JOB_REQUEST
-from shared.store import Catalog, Datasets, Jobs
+from shared.store import Catalog, Datasets, Jobs, Tenants, cents
 
 from .conftest import dataset_id, deliver, write_metrics, write_progress
 
@@ -32,7 +32,7 @@ def _launched(aws, story: str) -> dict:
     job = domain.resolve(request, "alice", catalog=Catalog(session=aws.session),
                          datasets=Datasets(session=aws.session), data_bucket=aws.env["DATA_BUCKET"])
     jobs = Jobs(session=aws.session)
-    jobs.create(job)
+    jobs.create(job, limit_cents=10**9)  # commits its estimate to alice's spend
     jobs.transition(job["job_id"], "launching", training_job_name=domain.training_job_name(job["job_id"]))
     if "Completed" in HISTORIES[story]:
         write_metrics(aws, job)
@@ -81,6 +81,9 @@ def test_any_delivery_order_ends_in_the_same_statuses_catalog_and_bills(tenants,
         if now["status"] == "failed":
             assert now["failure_reason"] == "AlgorithmError: out of memory"
         assert now["published_status"] == now["status"]  # every end state was announced
+    # The spend counter settled once per job, whatever was delivered twice: the sum of the bills.
+    spent = Tenants(session=tenants.session).get("alice")["spent_cents"]
+    assert spent == sum(cents(j["bill"]) for j in store.all_of("alice"))
 
 
 @pytest.mark.slow
