@@ -17,9 +17,7 @@ Two baselines remove exactly the same units per layer count: weight magnitude an
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,8 @@ from shared.shapes import LayerShape, ModelConfig
 from training_image.data import read_texts, token_windows
 from training_image.evaluate import heldout_loss
 from training_image.model import Decoder
-from training_image.modeldir import METRICS, load_model_dir, save_model_dir
+from training_image.modeldir import load_model_dir
+from training_image import runtime
 from training_image.train import Trainer, TrainPlan, batch_size_for
 
 Method = Literal["activation", "magnitude", "random"]
@@ -310,7 +309,7 @@ HEAL_LR = TrainSettings.model_fields["lr"].default  # healing uses the product's
 
 def run_contract_job(settings: ContractSettings, root: Path, job_id: str, log: Callable[[str], None] | None = None) -> dict:
     """Contract the model of the `model` channel on the `training` channel's text; write model/ and metrics."""
-    log = log or _log
+    log = log or runtime.log
     started = time.monotonic()
     source, tokenizer = load_model_dir(root / "input/data/model")
     source_config = source.config
@@ -323,7 +322,7 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str, log: C
     train_windows, heldout_windows = token_windows(tokenizer, read_texts(root / "input/data/training"), seq_len)
     heldout_windows = heldout_windows[:HELDOUT_WINDOWS]
     calibration = train_windows[:CALIBRATION_WINDOWS]  # token_windows already shuffled them (seeded)
-    device = _device()
+    device = runtime.device()
     source.to(device)
 
     before = _measure(log, "source", source, heldout_windows)
@@ -366,8 +365,8 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str, log: C
         "perplexity_after_pruning": pruned,
         "perplexity_after_healing": healed,
     }
-    if _rank() == 0:
-        _write_outputs(root, model, tokenizer, metrics)
+    if runtime.rank() == 0:
+        runtime.write_outputs(root, model, tokenizer, metrics)
     return metrics
 
 
@@ -392,7 +391,7 @@ def _healer(model, config, train_windows, heldout_windows, steps, seq_len, root,
         job_type="contract",
         checkpoint_dir=root / "checkpoints",
         progress_every=max(1, min(10, steps // 10)),
-        log=log if _rank() == 0 else None,
+        log=log if runtime.rank() == 0 else None,
     )
 
 
@@ -408,22 +407,3 @@ def _agree_across_ranks(model: Decoder, config: ModelConfig) -> tuple[Decoder, M
     return Decoder(agreed).to(next(model.parameters()).device), agreed
 
 
-def _write_outputs(root: Path, model: Decoder, tokenizer, metrics: dict) -> None:
-    save_model_dir(root / "model", model, tokenizer, metrics)
-    output = root / "output/data"
-    output.mkdir(parents=True, exist_ok=True)
-    (output / METRICS).write_text(json.dumps(metrics, indent=2))
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _log(line: str) -> None:
-    print(line, flush=True)

@@ -31,20 +31,16 @@ import torch.distributed as dist
 from shared.settings import ContractSettings, TrainSettings, from_hyperparameters
 from training_image.data import read_texts, token_windows
 from training_image.growth import grow
-from training_image.modeldir import METRICS, save_model_dir, load_model_dir
+from training_image.modeldir import load_model_dir
+from training_image import runtime
 from training_image.train import Trainer, TrainingStopped, TrainPlan, batch_size_for
 
 MASTER_PORT = 29500
-FAILURE_LIMIT = 1024  # SageMaker keeps about this much of output/failure as FailureReason
 EXIT_STOPPED = 128 + 15
 
 
-def ml_root() -> Path:
-    return Path(os.environ.get("FUSION_ML_ROOT", "/opt/ml"))
-
-
 def main() -> int:
-    root = ml_root()
+    root = runtime.ml_root()
     launch = torchrun_command(root)
     if launch is not None:
         # exec, not a child: torchrun takes this process's place (PID 1 in the container), so
@@ -52,7 +48,7 @@ def main() -> int:
         os.execv(launch[0], launch)
     rank = 0
     try:
-        rank = _init_distributed()
+        rank = runtime.init_distributed()
         hyperparameters = json.loads((root / "input/config/hyperparameters.json").read_text())
         job_type, job_id, settings = from_hyperparameters(hyperparameters)
         if job_type == "train":
@@ -61,12 +57,12 @@ def main() -> int:
             run_contract(settings, root, job_id)
         return 0
     except TrainingStopped as stop:
-        _log(str(stop))
+        runtime.log(str(stop))
         return EXIT_STOPPED
     except Exception as error:  # the one place every failure becomes SageMaker's failure text
         traceback.print_exc()
         if rank == 0:
-            write_failure(root, error)
+            runtime.write_failure(root, error)
         return 1
     finally:
         if dist.is_initialized():
@@ -85,7 +81,7 @@ def run_contract(settings: ContractSettings, root: Path, job_id: str) -> None:
 
 def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None) -> dict:
     """Grow the base model, train it in turns of cycles, write model/ and metrics.json; the metrics."""
-    log = log or _log
+    log = log or runtime.log
     started = time.monotonic()
     base, tokenizer = load_model_dir(root / "input/data/model")
     base_config = base.config
@@ -97,7 +93,7 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None) ->
     train_windows, heldout_windows = token_windows(tokenizer, texts, settings.seq_len)
     model, config = grow(base, base_config)
     del base
-    device = _device()
+    device = runtime.device()
     model.to(device).train()
     plan = TrainPlan(
         turns=settings.turns,
@@ -118,7 +114,7 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None) ->
         job_type="train",
         checkpoint_dir=root / "checkpoints",
         checkpoint_every=int(os.environ.get("FUSION_CHECKPOINT_EVERY", "0")),
-        log=log if _rank() == 0 else None,
+        log=log if runtime.rank() == 0 else None,
     )
     log(
         f"training {config.parameters():,} parameters ({base_config.n_layers} -> {config.n_layers} blocks) "
@@ -146,23 +142,9 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None) ->
         "cycles": state.cycles,
         "final_perplexity": final,
     }
-    if _rank() == 0:
-        write_outputs(root, model, tokenizer, metrics)
+    if runtime.rank() == 0:
+        runtime.write_outputs(root, model, tokenizer, metrics)
     return metrics
-
-
-def write_outputs(root: Path, model, tokenizer, metrics: dict) -> None:
-    save_model_dir(root / "model", model, tokenizer, metrics)
-    output = root / "output/data"
-    output.mkdir(parents=True, exist_ok=True)
-    (output / METRICS).write_text(json.dumps(metrics, indent=2))
-
-
-def write_failure(root: Path, error: BaseException) -> None:
-    text = f"{type(error).__name__}: {error}"
-    failure = root / "output/failure"
-    failure.parent.mkdir(parents=True, exist_ok=True)
-    failure.write_text(text[:FAILURE_LIMIT])
 
 
 def torchrun_command(root: Path) -> list[str] | None:
@@ -194,36 +176,6 @@ def torchrun_command(root: Path) -> list[str] | None:
         "-m",
         "training_image.entry",
     ]
-
-
-def _init_distributed() -> int:
-    if "LOCAL_RANK" not in os.environ or dist.is_initialized():
-        return _rank()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank()
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if "OMP_NUM_THREADS" not in os.environ:
-        # A CPU run shares its machine (the local stack, other jobs). Oversubscribed OpenMP threads
-        # spin-wait on each other: measured here, two threads on two busy cores ran 10-20x slower
-        # than one. Half the cores leaves room for the rest.
-        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
-    return torch.device("cpu")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _log(line: str) -> None:
-    print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""What a job needs from the machine it runs on: the /opt/ml root, the device, its rank, and
+where its outputs go. Both job types (train and contract) use these, so they behave alike."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from training_image.modeldir import METRICS, save_model_dir
+
+FAILURE_LIMIT = 1024  # SageMaker keeps about this much of output/failure as FailureReason
+
+
+def ml_root() -> Path:
+    return Path(os.environ.get("FUSION_ML_ROOT", "/opt/ml"))
+
+
+def init_distributed() -> int:
+    if "LOCAL_RANK" not in os.environ or dist.is_initialized():
+        return rank()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if "OMP_NUM_THREADS" not in os.environ:
+        # A CPU run shares its machine (the local stack, other jobs). Oversubscribed OpenMP threads
+        # spin-wait on each other: measured here, two threads on two busy cores ran 10-20x slower
+        # than one. Half the cores leaves room for the rest.
+        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
+    return torch.device("cpu")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def log(line: str) -> None:
+    print(line, flush=True)
+
+
+def write_outputs(root: Path, model, tokenizer, metrics: dict) -> None:
+    """The model directory in model/, and metrics.json again in output/data/ (SageMaker packs that
+    folder into the small output.tar.gz the events function reads)."""
+    save_model_dir(root / "model", model, tokenizer, metrics)
+    output = root / "output/data"
+    output.mkdir(parents=True, exist_ok=True)
+    (output / METRICS).write_text(json.dumps(metrics, indent=2))
+
+
+def write_failure(root: Path, error: BaseException) -> None:
+    text = f"{type(error).__name__}: {error}"
+    failure = root / "output/failure"
+    failure.parent.mkdir(parents=True, exist_ok=True)
+    failure.write_text(text[:FAILURE_LIMIT])
