@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -42,12 +43,14 @@ def test_train_then_contract_fills_the_catalog(stack, capsys, dataset_id):
     assert "completed: model m-" in out and "100%" in out
     train_job = requests.get(f"{stack.api_url}/jobs").json()["jobs"][0]
     trained = train_job["output_model_id"]
+    source_before = _catalog_record_and_artifact(stack, trained)
 
     code, out, _ = fusion(stack, capsys, "jobs", "create", "contract", "--source-model-id", trained,
                           "--num-layers-to-contract", "2", "--contraction-ratio", "0.5", "--train-steps", "4", "--wait")
     assert code == 0, out
     contract_job = requests.get(f"{stack.api_url}/jobs").json()["jobs"][0]
     assert contract_job["type"] == "contract" and contract_job["status"] == "completed"
+    assert _catalog_record_and_artifact(stack, trained) == source_before, "contraction changed its source"
 
     catalog = {m["model_id"]: m for m in requests.get(f"{stack.api_url}/models").json()["models"]}
     base, grown, contracted = catalog["base-debug"], catalog[trained], catalog[contract_job["output_model_id"]]
@@ -77,6 +80,15 @@ def test_train_then_contract_fills_the_catalog(stack, capsys, dataset_id):
 
     code, out, _ = fusion(stack, capsys, "jobs", "wait", contract_job["job_id"])
     assert code == 0 and f"completed: model {contract_job['output_model_id']}" in out
+
+
+def _catalog_record_and_artifact(stack, model_id: str) -> tuple[dict, str]:
+    """The model's raw catalog item and the digest of its artifact's bytes."""
+    item = boto3.client("dynamodb").get_item(TableName=stack.env["MODELS_TABLE"], Key={"model_id": {"S": model_id}})["Item"]
+    artifact = requests.get(f"{stack.api_url}/models/{model_id}").json()["artifact_uri"]
+    bucket, key = artifact.removeprefix("s3://").split("/", 1)
+    body = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+    return item, hashlib.sha256(body).hexdigest()
 
 
 @pytest.mark.slow
