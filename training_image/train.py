@@ -170,15 +170,21 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
 
-    def run(self) -> TrainerState:
+    def run(self, max_steps: int | None = None) -> TrainerState:
+        """Train to the end of the plan, or for at most max_steps more steps (a later run() goes on
+        from there, as a resumed run would)."""
         plan, state = self.plan, self.state
         self._started = time.monotonic()
         self._wall_at_start = state.wall_seconds
         self._steps_at_start = state.step
         self._last_checkpoint = self._started
+        last_step = plan.total_steps if max_steps is None else state.step + max_steps
         while state.turn < plan.turns:
             cycle_len = plan.cycle_steps[state.cycle]
             while state.cycle_step < cycle_len:
+                if state.step >= last_step:
+                    self._update_wall_time()
+                    return state
                 self._step(cycle_len)
                 if self.stop_requested:
                     self.save_checkpoint()
