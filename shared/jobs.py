@@ -138,8 +138,13 @@ def resolve(
     else:
         settings = request.hyperparams
         source = catalog.get(settings.source_model_id, owner)
-        if source is None or source["owner"] != owner:
+        if source is None:
             raise not_found("model", "hyperparams.source_model_id", settings.source_model_id)
+        if source["owner"] != owner:  # a public base model: untrained here, and not the caller's to shrink
+            raise invalid(
+                "hyperparams.source_model_id",
+                f"{settings.source_model_id} is a base model; contract a model you trained from it",
+            )
         if settings.num_layers_to_contract > source["depth"]:
             raise invalid(
                 "hyperparams.num_layers_to_contract",

@@ -120,7 +120,7 @@ BAD_REQUESTS = [
     ("contract another tenant's model", {"type": "contract", "hyperparams": {"source_model_id": "m-bob"}},
      None, 404, "hyperparams.source_model_id"),
     ("contract a base model", {"type": "contract", "hyperparams": {"source_model_id": "base-tiny"}},
-     None, 404, "hyperparams.source_model_id"),
+     None, 422, "hyperparams.source_model_id"),
     ("contract deeper than the source", {"type": "contract", "hyperparams": {"source_model_id": "m-alice",
                                          "num_layers_to_contract": 6}}, None, 422,
      "hyperparams.num_layers_to_contract"),

@@ -56,7 +56,8 @@ def test_base_models_are_public_and_read_only(tenants, api):
     assert api("POST", "/models", {"model_id": "base-debug"}, tenant="alice")[0] in (404, 405)
     contract = {"type": "contract", "dataset": dataset_id("alice"),
                 "hyperparams": {"source_model_id": "base-debug", "num_layers_to_contract": 1}}
-    assert api("POST", "/jobs", contract, tenant="alice")[0] == 404
+    status, body = api("POST", "/jobs", contract, tenant="alice")
+    assert status == 422 and "is a base model" in body["error"]["details"][0]["message"]
 
 
 def test_another_tenants_dataset_is_404_by_id_and_in_lists(tenants, api):
