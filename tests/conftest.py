@@ -1,8 +1,11 @@
-"""Shared fixtures: a moto AWS with every resource of template.yaml, and an HTTP API caller."""
+"""Shared fixtures: a moto AWS with every resource of template.yaml, an HTTP API caller, an observer
+of the Fusion bus, and SageMaker state-change events as EventBridge delivers them."""
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from functools import cache
 from types import SimpleNamespace
 from typing import Any
@@ -13,9 +16,12 @@ from moto import mock_aws
 
 from local.resources import create_resources
 from local.server import api_event
+from shared import jobs as domain
+from shared.shapes import SIZES, grown_config
 from shared.store import Catalog, seed_base_models
 
 REGION = "us-east-1"
+GROWN = grown_config(SIZES["debug"])
 
 
 class LambdaContext:
@@ -70,3 +76,66 @@ def api(aws):
             return result["statusCode"], payload
 
     return call
+
+
+@pytest.fixture
+def observer(aws):
+    """A queue subscribed to everything on the Fusion bus: what was published."""
+    sqs, bridge = aws.session.client("sqs"), aws.session.client("events")
+    url = sqs.create_queue(QueueName="observer")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    bus = aws.env["EVENT_BUS_NAME"]
+    bridge.put_rule(Name="all", EventBusName=bus, EventPattern=json.dumps({"source": ["fusion"]}))
+    bridge.put_targets(Rule="all", EventBusName=bus, Targets=[{"Id": "q", "Arn": arn}])
+
+    def published():
+        out = []
+        while messages := sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages"):
+            for m in messages:
+                body = json.loads(m["Body"])
+                out.append((body["detail-type"], body["detail"]))
+                sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+        return out
+
+    return published
+
+
+def artifact(aws, job_id: str) -> str:
+    name = domain.training_job_name(job_id)
+    return f"s3://{aws.env['ARTIFACTS_BUCKET']}/jobs/{job_id}/output/{name}/output/model.tar.gz"
+
+
+def write_metrics(aws, job: dict, *, config=GROWN, tokens=None, perplexity=17.5) -> None:
+    """The job's metrics.json in the small output.tar.gz next to its model, where SageMaker puts it."""
+    metrics = {"job_id": job["job_id"], "job_type": job["type"], "config": config.model_dump(mode="json"),
+               "training_tokens": job["estimate"]["training_tokens"] if tokens is None else tokens,
+               "final_perplexity": perplexity, "cycles": []}
+    blob = io.BytesIO()
+    with tarfile.open(fileobj=blob, mode="w:gz") as archive:
+        data = json.dumps(metrics).encode()
+        info = tarfile.TarInfo("metrics.json")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    key = artifact(aws, job["job_id"]).split("/", 3)[3].replace("model.tar.gz", "output.tar.gz")
+    aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=key, Body=blob.getvalue())
+
+
+def sagemaker_event(aws, job_id: str, status: str, reason: str | None = None, secondary: str | None = None) -> dict:
+    """A SageMaker Training Job State Change event for the job's training job."""
+    name = domain.training_job_name(job_id)
+    detail = {"TrainingJobName": name, "TrainingJobStatus": status, "SecondaryStatus": secondary or status,
+              "TrainingJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:training-job/{name}"}
+    if status == "Completed":
+        detail["ModelArtifacts"] = {"S3ModelArtifacts": artifact(aws, job_id)}
+    if reason:
+        detail["FailureReason"] = reason
+    return {"version": "0", "id": f"{job_id}-{status}", "detail-type": "SageMaker Training Job State Change",
+            "source": "aws.sagemaker", "account": "123456789012", "time": "2026-01-01T00:00:00Z",
+            "region": "us-east-1", "resources": [detail["TrainingJobArn"]], "detail": detail}
+
+
+def deliver(aws, job_id: str, *statuses: str, reason: str | None = None) -> list[dict]:
+    """Hand the events function one state-change event per status, in the order given."""
+    from functions.events import app as events
+
+    return [events.lambda_handler(sagemaker_event(aws, job_id, s, reason), LambdaContext()) for s in statuses]

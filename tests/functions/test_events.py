@@ -1,9 +1,7 @@
 """SageMaker state-change events, hand-written as EventBridge delivers them, in any order and twice."""
 
-import io
 import itertools
 import json
-import tarfile
 from decimal import Decimal
 
 import pytest
@@ -13,33 +11,8 @@ from functions.events import app as events
 from shared import jobs as domain
 from shared.pricing import Estimate, bill
 from shared.settings import JOB_REQUEST
-from shared.shapes import SIZES, grown_config
 from shared.store import Catalog, Datasets, Jobs
-from tests.conftest import LambdaContext
-
-GROWN = grown_config(SIZES["debug"])
-
-
-@pytest.fixture
-def observer(aws):
-    """A queue subscribed to everything on the Fusion bus: what the events function published."""
-    sqs, bridge = aws.session.client("sqs"), aws.session.client("events")
-    url = sqs.create_queue(QueueName="observer")["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    bus = aws.env["EVENT_BUS_NAME"]
-    bridge.put_rule(Name="all", EventBusName=bus, EventPattern=json.dumps({"source": ["fusion"]}))
-    bridge.put_targets(Rule="all", EventBusName=bus, Targets=[{"Id": "q", "Arn": arn}])
-
-    def published():
-        out = []
-        while messages := sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages"):
-            for m in messages:
-                body = json.loads(m["Body"])
-                out.append((body["detail-type"], body["detail"]))
-                sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
-        return out
-
-    return published
+from tests.conftest import GROWN, LambdaContext, artifact, deliver, sagemaker_event, write_metrics
 
 
 def _submit(aws, body):
@@ -57,42 +30,6 @@ def job(aws):
                          "hyperparams": {"steps_per_cycle": 100, "output_name": "support-bot"}})
 
 
-def _artifact(aws, job_id):
-    name = domain.training_job_name(job_id)
-    return f"s3://{aws.env['ARTIFACTS_BUCKET']}/jobs/{job_id}/output/{name}/output/model.tar.gz"
-
-
-def _write_metrics(aws, job, *, tokens=None, config=GROWN, perplexity=17.5):
-    metrics = {"job_id": job["job_id"], "job_type": job["type"], "config": config.model_dump(mode="json"),
-               "training_tokens": job["estimate"]["training_tokens"] if tokens is None else tokens,
-               "final_perplexity": perplexity, "cycles": []}
-    blob = io.BytesIO()
-    with tarfile.open(fileobj=blob, mode="w:gz") as archive:
-        data = json.dumps(metrics).encode()
-        info = tarfile.TarInfo("metrics.json")
-        info.size = len(data)
-        archive.addfile(info, io.BytesIO(data))
-    key = _artifact(aws, job["job_id"]).split("/", 3)[3].replace("model.tar.gz", "output.tar.gz")
-    aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=key, Body=blob.getvalue())
-
-
-def _event(aws, job_id, status, reason=None):
-    name = domain.training_job_name(job_id)
-    detail = {"TrainingJobName": name, "TrainingJobStatus": status, "SecondaryStatus": status,
-              "TrainingJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:training-job/{name}"}
-    if status == "Completed":
-        detail["ModelArtifacts"] = {"S3ModelArtifacts": _artifact(aws, job_id)}
-    if reason:
-        detail["FailureReason"] = reason
-    return {"version": "0", "id": f"{job_id}-{status}", "detail-type": "SageMaker Training Job State Change",
-            "source": "aws.sagemaker", "account": "123456789012", "time": "2026-01-01T00:00:00Z",
-            "region": "us-east-1", "resources": [detail["TrainingJobArn"]], "detail": detail}
-
-
-def _deliver(aws, job_id, *statuses, reason=None):
-    return [events.lambda_handler(_event(aws, job_id, s, reason), LambdaContext()) for s in statuses]
-
-
 def _state(aws, job_id):
     job = Jobs(session=aws.session).get(job_id)
     models = [m for m in Catalog(session=aws.session).list("alice") if m["kind"] != "base"]
@@ -100,8 +37,8 @@ def _state(aws, job_id):
 
 
 def test_a_completed_job_registers_its_model(aws, job, observer):
-    _write_metrics(aws, job)
-    _deliver(aws, job["job_id"], "InProgress", "Completed")
+    write_metrics(aws, job)
+    deliver(aws, job["job_id"], "InProgress", "Completed")
     status, billed, model_id, _, [model] = _state(aws, job["job_id"])
     assert status == "completed" and billed == job["estimate"]["total"]
     assert model_id == model["model_id"] == domain.model_id_for(job["job_id"])
@@ -109,7 +46,7 @@ def test_a_completed_job_registers_its_model(aws, job, observer):
     assert model["parent_id"] == "base-debug" and model["job_id"] == job["job_id"]
     assert model["parameters"] == GROWN.parameters() and model["depth"] == GROWN.n_layers
     assert model["perplexity"] == 17.5 and model["cost"] == billed
-    assert model["artifact_uri"] == _artifact(aws, job["job_id"])
+    assert model["artifact_uri"] == artifact(aws, job["job_id"])
     assert model["config"] == GROWN.model_dump(mode="json") and model["dataset"] == job["dataset"]
     published = observer()
     assert [(t, d.get("status")) for t, d in published] == [
@@ -123,8 +60,8 @@ ORDERS = sorted(set(itertools.permutations(["InProgress", "Completed", "Complete
 
 @pytest.mark.parametrize("order", ORDERS, ids=["-".join(o) for o in ORDERS])
 def test_duplicated_and_reordered_events_end_the_same(aws, job, observer, order):
-    _write_metrics(aws, job)
-    _deliver(aws, job["job_id"], *order)
+    write_metrics(aws, job)
+    deliver(aws, job["job_id"], *order)
     status, billed, model_id, _, models = _state(aws, job["job_id"])
     assert (status, billed, len(models)) == ("completed", job["estimate"]["total"], 1)
     assert [t for t, _ in observer()].count("Fusion Model Registered") == 1
@@ -135,8 +72,8 @@ def test_a_stopped_job_is_billed_for_the_tokens_it_trained(aws, job):
     aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"],
                                         Key=f"jobs/{job['job_id']}/checkpoints/progress.json",
                                         Body=json.dumps({"tokens_trained": tokens, "step": 200}))
-    _write_metrics(aws, job)
-    _deliver(aws, job["job_id"], "InProgress", "Stopping", "Stopped", "Completed", "Stopped")
+    write_metrics(aws, job)
+    deliver(aws, job["job_id"], "InProgress", "Stopping", "Stopped", "Completed", "Stopped")
     status, billed, model_id, _, models = _state(aws, job["job_id"])
     expected = bill(Estimate.model_validate(job["estimate"]), tokens)
     assert status == "cancelled" and Decimal(billed) == expected and expected < Decimal(job["estimate"]["total"])
@@ -144,13 +81,13 @@ def test_a_stopped_job_is_billed_for_the_tokens_it_trained(aws, job):
 
 
 def test_a_stopped_job_without_progress_pays_only_its_fees(aws, job):
-    _deliver(aws, job["job_id"], "Stopped")
+    deliver(aws, job["job_id"], "Stopped")
     assert _state(aws, job["job_id"])[1] == str(bill(Estimate.model_validate(job["estimate"]), 0))
 
 
 def test_a_failed_job_keeps_sagemakers_reason(aws, job, observer):
-    _write_metrics(aws, job)
-    _deliver(aws, job["job_id"], "Failed", "InProgress", "Completed", reason="AlgorithmError: CUDA out of memory")
+    write_metrics(aws, job)
+    deliver(aws, job["job_id"], "Failed", "InProgress", "Completed", reason="AlgorithmError: CUDA out of memory")
     status, billed, model_id, reason, models = _state(aws, job["job_id"])
     assert (status, billed, model_id, models) == ("failed", "0.00", None, [])
     assert reason == "AlgorithmError: CUDA out of memory"
@@ -158,32 +95,32 @@ def test_a_failed_job_keeps_sagemakers_reason(aws, job, observer):
 
 
 def test_a_contract_job_registers_a_contracted_model(aws, job):
-    _write_metrics(aws, job)
-    _deliver(aws, job["job_id"], "Completed")
+    write_metrics(aws, job)
+    deliver(aws, job["job_id"], "Completed")
     source_id = domain.model_id_for(job["job_id"])
     contract = _submit(aws, {"type": "contract", "hyperparams": {"source_model_id": source_id,
                                                                 "num_layers_to_contract": 2}})
     smaller = GROWN.model_copy(update={"layers": GROWN.layers[:3], "block_ids": GROWN.ids()[:3]})
-    _write_metrics(aws, contract, config=smaller, tokens=0, perplexity=25.0)
-    _deliver(aws, contract["job_id"], "Completed")
+    write_metrics(aws, contract, config=smaller, tokens=0, perplexity=25.0)
+    deliver(aws, contract["job_id"], "Completed")
     model = Catalog(session=aws.session).get(domain.model_id_for(contract["job_id"]), "alice")
     assert model["kind"] == "contracted" and model["parent_id"] == source_id and model["depth"] == 3
     assert model["cost"] == contract["estimate"]["total"] and model["dataset"] == job["dataset"]
 
 
-def test_missing_metrics_fail_the_job_and_keep_the_artifact(aws, job, observer):
-    _deliver(aws, job["job_id"], "Completed", "Completed")  # nothing to retry for: it would never appear
+def test_missing_metrics_fail_the_job_and_keep_theartifact(aws, job, observer):
+    deliver(aws, job["job_id"], "Completed", "Completed")  # nothing to retry for: it would never appear
     status, billed, model_id, reason, models = _state(aws, job["job_id"])
     assert (status, billed, model_id, models) == ("failed", "0.00", None, [])
-    assert "metrics.json could not be read" in reason and _artifact(aws, job["job_id"]) in reason
-    assert Jobs(session=aws.session).get(job["job_id"])["artifact_uri"] == _artifact(aws, job["job_id"])
+    assert "metrics.json could not be read" in reason and artifact(aws, job["job_id"]) in reason
+    assert Jobs(session=aws.session).get(job["job_id"])["artifact_uri"] == artifact(aws, job["job_id"])
     assert [(t, d["status"]) for t, d in observer()] == [("Fusion Job State Change", "failed")]
 
 
 def test_a_transient_metrics_error_raises_so_the_event_is_retried(aws, job, monkeypatch):
     from botocore.exceptions import EndpointConnectionError
 
-    _write_metrics(aws, job)
+    write_metrics(aws, job)
     real = domain.read_metrics
 
     def unreachable(s3, uri):
@@ -191,16 +128,16 @@ def test_a_transient_metrics_error_raises_so_the_event_is_retried(aws, job, monk
 
     monkeypatch.setattr(domain, "read_metrics", unreachable)
     with pytest.raises(EndpointConnectionError):
-        _deliver(aws, job["job_id"], "Completed")
+        deliver(aws, job["job_id"], "Completed")
     assert _state(aws, job["job_id"])[0] == "launching"
     monkeypatch.setattr(domain, "read_metrics", real)
-    _deliver(aws, job["job_id"], "Completed")  # the retry succeeds
+    deliver(aws, job["job_id"], "Completed")  # the retry succeeds
     assert _state(aws, job["job_id"])[0] == "completed"
 
 
 @pytest.mark.parametrize("name", ["other-job", "fusion-no-such-job", "fusion-UPPER"])
 def test_events_of_other_training_jobs_are_ignored(aws, job, name):
-    event = _event(aws, job["job_id"], "Failed")
+    event = sagemaker_event(aws, job["job_id"], "Failed")
     event["detail"]["TrainingJobName"] = name
     assert events.lambda_handler(event, LambdaContext()) == {"changed": False}
     assert _state(aws, job["job_id"])[0] == "launching"
@@ -242,7 +179,7 @@ def test_a_refused_request_is_answered_on_the_bus(aws, observer, detail, field):
 
 
 def test_a_job_stopped_at_its_runtime_limit_failed_and_pays_nothing(aws, job):
-    event = _event(aws, job["job_id"], "Stopped")
+    event = sagemaker_event(aws, job["job_id"], "Stopped")
     event["detail"]["SecondaryStatus"] = "MaxRuntimeExceeded"
     events.lambda_handler(event, LambdaContext())
     status, billed, _, reason, _ = _state(aws, job["job_id"])

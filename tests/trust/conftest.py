@@ -1,20 +1,16 @@
-"""Tenants with data and models of their own, a SageMaker that records stops, and an event driver."""
+"""Tenants with data and models of their own, a SageMaker that records stops, and a launcher driver."""
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
 import pytest
 from botocore.exceptions import ClientError
 
 from functions.api import context
 from shared import jobs as domain
-from shared.shapes import SIZES, grown_config
 from shared.store import Catalog, Jobs
-
-GROWN = grown_config(SIZES["debug"])
+from tests.conftest import GROWN, LambdaContext
 
 
 def dataset_id(owner: str) -> str:
@@ -90,7 +86,6 @@ def sagemaker(aws, monkeypatch):
 def launch(*job_ids: str, receive_count: int = 1) -> list[str]:
     """Run the launcher on one SQS batch; the ids of the messages it handed back for retry."""
     from functions.launcher import app as launcher
-    from tests.conftest import LambdaContext
 
     records = [{"messageId": f"msg-{i}", "receiptHandle": "r", "body": json.dumps({"job_id": job_id}),
                 "attributes": {"ApproximateReceiveCount": str(receive_count), "SentTimestamp": "0",
@@ -102,74 +97,13 @@ def launch(*job_ids: str, receive_count: int = 1) -> list[str]:
     return [f["itemIdentifier"] for f in result["batchItemFailures"]]
 
 
-def artifact(aws, job_id: str) -> str:
-    name = domain.training_job_name(job_id)
-    return f"s3://{aws.env['ARTIFACTS_BUCKET']}/jobs/{job_id}/output/{name}/output/model.tar.gz"
-
-
-def write_metrics(aws, job: dict, *, config=GROWN, tokens=None, perplexity=17.5) -> None:
-    metrics = {"job_id": job["job_id"], "job_type": job["type"], "config": config.model_dump(mode="json"),
-               "training_tokens": job["estimate"]["training_tokens"] if tokens is None else tokens,
-               "final_perplexity": perplexity, "cycles": []}
-    blob = io.BytesIO()
-    with tarfile.open(fileobj=blob, mode="w:gz") as archive:
-        data = json.dumps(metrics).encode()
-        info = tarfile.TarInfo("metrics.json")
-        info.size = len(data)
-        archive.addfile(info, io.BytesIO(data))
-    key = artifact(aws, job["job_id"]).split("/", 3)[3].replace("model.tar.gz", "output.tar.gz")
-    aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=key, Body=blob.getvalue())
-
-
 def write_progress(aws, job_id: str, tokens_trained: int) -> None:
     aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=domain.progress_key(job_id),
                                         Body=json.dumps({"tokens_trained": tokens_trained, "step": 1}))
 
 
-def sagemaker_event(aws, job_id: str, status: str, reason: str | None = None, secondary: str | None = None) -> dict:
-    name = domain.training_job_name(job_id)
-    detail = {"TrainingJobName": name, "TrainingJobStatus": status, "SecondaryStatus": secondary or status,
-              "TrainingJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:training-job/{name}"}
-    if status == "Completed":
-        detail["ModelArtifacts"] = {"S3ModelArtifacts": artifact(aws, job_id)}
-    if reason:
-        detail["FailureReason"] = reason
-    return {"version": "0", "id": f"{job_id}-{status}", "detail-type": "SageMaker Training Job State Change",
-            "source": "aws.sagemaker", "account": "123456789012", "time": "2026-01-01T00:00:00Z",
-            "region": "us-east-1", "resources": [detail["TrainingJobArn"]], "detail": detail}
-
-
-def deliver(aws, job_id: str, *statuses: str, reason: str | None = None) -> list[dict]:
-    from functions.events import app as events
-    from tests.conftest import LambdaContext
-
-    return [events.lambda_handler(sagemaker_event(aws, job_id, s, reason), LambdaContext()) for s in statuses]
-
-
 def stored(aws, job_id: str) -> dict:
     return Jobs(session=aws.session).get(job_id)
-
-
-@pytest.fixture
-def observer(aws):
-    """A queue subscribed to everything on the Fusion bus: what was published."""
-    sqs, bridge = aws.session.client("sqs"), aws.session.client("events")
-    url = sqs.create_queue(QueueName="observer")["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    bus = aws.env["EVENT_BUS_NAME"]
-    bridge.put_rule(Name="all", EventBusName=bus, EventPattern=json.dumps({"source": ["fusion"]}))
-    bridge.put_targets(Rule="all", EventBusName=bus, Targets=[{"Id": "q", "Arn": arn}])
-
-    def published():
-        out = []
-        while messages := sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages"):
-            for m in messages:
-                body = json.loads(m["Body"])
-                out.append((body["detail-type"], body["detail"]))
-                sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
-        return out
-
-    return published
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,9 @@ from shared import jobs as domain
 from shared.pricing import Estimate, bill
 from shared.store import Jobs, Tenants
 
-from .conftest import deliver, launch, stored, train, write_progress
+from tests.conftest import deliver, write_metrics
+
+from .conftest import launch, stored, train, write_progress
 
 
 def _create(api, owner="alice", **hyper):
@@ -56,8 +58,6 @@ def test_cancel_is_idempotent(tenants, api, sagemaker):
 
 @pytest.mark.parametrize("end, status", [("Completed", "completed"), ("Failed", "failed")])
 def test_cancelling_an_ended_job_is_a_409(tenants, api, sagemaker, end, status):
-    from .conftest import write_metrics
-
     job = _create(api)
     launch(job["job_id"])
     write_metrics(tenants, stored(tenants, job["job_id"]))

@@ -13,7 +13,9 @@ from shared.pricing import Estimate, bill
 from shared.settings import JOB_REQUEST
 from shared.store import Catalog, Datasets, Jobs, Tenants, cents
 
-from .conftest import dataset_id, deliver, write_metrics, write_progress
+from tests.conftest import deliver, write_metrics
+
+from .conftest import dataset_id, write_progress
 
 # What really happened to a job, as SageMaker reports it in order.
 HISTORIES = {

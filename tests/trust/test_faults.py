@@ -20,7 +20,9 @@ from botocore.exceptions import ClientError
 from shared import jobs as domain
 from shared.store import Catalog, ConditionFailed, Jobs
 
-from .conftest import client_error, deliver, launch, stored, train, write_metrics
+from tests.conftest import artifact, deliver, write_metrics
+
+from .conftest import client_error, launch, stored, train
 
 FAULTS: list[str] = []
 LOST: list[str] = []
@@ -137,8 +139,6 @@ def test_dynamodb_conditional_and_throttling_failures_on_events_change_nothing_t
 def test_completed_without_metrics_or_with_a_corrupt_archive_fails_with_the_artifact_kept(tenants, api, sagemaker):
     missing, corrupt = _create(api), _create(api)
     launch(missing["job_id"], corrupt["job_id"])
-    from .conftest import artifact
-
     key = artifact(tenants, corrupt["job_id"]).split("/", 3)[3].replace("model.tar.gz", "output.tar.gz")
     tenants.session.client("s3").put_object(Bucket=tenants.env["ARTIFACTS_BUCKET"], Key=key, Body=b"not a tarball")
     FAULTS.extend(["metrics.json missing", "output.tar.gz corrupt"])
@@ -208,8 +208,6 @@ def _failure_event_reason(root: Path) -> str:
 
 def _upload_outputs(aws, job: dict, root: Path) -> None:
     """What SageMaker does at the end: output/data packed into output.tar.gz beside model.tar.gz."""
-    from .conftest import artifact
-
     blob = io.BytesIO()
     with tarfile.open(fileobj=blob, mode="w:gz") as archive:
         archive.add(root / "output/data", arcname=".")

@@ -10,8 +10,9 @@ from shared import jobs as domain
 from shared.events import Bus
 from shared.store import Catalog, Jobs
 
-from .conftest import GROWN, dataset_id, deliver, launch, stored, write_metrics
-from tests.conftest import LambdaContext
+from tests.conftest import GROWN, LambdaContext, deliver, write_metrics
+
+from .conftest import dataset_id, launch, stored
 
 
 def _requested(detail, event_id):
