@@ -7,69 +7,25 @@ import os
 
 import boto3
 import pytest
-import requests
-from moto import mock_aws
 
-from functions.api import app as api_app
 from functions.api import context as api_context
 from functions.api import datasets as routes
 from functions.datasets import app as check_function
-from local.resources import create_resources
 from shared.datasets import check_dataset, parse_dataset_key
-
-
-
-class _Context:
-    function_name = "fusion-datasets"
-    memory_limit_in_mb = 512
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:fusion-datasets"
-    aws_request_id = "req-1"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 30_000
+from tests.conftest import LambdaContext
 
 
 @pytest.fixture
-def aws(monkeypatch):
-    """The template's tables, queues and buckets on moto, and the functions' environment."""
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    with mock_aws():
-        _forget_clients()
-        for key, value in create_resources(boto3.session.Session()).items():
-            monkeypatch.setenv(key, value)
-        yield
+def aws(aws):
+    """The shared moto stack; the dataset routes and check cache their clients, so each case starts afresh."""
+    _forget_clients()
+    yield aws
     _forget_clients()
 
 
 def _forget_clients() -> None:
     routes._store.cache_clear(), routes._s3.cache_clear(), check_function._clients.cache_clear()
     api_context.reset()
-
-
-@pytest.fixture
-def api():
-    def call(method: str, path: str, tenant: str = "alice", body: dict | None = None) -> tuple[int, dict]:
-        event = {
-            "version": "2.0",
-            "routeKey": f"{method} {path}",
-            "rawPath": path,
-            "rawQueryString": "",
-            "headers": {"content-type": "application/json"},
-            "requestContext": {
-                "http": {"method": method, "path": path, "sourceIp": "127.0.0.1"},
-                "authorizer": {"jwt": {"claims": {"sub": tenant}, "scopes": []}},
-                "requestId": "r",
-                "stage": "$default",
-            },
-            "body": json.dumps(body) if body is not None else None,
-            "isBase64Encoded": False,
-        }
-        response = api_app.lambda_handler(event, _Context())
-        return response["statusCode"], json.loads(response["body"])
-
-    return call
 
 
 def _bucket() -> str:
@@ -98,7 +54,7 @@ def test_register_upload_and_check_marks_ready(aws, api):
     assert key in created["upload_url"] and "X-Amz-Signature" in created["upload_url"]
 
     _upload(key, _jsonl(300))
-    assert check_function.lambda_handler(_s3_event(key), _Context()) == {"checked": [dataset_id]}
+    assert check_function.lambda_handler(_s3_event(key), LambdaContext()) == {"checked": [dataset_id]}
 
     status, shown = api("GET", f"/datasets/{dataset_id}")
     assert status == 200 and shown["status"] == "ready" and shown["reason"] is None
@@ -109,7 +65,7 @@ def test_bad_record_rejects_with_the_line(aws, api):
     _, created = api("POST", "/datasets", body={"name": "broken"})
     key = f"alice/datasets/{created['dataset_id']}/data.jsonl"
     _upload(key, _jsonl(300) + b'{"body": "no text here"}\n')
-    check_function.lambda_handler(_s3_event(key), _Context())
+    check_function.lambda_handler(_s3_event(key), LambdaContext())
     _, shown = api("GET", f"/datasets/{created['dataset_id']}")
     assert shown["status"] == "rejected" and shown["reason"] == 'line 301 has no string "text" field'
 
@@ -134,7 +90,7 @@ def test_only_a_ready_dataset_can_be_trained_on(aws, api):
 
     key = f"alice/datasets/{created['dataset_id']}/data.jsonl"
     _upload(key, b"not json\n")
-    check_function.lambda_handler(_s3_event(key), _Context())
+    check_function.lambda_handler(_s3_event(key), LambdaContext())
     status, refused = api("POST", "/jobs/estimate", body=job)
     assert status == 422 and "rejected" in refused["error"]["message"]
 
@@ -142,7 +98,7 @@ def test_only_a_ready_dataset_can_be_trained_on(aws, api):
     assert status == 404 and refused["error"]["details"][0]["field"] == "dataset"
 
     _upload(key, _jsonl(300))
-    check_function.lambda_handler(_s3_event(key), _Context())
+    check_function.lambda_handler(_s3_event(key), LambdaContext())
     status, quote = api("POST", "/jobs/estimate", body=job)
     assert status == 200 and quote["dataset"] == created["dataset_id"]
 
@@ -151,7 +107,7 @@ def test_upload_to_another_tenants_id_is_ignored(aws, api):
     _, created = api("POST", "/datasets", body={"name": "x"})
     key = f"mallory/datasets/{created['dataset_id']}/data.jsonl"
     _upload(key, _jsonl(300))
-    assert check_function.lambda_handler(_s3_event(key), _Context()) == {"checked": []}
+    assert check_function.lambda_handler(_s3_event(key), LambdaContext()) == {"checked": []}
     _, shown = api("GET", f"/datasets/{created['dataset_id']}")
     assert shown["status"] == "pending"
 
