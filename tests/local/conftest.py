@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import sysconfig
 from pathlib import Path
 
 import pytest
 
+from local.demo import build_dataset
 from local.stack import LocalStack
-
-
-def stdlib_jsonl(path: Path, max_bytes: int) -> Path:
-    """A small JSONL dataset of Python standard-library sources: text every machine has."""
-    written = 0
-    with path.open("w") as out:
-        for source in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-            text = source.read_text(errors="replace")
-            out.write(json.dumps({"text": text}) + "\n")
-            written += len(text)
-            if written >= max_bytes:
-                break
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -32,4 +18,4 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset_file(tmp_path_factory) -> Path:
-    return stdlib_jsonl(tmp_path_factory.mktemp("data") / "stdlib.jsonl", 150_000)
+    return build_dataset(tmp_path_factory.mktemp("data") / "stdlib.jsonl", 150_000)
