@@ -1,11 +1,15 @@
-"""Shared fixtures: a moto AWS with every resource of template.yaml, an HTTP API caller, an observer
-of the Fusion bus, and SageMaker state-change events as EventBridge delivers them."""
+"""Shared fixtures: a moto AWS with every resource of template.yaml, an HTTP API caller, the local
+HTTP server, an observer of the Fusion bus, and SageMaker state-change events as EventBridge delivers them."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import tarfile
+import threading
+import urllib.error
+import urllib.request
 from functools import cache
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +19,7 @@ import pytest
 from moto import mock_aws
 
 from local.resources import create_resources
-from local.server import api_event
+from local.server import api_event, make_server
 from shared import jobs as domain
 from shared.shapes import SIZES, grown_config
 from shared.store import Catalog, seed_base_models
@@ -76,6 +80,36 @@ def api(aws):
             return result["statusCode"], payload
 
     return call
+
+
+@pytest.fixture
+def server(aws):
+    """The local HTTP server on a free loopback port, into the same API handler: its base URL."""
+    httpd = make_server("127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def unsigned_jwt(claims: dict) -> str:
+    encode = lambda part: base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()
+    return f"{encode({'alg': 'none'})}.{encode(claims)}."
+
+
+def http(url: str, method: str = "GET", body: Any = None, token: str | None = None) -> tuple[int, Any]:
+    """A real HTTP request: (status, parsed JSON body), error statuses included."""
+    headers = {"content-type": "application/json"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 @pytest.fixture

@@ -1,51 +1,18 @@
 """The local HTTP server: real HTTP on loopback into the same Lambda handler."""
 
-import base64
-import json
-import threading
-import urllib.error
-import urllib.request
-
 import pytest
 
-from local.server import api_event, claims_of, make_server
-
-
-def _jwt(claims):
-    encode = lambda part: base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()
-    return f"{encode({'alg': 'none'})}.{encode(claims)}."
-
-
-@pytest.fixture
-def server(aws):
-    httpd = make_server("127.0.0.1", 0)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def _call(url, method="GET", body=None, token=None):
-    headers = {"content-type": "application/json"}
-    if token:
-        headers["authorization"] = f"Bearer {token}"
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+from local.server import api_event, claims_of
+from tests.conftest import http, unsigned_jwt
 
 
 def test_claims_come_from_the_bearer_token():
     assert claims_of(None) == {"sub": "local"}
-    assert claims_of(f"Bearer {_jwt({'sub': 'alice', 'aud': 'x'})}")["sub"] == "alice"
+    assert claims_of(f"Bearer {unsigned_jwt({'sub': 'alice', 'aud': 'x'})}")["sub"] == "alice"
     with pytest.raises(ValueError):
         claims_of("Bearer not-a-jwt")
     with pytest.raises(ValueError):
-        claims_of(f"Bearer {_jwt({'aud': 'x'})}")
+        claims_of(f"Bearer {unsigned_jwt({'aud': 'x'})}")
 
 
 def test_api_event_is_an_http_api_v2_event():
@@ -57,20 +24,20 @@ def test_api_event_is_an_http_api_v2_event():
 
 def test_jobs_over_http_are_scoped_by_the_token(server, aws):
     body = {"type": "train", "model": "base-debug", "dataset": f"s3://{aws.env['DATA_BUCKET']}/alice/corpus/"}
-    status, job = _call(f"{server}/jobs", "POST", body, token=_jwt({"sub": "alice"}))
+    status, job = http(f"{server}/jobs", "POST", body, token=unsigned_jwt({"sub": "alice"}))
     assert status == 201 and job["owner"] == "alice"
-    assert _call(f"{server}/jobs/{job['job_id']}", token=_jwt({"sub": "alice"}))[0] == 200
-    assert _call(f"{server}/jobs/{job['job_id']}")[0] == 404  # no token: tenant "local"
-    status, error = _call(f"{server}/jobs", "POST", {"type": "train"}, token=_jwt({"sub": "alice"}))
+    assert http(f"{server}/jobs/{job['job_id']}", token=unsigned_jwt({"sub": "alice"}))[0] == 200
+    assert http(f"{server}/jobs/{job['job_id']}")[0] == 404  # no token: tenant "local"
+    status, error = http(f"{server}/jobs", "POST", {"type": "train"}, token=unsigned_jwt({"sub": "alice"}))
     assert status == 422 and {d["field"] for d in error["error"]["details"]} == {"model", "dataset"}
 
 
 def test_a_garbled_token_is_401(server):
-    assert _call(f"{server}/models", token="garbage")[0] == 401
+    assert http(f"{server}/models", token="garbage")[0] == 401
 
 
 def test_models_over_http(server):
-    status, body = _call(f"{server}/models")
+    status, body = http(f"{server}/models")
     assert status == 200 and "base-tiny" in {m["model_id"] for m in body["models"]}
 
 

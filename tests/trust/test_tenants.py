@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import base64
-import json
-import threading
-import urllib.error
-import urllib.request
 
 import pytest
 
-from local.server import make_server
 from shared.store import Jobs
+
+from tests.conftest import http, unsigned_jwt
 
 from .conftest import dataset_id, train
 
@@ -89,52 +85,24 @@ def test_the_tenants_own_prefix_is_accepted(tenants, api):
     assert job["dataset"] == uri
 
 
-def _jwt(claims):
-    encode = lambda part: base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()
-    return f"{encode({'alg': 'none'})}.{encode(claims)}."
-
-
-@pytest.fixture
-def server(tenants):
-    httpd = make_server("127.0.0.1", 0)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def _http(url, method="GET", body=None, token=None):
-    headers = {"content-type": "application/json"}
-    if token:
-        headers["authorization"] = f"Bearer {token}"
-    data = json.dumps(body).encode() if body is not None else None
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data, method=method, headers=headers),
-                                    timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def test_local_server_passes_unsigned_token_claims_on_as_the_tenant(server):
-    status, job = _http(f"{server}/jobs", "POST", train("bob"), token=_jwt({"sub": "bob", "aud": "x"}))
+def test_local_server_passes_unsigned_token_claims_on_as_the_tenant(tenants, server):
+    status, job = http(f"{server}/jobs", "POST", train("bob"), token=unsigned_jwt({"sub": "bob", "aud": "x"}))
     assert status == 201 and job["owner"] == "bob"
-    assert _http(f"{server}/jobs/{job['job_id']}", token=_jwt({"sub": "alice"}))[0] == 404
-    assert _http(f"{server}/jobs/{job['job_id']}", token=_jwt({"sub": "bob"}))[0] == 200
-    assert _http(f"{server}/jobs/{job['job_id']}")[0] == 404  # no token: tenant "local"
+    assert http(f"{server}/jobs/{job['job_id']}", token=unsigned_jwt({"sub": "alice"}))[0] == 404
+    assert http(f"{server}/jobs/{job['job_id']}", token=unsigned_jwt({"sub": "bob"}))[0] == 200
+    assert http(f"{server}/jobs/{job['job_id']}")[0] == 404  # no token: tenant "local"
 
 
-def test_local_server_without_a_token_is_tenant_local(server):
-    status, body = _http(f"{server}/jobs", "POST", train("alice"))
+def test_local_server_without_a_token_is_tenant_local(tenants, server):
+    status, body = http(f"{server}/jobs", "POST", train("alice"))
     assert status == 404 and body["error"]["details"][0]["field"] == "dataset"  # alice's dataset, not local's
     uri = f"s3://{{}}/local/corpus.jsonl"
-    status, job = _http(f"{server}/jobs", "POST", {**train(), "dataset": uri.format(_data_bucket())})
+    status, job = http(f"{server}/jobs", "POST", {**train(), "dataset": uri.format(_data_bucket())})
     assert status == 201 and job["owner"] == "local"
 
 
-def test_local_server_refuses_a_token_without_sub(server):
-    status, body = _http(f"{server}/jobs", token=_jwt({"aud": "x"}))
+def test_local_server_refuses_a_token_without_sub(tenants, server):
+    status, body = http(f"{server}/jobs", token=unsigned_jwt({"aud": "x"}))
     assert status == 401 and "sub" in body["error"]["message"]
 
 
