@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from shared.store import Jobs
-
 from tests.conftest import http, unsigned_jwt
 
 from .conftest import dataset_id, train
