@@ -48,11 +48,28 @@ def _inputs(windows: torch.Tensor) -> torch.Tensor:
     return windows[:, :-1] if windows.shape[1] > 1 else windows
 
 
+def _calibrate(model: Decoder, hooks: list, calibration_windows: torch.Tensor, batch_size: int) -> int:
+    """Run the calibration windows through the blocks in eval mode with the hooks attached; the hooks
+    are removed and the model's mode restored even if a batch fails. Returns the input tokens fed."""
+    was_training = model.training
+    model.eval()
+    tokens = 0
+    try:
+        device = next(model.parameters()).device
+        for batch in _inputs(calibration_windows).split(batch_size):
+            model.forward_hidden(batch.to(device))
+            tokens += batch.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return tokens
+
+
 @torch.no_grad()
 def block_influence(model: Decoder, calibration_windows: torch.Tensor, batch_size: int = CALIBRATION_BATCH) -> dict[str, float]:
     """1 - mean cosine(input, output) of each block's hidden states over the calibration tokens."""
     sums = {bid: 0.0 for bid in model.block_ids}
-    count = 0
     hooks = []
 
     def watch(bid: str):
@@ -64,17 +81,7 @@ def block_influence(model: Decoder, calibration_windows: torch.Tensor, batch_siz
 
     for bid, block in model.blocks.items():
         hooks.append(block.register_forward_hook(watch(bid)))
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        for batch in _inputs(calibration_windows).split(batch_size):
-            model.forward_hidden(batch.to(device))
-            count += batch.numel()
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    count = _calibrate(model, hooks, calibration_windows, batch_size)
     return {bid: 1.0 - s / count for bid, s in sums.items()}
 
 
@@ -151,16 +158,7 @@ def layer_stats(model: Decoder, calibration_windows: torch.Tensor, block_ids: li
         )
         hooks.append(block.mlp.down_proj.register_forward_pre_hook(accumulate(bid, "mlp_gram")))
         hooks.append(block.attn.o_proj.register_forward_pre_hook(accumulate(bid, "attn_gram")))
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        for batch in _inputs(calibration_windows).split(batch_size):
-            model.forward_hidden(batch.to(device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    _calibrate(model, hooks, calibration_windows, batch_size)
     return stats
 
 
