@@ -1,5 +1,5 @@
 """Shared fixtures: a moto AWS with every resource of template.yaml, an HTTP API caller, the local
-HTTP server, an observer of the Fusion bus, and SageMaker state-change events as EventBridge delivers them."""
+HTTP server, a fake SageMaker, an observer of the Fusion bus, and SageMaker state-change events as EventBridge delivers them."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 from moto import mock_aws
 
 from local.resources import create_resources
@@ -110,6 +111,39 @@ def http(url: str, method: str = "GET", body: Any = None, token: str | None = No
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
+
+
+class FakeSageMaker:
+    """CreateTrainingJob / DescribeTrainingJob / StopTrainingJob with SageMaker's error codes: the
+    queued errors are raised first, names are unique like AWS, and calls and stops are recorded."""
+
+    def __init__(self):
+        self.created: dict[str, dict] = {}
+        self.stopped: list[str] = []
+        self.errors: list[Exception] = []
+        self.calls = 0
+
+    def create_training_job(self, **request):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        if request["TrainingJobName"] in self.created:
+            raise client_error("ResourceInUse", "Training job names must be unique within an AWS account and region")
+        self.created[request["TrainingJobName"]] = request
+
+    def describe_training_job(self, TrainingJobName):
+        if TrainingJobName not in self.created:
+            raise client_error("ResourceNotFound", "Requested resource not found.")
+        return {"TrainingJobName": TrainingJobName, "TrainingJobStatus": "InProgress"}
+
+    def stop_training_job(self, TrainingJobName):
+        if TrainingJobName not in self.created:
+            raise client_error("ValidationException", f"Requested resource not found: {TrainingJobName}")
+        self.stopped.append(TrainingJobName)
+
+
+def client_error(code: str, message: str = "boom", operation: str = "CreateTrainingJob") -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": message}}, operation)
 
 
 @pytest.fixture

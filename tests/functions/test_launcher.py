@@ -3,39 +3,13 @@
 import json
 
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import EndpointConnectionError
 
 from functions.launcher import app as launcher
 from shared import jobs as domain
 from shared.settings import JOB_REQUEST
 from shared.store import Catalog, Datasets, Jobs
-from tests.conftest import LambdaContext
-
-
-class FakeSageMaker:
-    """Records CreateTrainingJob calls; raises the queued errors first; names are unique like AWS."""
-
-    def __init__(self, errors=()):
-        self.errors = list(errors)
-        self.created: dict[str, dict] = {}
-        self.calls = 0
-
-    def create_training_job(self, **request):
-        self.calls += 1
-        if self.errors:
-            raise self.errors.pop(0)
-        if request["TrainingJobName"] in self.created:
-            raise _error("ResourceInUse", "Training job names must be unique within an AWS account and region")
-        self.created[request["TrainingJobName"]] = request
-
-    def describe_training_job(self, TrainingJobName):
-        if TrainingJobName not in self.created:
-            raise _error("ResourceNotFound", "Requested resource not found.")
-        return {"TrainingJobName": TrainingJobName, "TrainingJobStatus": "InProgress"}
-
-
-def _error(code, message="boom"):
-    return ClientError({"Error": {"Code": code, "Message": message}}, "CreateTrainingJob")
+from tests.conftest import FakeSageMaker, LambdaContext, client_error
 
 
 @pytest.fixture
@@ -134,8 +108,8 @@ def test_a_message_after_the_job_runs_does_nothing(aws, queued, sagemaker):
 
 
 @pytest.mark.parametrize("error", [
-    _error("ThrottlingException", "Rate exceeded"),
-    _error("ResourceLimitExceeded", "The account-level service limit for ml.g5.xlarge is 0"),
+    client_error("ThrottlingException", "Rate exceeded"),
+    client_error("ResourceLimitExceeded", "The account-level service limit for ml.g5.xlarge is 0"),
     EndpointConnectionError(endpoint_url="https://api.sagemaker.us-east-1.amazonaws.com"),
 ])
 def test_limits_retry_the_message_and_keep_the_job(aws, queued, sagemaker, error):
@@ -148,7 +122,7 @@ def test_limits_retry_the_message_and_keep_the_job(aws, queued, sagemaker, error
 
 def test_limits_fail_the_job_after_the_last_attempt(aws, queued, sagemaker, monkeypatch):
     monkeypatch.setenv("FUSION_MAX_LAUNCH_ATTEMPTS", "3")
-    sagemaker.errors = [_error("ResourceLimitExceeded", "quota 0")] * 3
+    sagemaker.errors = [client_error("ResourceLimitExceeded", "quota 0")] * 3
     assert _run(queued, receive_count=2) == ["msg-0"]
     assert _run(queued, receive_count=3) == []
     job = _job(aws, queued)
@@ -156,7 +130,7 @@ def test_limits_fail_the_job_after_the_last_attempt(aws, queued, sagemaker, monk
 
 
 def test_a_permanent_error_fails_the_job_with_the_reason(aws, queued, sagemaker):
-    sagemaker.errors = [_error("ValidationException", "Invalid instance type")]
+    sagemaker.errors = [client_error("ValidationException", "Invalid instance type")]
     assert _run(queued) == []
     job = _job(aws, queued)
     assert job["status"] == "failed" and "ValidationException: Invalid instance type" in job["failure_reason"]
@@ -168,7 +142,7 @@ def test_a_batch_reports_only_the_failed_messages(aws, queued, sagemaker):
     other = Jobs(session=aws.session)
     second = {**_job(aws, queued), "job_id": "second-job", "status": "queued", "training_job_name": None}
     other.create(second)
-    sagemaker.errors = [_error("ThrottlingException")]
+    sagemaker.errors = [client_error("ThrottlingException")]
     assert _run(queued, "second-job") == ["msg-0"]
     assert list(sagemaker.created) == ["fusion-second-job"]
 

@@ -1,16 +1,15 @@
-"""Tenants with data and models of their own, a SageMaker that records stops, and a launcher driver."""
+"""Tenants with data and models of their own, one fake SageMaker behind the API and launcher, and a launcher driver."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from botocore.exceptions import ClientError
 
 from functions.api import context
 from shared import jobs as domain
 from shared.store import Catalog, Jobs
-from tests.conftest import GROWN, LambdaContext
+from tests.conftest import GROWN, FakeSageMaker, LambdaContext
 
 
 def dataset_id(owner: str) -> str:
@@ -38,36 +37,6 @@ def tenants(aws, api):
 
 def train(owner: str = "alice", **hyper) -> dict:
     return {"type": "train", "model": "base-debug", "dataset": dataset_id(owner), "hyperparams": hyper}
-
-
-class FakeSageMaker:
-    """CreateTrainingJob / DescribeTrainingJob / StopTrainingJob with SageMaker's error codes."""
-
-    def __init__(self):
-        self.created: dict[str, dict] = {}
-        self.stopped: list[str] = []
-        self.errors: list[Exception] = []
-
-    def create_training_job(self, **request):
-        if self.errors:
-            raise self.errors.pop(0)
-        if request["TrainingJobName"] in self.created:
-            raise client_error("ResourceInUse", "Training job names must be unique")
-        self.created[request["TrainingJobName"]] = request
-
-    def describe_training_job(self, TrainingJobName):
-        if TrainingJobName not in self.created:
-            raise client_error("ResourceNotFound", "Requested resource not found.")
-        return {"TrainingJobName": TrainingJobName}
-
-    def stop_training_job(self, TrainingJobName):
-        if TrainingJobName not in self.created:
-            raise client_error("ValidationException", f"Requested resource not found: {TrainingJobName}")
-        self.stopped.append(TrainingJobName)
-
-
-def client_error(code: str, message: str = "boom", operation: str = "CreateTrainingJob") -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": message}}, operation)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from shared import jobs as domain
 from shared.pricing import Estimate, bill
 from shared.store import Jobs, Tenants
 
-from tests.conftest import deliver, write_metrics
+from tests.conftest import client_error, deliver, write_metrics
 
 from .conftest import launch, stored, train, write_progress
 
@@ -69,8 +69,6 @@ def test_cancelling_an_ended_job_is_a_409(tenants, api, sagemaker, end, status):
 
 def test_cancel_while_launching_ends_it_without_a_training_job(tenants, api, sagemaker):
     """The launcher took the job but was throttled; the cancel comes before its retry."""
-    from .conftest import client_error
-
     job = _create(api)
     sagemaker.errors.append(client_error("ThrottlingException"))
     assert launch(job["job_id"]) == ["msg-0"]

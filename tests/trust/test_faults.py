@@ -20,9 +20,9 @@ from botocore.exceptions import ClientError
 from shared import jobs as domain
 from shared.store import Catalog, ConditionFailed, Jobs
 
-from tests.conftest import artifact, deliver, write_metrics
+from tests.conftest import artifact, client_error, deliver, write_metrics
 
-from .conftest import client_error, launch, stored, train
+from .conftest import launch, stored, train
 
 FAULTS: list[str] = []
 LOST: list[str] = []
