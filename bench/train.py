@@ -6,7 +6,7 @@ measured in alternating rounds so that whatever else the machine is doing weighs
 on a GPU (bf16 autocast for both) also MFU. Quality: held-out perplexity after 1 turn and after
 2 turns from the same grown base.
 
-    .venv/bin/python bench/train.py [--size tiny] [--seq-len 128] [--rounds 10] [--steps 3] [--threads 1]
+    .venv/bin/python bench/train.py [--size tiny] [--seq-len 128] [--rounds 20] [--steps 2] [--threads 1]
     .venv/bin/python bench/train.py --part throughput --size medium --seq-len 512   # on a GPU: MFU
 """
 
@@ -152,8 +152,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="tiny", choices=sorted(SIZES))
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per loop per round")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per loop per round")
     parser.add_argument("--quality-size", default="debug", choices=sorted(SIZES))
     parser.add_argument("--cycles", type=int, default=2)
     parser.add_argument("--steps-per-cycle", type=int, default=150)
