@@ -124,3 +124,15 @@ def test_train_steps_lowers_the_loss_in_place(windows):
     losses = train_steps(model, train, 30, 3e-3, batch_size=8)
     assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+
+
+def test_a_run_in_pieces_of_max_steps_ends_with_the_weights_of_one_run(windows):
+    whole = _trainer(windows)
+    whole.run()
+    pieces = _trainer(windows)
+    for _ in range(3):
+        pieces.run(max_steps=5)  # the second piece crosses turn and cycle ends
+    assert pieces.state.step == PLAN.total_steps == 14 and len(pieces.state.cycles) == 4
+    assert pieces.losses == whole.losses
+    for a, b in zip(whole.model.state_dict().values(), pieces.model.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
