@@ -15,11 +15,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from shared.settings import ContractSettings, TrainSettings
-from shared.shapes import ModelConfig, grown_config
+from shared.shapes import ModelConfig, batch_size_for, grown_config
 
 CENT = Decimal("0.01")
 MILLION = Decimal(1_000_000)
-LOCAL_INSTANCE = "local-cpu"
 
 
 class Tier(BaseModel):
@@ -80,12 +79,22 @@ class Estimate(BaseModel):
     max_runtime_seconds: int
 
 
-def _seconds(table: PriceTable, tokens: int, parameters: int, instance_type: str, count: int) -> float:
+# Forward-only tokens of a contract job: a calibration sample and three held-out evaluations
+# (source, pruned, healed) of up to 512 windows of 256 tokens each.
+CONTRACT_FORWARD_TOKENS = (64 + 3 * 512) * 256
+
+
+def _seconds(table: PriceTable, flop_count: float, instance_type: str, count: int) -> float:
     flops = table.flops_per_second.get(instance_type)
     if flops is None:
         raise KeyError(f"no throughput figure for instance type {instance_type!r} in the price table")
-    utilization = 1.0 if instance_type == LOCAL_INSTANCE else table.model_flops_utilization
-    return 6.0 * parameters * tokens / (flops * utilization * count)
+    return flop_count / (flops * table.model_flops_utilization * count)
+
+
+def _training_flops(tokens: int, parameters: int) -> float:
+    """6 x parameters FLOPs per token the model trains on. Each optimizer step runs a batch of
+    sequences (shapes.batch_size_for), so it trains on that many times the billed steps x seq_len."""
+    return 6.0 * parameters * tokens * batch_size_for(parameters)
 
 
 def _estimate(
@@ -104,9 +113,10 @@ def _estimate(
     total = (training_cost + growth_fee + contraction_fee).quantize(CENT, rounding=ROUND_HALF_UP)
     instance = instance_type or tier.instance_type
     count = 1 if instance_type else tier.instance_count
-    compute = _seconds(table, tokens, parameters, instance, count)
-    if with_contraction_fee:  # scoring blocks and pruning costs about a few hundred forward passes
-        compute += _seconds(table, 200 * 256, parameters, instance, count) / 3
+    flop_count = _training_flops(tokens, parameters)
+    if with_contraction_fee:
+        flop_count += 2.0 * parameters * CONTRACT_FORWARD_TOKENS
+    compute = _seconds(table, flop_count, instance, count)
     eta = table.startup_seconds + compute
     return Estimate(
         job_type=job_type,

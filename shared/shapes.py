@@ -8,6 +8,7 @@ and growth can insert copies of a neighbour.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -135,6 +136,16 @@ def _next_free_id(bid: str, taken: set[str]) -> str:
 def growth_parameters(config: ModelConfig) -> int:
     """Parameters that growth adds to this base: what the growth fee prices."""
     return grown_config(config).parameters() - config.parameters()
+
+
+def batch_size_for(parameters: int) -> int:
+    """Sequences per optimizer step: 8 up to 80M parameters, doubling with size up to 64 at 640M+.
+
+    A rule rather than a setting: the public settings fix steps and seq_len only, and the billed
+    token count is steps x seq_len (DESIGN §5) whatever this batch is. The trainer runs this batch
+    and the ETA prices its compute, so both read it from here.
+    """
+    return int(min(64, max(8, 2 ** round(math.log2(max(parameters, 1) / 1e7)))))
 
 
 # Named sizes. `debug` trains in seconds on a CPU; `tiny` is the local demo's base (deep enough

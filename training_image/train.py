@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shared.shapes import batch_size_for  # noqa: F401  (the trainer's batch rule; re-exported)
 from training_image.evaluate import heldout_loss
 from training_image.model import Decoder
 
@@ -46,16 +47,6 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingStopped(RuntimeError):
     """A stop was requested (SIGTERM); a checkpoint was written before raising."""
-
-
-def batch_size_for(parameters: int) -> int:
-    """Sequences per optimizer step: 8 up to 80M parameters, doubling with size up to 64 at 640M+.
-
-    A rule rather than a setting: the public settings fix steps and seq_len only, and the billed
-    token count is steps x seq_len (DESIGN §5) whatever this batch is; metrics also report the
-    tokens actually processed (steps x batch x seq_len).
-    """
-    return int(min(64, max(8, 2 ** round(math.log2(max(parameters, 1) / 1e7)))))
 
 
 def warmup_steps(cycle_len: int) -> int:

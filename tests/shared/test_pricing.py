@@ -6,7 +6,7 @@ import pytest
 
 from shared.pricing import bill, estimate_contract, estimate_train, price_table
 from shared.settings import ContractSettings, TrainSettings
-from shared.shapes import SIZES
+from shared.shapes import SIZES, batch_size_for
 
 # By hand, SIZES["debug"] (vocab 512, dim 64, 4 blocks, 4 heads of 16, 2 KV heads, MLP 172):
 #   block = attention 64*64 + 2*64*32 + 64*64 = 12288, MLP 3*64*172 = 33024, norms 128 -> 45440
@@ -81,3 +81,12 @@ def test_bill_is_pro_rata_to_tokens_with_fees_in_full():
 def test_max_runtime_has_margin_and_a_floor():
     e = estimate_train(TrainSettings(), SIZES["large"])
     assert e.max_runtime_seconds >= max(3600, 2 * e.eta_seconds - 1)
+
+
+def test_eta_prices_the_batch_the_trainer_runs():
+    # small grows to 144,727,296 parameters; the trainer runs 16 sequences a step at that size, so
+    # 1,536,000 billed tokens are 24,576,000 trained: 6 x N x 24.576M FLOPs at 40% of 50 TFLOP/s.
+    e = estimate_train(TrainSettings(), SIZES["small"])
+    assert e.parameters == 144_727_296 and batch_size_for(e.parameters) == 16
+    assert e.instance_type == "ml.g5.xlarge"
+    assert e.eta_seconds == round(300 + 6 * 144_727_296 * 1_536_000 * 16 / (50e12 * 0.4)) == 1367
