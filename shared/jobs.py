@@ -22,14 +22,24 @@ from shared.settings import (
     to_hyperparameters,
 )
 from shared.shapes import ModelConfig
-from shared.store import ACTIVE_STATUSES, Catalog, ConditionFailed, Datasets, Jobs, OverBudget, Tenants, cents, now
+from shared.store import (
+    ACTIVE_STATUSES,
+    END_STATUSES,
+    Catalog,
+    ConditionFailed,
+    Datasets,
+    Jobs,
+    OverBudget,
+    Tenants,
+    cents,
+    now,
+)
 
 JOB_ID_PATTERN = re.compile(r"[a-z0-9-]{1,40}")
 TRAINING_JOB_PREFIX = "fusion-"
 METRIC_NAMES = ("step", "turn", "cycle", "train_loss", "heldout_loss", "heldout_perplexity", "tokens_per_second")
 MAX_RUNTIME_LIMIT = 28 * 24 * 3600  # SageMaker's ceiling on MaxRuntimeInSeconds
 NO_CHARGE = "0.00"
-END_STATUSES = ("completed", "failed", "cancelled")
 # The spend limit of a tenant without a record of their own in the tenants table.
 DEFAULT_BUDGET_ENV = "FUSION_DEFAULT_BUDGET_USD"
 DEFAULT_BUDGET_USD = "100.00"

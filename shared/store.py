@@ -23,6 +23,7 @@ BY_OWNER_INDEX = "by-owner"
 # states share the top rank so none of them can replace another.
 STATUS_RANK = {"queued": 0, "launching": 1, "running": 2, "cancelling": 3, "completed": 4, "failed": 4, "cancelled": 4}
 ACTIVE_STATUSES = ("launching", "running", "cancelling")
+END_STATUSES = ("completed", "failed", "cancelled")
 
 
 def now() -> str:
@@ -35,9 +36,6 @@ class ConditionFailed(Exception):
 
 class OverBudget(Exception):
     """Accepting the job would take its tenant's committed spend past their limit."""
-
-
-END_STATUSES = ("completed", "failed", "cancelled")
 
 
 def cents(amount: Any) -> int:
@@ -209,10 +207,6 @@ class Jobs(_Table):
             raise ConditionFailed(job_id) from exc
         return _job_from_item(_plain(response["Attributes"]))
 
-
-# published_status: the last status announced on the bus. It trails `status` between a state
-# write and its event, so a retry that finds them apart publishes again (at least once).
-# artifact_uri: what SageMaker wrote, kept on the job even when no model could be registered.
     def _end(self, item: dict[str, Any], fields: dict[str, Any], allowed: list[str]) -> dict[str, Any]:
         """End a job and settle its tenant's spend (bill in, estimate out) in one transaction."""
         job_id = item["job_id"]
@@ -246,6 +240,9 @@ def _update_parts(fields: dict[str, Any], allowed: list[str]) -> dict[str, Any]:
             "ExpressionAttributeNames": names, "ExpressionAttributeValues": _ddb(values)}
 
 
+# published_status: the last status announced on the bus. It trails `status` between a state
+# write and its event, so a retry that finds them apart publishes again (at least once).
+# artifact_uri: what SageMaker wrote, kept on the job even when no model could be registered.
 _JOB_COLUMNS = (
     "job_id", "owner", "status", "type", "created_at", "updated_at", "training_job_name",
     "output_model_id", "failure_reason", "bill", "published_status", "artifact_uri",
