@@ -14,6 +14,7 @@ from typing import Any
 
 from shared.pricing import Estimate, bill, estimate_contract, estimate_train
 from shared.settings import (
+    SETTINGS_BY_TYPE,
     ContractJobRequest,
     ContractSettings,
     TrainJobRequest,
@@ -231,8 +232,7 @@ def public(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def settings_of(job: dict[str, Any]) -> TrainSettings | ContractSettings:
-    cls = TrainSettings if job["type"] == "train" else ContractSettings
-    return cls.model_validate(job["settings"])
+    return SETTINGS_BY_TYPE[job["type"]].model_validate(job["settings"])
 
 
 # --- budgets -----------------------------------------------------------------------------------
