@@ -84,12 +84,11 @@ def job_requested(detail: dict[str, Any], event_id: str | None = None) -> dict[s
     except ValidationError as exc:
         error = {"code": "invalid_request", "message": "the requested job has invalid fields",
                  "details": [domain.describe_error(e) for e in exc.errors()]}
-        c["bus"].job_rejected(owner, body, error)
-        return {"accepted": False, "error": error}
     except domain.JobError as exc:
         error = {"code": exc.code, "message": exc.message, "details": exc.details}
-        c["bus"].job_rejected(owner, body, error)
-        return {"accepted": False, "error": error}
-    domain.announce(job, jobs=c["jobs"], bus=c["bus"])
-    logger.info("job requested", extra={"job_id": job["job_id"], "owner": owner})
-    return {"accepted": True, "job_id": job["job_id"]}
+    else:
+        domain.announce(job, jobs=c["jobs"], bus=c["bus"])
+        logger.info("job requested", extra={"job_id": job["job_id"], "owner": owner})
+        return {"accepted": True, "job_id": job["job_id"]}
+    c["bus"].job_rejected(owner, body, error)
+    return {"accepted": False, "error": error}
