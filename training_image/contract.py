@@ -33,7 +33,7 @@ from training_image.evaluate import heldout_loss
 from training_image.model import Decoder
 from training_image.modeldir import load_model_dir
 from training_image import runtime
-from training_image.train import Trainer, TrainPlan, batch_size_for
+from training_image.train import Trainer, TrainPlan
 
 Method = Literal["activation", "magnitude", "random"]
 CALIBRATION_BATCH = 8
@@ -375,10 +375,8 @@ def _measure(log: Callable[[str], None], stage: str, model: Decoder, heldout_win
 
 
 def _healer(model, config, train_windows, heldout_windows, steps, seq_len, root, job_id, log) -> Trainer:
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    batch = batch_size_for(config.parameters())
-    batch += (-batch) % world  # every rank takes an equal share
-    plan = TrainPlan(turns=1, cycle_steps=[steps], lr=HEAL_LR, seq_len=seq_len, batch_size=batch)
+    plan = TrainPlan(turns=1, cycle_steps=[steps], lr=HEAL_LR, seq_len=seq_len,
+                     batch_size=runtime.batch_size(config.parameters()))
     model.train()
     return Trainer(
         model,

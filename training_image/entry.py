@@ -17,7 +17,6 @@ re-launches itself under torchrun, one process per GPU, and trains with DDP.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -33,7 +32,7 @@ from training_image.data import read_texts, token_windows
 from training_image.growth import grow
 from training_image.modeldir import load_model_dir
 from training_image import runtime
-from training_image.train import Trainer, TrainingStopped, TrainPlan, batch_size_for
+from training_image.train import Trainer, TrainingStopped, TrainPlan
 
 MASTER_PORT = 29500
 EXIT_STOPPED = 128 + 15
@@ -100,11 +99,8 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None) ->
         cycle_steps=settings.cycle_steps(),
         lr=settings.lr,
         seq_len=settings.seq_len,
-        batch_size=batch_size_for(config.parameters()),
+        batch_size=runtime.batch_size(config.parameters()),
     )
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if plan.batch_size % world:
-        plan = dataclasses.replace(plan, batch_size=plan.batch_size + world - plan.batch_size % world)
     trainer = Trainer(
         model,
         train_windows,

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from shared.shapes import batch_size_for
 from training_image.modeldir import METRICS, save_model_dir
 
 FAILURE_LIMIT = 1024  # SageMaker keeps about this much of output/failure as FailureReason
@@ -43,6 +44,14 @@ def device() -> torch.device:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def batch_size(parameters: int) -> int:
+    """Sequences per optimizer step over all ranks: shapes.batch_size_for, rounded up so that
+    every rank takes an equal share."""
+    batch = batch_size_for(parameters)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return batch + (-batch) % world
 
 
 def log(line: str) -> None:
