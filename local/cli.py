@@ -29,9 +29,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from shared.settings import ContractSettings, TrainSettings
+from shared.store import END_STATUSES
 
 DEFAULT_API_URL = "http://127.0.0.1:8080"
-END_STATUSES = ("completed", "failed", "cancelled")
 TIMEOUT_S = 30
 
 
