@@ -137,10 +137,10 @@ class Jobs(_Table):
             self._put_new("job_id", _job_item(job))
             return
         committed = cents(job["estimate"]["total"])
-        tenants = self.client, os.environ[Tenants.env_var], _ddb({"tenant": job["owner"]})
+        tenants_table, tenant_key = os.environ[Tenants.env_var], _ddb({"tenant": job["owner"]})
         try:
             self.client.update_item(
-                TableName=tenants[1], Key=tenants[2], UpdateExpression="ADD spent_cents :c",
+                TableName=tenants_table, Key=tenant_key, UpdateExpression="ADD spent_cents :c",
                 ConditionExpression="attribute_not_exists(spent_cents) OR spent_cents <= :most",
                 ExpressionAttributeValues=_ddb({":c": committed, ":most": limit_cents - committed}),
             )
@@ -151,7 +151,7 @@ class Jobs(_Table):
         except BaseException:
             # Not stored: give the commitment back. (Were this process to die right here, the
             # counter would stay over by this estimate: a tenant refused early, never one overspent.)
-            self.client.update_item(TableName=tenants[1], Key=tenants[2], UpdateExpression="ADD spent_cents :c",
+            self.client.update_item(TableName=tenants_table, Key=tenant_key, UpdateExpression="ADD spent_cents :c",
                                     ExpressionAttributeValues=_ddb({":c": -committed}))
             raise
 
