@@ -337,18 +337,31 @@ def cancel(job_id: str, owner: str, *, jobs: Jobs, sagemaker: Any) -> dict[str, 
                    [{"field": "job_id", "message": f"the job is {job['status']}"}])
 
 
-def stop_training_job(sagemaker: Any, name: str) -> bool:
-    """Ask SageMaker to stop a training job; False when there is none running to stop (not yet
-    created, or already ended: its own end event settles the job)."""
+# What SageMaker answers about a training job it has no such job for (or none in a state to act on).
+NO_SUCH_TRAINING_JOB = ("ResourceNotFound", "ValidationException")
+
+
+def _training_job_call(call: Any, name: str) -> bool:
+    """Make one SageMaker call on a training job; False when SageMaker has no such job."""
     from botocore.exceptions import ClientError
 
     try:
-        sagemaker.stop_training_job(TrainingJobName=name)
+        call(TrainingJobName=name)
     except ClientError as exc:
-        if exc.response["Error"].get("Code") in ("ValidationException", "ResourceNotFound"):
+        if exc.response["Error"].get("Code") in NO_SUCH_TRAINING_JOB:
             return False
         raise
     return True
+
+
+def training_job_exists(sagemaker: Any, name: str) -> bool:
+    return _training_job_call(sagemaker.describe_training_job, name)
+
+
+def stop_training_job(sagemaker: Any, name: str) -> bool:
+    """Ask SageMaker to stop a training job; False when there is none running to stop (not yet
+    created, or already ended: its own end event settles the job)."""
+    return _training_job_call(sagemaker.stop_training_job, name)
 
 
 # --- domain events, at least once --------------------------------------------------------------

@@ -81,7 +81,7 @@ def launch(job_id: str, attempt: int) -> str:
         sagemaker.create_training_job(**domain.training_job_request(job, _launch_config()))
     except ClientError as exc:
         code, message = exc.response["Error"].get("Code", ""), exc.response["Error"].get("Message", "")
-        if code == "ResourceInUse" and _exists(sagemaker, name):
+        if code == "ResourceInUse" and domain.training_job_exists(sagemaker, name):
             return "existing"
         if code in RETRYABLE:
             return _retry_or_fail(jobs, bus, job_id, attempt, f"{code}: {message}")
@@ -99,7 +99,7 @@ def launch(job_id: str, attempt: int) -> str:
 def _cancel_unlaunched(jobs: Jobs, sagemaker: Any, bus: Bus, job: dict[str, Any]) -> str:
     """A job cancelled while launching: end it if its training job was never created, else stop it."""
     name = domain.training_job_name(job["job_id"])
-    if _exists(sagemaker, name):
+    if domain.training_job_exists(sagemaker, name):
         domain.stop_training_job(sagemaker, name)
         return "stopped"
     try:
@@ -109,18 +109,6 @@ def _cancel_unlaunched(jobs: Jobs, sagemaker: Any, bus: Bus, job: dict[str, Any]
         return "already-moved"
     domain.announce(job, jobs=jobs, bus=bus)
     return "cancelled"
-
-
-def _exists(sagemaker: Any, name: str) -> bool:
-    from botocore.exceptions import ClientError
-
-    try:
-        sagemaker.describe_training_job(TrainingJobName=name)
-    except ClientError as exc:
-        if exc.response["Error"].get("Code") in ("ResourceNotFound", "ValidationException"):
-            return False
-        raise
-    return True
 
 
 def _retry_or_fail(jobs: Jobs, bus: Bus, job_id: str, attempt: int, reason: str) -> str:
