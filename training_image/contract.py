@@ -307,7 +307,8 @@ HEAL_LR = TrainSettings.model_fields["lr"].default  # healing uses the product's
 
 def run_contract_job(settings: ContractSettings, root: Path, job_id: str, log: Callable[[str], None] | None = None) -> dict:
     """Contract the model of the `model` channel on the `training` channel's text; write model/ and metrics."""
-    log = log or runtime.log
+    # Metric lines from rank 0 only: SageMaker would count every rank's.
+    log = log or (runtime.log if runtime.rank() == 0 else lambda line: None)
     started = time.monotonic()
     source, tokenizer = load_model_dir(root / "input/data/model")
     source_config = source.config
@@ -336,9 +337,9 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str, log: C
     healed, cycles, tokens_processed, tokens_per_second = None, [], 0, 0.0
     if settings.train_steps > 0:
         trainer = _healer(model, config, train_windows, heldout_windows, settings.train_steps, seq_len, root, job_id, log)
-        trainer.install_sigterm()
         trainer.resume()
-        state = trainer.run()
+        with trainer.stop_on_sigterm():
+            state = trainer.run()
         cycles, tokens_processed, tokens_per_second = state.cycles, state.tokens_seen, trainer.tokens_per_second()
         healed = _measure(log, "healed", model, heldout_windows)
 

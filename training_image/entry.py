@@ -31,8 +31,9 @@ from shared.settings import ContractSettings, TrainSettings, from_hyperparameter
 from training_image.data import read_texts, token_windows
 from training_image.growth import grow
 from training_image.modeldir import load_model_dir
-from training_image import runtime
-from training_image.train import Trainer, TrainingStopped, TrainPlan
+from training_image import runtime, stopping
+from training_image.stopping import SHUTDOWN_TIMEOUT, TrainingStopped
+from training_image.train import Trainer, TrainPlan
 
 MASTER_PORT = 29500
 EXIT_STOPPED = 128 + 15
@@ -45,9 +46,17 @@ def main() -> int:
         # exec, not a child: torchrun takes this process's place (PID 1 in the container), so
         # SageMaker's SIGTERM reaches it and it passes it on to every rank.
         os.execv(launch[0], launch)
-    rank = 0
+    stopping.install()
     try:
-        rank = runtime.init_distributed()
+        return _run(root)
+    except TrainingStopped as stop:  # one that landed outside _run's own handlers
+        runtime.log(str(stop))
+        return EXIT_STOPPED
+
+
+def _run(root: Path) -> int:
+    try:
+        runtime.init_distributed()
         hyperparameters = json.loads((root / "input/config/hyperparameters.json").read_text())
         job_type, job_id, settings = from_hyperparameters(hyperparameters)
         if job_type == "train":
@@ -60,8 +69,11 @@ def main() -> int:
         return EXIT_STOPPED
     except Exception as error:  # the one place every failure becomes SageMaker's failure text
         traceback.print_exc()
-        if rank == 0:
-            runtime.write_failure(root, error)
+        if stopping.requested():
+            # Stopping ranks leave their collectives: what that breaks in this one is no failure.
+            runtime.log(f"stopped by SIGTERM ({type(error).__name__}: {error})")
+            return EXIT_STOPPED
+        runtime.write_failure(root, error)
         return 1
     finally:
         if dist.is_initialized():
@@ -148,7 +160,8 @@ def torchrun_command(root: Path) -> list[str] | None:
 
     None when already under torchrun, or when there is one process to run (one host, at most
     one GPU). Ranks follow resourceconfig.json: node rank = the current host's index in hosts,
-    the first host is the rendezvous master.
+    the first host is the rendezvous master. Sets NCCL's (and gloo's) socket interface to
+    resourceconfig.json's network_interface_name for the workers, unless it is set already.
     """
     if "LOCAL_RANK" in os.environ:
         return None
@@ -157,6 +170,9 @@ def torchrun_command(root: Path) -> list[str] | None:
     if resources.is_file():
         config = json.loads(resources.read_text())
         hosts, current = config["hosts"], config["current_host"]
+        if config.get("network_interface_name"):
+            for variable in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
+                os.environ.setdefault(variable, config["network_interface_name"])
     gpus = torch.cuda.device_count()
     if len(hosts) == 1 and gpus <= 1:
         return None
@@ -169,6 +185,9 @@ def torchrun_command(root: Path) -> list[str] | None:
         f"--nproc_per_node={max(1, gpus)}",
         f"--master_addr={hosts[0]}",
         f"--master_port={MASTER_PORT}",
+        # Workers get SIGTERM and then SIGKILL this much later (torchrun's default is 30 s): time
+        # for rank 0 to finish its step and write the checkpoint within SageMaker's grace.
+        f"--shutdown-timeout={SHUTDOWN_TIMEOUT}",
         "-m",
         "training_image.entry",
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -14,6 +15,10 @@ from shared.shapes import batch_size_for
 from training_image.modeldir import METRICS, save_model_dir
 
 FAILURE_LIMIT = 1024  # SageMaker keeps about this much of output/failure as FailureReason
+# How long a rank waits in a collective for the others before failing the job (NCCL's default is
+# 10 minutes). The longest legitimate wait is the other ranks' for rank 0 writing a checkpoint
+# (about 12 bytes a parameter: 16 GB for the largest grown model, about 2 minutes on a gp3 volume).
+COLLECTIVE_TIMEOUT = timedelta(minutes=5)
 
 
 def ml_root() -> Path:
@@ -25,7 +30,7 @@ def init_distributed() -> int:
         return rank()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return dist.get_rank()
 
 
@@ -68,7 +73,17 @@ def write_outputs(root: Path, model, tokenizer, metrics: dict) -> None:
 
 
 def write_failure(root: Path, error: BaseException) -> None:
+    """output/failure, SageMaker's FailureReason. Under DDP any rank writes it, naming itself, and
+    the first to fail wins: the others' errors (a peer gone from a collective) follow from it."""
     text = f"{type(error).__name__}: {error}"
     failure = root / "output/failure"
     failure.parent.mkdir(parents=True, exist_ok=True)
-    failure.write_text(text[:FAILURE_LIMIT])
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        failure.write_text(text[:FAILURE_LIMIT])
+        return
+    text = f"rank {dist.get_rank()}: {text}"
+    try:
+        with open(failure, "x", encoding="utf-8") as file:
+            file.write(text[:FAILURE_LIMIT])
+    except FileExistsError:
+        pass

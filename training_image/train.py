@@ -16,15 +16,16 @@ update as one process with the whole batch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
-import signal
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,8 @@ from torch import nn
 from shared.shapes import batch_size_for  # noqa: F401  (the trainer's batch rule; re-exported)
 from training_image.evaluate import heldout_loss
 from training_image.model import Decoder
+from training_image import stopping
+from training_image.stopping import TrainingStopped  # noqa: F401  (raised by run(); re-exported)
 
 CHECKPOINT = "checkpoint.pt"
 PROGRESS = "progress.json"
@@ -43,10 +46,6 @@ GRAD_CLIP = 1.0
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient stopped being a finite number."""
-
-
-class TrainingStopped(RuntimeError):
-    """A stop was requested (SIGTERM); a checkpoint was written before raising."""
 
 
 def warmup_steps(cycle_len: int) -> int:
@@ -126,7 +125,8 @@ class Trainer:
         self.log = log or (lambda line: None)
         self.state = TrainerState()
         self.losses: list[float] = []
-        self.stop_requested = False
+        self.stop_requested = False  # this process got SIGTERM (set by the handler, at any time)
+        self.stop_agreed = False  # some rank had stop_requested at the last step's exchange
 
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -177,7 +177,9 @@ class Trainer:
                     self._update_wall_time()
                     return state
                 self._step(cycle_len)
-                if self.stop_requested:
+                # One process acts on its own flag at once; ranks act on the exchanged flag, so
+                # that all of them stop after the same step.
+                if self.stop_agreed or (self.world_size == 1 and self.stop_requested):
                     self.save_checkpoint()
                     raise TrainingStopped(f"stopped at step {state.step}; checkpoint written")
                 if (self.checkpoint_every and state.step % self.checkpoint_every == 0) or (
@@ -210,12 +212,14 @@ class Trainer:
                 (loss / len(micro_batches)).backward()
             loss_sum += loss.detach().float()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP, foreach=True)
-        # One exchange carries the loss and the stop flag, so all ranks fail or stop at the same step.
-        shared = torch.stack([loss_sum / len(micro_batches), torch.tensor(float(self.stop_requested), device=self.device)])
-        if self.world_size > 1:
-            dist.all_reduce(shared)
-            shared[0] /= self.world_size
-        loss_value, stop, norm = shared[0].item(), shared[1].item() > 0, grad_norm.item()
+        # One exchange carries the loss and the stop flag, so all ranks fail or stop at the same
+        # step. The flag is sampled here; a SIGTERM after this point stays in stop_requested for
+        # the next exchange. torch.full fills on the device, without a host-to-device copy.
+        flag = torch.full((), float(self.stop_requested), device=self.device)
+        shared = torch.stack([loss_sum / len(micro_batches), flag])
+        self._exchange(shared)
+        # The step's one wait for the device: loss, stop flag and gradient norm come back together.
+        loss_value, stop, norm = torch.cat((shared, grad_norm.reshape(1).to(shared.dtype))).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
@@ -224,7 +228,7 @@ class Trainer:
             )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.stop_requested = stop
+        self.stop_agreed = stop > 0
         state.cycle_step += 1
         state.step += 1
         state.tokens_seen += plan.batch_size * plan.seq_len
@@ -237,6 +241,12 @@ class Trainer:
                 f"lr={lr:.3g} tokens_per_second={self.tokens_per_second():.1f}"
             )
             self.write_progress(loss=loss_value)
+
+    def _exchange(self, shared: torch.Tensor) -> None:
+        """[mean loss, stop flag] of this rank -> [mean loss, stop flag] over all ranks, in place."""
+        if self.world_size > 1:
+            dist.all_reduce(shared)
+            shared[0] /= self.world_size
 
     def _end_cycle(self, cycle_len: int) -> None:
         state = self.state
@@ -317,14 +327,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "state": asdict(self.state),
         }
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        target = self.checkpoint_dir / CHECKPOINT
-        partial = target.with_name(f".{CHECKPOINT}.partial")
-        with open(partial, "wb") as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, target)
+        _write_beside(self.checkpoint_dir / CHECKPOINT, lambda file: torch.save(checkpoint, file))
 
     def resume(self) -> bool:
         """Load the last checkpoint of this job if there is one; True when it did."""
@@ -342,23 +345,17 @@ class Trainer:
         self.log(f"resumed from step {self.state.step} (turn {self.state.turn + 1}, cycle {self.state.cycle + 1})")
         return True
 
-    def install_sigterm(self):
-        """From now on SIGTERM (SageMaker stop, spot interruption) finishes the step, checkpoints and
-        stops the run; returns the handler it replaced."""
-
-        def request_stop(signum, frame):
-            self.stop_requested = True
-
-        return signal.signal(signal.SIGTERM, request_stop)
-
     @contextlib.contextmanager
     def stop_on_sigterm(self):
-        """install_sigterm() for the duration of a with block."""
-        previous = self.install_sigterm()
-        try:
+        """Within the block SIGTERM (SageMaker stop, spot interruption) finishes the step in
+        progress, writes a checkpoint and stops the run with TrainingStopped. One that comes after
+        the run's last step (its checkpoint is written) raises TrainingStopped on leaving the block."""
+
+        def request_stop() -> None:
+            self.stop_requested = True
+
+        with stopping.deferred(request_stop):
             yield self
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def train_steps(
@@ -409,7 +406,28 @@ def _last_perplexity(state: TrainerState) -> float | None:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    _write_beside(path, lambda file: file.write(data))
+
+
+def _write_beside(target: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write target whole or not at all: into a partial file in a folder beside target's folder,
+    then renamed in. Beside, not inside: SageMaker mirrors the checkpoints folder to S3, and a
+    partial file there would be uploaded (and deleted again) at every write. A rename is atomic
+    on one filesystem only; where the folder is a mount of its own the file is moved in first."""
+    folder = target.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".{folder.name}.partial"
+    staging.mkdir(exist_ok=True)
+    partial = staging / target.name
+    with open(partial, "wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
+    try:
+        os.replace(partial, target)
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+        inside = target.with_name(f".{target.name}.partial")
+        shutil.move(partial, inside)
+        os.replace(inside, target)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from shared.settings import ContractSettings
-from training_image import entry
+from training_image import entry, stopping
 from training_image.modeldir import load_model_dir, save_model_dir
 from training_image.model import Decoder
 from shared.shapes import SIZES
@@ -107,6 +107,8 @@ def test_contract_jobs_go_to_the_contraction_module(ml_root, monkeypatch):
 
 def test_torchrun_ranks_come_from_resourceconfig(tmp_path, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for variable in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
+        monkeypatch.delenv(variable, raising=False)
     assert entry.torchrun_command(tmp_path) is None
     config = tmp_path / "input/config"
     config.mkdir(parents=True)
@@ -116,6 +118,10 @@ def test_torchrun_ranks_come_from_resourceconfig(tmp_path, monkeypatch):
     command = entry.torchrun_command(tmp_path)
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert {"--nnodes=3", "--node_rank=1", "--master_addr=algo-1", "-m", "training_image.entry"} <= set(command)
+    # Workers get SageMaker's grace, less a margin for torchrun itself to exit, before SIGKILL.
+    assert f"--shutdown-timeout={stopping.SHUTDOWN_TIMEOUT}" in command
+    assert 60 <= stopping.SHUTDOWN_TIMEOUT < stopping.GRACE_SECONDS == 120
+    assert os.environ["NCCL_SOCKET_IFNAME"] == os.environ["GLOO_SOCKET_IFNAME"] == "eth0"
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert entry.torchrun_command(tmp_path) is None
 
