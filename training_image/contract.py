@@ -28,7 +28,6 @@ import torch.distributed as dist
 
 from shared.settings import CONTRACT_SEQ_LEN, ContractSettings, TrainSettings
 from shared.shapes import LayerShape, ModelConfig
-from training_image.data import read_texts, token_windows
 from training_image.evaluate import heldout_loss
 from training_image.model import Decoder
 from training_image.modeldir import load_model_dir
@@ -318,9 +317,9 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str, log: C
             f"num_layers_to_contract={n_layers} exceeds the source model's depth {source_config.n_layers}"
         )
     seq_len = min(CONTRACT_SEQ_LEN, source_config.context_length)
-    train_windows, heldout_windows = token_windows(tokenizer, read_texts(root / "input/data/training"), seq_len)
-    heldout_windows = heldout_windows[:HELDOUT_WINDOWS]
-    calibration = train_windows[:CALIBRATION_WINDOWS]  # token_windows already shuffled them (seeded)
+    data = runtime.prepare_tokens(root, tokenizer, seq_len)
+    train_windows, heldout_windows = data.train_windows(), data.heldout_windows()[:HELDOUT_WINDOWS]
+    calibration = train_windows.sample(CALIBRATION_WINDOWS)
     device = runtime.device()
     source.to(device)
 

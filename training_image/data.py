@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sysconfig
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tokenizers import Tokenizer
@@ -23,24 +24,32 @@ TEXT_SUFFIXES = (".jsonl", ".txt")
 HELDOUT_MAX_TOKENS = 65_536
 
 
+def dataset_files(path: str | Path) -> list[Path]:
+    """The dataset files under `path`: the file itself, or a directory's, searched recursively, in sorted order."""
+    root = Path(path)
+    if root.is_file():
+        return [root]
+    if root.is_dir():
+        return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    raise FileNotFoundError(f"no training data at {root}")
+
+
+def no_text_error(path: str | Path) -> ValueError:
+    return ValueError(f"no text found under {path}: expected .jsonl lines with a \"text\" field or .txt files")
+
+
 def read_texts(path: str | Path) -> list[str]:
     """Every document under `path` (a file or a directory searched recursively, in sorted order)."""
     root = Path(path)
-    if root.is_file():
-        files = [root]
-    elif root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-    else:
-        raise FileNotFoundError(f"no training data at {root}")
     texts: list[str] = []
-    for file in files:
+    for file in dataset_files(root):
         if file.suffix == ".jsonl":
             texts.extend(_jsonl_texts(file))
         else:
             texts.append(file.read_text(encoding="utf-8", errors="replace"))
     texts = [t for t in texts if t]
     if not texts:
-        raise ValueError(f"no text found under {root}: expected .jsonl lines with a \"text\" field or .txt files")
+        raise no_text_error(root)
     return texts
 
 
@@ -48,16 +57,24 @@ def _jsonl_texts(file: Path) -> list[str]:
     texts = []
     with file.open(encoding="utf-8", errors="replace") as lines:
         for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{file.name} line {number} is not JSON: {error.msg}") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{file.name} line {number} has no string \"text\" field")
-            texts.append(record["text"])
+            if line.strip():
+                texts.append(jsonl_text(file, number, line))
     return texts
+
+
+def jsonl_text(file: Path, number: int | Callable[[], int], line: str | bytes) -> str:
+    """The "text" of a JSONL line; number is its line number (or what computes it, for errors)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file.name} line {_number(number)} is not JSON: {error.msg}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise ValueError(f"{file.name} line {_number(number)} has no string \"text\" field")
+    return record["text"]
+
+
+def _number(number: int | Callable[[], int]) -> int:
+    return number if isinstance(number, int) else number()
 
 
 def stdlib_corpus(max_bytes: int) -> list[str]:

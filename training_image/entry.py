@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 
 from shared.settings import ContractSettings, TrainSettings, from_hyperparameters
-from training_image.data import read_texts, token_windows
 from training_image.growth import grow
 from training_image.modeldir import load_model_dir
 from training_image import runtime, stopping
@@ -100,8 +99,8 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None) ->
         raise ValueError(f"seq_len={settings.seq_len} exceeds the base model's context length {base_config.context_length}")
     if tokenizer.get_vocab_size() > base_config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, the model only {base_config.vocab_size}")
-    texts = read_texts(root / "input/data/training")
-    train_windows, heldout_windows = token_windows(tokenizer, texts, settings.seq_len)
+    data = runtime.prepare_tokens(root, tokenizer, settings.seq_len)
+    train_windows, heldout_windows = data.train_windows(), data.heldout_windows()
     model, config = grow(base, base_config)
     del base
     device = runtime.device()

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from shared.shapes import batch_size_for
+from training_image import tokens
 from training_image.modeldir import METRICS, save_model_dir
 
 FAILURE_LIMIT = 1024  # SageMaker keeps about this much of output/failure as FailureReason
@@ -19,6 +20,7 @@ FAILURE_LIMIT = 1024  # SageMaker keeps about this much of output/failure as Fai
 # 10 minutes). The longest legitimate wait is the other ranks' for rank 0 writing a checkpoint
 # (about 12 bytes a parameter: 16 GB for the largest grown model, about 2 minutes on a gp3 volume).
 COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+PREPARE_TIMEOUT = timedelta(hours=2)  # the ranks' wait for each other while tokenizing the dataset
 
 
 def ml_root() -> Path:
@@ -32,6 +34,33 @@ def init_distributed() -> int:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return dist.get_rank()
+
+
+def local_share() -> tuple[int, int]:
+    """(this process's index among the ranks of its host, their number)."""
+    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+_slow_group = None
+
+
+def wait_for_all() -> None:
+    """A barrier for work that takes long but evenly on every rank (tokenizing the dataset): on a
+    gloo group of its own with PREPARE_TIMEOUT, not the collectives' COLLECTIVE_TIMEOUT."""
+    global _slow_group
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    if _slow_group is None:
+        _slow_group = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)
+    dist.barrier(group=_slow_group)
+
+
+def prepare_tokens(root: Path, tokenizer, seq_len: int) -> tokens.TokenData:
+    """The training channel as token shards in /opt/ml/tokens, tokenized there by this host's
+    ranks together unless a run before did so already."""
+    return tokens.prepare(
+        tokenizer, root / "input/data/training", root / "tokens", seq_len, share=local_share(), wait=wait_for_all
+    )
 
 
 def device() -> torch.device:
