@@ -369,7 +369,7 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str, log: C
 
 
 def _measure(log: Callable[[str], None], stage: str, model: Decoder, heldout_windows: torch.Tensor) -> float:
-    loss = heldout_loss(model, heldout_windows)
+    loss = heldout_loss(model, heldout_windows, across_ranks=True)
     log(f"contract_stage={stage} parameters={model.parameter_count()} heldout_loss={loss:.4f} heldout_perplexity={math.exp(loss):.3f}")
     return math.exp(loss)
 

@@ -5,29 +5,41 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 
 @torch.no_grad()
-def heldout_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy over windows (N, seq_len + 1)."""
+def heldout_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, *, across_ranks: bool = False) -> float:
+    """Mean next-token cross-entropy over windows (N, seq_len + 1).
+
+    across_ranks: every rank calls this with the same windows and evaluates only its share of
+    them; the sums are all-reduced, so each rank gets the loss of the whole set for 1/world of
+    the work."""
     if len(windows) == 0:
         raise ValueError("no held-out windows to evaluate")
+    world = dist.get_world_size() if across_ranks and dist.is_initialized() else 1
+    if world > 1:
+        windows = windows[dist.get_rank() :: world]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    # Summed on the device, read back once: no wait for the device per batch.
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, target tokens]
     try:
         with torch.autocast(device.type, enabled=False):
             for start in range(0, len(windows), batch_size):
                 batch = windows[start : start + batch_size].to(device)
                 logits = model(batch[:, :-1]).float()
                 targets = batch[:, 1:]
-                total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum").item()
-                count += targets.numel()
+                sums[0] += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+                sums[1] += targets.numel()
     finally:
         model.train(was_training)
+    if world > 1:
+        dist.all_reduce(sums)
+    total, count = sums.tolist()
     return total / count
 
 

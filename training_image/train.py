@@ -138,7 +138,11 @@ class Trainer:
         self.network: nn.Module = model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.network = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            # Gradients live in the all-reduce buckets (no copy in and out of them); the only
+            # buffers are the rotary tables, equal on every rank: no broadcast before each forward.
+            self.network = nn.parallel.DistributedDataParallel(
+                model, device_ids=ids, gradient_as_bucket_view=True, forward_sync_buffers=False
+            )
         self.optimizer = _adamw(model, plan.lr)
         self._orders: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -201,7 +205,10 @@ class Trainer:
         lr = lr_at(state.cycle_step, cycle_len, plan.lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = self.train_windows[self.batch_indices(state.turn, turn_step)].to(self.device, non_blocking=True)
+        batch = self.train_windows[self.batch_indices(state.turn, turn_step)]
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()  # from pinned memory the copy below runs without the host waiting
+        batch = batch.to(self.device, non_blocking=True)
         micro_batches = batch.split(self.micro_batch)
         loss_sum = torch.zeros((), device=self.device)
         for i, micro in enumerate(micro_batches):
@@ -260,7 +267,7 @@ class Trainer:
             "tokens": cycle_len * self.plan.seq_len,
         }
         if self.heldout_windows is not None and len(self.heldout_windows):
-            record["heldout_loss"] = heldout_loss(self.model, self.heldout_windows)
+            record["heldout_loss"] = heldout_loss(self.model, self.heldout_windows, across_ranks=True)
             record["perplexity"] = math.exp(record["heldout_loss"])
             self.log(
                 f"step={state.step} turn={state.turn + 1} cycle={state.cycle + 1} "

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 from shared.shapes import SIZES
 from training_image import entry, stopping
+from training_image.evaluate import heldout_loss
 from training_image.model import Decoder
 from training_image.train import CHECKPOINT, Trainer, TrainingStopped, TrainPlan
 
@@ -135,6 +136,9 @@ def _ddp_worker(rank: int, port: int, windows: torch.Tensor, root: str) -> None:
     try:
         reference = _trainer(windows)
         reference.run()
+        # The held-out loss shared out over the ranks (7 windows: 4 and 3) is that of the whole set.
+        heldout = {"shared": heldout_loss(reference.model, windows[:7], across_ranks=True),
+                   "whole": heldout_loss(reference.model, windows[:7])}
         results = {}
         for number, phase in enumerate(PHASES):
             signalled = number % 2  # either rank: the other learns of the stop through the exchange
@@ -143,7 +147,7 @@ def _ddp_worker(rank: int, port: int, windows: torch.Tensor, root: str) -> None:
             results[phase] = (step, same)
             dist.barrier()
         if rank == 0:
-            torch.save(results, os.path.join(root, "results.pt"))
+            torch.save({"phases": results, "heldout": heldout}, os.path.join(root, "results.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -177,9 +181,11 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_sigterm_in_either_of_two_ranks_stops_both_after_the_same_step_and_resumes_exactly(windows, tmp_path):
     mp.spawn(_ddp_worker, args=(_free_port(), windows[0][:32], str(tmp_path)), nprocs=2, join=True)
-    results = torch.load(tmp_path / "results.pt", weights_only=False)
+    saved = torch.load(tmp_path / "results.pt", weights_only=False)
+    results = saved["phases"]
     assert {phase: step for phase, (step, _) in results.items()} == {p: ranks for p, (_, ranks) in PHASES.items()}
     assert all(same for _, same in results.values()), results
+    assert saved["heldout"]["shared"] == pytest.approx(saved["heldout"]["whole"], rel=1e-6)
 
 
 # ---- outside the training loop: the entry point ----------------------------------------------
