@@ -8,17 +8,22 @@ the `training` channel (job_type "train"), or contracts it (job_type "contract")
 Output: the model directory in model/, metrics.json there and in output/data/, `name=value`
 metric lines on stdout, failure text in output/failure with a non-zero exit. Checkpoints go to
 checkpoints/ at every cycle's end, every 10 minutes, and every FUSION_CHECKPOINT_EVERY steps when
-that is set; SIGTERM finishes the step, writes one and exits with 143; a restart resumes from the
-last one and ends with the weights an uninterrupted run would have.
+that is set; SIGTERM finishes the step, writes one and exits with 143 (outside the training loop
+it exits with 143 at once); a restart resumes from the last one and ends with the weights an
+uninterrupted run would have.
 
 With several GPUs or several instances (resourceconfig.json lists the hosts) the entry point
-re-launches itself under torchrun, one process per GPU, and trains with DDP.
+runs torchrun, one process per GPU, and they train with DDP. It stays torchrun's parent (PID 1):
+it passes SIGTERM on, and when a rank dies without a word (the kernel's out-of-memory killer
+sends SIGKILL) it writes the failure text no rank could.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -42,9 +47,7 @@ def main() -> int:
     root = runtime.ml_root()
     launch = torchrun_command(root)
     if launch is not None:
-        # exec, not a child: torchrun takes this process's place (PID 1 in the container), so
-        # SageMaker's SIGTERM reaches it and it passes it on to every rank.
-        os.execv(launch[0], launch)
+        return supervise(launch, root)
     stopping.install()
     try:
         return _run(root)
@@ -77,6 +80,43 @@ def _run(root: Path) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class RankDied(RuntimeError):
+    """A training process ended with an error it could not report."""
+
+
+def supervise(command: list[str], root: Path) -> int:
+    """Run torchrun as a child; its exit status (EXIT_STOPPED after a SIGTERM).
+
+    SIGTERM is passed on to torchrun, which passes it on to every rank and gives them
+    SHUTDOWN_TIMEOUT to checkpoint. A failed run whose ranks wrote no output/failure (killed by a
+    signal) gets one here, so that SageMaker's FailureReason says what happened.
+    """
+    stopped: list[int] = []
+    child: subprocess.Popen | None = None
+
+    def forward(signum, frame) -> None:
+        stopped.append(signum)
+        if child is not None:
+            child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        child = subprocess.Popen(command)
+        if stopped:
+            child.send_signal(signal.SIGTERM)
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        return EXIT_STOPPED
+    if code != 0 and not (root / "output/failure").exists():
+        runtime.write_failure(root, RankDied(
+            f"a training process ended without reporting an error (torchrun exited with {code}); "
+            "a rank killed by signal 9 has most often run out of host memory"
+        ))
+    return code
 
 
 def run_contract(settings: ContractSettings, root: Path, job_id: str) -> None:
