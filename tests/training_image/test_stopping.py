@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from shared.shapes import SIZES
-from training_image import entry, stopping
+from training_image import entry, modeldir, stopping, tokens
 from training_image.evaluate import heldout_loss
 from training_image.model import Decoder
 from training_image.train import CHECKPOINT, Trainer, TrainingStopped, TrainPlan
@@ -202,19 +202,20 @@ def _signal_after(function):
     return wrapped
 
 
-@pytest.mark.parametrize("where", ["load_model_dir", "grow", "write_outputs"])
+@pytest.mark.parametrize("where", ["load_model_dir", "tokenize", "grow", "write_outputs"])
 def test_sigterm_outside_the_loop_ends_the_job_at_once_and_a_rerun_completes(where, ml_root, monkeypatch):
     write_hyperparameters(ml_root, **TRAIN)
     monkeypatch.setenv("FUSION_ML_ROOT", str(ml_root))
-    target = entry.runtime if where == "write_outputs" else entry
+    # Each lands after a piece of the work: the model loaded, the first tokenizing task written,
+    # the model grown, the weights of the final model directory written (the rest of it not yet).
+    module, name = {
+        "load_model_dir": (entry, "load_model_dir"),
+        "tokenize": (tokens, "tokenize_task"),
+        "grow": (entry, "grow"),
+        "write_outputs": (modeldir, "save_model"),
+    }[where]
     with monkeypatch.context() as patch:
-        if where == "write_outputs":
-            # Mid-write: after the weights, before the directory is complete.
-            from training_image import modeldir
-
-            patch.setattr(modeldir, "save_model", _signal_after(modeldir.save_model))
-        else:
-            patch.setattr(target, where, _signal_after(getattr(target, where)))
+        patch.setattr(module, name, _signal_after(getattr(module, name)))
         assert entry.main() == entry.EXIT_STOPPED
     assert not (ml_root / "output/failure").exists() and not (ml_root / "model/config.json").exists()
     trained = (ml_root / "checkpoints" / CHECKPOINT).exists()
