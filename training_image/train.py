@@ -160,7 +160,10 @@ class Trainer:
         if key not in self._orders:
             self._orders = {k: v for k, v in self._orders.items() if k[0] == turn and k[1] >= epoch - 1}
             generator = torch.Generator().manual_seed(self.plan.seed * 1_000_003 + turn * 7919 + epoch)
-            self._orders[key] = torch.randperm(len(self.train_windows), generator=generator)
+            # int32 where it fits: 4 bytes a window, for the two epochs a batch can straddle.
+            n = len(self.train_windows)
+            dtype = torch.int32 if n < 2**31 else torch.int64
+            self._orders[key] = torch.randperm(n, generator=generator, dtype=dtype)
         return self._orders[key]
 
     # ---- the loop ---------------------------------------------------------------------------
