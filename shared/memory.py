@@ -20,9 +20,10 @@ the ranks and gathers one unit (a block, or the embeddings and head) at a time i
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from shared.shapes import LayerShape, ModelConfig
 
@@ -94,6 +95,33 @@ class MemoryPlan(BaseModel):
     activation_checkpointing: bool
     per_gpu: MemoryBreakdown
     gpu_usable_bytes: int
+
+    def layout(self) -> Layout:
+        return Layout(
+            strategy=self.strategy, micro_batch=self.micro_batch, activation_checkpointing=self.activation_checkpointing
+        )
+
+
+class Layout(BaseModel):
+    """How the trainer runs a job, as the plan chose it: what the launcher hands the container
+    beside the job's settings (as hyperparameters, every value a string)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: Strategy = "ddp"
+    micro_batch: int | None = Field(default=None, ge=1)  # None: a rank's whole share at once
+    activation_checkpointing: bool = False
+
+    def hyperparameters(self) -> dict[str, str]:
+        return {key: value if isinstance(value, str) else json.dumps(value)
+                for key, value in self.model_dump(exclude_none=True).items()}
+
+    @classmethod
+    def split(cls, hyperparameters: dict[str, Any]) -> tuple["Layout", dict[str, Any]]:
+        """(the layout, the other hyperparameters): a job launched before plans has the defaults."""
+        rest = dict(hyperparameters)
+        mine = {key: rest.pop(key) for key in cls.model_fields if key in rest}
+        return cls.model_validate(mine), rest
 
 
 class DoesNotFit(ValueError):
