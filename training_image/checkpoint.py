@@ -13,9 +13,11 @@ by one process per node (each node has its own checkpoints folder); older steps 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,15 @@ def _distributed() -> bool:
 def _node_leader() -> bool:
     """One process per node: the one that renames and prunes that node's checkpoint folders."""
     return int(os.environ.get("LOCAL_RANK", dist.get_rank() if dist.is_initialized() else 0)) == 0
+
+
+@contextlib.contextmanager
+def _one_process_is_intended():
+    """DCP warns each time it runs without a process group; here that is on purpose."""
+    with warnings.catch_warnings():
+        if not _distributed():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _barrier() -> None:
@@ -77,7 +88,8 @@ def save(checkpoint_dir: Path, step: int, model: torch.nn.Module, optimizer: tor
     if _node_leader():
         shutil.rmtree(staging, ignore_errors=True)  # a save that died half-way
     _barrier()
-    dcp.save(state, checkpoint_id=str(staging))
+    with _one_process_is_intended():
+        dcp.save(state, checkpoint_id=str(staging), no_dist=not _distributed())
     _barrier()  # every rank's files are in staging (.metadata is written after the last of them)
     if _node_leader():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +105,8 @@ def save(checkpoint_dir: Path, step: int, model: torch.nn.Module, optimizer: tor
 def read_meta(path: Path) -> dict[str, Any]:
     """The trainer's part of a checkpoint (job, plan, state), without loading any tensor."""
     state: dict[str, Any] = {"meta": ""}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
+    with _one_process_is_intended():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
     return json.loads(state["meta"])
 
 
@@ -102,6 +115,7 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     resharded to how they are laid out now."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state, "rng": torch.get_rng_state()}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
+    with _one_process_is_intended():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     torch.set_rng_state(state["rng"])
