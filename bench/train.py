@@ -8,6 +8,12 @@ on a GPU (bf16 autocast for both) also MFU. Quality: held-out perplexity after 1
 
     .venv/bin/python bench/train.py [--size tiny] [--seq-len 128] [--rounds 20] [--steps 2] [--threads 1]
     .venv/bin/python bench/train.py --part throughput --size medium --seq-len 512   # on a GPU: MFU
+    .venv/bin/python bench/train.py --part throughput --device cuda --size llama-1b --seq-len 2048 --compile
+    torchrun --nproc_per_node=8 bench/train.py --part throughput --device cuda --strategy fsdp --size large
+
+--strategy picks DDP or FSDP (training_image.parallel) when run under torchrun, where the HF loop
+is left out (it is one process's loop); --compile compiles each block (ours and HF's alike), as
+the blocks are what FSDP shards; --micro-batch splits each rank's share of the batch.
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ import time
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from shared.pricing import LLAMA_SHAPES
 from shared.shapes import SIZES, ModelConfig
+from training_image import runtime
 from training_image.data import stdlib_corpus, token_windows
 from training_image.evaluate import perplexity
 from training_image.growth import grow
@@ -92,36 +101,58 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def throughput(config: ModelConfig, windows: torch.Tensor, seq_len: int, rounds: int, steps: int, device: torch.device) -> None:
+def throughput(
+    config: ModelConfig, windows: torch.Tensor, seq_len: int, rounds: int, steps: int, device: torch.device,
+    *, strategy: str = "ddp", compile_blocks: bool = False, micro_batch: int | None = None,
+) -> None:
     """Steady-state steps of the product's Trainer.run() against the HF loop, in alternating
     rounds (A B B A A B ...); the figure is the median over rounds of each round's ratio."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
     batch = batch_size_for(config.parameters())
+    batch += (-batch) % world
     plan = TrainPlan(turns=1, cycle_steps=[(rounds + 1) * steps], lr=1e-3, seq_len=seq_len, batch_size=batch)
-    trainer = Trainer(Decoder(config).init_weights(0).to(device).train(), windows, None, plan, log=None)
-    hf = hf_loop(hf_llama(config).to(device).train(), windows, plan, trainer.batch_indices)
-    loops = {"fusion": lambda: trainer.run(max_steps=steps), "hf": lambda: hf(steps)}
-    times: dict[str, list[tuple[float, float]]] = {"fusion": [], "hf": []}
+    ours = Decoder(config).init_weights(0).train()
+    if compile_blocks:
+        for block in ours.blocks.values():
+            block.compile()
+    trainer = Trainer(ours, windows, None, plan, strategy=strategy, micro_batch=micro_batch, device=device, log=None)
+    loops = {"fusion": lambda: trainer.run(max_steps=steps)}
+    if world == 1:
+        reference = hf_llama(config).to(device).train()
+        if compile_blocks:
+            for layer in reference.model.layers:
+                layer.compile()
+        hf = hf_loop(reference, windows, plan, trainer.batch_indices)
+        loops["hf"] = lambda: hf(steps)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in loops}
     for r in range(rounds + 1):  # round 0 warms both up and is not counted
-        for name in ("fusion", "hf") if r % 2 else ("hf", "fusion"):
+        for name in [n for n in (("fusion", "hf") if r % 2 else ("hf", "fusion")) if n in loops]:
             measured = _timed(loops[name], device)
             if r:
                 times[name].append(measured)
+    if runtime.rank() != 0:
+        return
     tokens = steps * batch * seq_len
-    ratios = [(h[0] / f[0], h[1] / f[1]) for f, h in zip(times["fusion"], times["hf"])]
     rate = {name: (statistics.median(tokens / w for w, _ in t), statistics.median(tokens / c for _, c in t)) for name, t in times.items()}
-    wall_ratio, cpu_ratio = statistics.median(r[0] for r in ratios), statistics.median(r[1] for r in ratios)
-    print(f"throughput on {_device_name(device)}: {config.parameters():,} parameters, batch {batch} x seq_len {seq_len}, "
+    print(f"throughput on {world} x {_device_name(device)} ({strategy}{', compiled blocks' if compile_blocks else ''}, "
+          f"micro-batches of {trainer.micro_batch}): {config.parameters():,} parameters, batch {batch} x seq_len {seq_len}, "
           f"{rounds} alternating rounds of {steps} steps, torch threads {torch.get_num_threads()}")
     print(f"{'':22s}{'wall tokens/s':>15s}{'CPU-time tokens/s':>20s}   (medians over rounds)")
     print(f"  fusion trainer    {rate['fusion'][0]:15.0f}{rate['fusion'][1]:20.0f}")
-    print(f"  HF Llama + AdamW  {rate['hf'][0]:15.0f}{rate['hf'][1]:20.0f}")
-    print(f"  ratio fusion / HF {wall_ratio:15.2f}{cpu_ratio:20.2f}   (median of per-round ratios; must be >= 1.0, goal 1.5)")
-    print(f"  per-round wall ratios: {' '.join(f'{r[0]:.2f}' for r in ratios)}")
-    print(f"  per-round CPU ratios:  {' '.join(f'{r[1]:.2f}' for r in ratios)}")
+    if "hf" in rate:
+        ratios = [(h[0] / f[0], h[1] / f[1]) for f, h in zip(times["fusion"], times["hf"])]
+        wall_ratio, cpu_ratio = statistics.median(r[0] for r in ratios), statistics.median(r[1] for r in ratios)
+        print(f"  HF Llama + AdamW  {rate['hf'][0]:15.0f}{rate['hf'][1]:20.0f}")
+        print(f"  ratio fusion / HF {wall_ratio:15.2f}{cpu_ratio:20.2f}   (median of per-round ratios; must be >= 1.0, goal 1.5)")
+        print(f"  per-round wall ratios: {' '.join(f'{r[0]:.2f}' for r in ratios)}")
+        print(f"  per-round CPU ratios:  {' '.join(f'{r[1]:.2f}' for r in ratios)}")
     peak = peak_flops(device)
     if device.type == "cuda":
         for name, label in (("fusion", "fusion trainer"), ("hf", "HF Llama + AdamW")):
-            mfu = f"{6 * config.parameters() * rate[name][0] / peak:.1%}" if peak else "unknown (peak not in the table)"
+            if name not in rate:
+                continue
+            # Tokens/s are of all ranks: over the peak of all their GPUs.
+            mfu = f"{6 * config.parameters() * rate[name][0] / (peak * world):.1%}" if peak else "unknown (peak not in the table)"
             print(f"  MFU {label:18s} {mfu}   (6 x parameters x tokens/s / bf16 dense peak; goal >= 45%)")
 
 
@@ -150,7 +181,7 @@ def quality(config: ModelConfig, train: torch.Tensor, heldout: torch.Tensor, seq
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="tiny", choices=sorted(SIZES))
+    parser.add_argument("--size", default="tiny", choices=sorted({**SIZES, **LLAMA_SHAPES}))
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per loop per round")
@@ -160,21 +191,33 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on a CPU, the same for both loops (0: torch's choice)")
     parser.add_argument("--part", default="all", choices=("all", "throughput", "quality"))
+    parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is one")
+    parser.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp"), help="over the ranks of torchrun")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--micro-batch", type=int, help="sequences per forward/backward on one rank")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    runtime.init_distributed()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = runtime.device()  # this rank's GPU, TF32 on as in the trainer
 
     corpus = stdlib_corpus(3_000_000)
     parts = [("throughput", args.size), ("quality", args.quality_size)]
     for part, size in parts if args.part == "all" else [p for p in parts if p[0] == args.part]:
-        config = SIZES[size]
-        tokenizer = train_tokenizer(corpus, config.vocab_size)
+        config = {**SIZES, **LLAMA_SHAPES}[size]
+        tokenizer = train_tokenizer(corpus, min(config.vocab_size, 32768))  # ids stay below any vocab
         train, heldout = token_windows(tokenizer, corpus, args.seq_len)
         if part == "throughput":
-            throughput(config, train, args.seq_len, args.rounds, args.steps, device)
+            throughput(config, train, args.seq_len, args.rounds, args.steps, device, strategy=args.strategy,
+                       compile_blocks=args.compile, micro_batch=args.micro_batch)
         else:
             quality(config, train, heldout, args.seq_len, args.cycles, args.steps_per_cycle, args.lr)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from shared.memory import DoesNotFit
 from shared.pricing import Estimate, bill, estimate_contract, estimate_train
 from shared.settings import (
     SETTINGS_BY_TYPE,
@@ -145,7 +146,7 @@ def resolve(
                 f"seq_len={settings.seq_len} exceeds the context length {config.context_length} of {request.model}",
             )
         model_id, dataset = request.model, request.dataset
-        estimate = estimate_train(settings, config)
+        estimate = _planned(lambda: estimate_train(settings, config), "model")
     else:
         settings = request.hyperparams
         source = catalog.get(settings.source_model_id, owner)
@@ -166,7 +167,8 @@ def resolve(
         if not dataset:
             raise invalid("dataset", f"{settings.source_model_id} records no dataset: give one for calibration")
         model_id, base = settings.source_model_id, source
-        estimate = estimate_contract(settings, ModelConfig.model_validate(source["config"]))
+        estimate = _planned(lambda: estimate_contract(settings, ModelConfig.model_validate(source["config"])),
+                            "hyperparams.source_model_id")
     dataset_uri = resolve_dataset(dataset, owner, datasets=datasets, data_bucket=data_bucket)
     if settings.output_name is None:
         settings = settings.model_copy(update={"output_name": default_output_name(job_id)})
@@ -191,6 +193,15 @@ def resolve(
         "dataset_uri": dataset_uri,
         "input_model_uri": base["artifact_uri"],
     }
+
+
+def _planned(estimate: Any, field_name: str) -> Estimate:
+    """The estimate, or a 422 naming the model when no instance the service runs on can hold it."""
+    try:
+        return estimate()
+    except DoesNotFit as error:
+        message = f"no instance this service trains on can hold this job: {error}"
+        raise JobError(422, "does_not_fit", message, [{"field": field_name, "message": message}]) from None
 
 
 def resolve_dataset(dataset: str, owner: str, *, datasets: Datasets, data_bucket: str) -> str:
@@ -407,11 +418,13 @@ def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str,
     prefix = f"s3://{config.artifacts_bucket}/jobs/{job_id}"
     max_runtime = min(estimate.max_runtime_seconds, MAX_RUNTIME_LIMIT)
     stopping: dict[str, int] = {"MaxRuntimeInSeconds": max_runtime}
-    if config.use_spot:  # waiting for spot capacity gets as long again as the run itself
+    spot = config.use_spot or estimate.spot  # the stack's switch puts every tier on spot
+    if spot:  # waiting for spot capacity gets as long again as the run itself
         stopping["MaxWaitTimeInSeconds"] = min(2 * max_runtime, MAX_RUNTIME_LIMIT)
     return {
         "TrainingJobName": training_job_name(job_id),
-        "HyperParameters": to_hyperparameters(job["type"], job_id, settings_of(job)),
+        "HyperParameters": {**to_hyperparameters(job["type"], job_id, settings_of(job)),
+                            **estimate.layout().hyperparameters()},
         "AlgorithmSpecification": {
             "TrainingImage": config.training_image_uri,
             "TrainingInputMode": "File",
@@ -431,7 +444,7 @@ def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str,
             "VolumeSizeInGB": config.volume_size_gb,
         },
         "StoppingCondition": stopping,
-        "EnableManagedSpotTraining": config.use_spot,
+        "EnableManagedSpotTraining": spot,
         "Tags": [{"Key": "fusion:job-id", "Value": job_id}, {"Key": "fusion:owner", "Value": job["owner"]}],
     }
 

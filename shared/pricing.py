@@ -2,6 +2,10 @@
 
 Money is `Decimal` throughout and rounded once, at the end, to cents. The price table lives in
 `prices.json` beside this file (operators may point FUSION_PRICES at another copy).
+
+Where a job runs is the memory plan's answer (shared.memory) over the instance types its tier
+allows: the estimate carries the instance type and count, the strategy, the micro-batch and
+whether activations are recomputed, and the ETA follows them. The price is the tier's, per token.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from shared.settings import ContractSettings, TrainSettings
+from shared import memory
+
+from shared.settings import CONTRACT_SEQ_LEN, ContractSettings, TrainSettings
 from shared.shapes import ModelConfig, batch_size_for, grown_config
 
 CENT = Decimal("0.01")
@@ -28,8 +34,18 @@ class Tier(BaseModel):
     max_parameters: int | None
     usd_per_million_tokens: Decimal
     contraction_fee: Decimal
-    instance_type: str
-    instance_count: int
+    instance_types: list[str] = Field(min_length=1)  # in order of preference
+    max_instance_count: int = Field(ge=1)
+    spot: bool = False  # managed spot capacity (checkpoints make an interruption a resume)
+
+
+class Gpus(BaseModel):
+    """The GPUs of one instance type: how many, and the memory of each (decimal GB, as sold)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    count: int = Field(ge=1)
+    memory_gb: float = Field(gt=0)
 
 
 class PriceTable(BaseModel):
@@ -38,6 +54,7 @@ class PriceTable(BaseModel):
     growth_fee_per_million_parameters: Decimal
     tiers: list[Tier]
     flops_per_second: dict[str, float]
+    gpus: dict[str, Gpus]
     model_flops_utilization: float
     startup_seconds: float
     max_runtime_margin: float
@@ -47,6 +64,12 @@ class PriceTable(BaseModel):
             if tier.max_parameters is None or parameters <= tier.max_parameters:
                 return tier
         return self.tiers[-1]
+
+    def instance(self, instance_type: str) -> memory.Instance:
+        gpus = self.gpus.get(instance_type)
+        if gpus is None:
+            raise KeyError(f"no GPU figures for instance type {instance_type!r} in the price table")
+        return memory.Instance(type=instance_type, gpus=gpus.count, gpu_memory_bytes=int(gpus.memory_gb * 1e9))
 
 
 @lru_cache(maxsize=4)
@@ -77,6 +100,16 @@ class Estimate(BaseModel):
     instance_count: int
     eta_seconds: int
     max_runtime_seconds: int
+    # How the trainer runs it (the memory plan); defaults are what a record from before plans meant.
+    strategy: memory.Strategy = "ddp"
+    micro_batch: int | None = None  # None: the whole per-rank batch at once
+    activation_checkpointing: bool = False
+    spot: bool = False
+
+    def layout(self) -> memory.Layout:
+        return memory.Layout(
+            strategy=self.strategy, micro_batch=self.micro_batch, activation_checkpointing=self.activation_checkpointing
+        )
 
 
 # Forward-only tokens of a contract job: a calibration sample and three held-out evaluations
@@ -91,29 +124,48 @@ def _seconds(table: PriceTable, flop_count: float, instance_type: str, count: in
     return flop_count / (flops * table.model_flops_utilization * count)
 
 
-def _training_flops(tokens: int, parameters: int) -> float:
-    """6 x parameters FLOPs per token the model trains on. Each optimizer step runs a batch of
-    sequences (shapes.batch_size_for), so it trains on that many times the billed steps x seq_len."""
-    return 6.0 * parameters * tokens * batch_size_for(parameters)
+def _training_flops(tokens: int, parameters: int, recompute: bool = False) -> float:
+    """6 x parameters FLOPs per token the model trains on (8 x when the blocks recompute their
+    forward pass in the backward). Each optimizer step runs a batch of sequences
+    (shapes.batch_size_for), so it trains on that many times the billed steps x seq_len."""
+    per_token = 8.0 if recompute else 6.0
+    return per_token * parameters * tokens * batch_size_for(parameters)
+
+
+def memory_plan(
+    config: ModelConfig, seq_len: int, tier: Tier, table: PriceTable, instance_type: str | None = None
+) -> memory.MemoryPlan:
+    """Where and how `config` trains at `seq_len`: the memory plan over the tier's instance types
+    (or the one given). Raises memory.DoesNotFit when none of them holds it."""
+    types = [instance_type] if instance_type else tier.instance_types
+    return memory.plan(
+        config,
+        seq_len=seq_len,
+        batch_size=batch_size_for(config.parameters()),
+        instances=[table.instance(t) for t in types],
+        max_instance_count=1 if instance_type else tier.max_instance_count,
+    )
 
 
 def _estimate(
     job_type: str,
     tokens: int,
-    parameters: int,
+    config: ModelConfig,
+    seq_len: int,
     growth_parameters: int,
     with_contraction_fee: bool,
     instance_type: str | None,
     table: PriceTable,
 ) -> Estimate:
+    parameters = config.parameters()
     tier = table.tier_for(parameters)
+    chosen = memory_plan(config, seq_len, tier, table, instance_type)
     training_cost = Decimal(tokens) / MILLION * tier.usd_per_million_tokens
     growth_fee = Decimal(growth_parameters) / MILLION * table.growth_fee_per_million_parameters
     contraction_fee = tier.contraction_fee if with_contraction_fee else Decimal(0)
     total = (training_cost + growth_fee + contraction_fee).quantize(CENT, rounding=ROUND_HALF_UP)
-    instance = instance_type or tier.instance_type
-    count = 1 if instance_type else tier.instance_count
-    flop_count = _training_flops(tokens, parameters)
+    instance, count = chosen.instance_type, chosen.instance_count
+    flop_count = _training_flops(tokens, parameters, chosen.activation_checkpointing)
     if with_contraction_fee:
         flop_count += 2.0 * parameters * CONTRACT_FORWARD_TOKENS
     compute = _seconds(table, flop_count, instance, count)
@@ -133,19 +185,25 @@ def _estimate(
         instance_count=count,
         eta_seconds=round(eta),
         max_runtime_seconds=max(3600, round(eta * table.max_runtime_margin)),
+        strategy=chosen.strategy,
+        micro_batch=chosen.micro_batch,
+        activation_checkpointing=chosen.activation_checkpointing,
+        spot=tier.spot,
     )
 
 
 def estimate_train(
     settings: TrainSettings, base: ModelConfig, *, instance_type: str | None = None, table: PriceTable | None = None
 ) -> Estimate:
-    """Price a train job: tokens at the tier of the grown model, plus the one-time growth fee."""
+    """Price a train job: tokens at the tier of the grown model, plus the one-time growth fee.
+    Raises memory.DoesNotFit when no instance of the tier holds the grown model."""
     table = table or price_table()
     grown = grown_config(base)
     return _estimate(
         "train",
         settings.training_tokens(),
-        grown.parameters(),
+        grown,
+        settings.seq_len,
         grown.parameters() - base.parameters(),
         False,
         instance_type,
@@ -163,7 +221,7 @@ def estimate_contract(
     """Price a contract job: the flat fee of the source's tier plus any healing tokens."""
     table = table or price_table()
     return _estimate(
-        "contract", settings.training_tokens(), source.parameters(), 0, True, instance_type, table
+        "contract", settings.training_tokens(), source, CONTRACT_SEQ_LEN, 0, True, instance_type, table
     )
 
 
@@ -175,3 +233,55 @@ def bill(estimate: Estimate, tokens_trained: int) -> Decimal:
     tokens = min(max(tokens_trained, 0), estimate.training_tokens)
     training = Decimal(tokens) / MILLION * estimate.usd_per_million_tokens
     return (training + estimate.growth_fee + estimate.contraction_fee).quantize(CENT, rounding=ROUND_HALF_UP)
+
+
+# Imported families' shapes the README plans beside the named sizes (Llama 3.2 1B, 3.1 8B, 3.1 70B,
+# at an 8k context).
+LLAMA_SHAPES: dict[str, ModelConfig] = {
+    "llama-1b": ModelConfig.uniform(
+        vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, mlp_hidden=8192, context_length=8192,
+        tie_embeddings=True, rope_theta=500000.0,
+    ),
+    "llama-8b": ModelConfig.uniform(
+        vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, mlp_hidden=14336, context_length=8192,
+        rope_theta=500000.0,
+    ),
+    "llama-70b": ModelConfig.uniform(
+        vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, mlp_hidden=28672, context_length=8192,
+        rope_theta=500000.0,
+    ),
+}
+
+
+def plan_table(table: PriceTable | None = None) -> str:
+    """The README's table: how a train job with the default settings runs for each named size and
+    Llama shape (the model as trained, after growth)."""
+    from shared.shapes import SIZES
+
+    table = table or price_table()
+    settings = TrainSettings()
+    lines = [
+        "| base | trained parameters | tier | instances | strategy | micro-batch of a rank's share | recompute "
+        "| GiB per GPU (usable) | ETA |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, base in {**SIZES, **LLAMA_SHAPES}.items():
+        grown = grown_config(base)
+        tier = table.tier_for(grown.parameters())
+        try:
+            chosen = memory_plan(grown, settings.seq_len, tier, table)
+        except memory.DoesNotFit as error:
+            lines.append(f"| {name} | {grown.parameters():,} | {tier.name} | does not fit: {error} |||||")
+            continue
+        eta = estimate_train(settings, base, table=table).eta_seconds
+        per_gpu, usable = chosen.per_gpu.total / memory.GIB, chosen.gpu_usable_bytes / memory.GIB
+        lines.append(
+            f"| {name} | {grown.parameters():,} | {tier.name} | {chosen.instance_count} x {chosen.instance_type} "
+            f"({chosen.world_size} GPU{'s' if chosen.world_size > 1 else ''}) | {chosen.strategy} | {chosen.micro_batch} of {batch_size_for(grown.parameters()) // chosen.world_size} "
+            f"| {'yes' if chosen.activation_checkpointing else 'no'} | {per_gpu:.1f} ({usable:.1f}) | {eta / 3600:.1f} h |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(plan_table())

@@ -10,12 +10,15 @@ metric lines on stdout, failure text in output/failure with a non-zero exit. Che
 checkpoints/ at every cycle's end, every 10 minutes, and every FUSION_CHECKPOINT_EVERY steps when
 that is set; SIGTERM finishes the step, writes one and exits with 143 (outside the training loop
 it exits with 143 at once); a restart resumes from the last one and ends with the weights an
-uninterrupted run would have.
+uninterrupted run would have. A sharded (FSDP) model's checkpoints are torch.distributed.checkpoint
+folders (training_image.checkpoint), which resume at another world size too.
 
 With several GPUs or several instances (resourceconfig.json lists the hosts) the entry point
-runs torchrun, one process per GPU, and they train with DDP. It stays torchrun's parent (PID 1):
-it passes SIGTERM on, and when a rank dies without a word (the kernel's out-of-memory killer
-sends SIGKILL) it writes the failure text no rank could.
+runs torchrun, one process per GPU. How the model spreads over them comes from the memory plan
+the launcher passes beside the settings (strategy, micro_batch, activation_checkpointing in
+hyperparameters.json): DDP, or FSDP with its sharded checkpoints. The entry point stays
+torchrun's parent (PID 1): it passes SIGTERM on, and when a rank dies without a word (the
+kernel's out-of-memory killer sends SIGKILL) it writes the failure text no rank could.
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from shared.memory import Layout
 from shared.settings import ContractSettings, TrainSettings, from_hyperparameters
 from training_image.growth import grow
 from training_image.modeldir import load_model_dir
-from training_image import runtime, stopping
+from training_image import parallel, runtime, stopping
 from training_image.stopping import SHUTDOWN_TIMEOUT, TrainingStopped
 from training_image.train import Trainer, TrainPlan
 
@@ -60,9 +64,10 @@ def _run(root: Path) -> int:
     try:
         runtime.init_distributed()
         hyperparameters = json.loads((root / "input/config/hyperparameters.json").read_text())
+        layout, hyperparameters = Layout.split(hyperparameters)
         job_type, job_id, settings = from_hyperparameters(hyperparameters)
         if job_type == "train":
-            run_train_job(settings, root, job_id)
+            run_train_job(settings, root, job_id, layout=layout)
         else:
             run_contract(settings, root, job_id)
         return 0
@@ -129,9 +134,13 @@ def run_contract(settings: ContractSettings, root: Path, job_id: str) -> None:
     run_contract_job(settings, root, job_id)
 
 
-def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None) -> dict:
-    """Grow the base model, train it in turns of cycles, write model/ and metrics.json; the metrics."""
+def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, layout: Layout | None = None) -> dict:
+    """Grow the base model, train it in turns of cycles, write model/ and metrics.json; the metrics.
+
+    Growth comes before the model is spread over the ranks; under FSDP it stays on the CPU until
+    each unit is sharded onto the device."""
     log = log or runtime.log
+    layout = layout or Layout()
     started = time.monotonic()
     base, tokenizer = load_model_dir(root / "input/data/model")
     base_config = base.config
@@ -144,7 +153,7 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None) ->
     model, config = grow(base, base_config)
     del base
     device = runtime.device()
-    model.to(device).train()
+    model.train()
     plan = TrainPlan(
         turns=settings.turns,
         cycle_steps=settings.cycle_steps(),
@@ -161,12 +170,17 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None) ->
         job_type="train",
         checkpoint_dir=root / "checkpoints",
         checkpoint_every=int(os.environ.get("FUSION_CHECKPOINT_EVERY", "0")),
+        micro_batch=layout.micro_batch,
+        strategy=layout.strategy,
+        activation_checkpointing=layout.activation_checkpointing,
+        device=device,
         log=log if runtime.rank() == 0 else None,
     )
     log(
         f"training {config.parameters():,} parameters ({base_config.n_layers} -> {config.n_layers} blocks) "
         f"on {len(train_windows)} windows of {settings.seq_len} tokens, {plan.batch_size} per step, "
-        f"{plan.total_steps} steps"
+        f"{plan.total_steps} steps; {layout.strategy} over {trainer.world_size} ranks, micro-batches of "
+        f"{trainer.micro_batch}{', recomputing activations' if layout.activation_checkpointing else ''}"
     )
     trainer.resume()
     setup_seconds = time.monotonic() - started
@@ -189,8 +203,9 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None) ->
         "cycles": state.cycles,
         "final_perplexity": final,
     }
+    whole = parallel.full_model(model)  # every rank takes part in gathering the shards
     if runtime.rank() == 0:
-        runtime.write_outputs(root, model, tokenizer, metrics)
+        runtime.write_outputs(root, whole, tokenizer, metrics)
     return metrics
 
 

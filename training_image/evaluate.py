@@ -16,10 +16,14 @@ def heldout_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, *
 
     across_ranks: every rank calls this with the same windows and evaluates only its share of
     them; the sums are all-reduced, so each rank gets the loss of the whole set for 1/world of
-    the work."""
+    the work. Every rank runs the same number of forward passes, the ones short of a share
+    on a window they do not count: a sharded (FSDP) forward gathers weights from all ranks, so a
+    rank that stopped early would leave the others waiting."""
     if len(windows) == 0:
         raise ValueError("no held-out windows to evaluate")
     world = dist.get_world_size() if across_ranks and dist.is_initialized() else 1
+    batches = math.ceil(math.ceil(len(windows) / world) / batch_size)
+    spare = windows[:1]
     if world > 1:
         windows = windows[dist.get_rank() :: world]
     device = next(model.parameters()).device
@@ -29,8 +33,12 @@ def heldout_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, *
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, target tokens]
     try:
         with torch.autocast(device.type, enabled=False):
-            for start in range(0, len(windows), batch_size):
-                batch = windows[start : start + batch_size].to(device)
+            for start in range(0, batches * batch_size, batch_size):
+                batch = windows[start : start + batch_size]
+                if len(batch) == 0:
+                    model(spare[:, :-1].to(device))
+                    continue
+                batch = batch.to(device)
                 logits = model(batch[:, :-1]).float()
                 targets = batch[:, 1:]
                 sums[0] += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")

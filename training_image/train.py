@@ -9,8 +9,10 @@ of turn t is drawn from a permutation seeded by (seed, turn, epoch), and the lea
 function of the position in the cycle. So a run killed at any point and resumed from its last
 checkpoint ends with exactly the weights of an uninterrupted run.
 
-Under DDP every rank reads its slice of the same global batch, so N processes compute the same
-update as one process with the whole batch.
+Under DDP or FSDP (training_image.parallel) every rank reads its slice of the same global batch,
+so N processes compute the same update as one process with the whole batch. A sharded model
+checkpoints with torch.distributed.checkpoint (training_image.checkpoint), which a run at another
+world size can resume from.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shared.memory import Strategy
 from shared.shapes import batch_size_for  # noqa: F401  (the trainer's batch rule; re-exported)
+from training_image import checkpoint as distributed_checkpoint, parallel
 from training_image.evaluate import heldout_loss
 from training_image.model import Decoder
 from training_image import stopping
@@ -109,6 +113,9 @@ class Trainer:
         checkpoint_interval_s: float = 600.0,
         progress_every: int = 10,
         micro_batch: int | None = None,
+        strategy: Strategy = "ddp",
+        activation_checkpointing: bool = False,
+        device: torch.device | None = None,
         log: Callable[[str], None] | None = print,
     ):
         if train_windows.shape[1] != plan.seq_len + 1:
@@ -134,15 +141,14 @@ class Trainer:
             raise ValueError(f"batch of {plan.batch_size} sequences does not split over {self.world_size} ranks")
         self.rank_batch = plan.batch_size // self.world_size
         self.micro_batch = _largest_divisor_at_most(self.rank_batch, micro_batch or self.rank_batch)
-        self.device = next(model.parameters()).device
-        self.network: nn.Module = model
-        if self.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            # Gradients live in the all-reduce buckets (no copy in and out of them); the only
-            # buffers are the rotary tables, equal on every rank: no broadcast before each forward.
-            self.network = nn.parallel.DistributedDataParallel(
-                model, device_ids=ids, gradient_as_bucket_view=True, forward_sync_buffers=False
-            )
+        self.device = device or next(model.parameters()).device
+        self.network: nn.Module = parallel.wrap(
+            model, strategy=strategy, activation_checkpointing=activation_checkpointing,
+            world_size=self.world_size, device=self.device,
+        )
+        self.sharded = parallel.is_sharded(self.network)
+        self.sharded_checkpoints = self.sharded  # also once resumed from one (another world size)
+        self.autocast = parallel.autocast(self.network)
         self.optimizer = _adamw(model, plan.lr)
         self._orders: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -189,9 +195,10 @@ class Trainer:
                 if self.stop_agreed or (self.world_size == 1 and self.stop_requested):
                     self.save_checkpoint()
                     raise TrainingStopped(f"stopped at step {state.step}; checkpoint written")
-                if (self.checkpoint_every and state.step % self.checkpoint_every == 0) or (
-                    time.monotonic() - self._last_checkpoint > self.checkpoint_interval_s
-                ):
+                due = time.monotonic() - self._last_checkpoint > self.checkpoint_interval_s
+                if self.sharded_checkpoints:
+                    due = distributed_checkpoint.agree(due, self.device)
+                if (self.checkpoint_every and state.step % self.checkpoint_every == 0) or due:
                     self.save_checkpoint()
             self._end_cycle(cycle_len)
         self._update_wall_time()
@@ -216,12 +223,13 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for i, micro in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            sync = self.network.no_sync() if (self.world_size > 1 and not last) else contextlib.nullcontext()
-            with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            with parallel.accumulating(self.network, last), torch.autocast(
+                self.device.type, dtype=torch.bfloat16, enabled=self.autocast
+            ):
                 _, loss = self.network(micro[:, :-1], micro[:, 1:])
                 (loss / len(micro_batches)).backward()
             loss_sum += loss.detach().float()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP, foreach=True)
+        grad_norm = parallel.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
         # One exchange carries the loss and the stop flag, so all ranks fail or stop at the same
         # step. The flag is sampled here; a SIGTERM after this point stays in stop_requested for
         # the next exchange. torch.full fills on the device, without a host-to-device copy.
@@ -326,6 +334,9 @@ class Trainer:
         """Weights, optimizer and trainer state, written to a temporary file then renamed into place."""
         self._update_wall_time()
         self._last_checkpoint = time.monotonic()
+        if self.sharded_checkpoints and self.checkpoint_dir is not None:
+            distributed_checkpoint.save(self.checkpoint_dir, self.state.step, self.model, self.optimizer, self._meta())
+            return
         if self.rank != 0 or self.checkpoint_dir is None:
             return
         checkpoint = {
@@ -341,6 +352,9 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the last checkpoint of this job if there is one; True when it did."""
+        found = distributed_checkpoint.latest(self.checkpoint_dir) if self.checkpoint_dir is not None else None
+        if found is not None:
+            return self._resume_sharded(found)
         if self.checkpoint_dir is None or not (self.checkpoint_dir / CHECKPOINT).is_file():
             return False
         checkpoint = torch.load(self.checkpoint_dir / CHECKPOINT, map_location=self.device, weights_only=False)
@@ -353,6 +367,28 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.state = TrainerState(**checkpoint["state"])
         self.log(f"resumed from step {self.state.step} (turn {self.state.turn + 1}, cycle {self.state.cycle + 1})")
+        return True
+
+    def _meta(self) -> dict:
+        return {
+            "job_id": self.job_id, "plan": asdict(self.plan), "config": self.model.config.model_dump(),
+            "state": asdict(self.state), "world_size": self.world_size,
+        }
+
+    def _resume_sharded(self, path: Path) -> bool:
+        meta = distributed_checkpoint.read_meta(path)
+        if meta.get("format") != distributed_checkpoint.FORMAT or meta.get("job_id") != self.job_id:
+            self.log(f"ignoring a checkpoint of another job ({meta.get('job_id')!r})")
+            return False
+        if meta["plan"] != asdict(self.plan):
+            raise ValueError(f"the checkpoint in {path} was made with other settings: {meta['plan']}")
+        distributed_checkpoint.load(path, self.model, self.optimizer)
+        self.state = TrainerState(**meta["state"])
+        self.sharded_checkpoints = True
+        self.log(
+            f"resumed from step {self.state.step} (turn {self.state.turn + 1}, cycle {self.state.cycle + 1}), "
+            f"saved by {meta['world_size']} ranks, now {self.world_size}"
+        )
         return True
 
     @contextlib.contextmanager

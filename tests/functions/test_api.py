@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings as hypothesis_settings, stra
 from functions.api import context
 from shared.pricing import estimate_contract, estimate_train
 from shared.settings import ContractSettings, TrainSettings
-from shared.shapes import SIZES, grown_config
+from shared.shapes import SIZES, ModelConfig, grown_config
 from shared.store import Catalog, Jobs
 
 DATASET = "ds-aaaaaaaaaaaa"
@@ -273,3 +273,20 @@ def test_no_body_makes_the_api_fail_with_a_5xx(world, api, body):
     assert status < 500, answer
     if status >= 400:
         assert answer["error"]["details"] or answer["error"]["code"].endswith("not_found")
+
+
+def test_a_job_no_instance_can_hold_is_refused_with_the_figures(world, api):
+    # A Llama 3.1 405B shape grows past 500B parameters: 16 bytes a parameter over 64 H100s is
+    # more than one can hold, before any activation.
+    huge = ModelConfig.uniform(vocab_size=128256, dim=16384, n_layers=126, n_heads=128, n_kv_heads=8,
+                               mlp_hidden=53248, context_length=8192)
+    Catalog(session=world.session).register({
+        "model_id": "m-huge", "owner": "alice", "name": "m-huge", "kind": "trained", "parent_id": "base-debug",
+        "job_id": "j0", "parameters": huge.parameters(), "depth": huge.n_layers, "perplexity": 20.0,
+        "artifact_uri": f"s3://{world.env['ARTIFACTS_BUCKET']}/jobs/j0/output/fusion-j0/output/model.tar.gz",
+        "cost": "0.62", "config": huge.model_dump(mode="json"), "dataset": DATASET, "created_at": "t"})
+    status, error = api("POST", "/jobs", {**_train(), "model": "m-huge"})
+    assert status == 422 and error["error"]["code"] == "does_not_fit"
+    assert error["error"]["details"][0]["field"] == "model"
+    assert "GiB per GPU" in error["error"]["message"] and "ml.p5.48xlarge" in error["error"]["message"]
+    assert _stored(world) == [] and _queued(world) == []

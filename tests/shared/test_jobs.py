@@ -7,8 +7,9 @@ import tarfile
 import pytest
 
 from shared import jobs as domain
-from shared.pricing import estimate_train
-from shared.settings import TrainSettings
+from shared.memory import Layout
+from shared.pricing import LLAMA_SHAPES, Estimate, estimate_train
+from shared.settings import TrainSettings, from_hyperparameters
 from shared.shapes import SIZES
 
 
@@ -65,3 +66,37 @@ def test_runtime_limits_stay_within_sagemakers_ceiling():
     stopping = domain.training_job_request(job, config)["StoppingCondition"]
     assert stopping["MaxRuntimeInSeconds"] == domain.MAX_RUNTIME_LIMIT
     assert stopping["MaxWaitTimeInSeconds"] == domain.MAX_RUNTIME_LIMIT
+
+
+def _launch(base, settings=TrainSettings()):
+    estimate = estimate_train(settings, base)
+    job = {"job_id": "j", "type": "train", "owner": "o", "settings": settings.model_dump(mode="json"),
+           "estimate": estimate.model_dump(mode="json"), "dataset_uri": "s3://d/o/x", "input_model_uri": "s3://a/m"}
+    config = domain.LaunchConfig(artifacts_bucket="a", training_image_uri="img", role_arn="arn")
+    return estimate, domain.training_job_request(job, config)
+
+
+def test_the_training_job_runs_the_memory_plan_and_hands_it_to_the_container():
+    estimate, request = _launch(LLAMA_SHAPES["llama-70b"])
+    assert request["ResourceConfig"]["InstanceType"] == "ml.p5.48xlarge"
+    assert request["ResourceConfig"]["InstanceCount"] == estimate.instance_count == 4
+    layout, rest = Layout.split(request["HyperParameters"])
+    assert layout == Layout(strategy="fsdp", micro_batch=estimate.micro_batch, activation_checkpointing=False)
+    assert from_hyperparameters(rest) == ("train", "j", TrainSettings())
+
+
+def test_spot_where_the_tier_says_so():
+    _, on_demand = _launch(SIZES["debug"])  # tier xs
+    assert on_demand["EnableManagedSpotTraining"] is False
+    assert "MaxWaitTimeInSeconds" not in on_demand["StoppingCondition"]
+    _, spot = _launch(LLAMA_SHAPES["llama-8b"])  # grows to 9.8B: tier l, on spot capacity
+    assert spot["EnableManagedSpotTraining"] is True
+    assert spot["StoppingCondition"]["MaxWaitTimeInSeconds"] > spot["StoppingCondition"]["MaxRuntimeInSeconds"]
+    assert spot["CheckpointConfig"]["S3Uri"] == "s3://a/jobs/j/checkpoints/"  # an interruption resumes from there
+
+
+def test_a_job_from_before_plans_launches_as_it_did():
+    estimate, _ = _launch(SIZES["debug"])
+    old = {k: v for k, v in estimate.model_dump(mode="json").items()
+           if k not in ("strategy", "micro_batch", "activation_checkpointing", "spot")}
+    assert Estimate.model_validate(old).layout() == Layout()

@@ -1,10 +1,11 @@
 """The price formula of DESIGN §5 against figures computed by hand."""
 
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
-from shared.pricing import bill, estimate_contract, estimate_train, price_table
+from shared.pricing import LLAMA_SHAPES, bill, estimate_contract, estimate_train, plan_table, price_table
 from shared.settings import ContractSettings, TrainSettings
 from shared.shapes import SIZES, batch_size_for
 
@@ -90,3 +91,51 @@ def test_eta_prices_the_batch_the_trainer_runs():
     assert e.parameters == 144_727_296 and batch_size_for(e.parameters) == 16
     assert e.instance_type == "ml.g5.xlarge"
     assert e.eta_seconds == round(300 + 6 * 144_727_296 * 1_536_000 * 16 / (50e12 * 0.4)) == 1367
+
+
+def test_the_estimate_runs_where_the_memory_plan_puts_it():
+    # large grows to 1,323,415,552 parameters, 64 sequences a step: a replica does not fit one
+    # 24 GB A10G (16 bytes a parameter is 19.7 GiB before activations), so tier s's second type,
+    # 4 A10Gs, shards it; the ETA is that instance's throughput.
+    e = estimate_train(TrainSettings(), SIZES["large"])
+    assert (e.instance_type, e.instance_count, e.strategy, e.activation_checkpointing) == (
+        "ml.g5.12xlarge", 1, "fsdp", False)
+    assert e.micro_batch == 16 and not e.spot
+    assert e.eta_seconds == round(300 + 6 * 1_323_415_552 * 1_536_000 * 64 / (200e12 * 0.4))
+
+
+def test_recomputing_activations_costs_a_forward_pass_more_in_the_eta():
+    table = price_table()
+    xs = table.tiers[0].model_copy(update={"max_parameters": None})
+    one_gpu = table.model_copy(update={"tiers": [xs]})
+    # medium's shape at an 8k context: its state fits one A10G, a sequence's activations do not.
+    long = SIZES["medium"].model_copy(update={"context_length": 8192})
+    settings = TrainSettings(seq_len=8192)
+    e = estimate_train(settings, long, table=one_gpu)
+    assert e.instance_type == "ml.g5.xlarge" and e.activation_checkpointing and e.strategy == "ddp"
+    flops = 8 * e.parameters * settings.training_tokens() * batch_size_for(e.parameters)
+    assert e.eta_seconds == round(300 + flops / (50e12 * 0.4))
+
+
+def test_a_job_no_instance_of_its_tier_holds_is_refused():
+    from shared.memory import DoesNotFit
+
+    table = price_table()
+    xl = table.tiers[-1].model_copy(update={"max_instance_count": 1})
+    one_node = table.model_copy(update={"tiers": [*table.tiers[:-1], xl]})
+    with pytest.raises(DoesNotFit, match="ml.p5.48xlarge"):
+        estimate_train(TrainSettings(), LLAMA_SHAPES["llama-70b"], table=one_node)
+    assert estimate_train(TrainSettings(), LLAMA_SHAPES["llama-70b"]).instance_count == 4
+
+
+def test_every_tier_plans_on_instances_the_table_describes():
+    table = price_table()
+    for tier in table.tiers:
+        for instance_type in tier.instance_types:
+            assert table.instance(instance_type).gpus >= 1
+            assert instance_type in table.flops_per_second
+
+
+def test_the_readme_shows_the_plan_the_code_makes():
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert plan_table() in readme

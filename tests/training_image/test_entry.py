@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from shared.memory import Layout
 from shared.settings import ContractSettings
 from training_image import entry, stopping
 from training_image.modeldir import load_model_dir, save_model_dir
@@ -57,6 +58,15 @@ def test_train_job_writes_model_metrics_progress_and_metric_lines(ml_root, monke
     last = [l for l in lines if "heldout_perplexity=" in l][-1]
     assert float(last.split("heldout_perplexity=")[1]) == pytest.approx(metrics["final_perplexity"], rel=1e-3)
     assert not (ml_root / "output/failure").exists()
+
+
+def test_the_layout_the_launcher_sends_reaches_the_trainer(ml_root, monkeypatch, capsys):
+    layout = Layout(strategy="fsdp", micro_batch=2, activation_checkpointing=True)
+    write_hyperparameters(ml_root, **TRAIN, **layout.hyperparameters())
+    assert _run(ml_root, monkeypatch) == 0
+    # One process: nothing to shard over, the model trains whole (and saves as it always does).
+    assert "fsdp over 1 ranks, micro-batches of 2, recomputing activations" in capsys.readouterr().out
+    assert load_model_dir(ml_root / "model")[0].block_ids == ["0", "1", "2", "3", "3_1"]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,284 @@
+"""The memory plan: how a training job fits on GPUs, by arithmetic alone (no torch).
+
+For a model shape, a sequence length and the batch the trainer runs, this counts the bytes one
+GPU holds — weights, gradients, optimizer state, activations, the loss's logits and the working
+buffers of the sharding strategy — and from that picks the instance type and count, the strategy
+(DDP where a full replica fits, FSDP otherwise), the micro-batch and whether blocks recompute
+their activations in the backward pass (activation checkpointing).
+
+The activation counts are exact for `training_image.model.Decoder`: they are the bytes autograd
+saves for the backward pass, counted tensor by tensor, and a test measures them with
+`torch.autograd.graph.saved_tensors_hooks` against these formulas, in fp32 and under bf16
+autocast. What is assumed rather than counted is the headroom for the CUDA context, NCCL's
+buffers and allocator fragmentation (`RESERVE_BYTES`, `USABLE_FRACTION`).
+
+Training keeps fp32 master weights, fp32 gradients and AdamW's two fp32 moments: 16 bytes a
+parameter, plus the bf16 copy of each weight that autocast makes for the matmuls (2 bytes,
+kept for the backward pass). DDP holds all of it on every GPU; FSDP shards the fp32 state over
+the ranks and gathers one unit (a block, or the embeddings and head) at a time in bf16.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.shapes import LayerShape, ModelConfig
+
+GIB = 1 << 30
+
+# fp32 master weight + fp32 gradient + AdamW exp_avg + exp_avg_sq.
+STATE_BYTES_PER_PARAMETER = 4 + 4 + 4 + 4
+# The bf16 copy autocast makes of each weight a matmul reads, saved for the backward pass.
+AUTOCAST_WEIGHT_BYTES = 2
+COMPUTE_BYTES = 2  # bf16 activations under autocast
+RESIDUAL_BYTES = 4  # the residual stream and the norms stay fp32
+INDEX_BYTES = 8  # int64 token ids (embedding input) and targets (loss)
+# Headroom that is not counted: the CUDA context and cuBLAS workspaces, NCCL's buffers, and what
+# the caching allocator loses to fragmentation. An assumption, not a measurement.
+RESERVE_BYTES = 2 * GIB
+USABLE_FRACTION = 0.92
+# FSDP prefetches the next unit while the current one computes: two gathered units at a time.
+FSDP_UNITS_IN_FLIGHT = 2
+
+Strategy = Literal["ddp", "fsdp"]
+
+
+class Instance(BaseModel):
+    """One instance type as the plan sees it: its GPUs and the memory of each."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    gpus: int
+    gpu_memory_bytes: int
+
+    @property
+    def usable_bytes(self) -> int:
+        return int(self.gpu_memory_bytes * USABLE_FRACTION) - RESERVE_BYTES
+
+
+class MemoryBreakdown(BaseModel):
+    """Bytes one GPU holds at its peak, by what holds them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    weights: int  # fp32 master weights (this rank's shard under FSDP)
+    gradients: int
+    optimizer: int
+    autocast_weights: int  # bf16 weight copies (DDP: all of them; FSDP: within working)
+    working: int  # FSDP: gathered bf16 units and their unsharded gradients
+    activations: int  # saved for the backward pass, over all blocks
+    recompute: int  # one block's activations rebuilt in the backward pass (checkpointing)
+    logits: int  # the loss's logits, their fp32 copy, log-softmax and its gradient
+
+    @property
+    def total(self) -> int:
+        return (
+            self.weights + self.gradients + self.optimizer + self.autocast_weights + self.working
+            + self.activations + self.recompute + self.logits
+        )
+
+
+class MemoryPlan(BaseModel):
+    """How a job runs: where, how sharded, in what micro-batches, with what per GPU."""
+
+    model_config = ConfigDict(frozen=True)
+
+    instance_type: str
+    instance_count: int
+    world_size: int
+    strategy: Strategy
+    micro_batch: int  # sequences per forward/backward on one GPU
+    activation_checkpointing: bool
+    per_gpu: MemoryBreakdown
+    gpu_usable_bytes: int
+
+    def layout(self) -> Layout:
+        return Layout(
+            strategy=self.strategy, micro_batch=self.micro_batch, activation_checkpointing=self.activation_checkpointing
+        )
+
+
+class Layout(BaseModel):
+    """How the trainer runs a job, as the plan chose it: what the launcher hands the container
+    beside the job's settings (as hyperparameters, every value a string)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: Strategy = "ddp"
+    micro_batch: int | None = Field(default=None, ge=1)  # None: a rank's whole share at once
+    activation_checkpointing: bool = False
+
+    def hyperparameters(self) -> dict[str, str]:
+        return {key: value if isinstance(value, str) else json.dumps(value)
+                for key, value in self.model_dump(exclude_none=True).items()}
+
+    @classmethod
+    def split(cls, hyperparameters: dict[str, Any]) -> tuple["Layout", dict[str, Any]]:
+        """(the layout, the other hyperparameters): a job launched before plans has the defaults."""
+        rest = dict(hyperparameters)
+        mine = {key: rest.pop(key) for key in cls.model_fields if key in rest}
+        return cls.model_validate(mine), rest
+
+
+class DoesNotFit(ValueError):
+    """No instance the plan may use holds the job."""
+
+
+def block_activation_bytes(config: ModelConfig, layer: LayerShape, compute_bytes: int = COMPUTE_BYTES) -> int:
+    """Bytes a block saves for its backward pass, per token.
+
+    Tensor by tensor (C model dim, H query heads, K kv heads, D head dim, M MLP width; `a` the
+    compute dtype's bytes): each RMSNorm keeps its fp32 normalised input and the reciprocal rms
+    (C*4 + 4, twice); the fused q/k/v matmul its input (C*a) and, through the v view, its whole
+    output ((H+2K)*D*a); rotary attention keeps the rotated q and k ((H+K)*D*a); attention its
+    output and fp32 log-sum-exp (H*D*a + H*4); the output projection its input (H*D*a); the MLP
+    the input of gate and up (one tensor in fp32, two casts under autocast), and gate, silu, up
+    and their product (4*M*a).
+    """
+    a, C, D = compute_bytes, config.dim, config.head_dim
+    H, K, M = layer.n_heads, layer.n_kv_heads, layer.mlp_hidden
+    norms = 2 * (C * RESIDUAL_BYTES + 4)
+    attention = C * a + (H + 2 * K) * D * a + (H + K) * D * a + H * D * a + H * 4 + H * D * a
+    mlp_inputs = C * a if a == RESIDUAL_BYTES else 2 * C * a
+    return norms + attention + mlp_inputs + 4 * M * a
+
+
+def head_activation_bytes(config: ModelConfig, compute_bytes: int = COMPUTE_BYTES) -> int:
+    """Bytes saved per token outside the blocks: token ids, the final norm, the head's input and
+    the log-softmax the cross-entropy keeps (fp32, vocab wide)."""
+    C, V = config.dim, config.vocab_size
+    return INDEX_BYTES * 2 + C * RESIDUAL_BYTES + 4 + C * compute_bytes + V * 4
+
+
+def logits_peak_bytes(config: ModelConfig, compute_bytes: int = COMPUTE_BYTES) -> int:
+    """The loss's transient peak per token: the logits, their fp32 copy and the fp32 gradient,
+    on top of the saved log-softmax (counted in head_activation_bytes)."""
+    return config.vocab_size * (compute_bytes + 4 + 4)
+
+
+def activation_bytes(config: ModelConfig, tokens: int, checkpointing: bool) -> tuple[int, int, int]:
+    """(saved activations, recompute peak, logits peak) for `tokens` tokens in one micro-batch.
+
+    Checkpointing keeps only each block's fp32 input and rebuilds one block at a time in the
+    backward pass, so the largest block's activations come back once.
+    """
+    if checkpointing:
+        blocks = config.n_layers * config.dim * RESIDUAL_BYTES
+        recompute = max(block_activation_bytes(config, layer) for layer in config.layers)
+    else:
+        blocks = sum(block_activation_bytes(config, layer) for layer in config.layers)
+        recompute = 0
+    saved = blocks + head_activation_bytes(config)
+    return saved * tokens, recompute * tokens, logits_peak_bytes(config) * tokens
+
+
+def _unit_parameters(config: ModelConfig) -> list[int]:
+    """Parameters of each FSDP unit: every block, the embeddings, and the final norm with the
+    head (one unit with the embeddings when they are tied: a parameter lives in one unit)."""
+    embed, head = config.vocab_size * config.dim, config.vocab_size * config.dim + config.dim
+    outer = [embed + config.dim] if config.tie_embeddings else [embed, head]
+    return outer + [config.layer_parameters(layer) for layer in config.layers]
+
+
+def bytes_per_gpu(
+    config: ModelConfig,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    strategy: Strategy,
+    world_size: int,
+    checkpointing: bool,
+) -> MemoryBreakdown:
+    """The peak bytes one GPU holds training `config` this way."""
+    parameters = config.parameters()
+    saved, recompute, logits = activation_bytes(config, micro_batch * seq_len, checkpointing)
+    if strategy == "ddp":
+        shard, autocast, working = parameters, parameters * AUTOCAST_WEIGHT_BYTES, 0
+    else:
+        shard = -(-parameters // world_size)  # ceil: the last rank's shard is padded
+        autocast = 0
+        largest_unit = max(_unit_parameters(config))
+        # Each unit in flight: gathered bf16 weights; the one in its backward also its bf16
+        # gradient and the fp32 copy reduce-scattered (fp32 reduction).
+        working = largest_unit * (FSDP_UNITS_IN_FLIGHT * COMPUTE_BYTES + COMPUTE_BYTES + 4)
+    return MemoryBreakdown(
+        weights=shard * 4,
+        gradients=shard * 4,
+        optimizer=shard * 8,
+        autocast_weights=autocast,
+        working=working,
+        activations=saved,
+        recompute=recompute,
+        logits=logits,
+    )
+
+
+def _divisors_descending(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def plan(
+    config: ModelConfig,
+    *,
+    seq_len: int,
+    batch_size: int,
+    instances: list[Instance],
+    max_instance_count: int = 1,
+) -> MemoryPlan:
+    """The first way, in order of preference, that holds the job.
+
+    Instances are tried in the order given, each at 1..max_instance_count (more than one only
+    under FSDP: a replica that does not fit one node does not fit two). On each, in order: a
+    replica per GPU (DDP), FSDP, a replica with activation checkpointing, FSDP with it — each with
+    the largest micro-batch that fits (a divisor of the sequences a rank runs per step, as the
+    trainer accumulates). Sharding comes before recomputation: it costs communication that
+    overlaps the compute, where checkpointing costs a third more compute. FSDP needs two GPUs or
+    more. The world size must divide the batch.
+    """
+    if not instances:
+        raise DoesNotFit("no instance types to plan on")
+    tried: list[tuple[int, str]] = []
+    for instance in instances:
+        usable = instance.usable_bytes
+        for count in range(1, max_instance_count + 1):
+            world = instance.gpus * count
+            if batch_size % world:
+                continue  # every rank runs the same number of whole sequences
+            ways: list[tuple[Strategy, bool]] = []
+            if count == 1:
+                ways.append(("ddp", False))
+            if world > 1:
+                ways.append(("fsdp", False))
+            if count == 1:
+                ways.append(("ddp", True))
+            if world > 1:
+                ways.append(("fsdp", True))
+            for strategy, checkpointing in ways:
+                for micro in _divisors_descending(batch_size // world):
+                    need = bytes_per_gpu(
+                        config, seq_len=seq_len, micro_batch=micro, strategy=strategy,
+                        world_size=world, checkpointing=checkpointing,
+                    )
+                    if need.total <= usable:
+                        return MemoryPlan(
+                            instance_type=instance.type,
+                            instance_count=count,
+                            world_size=world,
+                            strategy=strategy,
+                            micro_batch=micro,
+                            activation_checkpointing=checkpointing,
+                            per_gpu=need,
+                            gpu_usable_bytes=usable,
+                        )
+                    tried.append((need.total, instance.type))
+    smallest = min(tried)[0] if tried else 0
+    largest = max(i.usable_bytes for i in instances)
+    raise DoesNotFit(
+        f"the job needs at least {smallest / GIB:.1f} GiB per GPU, more than the {largest / GIB:.1f} GiB "
+        f"usable on the instances allowed ({', '.join(i.type for i in instances)}; "
+        f"at most {max_instance_count} of a type)"
+    )
