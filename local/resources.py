@@ -1,7 +1,7 @@
 """Create Fusion's AWS resources from template.yaml against any endpoint (moto in tests and locally).
 
 The tables, queues, buckets and bus are read from the template itself, and the functions'
-environment comes from the template's Globals, so the local stack, the tests and the deployed
+environment comes from the template's Globals and functions, so the local stack, the tests and the deployed
 stack cannot drift apart.
 """
 
@@ -76,7 +76,7 @@ def create_resources(session: Any, template_path: str | Path = TEMPLATE, *, pref
 
     Physical names are `<prefix>-<logical id>` (lower case for buckets) unless the template names
     the resource itself. The returned mapping is
-    the template's Globals.Function.Environment with each !Ref / !GetAtt / !Sub resolved to what
+    the functions' environment (function_environment) with each !Ref / !GetAtt / !Sub resolved to what
     was created here, ready to put into os.environ.
     """
     template = load_template(template_path)
@@ -122,9 +122,17 @@ def create_resources(session: Any, template_path: str | Path = TEMPLATE, *, pref
         "TrainingImageRepository.RepositoryUri": f"{LOCAL_ACCOUNT}.dkr.ecr.{region}.amazonaws.com/{prefix}-training",
     }
     env = {}
-    for var, value in template["Globals"]["Function"]["Environment"]["Variables"].items():
+    for var, value in function_environment(template).items():
         env[var] = _resolve(value, {**parameters, **pseudo, **refs}, atts)
     return env
+
+
+def function_environment(template: dict[str, Any]) -> dict[str, Any]:
+    """The Globals' variables and those a function sets for itself: locally one process runs them all."""
+    variables = dict(template["Globals"]["Function"]["Environment"]["Variables"])
+    for props in _resources(template, "AWS::Serverless::Function").values():
+        variables.update(props.get("Environment", {}).get("Variables", {}))
+    return variables
 
 
 def _resolve(value: Any, refs: dict[str, str], atts: dict[str, str]) -> str:

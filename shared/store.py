@@ -178,6 +178,24 @@ class Jobs(_Table):
             if not start:
                 return [_job_from_item(_plain(item)) for item in items]
 
+    def in_flight(self) -> list[dict[str, Any]]:
+        """Every job launching, running or cancelling (all pages), for the reconciler: a scan, as
+        it runs every few minutes and reads only the key columns."""
+        names = {"#s": "status"}
+        values = {f":a{i}": s for i, s in enumerate(ACTIVE_STATUSES)}
+        items, start = [], None
+        while True:
+            page = {"ExclusiveStartKey": start} if start else {}
+            response = self.client.scan(
+                TableName=self.name, ProjectionExpression="job_id, #s, updated_at",
+                FilterExpression=f"#s IN ({', '.join(values)})", ExpressionAttributeNames=names,
+                ExpressionAttributeValues=_ddb(values), ConsistentRead=True, **page,
+            )
+            items += [_plain(item) for item in response.get("Items", [])]
+            start = response.get("LastEvaluatedKey")
+            if not start:
+                return items
+
     def transition(self, job_id: str, status: str, **fields: Any) -> dict[str, Any]:
         """Move a job forward to `status`, setting `fields` with it; ConditionFailed otherwise.
 
