@@ -73,10 +73,13 @@ def handler_packages(template: dict[str, Any]) -> dict[str, str]:
 
 
 def role_statements(template: dict[str, Any], role: str) -> list[dict[str, Any]]:
-    """The statements of a role's inline policies (unresolved intrinsics)."""
+    """The statements of a role's inline policies (unresolved intrinsics), but for those SAM adds
+    for an asynchronous invocation's destination: Lambda itself sends there, never the code."""
     props = template["Resources"][role]["Properties"]
     statements = []
     for policy in props.get("Policies", []):
+        if "EventInvokeConfig" in policy.get("PolicyName", ""):
+            continue
         document = policy["PolicyDocument"]
         body = document.get("Statement", [])
         statements += body if isinstance(body, list) else [body]
@@ -99,6 +102,7 @@ class Resolver:
             if getattr(value, "tag", None) == "!Ref" and var in env:
                 self.refs[value.value] = env[var]
         self.role_arn = env.get("SAGEMAKER_ROLE_ARN", "")
+        self.image_uri = env.get("TRAINING_IMAGE_URI", "")
 
     def __call__(self, value: Any) -> Any:
         if isinstance(value, list):
@@ -144,7 +148,10 @@ class Resolver:
             return self.pseudo[name]
         if name in self.parameters:
             return self.parameters[name]
-        return self.refs.get(name, f"unresolved-{name}")
+        if name in self.refs:
+            return self.refs[name]
+        given = self.template["Resources"].get(name, {}).get("Properties", {}).get("BucketName")
+        return str(self(given)) if given else f"unresolved-{name}"
 
     def get_att(self, logical: str, att: str) -> str:
         kind = self.template["Resources"].get(logical, {}).get("Type", "")
@@ -161,6 +168,9 @@ class Resolver:
             return f"arn:{PARTITION}:events:{region}:{account}:event-bus/{name}"
         if logical == "SageMakerExecutionRole" and self.role_arn:
             return self.role_arn
+        if kind == "AWS::ECR::Repository" and self.image_uri:  # <account>.dkr.ecr.<region>.<suffix>/<name>:<tag>
+            registry, repository = self.image_uri.rsplit(":", 1)[0].split("/", 1)
+            return f"arn:{PARTITION}:ecr:{registry.split('.')[3]}:{registry.split('.')[0]}:repository/{repository}"
         return f"arn:{PARTITION}:unresolved:{region}:{account}:{logical}"
 
 
@@ -379,6 +389,7 @@ def _before_parameter_build(params: dict[str, Any], model: Any, context: dict[st
     with RECORDER.lock:
         RECORDER.calls.append(call)
     context["fusion_function"] = function
+    context["fusion_call"] = call
     if call.denied:
         context["fusion_denied"] = call.denied
 
@@ -400,7 +411,10 @@ def _after_s3_call(http_response: Any, parsed: dict[str, Any], model: Any, conte
         return
     bucket = context.get("fusion_bucket")
     region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
-    if bucket and not allowed(statements_of(function, region), Request("s3:ListBucket", f"arn:{PARTITION}:s3:::{bucket}")):
+    listing = Request("s3:ListBucket", f"arn:{PARTITION}:s3:::{bucket}")
+    with RECORDER.lock:
+        context["fusion_call"].requests.append(listing)  # what S3 evaluates to answer a missing key
+    if bucket and not allowed(statements_of(function, region), listing):
         parsed["Error"] = {"Code": "AccessDenied" if code == "NoSuchKey" else "403", "Message": "Access Denied"}
         parsed.setdefault("ResponseMetadata", {})["HTTPStatusCode"] = 403
         http_response.status_code = 403
@@ -436,10 +450,22 @@ def install() -> None:
     botocore.session.Session.__init__ = __init__
 
 
+def resolved_role(role: str, region: str | None = None) -> list[dict[str, Any]]:
+    """A role's statements (any role of the template), resolved against the functions' environment now."""
+    region = region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+    names = set(function_environment(load_template(TEMPLATE)))
+    env = {k: v for k, v in os.environ.items() if k in names}
+    return [Resolver(_template(), env, region)(s) for s in role_statements(_template(), role)]
+
+
 def unused_grants(function: str, requests: list[Request]) -> list[tuple[str, str]]:
     """(action, resource) pairs of the function's role that none of `requests` needed."""
+    return unused_grants_of(statements_of(function), requests)
+
+
+def unused_grants_of(statements: list[dict[str, Any]], requests: list[Request]) -> list[tuple[str, str]]:
     unused = []
-    for statement in statements_of(function):
+    for statement in statements:
         if statement["Effect"] != "Allow":
             continue
         for action in _listed(statement["Action"]):
