@@ -303,8 +303,14 @@ class Catalog(_Table):
         return _model_from_item(item)
 
     def list(self, owner: str, limit: int = 100) -> list[dict[str, Any]]:
-        items = self._query_owner(PUBLIC_OWNER, limit) + self._query_owner(owner, limit)
-        return [_model_from_item(item) for item in items]
+        """The public base models, then the caller's own. Every named size is listed whether or not
+        the table holds it (a deployed stack's does not): get() serves them the same way."""
+        public = [_model_from_item(item) for item in self._query_owner(PUBLIC_OWNER, limit)]
+        listed = {model["model_id"] for model in public}
+        bucket = os.environ.get("ARTIFACTS_BUCKET", "")
+        public += [base_model(f"{BASE_PREFIX}{size}", artifacts_bucket=bucket) for size in SIZES
+                   if f"{BASE_PREFIX}{size}" not in listed]
+        return public + [_model_from_item(item) for item in self._query_owner(owner, limit)]
 
 
 _MODEL_COLUMNS = ("model_id", "owner", "name", "kind", "created_at", "job_id")

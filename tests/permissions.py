@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import botocore.session
 from botocore.awsrequest import AWSResponse
 
-from local.resources import LOCAL_ACCOUNT, TEMPLATE, function_environment, load_template
+from local.resources import LOCAL_ACCOUNT, TEMPLATE, function_environment, load_template, pseudo_parameters
 from local.sam import transformed
 
 PARTITION = "aws"
@@ -93,10 +93,7 @@ class Resolver:
         self.template, self.region = template, region
         sam = load_template(TEMPLATE)
         self.parameters = {n: str(p.get("Default", "")) for n, p in sam.get("Parameters", {}).items()}
-        self.pseudo = {"AWS::AccountId": LOCAL_ACCOUNT, "AWS::Region": region, "AWS::Partition": PARTITION,
-                       "AWS::URLSuffix": "amazonaws.com", "AWS::StackName": "fusion",
-                       "AWS::StackId": f"arn:aws:cloudformation:{region}:{LOCAL_ACCOUNT}:stack/fusion/"
-                                       "00000000-0000-0000-0000-000000000000"}
+        self.pseudo = pseudo_parameters(region)
         self.refs: dict[str, str] = {}
         for var, value in function_environment(sam).items():
             if getattr(value, "tag", None) == "!Ref" and var in env:
