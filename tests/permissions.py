@@ -316,11 +316,16 @@ def _statements(function: str, env_key: tuple[tuple[str, str], ...], region: str
     return [resolve(s) for s in role_statements(template, role)]
 
 
+@lru_cache(maxsize=1)
+def _environment_names() -> tuple[str, ...]:
+    return tuple(sorted(function_environment(load_template(TEMPLATE))))
+
+
 def statements_of(function: str, region: str | None = None) -> list[dict[str, Any]]:
     """The function's role statements, resolved against the environment the functions have now."""
     region = region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
-    names = set(function_environment(load_template(TEMPLATE)))
-    return _statements(function, tuple(sorted((k, v) for k, v in os.environ.items() if k in names)), region)
+    env = tuple((k, os.environ[k]) for k in _environment_names() if k in os.environ)
+    return _statements(function, env, region)
 
 
 class Recorder:
@@ -450,8 +455,7 @@ def install() -> None:
 def resolved_role(role: str, region: str | None = None) -> list[dict[str, Any]]:
     """A role's statements (any role of the template), resolved against the functions' environment now."""
     region = region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
-    names = set(function_environment(load_template(TEMPLATE)))
-    env = {k: v for k, v in os.environ.items() if k in names}
+    env = {k: os.environ[k] for k in _environment_names() if k in os.environ}
     return [Resolver(_template(), env, region)(s) for s in role_statements(_template(), role)]
 
 
