@@ -216,3 +216,22 @@ def test_the_training_role_allows_what_a_training_job_reads_and_writes_and_no_de
               f"unused grants: {', '.join(f'{a} on {r}' for a, r in unused) or 'none'}")
     assert not [a for a, _ in unused if WRITES.search(a)]
     assert not any("Delete" in str(s["Action"]) for s in statements)
+
+
+def test_a_missing_key_answered_access_denied_reads_as_missing(tenants):
+    """What S3 answers a caller without s3:ListBucket: no progress yet, and metrics gone for good."""
+    from botocore.stub import Stubber
+
+    s3 = tenants.session.client("s3")
+    with Stubber(s3) as stub:
+        stub.add_client_error("get_object", service_error_code="AccessDenied", http_status_code=403)
+        assert domain.read_progress(s3, tenants.env["ARTIFACTS_BUCKET"], "j1") is None
+    with Stubber(s3) as stub:
+        stub.add_client_error("get_object", service_error_code="SlowDown", http_status_code=503)
+        with pytest.raises(Exception, match="SlowDown"):
+            domain.read_progress(s3, tenants.env["ARTIFACTS_BUCKET"], "j1")
+    from botocore.exceptions import ClientError
+
+    denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "GetObject")
+    throttled = ClientError({"Error": {"Code": "SlowDown", "Message": "slow"}}, "GetObject")
+    assert domain._definitive(denied) and not domain._definitive(throttled)
