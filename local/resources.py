@@ -1,13 +1,14 @@
 """Create Fusion's AWS resources from template.yaml against any endpoint (moto in tests and locally).
 
 The tables, queues, buckets and bus are read from the template itself, and the functions'
-environment comes from the template's Globals, so the local stack, the tests and the deployed
+environment comes from the template's Globals and functions, so the local stack, the tests and the deployed
 stack cannot drift apart.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from uuid import NAMESPACE_URL, uuid5
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +72,19 @@ def _table_spec(name: str, props: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def pseudo_parameters(region: str, prefix: str = "fusion") -> dict[str, str]:
+    """CloudFormation's pseudo parameters for a local stack named `prefix` (its id stable per name)."""
+    return {"AWS::AccountId": LOCAL_ACCOUNT, "AWS::Region": region, "AWS::Partition": "aws",
+            "AWS::StackName": prefix, "AWS::URLSuffix": "amazonaws.com",
+            "AWS::StackId": f"arn:aws:cloudformation:{region}:{LOCAL_ACCOUNT}:stack/{prefix}/{uuid5(NAMESPACE_URL, prefix)}"}
+
+
 def create_resources(session: Any, template_path: str | Path = TEMPLATE, *, prefix: str = "fusion") -> dict[str, str]:
     """Create every table, queue, bucket and bus the template declares; return the functions' env.
 
     Physical names are `<prefix>-<logical id>` (lower case for buckets) unless the template names
     the resource itself. The returned mapping is
-    the template's Globals.Function.Environment with each !Ref / !GetAtt / !Sub resolved to what
+    the functions' environment (function_environment) with each !Ref / !GetAtt / !Sub resolved to what
     was created here, ready to put into os.environ.
     """
     template = load_template(template_path)
@@ -99,8 +107,7 @@ def create_resources(session: Any, template_path: str | Path = TEMPLATE, *, pref
         refs[logical] = sqs.create_queue(QueueName=f"{prefix}-{logical}")["QueueUrl"]
 
     parameters = {name: str(p.get("Default", "")) for name, p in template.get("Parameters", {}).items()}
-    pseudo = {"AWS::AccountId": LOCAL_ACCOUNT, "AWS::Region": region, "AWS::Partition": "aws",
-              "AWS::StackName": prefix, "AWS::URLSuffix": "amazonaws.com"}
+    pseudo = pseudo_parameters(region, prefix)
     s3 = session.client("s3")
     for logical, props in _resources(template, "AWS::S3::Bucket").items():
         given = props.get("BucketName")
@@ -122,21 +129,36 @@ def create_resources(session: Any, template_path: str | Path = TEMPLATE, *, pref
         "TrainingImageRepository.RepositoryUri": f"{LOCAL_ACCOUNT}.dkr.ecr.{region}.amazonaws.com/{prefix}-training",
     }
     env = {}
-    for var, value in template["Globals"]["Function"]["Environment"]["Variables"].items():
+    for var, value in function_environment(template).items():
         env[var] = _resolve(value, {**parameters, **pseudo, **refs}, atts)
     return env
 
 
-def _resolve(value: Any, refs: dict[str, str], atts: dict[str, str]) -> str:
+def function_environment(template: dict[str, Any]) -> dict[str, Any]:
+    """The Globals' variables and those a function sets for itself: locally one process runs them all."""
+    variables = dict(template["Globals"]["Function"]["Environment"]["Variables"])
+    for props in _resources(template, "AWS::Serverless::Function").values():
+        variables.update(props.get("Environment", {}).get("Variables", {}))
+    return variables
+
+
+def _resolve(value: Any, refs: dict[str, str], atts: dict[str, str]) -> Any:
     if not isinstance(value, _Tag):
-        return str(value)
+        return value if isinstance(value, list) else str(value)
     if value.tag == "!Ref":
         return refs[value.value]
     if value.tag == "!GetAtt":
         return atts[value.value if isinstance(value.value, str) else ".".join(value.value)]
     if value.tag == "!Sub":
-        text = value.value
-        for name, resolved in {**refs, **atts}.items():
+        text, variables = (value.value, {}) if isinstance(value.value, str) else value.value
+        local = {name: _resolve(v, refs, atts) for name, v in variables.items()}
+        for name, resolved in {**refs, **atts, **local}.items():
             text = text.replace("${" + name + "}", resolved)
         return text
+    if value.tag == "!Select":
+        index, items = value.value
+        return _resolve(items, refs, atts)[int(index)]
+    if value.tag == "!Split":
+        separator, text = value.value
+        return _resolve(text, refs, atts).split(separator)
     raise ValueError(f"cannot resolve {value!r} locally")

@@ -470,12 +470,21 @@ def progress_key(job_id: str) -> str:
     return f"jobs/{job_id}/checkpoints/progress.json"
 
 
+# What S3 answers for a key that does not exist: NoSuchKey (404) to a caller that may list the
+# bucket, AccessDenied (403) to one that may not.
+MISSING_OBJECT = ("NoSuchKey", "404", "NotFound", "AccessDenied", "403")
+
+
 def read_progress(s3: Any, bucket: str, job_id: str) -> dict[str, Any] | None:
     """progress.json of a job, or None when the container has not written one yet."""
+    from botocore.exceptions import ClientError
+
     try:
         body = s3.get_object(Bucket=bucket, Key=progress_key(job_id))["Body"].read()
-    except s3.exceptions.NoSuchKey:
-        return None
+    except ClientError as exc:
+        if exc.response["Error"].get("Code") in MISSING_OBJECT:
+            return None
+        raise
     return json.loads(body)
 
 
@@ -548,7 +557,7 @@ def _definitive(exc: Exception) -> bool:
     from botocore.exceptions import ClientError
 
     if isinstance(exc, ClientError):
-        return exc.response["Error"].get("Code") in ("NoSuchKey", "404", "NotFound")
+        return exc.response["Error"].get("Code") in MISSING_OBJECT
     return True
 
 
@@ -614,6 +623,26 @@ def record_state_change(
     except ConditionFailed:
         return Outcome(current=jobs.get(job_id))
     return Outcome(job=job, model=model, current=job)
+
+
+def follow(detail: dict[str, Any], *, jobs: Jobs, catalog: Catalog, s3: Any, bus: Any, artifacts_bucket: str) -> Outcome:
+    """A state change, from its event or from the reconciler: recorded, then announced (also when
+    an earlier delivery changed the job but could not publish it)."""
+    outcome = record_state_change(detail, jobs=jobs, catalog=catalog, s3=s3, artifacts_bucket=artifacts_bucket)
+    if outcome.current is not None:
+        announce(outcome.current, jobs=jobs, bus=bus, catalog=catalog)
+    return outcome
+
+
+# The fields of DescribeTrainingJob that a "SageMaker Training Job State Change" event carries
+# in its detail, under the same names: a description reads as the event of the job's state now.
+STATE_CHANGE_FIELDS = ("TrainingJobName", "TrainingJobArn", "TrainingJobStatus", "SecondaryStatus", "FailureReason",
+                       "ModelArtifacts")
+
+
+def state_change_of(description: dict[str, Any]) -> dict[str, Any]:
+    """The state-change event detail that a DescribeTrainingJob answer stands for."""
+    return {k: description[k] for k in STATE_CHANGE_FIELDS if description.get(k) is not None}
 
 
 def is_active(job: dict[str, Any]) -> bool:

@@ -178,6 +178,24 @@ class Jobs(_Table):
             if not start:
                 return [_job_from_item(_plain(item)) for item in items]
 
+    def in_flight(self) -> list[dict[str, Any]]:
+        """Every job launching, running or cancelling (all pages), for the reconciler: a scan, as
+        it runs every few minutes and reads only the key columns."""
+        names = {"#s": "status"}
+        values = {f":a{i}": s for i, s in enumerate(ACTIVE_STATUSES)}
+        items, start = [], None
+        while True:
+            page = {"ExclusiveStartKey": start} if start else {}
+            response = self.client.scan(
+                TableName=self.name, ProjectionExpression="job_id, #s, updated_at",
+                FilterExpression=f"#s IN ({', '.join(values)})", ExpressionAttributeNames=names,
+                ExpressionAttributeValues=_ddb(values), ConsistentRead=True, **page,
+            )
+            items += [_plain(item) for item in response.get("Items", [])]
+            start = response.get("LastEvaluatedKey")
+            if not start:
+                return items
+
     def transition(self, job_id: str, status: str, **fields: Any) -> dict[str, Any]:
         """Move a job forward to `status`, setting `fields` with it; ConditionFailed otherwise.
 
@@ -285,8 +303,14 @@ class Catalog(_Table):
         return _model_from_item(item)
 
     def list(self, owner: str, limit: int = 100) -> list[dict[str, Any]]:
-        items = self._query_owner(PUBLIC_OWNER, limit) + self._query_owner(owner, limit)
-        return [_model_from_item(item) for item in items]
+        """The public base models, then the caller's own. Every named size is listed whether or not
+        the table holds it (a deployed stack's does not): get() serves them the same way."""
+        public = [_model_from_item(item) for item in self._query_owner(PUBLIC_OWNER, limit)]
+        listed = {model["model_id"] for model in public}
+        bucket = os.environ.get("ARTIFACTS_BUCKET", "")
+        public += [base_model(f"{BASE_PREFIX}{size}", artifacts_bucket=bucket) for size in SIZES
+                   if f"{BASE_PREFIX}{size}" not in listed]
+        return public + [_model_from_item(item) for item in self._query_owner(owner, limit)]
 
 
 _MODEL_COLUMNS = ("model_id", "owner", "name", "kind", "created_at", "job_id")

@@ -1,5 +1,5 @@
-"""Shared fixtures: a moto AWS with every resource of template.yaml, an HTTP API caller, the local
-HTTP server, a fake SageMaker, an observer of the Fusion bus, and SageMaker state-change events as EventBridge delivers them."""
+"""Shared fixtures: every handler under its role from template.yaml (tests/permissions.py), a moto
+AWS with every resource of template.yaml, an HTTP API caller, the local HTTP server, a fake SageMaker, an observer of the Fusion bus, and SageMaker state-change events as EventBridge delivers them."""
 
 from __future__ import annotations
 
@@ -24,9 +24,25 @@ from local.server import api_event, make_server
 from shared import jobs as domain
 from shared.shapes import SIZES, grown_config
 from shared.store import Catalog, seed_base_models
+from tests import permissions
 
 REGION = "us-east-1"
 GROWN = grown_config(SIZES["debug"])
+permissions.install()
+
+
+@pytest.fixture(autouse=True)
+def roles():
+    """Every handler runs under its role from template.yaml: a call it does not allow is answered
+    AccessDenied, as AWS would, and fails the test whatever the code made of the answer."""
+    recorder = permissions.RECORDER
+    recorder.reset()
+    recorder.enabled = True
+    yield recorder
+    recorder.enabled = False
+    denied = recorder.denied()
+    assert not denied, "calls the roles in template.yaml do not allow:\n" + "\n".join(
+        f"  {c.function} {c.operation}: {r.action} on {r.resource}" for c in denied for r in c.denied)
 
 
 class LambdaContext:

@@ -43,11 +43,8 @@ def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
 
 def training_job_changed(detail: dict[str, Any]) -> dict[str, Any]:
     c = _clients()
-    outcome = domain.record_state_change(
-        detail, jobs=c["jobs"], catalog=c["catalog"], s3=c["s3"], artifacts_bucket=os.environ["ARTIFACTS_BUCKET"]
-    )
-    if outcome.current is not None:  # changed now, or changed before but its events were not all published
-        domain.announce(outcome.current, jobs=c["jobs"], bus=c["bus"], catalog=c["catalog"])
+    outcome = domain.follow(detail, jobs=c["jobs"], catalog=c["catalog"], s3=c["s3"], bus=c["bus"],
+                            artifacts_bucket=os.environ["ARTIFACTS_BUCKET"])
     if outcome.job is None:
         logger.info("no change", extra={"training_job": detail.get("TrainingJobName"),
                                         "sagemaker_status": detail.get("TrainingJobStatus")})

@@ -13,7 +13,7 @@ from local.resources import load_template
 
 ROOT = Path(__file__).resolve().parents[2]
 FUNCTIONS = {"ApiFunction": "api", "LauncherFunction": "launcher", "EventsFunction": "events",
-             "DatasetsFunction": "datasets"}
+             "DatasetsFunction": "datasets", "ReconcilerFunction": "reconciler"}
 
 
 def test_every_function_is_built_by_the_makefile_from_its_own_folder():

@@ -1,0 +1,237 @@
+"""Each role in template.yaml allows what its code does, and grants little else.
+
+Every test already runs the handlers under their roles (the `roles` fixture of tests/conftest.py);
+here one walk through every path of every function, with SageMaker answering through boto3 (so
+those calls are checked too), counts the calls checked per function and lists the grants none of
+them needed. Writes and deletes that no call needs must not be granted at all. The training role
+is checked against the S3, ECR, log and metric access a training job of each type needs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from botocore.awsrequest import AWSResponse
+
+from functions.api import context
+from shared import jobs as domain
+from shared.events import JOB_REQUESTED
+from tests import permissions
+from tests.conftest import LambdaContext, deliver, write_metrics
+from tests.trust.conftest import dataset_id, launch, stored, train, write_progress
+
+# Grants a role may hold although no call of the walk makes them.
+WRITES = re.compile(r":(Put|Update|Delete|Create|Stop|Send|Add|Pass|Transact|BatchWrite)", re.I)
+
+
+def _answer(client, operation: str, parsed: dict | None = None, status: int = 200) -> None:
+    """Have the client answer `operation` itself (moto lacks it, or the walk needs a failure)."""
+    def reply(**_):
+        return AWSResponse("https://sagemaker.local", status, {}, None), parsed or {}
+    client.meta.events.register(f"before-call.sagemaker.{operation}", reply)
+
+
+def _fail_once(client, operation: str, code: str) -> None:
+    failing = [code]
+
+    def reply(**_):
+        if failing:
+            return AWSResponse("https://sagemaker.local", 400, {}, None), {
+                "Error": {"Code": failing.pop(), "Message": code}, "ResponseMetadata": {"HTTPStatusCode": 400}}
+        return None
+    client.meta.events.register(f"before-call.sagemaker.{operation}", reply)
+
+
+def _with_key(key: str, body: dict) -> tuple[int, dict]:
+    from functions.api.app import lambda_handler
+    from local.server import api_event
+
+    event = api_event("POST", "/jobs", headers={"content-type": "application/json", "idempotency-key": key},
+                      body=json.dumps(body), claims={"sub": "alice"})
+    result = lambda_handler(event, LambdaContext())
+    return result["statusCode"], json.loads(result["body"])
+
+
+def _s3_event(bucket: str, key: str) -> dict:
+    return {"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+                         "s3": {"bucket": {"name": bucket}, "object": {"key": key, "size": 1}}}]}
+
+
+def _walk(aws, api) -> None:
+    """Every route, the dataset check, launches that start and fail, each end of a job, a requested
+    job, and a reconciler pass over a job whose events were all lost."""
+    from functions.datasets import app as check
+    from functions.events import app as events
+    from functions.launcher import app as launcher
+    from functions.reconciler import app as reconciler
+
+    status, created = api("POST", "/datasets", body={"name": "walk", "format": "jsonl"})
+    assert status == 201
+    key = f"alice/datasets/{created['dataset_id']}/data.jsonl"
+    aws.session.client("s3").put_object(Bucket=aws.env["DATA_BUCKET"], Key=key,
+                                        Body=b"".join(b'{"text": "%d words of training text here"}\n' % i
+                                                      for i in range(600)))
+    assert check.lambda_handler(_s3_event(aws.env["DATA_BUCKET"], key), LambdaContext())["checked"]
+    assert api("GET", "/datasets")[0] == 200 and api("GET", f"/datasets/{created['dataset_id']}")[0] == 200
+    assert api("GET", "/models")[0] == 200 and api("GET", "/models/m-alice")[0] == 200
+    assert api("POST", "/jobs/estimate", train())[0] == 200
+
+    ids = []
+    for _ in range(6):
+        status, job = api("POST", "/jobs", train())
+        assert status == 201, job
+        ids.append(job["job_id"])
+    completed, no_metrics, cancelled_queued, stopped, lost, cancelled_launching = ids
+    status, first = _with_key("k-1", train())
+    assert status == 201 and _with_key("k-1", train()) == (201, first)
+    assert _with_key("k-2", {**train(), "model": "base-none"})[0] == 404  # the key is freed again
+    assert api("GET", "/jobs")[0] == 200
+
+    sagemaker = launcher._clients()[1]
+    _answer(sagemaker, "StopTrainingJob")
+    assert launch(completed, no_metrics, stopped, lost, cancelled_launching) == []
+    _fail_once(sagemaker, "CreateTrainingJob", "ResourceInUse")
+    assert launch(completed, receive_count=2) == []  # a redelivered message finds its training job
+    _answer(context.client("sagemaker"), "StopTrainingJob")
+    assert api("POST", f"/jobs/{cancelled_launching}/cancel")[1]["status"] == "cancelling"
+    assert launch(cancelled_launching, receive_count=2) == []  # cancelled meanwhile: stopped
+    # Quota refusal on the last attempt: the launcher marks the job failed.
+    status, failing = api("POST", "/jobs", train())
+    throttled = [True]
+
+    def refuse(**_):
+        if throttled and throttled.pop():
+            return AWSResponse("https://sagemaker.local", 400, {}, None), {
+                "Error": {"Code": "ResourceLimitExceeded", "Message": "quota"}, "ResponseMetadata": {"HTTPStatusCode": 400}}
+        return None
+    sagemaker.meta.events.register("before-call.sagemaker.CreateTrainingJob", refuse)
+    assert launch(failing["job_id"], receive_count=99) == []
+    assert stored(aws, failing["job_id"])["status"] == "failed"
+
+    assert api("POST", f"/jobs/{cancelled_queued}/cancel")[0] == 200
+    deliver(aws, completed, "InProgress")
+    assert api("GET", f"/jobs/{completed}")[0] == 200  # progress.json not written yet: NoSuchKey, no progress
+    write_metrics(aws, stored(aws, completed))
+    deliver(aws, completed, "Completed")
+    deliver(aws, no_metrics, "InProgress", "Completed")
+    deliver(aws, stopped, "InProgress")
+    assert api("POST", f"/jobs/{stopped}/cancel")[0] == 200
+    write_progress(aws, stopped, 1000)
+    deliver(aws, stopped, "Stopped")
+    assert [stored(aws, j)["status"] for j in (completed, no_metrics, cancelled_queued, stopped)] == [
+        "completed", "failed", "cancelled", "cancelled"]
+
+    requested = events.lambda_handler({"id": "walk-1", "detail-type": JOB_REQUESTED, "source": "pipeline",
+                                       "detail": {"owner": "alice", "request": train()}}, LambdaContext())
+    assert requested["accepted"]
+
+    reconciler._clients.cache_clear()
+    write_metrics(aws, stored(aws, lost))
+    summary = reconciler.lambda_handler({}, LambdaContext())
+    assert lost in summary["moved"] and stored(aws, lost)["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_every_call_of_every_function_is_allowed_and_the_unused_grants_are_listed(tenants, api, roles, capsys):
+    from functions.launcher import app as launcher
+    from functions.reconciler import app as reconciler
+
+    launcher._clients.cache_clear()
+    reconciler._clients.cache_clear()
+    context.reset()
+    try:
+        _walk(tenants, api)
+    finally:
+        launcher._clients.cache_clear()
+        reconciler._clients.cache_clear()
+        context.reset()
+    assert not roles.denied(), [(c.function, c.denied) for c in roles.denied()]
+    counts, requests = roles.counts(), roles.requests()
+    functions = sorted(permissions.function_roles(permissions.transformed()))
+    report = ["calls checked against each role:"]
+    unused_writes = {}
+    for function in functions:
+        unused = permissions.unused_grants(function, requests.get(function, []))
+        report.append(f"  {function}: {counts[function]} calls, {len(requests.get(function, []))} IAM requests; "
+                      f"unused grants: {', '.join(f'{a} on {r}' for a, r in unused) or 'none'}")
+        unused_writes[function] = [(a, r) for a, r in unused if WRITES.search(a)]
+    with capsys.disabled():
+        print("\n" + "\n".join(report))
+    assert all(counts[f] > 0 for f in functions), counts
+    assert unused_writes == {f: [] for f in functions}
+
+
+def _training_requests(aws, job: dict) -> list[permissions.Request]:
+    """What SageMaker does with the training role for one job: pull the image, read each input
+    channel (list its prefix, get its objects), write the model and output archives and the
+    checkpoints (and read them back on a spot restart), log and publish metrics."""
+    request = domain.training_job_request(job, domain.LaunchConfig(
+        artifacts_bucket=aws.env["ARTIFACTS_BUCKET"], training_image_uri=aws.env["TRAINING_IMAGE_URI"],
+        role_arn=aws.env["SAGEMAKER_ROLE_ARN"]))
+    s3 = "arn:aws:s3:::"
+    out = []
+    for channel in request["InputDataConfig"]:
+        bucket, key = domain.split_s3(channel["DataSource"]["S3DataSource"]["S3Uri"])
+        out += [permissions.Request("s3:ListBucket", s3 + bucket, (("s3:prefix", key),)),
+                permissions.Request("s3:GetObject", f"{s3}{bucket}/{key}")]
+    bucket, prefix = domain.split_s3(request["OutputDataConfig"]["S3OutputPath"])
+    for name in ("model.tar.gz", "output.tar.gz"):
+        out.append(permissions.Request("s3:PutObject", f"{s3}{bucket}/{prefix}{request['TrainingJobName']}/output/{name}"))
+    bucket, prefix = domain.split_s3(request["CheckpointConfig"]["S3Uri"])
+    for action in ("s3:PutObject", "s3:GetObject"):
+        out.append(permissions.Request(action, f"{s3}{bucket}/{prefix}progress.json"))
+    out.append(permissions.Request("s3:ListBucket", s3 + bucket, (("s3:prefix", prefix),)))
+    registry, repository = request["AlgorithmSpecification"]["TrainingImage"].split(":")[0].split("/", 1)
+    account, region = registry.split(".")[0], registry.split(".")[3]
+    image = f"arn:aws:ecr:{region}:{account}:repository/{repository}"
+    out += [permissions.Request(a, image) for a in ("ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
+                                                      "ecr:BatchCheckLayerAvailability")]
+    out.append(permissions.Request("ecr:GetAuthorizationToken", "*"))
+    group = f"arn:aws:logs:{region}:{account}:log-group:/aws/sagemaker/TrainingJobs"
+    out += [permissions.Request("logs:CreateLogGroup", group),  # the first job of an account creates it
+            permissions.Request("logs:CreateLogStream", f"{group}:log-stream:{request['TrainingJobName']}/algo-1"),
+            permissions.Request("logs:PutLogEvents", f"{group}:log-stream:{request['TrainingJobName']}/algo-1"),
+            permissions.Request("cloudwatch:PutMetricData", "*", (("cloudwatch:namespace", "/aws/sagemaker/TrainingJobs"),))]
+    return out
+
+
+def test_the_training_role_allows_what_a_training_job_reads_and_writes_and_no_delete(tenants, api, capsys):
+    statements = permissions.resolved_role("SageMakerExecutionRole")
+    status, job = api("POST", "/jobs", train())
+    assert status == 201
+    contract = {"type": "contract", "dataset": dataset_id("alice"),
+                "hyperparams": {"source_model_id": "m-alice", "num_layers_to_contract": 1}}
+    status, contract_job = api("POST", "/jobs", contract)
+    assert status == 201, contract_job
+    requests = []
+    for job_id in (job["job_id"], contract_job["job_id"]):
+        requests += _training_requests(tenants, stored(tenants, job_id))
+    denied = [r for r in requests if not permissions.allowed(statements, r)]
+    assert denied == []
+    unused = permissions.unused_grants_of(statements, requests)
+    with capsys.disabled():
+        print(f"\nSageMakerExecutionRole: {len(requests)} requests of a train and a contract job checked; "
+              f"unused grants: {', '.join(f'{a} on {r}' for a, r in unused) or 'none'}")
+    assert not [a for a, _ in unused if WRITES.search(a)]
+    assert not any("Delete" in str(s["Action"]) for s in statements)
+
+
+def test_a_missing_key_answered_access_denied_reads_as_missing(tenants):
+    """What S3 answers a caller without s3:ListBucket: no progress yet, and metrics gone for good."""
+    from botocore.stub import Stubber
+
+    s3 = tenants.session.client("s3")
+    with Stubber(s3) as stub:
+        stub.add_client_error("get_object", service_error_code="AccessDenied", http_status_code=403)
+        assert domain.read_progress(s3, tenants.env["ARTIFACTS_BUCKET"], "j1") is None
+    with Stubber(s3) as stub:
+        stub.add_client_error("get_object", service_error_code="SlowDown", http_status_code=503)
+        with pytest.raises(Exception, match="SlowDown"):
+            domain.read_progress(s3, tenants.env["ARTIFACTS_BUCKET"], "j1")
+    from botocore.exceptions import ClientError
+
+    denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "GetObject")
+    throttled = ClientError({"Error": {"Code": "SlowDown", "Message": "slow"}}, "GetObject")
+    assert domain._definitive(denied) and not domain._definitive(throttled)

@@ -1,0 +1,93 @@
+"""The reconciler: a job whose every SageMaker event was lost ends as the events would have ended it."""
+
+from __future__ import annotations
+
+import pytest
+
+from functions.launcher import app as launcher
+from functions.reconciler import app as reconciler
+from shared import jobs as domain
+from shared.store import Catalog, Tenants
+from tests.conftest import REGION, LambdaContext, deliver, write_metrics
+from tests.trust.conftest import launch, stored, train, write_progress
+
+# What differs between two jobs however alike: their ids, times, and the names derived from the id.
+PER_JOB = {"job_id", "created_at", "updated_at", "training_job_name", "output_model_id", "artifact_uri",
+           "dataset_uri", "model_id", "settings"}
+END = {"Completed": "completed", "Stopped": "cancelled", "Failed": "failed"}
+
+
+@pytest.fixture
+def moto_sagemaker(aws):
+    """The launcher on moto's SageMaker (through boto3, so its calls meet the launcher's role)."""
+    from moto.sagemaker.models import sagemaker_backends
+
+    launcher._clients.cache_clear()
+    reconciler._clients.cache_clear()
+    yield sagemaker_backends["123456789012"][REGION]
+    launcher._clients.cache_clear()
+    reconciler._clients.cache_clear()
+
+
+def _set(backend, job_id: str, status: str, reason: str | None = None) -> None:
+    training_job = backend.training_jobs[domain.training_job_name(job_id)]
+    training_job.training_job_status = training_job.secondary_status = status
+    if reason:
+        training_job.failure_reason = reason
+
+
+def _same(job: dict) -> dict:
+    return {k: v for k, v in job.items() if k not in PER_JOB}
+
+
+def _model(aws, job: dict) -> dict | None:
+    model = Catalog(session=aws.session).get(domain.model_id_for(job["job_id"]), job["owner"])
+    return None if model is None else {k: v for k, v in model.items() if k not in PER_JOB | {"name", "job_id"}}
+
+
+@pytest.mark.parametrize("end", sorted(END))
+def test_a_job_whose_events_were_all_dropped_ends_with_the_same_job_model_and_bill(tenants, api, moto_sagemaker, end):
+    followed, dropped = (api("POST", "/jobs", train(train_steps=20))[1]["job_id"] for _ in range(2))
+    assert launch(followed, dropped) == []
+    reason = "AlgorithmError: out of memory" if end == "Failed" else None
+    for job_id in (followed, dropped):
+        _set(moto_sagemaker, job_id, "InProgress")
+        if end == "Completed":
+            write_metrics(tenants, stored(tenants, job_id), tokens=1234)
+        if end == "Stopped":
+            write_progress(tenants, job_id, 640)
+    spent_before = Tenants(session=tenants.session).get("alice")["spent_cents"]
+
+    deliver(tenants, followed, "InProgress", end, reason=reason)
+    for job_id in (followed, dropped):
+        _set(moto_sagemaker, job_id, end, reason)
+    assert stored(tenants, dropped)["status"] == "launching"  # nothing arrived for it
+    summary = reconciler.lambda_handler({}, LambdaContext())
+
+    assert summary["moved"] == [dropped] and summary["errors"] == 0
+    by_events, by_reconciler = stored(tenants, followed), stored(tenants, dropped)
+    assert by_reconciler["status"] == END[end]
+    assert _same(by_reconciler) == _same(by_events)
+    assert by_reconciler["bill"] == by_events["bill"]
+    assert _model(tenants, by_reconciler) == _model(tenants, by_events)
+    assert (_model(tenants, by_events) is not None) == (end == "Completed")
+    # Each job's estimate left the tenant's spend and its bill went in, once for each.
+    spent = Tenants(session=tenants.session).get("alice")["spent_cents"]
+    estimate = domain.cents(by_events["estimate"]["total"])
+    assert spent == spent_before - 2 * estimate + 2 * domain.cents(by_events["bill"])
+    # A second pass finds nothing left to do.
+    assert reconciler.lambda_handler({}, LambdaContext())["moved"] == []
+
+
+def test_a_job_not_created_yet_and_one_in_agreement_are_left_alone(tenants, api, moto_sagemaker):
+    queued = api("POST", "/jobs", train())[1]["job_id"]
+    running = api("POST", "/jobs", train())[1]["job_id"]
+    assert launch(running) == []
+    _set(moto_sagemaker, running, "InProgress")
+    deliver(tenants, running, "InProgress")
+    tenants.session.client("dynamodb").update_item(  # launching, but its training job not created yet
+        TableName=tenants.env["JOBS_TABLE"], Key={"job_id": {"S": queued}}, UpdateExpression="SET #s = :l",
+        ExpressionAttributeNames={"#s": "status"}, ExpressionAttributeValues={":l": {"S": "launching"}})
+    summary = reconciler.lambda_handler({}, LambdaContext())
+    assert summary == {"checked": 2, "moved": [], "not_created": 1, "errors": 0}
+    assert stored(tenants, running)["status"] == "running" and stored(tenants, queued)["status"] == "launching"
