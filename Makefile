@@ -4,6 +4,8 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
+# The console's browser tests drive the operating system's Chromium (Playwright cannot download one here).
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: venv test test-fast demo bench lint clean
 
@@ -22,7 +24,11 @@ $(CHECKOV_STAMP): requirements-checkov.lock
 	$(CHECKOV_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-checkov.lock
 	touch $(CHECKOV_STAMP)
 
-test: $(STAMP) $(CHECKOV_STAMP)
+$(CHROMIUM):
+	if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+	$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium fonts-dejavu-core
+
+test: $(STAMP) $(CHECKOV_STAMP) $(CHROMIUM)
 	$(VENV)/bin/python -m pytest -n 2 --dist loadfile -q
 
 test-fast: $(STAMP)

@@ -230,6 +230,13 @@ class LocalStack:
         self.api_url = f"http://{self.host}:{self._api.server_address[1]}"
         return self
 
+    @property
+    def console_url(self) -> str:
+        """The Fusion Training Console, served by the same API (functions.api.console)."""
+        from functions.api.console import CONSOLE_PATH
+
+        return self.api_url + CONSOLE_PATH
+
     def close(self) -> None:
         """Stop the API, the pollers, every training subprocess and moto; restore the environment."""
         if self._api is not None:
