@@ -26,7 +26,7 @@ export async function api(method, path, body, headers = {}) {
   try {
     response = await fetch(path, { method, headers: sent, body: body === undefined ? undefined : JSON.stringify(body) });
   } catch {
-    throw new ApiError(0, null, "The Fusion API cannot be reached. Check that it is running (fusion serve) and reload.");
+    throw new ApiError(0, null, "The Fusion API cannot be reached. Check your connection and that the API is running, then reload.");
   }
   const text = await response.text();
   let data = null;

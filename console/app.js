@@ -105,7 +105,7 @@ function rangeText(f) {
 
 function defaultText(name, f) {
   if (f.default === null || f.default === undefined) {
-    return name === "output_name" ? "default model-<job id>" : "default: none";
+    return /\bDefault:/.test(f.description || "") ? "" : "default: none";
   }
   return `default ${f.default}`;
 }
@@ -382,8 +382,11 @@ async function viewContract(id) {
     h("div", { class: "field", "data-field": "contraction_ratio" },
       h("label", { for: "f-contraction_ratio" }, "contraction_ratio ", shown), slider,
       h("datalist", { id: "ratio-marks" }, marks.map(([v, name]) => h("option", { value: v, label: name }))),
-      h("div", { class: "marks", "aria-hidden": "true" }, marks.map(([v, name]) => h("span", {
-        style: undefined, "data-mark": v }, `${v} ${name}`))),
+      h("div", { class: "marks", "aria-hidden": "true" }, marks.map(([v, name]) => {
+        const mark = h("span", { "data-mark": v }, `${v} ${name}`);
+        mark.style.left = `${(100 * (Number(v) - ratio.minimum)) / (ratio.maximum - ratio.minimum)}%`; // under its tick
+        return mark;
+      })),
       h("p", { class: "hint", id: "f-contraction_ratio-hint" },
         `default ${ratio.default} · range ${ratio.minimum}–${ratio.maximum} · ${ratio.description}`),
       h("p", { class: "error", role: "alert" })),
@@ -642,8 +645,11 @@ async function start() {
     return;
   }
   if (!location.hash) history.replaceState(null, "", "#/models");
-  addEventListener("hashchange", route);
-  await route();
+  // One view at a time: a view still loading when the address changes finishes (and has its
+  // timers stopped) before the next one renders, so the page always shows the latest address.
+  let routing = route();
+  addEventListener("hashchange", () => { routing = routing.then(route); });
+  await routing;
 }
 
 start();

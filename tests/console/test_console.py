@@ -278,13 +278,14 @@ def test_keyboard_labels_and_a_phone_screen(tab, stack, dataset_id):
     expect(page).to_have_url(re.compile(r"#/jobs$"))
 
     page.set_viewport_size(PHONE)
-    for route in (f"#/jobs/new?model=base-debug&dataset={dataset_id}", "#/models", "#/datasets"):
+    for name, route, title in (("new-job", f"#/jobs/new?model=base-debug&dataset={dataset_id}", "New train job"),
+                               ("models", "#/models", "Models"), ("datasets", "#/datasets", "Datasets")):
         page.goto(f"{stack.console_url}{route}")
-        expect(page.locator("h1")).to_be_visible()
+        expect(page.locator("h1")).to_have_text(title)
         page.wait_for_load_state("networkidle")
         overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
         assert overflow <= 0, f"{route} scrolls sideways by {overflow}px on a phone"
-    tab.shot("phone-datasets")
+        tab.shot(f"phone-{name}")
 
 
 class _IdentityProvider:

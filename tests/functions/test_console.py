@@ -138,3 +138,40 @@ def test_parallel_requests_to_the_local_server_each_get_their_own_answer(server)
     for name, answer in zip(names, answers):
         assert answer.headers["content-type"] == console.TYPES[name[name.rindex("."):]], name
         assert answer.text == (console.CONSOLE_DIR / name).read_text(encoding="utf-8")
+
+
+def _api_function():
+    from local.resources import load_template
+
+    return load_template()["Resources"]["ApiFunction"]["Properties"]
+
+
+def test_the_template_serves_the_console_publicly_and_everything_else_behind_the_authorizer():
+    events = _api_function()["Events"]
+    public = {e["Properties"]["Path"] for e in events.values() if e["Properties"].get("Auth", {}).get("Authorizer") == "NONE"}
+    assert public == {"/", "/console", "/console/{proxy+}", "/openapi.json", "/docs"}
+    paths = {e["Properties"]["Path"] for e in events.values()}
+    assert "/jobs/{job_id}/metrics" in paths
+
+
+def test_the_api_may_read_the_metrics_log_and_nothing_else_of_a_jobs_checkpoints():
+    from fnmatch import fnmatch
+
+    statements = [s for p in _api_function()["Policies"] if "Statement" in p for s in p["Statement"]]
+    [read] = [s for s in statements if s["Sid"] == "ReadProgress"]
+    patterns = [r.value.replace("${ArtifactsBucket.Arn}/", "") for r in read["Resource"]]
+    for key in (domain.metrics_log_key("abc"), domain.progress_key("abc")):
+        assert any(fnmatch(key, p) for p in patterns), key
+    assert not any(fnmatch("jobs/abc/checkpoints/checkpoint.pt", p) for p in patterns)
+
+
+def test_the_deployed_console_signs_in_where_the_authorizer_trusts():
+    from local.resources import load_template
+
+    template = load_template()
+    env = _api_function()["Environment"]["Variables"]
+    assert set(env) == set(console.AUTH_ENV.values()) - {"FUSION_CONSOLE_SCOPE"}
+    jwt = template["Resources"]["HttpApi"]["Properties"]["Auth"]["Authorizers"]["FusionJwt"]["JwtConfiguration"]
+    assert repr(jwt["issuer"]) == repr(env["FUSION_CONSOLE_ISSUER"])  # the same !If: the pool or JwtIssuer
+    client = template["Resources"]["ConsoleUserPoolClient"]["Properties"]
+    assert client["GenerateSecret"] is False and client["AllowedOAuthFlows"] == ["code"]
