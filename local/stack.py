@@ -270,6 +270,9 @@ class LocalStack:
         api_context.reset()
         api_datasets._store.cache_clear()
         api_datasets._s3.cache_clear()
+        idempotency = sys.modules.get("functions.api.idempotency")  # imported on the first keyed request
+        if idempotency is not None:
+            idempotency._persistence.cache_clear()
         for module in ("functions.launcher.app", "functions.events.app", "functions.datasets.app"):
             cached = getattr(__import__(module, fromlist=["_clients"]), "_clients", None)
             if cached is not None and hasattr(cached, "cache_clear"):
