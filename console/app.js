@@ -353,9 +353,8 @@ async function viewNewJob(query) {
     return { type: "train", model: modelSelect.value, dataset: ready.length ? datasetSelect.value : "", hyperparams };
   };
   const estimate = estimator(form, body, panel, general);
-  modelSelect.addEventListener("change", () => {
+  modelSelect.addEventListener("change", () => {  // seq_len's range follows the model's context length
     const seq = form.querySelector("#f-seq_len");
-    seq.max = Math.min(contextOf() ?? Infinity, fieldSchema(props.seq_len).maximum ?? Infinity);
     advanced.querySelector('[data-field="seq_len"]').replaceWith(settingField("seq_len", props.seq_len, { max: contextOf(), value: seq.value }));
   });
   form.addEventListener("input", estimate.soon);
