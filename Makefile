@@ -6,6 +6,8 @@ CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 SAM_VENV := .venv-sam
 SAM_STAMP := $(SAM_VENV)/.installed
+# The console's browser tests drive the operating system's Chromium (Playwright cannot download one here).
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: venv test test-fast demo bench lint clean
 
@@ -31,7 +33,12 @@ $(SAM_STAMP): requirements-sam.lock
 	$(SAM_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-sam.lock
 	touch $(SAM_STAMP)
 
-test: $(STAMP) $(CHECKOV_STAMP) $(SAM_STAMP)
+$(CHROMIUM):
+	if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+	$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium fonts-dejavu-core
+
+
+test: $(STAMP) $(CHECKOV_STAMP) $(SAM_STAMP) $(CHROMIUM)
 	$(VENV)/bin/python -m pytest -n 2 --dist loadfile -q
 
 test-fast: $(STAMP) $(SAM_STAMP)

@@ -482,6 +482,7 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
 
     def ready(stack) -> None:
         console.print(f"[green]ready[/green]: API at [bold]{stack.api_url}[/bold] (Ctrl-C stops everything)\n"
+                      f"  console: [bold]{stack.console_url}[/bold]\n"
                       f"  fusion --api-url {stack.api_url} models list\n"
                       f"  curl -s {stack.api_url}/models")
 

@@ -56,7 +56,7 @@ def run_demo(console: Console) -> int:
     console.print(f"starting the local stack (moto, local SageMaker, HTTP API; base model {SIZE}) ...")
     with LocalStack(base_sizes=(SIZE,)) as stack:
         client = Client(stack.api_url)
-        console.print(f"API at {stack.api_url}  ({time.monotonic() - started:.0f} s)\n")
+        console.print(f"API at {stack.api_url}  ({time.monotonic() - started:.0f} s); console at {stack.console_url}\n")
 
         console.print(Rule("1. dataset"))
         data = build_dataset(REPO / ".fusion" / "demo" / "stdlib.jsonl")

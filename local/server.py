@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +20,10 @@ from urllib.parse import parse_qsl, urlsplit
 
 LOCAL_TENANT = "local"
 LOCAL_REGION = "us-east-1"
+# One event at a time through the handler, as one Lambda instance takes them: the resolver keeps the
+# current event on itself, so two threads inside it at once (a browser loads files in parallel)
+# would answer each other's requests.
+_HANDLER_LOCK = threading.Lock()
 
 
 def claims_of(authorization: str | None) -> dict[str, Any]:
@@ -108,7 +113,8 @@ class _Handler(BaseHTTPRequestHandler):
             text = raw
         event = api_event(self.command, url.path, query=url.query, headers=dict(self.headers.items()),
                           body=text, claims=claims)
-        result = lambda_handler(event, _Context())
+        with _HANDLER_LOCK:
+            result = lambda_handler(event, _Context())
         payload = result.get("body") or ""
         data = base64.b64decode(payload) if result.get("isBase64Encoded") else payload.encode()
         self._reply(result.get("statusCode", 200), result.get("headers") or {}, data)

@@ -230,6 +230,13 @@ class LocalStack:
         self.api_url = f"http://{self.host}:{self._api.server_address[1]}"
         return self
 
+    @property
+    def console_url(self) -> str:
+        """The Fusion Training Console, served by the same API (functions.api.console)."""
+        from functions.api.console import CONSOLE_PATH
+
+        return self.api_url + CONSOLE_PATH
+
     def close(self) -> None:
         """Stop the API, the pollers, every training subprocess and moto; restore the environment."""
         if self._api is not None:
@@ -263,6 +270,9 @@ class LocalStack:
         api_context.reset()
         api_datasets._store.cache_clear()
         api_datasets._s3.cache_clear()
+        idempotency = sys.modules.get("functions.api.idempotency")  # imported on the first keyed request
+        if idempotency is not None:
+            idempotency._persistence.cache_clear()
         for module in ("functions.launcher.app", "functions.events.app", "functions.datasets.app"):
             cached = getattr(__import__(module, fromlist=["_clients"]), "_clients", None)
             if cached is not None and hasattr(cached, "cache_clear"):

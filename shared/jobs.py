@@ -40,6 +40,7 @@ from shared.store import (
 JOB_ID_PATTERN = re.compile(r"[a-z0-9-]{1,40}")
 TRAINING_JOB_PREFIX = "fusion-"
 METRIC_NAMES = ("step", "turn", "cycle", "train_loss", "heldout_loss", "heldout_perplexity", "tokens_per_second")
+METRICS_MAX_POINTS = 1000  # training-loss points a job's metrics answer holds at most
 MAX_RUNTIME_LIMIT = 28 * 24 * 3600  # SageMaker's ceiling on MaxRuntimeInSeconds
 NO_CHARGE = "0.00"
 # The spend limit of a tenant without a record of their own in the tenants table.
@@ -486,6 +487,39 @@ def read_progress(s3: Any, bucket: str, job_id: str) -> dict[str, Any] | None:
             return None
         raise
     return json.loads(body)
+
+
+def metrics_log_key(job_id: str) -> str:
+    """The trainer's metrics log (training_image.train.METRICS_LOG), synced beside progress.json."""
+    return f"jobs/{job_id}/checkpoints/metrics.jsonl"
+
+
+def read_metrics_log(s3: Any, bucket: str, job_id: str, *, max_points: int = METRICS_MAX_POINTS) -> dict[str, Any]:
+    """A job's curve: training loss per logged step (at most max_points, evenly thinned, the last
+    step always kept) and every held-out evaluation. Empty lists before the trainer logs anything.
+
+    A resumed trainer logs the steps after its checkpoint again: the last line of a (kind, step) wins.
+    """
+    try:
+        body = s3.get_object(Bucket=bucket, Key=metrics_log_key(job_id))["Body"].read()
+    except s3.exceptions.NoSuchKey:
+        body = b""
+    latest: dict[tuple[str, int], dict[str, Any]] = {}
+    for line in body.decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            key = (str(record["kind"]), int(record["step"]))
+        except (ValueError, KeyError, TypeError):  # a line cut by a sync in mid-write
+            continue
+        latest[key] = record
+    ordered = [latest[key] for key in sorted(latest, key=lambda k: k[1])]
+    steps = [r for r in ordered if r["kind"] == "step"]
+    evals = [r for r in ordered if r["kind"] == "eval"]
+    stride = -(-len(steps) // max_points) if steps else 1
+    thinned = steps[::stride]
+    if steps and thinned[-1] is not steps[-1]:
+        thinned.append(steps[-1])
+    return {"job_id": job_id, "steps": thinned, "evals": evals, "logged_steps": len(steps)}
 
 
 def read_metrics(s3: Any, model_artifacts_uri: str) -> dict[str, Any]:

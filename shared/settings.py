@@ -105,6 +105,7 @@ class ContractSettings(BaseModel):
         le=0.9,
         description="Fraction of MLP units and attention heads removed in each targeted layer: "
         "0.25 conservative, 0.5 balanced, 0.75 aggressive.",
+        json_schema_extra={"x-marks": {"0.25": "conservative", "0.5": "balanced", "0.75": "aggressive"}},
     )
     num_layers_to_contract: int = Field(
         default=8, ge=1, description="How many layers to prune; at most the source model's depth."

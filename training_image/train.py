@@ -43,6 +43,7 @@ from training_image.stopping import TrainingStopped  # noqa: F401  (raised by ru
 
 CHECKPOINT = "checkpoint.pt"
 PROGRESS = "progress.json"
+METRICS_LOG = "metrics.jsonl"  # beside progress.json: one line per logged step and per held-out evaluation
 CHECKPOINT_FORMAT = 1
 MIN_LR_RATIO = 0.1
 GRAD_CLIP = 1.0
@@ -259,6 +260,8 @@ class Trainer:
                 f"lr={lr:.3g} tokens_per_second={self.tokens_per_second():.1f}"
             )
             self.write_progress(loss=loss_value)
+            self.log_metrics({"kind": "step", "step": state.step, "turn": state.turn + 1, "cycle": state.cycle + 1,
+                              "loss": loss_value, "lr": lr})
 
     def _exchange(self, shared: torch.Tensor) -> None:
         """[mean loss, stop flag] of this rank -> [mean loss, stop flag] over all ranks, in place."""
@@ -285,6 +288,7 @@ class Trainer:
                 f"heldout_loss={record['heldout_loss']:.4f} heldout_perplexity={record['perplexity']:.3f}"
             )
         state.cycles.append(record)
+        self.log_metrics({"kind": "eval", "step": state.step, **record})
         state.cycle, state.cycle_step, state.cycle_loss_sum = state.cycle + 1, 0, 0.0
         if state.cycle == len(self.plan.cycle_steps):
             state.turn, state.cycle = state.turn + 1, 0
@@ -327,6 +331,17 @@ class Trainer:
             "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         _atomic_write_bytes(self.checkpoint_dir / PROGRESS, json.dumps(progress).encode())
+
+    def log_metrics(self, record: dict) -> None:
+        """Append one line to the metrics log, the whole curve a chart needs (progress.json holds only
+        the latest point). A resumed run appends again from its checkpoint: readers keep the last line
+        of each (kind, step)."""
+        if self.rank != 0 or self.checkpoint_dir is None:
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        line = {**record, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        with open(self.checkpoint_dir / METRICS_LOG, "a", encoding="utf-8") as file:
+            file.write(json.dumps(line) + "\n")
 
     # ---- checkpoints --------------------------------------------------------------------------
 

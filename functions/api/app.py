@@ -11,7 +11,7 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import (
     RequestValidationError,
 )
 
-from functions.api import datasets, jobs, models
+from functions.api import console, datasets, jobs, models
 from shared.jobs import JobError, describe_error
 
 logger = Logger()
@@ -19,6 +19,7 @@ app = APIGatewayHttpResolver(enable_validation=True)
 app.include_router(jobs.router)
 app.include_router(models.router)
 app.include_router(datasets.router)
+app.include_router(console.router)
 
 OPENAPI = {"title": "Fusion", "version": "1.0.0",
            "description": "Grow, train and contract language models; every job priced before it runs."}

@@ -106,6 +106,28 @@ def cancel_job(job_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
     return domain.public(job)
 
 
+@router.get("/jobs/<job_id>/metrics", summary="A job's training curve",
+            description="Training loss per logged step and held-out perplexity per cycle, from the metrics log "
+            "the trainer keeps beside its progress (synced while it runs): the whole curve so far, thinned to "
+            "at most max_points loss points.",
+            responses=context.responses({200: "The job's curve"}, 503))
+def get_job_metrics(
+    job_id: Annotated[str, Path(max_length=64)],
+    max_points: Annotated[int, Query(ge=2, le=domain.METRICS_MAX_POINTS)] = domain.METRICS_MAX_POINTS,
+) -> dict[str, Any]:
+    owner = context.tenant(router)
+    job = context.jobs().get(job_id, owner) if domain.JOB_ID_PATTERN.fullmatch(job_id) else None
+    if job is None:
+        raise domain.not_found("job", "job_id", job_id)
+    try:
+        curve = domain.read_metrics_log(context.client("s3"), context.env("ARTIFACTS_BUCKET"), job_id,
+                                        max_points=max_points)
+    except Exception as exc:
+        logger.warning("metrics log unreadable", extra={"job_id": job_id}, exc_info=True)
+        raise domain.JobError(503, "unavailable", "the job's metrics log cannot be read now; retry shortly") from exc
+    return {**curve, "status": job["status"]}
+
+
 def _progress(job_id: str) -> dict[str, Any] | None:
     """Live progress from the checkpoint folder; never fails the request."""
     try:

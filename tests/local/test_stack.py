@@ -204,6 +204,9 @@ def test_fusion_serve_runs_in_the_foreground_and_stops_on_ctrl_c(tmp_path):
                 url = line.split()[3]
                 break
         assert url, "fusion serve never said it was ready"
+        console_line = next(server.stdout).split()
+        assert console_line[:1] == ["console:"] and console_line[1] == f"{url}/console"
+        assert "<title>Fusion Training Console</title>" in requests.get(console_line[1]).text
         assert any(m["model_id"] == "base-debug" for m in requests.get(f"{url}/models").json()["models"])
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0

@@ -12,6 +12,7 @@ from shared.shapes import SIZES
 from training_image.model import Decoder
 from training_image.train import (
     CHECKPOINT,
+    METRICS_LOG,
     PROGRESS,
     Trainer,
     TrainingDiverged,
@@ -90,6 +91,13 @@ def test_a_run_killed_and_stopped_then_resumed_ends_with_the_uninterrupted_weigh
     assert progress["step"] == progress["total_steps"] == 14 and progress["tokens_trained"] == 14 * 32
     assert progress["turn"] == 2 and progress["cycle"] == 2
     assert progress["perplexity"] == pytest.approx(reference.state.cycles[-1]["perplexity"])
+    # The metrics log beside it holds the whole curve across the crash and the stop: every step
+    # once (the crashed step 9 was never logged), and one held-out evaluation per cycle.
+    lines = [json.loads(line) for line in (tmp_path / METRICS_LOG).read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "step"] == list(range(1, 15))
+    evals = [r for r in lines if r["kind"] == "eval"]
+    assert [(r["turn"], r["cycle"], r["step"]) for r in evals] == [(1, 1, 3), (1, 2, 7), (2, 1, 10), (2, 2, 14)]
+    assert [r["perplexity"] for r in evals] == pytest.approx([c["perplexity"] for c in reference.state.cycles])
 
 
 def test_each_turn_reads_the_data_in_a_fresh_order(windows):

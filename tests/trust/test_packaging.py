@@ -32,7 +32,10 @@ def test_a_built_function_holds_only_its_package_and_imports_with_the_layer(tmp_
                    check=True)
     files = {p.relative_to(artifacts).as_posix() for p in artifacts.rglob("*") if p.is_file()}
     assert f"functions/{package}/app.py" in files
-    assert all(f.startswith((f"functions/{package}/", "functions/__init__.py")) for f in files), files
+    shipped = ("console/",) if package == "api" else ()  # the API serves the console's static files
+    assert all(f.startswith((f"functions/{package}/", "functions/__init__.py", *shipped)) for f in files), files
+    if shipped:
+        assert {f"console/{p.name}" for p in (ROOT / "console").iterdir()} <= files
     (layer / "shared").mkdir(parents=True)  # what the SharedLayer puts under python/
     for source in list((ROOT / "shared").glob("*.py")) + list((ROOT / "shared").glob("*.json")):
         shutil.copy(source, layer / "shared")
