@@ -128,9 +128,15 @@ def create_resources(session: Any, template_path: str | Path = TEMPLATE, *, pref
         "SageMakerExecutionRole.Arn": f"arn:aws:iam::{LOCAL_ACCOUNT}:role/{prefix}-SageMakerExecutionRole",
         "TrainingImageRepository.RepositoryUri": f"{LOCAL_ACCOUNT}.dkr.ecr.{region}.amazonaws.com/{prefix}-training",
     }
+    # The sign-in resources (a Cognito user pool and its client) are not made locally: what names
+    # them resolves empty, so the local console has no sign-in.
+    for kind in ("AWS::Cognito::UserPool", "AWS::Cognito::UserPoolClient", "AWS::Cognito::UserPoolDomain"):
+        refs.update({logical: "" for logical in _resources(template, kind)})
+    names = {**parameters, **pseudo, **refs}
+    conditions = {name: _condition(expr, names) for name, expr in template.get("Conditions", {}).items()}
     env = {}
     for var, value in function_environment(template).items():
-        env[var] = _resolve(value, {**parameters, **pseudo, **refs}, atts)
+        env[var] = _resolve(value, names, atts, conditions)
     return env
 
 
@@ -142,7 +148,20 @@ def function_environment(template: dict[str, Any]) -> dict[str, Any]:
     return variables
 
 
-def _resolve(value: Any, refs: dict[str, str], atts: dict[str, str]) -> Any:
+def _condition(expr: Any, refs: dict[str, str]) -> bool:
+    """A template condition (!Equals, !Not, !And, !Or over resolvable values), evaluated locally."""
+    if expr.tag == "!Equals":
+        left, right = (_resolve(v, refs, {}) for v in expr.value)
+        return left == right
+    if expr.tag == "!Not":
+        return not _condition(expr.value[0], refs)
+    if expr.tag in ("!And", "!Or"):
+        results = [_condition(e, refs) for e in expr.value]
+        return all(results) if expr.tag == "!And" else any(results)
+    raise ValueError(f"cannot evaluate the condition {expr!r} locally")
+
+
+def _resolve(value: Any, refs: dict[str, str], atts: dict[str, str], conditions: dict[str, bool] | None = None) -> Any:
     if not isinstance(value, _Tag):
         return value if isinstance(value, list) else str(value)
     if value.tag == "!Ref":
@@ -161,4 +180,11 @@ def _resolve(value: Any, refs: dict[str, str], atts: dict[str, str]) -> Any:
     if value.tag == "!Split":
         separator, text = value.value
         return _resolve(text, refs, atts).split(separator)
+    if value.tag == "!Join":
+        separator, items = value.value
+        resolved = _resolve(items, refs, atts)
+        return separator.join(resolved if isinstance(resolved, list) else [resolved])
+    if value.tag == "!If" and conditions is not None:
+        name, when_true, when_false = value.value
+        return _resolve(when_true if conditions[name] else when_false, refs, atts, conditions)
     raise ValueError(f"cannot resolve {value!r} locally")

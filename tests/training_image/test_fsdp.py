@@ -51,13 +51,13 @@ def _run(checkpoint_dir, *, max_steps=None, stop_at=None, resume=False, checkpoi
 
         trainer.log = log
     stopped = False
-    with trainer.stop_on_sigterm():
-        try:
+    try:
+        with trainer.stop_on_sigterm():
             trainer.run(max_steps)
             if max_steps is not None:
                 trainer.save_checkpoint()
-        except TrainingStopped:
-            stopped = True
+    except TrainingStopped:
+        stopped = True
     whole = parallel.full_model(trainer.model)
     return {
         "losses": trainer.losses, "step": trainer.state.step, "stopped": stopped, "sharded": trainer.sharded,

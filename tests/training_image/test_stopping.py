@@ -19,7 +19,7 @@ from shared.shapes import SIZES
 from training_image import entry, modeldir, stopping, tokens
 from training_image.evaluate import heldout_loss
 from training_image.model import Decoder
-from training_image.train import CHECKPOINT, Trainer, TrainingStopped, TrainPlan
+from training_image.train import CHECKPOINT, METRICS_LOG, Trainer, TrainingStopped, TrainPlan
 
 from .conftest import write_hyperparameters
 
@@ -116,7 +116,7 @@ def test_sigterm_in_one_process_stops_after_that_step_and_resumes_exactly(phase,
     for name, value in reference.items():
         assert torch.equal(resumed.model.state_dict()[name], value), name
     # The partial file is written beside the mirrored folder, never inside it.
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT, "progress.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT, METRICS_LOG, "progress.json"])
 
 
 def test_checkpoints_are_written_beside_the_mirrored_folder(windows, tmp_path, monkeypatch):
