@@ -12,7 +12,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from shared.settings import ContractSettings, TrainSettings
 from shared.shapes import ModelConfig, batch_size_for, grown_config
@@ -36,6 +36,7 @@ class PriceTable(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     growth_fee_per_million_parameters: Decimal
+    minimum_charge_usd: Decimal = Field(gt=0)
     tiers: list[Tier]
     flops_per_second: dict[str, float]
     model_flops_utilization: float
@@ -72,6 +73,8 @@ class Estimate(BaseModel):
     growth_parameters: int
     growth_fee: Decimal
     contraction_fee: Decimal
+    # The least any job that reaches a GPU pays (prices.json): no job is free, however small.
+    minimum_charge: Decimal = Decimal(0)
     total: Decimal
     instance_type: str
     instance_count: int
@@ -110,7 +113,8 @@ def _estimate(
     training_cost = Decimal(tokens) / MILLION * tier.usd_per_million_tokens
     growth_fee = Decimal(growth_parameters) / MILLION * table.growth_fee_per_million_parameters
     contraction_fee = tier.contraction_fee if with_contraction_fee else Decimal(0)
-    total = (training_cost + growth_fee + contraction_fee).quantize(CENT, rounding=ROUND_HALF_UP)
+    total = max((training_cost + growth_fee + contraction_fee).quantize(CENT, rounding=ROUND_HALF_UP),
+                table.minimum_charge_usd)
     instance = instance_type or tier.instance_type
     count = 1 if instance_type else tier.instance_count
     flop_count = _training_flops(tokens, parameters)
@@ -128,6 +132,7 @@ def _estimate(
         growth_parameters=growth_parameters,
         growth_fee=growth_fee,
         contraction_fee=contraction_fee,
+        minimum_charge=table.minimum_charge_usd,
         total=total,
         instance_type=instance,
         instance_count=count,
@@ -168,10 +173,12 @@ def estimate_contract(
 
 
 def bill(estimate: Estimate, tokens_trained: int) -> Decimal:
-    """What a job pays for what actually ran: fees in full, training pro rata to tokens trained.
+    """What a job pays for what actually ran: fees in full, training pro rata to tokens trained,
+    and never less than the minimum charge.
 
     A completed job trained every estimated token, so its bill equals the estimate's total.
     """
     tokens = min(max(tokens_trained, 0), estimate.training_tokens)
     training = Decimal(tokens) / MILLION * estimate.usd_per_million_tokens
-    return (training + estimate.growth_fee + estimate.contraction_fee).quantize(CENT, rounding=ROUND_HALF_UP)
+    total = (training + estimate.growth_fee + estimate.contraction_fee).quantize(CENT, rounding=ROUND_HALF_UP)
+    return max(total, estimate.minimum_charge)
