@@ -172,3 +172,103 @@ def test_path_parameters_are_measured_after_url_decoding(tenants, api):
         status, body = api(method, path.format("%C3%A9" * (limit + 1)))
         assert status == 422 and _field(body).endswith("_id") and "at most" in body["error"]["details"][0]["message"]
         assert api(method, path.format("x%2Fy"))[0] == 404  # a slash inside a parameter is no path
+
+
+# --- malformed SageMaker events ---------------------------------------------------------------
+
+
+def _running(tenants, api) -> dict:
+    from tests.conftest import deliver
+
+    from .conftest import launch
+
+    status, job = api("POST", "/jobs", train())
+    assert status == 201 and launch(job["job_id"]) == []
+    deliver(tenants, job["job_id"], "InProgress")
+    return job
+
+
+def _handle(event: dict) -> dict:
+    from functions.events import app as events
+    from tests.conftest import LambdaContext
+
+    return events.lambda_handler(event, LambdaContext())
+
+
+def test_malformed_state_changes_are_ignored_and_the_job_still_ends(tenants, api, sagemaker):
+    from tests.conftest import deliver, sagemaker_event, write_metrics
+
+    from .conftest import stored
+
+    job = _running(tenants, api)
+    good = sagemaker_event(tenants, job["job_id"], "Completed")
+    name = good["detail"]["TrainingJobName"]
+    for detail in ({**good["detail"], "TrainingJobName": 5}, {**good["detail"], "TrainingJobName": [name]},
+                   {**good["detail"], "TrainingJobStatus": ["Completed"]}, {**good["detail"], "TrainingJobStatus": 7},
+                   {**good["detail"], "TrainingJobStatus": {"x": 1}}, {"TrainingJobName": None}, [name], None, "x", 5):
+        assert _handle({**good, "detail": detail}) == {"changed": False}, detail
+    assert _handle({"detail-type": "SageMaker Training Job State Change"}) == {"changed": False}
+    assert stored(tenants, job["job_id"])["status"] == "running"
+    write_metrics(tenants, stored(tenants, job["job_id"]))
+    deliver(tenants, job["job_id"], "Completed")
+    assert stored(tenants, job["job_id"])["status"] == "completed"
+
+
+def test_completed_with_bad_artifacts_ends_failed_with_the_reason_or_completes(tenants, api, sagemaker):
+    from tests.conftest import sagemaker_event, write_metrics
+
+    from .conftest import stored
+
+    null, missing_bucket, not_a_uri, bad_tokens = (_running(tenants, api) for _ in range(4))
+    write_metrics(tenants, stored(tenants, null["job_id"]))  # where SageMaker writes it by default
+    write_metrics(tenants, stored(tenants, bad_tokens["job_id"]), tokens="x")
+    cases = {null["job_id"]: None, missing_bucket["job_id"]: {"S3ModelArtifacts": "s3://no-such-bucket/x/model.tar.gz"},
+             not_a_uri["job_id"]: {"S3ModelArtifacts": 5}, bad_tokens["job_id"]: {}}
+    for job_id, artifacts in cases.items():
+        event = sagemaker_event(tenants, job_id, "Completed")
+        _handle({**event, "detail": {**event["detail"], "ModelArtifacts": artifacts}})
+    assert stored(tenants, null["job_id"])["status"] == "completed"
+    for job in (missing_bucket, not_a_uri, bad_tokens):
+        ended = stored(tenants, job["job_id"])
+        assert ended["status"] == "failed" and "metrics.json could not be read" in ended["failure_reason"], ended
+        assert ended["bill"] == "0.00"
+
+
+def test_stopped_with_unreadable_progress_is_cancelled_billed_for_what_is_proven(tenants, api, sagemaker):
+    from shared.pricing import Estimate, bill
+    from tests.conftest import deliver
+
+    from .conftest import stored
+
+    for body in (b"{not json", b"[1, 2]", json.dumps({"tokens_trained": "x"}).encode(),
+                 json.dumps({"tokens_trained": True}).encode(), json.dumps({"tokens_trained": -5}).encode(),
+                 b"[" * 100_000):
+        job = _running(tenants, api)
+        tenants.session.client("s3").put_object(Bucket=tenants.env["ARTIFACTS_BUCKET"],
+                                                Key=f"jobs/{job['job_id']}/checkpoints/progress.json", Body=body)
+        deliver(tenants, job["job_id"], "Stopped")
+        ended = stored(tenants, job["job_id"])
+        assert ended["status"] == "cancelled", body
+        assert ended["bill"] == str(bill(Estimate.model_validate(ended["estimate"]), 0))
+        assert api("GET", f"/jobs/{job['job_id']}")[0] == 200
+
+
+def test_failed_with_a_reason_of_the_wrong_type_still_fails_with_a_reason(tenants, api, sagemaker):
+    from tests.conftest import sagemaker_event
+
+    from .conftest import stored
+
+    job = _running(tenants, api)
+    event = sagemaker_event(tenants, job["job_id"], "Failed")
+    _handle({**event, "detail": {**event["detail"], "FailureReason": {"nested": 1}, "SecondaryStatus": ["x"]}})
+    ended = stored(tenants, job["job_id"])
+    assert ended["status"] == "failed" and ended["failure_reason"] == "SageMaker reported the job failed"
+
+
+def test_the_spec_declares_the_bearer_scheme_for_every_operation(aws, api):
+    status, spec = api("GET", "/openapi.json")
+    assert status == 200
+    (name, scheme), = spec["components"]["securitySchemes"].items()
+    assert (scheme["type"], scheme["scheme"], scheme["bearerFormat"]) == ("http", "bearer", "JWT")
+    assert spec["security"] == [{name: []}]
+    assert "/openapi.json" not in spec["paths"] and len(spec["paths"]) >= 6
