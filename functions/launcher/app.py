@@ -48,8 +48,13 @@ def _clients() -> tuple[Jobs, Any, Bus]:
     return Jobs(session=session), session.client("sagemaker"), Bus(session=session)
 
 
-@cache
 def _s3() -> Any:
+    return _s3_at(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+
+
+@cache
+def _s3_at(endpoint: str | None) -> Any:
+    """One client per endpoint: the local stack moves AWS to another endpoint within a process."""
     import boto3
 
     return boto3.session.Session().client("s3")
