@@ -279,7 +279,16 @@ def _settings_flags(parser: argparse.ArgumentParser, model: type, skip: tuple[st
         kind = kinds[0] if kinds and kinds[0] in (int, float) else str
         default = "required" if field.is_required() else "API default" if field.default is None else f"default {field.default}"
         group.add_argument("--" + name.replace("_", "-"), dest="hp_" + name, type=kind, default=None,
-                           metavar=kind.__name__.upper(), help=f"{field.description} ({default})")
+                           metavar=kind.__name__.upper(), help=f"{field.description} ({default}{_range(field)})")
+
+
+def _range(field: Any) -> str:
+    """The bounds a setting declares, in words: ', range 1-10' or ', above 0 up to 1'."""
+    bounds = {key: getattr(m, key) for m in field.metadata for key in ("ge", "gt", "le") if hasattr(m, key)}
+    if "le" not in bounds:
+        return ""
+    low = f"{bounds['ge']:,}-" if "ge" in bounds else f"above {bounds['gt']} up to " if "gt" in bounds else "up to "
+    return f", range {low}{bounds['le']:,}"
 
 
 def _job_parsers(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:

@@ -116,6 +116,8 @@ def create_resources(session: Any, template_path: str | Path = TEMPLATE, *, pref
             s3.create_bucket(Bucket=name)
         else:
             s3.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": region})
+        if props.get("VersioningConfiguration", {}).get("Status") == "Enabled":  # datasets pin a version
+            s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
         refs[logical] = name
 
     events = session.client("events")

@@ -18,8 +18,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from shared.tenancy import check_tenant
+
 LOCAL_TENANT = "local"
 LOCAL_REGION = "us-east-1"
+# Pending connections the listening socket holds while every thread is busy: enough for a burst
+# of concurrent clients (the standard library's default of 5 resets the sixth).
+LISTEN_BACKLOG = 128
 # One event at a time through the handler, as one Lambda instance takes them: the resolver keeps the
 # current event on itself, so two threads inside it at once (a browser loads files in parallel)
 # would answer each other's requests.
@@ -35,9 +40,13 @@ def claims_of(authorization: str | None) -> dict[str, Any]:
     if len(parts) < 2:
         raise ValueError("the bearer token is not a JWT")
     payload = parts[1] + "=" * (-len(parts[1]) % 4)
-    claims = json.loads(base64.urlsafe_b64decode(payload))
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload))
+    except (ValueError, RecursionError):
+        raise ValueError("the bearer token's payload is not JSON") from None
     if not isinstance(claims, dict) or not claims.get("sub"):
         raise ValueError("the bearer token has no sub claim")
+    check_tenant(claims["sub"])  # API Gateway passes claims on as they are: the handler refuses them too
     return claims
 
 
@@ -100,13 +109,17 @@ class _Handler(BaseHTTPRequestHandler):
         from functions.api.app import lambda_handler
 
         url = urlsplit(self.path)
-        length = int(self.headers.get("content-length") or 0)
+        declared = (self.headers.get("content-length") or "0").strip()
+        if not declared.isdigit():
+            self.close_connection = True  # the body's end is unknown: nothing after it can be read
+            return self._error(400, "invalid_request", "content-length must be a whole number of bytes",
+                               "content-length")
+        length = int(declared)
         raw = self.rfile.read(length) if length else b""
         try:
             claims = claims_of(self.headers.get("authorization"))
         except (ValueError, UnicodeDecodeError) as exc:
-            body = {"error": {"code": "unauthorized", "message": str(exc), "details": []}}
-            return self._reply(401, {"content-type": "application/json"}, json.dumps(body).encode())
+            return self._error(401, "unauthorized", str(exc), "authorization")
         try:
             text: str | bytes | None = raw.decode() if raw else None
         except UnicodeDecodeError:
@@ -119,6 +132,10 @@ class _Handler(BaseHTTPRequestHandler):
         data = base64.b64decode(payload) if result.get("isBase64Encoded") else payload.encode()
         self._reply(result.get("statusCode", 200), result.get("headers") or {}, data)
 
+    def _error(self, status: int, code: str, message: str, field: str) -> None:
+        body = {"error": {"code": code, "message": message, "details": [{"field": field, "message": message}]}}
+        self._reply(status, {"content-type": "application/json"}, json.dumps(body).encode())
+
     def _reply(self, status: int, headers: dict[str, str], data: bytes) -> None:
         self.send_response(status)
         for key, value in headers.items():
@@ -126,9 +143,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(key, value)
         self.send_header("content-length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _serve
+    def __getattr__(self, name: str) -> Any:
+        # Every method goes to the API, which answers one it has no route for in its own JSON
+        # error shape (the standard library would answer an HTML 501).
+        if name.startswith("do_"):
+            return self._serve
+        raise AttributeError(name)
 
     def log_message(self, format: str, *args: Any) -> None:
         if os.environ.get("FUSION_LOG_REQUESTS"):
@@ -139,7 +162,11 @@ def make_server(host: str = "127.0.0.1", port: int = 8080, *, environ: dict[str,
     """A bound, not yet serving, server (port 0 picks a free one: see server.server_address)."""
     if environ:
         os.environ.update(environ)
-    return ThreadingHTTPServer((host, port), _Handler)
+    return _Server((host, port), _Handler)
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = LISTEN_BACKLOG
 
 
 def serve(host: str = "127.0.0.1", port: int = 8080, *, environ: dict[str, str] | None = None) -> None:

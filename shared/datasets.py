@@ -1,7 +1,7 @@
 """Datasets: what a tenant uploads to train on, and the check that admits or rejects it.
 
 A dataset is registered first (`POST /datasets` hands out an upload URL), then its object lands
-at s3://DATA/<tenant>/datasets/<dataset_id>/data.jsonl|data.txt and the check reads it once:
+at s3://DATA/<encoded tenant>/datasets/<dataset_id>/data.jsonl|data.txt and the check reads it once:
 JSONL whose every record has a string "text" field, or UTF-8 text, within the size limits. The
 check streams the object, so its memory does not grow with the dataset.
 """
@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.tenancy import decode_tenant, encode_tenant
+
 FILE_NAMES = {"jsonl": "data.jsonl", "text": "data.txt"}
 FORMAT_OF_FILE = {name: fmt for fmt, name in FILE_NAMES.items()}
 DATASET_ID_PATTERN = r"^ds-[a-z0-9]{12}$"
@@ -30,6 +32,7 @@ DATASET_KEY = re.compile(r"^(?P<tenant>[^/]+)/datasets/(?P<dataset_id>ds-[a-z0-9
 MAX_BYTES = 5 * 1024**3
 MIN_TOKENS = 2_000
 UPLOAD_URL_SECONDS = 3600
+EMPTY_REASON = "the dataset is empty (0 bytes): the upload carried no content"
 
 # A pre-tokenizer's pieces (words, numbers, single punctuation marks): close to what a BPE
 # tokenizer counts on prose and the same for every model, so a dataset has one token count.
@@ -39,7 +42,7 @@ _PIECES = re.compile(r"\w+|[^\w\s]")
 class CreateDatasetRequest(BaseModel):
     """Body of `POST /datasets`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(
         pattern=r"^[A-Za-z0-9._-]{1,64}$",
@@ -87,15 +90,16 @@ def new_dataset_id() -> str:
 
 
 def dataset_key(tenant: str, dataset_id: str, fmt: str) -> str:
-    return f"{tenant}/datasets/{dataset_id}/{FILE_NAMES[fmt]}"
+    return f"{encode_tenant(tenant)}/datasets/{dataset_id}/{FILE_NAMES[fmt]}"
 
 
 def parse_dataset_key(key: str) -> tuple[str, str, str] | None:
     """(tenant, dataset_id, format) of an uploaded dataset's object key; None for any other key."""
     match = DATASET_KEY.match(key)
-    if not match:
+    tenant = decode_tenant(match["tenant"]) if match else None
+    if tenant is None:
         return None
-    return match["tenant"], match["dataset_id"], FORMAT_OF_FILE[match["file"]]
+    return tenant, match["dataset_id"], FORMAT_OF_FILE[match["file"]]
 
 
 def max_bytes() -> int:
@@ -128,7 +132,8 @@ def check_dataset(chunks: Iterable[bytes], fmt: str, *, limit: int | None = None
         if state["tokens"] < min_tokens:
             raise _Rejected(f"the dataset holds {state['tokens']} tokens; training needs at least {min_tokens}")
     except _Rejected as rejected:
-        return CheckResult(False, state["bytes"], state["tokens"], state["records"], str(rejected))
+        reason = str(rejected) if state["bytes"] else EMPTY_REASON
+        return CheckResult(False, state["bytes"], state["tokens"], state["records"], reason)
     return CheckResult(True, state["bytes"], state["tokens"], state["records"])
 
 
@@ -235,22 +240,32 @@ class DatasetStore:
         )
         return sorted((_dataset(i) for i in page["Items"]), key=lambda d: d.created_at, reverse=True)
 
-    def record_check(self, owner: str, dataset_id: str, result: CheckResult) -> bool:
-        """Store a check's verdict; False when this owner registered no such dataset (a stray upload)."""
+    def record_check(self, owner: str, dataset_id: str, result: CheckResult, *, etag: str | None = None,
+                     version_id: str | None = None) -> bool:
+        """Store a check's verdict and the object it read (etag, version id); False when this owner
+        registered no such dataset (a stray upload) or it is already ready: a ready dataset is
+        pinned to the object it was checked on, so a later upload never replaces it."""
         from botocore.exceptions import ClientError
 
-        values = {":s": "ready" if result.ok else "rejected", ":b": result.bytes, ":t": result.tokens, ":o": owner}
+        values = {":s": "ready" if result.ok else "rejected", ":b": result.bytes, ":t": result.tokens, ":o": owner,
+                  ":ready": "ready"}
         update = "SET #s = :s, #b = :b, tokens = :t"
+        for name, value in (("s3_etag", etag), ("s3_version_id", version_id)):
+            if value:
+                update += f", {name} = :{name}"
+                values[f":{name}"] = value
         if result.reason:
             update += ", reason = :r"
             values[":r"] = result.reason
         else:
             update += " REMOVE reason"
+        if not version_id:
+            update += (", " if " REMOVE " in update else " REMOVE ") + "s3_version_id"
         try:
             self.table.update_item(
                 Key={"dataset_id": dataset_id},
                 UpdateExpression=update,
-                ConditionExpression="#o = :o",
+                ConditionExpression="#o = :o AND #s <> :ready",
                 ExpressionAttributeNames={"#s": "status", "#b": "bytes", "#o": "owner"},
                 ExpressionAttributeValues=values,
             )

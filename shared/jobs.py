@@ -24,6 +24,7 @@ from shared.settings import (
     to_hyperparameters,
 )
 from shared.shapes import ModelConfig
+from shared.tenancy import encode_tenant
 from shared.store import (
     ACTIVE_STATUSES,
     END_STATUSES,
@@ -170,7 +171,7 @@ def resolve(
         model_id, base = settings.source_model_id, source
         estimate = _planned(lambda: estimate_contract(settings, ModelConfig.model_validate(source["config"])),
                             "hyperparams.source_model_id")
-    dataset_uri = resolve_dataset(dataset, owner, datasets=datasets, data_bucket=data_bucket)
+    dataset_uri, pinned = resolve_dataset(dataset, owner, datasets=datasets, data_bucket=data_bucket)
     if settings.output_name is None:
         settings = settings.model_copy(update={"output_name": default_output_name(job_id)})
     created = now()
@@ -192,6 +193,7 @@ def resolve(
         "created_at": created,
         "updated_at": created,
         "dataset_uri": dataset_uri,
+        "dataset_pin": pinned,
         "input_model_uri": base["artifact_uri"],
     }
 
@@ -205,20 +207,44 @@ def _planned(estimate: Any, field_name: str) -> Estimate:
         raise JobError(422, "does_not_fit", message, [{"field": field_name, "message": message}]) from None
 
 
-def resolve_dataset(dataset: str, owner: str, *, datasets: Datasets, data_bucket: str) -> str:
-    """The S3 URI to train on: a ready dataset id of the caller, or a URI under their data prefix."""
+def resolve_dataset(dataset: str, owner: str, *, datasets: Datasets, data_bucket: str) -> tuple[str, dict | None]:
+    """The S3 URI to train on, and the object its check admitted ({"etag", "version_id"}) when
+    it is a dataset id: a ready dataset id of the caller, or a URI under their data prefix."""
     if dataset.startswith("s3://"):
-        prefix = f"s3://{data_bucket}/{owner}/"
+        prefix = f"s3://{data_bucket}/{encode_tenant(owner)}/"
         rest = dataset[len(prefix):]
         if not dataset.startswith(prefix) or not rest or ".." in rest.split("/"):
             raise invalid("dataset", f"an S3 dataset must lie under {prefix}")
-        return dataset
+        return dataset, None
     record = datasets.get(dataset, owner)
     if record is None:
         raise not_found("dataset", "dataset", dataset)
     if record.get("status") != "ready":
         raise invalid("dataset", f"dataset {dataset!r} is {record.get('status')}, not ready")
-    return record["s3_uri"]
+    pin = {"etag": record["s3_etag"], "version_id": record.get("s3_version_id")} if record.get("s3_etag") else None
+    return record["s3_uri"], pin
+
+
+def dataset_replaced(s3: Any, job: dict[str, Any]) -> str | None:
+    """Why the job's dataset is no longer the object its check admitted, or None when it still is
+    (or the job trains on an S3 URI, which no check pinned). A job never trains on bytes nobody
+    checked: the launcher refuses it instead."""
+    pin = job.get("dataset_pin")
+    if not pin:
+        return None
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(job["dataset_uri"])
+    try:
+        head = s3.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if exc.response["Error"].get("Code") in ("NoSuchKey", "404", "NotFound"):
+            return f"dataset {job['dataset']!r} was deleted after its check"
+        raise
+    if head.get("ETag") != pin["etag"] or (pin.get("version_id") and head.get("VersionId") != pin["version_id"]):
+        return (f"dataset {job['dataset']!r} was replaced after its check (a second upload); a job trains only "
+                "on the data that was checked: register the dataset again and upload it once")
+    return None
 
 
 def submit(job: dict[str, Any], *, jobs: Jobs, sqs: Any, queue_url: str, limit_cents: int | None = None) -> dict[str, Any]:
@@ -446,7 +472,7 @@ def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str,
         },
         "StoppingCondition": stopping,
         "EnableManagedSpotTraining": spot,
-        "Tags": [{"Key": "fusion:job-id", "Value": job_id}, {"Key": "fusion:owner", "Value": job["owner"]}],
+        "Tags": [{"Key": "fusion:job-id", "Value": job_id}, {"Key": "fusion:owner", "Value": encode_tenant(job["owner"])}],
     }
 
 
@@ -477,7 +503,8 @@ MISSING_OBJECT = ("NoSuchKey", "404", "NotFound", "AccessDenied", "403")
 
 
 def read_progress(s3: Any, bucket: str, job_id: str) -> dict[str, Any] | None:
-    """progress.json of a job, or None when the container has not written one yet."""
+    """progress.json of a job, or None when there is none to read: not written yet, or not a
+    JSON object (a torn or foreign write is no progress, not an error)."""
     from botocore.exceptions import ClientError
 
     try:
@@ -486,7 +513,16 @@ def read_progress(s3: Any, bucket: str, job_id: str) -> dict[str, Any] | None:
         if exc.response["Error"].get("Code") in MISSING_OBJECT:
             return None
         raise
-    return json.loads(body)
+    try:
+        progress = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return progress if isinstance(progress, dict) else None
+
+
+def count_of(value: Any) -> int:
+    """A token count from a file the container wrote: a non-negative int, else 0 (nothing proven)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def metrics_log_key(job_id: str) -> str:
@@ -591,7 +627,7 @@ def _definitive(exc: Exception) -> bool:
     from botocore.exceptions import ClientError
 
     if isinstance(exc, ClientError):
-        return exc.response["Error"].get("Code") in MISSING_OBJECT
+        return exc.response["Error"].get("Code") in (*MISSING_OBJECT, "NoSuchBucket")
     return True
 
 
@@ -602,7 +638,7 @@ def _unreadable_metrics() -> tuple[type[Exception], ...]:
     from pydantic import ValidationError
 
     return (ClientError, FileNotFoundError, tarfile.TarError, EOFError, OSError, ValueError, KeyError, TypeError,
-            ValidationError)
+            RecursionError, ValidationError)
 
 
 def record_state_change(
@@ -614,8 +650,11 @@ def record_state_change(
     the same events ends in the same state with the same bill. Returns an empty Outcome when
     the event changed nothing.
     """
-    job_id = job_id_of(detail.get("TrainingJobName", ""))
-    status = SAGEMAKER_STATUS.get(detail.get("TrainingJobStatus", ""))
+    name, sagemaker_status = detail.get("TrainingJobName"), detail.get("TrainingJobStatus")
+    if not isinstance(name, str) or not isinstance(sagemaker_status, str):
+        return Outcome()  # not an event of ours to act on (nor one anyone can act on)
+    job_id = job_id_of(name)
+    status = SAGEMAKER_STATUS.get(sagemaker_status)
     if status == "cancelled" and detail.get("SecondaryStatus") in LIMIT_STOPS:
         status = "failed"  # SageMaker stopped it at our own runtime limit: no one cancelled it
     job = jobs.get(job_id) if job_id and status else None
@@ -627,13 +666,20 @@ def record_state_change(
     fields: dict[str, Any] = {}
     model = None
     if status == "completed":
-        artifact_uri = detail.get("ModelArtifacts", {}).get("S3ModelArtifacts") or (
+        artifacts = detail.get("ModelArtifacts")
+        given = artifacts.get("S3ModelArtifacts") if isinstance(artifacts, dict) else None
+        artifact_uri = given if isinstance(given, str) and given.startswith("s3://") else (
             f"s3://{artifacts_bucket}/jobs/{job_id}/output/{training_job_name(job_id)}/output/model.tar.gz"
         )
         unreadable = _unreadable_metrics()
         try:
             metrics = read_metrics(s3, artifact_uri)
-            cost = bill(estimate, int(metrics.get("training_tokens", estimate.training_tokens)))
+            if not isinstance(metrics, dict):
+                raise ValueError("metrics.json is not a JSON object")
+            trained = metrics.get("training_tokens", estimate.training_tokens)
+            if not isinstance(trained, int) or isinstance(trained, bool):
+                raise ValueError(f"training_tokens is {trained!r}, not a count")
+            cost = bill(estimate, trained)
             model = catalog_entry(job, metrics, artifact_uri, cost)
         except unreadable as exc:
             if not _definitive(exc):
@@ -648,9 +694,11 @@ def record_state_change(
             fields = {"output_model_id": model["model_id"], "bill": str(cost), "artifact_uri": artifact_uri}
     elif status == "cancelled":
         progress = read_progress(s3, artifacts_bucket, job_id) or {}
-        fields = {"bill": str(bill(estimate, int(progress.get("tokens_trained", 0))))}
+        fields = {"bill": str(bill(estimate, count_of(progress.get("tokens_trained"))))}
     elif status == "failed":
-        reason = detail.get("FailureReason") or f"SageMaker reported the job {detail.get('SecondaryStatus') or 'failed'}"
+        reason, secondary = detail.get("FailureReason"), detail.get("SecondaryStatus")
+        if not isinstance(reason, str) or not reason:
+            reason = f"SageMaker reported the job {secondary if isinstance(secondary, str) and secondary else 'failed'}"
         fields = {"failure_reason": reason, "bill": NO_CHARGE}
     try:
         job = jobs.transition(job_id, status, **fields)

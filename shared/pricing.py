@@ -52,6 +52,7 @@ class PriceTable(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     growth_fee_per_million_parameters: Decimal
+    minimum_charge_usd: Decimal = Field(gt=0)
     tiers: list[Tier]
     flops_per_second: dict[str, float]
     gpus: dict[str, Gpus]
@@ -95,6 +96,8 @@ class Estimate(BaseModel):
     growth_parameters: int
     growth_fee: Decimal
     contraction_fee: Decimal
+    # The least any job that reaches a GPU pays (prices.json): no job is free, however small.
+    minimum_charge: Decimal = Decimal(0)
     total: Decimal
     instance_type: str
     instance_count: int
@@ -163,7 +166,8 @@ def _estimate(
     training_cost = Decimal(tokens) / MILLION * tier.usd_per_million_tokens
     growth_fee = Decimal(growth_parameters) / MILLION * table.growth_fee_per_million_parameters
     contraction_fee = tier.contraction_fee if with_contraction_fee else Decimal(0)
-    total = (training_cost + growth_fee + contraction_fee).quantize(CENT, rounding=ROUND_HALF_UP)
+    total = max((training_cost + growth_fee + contraction_fee).quantize(CENT, rounding=ROUND_HALF_UP),
+                table.minimum_charge_usd)
     instance, count = chosen.instance_type, chosen.instance_count
     flop_count = _training_flops(tokens, parameters, chosen.activation_checkpointing)
     if with_contraction_fee:
@@ -180,6 +184,7 @@ def _estimate(
         growth_parameters=growth_parameters,
         growth_fee=growth_fee,
         contraction_fee=contraction_fee,
+        minimum_charge=table.minimum_charge_usd,
         total=total,
         instance_type=instance,
         instance_count=count,
@@ -226,13 +231,15 @@ def estimate_contract(
 
 
 def bill(estimate: Estimate, tokens_trained: int) -> Decimal:
-    """What a job pays for what actually ran: fees in full, training pro rata to tokens trained.
+    """What a job pays for what actually ran: fees in full, training pro rata to tokens trained,
+    and never less than the minimum charge.
 
     A completed job trained every estimated token, so its bill equals the estimate's total.
     """
     tokens = min(max(tokens_trained, 0), estimate.training_tokens)
     training = Decimal(tokens) / MILLION * estimate.usd_per_million_tokens
-    return (training + estimate.growth_fee + estimate.contraction_fee).quantize(CENT, rounding=ROUND_HALF_UP)
+    total = (training + estimate.growth_fee + estimate.contraction_fee).quantize(CENT, rounding=ROUND_HALF_UP)
+    return max(total, estimate.minimum_charge)
 
 
 # Imported families' shapes the README plans beside the named sizes (Llama 3.2 1B, 3.1 8B, 3.1 70B,

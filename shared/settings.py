@@ -3,6 +3,10 @@
 One pydantic model per job type, unknown keys rejected. The API validates requests with these
 models and the training container parses SageMaker's all-string `hyperparameters.json` with the
 very same models, so a setting has one default and one range everywhere.
+
+Request bodies are validated strictly (a JSON `true` is not the integer 1, `"2"` is not 2, `1.0`
+is not an integer, a string is not a ratio); only the container, whose input SageMaker made all
+strings, parses leniently. Every number has an upper bound, so every job has a price.
 """
 
 from __future__ import annotations
@@ -16,6 +20,18 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 OUTPUT_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 UNDER_TRAINING_STEPS = 500  # below this many steps per cycle a run under-trains
 CONTRACT_SEQ_LEN = 256  # window length of contraction's calibration and healing steps
+
+# Upper bounds. A turn's steps, however given, are at most what the largest cycles x
+# steps_per_cycle make; a contraction heals for at most one such cycle and prunes at most as
+# many layers as any model may have.
+MAX_TURNS = 10
+MAX_CYCLES = 100
+MAX_STEPS_PER_CYCLE = 100_000
+MAX_STEPS_PER_TURN = MAX_CYCLES * MAX_STEPS_PER_CYCLE
+MAX_SEQ_LEN = 8192
+MAX_HEALING_STEPS = MAX_STEPS_PER_CYCLE
+MAX_LAYERS = 1024
+STRICT = ConfigDict(extra="forbid", strict=True)
 
 OutputName = Annotated[
     str | None,
@@ -31,33 +47,34 @@ OutputName = Annotated[
 class TrainSettings(BaseModel):
     """Settings of a `train` job: grow the base model once, then train it in turns of cycles."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     turns: int = Field(
         default=1,
         ge=1,
-        le=10,
+        le=MAX_TURNS,
         description="Complete training passes; each continues from the last. The primary lever on "
         "quality, time and cost: 1 fast, 2 recommended, 3 best with diminishing returns.",
     )
     output_name: OutputName
-    cycles: int = Field(default=6, ge=1, le=100, description="Learning-rate cycles per turn.")
+    cycles: int = Field(default=6, ge=1, le=MAX_CYCLES, description="Learning-rate cycles per turn.")
     steps_per_cycle: int = Field(
         default=1000,
         ge=1,
-        le=100_000,
+        le=MAX_STEPS_PER_CYCLE,
         description="Optimizer steps per cycle. Keep near 1000; below 500 under-trains (accepted with a warning).",
     )
     lr: float = Field(default=1e-4, gt=0, le=1, description="Peak learning rate of each cycle.")
     seq_len: int = Field(
         default=256,
         ge=16,
-        le=8192,
+        le=MAX_SEQ_LEN,
         description="Tokens per training sequence; at most the base model's context length.",
     )
     train_steps: int | None = Field(
         default=None,
         ge=1,
+        le=MAX_STEPS_PER_TURN,
         description="Overrides cycles x steps_per_cycle as the optimizer steps of each turn.",
     )
 
@@ -92,7 +109,7 @@ class TrainSettings(BaseModel):
 class ContractSettings(BaseModel):
     """Settings of a `contract` job: prune a trained model into a smaller one."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     source_model_id: str = Field(
         min_length=1,
@@ -108,11 +125,12 @@ class ContractSettings(BaseModel):
         json_schema_extra={"x-marks": {"0.25": "conservative", "0.5": "balanced", "0.75": "aggressive"}},
     )
     num_layers_to_contract: int = Field(
-        default=8, ge=1, description="How many layers to prune; at most the source model's depth."
+        default=8, ge=1, le=MAX_LAYERS, description="How many layers to prune; at most the source model's depth."
     )
     train_steps: int = Field(
         default=0,
         ge=0,
+        le=MAX_HEALING_STEPS,
         description="Optional healing steps after pruning, billed as train_steps x seq_len tokens.",
     )
     output_name: OutputName
@@ -127,7 +145,7 @@ class ContractSettings(BaseModel):
 class TrainJobRequest(BaseModel):
     """Body of `POST /jobs` for a train job."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     type: Literal["train"]
     model: str = Field(min_length=1, max_length=128, description="Base model id (a catalog model).")
@@ -138,7 +156,7 @@ class TrainJobRequest(BaseModel):
 class ContractJobRequest(BaseModel):
     """Body of `POST /jobs` for a contract job."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     type: Literal["contract"]
     hyperparams: ContractSettings
@@ -178,7 +196,7 @@ def from_hyperparameters(raw: dict[str, Any]) -> tuple[str, str, TrainSettings |
         raise ValueError(f"job_type must be one of {sorted(SETTINGS_BY_TYPE)}, got {job_type!r}")
     if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", job_id):
         raise ValueError(f"job_id must be 1-64 of A-Z a-z 0-9 -, got {job_id!r}")
-    return job_type, job_id, SETTINGS_BY_TYPE[job_type].model_validate(values)
+    return job_type, job_id, SETTINGS_BY_TYPE[job_type].model_validate(values, strict=False)
 
 
 def default_output_name(job_id: str) -> str:

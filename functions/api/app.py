@@ -3,6 +3,7 @@
 
 import json
 from typing import Any
+from urllib.parse import unquote
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
@@ -11,11 +12,20 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import (
     RequestValidationError,
 )
 
-from functions.api import console, datasets, jobs, models
+from functions.api import body, console, datasets, jobs, models
 from shared.jobs import JobError, describe_error
 
 logger = Logger()
-app = APIGatewayHttpResolver(enable_validation=True)
+
+
+class _Resolver(APIGatewayHttpResolver):
+    def _convert_matches_into_route_keys(self, match: Any) -> dict[str, str]:
+        # Path parameters arrive as they were in the URL: decoded here, so their patterns and
+        # lengths apply to what the caller meant (20 "é" are 20 characters, not 120).
+        return {key: unquote(value) for key, value in super()._convert_matches_into_route_keys(match).items()}
+
+
+app = _Resolver(enable_validation=True, json_body_deserializer=body.loads)
 app.include_router(jobs.router)
 app.include_router(models.router)
 app.include_router(datasets.router)
@@ -23,11 +33,20 @@ app.include_router(console.router)
 
 OPENAPI = {"title": "Fusion", "version": "1.0.0",
            "description": "Grow, train and contract language models; every job priced before it runs."}
+BEARER = "bearerAuth"
+
+
+def _spec() -> str:
+    """The OpenAPI document: every operation takes the identity provider's JWT as a bearer token."""
+    from aws_lambda_powertools.event_handler.openapi.models import HTTPBearer
+
+    scheme = HTTPBearer(bearerFormat="JWT", description="A JWT from the identity provider; its sub claim is the tenant.")
+    return app.get_openapi_json_schema(**OPENAPI, security_schemes={BEARER: scheme}, security=[{BEARER: []}])
 
 
 @app.get("/openapi.json", include_in_schema=False)
 def openapi() -> Response[str]:
-    return Response(200, content_types.APPLICATION_JSON, app.get_openapi_json_schema(**OPENAPI))
+    return Response(200, content_types.APPLICATION_JSON, _spec())
 
 
 @app.get("/docs", include_in_schema=False)
@@ -39,7 +58,7 @@ def docs() -> Response[str]:
     import aws_lambda_powertools.event_handler.openapi.swagger_ui as swagger_ui
 
     assets = Path(swagger_ui.__file__).parent
-    spec = app.get_openapi_json_schema(**OPENAPI).replace("</", "<\\/")
+    spec = _spec().replace("</", "<\\/")
     html = swagger_ui.generate_swagger_html(
         spec,
         (assets / "swagger-ui-bundle.min.js").read_text(encoding="utf-8"),
@@ -51,9 +70,12 @@ def docs() -> Response[str]:
     return Response(200, "text/html", html)
 
 
+def _error_body(code: str, message: str, details: list[dict[str, str]]) -> str:
+    return json.dumps({"error": {"code": code, "message": message, "details": details}})
+
+
 def _error(status: int, code: str, message: str, details: list[dict[str, str]]) -> Response:
-    body = {"error": {"code": code, "message": message, "details": details}}
-    return Response(status, content_types.APPLICATION_JSON, json.dumps(body))
+    return Response(status, content_types.APPLICATION_JSON, _error_body(code, message, details))
 
 
 @app.exception_handler(JobError)
@@ -94,4 +116,12 @@ def no_route(exc: Exception) -> Response:
 
 
 def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    content_type = body.unsupported(event)
+    if content_type is not None:  # before routing: Powertools would try to parse forms and multipart itself
+        message = f"send JSON (application/json), not {content_type!r}" if content_type else \
+            "send JSON with a content-type of application/json"
+        error = _error_body("unsupported_media_type", message,
+                            [{"field": "content-type", "message": "must be application/json"}])
+        return {"statusCode": 415, "headers": {"Content-Type": content_types.APPLICATION_JSON}, "body": error,
+                "isBase64Encoded": False}
     return app.resolve(event, context)

@@ -11,6 +11,7 @@ from aws_lambda_powertools.event_handler.api_gateway import Router
 from shared.jobs import JobError
 from shared.events import Bus
 from shared.store import Catalog, Datasets, Jobs, Tenants
+from shared.tenancy import InvalidTenant, check_tenant
 
 
 def tenant(router: Router) -> str:
@@ -20,7 +21,10 @@ def tenant(router: Router) -> str:
     owner = (claims or {}).get("sub")
     if not owner:
         raise JobError(401, "unauthorized", "the request carries no verified identity (JWT sub claim)")
-    return owner
+    try:
+        return check_tenant(owner)
+    except InvalidTenant as exc:
+        raise JobError(401, "unauthorized", str(exc), [{"field": "authorization", "message": str(exc)}]) from None
 
 
 @cache

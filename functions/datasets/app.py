@@ -1,4 +1,8 @@
-"""S3 ObjectCreated on the data bucket: check an uploaded dataset and mark it ready or rejected."""
+"""S3 ObjectCreated on the data bucket: check an uploaded dataset and mark it ready or rejected.
+
+A ready dataset is pinned to the object it was checked on (its ETag and version id): a later
+upload to the same key never changes its verdict, and a job is launched only on that object.
+"""
 
 from __future__ import annotations
 
@@ -35,11 +39,13 @@ def lambda_handler(event: S3Event, context: LambdaContext) -> dict:
         if parsed is None:
             continue  # tenant data that is not an uploaded dataset
         owner, dataset_id, fmt = parsed
-        body = s3.get_object(Bucket=record.s3.bucket.name, Key=key)["Body"]
-        result = check_dataset(body.iter_chunks(CHUNK_BYTES), fmt)
-        if store.record_check(owner, dataset_id, result):
+        # The version this notification is about, so the verdict is that of the bytes it names.
+        version = record.s3.get_object.version_id
+        read = s3.get_object(Bucket=record.s3.bucket.name, Key=key, **({"VersionId": version} if version else {}))
+        result = check_dataset(read["Body"].iter_chunks(CHUNK_BYTES), fmt)
+        if store.record_check(owner, dataset_id, result, etag=read.get("ETag"), version_id=read.get("VersionId")):
             logger.info("dataset checked", dataset_id=dataset_id, ok=result.ok, reason=result.reason, tokens=result.tokens)
             checked.append(dataset_id)
         else:
-            logger.warning("upload for an unregistered dataset", key=key)
+            logger.warning("upload ignored: no such dataset of this tenant, or one already ready (pinned)", key=key)
     return {"checked": checked}

@@ -21,6 +21,7 @@ from aws_lambda_powertools import Logger
 from shared import jobs as domain
 from shared.events import JOB_REQUESTED, Bus
 from shared.store import Catalog, Datasets, Jobs, Tenants
+from shared.tenancy import InvalidTenant, check_tenant
 
 logger = Logger()
 
@@ -36,9 +37,12 @@ def _clients() -> dict[str, Any]:
 
 @logger.inject_lambda_context
 def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    detail = event.get("detail")
+    detail = detail if isinstance(detail, dict) else {}  # a malformed event is ignored or refused, never raised on
     if event.get("detail-type") == JOB_REQUESTED:
-        return job_requested(event.get("detail") or {}, event.get("id"))
-    return training_job_changed(event.get("detail") or {})
+        event_id = event.get("id")
+        return job_requested(detail, event_id if isinstance(event_id, str) else None)
+    return training_job_changed(detail)
 
 
 def training_job_changed(detail: dict[str, Any]) -> dict[str, Any]:
@@ -73,8 +77,10 @@ def job_requested(detail: dict[str, Any], event_id: str | None = None) -> dict[s
         domain.announce(existing, jobs=c["jobs"], bus=c["bus"])
         return {"accepted": True, "job_id": job_id}
     try:
-        if not isinstance(owner, str) or not owner:
-            raise domain.invalid("owner", "a requested job names its owner (the tenant)")
+        try:
+            check_tenant(owner)
+        except InvalidTenant as exc:
+            raise domain.invalid("owner", f"a requested job names its owner (the tenant): {exc}") from None
         job = domain.resolve(JOB_REQUEST.validate_python(body), owner, catalog=c["catalog"],
                              datasets=c["datasets"], data_bucket=os.environ["DATA_BUCKET"], job_id=job_id)
         domain.admit(job, jobs=c["jobs"], tenants=c["tenants"], sqs=c["sqs"], queue_url=os.environ["LAUNCH_QUEUE_URL"])

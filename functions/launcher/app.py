@@ -5,7 +5,8 @@ message finds the job it already started instead of starting a second one. Throt
 quota errors put the message back (partial batch failure) until FUSION_MAX_LAUNCH_ATTEMPTS,
 then mark the job failed; permanent errors mark it failed at once. No path drops a job silently.
 A job cancelled before launch is never launched; one cancelled while its training job was being
-created has that training job stopped.
+created has that training job stopped. A job on a dataset whose object changed since its check
+is refused (failed, nothing billed), never launched on unchecked data.
 """
 
 from __future__ import annotations
@@ -47,6 +48,18 @@ def _clients() -> tuple[Jobs, Any, Bus]:
     return Jobs(session=session), session.client("sagemaker"), Bus(session=session)
 
 
+def _s3() -> Any:
+    return _s3_at(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+
+
+@cache
+def _s3_at(endpoint: str | None) -> Any:
+    """One client per endpoint: the local stack moves AWS to another endpoint within a process."""
+    import boto3
+
+    return boto3.session.Session().client("s3")
+
+
 def _launch_config() -> domain.LaunchConfig:
     return domain.LaunchConfig(
         artifacts_bucket=os.environ["ARTIFACTS_BUCKET"],
@@ -77,6 +90,13 @@ def launch(job_id: str, attempt: int) -> str:
     domain.announce(job, jobs=jobs, bus=bus)
     from botocore.exceptions import BotoCoreError, ClientError
 
+    try:
+        replaced = domain.dataset_replaced(_s3(), job)
+    except (ClientError, BotoCoreError) as exc:
+        return _retry_or_fail(jobs, bus, job_id, attempt, f"could not check the dataset: {exc}")
+    if replaced:
+        _fail(jobs, bus, job_id, replaced)
+        return "failed"
     try:
         sagemaker.create_training_job(**domain.training_job_request(job, _launch_config()))
     except ClientError as exc:

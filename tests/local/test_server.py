@@ -1,5 +1,8 @@
 """The local HTTP server: real HTTP on loopback into the same Lambda handler."""
 
+import json
+import threading
+
 import pytest
 
 from local.server import api_event, claims_of
@@ -34,6 +37,77 @@ def test_jobs_over_http_are_scoped_by_the_token(server, aws):
 
 def test_a_garbled_token_is_401(server):
     assert http(f"{server}/models", token="garbage")[0] == 401
+
+
+def test_a_sub_that_cannot_be_a_tenant_is_401(server):
+    for claims in ({"sub": 5}, {"sub": ["alice"]}, {"sub": {"a": 1}}, {"sub": True}, {"sub": "x" * 300}):
+        status, body = http(f"{server}/jobs", token=unsigned_jwt(claims))
+        assert status == 401 and body["error"]["details"][0]["field"] == "authorization", claims
+
+
+def test_unknown_methods_get_the_apis_json_error(server):
+    for method in ("OPTIONS", "TRACE", "BREW", "PROPFIND", "DELETE"):
+        status, body = _raw(server, method, "/jobs")
+        assert status == 404 and body["error"]["code"] == "not_found", (method, body)
+    status, headers, data = _raw_response(server, "HEAD", "/models")  # no route, and no body after the headers
+    assert status == 404 and data == b"" and headers["content-type"] == "application/json"
+
+
+def test_a_content_length_that_is_not_a_count_is_400(server):
+    for length in ("abc", "-1", "1.5"):
+        status, body = _raw(server, "POST", "/jobs", {"content-length": length, "content-type": "application/json"})
+        assert status == 400 and body["error"]["details"][0]["field"] == "content-length", length
+
+
+def test_fifty_concurrent_clients_are_all_answered(aws):
+    """50 clients connect while the server is busy (not accepting): the listen queue holds every
+    one (the standard library's backlog of 5 would drop or reset the rest), then all are answered."""
+    import socket
+
+    from local.server import make_server
+
+    httpd = make_server("127.0.0.1", 0)
+    clients, serving = [], threading.Thread(target=httpd.serve_forever, daemon=True)
+    try:
+        for _ in range(50):
+            client = socket.socket()
+            client.settimeout(1.0)
+            client.connect(httpd.server_address)  # completes only if the listen queue has room
+            clients.append(client)
+        serving.start()
+        for client in clients:
+            client.sendall(b"GET /models HTTP/1.1\r\nHost: local\r\nConnection: close\r\n\r\n")
+        for client in clients:
+            client.settimeout(30)
+            answer = b"".join(iter(lambda: client.recv(65536), b""))
+            assert answer.split(b"\r\n", 1)[0].endswith(b"200 OK") and b'"base-tiny"' in answer
+    finally:
+        for client in clients:
+            client.close()
+        if serving.is_alive():
+            httpd.shutdown()
+        httpd.server_close()
+
+
+def _raw_response(server: str, method: str, path: str, headers: dict | None = None):
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    connection.putrequest(method, path)
+    for key, value in (headers or {}).items():
+        connection.putheader(key, value)
+    connection.endheaders()
+    response = connection.getresponse()
+    data = response.read()
+    connection.close()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+
+
+def _raw(server: str, method: str, path: str, headers: dict | None = None):
+    status, _, data = _raw_response(server, method, path, headers)
+    return status, json.loads(data)
 
 
 def test_models_over_http(server):

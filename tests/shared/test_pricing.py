@@ -75,7 +75,7 @@ def test_bill_is_pro_rata_to_tokens_with_fees_in_full():
     assert bill(e, e.training_tokens) == e.total
     # half the tokens: 0.3072 + 0.0009088 = 0.3081088 -> 0.31
     assert bill(e, e.training_tokens // 2) == Decimal("0.31")
-    assert bill(e, 0) == Decimal("0.00")
+    assert bill(e, 0) == e.minimum_charge == Decimal("0.01")  # the 0.0009088 growth fee alone rounds to 0.00
     assert bill(e, 10 * e.training_tokens) == e.total  # never more than the estimate
 
 

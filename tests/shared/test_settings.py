@@ -5,6 +5,9 @@ from pydantic import ValidationError
 
 from shared.settings import (
     JOB_REQUEST,
+    MAX_HEALING_STEPS,
+    MAX_LAYERS,
+    MAX_STEPS_PER_TURN,
     ContractSettings,
     TrainSettings,
     default_output_name,
@@ -16,16 +19,16 @@ CONTRACT_REQUIRED = {"source_model_id": "m-1"}
 
 # (settings class, field, default, accepted edge values, rejected values)
 BOUNDS = [
-    (TrainSettings, "turns", 1, [1, 10], [0, 11, 1.5, "two"]),
+    (TrainSettings, "turns", 1, [1, 10], [0, 11, 1.5, 1.0, "two", "2", True]),
     (TrainSettings, "cycles", 6, [1, 100], [0, 101]),
     (TrainSettings, "steps_per_cycle", 1000, [1, 100_000], [0, 100_001]),
-    (TrainSettings, "lr", 1e-4, [1e-12, 1.0], [0, -1e-4, 1.0001]),
+    (TrainSettings, "lr", 1e-4, [1e-12, 1.0, 1], [0, -1e-4, 1.0001, True, "0.1"]),
     (TrainSettings, "seq_len", 256, [16, 8192], [15, 8193]),
-    (TrainSettings, "train_steps", None, [1, 10**9], [0, -5]),
+    (TrainSettings, "train_steps", None, [1, MAX_STEPS_PER_TURN], [0, -5, MAX_STEPS_PER_TURN + 1, 10**30]),
     (TrainSettings, "output_name", None, ["a", "A-z.0_9", "x" * 64], ["", "x" * 65, "has space", "a/b"]),
-    (ContractSettings, "contraction_ratio", 0.5, [0.1, 0.9], [0.09, 0.91]),
-    (ContractSettings, "num_layers_to_contract", 8, [1, 1000], [0, -1]),
-    (ContractSettings, "train_steps", 0, [0, 10**6], [-1]),
+    (ContractSettings, "contraction_ratio", 0.5, [0.1, 0.9], [0.09, 0.91, "0.5", True]),
+    (ContractSettings, "num_layers_to_contract", 8, [1, MAX_LAYERS], [0, -1, MAX_LAYERS + 1, "8"]),
+    (ContractSettings, "train_steps", 0, [0, MAX_HEALING_STEPS], [-1, MAX_HEALING_STEPS + 1, 10**30]),
     (ContractSettings, "output_name", None, ["support-bot-v2"], ["", "é"]),
     (ContractSettings, "source_model_id", None, ["m", "x" * 128], ["", "x" * 129]),
 ]
