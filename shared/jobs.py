@@ -238,7 +238,7 @@ def dataset_replaced(s3: Any, job: dict[str, Any]) -> str | None:
     try:
         head = s3.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        if exc.response["Error"].get("Code") in ("NoSuchKey", "404", "NotFound"):
+        if exc.response["Error"].get("Code") in MISSING_OBJECT:
             return f"dataset {job['dataset']!r} was deleted after its check"
         raise
     if head.get("ETag") != pin["etag"] or (pin.get("version_id") and head.get("VersionId") != pin["version_id"]):
@@ -668,8 +668,11 @@ def record_state_change(
     if status == "completed":
         artifacts = detail.get("ModelArtifacts")
         given = artifacts.get("S3ModelArtifacts") if isinstance(artifacts, dict) else None
-        artifact_uri = given if isinstance(given, str) and given.startswith("s3://") else (
-            f"s3://{artifacts_bucket}/jobs/{job_id}/output/{training_job_name(job_id)}/output/model.tar.gz"
+        # Read only where the launch told SageMaker to write: an artifact named anywhere else (another
+        # bucket, another job's prefix) is not this job's, and its metrics are not to be trusted.
+        own = f"s3://{artifacts_bucket}/jobs/{job_id}/"
+        artifact_uri = given if isinstance(given, str) and given.startswith(own) else (
+            f"{own}output/{training_job_name(job_id)}/output/model.tar.gz"
         )
         unreadable = _unreadable_metrics()
         try:

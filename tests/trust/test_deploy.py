@@ -85,7 +85,7 @@ def _size(path: Path) -> int:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sam") / "build"
-    done = subprocess.run([str(SAM_VENV / "sam"), "build", "--template-file", "template.yaml", "--build-dir", str(out),
+    done = subprocess.run([str(SAM_VENV / "sam"), "build", "--build-in-source", "--template-file", "template.yaml", "--build-dir", str(out),
                            "--cache-dir", str(out.parent / "cache")],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "SAM_CLI_TELEMETRY": "0"})
