@@ -39,6 +39,21 @@ PROGRESS = "progress.json"
 CHECKPOINT_FORMAT = 1
 MIN_LR_RATIO = 0.1
 GRAD_CLIP = 1.0
+ADAM_BETAS = (0.9, 0.95)
+# Twice the averaging horizon 1 / (1 - beta2) of Adam's second moment: the warm-up Ma & Yarats
+# ("On the adequacy of untuned warmup for adaptive optimization") found as good as a tuned one.
+WARMUP_STEPS = round(2 / (1 - ADAM_BETAS[1]))
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 where the hardware multiplies it natively: CUDA GPUs that have it, and CPUs with
+    AVX512-BF16 or AMX (where it trains faster than fp32 at the same held-out quality). None
+    (fp32) elsewhere: a CPU without them emulates bf16 more slowly than it runs fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.bfloat16
+    return None
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,15 +65,24 @@ class TrainingStopped(RuntimeError):
 
 
 def warmup_steps(cycle_len: int) -> int:
-    return max(1, min(100, cycle_len // 20))
+    """Steps of a cycle's linear warm-up: WARMUP_STEPS, or a quarter of a shorter cycle.
+
+    The warm-up is as long as AdamW needs rather than a share of the cycle: until its
+    second-moment estimate has averaged over a few 1/(1 - beta2) steps, the size of an update is
+    noise, and a cycle that reached its peak rate sooner (a twentieth of a 150-step cycle is 7
+    steps) threw the weights onto a plateau it took most of the cycle to leave. A short cycle keeps
+    three quarters of its steps for the decay.
+    """
+    return max(1, min(WARMUP_STEPS, cycle_len // 4))
 
 
 def lr_at(cycle_step: int, cycle_len: int, peak: float) -> float:
-    """Learning rate of the step at position cycle_step (0-based) of a cycle."""
+    """Learning rate of the step at position cycle_step (0-based) of a cycle: a linear ramp to the
+    peak, then cosine decay that reaches MIN_LR_RATIO x peak on the cycle's last step."""
     warmup = warmup_steps(cycle_len)
     if cycle_step < warmup:
         return peak * (cycle_step + 1) / warmup
-    progress = (cycle_step - warmup) / max(1, cycle_len - warmup)
+    progress = (cycle_step + 1 - warmup) / max(1, cycle_len - warmup)
     return peak * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -110,8 +134,11 @@ class Trainer:
         checkpoint_interval_s: float = 600.0,
         progress_every: int = 10,
         micro_batch: int | None = None,
+        autocast: bool | None = None,
         log: Callable[[str], None] | None = print,
     ):
+        """`autocast`: bf16 autocast on (True) or off (False); by default where autocast_dtype()
+        finds the hardware for it. Norms, rotary angles and the loss stay fp32 either way."""
         if train_windows.shape[1] != plan.seq_len + 1:
             raise ValueError(f"windows hold {train_windows.shape[1]} tokens, expected seq_len+1={plan.seq_len + 1}")
         self.model = model
@@ -135,6 +162,7 @@ class Trainer:
         self.rank_batch = plan.batch_size // self.world_size
         self.micro_batch = _largest_divisor_at_most(self.rank_batch, micro_batch or self.rank_batch)
         self.device = next(model.parameters()).device
+        self.autocast = autocast_dtype(self.device) is not None if autocast is None else autocast
         self.network: nn.Module = model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -205,7 +233,7 @@ class Trainer:
         for i, micro in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             sync = self.network.no_sync() if (self.world_size > 1 and not last) else contextlib.nullcontext()
-            with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 _, loss = self.network(micro[:, :-1], micro[:, 1:])
                 (loss / len(micro_batches)).backward()
             loss_sum += loss.detach().float()
@@ -397,7 +425,7 @@ def _adamw(model: nn.Module, lr: float) -> torch.optim.AdamW:
     keep = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": keep, "weight_decay": 0.0}]
     # The fused kernel updates every tensor in one pass (on CPU as on CUDA).
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, eps=1e-8, fused=True)
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:

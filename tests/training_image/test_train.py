@@ -12,7 +12,9 @@ from shared.shapes import SIZES
 from training_image.model import Decoder
 from training_image.train import (
     CHECKPOINT,
+    MIN_LR_RATIO,
     PROGRESS,
+    WARMUP_STEPS,
     Trainer,
     TrainingDiverged,
     TrainingStopped,
@@ -20,6 +22,7 @@ from training_image.train import (
     batch_size_for,
     lr_at,
     train_steps,
+    warmup_steps,
 )
 
 PLAN = TrainPlan(turns=2, cycle_steps=[3, 4], lr=3e-3, seq_len=32, batch_size=4, seed=5)
@@ -48,10 +51,24 @@ def _trainer(windows, checkpoint_dir=None, *, crash_at=None, stop_at=None, check
 
 
 def test_lr_cycle_warms_up_then_decays_by_cosine():
-    rates = [lr_at(i, 100, 1.0) for i in range(100)]
-    assert rates[0] == pytest.approx(0.2) and rates[4] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(rates[4:], rates[5:]))
-    assert rates[-1] == pytest.approx(0.1, abs=0.01)
+    rates = [lr_at(i, 1000, 1.0) for i in range(1000)]
+    assert warmup_steps(1000) == WARMUP_STEPS == 40  # what AdamW with beta2 = 0.95 needs, whatever the cycle
+    assert rates[0] == pytest.approx(1 / 40) and rates[39] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(rates[:39], rates[1:40]))
+    assert all(a >= b for a, b in zip(rates[39:], rates[40:]))
+    assert rates[-1] == pytest.approx(MIN_LR_RATIO)
+
+
+@pytest.mark.parametrize("cycle_len", [1, 2, 3, 5, 8, 25, 150, 161, 6000])
+def test_every_cycle_length_ramps_to_the_peak_and_ends_on_the_floor(cycle_len):
+    rates = [lr_at(i, cycle_len, 3e-3) for i in range(cycle_len)]
+    peak = max(range(cycle_len), key=rates.__getitem__)
+    assert rates[peak] == pytest.approx(3e-3) and peak == warmup_steps(cycle_len) - 1
+    assert all(0 < r <= 3e-3 * (1 + 1e-12) for r in rates)
+    assert all(a <= b for a, b in zip(rates[:peak], rates[1 : peak + 1]))
+    assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1 :]))
+    if cycle_len >= 2:  # a short cycle still spends most of its steps decaying, down to the floor
+        assert peak < cycle_len / 2 and rates[-1] == pytest.approx(MIN_LR_RATIO * 3e-3)
 
 
 def test_batch_rule_grows_with_model_size():
