@@ -19,6 +19,7 @@ from training_image.train import (
     TrainingDiverged,
     TrainingStopped,
     TrainPlan,
+    autocast_dtype,
     batch_size_for,
     lr_at,
     train_steps,
@@ -69,6 +70,26 @@ def test_every_cycle_length_ramps_to_the_peak_and_ends_on_the_floor(cycle_len):
     assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1 :]))
     if cycle_len >= 2:  # a short cycle still spends most of its steps decaying, down to the floor
         assert peak < cycle_len / 2 and rates[-1] == pytest.approx(MIN_LR_RATIO * 3e-3)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx", [(False, False), (True, False), (False, True)])
+def test_bf16_autocast_by_default_only_on_a_cpu_that_has_it(windows, monkeypatch, avx512_bf16, amx):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    has = avx512_bf16 or amx
+    assert autocast_dtype(torch.device("cpu")) == (torch.bfloat16 if has else None)
+    plan = TrainPlan(turns=1, cycle_steps=[1], lr=1e-3, seq_len=32, batch_size=4)
+    train, _ = windows
+    model = Decoder(SIZES["debug"]).init_weights(0)
+    seen = []
+    model.norm.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype)))
+    model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    trainer = Trainer(model, train[:8], None, plan, log=None)
+    assert trainer.autocast is has and Trainer(model, train[:8], None, plan, log=None, autocast=not has).autocast is not has
+    trainer.run()
+    # The residual stream and its norm stay fp32; only the matmuls run in bf16 under autocast.
+    assert seen == [(torch.float32, torch.float32), torch.bfloat16 if has else torch.float32]
+    assert math.isfinite(trainer.losses[0])
 
 
 def test_batch_rule_grows_with_model_size():
