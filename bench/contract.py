@@ -31,7 +31,15 @@ import torch
 from corpus import english_texts, english_windows
 from shared.settings import CONTRACT_SEQ_LEN, ContractSettings
 from shared.shapes import SIZES
-from training_image.contract import CALIBRATION_WINDOWS, HEAL_LR, block_influence, choose_blocks, contract_blocks, heal
+from training_image.contract import (
+    CALIBRATION_WINDOWS,
+    HEAL_LR,
+    block_influence,
+    choose_blocks,
+    contract_blocks,
+    heal,
+    layer_stats,
+)
 from training_image.evaluate import perplexity
 from training_image.model import Decoder
 from training_image.modeldir import load_model_dir, save_model_dir
@@ -75,7 +83,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="tiny")
     parser.add_argument("--steps", type=int, default=150, help="source training steps per turn (one cycle)")
-    parser.add_argument("--turns", type=int, default=2, help="source training turns")
+    parser.add_argument("--turns", type=int, default=1, help="source training turns")
     parser.add_argument("--batch", type=int, default=16, help="source training sequences per step")
     parser.add_argument("--lr", type=float, default=3e-3, help="source training learning rate")
     parser.add_argument("--layers", type=int, default=8)
@@ -93,6 +101,7 @@ def main() -> int:
     base = perplexity(model, heldout)
     influence = block_influence(model, calibration)
     chosen = choose_blocks(influence, args.layers, model.config.ids())
+    stats = layer_stats(model, calibration, chosen)  # the same calibration statistics for every method
     print(f"source: {model.config.parameters():,} parameters, held-out perplexity {base:.3f} "
           f"({len(heldout)} windows of {CONTRACT_SEQ_LEN} tokens from held-out files)")
     print("block influence: " + " ".join(f"{b}={v:.4f}" for b, v in influence.items()))
@@ -120,7 +129,8 @@ def main() -> int:
         for name, method, refit, seeds in variants:
             pruned, after, sizes = [], [], set()
             for seed in seeds:
-                new, config = contract_blocks(model, model.config, calibration, ratio, chosen, method=method, refit=refit, seed=seed)
+                new, config = contract_blocks(model, model.config, calibration, ratio, chosen, method=method, refit=refit,
+                                              seed=seed, stats=stats)
                 sizes.add(config.parameters())
                 pruned.append(perplexity(new, heldout))
                 after.append(healed(new, "kl"))

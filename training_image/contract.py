@@ -456,13 +456,15 @@ def contract_blocks(
     method: Method = "activation",
     refit: bool = True,
     seed: int = 0,
+    stats: dict[str, LayerStats] | None = None,
 ) -> tuple[Decoder, ModelConfig]:
     """Shrink the given blocks by `ratio` with the given method; a new model, the source untouched.
 
     `refit` (every method) refits the kept output-projection columns by least squares on the
-    calibration activations.
+    calibration activations. `stats`: layer_stats(model, calibration, chosen) when already at hand.
     """
-    stats = layer_stats(model, calibration, chosen) if method == "activation" or refit else {}
+    if stats is None:
+        stats = layer_stats(model, calibration, chosen) if method == "activation" or refit else {}
     cuts = plan_cuts(model, chosen, ratio, stats, method, seed)
     layers = [cuts[bid].shape() if bid in cuts else layer for layer, bid in zip(config.layers, config.ids())]
     new_config = config.model_copy(update={"layers": layers})
