@@ -12,8 +12,9 @@ language-model loss alone and by both.
 Goals: ours' rise before healing <= 0.7 x that of magnitude + refit at every ratio; after
 healing at most +1% at the default ratio.
 
-    .venv/bin/python bench/contract.py            # trains the source (a few minutes on 2 cores)
+    .venv/bin/python bench/contract.py            # trains the source (~10 CPU minutes at 1 thread)
     .venv/bin/python bench/contract.py --source /tmp/fusion-bench-contract/source   # reuse it
+    .venv/bin/python bench/contract.py --size debug --layers 2 --steps 300 --batch 16 --heldout 64   # ~5 CPU minutes
 """
 
 from __future__ import annotations

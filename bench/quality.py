@@ -11,8 +11,9 @@ Prints the held-out perplexity of both and the ratio product / reference (goal <
 setting, then the product under bf16 autocast against the product in fp32 at equal tokens (goal:
 within 1%).
 
-    .venv/bin/python bench/quality.py                        # about 20 CPU minutes at 1 thread
-    .venv/bin/python bench/quality.py --steps 90 --only 0 --precision-setting -1   # one setting, shorter
+    .venv/bin/python bench/quality.py      # ~10 CPU minutes a run at 1 thread, 10 runs (bf16 is slow without bf16 hardware)
+    .venv/bin/python bench/quality.py --batch 8 --seq-len 128 --steps 120 --only 0 2 --precision-setting -1   # ~2 min a run
+    .venv/bin/python bench/quality.py --size debug --batch 8 --seq-len 128 --steps 120 --only --precision-setting 0
 """
 
 from __future__ import annotations
