@@ -3,7 +3,8 @@
 Throughput: tokens/s of Fusion's trainer (the product's Trainer.run(), steady state) against a
 plain Hugging Face LlamaForCausalLM + AdamW loop of the same shape, batch, data and schedule,
 measured in alternating rounds so that whatever else the machine is doing weighs on both alike;
-on a GPU (bf16 autocast for both) also MFU. Quality: held-out perplexity after 1 turn and after
+at both precisions (fp32 for both, bf16 autocast for both) and ours at its default against HF at
+its default (fp32); on a GPU also MFU. Quality: held-out perplexity after 1 turn and after
 2 turns from the same grown base.
 
     .venv/bin/python bench/train.py [--size tiny] [--seq-len 128] [--rounds 20] [--steps 2] [--threads 1]
@@ -35,7 +36,7 @@ from training_image.evaluate import perplexity
 from training_image.growth import grow
 from training_image.model import Decoder
 from training_image.tokenizer import train_tokenizer
-from training_image.train import GRAD_CLIP, Trainer, TrainPlan, batch_size_for, lr_at
+from training_image.train import GRAD_CLIP, Trainer, TrainPlan, autocast_dtype, batch_size_for, lr_at
 
 # Dense bf16 peaks (FLOP/s) by GPU name, for MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -52,9 +53,9 @@ def hf_llama(config: ModelConfig) -> LlamaForCausalLM:
     return LlamaForCausalLM(hf)
 
 
-def hf_loop(model: LlamaForCausalLM, windows: torch.Tensor, plan: TrainPlan, batch_indices) -> Callable[[int], None]:
+def hf_loop(model: LlamaForCausalLM, windows: torch.Tensor, plan: TrainPlan, batch_indices, bf16: bool) -> Callable[[int], None]:
     """The loop a user would write around the Hugging Face model: default AdamW, the same
-    warm-up + cosine schedule through LambdaLR, the same clipping, bf16 autocast on a GPU.
+    warm-up + cosine schedule through LambdaLR, the same clipping, bf16 autocast if asked.
     Returns run(n), which trains n more steps on the same batches as ours (batch_indices(0, step))."""
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -66,7 +67,7 @@ def hf_loop(model: LlamaForCausalLM, windows: torch.Tensor, plan: TrainPlan, bat
         nonlocal done
         for _ in range(steps):
             rows = windows[batch_indices(0, done)].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = model(input_ids=rows[:, :-1], labels=rows[:, :-1]).loss  # HF shifts the labels itself
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
@@ -103,10 +104,12 @@ def peak_flops(device: torch.device) -> float | None:
 
 def throughput(
     config: ModelConfig, windows: torch.Tensor, seq_len: int, rounds: int, steps: int, device: torch.device,
-    *, strategy: str = "ddp", compile_blocks: bool = False, micro_batch: int | None = None,
+    ours_bf16: bool | None, hf_bf16: bool, *, strategy: str = "ddp", compile_blocks: bool = False,
+    micro_batch: int | None = None,
 ) -> None:
     """Steady-state steps of the product's Trainer.run() against the HF loop, in alternating
-    rounds (A B B A A B ...); the figure is the median over rounds of each round's ratio."""
+    rounds (A B B A A B ...); the figure is the median over rounds of each round's ratio.
+    ours_bf16 None: the Trainer's own choice (autocast_dtype)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     batch = batch_size_for(config.parameters())
     batch += (-batch) % world
@@ -115,14 +118,18 @@ def throughput(
     if compile_blocks:
         for block in ours.blocks.values():
             block.compile()
-    trainer = Trainer(ours, windows, None, plan, strategy=strategy, micro_batch=micro_batch, device=device, log=None)
+    trainer = Trainer(ours, windows, None, plan, strategy=strategy, micro_batch=micro_batch, device=device,
+                      log=None, autocast=ours_bf16)
+    precision = lambda bf16: "bf16 autocast" if bf16 else "fp32"  # noqa: E731
+    print(f"precision: fusion {precision(trainer.autocast)}{' (its default)' if ours_bf16 is None else ''}, "
+          f"HF {precision(hf_bf16)}")
     loops = {"fusion": lambda: trainer.run(max_steps=steps)}
     if world == 1:
         reference = hf_llama(config).to(device).train()
         if compile_blocks:
             for layer in reference.model.layers:
                 layer.compile()
-        hf = hf_loop(reference, windows, plan, trainer.batch_indices)
+        hf = hf_loop(reference, windows, plan, trainer.batch_indices, hf_bf16)
         loops["hf"] = lambda: hf(steps)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in loops}
     for r in range(rounds + 1):  # round 0 warms both up and is not counted
@@ -195,6 +202,8 @@ def main() -> None:
     parser.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp"), help="over the ranks of torchrun")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--micro-batch", type=int, help="sequences per forward/backward on one rank")
+    parser.add_argument("--precision", default="all", choices=("all", "fp32", "bf16", "default"),
+                        help="throughput: fp32 vs fp32, bf16 vs bf16, ours at its default vs HF at its default (fp32)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -212,8 +221,18 @@ def main() -> None:
         tokenizer = train_tokenizer(corpus, min(config.vocab_size, 32768))  # ids stay below any vocab
         train, heldout = token_windows(tokenizer, corpus, args.seq_len)
         if part == "throughput":
-            throughput(config, train, args.seq_len, args.rounds, args.steps, device, strategy=args.strategy,
-                       compile_blocks=args.compile, micro_batch=args.micro_batch)
+            default = autocast_dtype(device) is not None
+            pairs = {"fp32": (False, False), "bf16": (True, True), "default": (None, False)}
+            for name, (ours, hf) in pairs.items():
+                if args.precision not in ("all", name):
+                    continue
+                if name == "default" and args.precision == "all" and not default:
+                    print("fusion at its default (fp32 on this machine: no bf16 hardware) vs HF at its default (fp32): "
+                          "the fp32 comparison above\n")
+                    continue
+                throughput(config, train, args.seq_len, args.rounds, args.steps, device, ours, hf,
+                           strategy=args.strategy, compile_blocks=args.compile, micro_batch=args.micro_batch)
+                print()
         else:
             quality(config, train, heldout, args.seq_len, args.cycles, args.steps_per_cycle, args.lr)
     if dist.is_initialized():

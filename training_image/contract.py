@@ -3,20 +3,28 @@
 1. Block Influence (1 - mean cosine between a block's input and output hidden states, on a
    calibration sample) ranks how much each block changes the residual stream.
 2. The `n` least influential blocks are picked, sparing the first and last while depth allows.
-3. In each picked block, `ratio` of the MLP hidden units and of the attention KV groups (a kv
-   head with the query heads it serves) are removed by activation-aware importance: the energy a
-   unit sends into the residual stream on the calibration sample, ||W_out column||^2 x E[a^2],
-   i.e. output-projection weight magnitude times the norm of its input activation (Wanda-sp /
-   FLAP). The kept output-projection columns are then refit by least squares so that the kept
-   units reproduce, as well as they can, what the whole layer wrote (the model has no biases,
-   so FLAP's bias compensation has nowhere to go; the refit plays that role).
-4. The result is a new Decoder whose config records every layer's own sizes; block ids are kept.
+3. The chosen blocks lose, in total, `ratio` of their MLP hidden units and of their query heads
+   (a KV group goes only with the last of its query heads; kept groups keep equal numbers of
+   heads, as grouped-query attention needs). What goes is picked by the damage it does to the
+   layer's output on the calibration sample: with the Gram matrix G of an output projection's
+   inputs, removing columns b and re-solving the others by least squares costs
+   tr(W_b ((G^-1)_bb)^-1 W_b^T), and a greedy removal with the Optimal Brain Surgeon updates
+   picks the cheapest unit or head one at a time. The totals are allotted across the chosen
+   layers by that damage relative to the residual stream each layer writes into.
+4. The kept output-projection columns are refit by least squares, so the kept units reproduce
+   what the whole layer wrote as well as they can (the model has no biases, so FLAP's bias
+   compensation has nowhere to go; the refit plays that role).
+5. The result is a new Decoder whose config records every layer's own sizes; block ids are kept.
+6. Healing trains the contracted model to match the source's next-token distribution (KL to the
+   source's logits), optionally plus the language-model loss.
 
-Two baselines remove exactly the same units per layer count: weight magnitude and random.
+Two baselines take the same totals and the same refit, choosing by weight magnitude or at
+random and spreading the totals evenly.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from dataclasses import dataclass
@@ -25,6 +33,8 @@ from typing import Callable, Literal
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 
 from shared.settings import CONTRACT_SEQ_LEN, ContractSettings, TrainSettings
 from shared.shapes import LayerShape, ModelConfig
@@ -32,7 +42,7 @@ from training_image.evaluate import heldout_loss
 from training_image.model import Decoder
 from training_image.modeldir import load_model_dir
 from training_image import runtime
-from training_image.train import Trainer, TrainPlan
+from training_image.train import Trainer, TrainPlan, batch_size_for
 
 Method = Literal["activation", "magnitude", "random"]
 CALIBRATION_BATCH = 8
@@ -94,31 +104,30 @@ def choose_blocks(influence: dict[str, float], n: int, block_ids: list[str]) -> 
     return [b for b in block_ids if b in chosen]
 
 
-# ----------------------------------------------------------------------------- what to remove
-
-
-def groups_to_remove(n_kv_heads: int, ratio: float) -> int:
-    """Whole KV groups to remove: round(ratio x K), at least 1 when ratio > 0, leaving at least 1."""
-    if ratio <= 0:
-        return 0
-    return min(max(1, round(ratio * n_kv_heads)), n_kv_heads - 1)
+# ----------------------------------------------------------------------------- how much to remove
 
 
 def units_to_remove(mlp_hidden: int, ratio: float) -> int:
+    """MLP units one layer loses at `ratio`: round(ratio x F), leaving at least 1."""
     return min(round(ratio * mlp_hidden), mlp_hidden - 1)
 
 
-def contracted_shape(shape: LayerShape, ratio: float) -> LayerShape:
-    kv = shape.n_kv_heads - groups_to_remove(shape.n_kv_heads, ratio)
-    group = shape.n_heads // shape.n_kv_heads
-    return LayerShape(n_heads=kv * group, n_kv_heads=kv, mlp_hidden=shape.mlp_hidden - units_to_remove(shape.mlp_hidden, ratio))
+def heads_to_remove(n_heads: int, ratio: float) -> int:
+    """Query heads one layer loses at `ratio`: round(ratio x H), at least 1 when ratio > 0, leaving at least 1."""
+    if ratio <= 0:
+        return 0
+    return min(max(1, round(ratio * n_heads)), n_heads - 1)
 
 
-def contracted_config(config: ModelConfig, chosen: list[str], ratio: float) -> ModelConfig:
-    """The config after contraction: chosen layers shrink, every other layer and all ids stay."""
-    picked = set(chosen)
-    layers = [contracted_shape(l, ratio) if bid in picked else l for l, bid in zip(config.layers, config.ids())]
-    return config.model_copy(update={"layers": layers})
+def head_shapes(shape: LayerShape) -> list[tuple[int, int]]:
+    """Every (kv groups kept, query heads kept in each) a layer can shrink to.
+
+    A query head goes alone, and a KV group only with the last of its query heads; the kept
+    groups keep equal numbers of heads, which grouped-query attention needs. Of the shapes that
+    keep the same number of query heads, contraction uses the one keeping the most groups.
+    """
+    per_group = shape.n_heads // shape.n_kv_heads
+    return [(k, s) for k in range(1, shape.n_kv_heads + 1) for s in range(1, per_group + 1)]
 
 
 @dataclass
@@ -128,6 +137,7 @@ class LayerStats:
     mlp_gram: torch.Tensor  # (F, F) sum over tokens of h h^T, h = silu(gate x) * up x
     attn_gram: torch.Tensor  # (H*D, H*D) sum over tokens of y y^T, y = attention heads' output
     tokens: int = 0
+    residual: float = 0.0  # sum over tokens of ||x||^2, x the residual stream entering the block
 
 
 @torch.no_grad()
@@ -146,6 +156,12 @@ def layer_stats(model: Decoder, calibration_windows: torch.Tensor, block_ids: li
 
         return hook
 
+    def residual(bid: str):
+        def hook(module, args):
+            stats[bid].residual += args[0].double().pow(2).sum().item()
+
+        return hook
+
     for bid in block_ids:
         block = model.blocks[bid]
         d_mlp = block.mlp.down_proj.in_features
@@ -155,52 +171,238 @@ def layer_stats(model: Decoder, calibration_windows: torch.Tensor, block_ids: li
             mlp_gram=torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=device),
             attn_gram=torch.zeros(d_attn, d_attn, dtype=torch.float64, device=device),
         )
+        hooks.append(block.register_forward_pre_hook(residual(bid)))
         hooks.append(block.mlp.down_proj.register_forward_pre_hook(accumulate(bid, "mlp_gram")))
         hooks.append(block.attn.o_proj.register_forward_pre_hook(accumulate(bid, "attn_gram")))
     _calibrate(model, hooks, calibration_windows, batch_size)
     return stats
 
 
-def _column_energy(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """Per input column j of an output projection: ||W[:, j]||^2 x sum_t a_j(t)^2."""
-    return weight.double().pow(2).sum(0) * gram.diagonal()
+# ----------------------------------------------------------------------------- what to remove: ours
 
 
-def _mlp_scores(block, stats: LayerStats | None, method: Method, generator: torch.Generator) -> torch.Tensor:
+class _Surgeon:
+    """Greedy second-order removal of input columns of an output projection W (out x n), given
+    the Gram G of its inputs (Optimal Brain Surgeon on the layer-output error, structured).
+
+    Removing a block b of columns and re-solving the others by least squares raises the output
+    error sum_t ||W a(t) - W' a(t)||^2 by tr(W_b (G^-1)_bb^-1 W_b^T); the surviving columns then
+    absorb W_b through the same inverse, and G^-1 is downdated to the survivors. Greedy removal of
+    the cheapest block at each step, with these updates, is structured OBS (as in OBC / ZipLM).
+    """
+
+    def __init__(self, weight: torch.Tensor, gram: torch.Tensor):
+        n = gram.shape[0]
+        damped = gram + RIDGE * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(n, dtype=gram.dtype, device=gram.device)
+        self.w = weight.double().clone()
+        self.hinv = torch.linalg.inv(damped)
+        self.error = 0.0
+
+    def copy(self) -> "_Surgeon":
+        twin = object.__new__(_Surgeon)
+        twin.w, twin.hinv, twin.error = self.w.clone(), self.hinv.clone(), self.error
+        return twin
+
+    def cost(self, cols: torch.Tensor) -> float:
+        w_b, m = self.w[:, cols], self.hinv[cols][:, cols]
+        return torch.trace(w_b @ torch.linalg.solve(m, w_b.T)).item()
+
+    def unit_costs(self) -> torch.Tensor:
+        """Cost of removing each single column (0 for removed ones: callers mask them)."""
+        return self.w.pow(2).sum(0) / self.hinv.diagonal().clamp_min(1e-300)
+
+    def remove(self, cols: torch.Tensor) -> float:
+        cost = self.cost(cols)
+        rows = torch.linalg.solve(self.hinv[cols][:, cols], self.hinv[cols])  # (|b|, n): (G^-1)_bb^-1 (G^-1)_b:
+        self.w -= self.w[:, cols] @ rows
+        self.hinv -= self.hinv[:, cols] @ rows
+        self.w[:, cols] = 0
+        self.hinv[cols, :] = 0
+        self.hinv[:, cols] = 0
+        self.hinv[cols, cols] = 1.0  # a removed column is never a candidate again; 1 keeps divisions finite
+        self.error += cost
+        return cost
+
+
+def _obs_units(weight: torch.Tensor, gram: torch.Tensor, most: int) -> tuple[list[int], list[float]]:
+    """Removal order of up to `most` columns, and the output error after each removal."""
+    surgeon = _Surgeon(weight, gram)
+    alive = torch.ones(gram.shape[0], dtype=torch.bool)
+    order, errors = [], []
+    chunk = max(1, math.ceil(most / 512))  # wide layers: several columns per update
+    while len(order) < most:
+        costs = surgeon.unit_costs().cpu()
+        costs[~alive] = math.inf
+        take = costs.topk(min(chunk, most - len(order)), largest=False).indices
+        surgeon.remove(take.to(gram.device))
+        alive[take] = False
+        order.extend(take.tolist())
+        errors.extend([surgeon.error] * len(take))
+    return order, errors
+
+
+def _obs_heads(weight: torch.Tensor, gram: torch.Tensor, shape: LayerShape, head_dim: int) -> dict[tuple[int, int], tuple[float, list[list[int]]]]:
+    """For every shape of head_shapes(): (output error, kept heads of each kept group).
+
+    Heads go first, one at a time, the cheapest among the groups that still hold more than the
+    target number, so every group ends with the same count; then whole groups, the cheapest first.
+    """
+    K, per_group = shape.n_kv_heads, shape.n_heads // shape.n_kv_heads
+
+    def cols(heads: list[int]) -> torch.Tensor:
+        return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads]).to(gram.device)
+
+    surgeon = _Surgeon(weight, gram)
+    kept = [list(range(g * per_group, (g + 1) * per_group)) for g in range(K)]
+    options = {}
+    for s in range(per_group, 0, -1):
+        while any(len(heads) > s for heads in kept):
+            candidates = [(surgeon.cost(cols([h])), g, h) for g, heads in enumerate(kept) if len(heads) > s for h in heads]
+            _, g, h = min(candidates)
+            surgeon.remove(cols([h]))
+            kept[g].remove(h)
+        options[(K, s)] = (surgeon.error, [list(heads) for heads in kept])
+        groups, twin = list(range(K)), surgeon.copy()
+        while len(groups) > 1:
+            _, g = min((twin.cost(cols(kept[g])), g) for g in groups)
+            twin.remove(cols(kept[g]))
+            groups.remove(g)
+            options[(len(groups), s)] = (twin.error, [list(kept[g]) for g in groups])
+    return options
+
+
+# ----------------------------------------------------------------------------- what to remove: baselines
+
+
+def _unit_scores(block, method: Method, generator: torch.Generator) -> torch.Tensor:
     mlp = block.mlp
-    if method == "activation":
-        return _column_energy(mlp.down_proj.weight, stats.mlp_gram)
     if method == "magnitude":
         return (mlp.gate_proj.weight.double().pow(2).sum(1) + mlp.up_proj.weight.double().pow(2).sum(1)
                 + mlp.down_proj.weight.double().pow(2).sum(0)).sqrt()
     return torch.rand(mlp.down_proj.in_features, generator=generator, dtype=torch.float64)
 
 
-def _group_scores(block, stats: LayerStats | None, method: Method, generator: torch.Generator) -> torch.Tensor:
+def _scored_heads(block, shape: LayerShape, method: Method, generator: torch.Generator) -> dict[tuple[int, int], tuple[float, list[list[int]]]]:
+    """head_shapes() options chosen by a per-head score: the best heads of each group, then the
+    groups whose kept heads (with their k and v) score best. The error slot is 0: unknown."""
     attn = block.attn
-    K, D = attn.n_kv_heads, attn.head_dim
-    per_group_cols = attn.n_heads // K * D  # o_proj columns read from one kv group's query heads
-    if method == "activation":
-        # Energy of the group's whole contribution W_g y_g, cross terms inside the group included.
-        w = attn.o_proj.weight.double()
-        scores = []
-        for g in range(K):
-            cols = slice(g * per_group_cols, (g + 1) * per_group_cols)
-            wg = w[:, cols]
-            scores.append(torch.trace(wg @ stats.attn_gram[cols, cols] @ wg.T))
-        return torch.stack(scores)
+    H, K, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    per_group = H // K
     if method == "magnitude":
-        q = attn.q_proj.weight.double().pow(2).view(K, per_group_cols, -1).sum((1, 2))
-        k = attn.k_proj.weight.double().pow(2).view(K, D, -1).sum((1, 2))
-        v = attn.v_proj.weight.double().pow(2).view(K, D, -1).sum((1, 2))
-        o = attn.o_proj.weight.double().pow(2).view(attn.o_proj.out_features, K, per_group_cols).sum((0, 2))
-        return (q + k + v + o).sqrt()
-    return torch.rand(K, generator=generator, dtype=torch.float64)
+        head = attn.q_proj.weight.double().pow(2).view(H, -1).sum(1) + attn.o_proj.weight.double().pow(2).view(-1, H, D).sum((0, 2))
+        kv = attn.k_proj.weight.double().pow(2).view(K, -1).sum(1) + attn.v_proj.weight.double().pow(2).view(K, -1).sum(1)
+    else:
+        head = torch.rand(H, generator=generator, dtype=torch.float64)
+        kv = torch.zeros(K, dtype=torch.float64)
+    options = {}
+    for k, s in head_shapes(shape):
+        best = [sorted(range(g * per_group, (g + 1) * per_group), key=lambda h: -head[h].item())[:s] for g in range(K)]
+        value = [kv[g].item() + sum(head[h].item() for h in best[g]) for g in range(K)]
+        groups = sorted(sorted(range(K), key=lambda g: -value[g])[:k])
+        options[(k, s)] = (0.0, [sorted(best[g]) for g in groups])
+    return options
 
 
-def _keep(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """Indices of the n_keep highest scores, in their original order (keeps weights aligned)."""
-    return scores.topk(n_keep).indices.sort().values
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class LayerCut:
+    """What one block keeps: MLP units, and the query heads of each kept KV group (equal counts)."""
+
+    units: list[int]
+    groups: list[int]  # kept kv heads, in order
+    heads: list[list[int]]  # kept query heads of each kept group, in order
+
+    def shape(self) -> LayerShape:
+        return LayerShape(n_heads=sum(len(h) for h in self.heads), n_kv_heads=len(self.groups), mlp_hidden=len(self.units))
+
+
+def _allot(options: list[dict[int, float]], target: int) -> list[int]:
+    """One choice per layer among its {removed count: cost}, totalling `target` (or the nearest
+    total the choices reach) at the least summed cost; exact, by dynamic programming."""
+    best: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}
+    for layer in options:
+        step: dict[int, tuple[float, list[int]]] = {}
+        for total, (cost, picks) in best.items():
+            for removed, c in sorted(layer.items()):
+                key, value = total + removed, cost + c
+                if key not in step or value < step[key][0]:
+                    step[key] = (value, picks + [removed])
+        best = step
+    total = min(best, key=lambda t: (abs(t - target), best[t][0]))
+    return best[total][1]
+
+
+def _allot_greedy(curves: list[list[float]], target: int) -> list[int]:
+    """Units removed per layer: the next unit comes from the layer whose error it raises least.
+    curves[l][n] is layer l's normalised error with n units removed (curves[l][0] == 0)."""
+    counts = [0] * len(curves)
+    queue = [(curve[1] - curve[0], l) for l, curve in enumerate(curves) if len(curve) > 1]
+    heapq.heapify(queue)
+    for _ in range(target):
+        if not queue:
+            break
+        _, l = heapq.heappop(queue)
+        counts[l] += 1
+        if counts[l] + 1 < len(curves[l]):
+            heapq.heappush(queue, (curves[l][counts[l] + 1] - curves[l][counts[l]], l))
+    return counts
+
+
+def plan_cuts(model: Decoder, chosen: list[str], ratio: float, stats: dict[str, LayerStats], method: Method = "activation",
+              seed: int = 0) -> dict[str, LayerCut]:
+    """What each chosen block keeps at `ratio`.
+
+    The totals are the setting's: sum over the chosen layers of round(ratio x F) MLP units and
+    round(ratio x H) query heads. Ours ("activation") picks what to remove by the output error it
+    causes (structured OBS on the calibration Grams) and allots the totals across the layers by
+    that error relative to the residual stream the layer writes into, so a layer whose removal
+    costs little gives more. The baselines score units and heads by weight magnitude or at random
+    and spread the totals as evenly as the head shapes allow.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {bid: model.config.layers[model.config.ids().index(bid)] for bid in chosen}
+    unit_target = sum(units_to_remove(shapes[b].mlp_hidden, ratio) for b in chosen)
+    head_target = sum(heads_to_remove(shapes[b].n_heads, ratio) for b in chosen)
+    most = lambda n: min(n - 1, math.ceil(n * (1 + ratio) / 2))  # noqa: E731  (ours: no layer loses more than this)
+
+    unit_orders, head_options = {}, {}
+    for bid in chosen:
+        block, shape = model.blocks[bid], shapes[bid]
+        if method == "activation":
+            order, errors = _obs_units(block.mlp.down_proj.weight, stats[bid].mlp_gram, most(shape.mlp_hidden))
+            unit_orders[bid] = (order, [0.0] + [e / stats[bid].residual for e in errors])
+            options = _obs_heads(block.attn.o_proj.weight, stats[bid].attn_gram, shape, block.attn.head_dim)
+        else:
+            scores = _unit_scores(block, method, generator)
+            unit_orders[bid] = (scores.argsort().tolist(), None)
+            options = _scored_heads(block, shape, method, generator)
+        head_options[bid] = options
+
+    if method == "activation":
+        units_removed = _allot_greedy([unit_orders[b][1] for b in chosen], unit_target)
+    else:
+        units_removed = [units_to_remove(shapes[b].mlp_hidden, ratio) for b in chosen]
+
+    per_layer = []
+    for bid in chosen:
+        costs: dict[int, tuple[float, tuple[int, int]]] = {}
+        for (k, s), (error, _) in sorted(head_options[bid].items()):  # by k: the most groups kept wins
+            removed = shapes[bid].n_heads - k * s
+            cost = error / stats[bid].residual if method == "activation" else float(removed * removed)
+            costs[removed] = (cost, (k, s))
+        per_layer.append(costs)
+    heads_removed = _allot([{r: c for r, (c, _) in costs.items()} for costs in per_layer], head_target)
+
+    cuts = {}
+    for bid, n_units, n_heads, costs in zip(chosen, units_removed, heads_removed, per_layer):
+        order = unit_orders[bid][0]
+        units = sorted(set(range(shapes[bid].mlp_hidden)) - set(order[:n_units]))
+        heads = head_options[bid][costs[n_heads][1]][1]
+        per_group = shapes[bid].n_heads // shapes[bid].n_kv_heads
+        cuts[bid] = LayerCut(units=units, groups=[hs[0] // per_group for hs in heads], heads=heads)
+    return cuts
 
 
 def _refit(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -217,12 +419,12 @@ def _refit(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor) -> torc
 
 
 @torch.no_grad()
-def _shrink_block(old, new, stats: LayerStats | None, method: Method, refit: bool, generator: torch.Generator) -> None:
+def _shrink_block(old, new, cut: LayerCut, stats: LayerStats | None, refit: bool) -> None:
     """Copy the kept weights of block `old` into the smaller block `new`."""
     new.attn_norm.weight.copy_(old.attn_norm.weight)
     new.mlp_norm.weight.copy_(old.mlp_norm.weight)
 
-    units = _keep(_mlp_scores(old, stats, method, generator), new.mlp.down_proj.in_features)
+    units = torch.tensor(cut.units)
     new.mlp.gate_proj.weight.copy_(old.mlp.gate_proj.weight[units])
     new.mlp.up_proj.weight.copy_(old.mlp.up_proj.weight[units])
     if refit:
@@ -231,17 +433,16 @@ def _shrink_block(old, new, stats: LayerStats | None, method: Method, refit: boo
         new.mlp.down_proj.weight.copy_(old.mlp.down_proj.weight[:, units])
 
     a_old, a_new = old.attn, new.attn
-    groups = _keep(_group_scores(old, stats, method, generator), a_new.n_kv_heads)
-    D, per_group = a_old.head_dim, a_old.n_heads // a_old.n_kv_heads
-    kv_rows = torch.cat([torch.arange(g * D, (g + 1) * D) for g in groups.tolist()])
-    q_cols = torch.cat([torch.arange(g * per_group * D, (g + 1) * per_group * D) for g in groups.tolist()])
-    a_new.q_proj.weight.copy_(a_old.q_proj.weight[q_cols])
+    D = a_old.head_dim
+    kv_rows = torch.cat([torch.arange(g * D, (g + 1) * D) for g in cut.groups])
+    q_rows = torch.cat([torch.arange(h * D, (h + 1) * D) for heads in cut.heads for h in heads])
+    a_new.q_proj.weight.copy_(a_old.q_proj.weight[q_rows])
     a_new.k_proj.weight.copy_(a_old.k_proj.weight[kv_rows])
     a_new.v_proj.weight.copy_(a_old.v_proj.weight[kv_rows])
     if refit:
-        a_new.o_proj.weight.copy_(_refit(a_old.o_proj.weight, stats.attn_gram, q_cols.to(stats.attn_gram.device)))
+        a_new.o_proj.weight.copy_(_refit(a_old.o_proj.weight, stats.attn_gram, q_rows.to(stats.attn_gram.device)))
     else:
-        a_new.o_proj.weight.copy_(a_old.o_proj.weight[:, q_cols])
+        a_new.o_proj.weight.copy_(a_old.o_proj.weight[:, q_rows])
 
 
 @torch.no_grad()
@@ -252,28 +453,29 @@ def contract_blocks(
     ratio: float,
     chosen: list[str],
     method: Method = "activation",
-    refit: bool | None = None,
+    refit: bool = True,
     seed: int = 0,
+    stats: dict[str, LayerStats] | None = None,
 ) -> tuple[Decoder, ModelConfig]:
-    """Shrink the given blocks by `ratio` with the given importance; a new model, the source untouched.
+    """Shrink the given blocks by `ratio` with the given method; a new model, the source untouched.
 
-    `refit` (default: on for the activation method) refits the kept output-projection columns by
-    least squares on the calibration activations.
+    `refit` (every method) refits the kept output-projection columns by least squares on the
+    calibration activations. `stats`: layer_stats(model, calibration, chosen) when already at hand.
     """
-    refit = method == "activation" if refit is None else refit
-    new_config = contracted_config(config, chosen, ratio)
-    stats = layer_stats(model, calibration, chosen) if method == "activation" or refit else {}
+    if stats is None:
+        stats = layer_stats(model, calibration, chosen) if method == "activation" or refit else {}
+    cuts = plan_cuts(model, chosen, ratio, stats, method, seed)
+    layers = [cuts[bid].shape() if bid in cuts else layer for layer, bid in zip(config.layers, config.ids())]
+    new_config = config.model_copy(update={"layers": layers})
     device = next(model.parameters()).device
     new = Decoder(new_config).to(device)
-    generator = torch.Generator().manual_seed(seed)
     new.embed.weight.copy_(model.embed.weight)
     new.norm.weight.copy_(model.norm.weight)
     if not new_config.tie_embeddings:
         new.lm_head.weight.copy_(model.lm_head.weight)
-    picked = set(chosen)
     for bid, block in model.blocks.items():
-        if bid in picked:
-            _shrink_block(block, new.blocks[bid], stats.get(bid), method, refit, generator)
+        if bid in cuts:
+            _shrink_block(block, new.blocks[bid], cuts[bid], stats.get(bid), refit)
         else:
             new.blocks[bid].load_state_dict(block.state_dict())
     new.train(model.training)
@@ -289,12 +491,65 @@ def contract(
     method: Method = "activation",
     seed: int = 0,
 ) -> tuple[Decoder, ModelConfig]:
-    """Prune `ratio` of heads (whole KV groups) and MLP units in the n least influential blocks.
+    """Prune `ratio` of the query heads and MLP units of the n least influential blocks.
 
     `calibration` is a (N, seq_len+1) tensor of token windows from the source's training data.
     """
     chosen = choose_blocks(block_influence(model, calibration), n_layers, config.ids())
     return contract_blocks(model, config, calibration, ratio, chosen, method=method, seed=seed)
+
+
+# ----------------------------------------------------------------------------- healing
+
+HealLoss = Literal["kl", "kl+lm", "lm"]
+HEAL_LOSS: HealLoss = "kl"
+
+
+class Distillation(nn.Module):
+    """The contracted model (`student`) trained toward the source: forward(idx, targets) returns
+    the student's logits and the mean over tokens of KL(source || student) of the next-token
+    distributions ("kl"), that plus the language-model loss ("kl+lm"), or the language-model loss
+    alone ("lm"). The source is held outside the module tree: it is neither trained nor saved."""
+
+    def __init__(self, student: Decoder, source: Decoder, loss: HealLoss = HEAL_LOSS):
+        super().__init__()
+        if loss not in ("kl", "kl+lm", "lm"):
+            raise ValueError(f"unknown healing loss {loss!r}")
+        self.student = student
+        self.config = student.config
+        self.loss = loss
+        self._source = (source.eval().requires_grad_(False),)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        if targets is None:
+            return self.student(idx)
+        logits, lm = self.student(idx, targets)
+        if self.loss == "lm":
+            return logits, lm
+        with torch.no_grad():
+            teacher = self._source[0](idx).float()
+        kl = F.kl_div(
+            F.log_softmax(logits.float().reshape(-1, logits.size(-1)), dim=-1),
+            F.log_softmax(teacher.reshape(-1, teacher.size(-1)), dim=-1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        return logits, kl + lm if self.loss == "kl+lm" else kl
+
+    def parameter_count(self) -> int:
+        return self.student.parameter_count()
+
+
+def heal(model: Decoder, source: Decoder, windows: torch.Tensor, steps: int, lr: float = None, *, batch_size: int | None = None,
+         loss: HealLoss = HEAL_LOSS, seed: int = 0) -> list[float]:
+    """Train the contracted `model` in place for `steps` steps of one cycle toward `source`; the step losses."""
+    if steps <= 0:
+        return []
+    plan = TrainPlan(turns=1, cycle_steps=[steps], lr=HEAL_LR if lr is None else lr, seq_len=windows.shape[1] - 1,
+                     batch_size=batch_size or batch_size_for(model.parameter_count()), seed=seed)
+    trainer = Trainer(Distillation(model, source, loss).train(), windows, None, plan, log=None)
+    trainer.run()
+    return trainer.losses
 
 
 # ----------------------------------------------------------------------------- the container job
@@ -330,12 +585,11 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str, log: C
     log(f"contracting blocks {chosen} by {settings.contraction_ratio:g}")
     model, config = contract_blocks(source, source_config, calibration, settings.contraction_ratio, chosen)
     model, config = _agree_across_ranks(model, config)
-    del source
     pruned = _measure(log, "pruned", model, heldout_windows)
 
     healed, cycles, tokens_processed, tokens_per_second = None, [], 0, 0.0
     if settings.train_steps > 0:
-        trainer = _healer(model, config, train_windows, heldout_windows, settings.train_steps, seq_len, root, job_id, log)
+        trainer = _healer(model, source, config, train_windows, heldout_windows, settings.train_steps, seq_len, root, job_id, log)
         trainer.resume()
         with trainer.stop_on_sigterm():
             state = trainer.run()
@@ -374,12 +628,12 @@ def _measure(log: Callable[[str], None], stage: str, model: Decoder, heldout_win
     return math.exp(loss)
 
 
-def _healer(model, config, train_windows, heldout_windows, steps, seq_len, root, job_id, log) -> Trainer:
+def _healer(model, source, config, train_windows, heldout_windows, steps, seq_len, root, job_id, log) -> Trainer:
     plan = TrainPlan(turns=1, cycle_steps=[steps], lr=HEAL_LR, seq_len=seq_len,
                      batch_size=runtime.batch_size(config.parameters()))
     model.train()
     return Trainer(
-        model,
+        Distillation(model, source),
         train_windows,
         heldout_windows,
         plan,

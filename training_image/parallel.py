@@ -95,13 +95,6 @@ def is_sharded(network: nn.Module) -> bool:
     return isinstance(network, FSDPModule)
 
 
-def autocast(network: nn.Module) -> bool:
-    """Whether the step runs under bf16 autocast: on CUDA, unless FSDP's policy already computes
-    in bf16 (its weights arrive in bf16; autocast would only add casts)."""
-    device = next(network.parameters()).device
-    return device.type == "cuda" and not is_sharded(network)
-
-
 def accumulating(network: nn.Module, last: bool):
     """The context of one micro-batch's backward: DDP skips its all-reduce until the last one.
     FSDP reduce-scatters every micro-batch, so gradients accumulate in shards, not whole."""

@@ -1,4 +1,4 @@
-"""Contraction: exact parameter counts, whole KV groups, spared ends, quality, the container job."""
+"""Contraction: exact parameter counts, heads within KV groups, OBS costs, spared ends, distillation, quality, the container job."""
 
 from __future__ import annotations
 
@@ -14,12 +14,16 @@ import torch
 from shared.shapes import SIZES
 from training_image import entry
 from training_image.contract import (
+    Distillation,
+    _Surgeon,
     block_influence,
     choose_blocks,
     contract,
     contract_blocks,
-    groups_to_remove,
+    heads_to_remove,
+    heal,
     run_contract_job,
+    units_to_remove,
 )
 from training_image.evaluate import perplexity
 from training_image.model import Decoder
@@ -39,50 +43,84 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_parameter_count_is_what_the_config_predicts(debug_model, windows):
+def _removed(before, after, chosen):
+    """(MLP units, query heads, kv heads) the chosen layers lost, summed."""
+    pairs = [(o, n) for bid, o, n in zip(before.ids(), before.layers, after.layers) if bid in chosen]
+    return tuple(sum(getattr(o, f) - getattr(n, f) for o, n in pairs) for f in ("mlp_hidden", "n_heads", "n_kv_heads"))
+
+
+@pytest.mark.parametrize("method", ["activation", "magnitude", "random"])
+def test_parameter_count_is_what_the_config_predicts_and_totals_are_the_settings(debug_model, windows, method):
     train, _ = windows
-    model, config = contract(debug_model, debug_model.config, train[:8], ratio=0.5, n_layers=2)
+    chosen = ["1", "2"]  # depth 4 allows sparing the first and last block
+    model, config = contract_blocks(debug_model, debug_model.config, train[:8], 0.5, chosen, method=method)
 
-    assert model.parameter_count() == config.parameters()
-    assert config.parameters() < debug_model.config.parameters()
+    assert model.parameter_count() == config.parameters() < debug_model.config.parameters()
     assert model.block_ids == debug_model.block_ids == config.ids()
-    shrunk = [bid for bid, layer, old in zip(config.ids(), config.layers, debug_model.config.layers) if layer != old]
-    assert shrunk == ["1", "2"]  # depth 4 allows sparing the first and last block
-    assert config.layers[1].mlp_hidden == 172 - 86 and config.layers[1].n_kv_heads == 1
+    assert [b for b, l, o in zip(config.ids(), config.layers, debug_model.config.layers) if l != o] == chosen
+    units, heads, _ = _removed(debug_model.config, config, chosen)
+    assert (units, heads) == (2 * units_to_remove(172, 0.5), 2 * heads_to_remove(4, 0.5)) == (172, 4)
 
 
-def test_kv_groups_are_removed_whole_with_their_query_heads(windows):
+def test_ratios_give_distinct_sizes_with_heads_pruned_inside_kv_groups(debug_model, windows):
+    train, _ = windows
+    sizes = []
+    for ratio in (0.25, 0.5, 0.75):
+        model, config = contract_blocks(debug_model, debug_model.config, train[:8], ratio, ["1", "2"])
+        _, heads, _ = _removed(debug_model.config, config, ["1", "2"])
+        assert heads == 2 * heads_to_remove(4, ratio)
+        sizes.append(config.parameters())
+        assert model(train[:1, :-1]).isfinite().all()
+    assert sizes[0] > sizes[1] > sizes[2]
+
+
+@pytest.mark.parametrize("ratio, shape", [(0.5, (4, 4)), (0.75, (2, 2))])
+def test_query_heads_go_within_groups_and_a_group_only_with_its_last_head(windows, ratio, shape):
     config = small_config(head_dim=8, layers=[small_config().layers[0].model_copy(update={"n_heads": 8, "n_kv_heads": 4})] * 3)
     model = Decoder(config).init_weights(1)
     train, _ = windows
-    new, new_config = contract_blocks(model, config, train[:4], 0.5, ["1"], method="magnitude")
+    new, new_config = contract_blocks(model, config, train[:4], ratio, ["1"], method="magnitude", refit=False)
 
     old_attn, attn = model.blocks["1"].attn, new.blocks["1"].attn
-    assert (new_config.layers[1].n_heads, new_config.layers[1].n_kv_heads) == (4, 2)
-    assert attn.q_proj.weight.shape == (4 * 8, 64)
-    assert attn.k_proj.weight.shape == attn.v_proj.weight.shape == (2 * 8, 64)
-    assert attn.o_proj.weight.shape == (64, 4 * 8)
-    # Which kv groups survived, read off k_proj; then the kept heads must compute exactly what they
-    # did before, i.e. the old attention with the removed groups' o_proj columns zeroed.
-    kept = [g for g in range(4) if any(torch.equal(old_attn.k_proj.weight[g * 8 : g * 8 + 8], attn.k_proj.weight[i * 8 : i * 8 + 8]) for i in range(2))]
-    assert len(kept) == 2
+    assert (new_config.layers[1].n_heads, new_config.layers[1].n_kv_heads) == shape
+    assert attn.q_proj.weight.shape == attn.o_proj.weight.T.shape == (shape[0] * 8, 64)
+    assert attn.k_proj.weight.shape == attn.v_proj.weight.shape == (shape[1] * 8, 64)
+    # Which query heads survived, read off q_proj; the kept heads must compute exactly what they did
+    # before, i.e. the old attention with the removed heads' o_proj columns zeroed.
+    rows = lambda w, i: w[i * 8 : i * 8 + 8]  # noqa: E731
+    kept = [h for h in range(8) if any(torch.equal(rows(old_attn.q_proj.weight, h), rows(attn.q_proj.weight, i)) for i in range(shape[0]))]
+    assert len(kept) == shape[0]
     masked = Decoder(config)
     masked.load_state_dict(model.state_dict())
     with torch.no_grad():
-        for g in set(range(4)) - set(kept):
-            masked.blocks["1"].attn.o_proj.weight[:, g * 16 : g * 16 + 16] = 0
+        for h in set(range(8)) - set(kept):
+            masked.blocks["1"].attn.o_proj.weight[:, h * 8 : h * 8 + 8] = 0
     x = train[:2, :-1]
-    assert new.blocks["1"].mlp.down_proj.weight.shape == (64, 86)
     masked.blocks["1"].mlp = new.blocks["1"].mlp  # compare attention only
     torch.testing.assert_close(new(x), masked(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "kv_heads, ratio, removed",
-    [(2, 0.25, 1), (2, 0.75, 1), (4, 0.5, 2), (4, 0.1, 1), (8, 0.9, 7), (1, 0.5, 0), (4, 0.0, 0)],
-)
-def test_groups_to_remove(kv_heads, ratio, removed):
-    assert groups_to_remove(kv_heads, ratio) == removed
+@pytest.mark.parametrize("n_heads, ratio, removed", [(4, 0.25, 1), (4, 0.75, 3), (8, 0.5, 4), (4, 0.1, 1), (8, 0.9, 7), (1, 0.5, 0), (4, 0.0, 0)])
+def test_heads_to_remove(n_heads, ratio, removed):
+    assert heads_to_remove(n_heads, ratio) == removed
+
+
+def test_surgeon_costs_are_the_least_squares_error_of_what_is_kept():
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 10, generator=generator, dtype=torch.float64)
+    a = torch.randn(200, 10, generator=generator, dtype=torch.float64) @ torch.randn(10, 10, generator=generator, dtype=torch.float64)
+    gram = a.T @ a
+    surgeon = _Surgeon(w, gram)
+    damped = gram + (surgeon.hinv.inverse() - gram)  # the ridge the surgeon works with
+    for block in (torch.tensor([3]), torch.tensor([0, 7]), torch.tensor([5])):
+        surgeon.remove(block)
+    keep = torch.tensor([1, 2, 4, 6, 8, 9])
+    refit = torch.linalg.solve(damped[keep][:, keep], (w @ damped[:, keep]).T).T
+    full = torch.zeros_like(w)
+    full[:, keep] = refit
+    error = torch.trace((w - full) @ damped @ (w - full).T).item()
+    assert surgeon.error == pytest.approx(error, rel=1e-6)
+    torch.testing.assert_close(surgeon.w[:, keep], refit)  # the updates are the refit
 
 
 def test_first_and_last_blocks_are_spared_while_depth_allows():
@@ -118,7 +156,21 @@ def test_a_contracted_model_loads_trains_and_contracts_again(tmp_path, debug_mod
 
     again, again_config = contract(loaded, loaded.config, train[:8], ratio=0.5, n_layers=3)
     assert again.parameter_count() == again_config.parameters() < config.parameters()
-    assert again_config.layers[1].mlp_hidden == 86 - 43
+
+
+def test_distillation_is_zero_on_the_source_and_healing_lowers_it(debug_model, windows):
+    train, _ = windows
+    x, y = train[:4, :-1], train[:4, 1:]
+    with torch.no_grad():
+        debug_model.lm_head.weight.mul_(20)  # a source with opinions: far from uniform next-token odds
+    assert Distillation(debug_model, debug_model)(x, y)[1].item() == pytest.approx(0.0, abs=1e-5)
+    small, _ = contract_blocks(debug_model, debug_model.config, train[:8], 0.75, ["1", "2"])
+    before = Distillation(small, debug_model)(x, y)[1].item()
+    losses = heal(small, debug_model, train[:4], steps=8, batch_size=4)  # at the healing lr
+    assert before > 0.01 and Distillation(small, debug_model)(x, y)[1].item() < before and len(losses) == 8
+    assert not any(p.grad is not None for p in debug_model.parameters())  # the source is not trained
+    lm = Distillation(small, debug_model, loss="lm")(x, y)[1]
+    torch.testing.assert_close(lm, small(x, y)[1])
 
 
 @pytest.mark.slow

@@ -12,15 +12,19 @@ from shared.shapes import SIZES
 from training_image.model import Decoder
 from training_image.train import (
     CHECKPOINT,
+    MIN_LR_RATIO,
     METRICS_LOG,
     PROGRESS,
+    WARMUP_STEPS,
     Trainer,
     TrainingDiverged,
     TrainingStopped,
     TrainPlan,
+    autocast_dtype,
     batch_size_for,
     lr_at,
     train_steps,
+    warmup_steps,
 )
 
 PLAN = TrainPlan(turns=2, cycle_steps=[3, 4], lr=3e-3, seq_len=32, batch_size=4, seed=5)
@@ -49,10 +53,44 @@ def _trainer(windows, checkpoint_dir=None, *, crash_at=None, stop_at=None, check
 
 
 def test_lr_cycle_warms_up_then_decays_by_cosine():
-    rates = [lr_at(i, 100, 1.0) for i in range(100)]
-    assert rates[0] == pytest.approx(0.2) and rates[4] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(rates[4:], rates[5:]))
-    assert rates[-1] == pytest.approx(0.1, abs=0.01)
+    rates = [lr_at(i, 1000, 1.0) for i in range(1000)]
+    assert warmup_steps(1000) == WARMUP_STEPS == 40  # what AdamW with beta2 = 0.95 needs, whatever the cycle
+    assert rates[0] == pytest.approx(1 / 40) and rates[39] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(rates[:39], rates[1:40]))
+    assert all(a >= b for a, b in zip(rates[39:], rates[40:]))
+    assert rates[-1] == pytest.approx(MIN_LR_RATIO)
+
+
+@pytest.mark.parametrize("cycle_len", [1, 2, 3, 5, 8, 25, 150, 161, 6000])
+def test_every_cycle_length_ramps_to_the_peak_and_ends_on_the_floor(cycle_len):
+    rates = [lr_at(i, cycle_len, 3e-3) for i in range(cycle_len)]
+    peak = max(range(cycle_len), key=rates.__getitem__)
+    assert rates[peak] == pytest.approx(3e-3) and peak == warmup_steps(cycle_len) - 1
+    assert all(0 < r <= 3e-3 * (1 + 1e-12) for r in rates)
+    assert all(a <= b for a, b in zip(rates[:peak], rates[1 : peak + 1]))
+    assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1 :]))
+    if cycle_len >= 2:  # a short cycle still spends most of its steps decaying, down to the floor
+        assert peak < cycle_len / 2 and rates[-1] == pytest.approx(MIN_LR_RATIO * 3e-3)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx", [(False, False), (True, False), (False, True)])
+def test_bf16_autocast_by_default_only_on_a_cpu_that_has_it(windows, monkeypatch, avx512_bf16, amx):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    has = avx512_bf16 or amx
+    assert autocast_dtype(torch.device("cpu")) == (torch.bfloat16 if has else None)
+    plan = TrainPlan(turns=1, cycle_steps=[1], lr=1e-3, seq_len=32, batch_size=4)
+    train, _ = windows
+    model = Decoder(SIZES["debug"]).init_weights(0)
+    seen = []
+    model.norm.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype)))
+    model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    trainer = Trainer(model, train[:8], None, plan, log=None)
+    assert trainer.autocast is has and Trainer(model, train[:8], None, plan, log=None, autocast=not has).autocast is not has
+    trainer.run()
+    # The residual stream and its norm stay fp32; only the matmuls run in bf16 under autocast.
+    assert seen == [(torch.float32, torch.float32), torch.bfloat16 if has else torch.float32]
+    assert math.isfinite(trainer.losses[0])
 
 
 def test_batch_rule_grows_with_model_size():
