@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from training_image.tokenizer import end_of_text_id
+from training_image.tokenizer import document_ids
 
 TEXT_SUFFIXES = (".jsonl", ".txt")
 # Enough held-out tokens for a perplexity good to about a percent, few enough that evaluating
@@ -96,11 +96,9 @@ def token_windows(
     worth of them (beyond one window); the split depends only on
     the seed, so every process and every restart sees the same one.
     """
-    eot = end_of_text_id(tokenizer)
     stream: list[int] = []
-    for encoding in tokenizer.encode_batch(texts):
-        stream.extend(encoding.ids)
-        stream.append(eot)
+    for ids in document_ids(tokenizer, texts):
+        stream.extend(ids)
     window = seq_len + 1
     count = len(stream) // window
     if count < 2:
