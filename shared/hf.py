@@ -19,6 +19,7 @@ from typing import Any
 
 from shared.shapes import DTYPES, FAMILIES, LayerShape, ModelConfig, RopeScaling
 
+EXPORT_DIR = "hf"  # the transformers folder inside a job's model directory (and its model.tar.gz)
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")

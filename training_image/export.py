@@ -21,12 +21,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from shared.hf import INDEX, SINGLE, hf_config, hf_names, padded_config, tensor_shapes
+from shared.hf import EXPORT_DIR, INDEX, SINGLE, hf_config, hf_names, padded_config, tensor_shapes
 from shared.shapes import ModelConfig
 from training_image.model import Decoder
 from training_image.tokenizer import GENERATION_CONFIG, TextTokenizer, as_text_tokenizer
 
-EXPORT_DIR = "hf"  # inside a job's model directory
 SHARD_BYTES = 2 * 1024**3
 
 

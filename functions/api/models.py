@@ -7,7 +7,10 @@ from aws_lambda_powertools.event_handler.api_gateway import Router
 from aws_lambda_powertools.event_handler.openapi.params import Path
 
 from functions.api import context
-from shared.jobs import not_found
+from shared.hf import EXPORT_DIR
+from shared.jobs import not_found, split_s3
+
+DOWNLOAD_URL_SECONDS = 3600
 
 router = Router()
 
@@ -26,3 +29,22 @@ def get_model(model_id: Annotated[str, Path(max_length=128)]) -> dict[str, Any]:
     if model is None:
         raise not_found("model", "model_id", model_id)
     return model
+
+
+@router.get("/models/<model_id>/download", summary="Download a model",
+            description=f"A presigned URL (valid {DOWNLOAD_URL_SECONDS} s) of the model's archive, model.tar.gz: the "
+                        f"compact model directory at its root, the transformers folder under {EXPORT_DIR}/.",
+            responses=context.responses({200: "The download URL"}))
+def download_model(model_id: Annotated[str, Path(max_length=128)]) -> dict[str, Any]:
+    model = context.catalog().get(model_id, context.tenant(router))
+    if model is None or not model.get("artifact_uri"):
+        raise not_found("model", "model_id", model_id)
+    bucket, key = split_s3(model["artifact_uri"])
+    url = _s3().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=DOWNLOAD_URL_SECONDS)
+    return {"model_id": model_id, "url": url, "expires_in": DOWNLOAD_URL_SECONDS, "export_dir": EXPORT_DIR}
+
+
+def _s3() -> Any:
+    from botocore.config import Config
+
+    return context.session().client("s3", config=Config(signature_version="s3v4"))

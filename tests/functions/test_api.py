@@ -273,3 +273,14 @@ def test_no_body_makes_the_api_fail_with_a_5xx(world, api, body):
     assert status < 500, answer
     if status >= 400:
         assert answer["error"]["details"] or answer["error"]["code"].endswith("not_found")
+
+
+def test_download_gives_a_presigned_url_of_the_callers_model_archive_only(world, api):
+    from urllib.parse import urlparse
+
+    status, body = api("GET", "/models/m-alice/download")
+    assert status == 200 and body["export_dir"] == "hf" and body["expires_in"] > 0
+    url = urlparse(body["url"])
+    assert url.path.endswith("/jobs/j0/output/fusion-j0/output/model.tar.gz") and "X-Amz-Signature" in url.query
+    assert api("GET", "/models/m-bob/download")[0] == 404
+    assert api("GET", "/models/base-debug/download")[1]["url"].split("?")[0].endswith("/base-models/debug/model.tar.gz")
