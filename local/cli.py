@@ -447,26 +447,20 @@ def models_show(args: argparse.Namespace, client: Client, out: Output) -> int:
 
 
 def models_download(args: argparse.Namespace, client: Client, out: Output) -> int:
-    from local.models import DownloadError, download
+    from local.models import download
 
-    try:
-        path = download(client, args.model_id, args.out)
-    except DownloadError as error:
-        raise ApiError(str(error)) from None
+    path = download(client, args.model_id, args.out)
     out.console.print(f"model {args.model_id} written to {path} (load it with transformers' from_pretrained)")
     return 0
 
 
 def models_generate(args: argparse.Namespace, client: Client, out: Output) -> int:
-    from local.models import DownloadError, generate_text
+    from local.models import generate_text
 
     if args.max_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ApiError("--max-tokens must be at least 1, --temperature at least 0, --top-p in (0, 1]")
-    try:
-        text = generate_text(client, args.model_id, args.prompt, max_tokens=args.max_tokens,
-                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    except DownloadError as error:
-        raise ApiError(str(error)) from None
+    text = generate_text(client, args.model_id, args.prompt, max_tokens=args.max_tokens,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     out.console.print(args.prompt + text, markup=False)
     return 0
 

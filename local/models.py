@@ -15,13 +15,14 @@ from typing import Any
 
 import requests
 
+from local.cli import ApiError
 from shared.hf import EXPORT_DIR
 
 CHUNK = 1 << 20
 DOWNLOAD_TIMEOUT_S = 60
 
 
-class DownloadError(Exception):
+class DownloadError(ApiError):
     """The archive could not be fetched or read; the message is one line for the user."""
 
 
