@@ -85,12 +85,21 @@ def _replace_file(source: Path, destination: Path) -> None:
 def load_model_dir(path: str | Path) -> tuple[Decoder, Tokenizer]:
     """(model in fp32 on CPU, tokenizer) from a model directory or a directory holding model.tar.gz."""
     directory = find_model_dir(path)
+    if is_hf_folder(directory):  # a tenant's own checkpoint, registered as it is
+        from training_image.hf import import_hf
+
+        directory = import_hf(directory, Path(tempfile.mkdtemp(prefix="fusion-import-")) / "model")
     config = ModelConfig.model_validate_json((directory / CONFIG).read_text())
     model = Decoder(config)
     missing, unexpected = load_model(model, str(directory / WEIGHTS), strict=False)
     if missing or unexpected:
         raise ValueError(f"{directory / WEIGHTS} does not match its config.json: missing {missing}, unexpected {unexpected}")
     return model, load_tokenizer(directory / TOKENIZER)
+
+
+def is_hf_folder(directory: Path) -> bool:
+    """A Hugging Face config.json names its model_type; ours never does."""
+    return "model_type" in json.loads((directory / CONFIG).read_text())
 
 
 def find_model_dir(path: str | Path) -> Path:

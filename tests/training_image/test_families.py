@@ -161,10 +161,9 @@ def test_the_source_tokenizer_files_travel_through_import_and_export(tmp_path, c
     assert json.loads((tmp_path / "out/generation_config.json").read_text()) == generation
 
 
-def test_a_train_job_on_an_imported_model_writes_a_loadable_export(tmp_path, corpus, monkeypatch):
-    hf_checkpoint(tmp_path / "hf", "qwen3", corpus)
+def test_a_train_job_on_a_hugging_face_folder_writes_a_loadable_export(tmp_path, corpus, monkeypatch):
     root = tmp_path / "ml"
-    import_hf(tmp_path / "hf", root / "input/data/model")
+    hf_checkpoint(root / "input/data/model", "qwen3", corpus)  # the folder as a tenant registered it
     (root / "input/data/training").mkdir(parents=True)
     (root / "input/data/training/a.txt").write_text("\n".join(corpus[:3]))
     write_hyperparameters(root, job_type="train", job_id="job-1", turns="1", cycles="1", steps_per_cycle="2",
