@@ -1,9 +1,9 @@
 """Training text in, packed token windows out.
 
 Datasets are JSONL files whose lines carry a "text" field, or plain .txt files, anywhere under
-a channel directory. Documents are tokenized, joined with the end-of-text token and cut into
-windows of seq_len + 1 tokens (inputs are the first seq_len, targets the last seq_len); a
-seeded share of the windows is held out for perplexity.
+a channel directory. Documents are tokenized (BOS first where the family has one, its EOS after
+each), joined and cut into windows of seq_len + 1 tokens (inputs are the first seq_len, targets
+the last seq_len); a seeded share of the windows is held out for perplexity.
 """
 
 from __future__ import annotations

@@ -179,3 +179,19 @@ def test_a_train_job_on_a_hugging_face_folder_writes_a_loadable_export(tmp_path,
         assert (hf(x).logits - model(x)).abs().max() < 1e-4
     prompt = x[0, :6].tolist()
     assert generate(model, prompt, 10) == hf_greedy(hf, prompt, 10)
+
+
+def test_sampling_with_the_kv_cache_follows_temperature_top_p_and_stops_at_eos():
+    model = family_model("qwen3")
+    prompt = [5, 17, 3]
+    greedy = generate(model, prompt, 12)
+    with torch.no_grad():  # the cache gives what recomputing the whole sequence gives
+        ids = list(prompt)
+        for _ in range(12):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert greedy == ids[len(prompt):]
+    assert generate(model, prompt, 12, temperature=1.0, top_p=1e-6, seed=4) == greedy  # only the top token left
+    sampled = [generate(model, prompt, 12, temperature=1.5, seed=s) for s in range(3)]
+    assert len({tuple(s) for s in sampled}) > 1 and generate(model, prompt, 12, temperature=1.5, seed=1) == sampled[1]
+    stop = greedy[4]
+    assert generate(model, prompt, 12, stop={stop}) == greedy[: greedy.index(stop) + 1]
