@@ -272,7 +272,8 @@ def check_tensors(config: ModelConfig, headers: dict[str, dict[str, Any]]) -> st
     found: dict[str, dict[str, Any]] = {}
     for header in headers.values():
         found.update({name: info for name, info in header.items() if name != "__metadata__"})
-    expected = {hf: shape for ours, hf in hf_names(config).items() for shape in [tensor_shapes(config)[ours]]}
+    shapes = tensor_shapes(config)
+    expected = {hf: shapes[ours] for ours, hf in hf_names(config).items()}
     missing = sorted(set(expected) - set(found))
     if missing:
         raise UnsupportedCheckpoint(f"missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
