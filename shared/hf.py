@@ -23,7 +23,8 @@ EXPORT_DIR = "hf"  # the transformers folder inside a job's model directory (and
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-HEADER_LIMIT = 100 * 1024 * 1024  # a safetensors header larger than this is not a checkpoint
+HEADER_LIMIT = 100 * 1024 * 1024
+MAX_LAYERS = 1024  # far above any open-weight family; bounds the work a claimed config can cause  # a safetensors header larger than this is not a checkpoint
 
 # safetensors dtype names <-> ours; a checkpoint in any other dtype is refused.
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -68,6 +69,8 @@ def model_config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelCon
         raise UnsupportedCheckpoint("attention_bias (a bias on o_proj as well as q/k/v) is not supported")
     context = int(hf.get("max_position_embeddings", 2048))
     _refuse_sliding_window(hf, family, context)
+    if not 1 <= int(hf["num_hidden_layers"]) <= MAX_LAYERS:
+        raise UnsupportedCheckpoint(f"num_hidden_layers={hf['num_hidden_layers']} is outside 1..{MAX_LAYERS}")
     heads = int(hf["num_attention_heads"])
     layer = LayerShape(
         n_heads=heads, n_kv_heads=int(hf.get("num_key_value_heads") or heads), mlp_hidden=int(hf["intermediate_size"])

@@ -323,7 +323,8 @@ def test_register_a_hugging_face_folder_then_train_it(world, api, tmp_path, corp
     (lambda folder: _edit_config(folder, intermediate_size=100), "has shape [96, 64], expected [100, 64]"),
     (lambda folder: next(folder.glob("model-00002-*.safetensors")).unlink(), "is not in the folder"),
     (lambda folder: (folder / "tokenizer.json").unlink(), "no tokenizer.json"),
-    (lambda folder: _edit_config(folder, num_hidden_layers=3000), "missing tensors"),
+    (lambda folder: _edit_config(folder, num_hidden_layers=4), "missing tensors"),
+    (lambda folder: _edit_config(folder, num_hidden_layers=10**9), "outside 1..1024"),
 ])
 def test_a_folder_that_cannot_be_trained_is_registered_rejected_with_the_reason(world, api, tmp_path, corpus, damage,
                                                                                reason):
