@@ -6,6 +6,8 @@
     fusion jobs create train ... --wait  submit, then follow it with a live progress bar
     fusion jobs list|get|wait|cancel     follow and control jobs
     fusion models list|show              the catalog
+    fusion models download MODEL --out DIR   its transformers folder (config.json, safetensors, tokenizer)
+    fusion models generate MODEL --prompt TEXT   sample from it on this machine
 
 Against a deployed stack: --api-url (or FUSION_API_URL) and --token (or FUSION_TOKEN, a JWT
 your identity provider issued). The job settings' flags are generated from the same pydantic
@@ -348,6 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="the catalog").add_subparsers(dest="action", required=True)
     models.add_parser("list", help="base models and yours")
     models.add_parser("show", help="one model in detail").add_argument("model_id")
+    download = models.add_parser("download", help="write a model's transformers folder to a directory")
+    download.add_argument("model_id")
+    download.add_argument("--out", required=True, type=Path, help="a new or empty directory")
+    generate = models.add_parser("generate", help="sample text from a model on this machine (KV cache)")
+    generate.add_argument("model_id", help="a catalog model id, or a model directory / model.tar.gz here")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-tokens", type=int, default=64, help="new tokens at most (default %(default)s)")
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default %(default)s)")
+    generate.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default %(default)s)")
+    generate.add_argument("--seed", type=int, default=0)
 
     datasets = sub.add_parser("datasets", help="training data").add_subparsers(dest="action", required=True)
     upload = datasets.add_parser("upload", help="register, upload and check a dataset")
@@ -443,6 +455,25 @@ def models_show(args: argparse.Namespace, client: Client, out: Output) -> int:
     return 0
 
 
+def models_download(args: argparse.Namespace, client: Client, out: Output) -> int:
+    from local.models import download
+
+    path = download(client, args.model_id, args.out)
+    out.console.print(f"model {args.model_id} written to {path} (load it with transformers' from_pretrained)")
+    return 0
+
+
+def models_generate(args: argparse.Namespace, client: Client, out: Output) -> int:
+    from local.models import generate_text
+
+    if args.max_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ApiError("--max-tokens must be at least 1, --temperature at least 0, --top-p in (0, 1]")
+    text = generate_text(client, args.model_id, args.prompt, max_tokens=args.max_tokens,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    out.console.print(args.prompt + text, markup=False)
+    return 0
+
+
 def datasets_upload(args: argparse.Namespace, client: Client, out: Output) -> int:
     dataset = upload_dataset(client, args.file, name=args.name, fmt=args.format, wait=not args.no_wait)
     out.show(dataset, lambda d: datasets_table([d]))
@@ -470,6 +501,8 @@ COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace, Client, Out
     ("jobs", "wait"): jobs_wait,
     ("models", "list"): models_list,
     ("models", "show"): models_show,
+    ("models", "download"): models_download,
+    ("models", "generate"): models_generate,
     ("datasets", "upload"): datasets_upload,
     ("datasets", "list"): datasets_list,
     ("datasets", "get"): datasets_get,

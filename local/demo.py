@@ -2,7 +2,7 @@
 
 Starts the local stack, builds a dataset from the Python standard library's sources, uploads it
 through the API, prices a train job, trains the base model with live progress, contracts the
-result, and prints the catalog. Everything it started is stopped when it ends, fails or is
+result, prints the catalog, and ends with a sample from the trained and the contracted model. Everything it started is stopped when it ends, fails or is
 interrupted.
 
 The defaults fit a 2-core machine in a few minutes; FUSION_DEMO_SIZE, FUSION_DEMO_STEPS and
@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.rule import Rule
 
 from local.cli import ApiError, Client, estimate_table, follow, models_table, datasets_table, duration, money, upload_dataset
+from local.models import generate_text
 from local.stack import REPO, LocalStack, interrupt_on_signals
 from shared.shapes import SIZES
 
@@ -29,6 +30,7 @@ SIZE = os.environ.get("FUSION_DEMO_SIZE", "tiny")
 TRAIN_STEPS = int(os.environ.get("FUSION_DEMO_STEPS", "240"))
 HEAL_STEPS = int(os.environ.get("FUSION_DEMO_HEAL_STEPS", "40"))
 DATASET_BYTES = 2_000_000
+SAMPLE_PROMPT = "def "
 
 
 def build_dataset(path: Path, max_bytes: int = DATASET_BYTES) -> Path:
@@ -95,6 +97,12 @@ def run_demo(console: Console) -> int:
         by_id = {m["model_id"]: m for m in models}
         console.print(models_table([by_id[model_id] for model_id in lineage]))
         console.print(f"\n(the other base models: {', '.join(m['model_id'] for m in models if m['kind'] == 'base' and m['model_id'] not in lineage)})")
+
+        console.print(Rule("6. samples (fusion models generate MODEL --prompt ...)"))
+        for model_id in lineage[1:]:
+            text = generate_text(client, model_id, SAMPLE_PROMPT, max_tokens=48, temperature=0.7, top_p=0.9, seed=0)
+            console.print(f"[bold]{model_id}[/bold]:")
+            console.print(SAMPLE_PROMPT + text, markup=False)
     console.print(f"\ndemo finished in {duration(time.monotonic() - started)}; everything it started is stopped.")
     return 0
 

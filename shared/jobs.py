@@ -140,6 +140,8 @@ def resolve(
         base = catalog.get(request.model, owner)
         if base is None:
             raise not_found("model", "model", request.model)
+        if base.get("status", "ready") != "ready":  # a registered folder that failed its check
+            raise invalid("model", f"{request.model} is {base['status']}: {base.get('reason')}")
         config = ModelConfig.model_validate(base["config"])
         settings: TrainSettings | ContractSettings = request.hyperparams
         if settings.seq_len > config.context_length:
@@ -603,6 +605,8 @@ def catalog_entry(job: dict[str, Any], metrics: dict[str, Any], artifact_uri: st
         "job_id": job["job_id"],
         "parameters": config.parameters(),
         "depth": config.n_layers,
+        "family": config.family,
+        "context_length": config.context_length,
         "perplexity": metrics.get("final_perplexity"),
         "artifact_uri": artifact_uri,
         "cost": str(cost),

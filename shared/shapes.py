@@ -9,7 +9,7 @@ and growth can insert copies of a neighbour.
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -32,6 +32,29 @@ class LayerShape(BaseModel):
         return self
 
 
+class RopeScaling(BaseModel):
+    """Stretched rotary frequencies, as the source checkpoint trained them.
+
+    linear: every frequency divided by `factor`. llama3 (Llama 3.1+): wavelengths longer than
+    original_context_length / low_freq_factor are divided by `factor`, shorter than
+    original_context_length / high_freq_factor kept, and the band between interpolated smoothly.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["linear", "llama3"]
+    factor: Annotated[float, Field(gt=0)]
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_context_length: Annotated[int, Field(ge=1)] | None = None
+
+
+# Architectures a model can be written out as (the Hugging Face model_type): they share one
+# block layout and differ only in the optional features below.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 class ModelConfig(BaseModel):
     """The exact shape of a model; serialized as the model directory's `config.json`."""
 
@@ -45,6 +68,11 @@ class ModelConfig(BaseModel):
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
+    rope_scaling: RopeScaling | None = None
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    qk_norm: bool = False  # an RMSNorm over each head's queries and keys before rotary (Qwen3)
+    family: Literal[FAMILIES] = "llama"  # the architecture exported models are written as
+    dtype: Literal[DTYPES] = "float32"  # of the weights stored in a model directory; training runs in fp32
     # Stable names of the blocks in order ("0".."N-1"; a block grown after "3" is "3_1"), so a
     # surgery that inserts or removes a block never renames the weights of the others.
     block_ids: list[str] | None = None
@@ -90,12 +118,16 @@ class ModelConfig(BaseModel):
     def layer_parameters(self, layer: LayerShape) -> int:
         d, hd = self.dim, self.head_dim
         attention = d * layer.n_heads * hd + 2 * d * layer.n_kv_heads * hd + layer.n_heads * hd * d
+        if self.qkv_bias:
+            attention += (layer.n_heads + 2 * layer.n_kv_heads) * hd
+        if self.qk_norm:
+            attention += 2 * hd
         mlp = 3 * d * layer.mlp_hidden  # gate, up, down (SwiGLU)
         norms = 2 * d
         return attention + mlp + norms
 
     def parameters(self) -> int:
-        """Exact parameter count of the model this config describes (no biases anywhere)."""
+        """Exact parameter count of the model this config describes."""
         embeddings = self.vocab_size * self.dim
         head = 0 if self.tie_embeddings else self.vocab_size * self.dim
         return embeddings + head + self.dim + sum(self.layer_parameters(l) for l in self.layers)

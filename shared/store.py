@@ -343,6 +343,8 @@ def base_model(model_id: str, *, artifacts_bucket: str) -> dict[str, Any] | None
         "job_id": None,
         "parameters": config.parameters(),
         "depth": config.n_layers,
+        "family": config.family,
+        "context_length": config.context_length,
         "perplexity": None,
         "artifact_uri": f"s3://{artifacts_bucket}/base-models/{size}/model.tar.gz",
         "cost": None,

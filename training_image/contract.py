@@ -439,10 +439,23 @@ def _shrink_block(old, new, cut: LayerCut, stats: LayerStats | None, refit: bool
     a_new.q_proj.weight.copy_(a_old.q_proj.weight[q_rows])
     a_new.k_proj.weight.copy_(a_old.k_proj.weight[kv_rows])
     a_new.v_proj.weight.copy_(a_old.v_proj.weight[kv_rows])
+    _copy_head_extras(a_old, a_new, q_cols, kv_rows)
     if refit:
         a_new.o_proj.weight.copy_(_refit(a_old.o_proj.weight, stats.attn_gram, q_rows.to(stats.attn_gram.device)))
     else:
         a_new.o_proj.weight.copy_(a_old.o_proj.weight[:, q_rows])
+
+
+def _copy_head_extras(old, new, q_rows: torch.Tensor, kv_rows: torch.Tensor) -> None:
+    """What else belongs to the kept heads: q/k/v biases follow their rows; a q/k norm is one
+    weight shared by every head, so it is kept whole."""
+    if old.q_proj.bias is not None:
+        new.q_proj.bias.copy_(old.q_proj.bias[q_rows])
+        new.k_proj.bias.copy_(old.k_proj.bias[kv_rows])
+        new.v_proj.bias.copy_(old.v_proj.bias[kv_rows])
+    if old.q_norm is not None:
+        new.q_norm.weight.copy_(old.q_norm.weight)
+        new.k_norm.weight.copy_(old.k_norm.weight)
 
 
 @torch.no_grad()

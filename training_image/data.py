@@ -1,9 +1,9 @@
 """Training text in, packed token windows out.
 
 Datasets are JSONL files whose lines carry a "text" field, or plain .txt files, anywhere under
-a channel directory. Documents are tokenized, joined with the end-of-text token and cut into
-windows of seq_len + 1 tokens (inputs are the first seq_len, targets the last seq_len); a
-seeded share of the windows is held out for perplexity.
+a channel directory. Documents are tokenized (BOS first where the family has one, its EOS after
+each), joined and cut into windows of seq_len + 1 tokens (inputs are the first seq_len, targets
+the last seq_len); a seeded share of the windows is held out for perplexity.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from tokenizers import Tokenizer
 
-from training_image.tokenizer import end_of_text_id
+from training_image.tokenizer import document_ids
 
 TEXT_SUFFIXES = (".jsonl", ".txt")
 # Enough held-out tokens for a perplexity good to about a percent, few enough that evaluating
@@ -113,11 +113,9 @@ def token_windows(
     worth of them (beyond one window); the split depends only on
     the seed, so every process and every restart sees the same one.
     """
-    eot = end_of_text_id(tokenizer)
     stream: list[int] = []
-    for encoding in tokenizer.encode_batch(texts):
-        stream.extend(encoding.ids)
-        stream.append(eot)
+    for ids in document_ids(tokenizer, texts):
+        stream.extend(ids)
     window = seq_len + 1
     count = len(stream) // window
     if count < 2:

@@ -1,7 +1,8 @@
 """Fusion's compact decoder, readable top to bottom.
 
 RMSNorm, rotary positions, grouped-query attention through `scaled_dot_product_attention`, and
-a SwiGLU MLP. The shape comes from `shared.shapes.ModelConfig`, where each layer has its own head
+a SwiGLU MLP: the block of Llama, Mistral and Qwen2/3, whose few differences (q/k/v biases, a
+per-head q/k norm, stretched rotary frequencies, tied embeddings) are config fields. The shape comes from `shared.shapes.ModelConfig`, where each layer has its own head
 count and MLP width, so contraction can shrink layers one by one. Blocks live in a ModuleDict
 keyed by a stable id ("0", "1", ... and "3_1" for a block grown after block 3), so inserting or
 removing a block never renames the weights of the others.
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.shapes import LayerShape, ModelConfig
+from shared.shapes import LayerShape, ModelConfig, RopeScaling
 
 
 class RMSNorm(nn.Module):
@@ -53,9 +54,27 @@ class _RMSNorm(torch.autograd.Function):
         return grad_x.type_as(grad), grad_weight.type_as(weight), None
 
 
-def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None, context_length: int) -> torch.Tensor:
+    """Rotary frequencies (D/2,), stretched the way the checkpoint was trained (see RopeScaling)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling.type == "linear":
+        return inv_freq / scaling.factor
+    original = scaling.original_context_length or context_length
+    wavelength = 2 * math.pi / inv_freq
+    # 0 at or below the high-frequency wavelength (kept), 1 at or above the low one (divided).
+    smooth = (original / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    stretched = torch.where(wavelength > original / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq)
+    middle = (wavelength >= original / scaling.high_freq_factor) & (wavelength <= original / scaling.low_freq_factor)
+    return torch.where(middle, (1 - smooth) * stretched / scaling.factor + smooth * stretched, stretched)
+
+
+def rope_tables(
+    head_dim: int, length: int, theta: float, device=None, scaling: RopeScaling | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles, each (T, D/2)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    inv_freq = rope_frequencies(head_dim, theta, scaling, length).to(device)
     angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
@@ -68,27 +87,53 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, head_dim: int, shape: LayerShape):
+    def __init__(self, config: ModelConfig, shape: LayerShape):
         super().__init__()
+        dim, head_dim, bias = config.dim, config.head_dim, config.qkv_bias
         self.n_heads, self.n_kv_heads, self.head_dim = shape.n_heads, shape.n_kv_heads, head_dim
-        self.q_proj = nn.Linear(dim, shape.n_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, shape.n_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, shape.n_kv_heads * head_dim, bias=False)
+        self.q_proj = nn.Linear(dim, shape.n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, shape.n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, shape.n_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(shape.n_heads * head_dim, dim, bias=False)
+        # One weight of D shared by every head, so pruning heads leaves these norms as they are.
+        self.q_norm = RMSNorm(head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(head_dim, config.norm_eps) if config.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None" = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         # One matmul for q, k and v (the weights stay three parameters, so names and surgery don't
         # change): a wide matmul runs faster than three narrow ones, and concatenating weights is cheap.
-        qkv = F.linear(x, torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)))
+        bias = None
+        if self.q_proj.bias is not None:
+            bias = torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias))
+        qkv = F.linear(x, torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)), bias)
         qk, v = qkv.split(((H + K) * D, K * D), dim=-1)
-        qk = apply_rope(qk.view(B, T, H + K, D).transpose(1, 2), cos, sin)  # (B, H+K, T, D), rotated at once
+        qk = qk.view(B, T, H + K, D)
+        if self.q_norm is not None:
+            q, k = qk.split((H, K), dim=2)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=2)
+        qk = apply_rope(qk.transpose(1, 2), cos, sin)  # (B, H+K, T, D), rotated at once
         q, k = qk.split((H, K), dim=1)  # (B, H, T, D), (B, K, T, D)
         v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        causal = True
+        if cache is not None:
+            # Decoding: the new positions attend to every cached one and causally among themselves.
+            k, v = cache.append(self, k, v)  # (B, K, S, D), S = cached + T
+            causal = T > 1
+            if causal and k.shape[2] > T:
+                return self.o_proj(self._attend_masked(q, k, v).transpose(1, 2).reshape(B, T, H * D))
         # enable_gqa: query head h reads kv head h // (H / K), without materialising repeated k and v.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=K != H)  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=K != H)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+    def _attend_masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        T, S = q.shape[2], k.shape[2]
+        # Query i (at position S - T + i) sees keys 0 .. S - T + i.
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
 
 
 class MLP(nn.Module):
@@ -106,12 +151,12 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, shape: LayerShape):
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attn = Attention(config.dim, config.head_dim, shape)
+        self.attn = Attention(config, shape)
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config.dim, shape.mlp_hidden)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None" = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -128,7 +173,7 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta)
+        cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta, scaling=config.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -143,6 +188,8 @@ class Decoder(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=generator) * residual_std)
@@ -151,15 +198,20 @@ class Decoder(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
         return self
 
-    def forward_hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (B, T, C) of token ids (B, T), before the output norm."""
-        T = idx.shape[1]
-        if T > self.config.context_length:
-            raise ValueError(f"sequence of {T} tokens exceeds the context length {self.config.context_length}")
+    def forward_hidden(self, idx: torch.Tensor, cache: "KVCache | None" = None) -> torch.Tensor:
+        """Final hidden states (B, T, C) of token ids (B, T), before the output norm.
+
+        With a cache, idx continues the sequence the cache holds (positions start after it)."""
+        start = cache.length if cache is not None else 0
+        end = start + idx.shape[1]
+        if end > self.config.context_length:
+            raise ValueError(f"sequence of {end} tokens exceeds the context length {self.config.context_length}")
         x = self.embed(idx)  # (B, T, C)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         for block in self.blocks.values():
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.length = end
         return x
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
@@ -172,3 +224,19 @@ class Decoder(nn.Module):
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class KVCache:
+    """Each attention layer's keys and values so far, for decoding one token at a time."""
+
+    def __init__(self):
+        self.length = 0
+        self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def append(self, layer: Attention, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) of every position so far, these new ones (B, K, T, D) last."""
+        if id(layer) in self._kv:
+            old_k, old_v = self._kv[id(layer)]
+            k, v = torch.cat((old_k, k), dim=2), torch.cat((old_v, v), dim=2)
+        self._kv[id(layer)] = (k, v)
+        return k, v

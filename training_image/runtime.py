@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from shared.shapes import batch_size_for
 from training_image import tokens
+from training_image.export import EXPORT_DIR, export_hf
 from training_image.modeldir import METRICS, save_model_dir
 
 FAILURE_LIMIT = 1024  # SageMaker keeps about this much of output/failure as FailureReason
@@ -93,9 +94,11 @@ def log(line: str) -> None:
 
 
 def write_outputs(root: Path, model, tokenizer, metrics: dict) -> None:
-    """The model directory in model/, and metrics.json again in output/data/ (SageMaker packs that
-    folder into the small output.tar.gz the events function reads)."""
+    """The model directory in model/ with its transformers export in model/hf/, and metrics.json
+    again in output/data/ (SageMaker packs that folder into the small output.tar.gz the events
+    function reads)."""
     save_model_dir(root / "model", model, tokenizer, metrics)
+    export_hf(model, tokenizer, root / "model" / EXPORT_DIR)
     output = root / "output/data"
     output.mkdir(parents=True, exist_ok=True)
     (output / METRICS).write_text(json.dumps(metrics, indent=2))

@@ -3,12 +3,18 @@
 Byte-level means every string can be encoded, whatever its alphabet: the 256 byte symbols are
 always in the vocabulary and merges are learned on top of them. Training is deterministic: the
 same texts and vocabulary size give the same tokenizer.json.
+
+A Hugging Face checkpoint brings its own tokenizer.json and tokenizer_config.json; the second says
+where documents start and end (bos_token, add_bos_token, eos_token). `TextTokenizer` keeps both
+files together, so every model directory and export carries the source's rules, and
+`document_ids` applies them: BOS where the family puts it, EOS after every document.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -32,16 +38,83 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def end_of_text_id(tokenizer: Tokenizer) -> int:
-    token_id = tokenizer.token_to_id(END_OF_TEXT)
-    if token_id is None:
-        raise ValueError(f"tokenizer has no {END_OF_TEXT} token")
-    return token_id
+TOKENIZER_CONFIG, GENERATION_CONFIG = "tokenizer_config.json", "generation_config.json"
 
 
-def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:
+class TextTokenizer:
+    """A `tokenizers.Tokenizer` with its tokenizer_config.json, and the source's
+    generation_config.json when it had one (both travel with the model); otherwise used as the
+    Tokenizer is."""
+
+    def __init__(self, tokenizer: Tokenizer, config: dict[str, Any] | None = None, generation: dict[str, Any] | None = None):
+        self.tokenizer = tokenizer
+        self.config = dict(config) if config is not None else own_tokenizer_config()
+        self.generation = dict(generation) if generation else None
+        self.bos_id = self._special_id("bos_token")
+        self.eos_id = self._special_id("eos_token")
+        if self.eos_id is None:
+            raise ValueError(f"the tokenizer has no end-of-document token: {TOKENIZER_CONFIG} names no eos_token it knows")
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+    def _special_id(self, key: str) -> int | None:
+        token = self.config.get(key)
+        if isinstance(token, dict):  # an AddedToken written out: {"content": ..., ...}
+            token = token.get("content")
+        return self.tokenizer.token_to_id(token) if isinstance(token, str) else None
+
+    def save(self, path: str | Path) -> None:
+        """tokenizer.json at `path`, tokenizer_config.json (and generation_config.json) beside it."""
+        self.tokenizer.save(str(path))
+        Path(path).with_name(TOKENIZER_CONFIG).write_text(json.dumps(self.config, indent=2))
+        if self.generation is not None:
+            Path(path).with_name(GENERATION_CONFIG).write_text(json.dumps(self.generation, indent=2))
+
+    def document_ids(self, texts: list[str]) -> list[list[int]]:
+        """The tokens of each document as the family trains on it: BOS first where it has one and
+        adds it (add_bos_token, else what tokenizer.json's post-processor does), EOS last."""
+        add_bos = self.config.get("add_bos_token")
+        documents = []
+        for encoding in self.tokenizer.encode_batch(texts, add_special_tokens=add_bos is not False):
+            ids = encoding.ids
+            if add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+                ids.insert(0, self.bos_id)
+            if ids[-1:] != [self.eos_id]:
+                ids.append(self.eos_id)
+            documents.append(ids)
+        return documents
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """The tokens generation continues from: the document's, without the EOS that would end it."""
+        return self.document_ids([text])[0][:-1]
+
+
+def own_tokenizer_config() -> dict[str, Any]:
+    """tokenizer_config.json of the tokenizers trained here, so transformers loads them too."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": END_OF_TEXT,
+            "add_bos_token": False, "add_eos_token": False}
+
+
+def as_text_tokenizer(tokenizer: Tokenizer | TextTokenizer) -> TextTokenizer:
+    return tokenizer if isinstance(tokenizer, TextTokenizer) else TextTokenizer(tokenizer)
+
+
+def end_of_text_id(tokenizer: Tokenizer | TextTokenizer) -> int:
+    """The token that ends every document."""
+    return as_text_tokenizer(tokenizer).eos_id
+
+
+def document_ids(tokenizer: Tokenizer | TextTokenizer, texts: list[str]) -> list[list[int]]:
+    return as_text_tokenizer(tokenizer).document_ids(texts)
+
+
+def save_tokenizer(tokenizer: Tokenizer | TextTokenizer, path: str | Path) -> None:
     tokenizer.save(str(path))
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    return Tokenizer.from_file(str(path))
+def load_tokenizer(path: str | Path) -> TextTokenizer:
+    """tokenizer.json, with the tokenizer_config.json and generation_config.json beside it when there are."""
+    beside = {name: Path(path).with_name(name) for name in (TOKENIZER_CONFIG, GENERATION_CONFIG)}
+    config, generation = (json.loads(p.read_text()) if p.is_file() else None for p in beside.values())
+    return TextTokenizer(Tokenizer.from_file(str(path)), config, generation)

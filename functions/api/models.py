@@ -3,11 +3,17 @@
 
 from typing import Annotated, Any
 
+from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.api_gateway import Router
 from aws_lambda_powertools.event_handler.openapi.params import Path
+from pydantic import BaseModel, ConfigDict, Field
 
 from functions.api import context
-from shared.jobs import not_found
+from shared.hf import EXPORT_DIR
+from shared.hf_check import folder_model
+from shared.jobs import invalid, not_found, split_s3
+
+DOWNLOAD_URL_SECONDS = 3600
 
 router = Router()
 
@@ -18,6 +24,31 @@ def list_models() -> dict[str, Any]:
     return {"models": context.catalog().list(context.tenant(router))}
 
 
+class RegisterModelRequest(BaseModel):
+    """A Hugging Face folder (config.json, safetensors shards, tokenizer.json) under the caller's data prefix."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    uri: Annotated[str, Field(min_length=6, max_length=1024, description="s3://<data bucket>/<tenant>/<folder>/")]
+
+
+@router.post("/models", summary="Register your own base model",
+             description="Checks the folder's config.json and safetensors headers (nothing is downloaded) and "
+                         "registers it as ready, with its family, parameters, depth and context, or as rejected "
+                         "with the reason. A ready model is trained like any base model.",
+             responses=context.responses({201: "The registered model, ready or rejected"}, 415))
+def register_model(request: RegisterModelRequest):
+    tenant = context.tenant(router)
+    prefix = f"s3://{context.env('DATA_BUCKET')}/{tenant}/"
+    rest = request.uri[len(prefix):]
+    if not request.uri.startswith(prefix) or not rest.strip("/") or ".." in rest.split("/"):
+        raise invalid("uri", f"a model folder must lie under {prefix}")
+    model = folder_model(request.uri, request.name, tenant, _s3())
+    context.catalog().register(model)
+    return Response(status_code=201, content_type=content_types.APPLICATION_JSON, body=model)
+
+
 @router.get("/models/<model_id>", summary="Show a model",
             description="Size, depth, perplexity, parent, producing job, artifact and cost of one model.",
             responses=context.responses({200: "The model"}))
@@ -26,3 +57,24 @@ def get_model(model_id: Annotated[str, Path(max_length=128)]) -> dict[str, Any]:
     if model is None:
         raise not_found("model", "model_id", model_id)
     return model
+
+
+@router.get("/models/<model_id>/download", summary="Download a model",
+            description=f"A presigned URL (valid {DOWNLOAD_URL_SECONDS} s) of the model's archive, model.tar.gz: the "
+                        f"compact model directory at its root, the transformers folder under {EXPORT_DIR}/.",
+            responses=context.responses({200: "The download URL"}))
+def download_model(model_id: Annotated[str, Path(max_length=128)]) -> dict[str, Any]:
+    model = context.catalog().get(model_id, context.tenant(router))
+    if model is None or not model.get("artifact_uri"):
+        raise not_found("model", "model_id", model_id)
+    if model.get("kind") == "imported":
+        raise invalid("model_id", f"{model_id} is your own folder, at {model['artifact_uri']}; download its trained models")
+    bucket, key = split_s3(model["artifact_uri"])
+    url = _s3().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=DOWNLOAD_URL_SECONDS)
+    return {"model_id": model_id, "url": url, "expires_in": DOWNLOAD_URL_SECONDS, "export_dir": EXPORT_DIR}
+
+
+def _s3() -> Any:
+    from botocore.config import Config
+
+    return context.session().client("s3", config=Config(signature_version="s3v4"))

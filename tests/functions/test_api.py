@@ -290,3 +290,105 @@ def test_a_job_no_instance_can_hold_is_refused_with_the_figures(world, api):
     assert error["error"]["details"][0]["field"] == "model"
     assert "GiB per GPU" in error["error"]["message"] and "ml.p5.48xlarge" in error["error"]["message"]
     assert _stored(world) == [] and _queued(world) == []
+
+
+def test_download_gives_a_presigned_url_of_the_callers_model_archive_only(world, api):
+    from urllib.parse import urlparse
+
+    status, body = api("GET", "/models/m-alice/download")
+    assert status == 200 and body["export_dir"] == "hf" and body["expires_in"] > 0
+    url = urlparse(body["url"])
+    assert url.path.endswith("/jobs/j0/output/fusion-j0/output/model.tar.gz") and "X-Amz-Signature" in url.query
+    assert api("GET", "/models/m-bob/download")[0] == 404
+    assert api("GET", "/models/base-debug/download")[1]["url"].split("?")[0].endswith("/base-models/debug/model.tar.gz")
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    from training_image.data import stdlib_corpus
+
+    return stdlib_corpus(100_000)
+
+
+def _upload_folder(aws, folder, prefix: str) -> str:
+    s3 = aws.session.client("s3")
+    for path in folder.iterdir():
+        s3.upload_file(str(path), aws.env["DATA_BUCKET"], f"{prefix}{path.name}")
+    return f"s3://{aws.env['DATA_BUCKET']}/{prefix}"
+
+
+def test_register_a_hugging_face_folder_then_train_it(world, api, tmp_path, corpus):
+    from tests.training_image.test_hf_import import hf_checkpoint
+
+    hf = hf_checkpoint(tmp_path / "qwen", "qwen2", corpus)
+    uri = _upload_folder(world, tmp_path / "qwen", "alice/models/qwen/")
+    status, model = api("POST", "/models", {"name": "my-qwen", "uri": uri})
+    assert status == 201 and model["status"] == "ready", model
+    assert (model["family"], model["parameters"], model["depth"], model["context_length"]) == (
+        "qwen2", hf.num_parameters(), 3, 128)
+    assert model["model_id"] in {m["model_id"] for m in api("GET", "/models")[1]["models"]}
+    assert model["model_id"] not in {m["model_id"] for m in api("GET", "/models", tenant="bob")[1]["models"]}
+    status, job = api("POST", "/jobs", {"type": "train", "model": model["model_id"], "dataset": DATASET,
+                                        "hyperparams": {"seq_len": 64}})
+    assert status == 201, job
+    assert Jobs(session=world.session).get(job["job_id"])["input_model_uri"] == uri
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda folder: _edit_config(folder, model_type="mixtral", num_local_experts=8), "mixture-of-experts"),
+    (lambda folder: _edit_config(folder, hidden_act="gelu"), "activation 'gelu'"),
+    (lambda folder: _edit_config(folder, intermediate_size=100), "has shape [96, 64], expected [100, 64]"),
+    (lambda folder: next(folder.glob("model-00002-*.safetensors")).unlink(), "is not in the folder"),
+    (lambda folder: (folder / "tokenizer.json").unlink(), "no tokenizer.json"),
+    (lambda folder: _edit_config(folder, num_hidden_layers=4), "missing tensors"),
+    (lambda folder: _edit_config(folder, num_hidden_layers=10**9), "outside 1..1024"),
+])
+def test_a_folder_that_cannot_be_trained_is_registered_rejected_with_the_reason(world, api, tmp_path, corpus, damage,
+                                                                               reason):
+    from tests.training_image.test_hf_import import hf_checkpoint
+
+    hf_checkpoint(tmp_path / "qwen", "qwen2", corpus)
+    damage(tmp_path / "qwen")
+    uri = _upload_folder(world, tmp_path / "qwen", "alice/models/bad/")
+    status, model = api("POST", "/models", {"name": "bad", "uri": uri})
+    assert status == 201 and model["status"] == "rejected" and reason in model["reason"], model
+    status, body = api("POST", "/jobs", {"type": "train", "model": model["model_id"], "dataset": DATASET})
+    assert status == 422 and "rejected" in body["error"]["message"]
+
+
+def test_register_refuses_a_folder_outside_the_callers_prefix(world, api):
+    uri = f"s3://{world.env['DATA_BUCKET']}/bob/models/x/"
+    status, body = api("POST", "/models", {"name": "x", "uri": uri})
+    assert status == 422 and body["error"]["details"][0]["field"] == "uri"
+
+
+def _edit_config(folder, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_the_operator_publishes_a_folder_every_tenant_lists_and_trains(world, api, tmp_path, corpus, capsys):
+    from local.publish import main as publish
+    from tests.training_image.test_hf_import import hf_checkpoint
+
+    hf_checkpoint(tmp_path / "llama", "llama3", corpus)
+    bucket = world.env["ARTIFACTS_BUCKET"]
+    s3 = world.session.client("s3")
+    for path in (tmp_path / "llama").iterdir():
+        s3.upload_file(str(path), bucket, f"base-models/tiny-llama3/{path.name}")
+    assert publish([f"s3://{bucket}/base-models/tiny-llama3/", "--name", "tiny-llama3"]) == 0
+    assert "published hf-tiny-llama3: llama" in capsys.readouterr().out
+    for tenant in ("alice", "bob"):
+        listed = {m["model_id"]: m for m in api("GET", "/models", tenant=tenant)[1]["models"]}
+        assert listed["hf-tiny-llama3"]["kind"] == "base" and listed["hf-tiny-llama3"]["status"] == "ready"
+    status, job = api("POST", "/jobs", {"type": "train", "model": "hf-tiny-llama3", "dataset": DATASET,
+                                        "hyperparams": {"seq_len": 64}})
+    assert status == 201, job
+    assert publish([f"s3://{bucket}/base-models/tiny-llama3/", "--name", "tiny-llama3"]) == 1  # once only
+
+    (tmp_path / "llama/tokenizer.json").unlink()
+    s3.delete_object(Bucket=bucket, Key="base-models/tiny-llama3/tokenizer.json")
+    assert publish([f"s3://{bucket}/base-models/tiny-llama3/", "--name", "other"]) == 1
+    assert "rejected: no tokenizer.json" in capsys.readouterr().err
+    assert "hf-other" not in {m["model_id"] for m in api("GET", "/models")[1]["models"]}

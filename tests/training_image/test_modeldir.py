@@ -20,7 +20,7 @@ def _logits(model: Decoder) -> torch.Tensor:
 
 def test_round_trip_keeps_config_weights_tokenizer_and_metrics(tmp_path, debug_model, tokenizer):
     path = save_model_dir(tmp_path / "m", debug_model, tokenizer, {"final_perplexity": 12.5})
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "metrics.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "metrics.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     assert json.loads((path / "config.json").read_text()) == json.loads(debug_model.config.model_dump_json())
     model, loaded_tokenizer = load_model_dir(path)
     assert torch.equal(_logits(model), _logits(debug_model))

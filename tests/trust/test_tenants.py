@@ -46,8 +46,11 @@ def test_base_models_are_public_and_read_only(tenants, api):
     for owner in ("alice", "bob", "carol"):
         status, model = api("GET", "/models/base-debug", tenant=owner)
         assert status == 200 and model["owner"] == "public" and model["kind"] == "base"
-    # Read-only: no route writes the catalog, and a base model is no one's to contract.
-    assert api("POST", "/models", {"model_id": "base-debug"}, tenant="alice")[0] in (404, 405)
+    # Read-only: the one route that writes the catalog registers a folder of the caller's under a
+    # new id; it takes no model id to overwrite. And a base model is no one's to contract.
+    status, body = api("POST", "/models", {"model_id": "base-debug"}, tenant="alice")
+    assert status == 422 and {d["field"] for d in body["error"]["details"]} >= {"model_id"}
+    assert api("GET", "/models/base-debug", tenant="bob")[1]["owner"] == "public"
     contract = {"type": "contract", "dataset": dataset_id("alice"),
                 "hyperparams": {"source_model_id": "base-debug", "num_layers_to_contract": 1}}
     status, body = api("POST", "/jobs", contract, tenant="alice")

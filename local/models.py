@@ -1,0 +1,92 @@
+"""A catalog model on this machine: download its archive, write its transformers folder, sample from it.
+
+The archive (model.tar.gz) holds the compact model directory at its root, the one jobs train and
+contract, and the transformers folder in hf/. Torch is imported only by the commands that run
+the model, so the rest of the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from local.cli import ApiError
+from shared.hf import EXPORT_DIR
+
+CHUNK = 1 << 20
+DOWNLOAD_TIMEOUT_S = 60
+
+
+class DownloadError(ApiError):
+    """The archive could not be fetched or read; the message is one line for the user."""
+
+
+def fetch_archive(client: Any, model_id: str, into: Path) -> Path:
+    """Download the model's archive through its presigned URL and unpack it into `into`."""
+    answer = client.call("GET", f"/models/{model_id}/download")
+    into.mkdir(parents=True, exist_ok=True)
+    archive = into / "model.tar.gz"
+    try:
+        with requests.get(answer["url"], stream=True, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            if response.status_code != 200:
+                raise DownloadError(f"downloading {model_id} failed: HTTP {response.status_code} from the artifact store")
+            with archive.open("wb") as out:
+                for chunk in response.iter_content(CHUNK):
+                    out.write(chunk)
+    except requests.RequestException as error:
+        raise DownloadError(f"downloading {model_id} failed: {error}") from None
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(into / "model", filter="data")
+    except (tarfile.TarError, OSError) as error:
+        raise DownloadError(f"the archive of {model_id} cannot be unpacked: {error}") from None
+    archive.unlink()
+    return into / "model"
+
+
+def download(client: Any, model_id: str, out: Path) -> Path:
+    """The model's transformers folder in `out`; written here from the compact directory when
+    the archive predates exports (base models made by `fusion-train init`)."""
+    with tempfile.TemporaryDirectory(prefix="fusion-download-") as work:
+        unpacked = fetch_archive(client, model_id, Path(work))
+        export = unpacked / EXPORT_DIR
+        if out.exists() and any(out.iterdir()):
+            raise DownloadError(f"{out} exists and is not empty")
+        out.mkdir(parents=True, exist_ok=True)
+        if (export / "config.json").is_file():
+            for item in export.iterdir():
+                shutil.move(str(item), out / item.name)
+        else:
+            from training_image.cli import export_model_dir
+
+            export_model_dir(unpacked, out)
+    return out
+
+
+def sample(model_dir: Path, prompt: str, *, max_tokens: int, temperature: float, top_p: float, seed: int) -> str:
+    """The text the model writes after `prompt`, sampled with a KV cache, stopping at its EOS."""
+    from training_image.generate import generate
+    from training_image.modeldir import load_model_dir
+
+    model, tokenizer = load_model_dir(model_dir)
+    stop = {tokenizer.eos_id}
+    if tokenizer.generation and tokenizer.generation.get("eos_token_id") is not None:
+        eos = tokenizer.generation["eos_token_id"]
+        stop |= set(eos if isinstance(eos, list) else [eos])
+    ids = tokenizer.prompt_ids(prompt)
+    new = generate(model, ids, max_tokens, temperature=temperature, top_p=top_p, stop=stop, seed=seed)
+    return tokenizer.decode([t for t in new if t not in stop])
+
+
+def generate_text(client: Any, model: str, prompt: str, **sampling: Any) -> str:
+    """Sample from a catalog model id, or from a model directory (or model.tar.gz) on this machine."""
+    local = Path(model)
+    if local.exists():
+        return sample(local, prompt, **sampling)
+    with tempfile.TemporaryDirectory(prefix="fusion-generate-") as work:
+        return sample(fetch_archive(client, model, Path(work)), prompt, **sampling)

@@ -1,0 +1,97 @@
+"""Export: a model as a folder transformers loads (`AutoModelForCausalLM.from_pretrained`).
+
+The folder holds config.json of the family's class (LlamaForCausalLM, MistralForCausalLM,
+Qwen2ForCausalLM, Qwen3ForCausalLM), safetensors shards with their index, tokenizer.json,
+tokenizer_config.json and generation_config.json.
+
+A transformers config gives every layer the same sizes, but a contracted model has its own per
+layer. The export pads each narrower layer with zeros up to the widest: extra query heads with
+zero q rows and zero o_proj columns, extra kv heads with zero k/v rows, extra MLP units with zero
+gate/up rows and down_proj columns (biases zero too). A zero o_proj column and a zero down_proj
+column add nothing to the residual stream, so the padded model computes exactly the same logits;
+it is only as large as the uncontracted one. The compact per-layer model directory stays the
+catalog's artifact (what further jobs train and contract); the export is for running it elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from shared.hf import EXPORT_DIR, INDEX, SINGLE, hf_config, hf_names, padded_config, tensor_shapes
+from shared.shapes import ModelConfig
+from training_image.model import Decoder
+from training_image.tokenizer import GENERATION_CONFIG, TextTokenizer, as_text_tokenizer
+
+SHARD_BYTES = 2 * 1024**3
+
+
+def padded_state(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face name -> tensor of the model padded to its widest layer, in the config's dtype."""
+    wide = padded_config(config)
+    wide_names, wide_shapes = hf_names(wide), tensor_shapes(wide)
+    dtype = getattr(torch, config.dtype)
+    # Block i of the model is block i of the uniform config, whatever its stable id.
+    position = {bid: str(i) for i, bid in enumerate(config.ids())}
+    out: dict[str, torch.Tensor] = {}
+    for name in tensor_shapes(config):
+        tensor = state[name].detach().to("cpu", dtype)
+        wide_name = name if not name.startswith("blocks.") else _rename_block(name, position)
+        shape = wide_shapes[wide_name]
+        if tuple(tensor.shape) != shape:
+            padded = torch.zeros(shape, dtype=dtype)
+            padded[tuple(slice(0, n) for n in tensor.shape)] = tensor  # new rows/columns go last
+            tensor = padded
+        out[wide_names[wide_name]] = tensor.contiguous()
+    return out
+
+
+def _rename_block(name: str, position: dict[str, str]) -> str:
+    _, bid, rest = name.split(".", 2)
+    return f"blocks.{position[bid]}.{rest}"
+
+
+def export_hf(model: Decoder, tokenizer, out: str | Path, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write the transformers folder of `model` to `out` (created or overwritten)."""
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    text = as_text_tokenizer(tokenizer)
+    config = model.config
+    tensors = padded_state(config, model.state_dict())
+    _write_shards(tensors, target, shard_bytes)
+    eos = text.generation.get("eos_token_id", text.eos_id) if text.generation else text.eos_id
+    (target / "config.json").write_text(json.dumps(hf_config(padded_config(config), text.bos_id, eos), indent=2))
+    text.save(target / "tokenizer.json")
+    if text.generation is None:
+        generation = {"bos_token_id": text.bos_id, "eos_token_id": text.eos_id}
+        (target / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2))
+    return target
+
+
+def _write_shards(tensors: dict[str, torch.Tensor], target: Path, shard_bytes: int) -> None:
+    """Shards of at most shard_bytes each (a larger tensor gets one of its own), in name order;
+    one file needs no index."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    for stale in list(target.glob("*.safetensors")) + [target / INDEX]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], str(target / SINGLE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(target / name), metadata={"format": "pt"})
+        weight_map.update({tensor: name for tensor in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (target / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
