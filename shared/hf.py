@@ -188,11 +188,15 @@ def hf_names(config: ModelConfig) -> dict[str, str]:
 def padded_config(config: ModelConfig) -> ModelConfig:
     """The uniform config an export is written as: every layer as wide as the widest.
 
-    Contraction removes whole kv groups, so every layer keeps the base's queries per kv head,
-    and the widest layer's heads still divide evenly."""
+    Contraction may remove query heads within a kv group, so layers differ in queries per kv
+    head too: the export gives every layer the most kv heads of any layer and the most queries
+    per kv head of any layer (each layer's heads sit in their own group's slots, see
+    training_image.export)."""
+    groups = max(l.n_kv_heads for l in config.layers)
+    per_group = max(l.n_heads // l.n_kv_heads for l in config.layers)
     layer = LayerShape(
-        n_heads=max(l.n_heads for l in config.layers),
-        n_kv_heads=max(l.n_kv_heads for l in config.layers),
+        n_heads=groups * per_group,
+        n_kv_heads=groups,
         mlp_hidden=max(l.mlp_hidden for l in config.layers),
     )
     return config.model_copy(update={"layers": [layer] * config.n_layers, "block_ids": None})

@@ -15,7 +15,7 @@ from typing import Any
 from shared.hf import INDEX, UnsupportedCheckpoint, check_tensors, model_config_from_hf, parse_header, shard_files
 from shared.pricing import price_table
 from shared.shapes import ModelConfig
-from shared.store import now
+from shared.store import missing_object, now
 
 CONFIG_LIMIT = 1024 * 1024  # bytes of config.json / the index read at most
 
@@ -66,7 +66,9 @@ def _reason(error: Exception) -> str:
 def _json(s3: Any, bucket: str, key: str, *, required: bool) -> dict[str, Any] | None:
     try:
         body = s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{CONFIG_LIMIT - 1}")["Body"].read()
-    except s3.exceptions.NoSuchKey:
+    except Exception as exc:
+        if not missing_object(exc):
+            raise
         if required:
             raise FolderRejected(f"no {key.rsplit('/', 1)[-1]} in the folder") from None
         return None
@@ -85,10 +87,12 @@ def _header(s3: Any, bucket: str, key: str) -> dict[str, Any]:
         prefix = s3.get_object(Bucket=bucket, Key=key, Range="bytes=0-7")["Body"].read()
         length, _ = parse_header(prefix)
         rest = s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=8-{8 + length - 1}")["Body"].read()
-    except s3.exceptions.NoSuchKey:
-        raise FolderRejected(f"{name} is not in the folder") from None
     except ValueError as error:
         raise FolderRejected(f"{name}: {error}") from None
+    except Exception as exc:
+        if not missing_object(exc):
+            raise
+        raise FolderRejected(f"{name} is not in the folder") from None
     try:
         _, header = parse_header(prefix + rest)
     except ValueError as error:
@@ -101,7 +105,9 @@ def _header(s3: Any, bucket: str, key: str) -> dict[str, Any]:
 def _exists(s3: Any, bucket: str, key: str) -> bool:
     try:
         s3.get_object(Bucket=bucket, Key=key, Range="bytes=0-0")["Body"].read()
-    except s3.exceptions.NoSuchKey:
+    except Exception as exc:
+        if not missing_object(exc):
+            raise
         return False
     return True
 

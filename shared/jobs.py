@@ -32,9 +32,11 @@ from shared.store import (
     ConditionFailed,
     Datasets,
     Jobs,
+    MISSING_OBJECT,
     OverBudget,
     Tenants,
     cents,
+    missing_object,
     now,
 )
 
@@ -499,9 +501,6 @@ def progress_key(job_id: str) -> str:
     return f"jobs/{job_id}/checkpoints/progress.json"
 
 
-# What S3 answers for a key that does not exist: NoSuchKey (404) to a caller that may list the
-# bucket, AccessDenied (403) to one that may not.
-MISSING_OBJECT = ("NoSuchKey", "404", "NotFound", "AccessDenied", "403")
 
 
 def read_progress(s3: Any, bucket: str, job_id: str) -> dict[str, Any] | None:
@@ -540,7 +539,9 @@ def read_metrics_log(s3: Any, bucket: str, job_id: str, *, max_points: int = MET
     """
     try:
         body = s3.get_object(Bucket=bucket, Key=metrics_log_key(job_id))["Body"].read()
-    except s3.exceptions.NoSuchKey:
+    except Exception as exc:
+        if not missing_object(exc):
+            raise
         body = b""
     latest: dict[tuple[str, int], dict[str, Any]] = {}
     for line in body.decode("utf-8", errors="replace").splitlines():

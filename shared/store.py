@@ -26,6 +26,18 @@ ACTIVE_STATUSES = ("launching", "running", "cancelling")
 END_STATUSES = ("completed", "failed", "cancelled")
 
 
+# What S3 answers for a key that does not exist: NoSuchKey (404) to a caller that may list the
+# bucket, AccessDenied (403) to one that may not (a role without s3:ListBucket).
+MISSING_OBJECT = ("NoSuchKey", "404", "NotFound", "AccessDenied", "403")
+
+
+def missing_object(exc: BaseException) -> bool:
+    """Whether an S3 error says the key is not there, as AWS answers with or without ListBucket."""
+    from botocore.exceptions import ClientError
+
+    return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in MISSING_OBJECT
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 

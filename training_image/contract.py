@@ -439,7 +439,7 @@ def _shrink_block(old, new, cut: LayerCut, stats: LayerStats | None, refit: bool
     a_new.q_proj.weight.copy_(a_old.q_proj.weight[q_rows])
     a_new.k_proj.weight.copy_(a_old.k_proj.weight[kv_rows])
     a_new.v_proj.weight.copy_(a_old.v_proj.weight[kv_rows])
-    _copy_head_extras(a_old, a_new, q_cols, kv_rows)
+    _copy_head_extras(a_old, a_new, q_rows, kv_rows)
     if refit:
         a_new.o_proj.weight.copy_(_refit(a_old.o_proj.weight, stats.attn_gram, q_rows.to(stats.attn_gram.device)))
     else:

@@ -5,8 +5,9 @@ Qwen2ForCausalLM, Qwen3ForCausalLM), safetensors shards with their index, tokeni
 tokenizer_config.json and generation_config.json.
 
 A transformers config gives every layer the same sizes, but a contracted model has its own per
-layer. The export pads each narrower layer with zeros up to the widest: extra query heads with
-zero q rows and zero o_proj columns, extra kv heads with zero k/v rows, extra MLP units with zero
+layer. The export pads each narrower layer with zeros up to the widest: extra query heads (in
+their kv group's slots, so each query still reads its own kv head) with zero q rows and zero
+o_proj columns, extra kv heads with zero k/v rows, extra MLP units with zero
 gate/up rows and down_proj columns (biases zero too). A zero o_proj column and a zero down_proj
 column add nothing to the residual stream, so the padded model computes exactly the same logits;
 it is only as large as the uncontracted one. The compact per-layer model directory stays the
@@ -36,6 +37,7 @@ def padded_state(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[st
     dtype = getattr(torch, config.dtype)
     # Block i of the model is block i of the uniform config, whatever its stable id.
     position = {bid: str(i) for i, bid in enumerate(config.ids())}
+    shapes = dict(zip(config.ids(), config.layers))
     out: dict[str, torch.Tensor] = {}
     for name in tensor_shapes(config):
         tensor = state[name].detach().to("cpu", dtype)
@@ -43,10 +45,29 @@ def padded_state(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[st
         shape = wide_shapes[wide_name]
         if tuple(tensor.shape) != shape:
             padded = torch.zeros(shape, dtype=dtype)
-            padded[tuple(slice(0, n) for n in tensor.shape)] = tensor  # new rows/columns go last
+            slots = _query_slots(name, shapes, wide, config.head_dim)
+            if slots is None:
+                padded[tuple(slice(0, n) for n in tensor.shape)] = tensor  # new rows/columns go last
+            elif name.endswith("o_proj.weight"):
+                padded[:, slots] = tensor
+            else:
+                padded[slots] = tensor
             tensor = padded
         out[wide_names[wide_name]] = tensor.contiguous()
     return out
+
+
+def _query_slots(name: str, shapes, wide: ModelConfig, head_dim: int) -> torch.Tensor | None:
+    """Where a layer's query rows (q_proj) or columns (o_proj) go in the padded layer, or None
+    for a tensor padded at its end. Query head h reads kv head h // (heads per group): a layer
+    with fewer queries per group than the export puts each group's queries in that group's
+    first slots, so every query still reads its own kv head."""
+    if not name.startswith("blocks.") or not name.endswith(("attn.q_proj.weight", "attn.q_proj.bias", "attn.o_proj.weight")):
+        return None
+    layer = shapes[name.split(".", 2)[1]]
+    per_group, wide_per_group = layer.n_heads // layer.n_kv_heads, wide.layers[0].n_heads // wide.layers[0].n_kv_heads
+    heads = [g * wide_per_group + j for g in range(layer.n_kv_heads) for j in range(per_group)]
+    return torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)])
 
 
 def _rename_block(name: str, position: dict[str, str]) -> str:

@@ -68,18 +68,17 @@ def test_contraction_prunes_biases_and_keeps_norms_with_their_heads(name, window
     calibration = train[:4] % model.config.vocab_size
     new, config = contract_blocks(model, model.config, calibration, 0.5, ["1", "2"], method="magnitude", refit=False)
     assert new.parameter_count() == config.parameters() < model.parameter_count()
-    # Without the refit, the contracted model is the source with the removed heads' and units'
-    # output columns zeroed: so every kept bias and norm must have followed its head.
+    # Without the refit, the contracted model is the source with the removed query heads' and
+    # units' output columns zeroed: so every kept bias and norm must have followed its head.
     reference = family_model(name)
     D = model.config.head_dim
     with torch.no_grad():
         for bid in ("1", "2"):
             old, kept = reference.blocks[bid], new.blocks[bid]
-            group = old.attn.n_heads // old.attn.n_kv_heads
-            kept_groups = {_row_index(old.attn.k_proj.weight.view(-1, D, old.attn.k_proj.in_features), k)
-                           for k in kept.attn.k_proj.weight.view(-1, D, kept.attn.k_proj.in_features)}
-            for g in set(range(old.attn.n_kv_heads)) - kept_groups:
-                old.attn.o_proj.weight[:, g * group * D:(g + 1) * group * D] = 0
+            kept_heads = {_row_index(old.attn.q_proj.weight.view(-1, D, old.attn.q_proj.in_features), q)
+                          for q in kept.attn.q_proj.weight.view(-1, D, kept.attn.q_proj.in_features)}
+            for h in set(range(old.attn.n_heads)) - kept_heads:
+                old.attn.o_proj.weight[:, h * D:(h + 1) * D] = 0
             kept_units = {_row_index(old.mlp.up_proj.weight, row) for row in kept.mlp.up_proj.weight}
             for u in set(range(old.mlp.up_proj.out_features)) - kept_units:
                 old.mlp.down_proj.weight[:, u] = 0

@@ -212,7 +212,7 @@ def test_sigterm_outside_the_loop_ends_the_job_at_once_and_a_rerun_completes(whe
         "load_model_dir": (entry, "load_model_dir"),
         "tokenize": (tokens, "tokenize_task"),
         "grow": (entry, "grow"),
-        "write_outputs": (modeldir, "save_model"),
+        "write_outputs": (modeldir, "save_weights"),
     }[where]
     with monkeypatch.context() as patch:
         patch.setattr(module, name, _signal_after(getattr(module, name)))

@@ -76,6 +76,10 @@ def _walk(aws, api) -> None:
     assert check.lambda_handler(_s3_event(aws.env["DATA_BUCKET"], key), LambdaContext())["checked"]
     assert api("GET", "/datasets")[0] == 200 and api("GET", f"/datasets/{created['dataset_id']}")[0] == 200
     assert api("GET", "/models")[0] == 200 and api("GET", "/models/m-alice")[0] == 200
+    assert api("GET", "/models/m-alice/download")[0] == 200
+    # A folder with nothing in it: read (each key answers as missing) and registered rejected.
+    status, registered = api("POST", "/models", {"name": "walk", "uri": f"s3://{aws.env['DATA_BUCKET']}/alice/models/none/"})
+    assert status == 201 and registered["status"] == "rejected", registered
     assert api("POST", "/jobs/estimate", train())[0] == 200
 
     ids = []
@@ -87,7 +91,7 @@ def _walk(aws, api) -> None:
     status, first = _with_key("k-1", train())
     assert status == 201 and _with_key("k-1", train()) == (201, first)
     assert _with_key("k-2", {**train(), "model": "base-none"})[0] == 404  # the key is freed again
-    assert api("GET", "/jobs")[0] == 200
+    assert api("GET", "/jobs")[0] == 200 and api("GET", f"/jobs/{completed}/metrics")[0] == 200
 
     sagemaker = launcher._clients()[1]
     _answer(sagemaker, "StopTrainingJob")
