@@ -85,6 +85,30 @@ class TextTokenizer:
             documents.append(ids)
         return documents
 
+    @property
+    def starts_with_bos(self) -> bool:
+        """Whether the family begins each document with BOS: add_bos_token when the config says,
+        else what tokenizer.json's post-processor does."""
+        add_bos = self.config.get("add_bos_token")
+        if self.bos_id is None or add_bos is False:
+            return False
+        return bool(add_bos) or self.tokenizer.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
+
+    def piece_ids(self, texts: list[str], starts: list[bool], ends: list[bool]) -> list[list[int]]:
+        """The tokens of pieces of documents (a long document comes in several): BOS before a
+        piece that starts a document where the family puts one, EOS after one that ends it, as
+        document_ids does for whole documents."""
+        bos = self.starts_with_bos
+        out = []
+        for encoding, start, end in zip(self.tokenizer.encode_batch_fast(texts, add_special_tokens=False), starts, ends):
+            ids = encoding.ids
+            if start and bos:
+                ids.insert(0, self.bos_id)
+            if end:
+                ids.append(self.eos_id)
+            out.append(ids)
+        return out
+
     def prompt_ids(self, text: str) -> list[int]:
         """The tokens generation continues from: the document's, without the EOS that would end it."""
         return self.document_ids([text])[0][:-1]

@@ -34,7 +34,7 @@ import torch
 from tokenizers import Tokenizer
 
 from training_image.data import HELDOUT_MAX_TOKENS, dataset_files, jsonl_text, no_text_error
-from training_image.tokenizer import end_of_text_id
+from training_image.tokenizer import as_text_tokenizer
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -78,28 +78,31 @@ def _lines(task: Task) -> Iterator[tuple[int, bytes]]:
             position += len(line)
 
 
-def _documents(task: Task) -> Iterator[tuple[str, bool]]:
-    """(text, whether a document ends after it) in the task's lines."""
+def _documents(task: Task) -> Iterator[tuple[str, bool, bool]]:
+    """(text, whether a document starts with it, whether one ends after it) in the task's lines:
+    a JSONL line is a document; a text file is one, in pieces."""
     if task.file.suffix == ".jsonl":
         for offset, line in _lines(task):
             if line.strip():
                 number = lambda offset=offset: _line_number(task.file, offset)  # noqa: E731 (only for errors)
                 text = jsonl_text(task.file, number, line.decode("utf-8", errors="replace"))
                 if text:
-                    yield text, True
+                    yield text, True, True
         return
     piece: list[bytes] = []
     size = 0
+    first = task.start == 0
     for _, line in _lines(task):
         piece.append(line)
         size += len(line)
         if size >= BATCH_CHARS:
-            yield b"".join(piece).decode("utf-8", errors="replace"), False
-            piece, size = [], 0
+            yield b"".join(piece).decode("utf-8", errors="replace"), first, False
+            piece, size, first = [], 0, False
     if piece:
-        yield b"".join(piece).decode("utf-8", errors="replace"), False
+        yield b"".join(piece).decode("utf-8", errors="replace"), first, False
+        first = False
     if task.ends_document and task.file.stat().st_size:
-        yield "", True
+        yield "", first, True
 
 
 def _line_number(file: Path, offset: int) -> int:
@@ -113,26 +116,22 @@ def token_dtype(tokenizer: Tokenizer) -> np.dtype:
 
 def tokenize_task(tokenizer: Tokenizer, task: Task, path: Path) -> int:
     """Tokenize one task into the shard at path, a batch of text at a time; the tokens written."""
-    eot, dtype = end_of_text_id(tokenizer), token_dtype(tokenizer)
+    text_tokenizer, dtype = as_text_tokenizer(tokenizer), token_dtype(tokenizer)
     written = 0
     partial = path.with_name(path.name + ".partial")
     with open(partial, "wb") as out:
 
-        def flush(batch: list[tuple[str, bool]]) -> None:
+        def flush(batch: list[tuple[str, bool, bool]]) -> None:
             nonlocal written
-            ids: list[int] = []
-            texts = [text for text, _ in batch]
-            for (_, ends), encoding in zip(batch, tokenizer.encode_batch_fast(texts)):
-                ids.extend(encoding.ids)
-                if ends:
-                    ids.append(eot)
+            texts, starts, ends = (list(column) for column in zip(*batch))
+            ids = [i for piece in text_tokenizer.piece_ids(texts, starts, ends) for i in piece]
             np.asarray(ids, dtype=dtype).tofile(out)
             written += len(ids)
 
-        batch: list[tuple[str, bool]] = []
+        batch: list[tuple[str, bool, bool]] = []
         chars = 0
-        for text, ends in _documents(task):
-            batch.append((text, ends))
+        for text, starts, ends in _documents(task):
+            batch.append((text, starts, ends))
             chars += len(text)
             if chars >= BATCH_CHARS:
                 flush(batch)
@@ -151,7 +150,10 @@ def _source_key(tokenizer: Tokenizer, files: list[Path], window: int, seed: int)
     """What the shards and split are made from: a manifest with another key is out of date."""
     return {
         "format": FORMAT,
-        "tokenizer": hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
+        # tokenizer.json and how the family places BOS/EOS (tokenizer_config.json)
+        "tokenizer": hashlib.sha256(
+            (tokenizer.to_str() + json.dumps(as_text_tokenizer(tokenizer).config, sort_keys=True)).encode()
+        ).hexdigest(),
         "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
         "window": window,
         "seed": seed,

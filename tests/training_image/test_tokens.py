@@ -127,3 +127,18 @@ def test_too_little_text_is_refused_with_its_reason(tokenizer, tmp_path, content
     (tmp_path / "data/part.jsonl").write_text(content)
     with pytest.raises(ValueError, match=message):
         tokens.prepare(tokenizer, tmp_path / "data", tmp_path / "tokens", SEQ_LEN)
+
+
+def test_the_shards_put_bos_and_eos_where_the_family_does(small_tasks, dataset, tmp_path, corpus):
+    from tests.training_image.test_families import tiny_tokenizer
+    from training_image.tokenizer import TextTokenizer
+
+    # Llama 3: tokenizer.json's post-processor puts BOS in front; one per document, also for a
+    # text file read in several pieces, and never in front of a piece inside a document.
+    llama3 = TextTokenizer(tiny_tokenizer(corpus, ["<|begin_of_text|>", "<|end_of_text|>"], "<|begin_of_text|>"),
+                           {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"})
+    (dataset / "small.txt").write_text("".join(corpus)[:3000])  # three tokenizer batches of 1000
+    data = tokens.prepare(llama3, dataset, tmp_path / "tokens", SEQ_LEN)
+    expected = [i for ids in llama3.document_ids(read_texts(dataset)) for i in ids]
+    assert data.read(0, data.tokens).tolist() == expected
+    assert expected.count(llama3.bos_id) == expected.count(llama3.eos_id) == len(read_texts(dataset))
