@@ -1,4 +1,4 @@
-"""The whole of Fusion on one machine: the embedded default (DESIGN §8).
+"""The whole of Fusion on one machine: the embedded default (docs/architecture.md §8).
 
 moto serves DynamoDB, S3, SQS and EventBridge on a loopback port, and every boto3 client finds it
 through AWS_ENDPOINT_URL; a local SageMaker (local.sagemaker) takes the training jobs; the HTTP API

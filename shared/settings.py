@@ -94,7 +94,7 @@ class TrainSettings(BaseModel):
         return [base + (1 if i < extra else 0) for i in range(cycles)]
 
     def training_tokens(self) -> int:
-        """The billed token count: turns x steps per turn x seq_len (DESIGN §5)."""
+        """The billed token count: turns x steps per turn x seq_len (docs/architecture.md §5)."""
         return self.turns * self.steps_per_turn() * self.seq_len
 
     def warnings(self) -> list[str]:

@@ -174,7 +174,7 @@ def batch_size_for(parameters: int) -> int:
     """Sequences per optimizer step: 8 up to 80M parameters, doubling with size up to 64 at 640M+.
 
     A rule rather than a setting: the public settings fix steps and seq_len only, and the billed
-    token count is steps x seq_len (DESIGN §5) whatever this batch is. The trainer runs this batch
+    token count is steps x seq_len (docs/architecture.md §5) whatever this batch is. The trainer runs this batch
     and the ETA prices its compute, so both read it from here.
     """
     return int(min(64, max(8, 2 ** round(math.log2(max(parameters, 1) / 1e7)))))

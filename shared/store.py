@@ -19,7 +19,7 @@ PUBLIC_OWNER = "public"
 BASE_PREFIX = "base-"
 BY_OWNER_INDEX = "by-owner"
 
-# Lifecycle order (DESIGN §6). A transition may only move to a higher rank; the three end
+# Lifecycle order (docs/architecture.md §6). A transition may only move to a higher rank; the three end
 # states share the top rank so none of them can replace another.
 STATUS_RANK = {"queued": 0, "launching": 1, "running": 2, "cancelling": 3, "completed": 4, "failed": 4, "cancelled": 4}
 ACTIVE_STATUSES = ("launching", "running", "cancelling")

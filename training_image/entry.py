@@ -1,4 +1,4 @@
-"""`train`: the training container's entry point (DESIGN §7).
+"""`train`: the training container's entry point (docs/architecture.md §7).
 
 SageMaker runs it with the /opt/ml tree in place; FUSION_ML_ROOT relocates that tree so the same
 entry point runs anywhere (the local stack, the tests). It reads hyperparameters.json with the

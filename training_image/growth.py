@@ -1,4 +1,4 @@
-"""Growth: LLaMA Pro block expansion (DESIGN §3).
+"""Growth: LLaMA Pro block expansion (docs/architecture.md §3).
 
 After every 4 blocks of the base (at least once) a new block is inserted, a copy of the block
 before it with the attention output projection and the MLP down projection set to zero. A zeroed

@@ -1,4 +1,4 @@
-"""Training: turns of cycles of optimizer steps (DESIGN §3), resumable to the very same weights.
+"""Training: turns of cycles of optimizer steps (docs/architecture.md §3), resumable to the very same weights.
 
 A turn is a list of cycles; a cycle is a run of AdamW steps under one learning-rate cycle (a
 short linear warm-up, then cosine decay to a tenth of the peak). Turn k+1 keeps the weights and

@@ -1,4 +1,4 @@
-"""The price formula of DESIGN §5 against figures computed by hand."""
+"""The price formula of docs/architecture.md §5 against figures computed by hand."""
 
 from decimal import Decimal
 from pathlib import Path

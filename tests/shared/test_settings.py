@@ -1,4 +1,4 @@
-"""Every setting's default and bounds (DESIGN §2), and the SageMaker hyperparameter round trip."""
+"""Every setting's default and bounds (docs/architecture.md §2), and the SageMaker hyperparameter round trip."""
 
 import pytest
 from pydantic import ValidationError
