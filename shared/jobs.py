@@ -32,7 +32,6 @@ from shared.store import (
     ConditionFailed,
     Datasets,
     Jobs,
-    MISSING_OBJECT,
     OverBudget,
     Tenants,
     cents,
@@ -242,7 +241,7 @@ def dataset_replaced(s3: Any, job: dict[str, Any]) -> str | None:
     try:
         head = s3.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        if exc.response["Error"].get("Code") in MISSING_OBJECT:
+        if missing_object(exc):
             return f"dataset {job['dataset']!r} was deleted after its check"
         raise
     if head.get("ETag") != pin["etag"] or (pin.get("version_id") and head.get("VersionId") != pin["version_id"]):
@@ -511,7 +510,7 @@ def read_progress(s3: Any, bucket: str, job_id: str) -> dict[str, Any] | None:
     try:
         body = s3.get_object(Bucket=bucket, Key=progress_key(job_id))["Body"].read()
     except ClientError as exc:
-        if exc.response["Error"].get("Code") in MISSING_OBJECT:
+        if missing_object(exc):
             return None
         raise
     try:
@@ -632,7 +631,7 @@ def _definitive(exc: Exception) -> bool:
     from botocore.exceptions import ClientError
 
     if isinstance(exc, ClientError):
-        return exc.response["Error"].get("Code") in (*MISSING_OBJECT, "NoSuchBucket")
+        return missing_object(exc) or exc.response["Error"].get("Code") == "NoSuchBucket"
     return True
 
 
