@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import socket
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,20 @@ def write_hyperparameters(root: Path, **values: str) -> None:
 
 def small_config(**changes) -> ModelConfig:
     return SIZES["debug"].model_copy(update=changes)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on, for the rendezvous of spawned gloo ranks.
+
+    Taken below the kernel's ephemeral range (where bind to port 0 would pick): gloo ranks of a
+    test running beside this one open many outgoing connections there, and one of them could
+    take the port between this check and the rendezvous."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.Random().sample(range(low // 2, low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,8 @@ import torch.multiprocessing as mp
 from shared.shapes import SIZES
 from training_image.model import Decoder
 from training_image.train import Trainer, TrainPlan
+
+from .conftest import free_port
 
 PLAN = TrainPlan(turns=2, cycle_steps=[3], lr=3e-3, seq_len=32, batch_size=4, seed=1)
 
@@ -34,18 +35,12 @@ def _worker(rank: int, world_size: int, port: int, windows: torch.Tensor, out: s
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(windows, tmp_path):
     train = windows[0][:32]
     single_state, single_losses = _train(train)
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_worker, args=(2, _free_port(), train, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), train, out), nprocs=2, join=True)
     ddp = torch.load(out, weights_only=False)
     assert ddp["losses"] == pytest.approx(single_losses, rel=1e-5)
     for name, value in single_state.items():

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from datetime import timedelta
@@ -20,7 +19,7 @@ import torch.multiprocessing as mp
 from training_image import entry, runtime, stopping
 from training_image.train import Trainer
 
-from .conftest import write_hyperparameters
+from .conftest import free_port, write_hyperparameters
 
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
 
@@ -47,17 +46,11 @@ def _rank(rank: int, port: int, root: str, failing: int) -> None:
     Path(root, f"rank-{rank}.json").write_text(json.dumps({"code": code, "seconds": time.monotonic() - started}))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_an_error_in_rank_1_is_the_failure_reason_and_both_ranks_end(ml_root):
     write_hyperparameters(ml_root, job_type="train", job_id="job-f", turns="1", cycles="1", steps_per_cycle="6",
                           seq_len="32", lr="0.003")
-    mp.spawn(_rank, args=(_free_port(), str(ml_root), 1), nprocs=2, join=True)
+    mp.spawn(_rank, args=(free_port(), str(ml_root), 1), nprocs=2, join=True)
     assert (ml_root / "output/failure").read_text() == f"rank 1: OutOfMemoryError: {OOM}"
     for rank in (0, 1):
         result = json.loads((ml_root / f"rank-{rank}.json").read_text())

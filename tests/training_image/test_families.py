@@ -19,7 +19,7 @@ from training_image.generate import generate
 from training_image.growth import grow
 from training_image.hf import import_hf
 from training_image.model import Decoder
-from training_image.modeldir import load_model_dir, save_model_dir
+from training_image.modeldir import load_model_dir
 from training_image.tokenizer import TextTokenizer, load_tokenizer
 
 from .conftest import write_hyperparameters

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,8 @@ from training_image import parallel
 from training_image.checkpoint import latest
 from training_image.model import Decoder
 from training_image.train import Trainer, TrainingStopped, TrainPlan
+
+from .conftest import free_port
 
 # 10 steps in two cycles (the first cycle's end writes a checkpoint); 8 sequences a step split
 # over 1, 2 or 4 ranks.
@@ -78,11 +79,8 @@ def _worker(rank: int, world_size: int, port: int, out: str, kwargs: dict) -> No
 
 
 def _spawn(world_size: int, tmp_path, name: str, **kwargs) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / f"{name}.pt")
-    mp.spawn(_worker, args=(world_size, port, out, kwargs), nprocs=world_size, join=True)
+    mp.spawn(_worker, args=(world_size, free_port(), out, kwargs), nprocs=world_size, join=True)
     return torch.load(out, weights_only=False)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from training_image.evaluate import heldout_loss
 from training_image.model import Decoder
 from training_image.train import CHECKPOINT, METRICS_LOG, Trainer, TrainingStopped, TrainPlan
 
-from .conftest import write_hyperparameters
+from .conftest import free_port, write_hyperparameters
 
 PLAN = TrainPlan(turns=1, cycle_steps=[3, 2], lr=3e-3, seq_len=32, batch_size=4, seed=2)
 SIGNAL_STEP = 2  # SIGTERM lands during this step (1-based)
@@ -172,15 +171,9 @@ def _stop_then_resume_ddp(windows, phase, directory, signalled: bool) -> tuple[i
     return step, resumed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_sigterm_in_either_of_two_ranks_stops_both_after_the_same_step_and_resumes_exactly(windows, tmp_path):
-    mp.spawn(_ddp_worker, args=(_free_port(), windows[0][:32], str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(), windows[0][:32], str(tmp_path)), nprocs=2, join=True)
     saved = torch.load(tmp_path / "results.pt", weights_only=False)
     results = saved["phases"]
     assert {phase: step for phase, (step, _) in results.items()} == {p: ranks for p, (_, ranks) in PHASES.items()}
