@@ -24,7 +24,6 @@ from shared.tenancy import decode_tenant, encode_tenant
 
 FILE_NAMES = {"jsonl": "data.jsonl", "text": "data.txt"}
 FORMAT_OF_FILE = {name: fmt for fmt, name in FILE_NAMES.items()}
-DATASET_ID_PATTERN = r"^ds-[a-z0-9]{12}$"
 DATASET_KEY = re.compile(r"^(?P<tenant>[^/]+)/datasets/(?P<dataset_id>ds-[a-z0-9]{12})/(?P<file>data\.jsonl|data\.txt)$")
 
 # One PUT to a presigned URL carries at most 5 GiB; below MIN_TOKENS there is not even one
@@ -78,10 +77,6 @@ class CheckResult:
 
 
 class DatasetNotFound(LookupError):
-    pass
-
-
-class DatasetNotReady(ValueError):
     pass
 
 
@@ -274,14 +269,6 @@ class DatasetStore:
                 return False
             raise
         return True
-
-    def training_data_uri(self, owner: str, dataset_id: str) -> str:
-        """The S3 URI a train job reads; only a ready dataset of this owner can be trained on."""
-        dataset = self.get(owner, dataset_id)
-        if dataset.status != "ready":
-            detail = f": {dataset.reason}" if dataset.reason else ""
-            raise DatasetNotReady(f"dataset {dataset_id} is {dataset.status}{detail}")
-        return dataset.s3_uri
 
 
 def _dataset(item: dict[str, Any]) -> Dataset:

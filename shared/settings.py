@@ -15,7 +15,7 @@ import json
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 OUTPUT_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 UNDER_TRAINING_STEPS = 500  # below this many steps per cycle a run under-trains
@@ -174,10 +174,6 @@ SETTINGS_BY_TYPE: dict[str, type[TrainSettings] | type[ContractSettings]] = {
     "train": TrainSettings,
     "contract": ContractSettings,
 }
-
-# Keys that travel in hyperparameters.json beside the settings themselves.
-CONTAINER_KEYS = ("job_type", "job_id")
-
 
 def to_hyperparameters(job_type: str, job_id: str, settings: TrainSettings | ContractSettings) -> dict[str, str]:
     """SageMaker's HyperParameters map: every value a string (None values are left out)."""

@@ -64,10 +64,9 @@ def catalog_entry(job: dict[str, Any], metrics: dict[str, Any], artifact_uri: st
 
 @dataclass
 class Outcome:
-    """What one state-change event did: the job after it, and the model it registered, if any."""
+    """What one state-change event did: the job after it (None when it changed nothing) and the job as it is now."""
 
     job: dict[str, Any] | None = None
-    model: dict[str, Any] | None = None
     current: dict[str, Any] | None = None  # the job as it is now, changed or not (to announce it)
 
 
@@ -157,7 +156,7 @@ def record_state_change(
         job = jobs.transition(job_id, status, **fields)
     except ConditionFailed:
         return Outcome(current=jobs.get(job_id))
-    return Outcome(job=job, model=model, current=job)
+    return Outcome(job=job, current=job)
 
 
 def follow(detail: dict[str, Any], *, jobs: Jobs, catalog: Catalog, s3: Any, bus: Any, artifacts_bucket: str) -> Outcome:
