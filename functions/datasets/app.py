@@ -10,13 +10,14 @@ import os
 from functools import cache
 from urllib.parse import unquote_plus
 
-from aws_lambda_powertools import Logger
+from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.utilities.data_classes import S3Event, event_source
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from shared.datasets import DatasetStore, check_dataset, parse_dataset_key
 
 logger = Logger()
+tracer = Tracer()
 CHUNK_BYTES = 1 << 20
 
 
@@ -28,7 +29,8 @@ def _clients():
     return boto3.client("s3"), DatasetStore(table, os.environ["DATA_BUCKET"])
 
 
-@logger.inject_lambda_context
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler
 @event_source(data_class=S3Event)
 def lambda_handler(event: S3Event, context: LambdaContext) -> dict:
     s3, store = _clients()
