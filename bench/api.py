@@ -12,6 +12,7 @@ Targets on the 2-core development machine: import <= 0.5 s per function, POST /j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -24,6 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 REFERENCE = "import boto3, aws_lambda_powertools"
+# What a Tracer costs at import: the X-Ray SDK's recorder builds its sampling client (botocore) then.
+TRACER = "from aws_lambda_powertools import Tracer; Tracer()"
 FUNCTIONS = {
     "api": "import functions.api.app",
     "launcher": "import functions.launcher.app",
@@ -52,8 +55,11 @@ def cold_import_seconds(statements: dict[str, str], runs: int) -> dict[str, floa
 
 def post_jobs_latency_ms(requests: int, warmup: int = 20) -> list[float]:
     os.environ.update(AWS_DEFAULT_REGION="us-east-1", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                      POWERTOOLS_SERVICE_NAME="fusion", POWERTOOLS_LOG_LEVEL="WARNING",
-                      POWERTOOLS_METRICS_DISABLED="true")  # hundreds of metric records are no figure of this
+                      POWERTOOLS_SERVICE_NAME="fusion", POWERTOOLS_LOG_LEVEL="WARNING")
+    from local.resources import function_environment, load_template
+
+    # The metrics namespace before the functions are imported: their Metrics take it then.
+    os.environ["POWERTOOLS_METRICS_NAMESPACE"] = function_environment(load_template())["POWERTOOLS_METRICS_NAMESPACE"]
     import boto3
     from moto import mock_aws
 
@@ -74,6 +80,7 @@ def post_jobs_latency_ms(requests: int, warmup: int = 20) -> list[float]:
             "s3_uri": {"S": f"s3://{env['DATA_BUCKET']}/bench/datasets/ds-benchbenchbe/data.jsonl"},
             "created_at": {"S": "2026-01-01T00:00:00Z"}})
         context = LambdaContext("fusion-api")
+        sink = open(os.devnull, "w")
         body = json.dumps({"type": "train", "model": "base-small", "dataset": "ds-benchbenchbe",
                            "hyperparams": {"turns": 2}})
         sqs = session.client("sqs")
@@ -82,7 +89,8 @@ def post_jobs_latency_ms(requests: int, warmup: int = 20) -> list[float]:
             event = api_event("POST", "/jobs", headers={"content-type": "application/json"}, body=body,
                               claims={"sub": "bench"})
             start = time.perf_counter()
-            result = lambda_handler(event, context)
+            with contextlib.redirect_stdout(sink):  # the metric records each request prints, as Lambda's stdout
+                result = lambda_handler(event, context)
             elapsed = (time.perf_counter() - start) * 1000
             assert result["statusCode"] == 201, result
             if i >= warmup:
@@ -106,11 +114,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     args = parser.parse_args()
 
-    medians = cold_import_seconds({"reference": REFERENCE, **FUNCTIONS}, args.runs)
+    medians = cold_import_seconds({"reference": REFERENCE, "tracer": TRACER, **FUNCTIONS}, args.runs)
     reference = medians.pop("reference")
+    tracer = medians.pop("tracer")
     load = os.getloadavg()[0]
     print(f"cold import, median of {args.runs} fresh processes (load average {load:.1f} on {os.cpu_count()} cores)")
     print(f"  {'reference':<10} {reference:6.3f} s   ({REFERENCE})")
+    print(f"  {'tracer':<10} {tracer:6.3f} s   x{tracer / reference:.2f} of reference   ({TRACER})")
     for name, seconds in medians.items():
         verdict = "ok" if seconds <= IMPORT_TARGET_S else "OVER"
         print(f"  {name:<10} {seconds:6.3f} s   x{seconds / reference:.2f} of reference   "
