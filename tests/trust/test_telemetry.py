@@ -1,4 +1,5 @@
-"""The metrics a job's life emits, read as CloudWatch would: the EMF records the functions print."""
+"""What a job's life leaves for an operator: the EMF metric records the functions print (read as
+CloudWatch would), log lines keyed by the job, and X-Ray tracing with the roles to write traces."""
 
 from __future__ import annotations
 
@@ -116,3 +117,23 @@ def test_every_function_traces_to_xray_and_its_role_may_write_the_traces():
         assert function["Properties"]["TracingConfig"] == {"Mode": "Active"}, name
         role = resources[function["Properties"]["Role"]["Fn::GetAtt"][0]]
         assert "arn:aws:iam::aws:policy/AWSXrayWriteOnlyAccess" in role["Properties"]["ManagedPolicyArns"], name
+
+
+def test_each_launch_message_logs_under_its_own_job_id(tenants, monkeypatch):
+    """Whatever the domain logs while it handles a message names that message's job, without
+    being told (Logger.append_keys), and the key is gone once the batch is done."""
+    import io
+    import logging
+
+    from functions.launcher import app as launcher
+
+    lines = io.StringIO()
+    [handler] = logging.getLogger(launcher.logger.service).handlers
+    monkeypatch.setattr(handler, "stream", lines)
+    monkeypatch.setattr(launcher, "launch_job", lambda job_id, attempt, **_: launcher.logger.info("probe") or "started")
+    assert launch("job-a", "job-b") == []
+    logged = [json.loads(line) for line in lines.getvalue().splitlines()]
+    probes = [entry for entry in logged if entry["message"] == "probe"]
+    assert [entry.get("job_id") for entry in probes] == ["job-a", "job-b"]
+    assert all(entry["function_name"] == "fusion-test" for entry in probes)  # the Lambda context too
+    assert "job_id" not in launcher.logger.get_current_keys()
