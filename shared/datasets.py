@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.responses import Dataset
 from shared.tenancy import decode_tenant, encode_tenant
 
 FILE_NAMES = {"jsonl": "data.jsonl", "text": "data.txt"}
@@ -53,19 +54,6 @@ class CreateDatasetRequest(BaseModel):
         default="jsonl",
         description='"jsonl": one JSON object per line with a string "text" field; "text": UTF-8 text.',
     )
-
-
-class Dataset(BaseModel):
-    """A dataset as the API shows it."""
-
-    dataset_id: str
-    name: str
-    status: Literal["pending", "ready", "rejected"]
-    reason: str | None = None
-    s3_uri: str
-    bytes: int | None = None
-    tokens: int | None = None
-    created_at: str
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from aws_lambda_powertools.event_handler.openapi.params import Path
 from functions.api import context
 from shared.datasets import UPLOAD_URL_SECONDS, CreateDatasetRequest, DatasetNotFound, DatasetStore, dataset_key
 from shared.jobs import not_found
+from shared.responses import Dataset, DatasetList, RegisteredDataset
 
 router = Router()
 
@@ -38,8 +39,8 @@ def _tenant() -> str:
 
 
 @router.post("/datasets", summary="Register a dataset and get a presigned URL to upload it to",
-             responses=context.responses({201: "The registered dataset and its upload URL"}, 415))
-def create_dataset(request: CreateDatasetRequest):
+             responses=context.responses({201: ("The registered dataset and its upload URL", RegisteredDataset)}, 415))
+def create_dataset(request: CreateDatasetRequest) -> Response[RegisteredDataset]:
     tenant = _tenant()
     dataset = _store().register(tenant, request)
     upload_url = _s3().generate_presigned_url(
@@ -52,14 +53,14 @@ def create_dataset(request: CreateDatasetRequest):
 
 
 @router.get("/datasets", summary="The caller's datasets, newest first",
-            responses=context.responses({200: "The caller's datasets"}))
-def list_datasets() -> dict:
+            responses=context.responses({200: ("The caller's datasets", DatasetList)}))
+def list_datasets() -> DatasetList:
     return {"datasets": [d.model_dump(mode="json") for d in _store().list(_tenant())]}
 
 
 @router.get("/datasets/<dataset_id>", summary="One of the caller's datasets",
-            responses=context.responses({200: "The dataset"}))
-def get_dataset(dataset_id: Annotated[str, Path(max_length=64)]):
+            responses=context.responses({200: ("The dataset", Dataset)}))
+def get_dataset(dataset_id: Annotated[str, Path(max_length=64)]) -> Dataset:
     try:
         return _store().get(_tenant(), dataset_id)
     except DatasetNotFound:
