@@ -43,7 +43,7 @@ from shared.responses import (
     RegisteredDataset,
 )
 from shared.settings import ContractSettings, TrainSettings
-from shared.store import END_STATUSES
+from shared.lifecycle import END_STATUSES
 
 DEFAULT_API_URL = "http://127.0.0.1:8080"
 TIMEOUT_S = 30

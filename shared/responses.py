@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.pricing import Estimate
 from shared.shapes import ModelConfig
-from shared.store import STATUS_RANK
+from shared.lifecycle import STATUS_RANK
 
 JobStatus = Literal[tuple(STATUS_RANK)]
 JobType = Literal["train", "contract"]

@@ -9,7 +9,7 @@ from typing import Any
 from aws_lambda_powertools.event_handler.api_gateway import Router
 from pydantic import BaseModel
 
-from shared.jobs import JobError
+from shared.errors import JobError
 from shared.events import Bus
 from shared.responses import ErrorResponse
 from shared.store import Catalog, Datasets, Jobs, Tenants

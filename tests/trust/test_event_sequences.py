@@ -8,10 +8,12 @@ from decimal import Decimal
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from shared import jobs as domain
+from shared.admission import resolve
 from shared.pricing import Estimate, bill
 from shared.settings import JOB_REQUEST
+from shared.state_changes import model_id_for
 from shared.store import Catalog, Datasets, Jobs, Tenants, cents
+from shared.training_jobs import training_job_name
 
 from tests.conftest import deliver, write_metrics
 
@@ -30,11 +32,11 @@ HISTORIES = {
 def _launched(aws, story: str) -> dict:
     request = JOB_REQUEST.validate_python({"type": "train", "model": "base-debug", "dataset": dataset_id("alice"),
                                            "hyperparams": {"steps_per_cycle": 50}})
-    job = domain.resolve(request, "alice", catalog=Catalog(session=aws.session),
-                         datasets=Datasets(session=aws.session), data_bucket=aws.env["DATA_BUCKET"])
+    job = resolve(request, "alice", catalog=Catalog(session=aws.session),
+                  datasets=Datasets(session=aws.session), data_bucket=aws.env["DATA_BUCKET"])
     jobs = Jobs(session=aws.session)
     jobs.create(job, limit_cents=10**9)  # commits its estimate to alice's spend
-    jobs.transition(job["job_id"], "launching", training_job_name=domain.training_job_name(job["job_id"]))
+    jobs.transition(job["job_id"], "launching", training_job_name=training_job_name(job["job_id"]))
     if "Completed" in HISTORIES[story]:
         write_metrics(aws, job)
     if "Stopped" in HISTORIES[story]:
@@ -46,7 +48,7 @@ def _expected(job: dict, story: str) -> tuple:
     estimate = Estimate.model_validate(job["estimate"])
     end = HISTORIES[story][-1]
     if end == "Completed":
-        return ("completed", job["estimate"]["total"], domain.model_id_for(job["job_id"]))
+        return ("completed", job["estimate"]["total"], model_id_for(job["job_id"]))
     if end == "Failed":
         return ("failed", "0.00", None)
     return ("cancelled", str(bill(estimate, estimate.training_tokens // 3)), None)
@@ -86,7 +88,7 @@ def _check(tenants, case) -> None:
     for job, story in zip(jobs, stories):
         now = store.get(job["job_id"])
         assert (now["status"], now["bill"], now["output_model_id"]) == _expected(job, story), (story, order)
-        model = catalog.get(domain.model_id_for(job["job_id"]), "alice")
+        model = catalog.get(model_id_for(job["job_id"]), "alice")
         assert (model is not None) == (now["status"] == "completed")
         if model is not None:
             assert Decimal(model["cost"]) == Decimal(now["bill"]) and model["job_id"] == job["job_id"]
