@@ -8,6 +8,8 @@ import os
 import re
 from typing import Any
 
+# Every id new_job_id makes, and no more: a training job is named "fusion-<job id>" within
+# SageMaker's 63 characters, and the container refuses a job id the service could not have made.
 JOB_ID_PATTERN = re.compile(r"[a-z0-9-]{1,40}")
 NO_CHARGE = "0.00"
 

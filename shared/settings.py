@@ -12,10 +12,11 @@ strings, parses leniently. Every number has an upper bound, so every job has a p
 from __future__ import annotations
 
 import json
-import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+from shared.lifecycle import JOB_ID_PATTERN
 
 OUTPUT_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 UNDER_TRAINING_STEPS = 500  # below this many steps per cycle a run under-trains
@@ -194,8 +195,8 @@ def from_hyperparameters(raw: dict[str, Any]) -> tuple[str, str, TrainSettings |
     job_id = str(values.pop("job_id", ""))
     if job_type not in SETTINGS_BY_TYPE:
         raise ValueError(f"job_type must be one of {sorted(SETTINGS_BY_TYPE)}, got {job_type!r}")
-    if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", job_id):
-        raise ValueError(f"job_id must be 1-64 of A-Z a-z 0-9 -, got {job_id!r}")
+    if not JOB_ID_PATTERN.fullmatch(job_id):
+        raise ValueError(f"job_id must match {JOB_ID_PATTERN.pattern}, got {job_id!r}")
     return job_type, job_id, SETTINGS_BY_TYPE[job_type].model_validate(values, strict=False)
 
 
