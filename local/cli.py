@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -42,7 +43,7 @@ from shared.responses import (
     Quote,
     RegisteredDataset,
 )
-from shared.settings import ContractSettings, TrainSettings
+from shared.settings import NAME_CHARACTERS, NAME_MAX_LENGTH, ContractSettings, TrainSettings
 from shared.lifecycle import END_STATUSES
 
 DEFAULT_API_URL = "http://127.0.0.1:8080"
@@ -396,12 +397,17 @@ def build_parser() -> argparse.ArgumentParser:
 # --- commands ----------------------------------------------------------------------------------
 
 
+def dataset_name(file: Path) -> str:
+    """A valid dataset name from a file's: its stem, each character a name may not hold made "-"."""
+    return re.sub(f"[^{NAME_CHARACTERS}]", "-", file.stem)[:NAME_MAX_LENGTH] or "dataset"
+
+
 def upload_dataset(client: Client, file: Path, *, name: str | None = None, fmt: str | None = None,
                    wait: bool = True, timeout: float = 300) -> Dataset:
     if not file.is_file():
         raise ApiError(f"no such file: {file}")
     fmt = fmt or ("jsonl" if file.suffix == ".jsonl" else "text")
-    name = name or "".join(c if c.isalnum() or c in "._-" else "-" for c in file.stem)[:64] or "dataset"
+    name = name or dataset_name(file)
     registered = client.call("POST", "/datasets", RegisteredDataset, {"name": name, "format": fmt})
     with file.open("rb") as body:
         put = requests.put(registered.upload_url, data=body, timeout=600)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.responses import Dataset
+from shared.settings import NAME_PATTERN, NAME_RULE
 from shared.tenancy import decode_tenant, encode_tenant
 
 FILE_NAMES = {"jsonl": "data.jsonl", "text": "data.txt"}
@@ -46,8 +47,8 @@ class CreateDatasetRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(
-        pattern=r"^[A-Za-z0-9._-]{1,64}$",
-        description="A name for the dataset: 1-64 of A-Z a-z 0-9 . _ -.",
+        pattern=NAME_PATTERN,
+        description=f"A name for the dataset: {NAME_RULE}.",
         examples=["support-tickets"],
     )
     format: Literal["jsonl", "text"] = Field(

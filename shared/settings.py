@@ -18,7 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from shared.lifecycle import JOB_ID_PATTERN
 
-OUTPUT_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+# A name a tenant gives: a model's (output_name) or a dataset's.
+NAME_CHARACTERS = "A-Za-z0-9._-"
+NAME_MAX_LENGTH = 64
+NAME_PATTERN = rf"^[{NAME_CHARACTERS}]{{1,{NAME_MAX_LENGTH}}}$"
+NAME_RULE = f"1-{NAME_MAX_LENGTH} of A-Z a-z 0-9 . _ -"
 UNDER_TRAINING_STEPS = 500  # below this many steps per cycle a run under-trains
 CONTRACT_SEQ_LEN = 256  # window length of contraction's calibration and healing steps
 
@@ -38,8 +42,8 @@ OutputName = Annotated[
     str | None,
     Field(
         default=None,
-        pattern=OUTPUT_NAME_PATTERN,
-        description="Catalog name of the new model: 1-64 of A-Z a-z 0-9 . _ -. Default: model-<job id>.",
+        pattern=NAME_PATTERN,
+        description=f"Catalog name of the new model: {NAME_RULE}. Default: model-<job id>.",
         examples=["support-bot-v2"],
     ),
 ]

@@ -151,3 +151,17 @@ def test_a_refusal_not_in_the_api_shape_is_still_one_line(cli, monkeypatch):
     monkeypatch.setattr(requests.Session, "request", authorizer)
     code, _, err = cli("jobs", "list")
     assert code == 1 and err.strip() == "error: HTTP 401: Unauthorized"
+
+
+def test_a_file_name_becomes_a_name_the_api_takes():
+    from pathlib import Path
+
+    from local.cli import dataset_name
+    from shared.datasets import CreateDatasetRequest
+
+    for file, name in (("café notes.jsonl", "caf--notes"), ("x" * 80 + ".txt", "x" * 64), (".jsonl", ".jsonl")):
+        assert dataset_name(Path(file)) == name
+        assert CreateDatasetRequest(name=dataset_name(Path(file))).name == name
+    # a model's output_name and a dataset's name are the same rule
+    assert (CreateDatasetRequest.model_json_schema()["properties"]["name"]["pattern"]
+            == TrainSettings.model_json_schema()["properties"]["output_name"]["anyOf"][0]["pattern"])
