@@ -25,6 +25,12 @@ NAME_PATTERN = rf"^[{NAME_CHARACTERS}]{{1,{NAME_MAX_LENGTH}}}$"
 NAME_RULE = f"1-{NAME_MAX_LENGTH} of A-Z a-z 0-9 . _ -"
 UNDER_TRAINING_STEPS = 500  # below this many steps per cycle a run under-trains
 CONTRACT_SEQ_LEN = 256  # window length of contraction's calibration and healing steps
+# A contract job's forward-only passes, which its price counts too: a calibration sample (Block
+# Influence and activation statistics) and a held-out perplexity of the source, the pruned and the
+# healed model, each on at most CONTRACT_HELDOUT_WINDOWS windows.
+CONTRACT_CALIBRATION_WINDOWS = 64
+CONTRACT_HELDOUT_WINDOWS = 512
+CONTRACT_EVALUATIONS = 3
 
 # Upper bounds. A turn's steps, however given, are at most what the largest cycles x
 # steps_per_cycle make; a contraction heals for at most one such cycle and prunes at most as
