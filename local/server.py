@@ -160,17 +160,6 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = LISTEN_BACKLOG
 
 
-def serve(host: str = "127.0.0.1", port: int = 8080, *, environ: dict[str, str] | None = None) -> None:
-    """Serve the HTTP API until interrupted; `environ` (e.g. from start_in_process_aws) is applied first."""
-    server = make_server(host, port, environ=environ)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-
-
 def start_in_process_aws(template_path: str | Path | None = None, *, region: str = LOCAL_REGION) -> dict[str, str]:
     """Start moto in this process, create the template's resources and seed the base models.
 

@@ -360,14 +360,6 @@ class LocalStack:
 
         lambda_handler(event, LambdaContext("fusion-events"))
 
-    # --- conveniences for tests and the demo ----------------------------------------------
-
-    def wait_idle(self, timeout: float = 60) -> None:
-        """Wait until every local training job has ended."""
-        deadline = time.monotonic() + timeout
-        for name in list(self.sagemaker.jobs):
-            self.sagemaker.wait(name, max(0.1, deadline - time.monotonic()))
-
 
 def _sqs_record(message: dict[str, Any], arn: str) -> dict[str, Any]:
     return {

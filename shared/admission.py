@@ -6,18 +6,27 @@ The stores (shared.store) and clients come in as arguments.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
 from shared.budgets import budget_of, check_budget
-from shared.errors import JobError, invalid, not_found
+from shared.errors import JobError, describe_error, invalid, not_found
+from shared.events import announce
 from shared.lifecycle import NO_CHARGE, new_job_id
 from shared.memory import DoesNotFit
 from shared.pricing import Estimate, estimate_contract, estimate_train
-from shared.settings import ContractJobRequest, ContractSettings, TrainJobRequest, TrainSettings, default_output_name
+from shared.settings import (
+    JOB_REQUEST,
+    ContractJobRequest,
+    ContractSettings,
+    TrainJobRequest,
+    TrainSettings,
+    default_output_name,
+)
 from shared.shapes import ModelConfig
 from shared.store import Catalog, Datasets, Jobs, OverBudget, Tenants, cents, now
-from shared.tenancy import encode_tenant
+from shared.tenancy import InvalidTenant, check_tenant, encode_tenant
 
 
 def resolve(
@@ -155,3 +164,39 @@ def admit(job: dict[str, Any], *, jobs: Jobs, tenants: Tenants, sqs: Any, queue_
         check_budget(job, budget_of(job["owner"], tenants=tenants))  # words it with the spend as it is now
         raise JobError(402, "budget_exceeded", "another job took the rest of your budget meanwhile",
                        [{"field": "estimate.total", "message": "over budget"}]) from None
+
+
+def requested(detail: dict[str, Any], event_id: str | None, *, catalog: Catalog, datasets: Datasets, jobs: Jobs,
+              tenants: Tenants, sqs: Any, bus: Any, data_bucket: str, queue_url: str) -> dict[str, Any]:
+    """A job request from a pipeline ({"owner", "request": <POST /jobs body>}): the same checks as
+    POST /jobs, then admitted. A refusal is answered on the bus, not retried: it would fail again.
+
+    The job id derives from the event id, so a redelivered request finds its job instead of
+    creating a second one (and publishes what the first delivery could not).
+    """
+    from pydantic import ValidationError
+
+    owner, body = detail.get("owner"), detail.get("request")
+    job_id = "r-" + hashlib.sha256(event_id.encode()).hexdigest()[:24] if event_id else None
+    existing = jobs.get(job_id, owner) if job_id and isinstance(owner, str) else None
+    if existing is not None:
+        announce(existing, jobs=jobs, bus=bus)
+        return {"accepted": True, "job_id": job_id}
+    try:
+        try:
+            check_tenant(owner)
+        except InvalidTenant as exc:
+            raise invalid("owner", f"a requested job names its owner (the tenant): {exc}") from None
+        job = resolve(JOB_REQUEST.validate_python(body), owner, catalog=catalog, datasets=datasets,
+                      data_bucket=data_bucket, job_id=job_id)
+        admit(job, jobs=jobs, tenants=tenants, sqs=sqs, queue_url=queue_url)
+    except ValidationError as exc:
+        error = {"code": "invalid_request", "message": "the requested job has invalid fields",
+                 "details": [describe_error(e) for e in exc.errors()]}
+    except JobError as exc:
+        error = {"code": exc.code, "message": exc.message, "details": exc.details}
+    else:
+        announce(job, jobs=jobs, bus=bus)
+        return {"accepted": True, "job_id": job["job_id"]}
+    bus.job_rejected(owner, body, error)
+    return {"accepted": False, "error": error}

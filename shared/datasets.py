@@ -25,7 +25,6 @@ from shared.tenancy import decode_tenant, encode_tenant
 
 FILE_NAMES = {"jsonl": "data.jsonl", "text": "data.txt"}
 FORMAT_OF_FILE = {name: fmt for fmt, name in FILE_NAMES.items()}
-DATASET_ID_PATTERN = r"^ds-[a-z0-9]{12}$"
 DATASET_KEY = re.compile(r"^(?P<tenant>[^/]+)/datasets/(?P<dataset_id>ds-[a-z0-9]{12})/(?P<file>data\.jsonl|data\.txt)$")
 
 # One PUT to a presigned URL carries at most 5 GiB; below MIN_TOKENS there is not even one

@@ -22,7 +22,6 @@ from shared.shapes import DTYPES, FAMILIES, LayerShape, ModelConfig, RopeScaling
 EXPORT_DIR = "hf"  # the transformers folder inside a job's model directory (and its model.tar.gz)
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 HEADER_LIMIT = 100 * 1024 * 1024
 MAX_LAYERS = 1024  # far above any open-weight family; bounds the work a claimed config can cause  # a safetensors header larger than this is not a checkpoint
 

@@ -29,8 +29,6 @@ from shared.shapes import LayerShape, ModelConfig
 
 GIB = 1 << 30
 
-# fp32 master weight + fp32 gradient + AdamW exp_avg + exp_avg_sq.
-STATE_BYTES_PER_PARAMETER = 4 + 4 + 4 + 4
 # The bf16 copy autocast makes of each weight a matmul reads, saved for the backward pass.
 AUTOCAST_WEIGHT_BYTES = 2
 COMPUTE_BYTES = 2  # bf16 activations under autocast

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from shared.lifecycle import JOB_ID_PATTERN
 
@@ -185,10 +185,6 @@ SETTINGS_BY_TYPE: dict[str, type[TrainSettings] | type[ContractSettings]] = {
     "train": TrainSettings,
     "contract": ContractSettings,
 }
-
-# Keys that travel in hyperparameters.json beside the settings themselves.
-CONTAINER_KEYS = ("job_type", "job_id")
-
 
 def to_hyperparameters(job_type: str, job_id: str, settings: TrainSettings | ContractSettings) -> dict[str, str]:
     """SageMaker's HyperParameters map: every value a string (None values are left out)."""

@@ -8,13 +8,17 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from aws_lambda_powertools import Logger
+
 from shared.events import announce
 from shared.lifecycle import END_STATUSES, NO_CHARGE
 from shared.outputs import count_of, read_metrics, read_progress
 from shared.pricing import Estimate, bill
 from shared.shapes import ModelConfig
 from shared.store import Catalog, ConditionFailed, Jobs, missing_object, now
-from shared.training_jobs import job_id_of, training_job_name
+from shared.training_jobs import NO_SUCH_TRAINING_JOB, job_id_of, training_job_name
+
+logger = Logger(child=True)
 
 
 # SageMaker's TrainingJobStatus -> Fusion status.
@@ -60,10 +64,9 @@ def catalog_entry(job: dict[str, Any], metrics: dict[str, Any], artifact_uri: st
 
 @dataclass
 class Outcome:
-    """What one state-change event did: the job after it, and the model it registered, if any."""
+    """What one state-change event did: the job after it (None when it changed nothing) and the job as it is now."""
 
     job: dict[str, Any] | None = None
-    model: dict[str, Any] | None = None
     current: dict[str, Any] | None = None  # the job as it is now, changed or not (to announce it)
 
 
@@ -153,7 +156,7 @@ def record_state_change(
         job = jobs.transition(job_id, status, **fields)
     except ConditionFailed:
         return Outcome(current=jobs.get(job_id))
-    return Outcome(job=job, model=model, current=job)
+    return Outcome(job=job, current=job)
 
 
 def follow(detail: dict[str, Any], *, jobs: Jobs, catalog: Catalog, s3: Any, bus: Any, artifacts_bucket: str) -> Outcome:
@@ -174,3 +177,38 @@ STATE_CHANGE_FIELDS = ("TrainingJobName", "TrainingJobArn", "TrainingJobStatus",
 def state_change_of(description: dict[str, Any]) -> dict[str, Any]:
     """The state-change event detail that a DescribeTrainingJob answer stands for."""
     return {k: description[k] for k in STATE_CHANGE_FIELDS if description.get(k) is not None}
+
+
+def reconcile_in_flight(*, jobs: Jobs, catalog: Catalog, s3: Any, sagemaker: Any, bus: Any,
+                        artifacts_bucket: str) -> dict[str, Any]:
+    """One pass of the reconciler over the jobs in flight: each compared with DescribeTrainingJob and,
+    where SageMaker says more than the job knows, followed as the event that state stands for.
+    Returns how many were checked, moved, not yet created and unreadable."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    summary = {"checked": 0, "moved": [], "not_created": 0, "errors": 0}
+    for job in jobs.in_flight():
+        summary["checked"] += 1
+        name = training_job_name(job["job_id"])
+        try:
+            description = sagemaker.describe_training_job(TrainingJobName=name)
+            detail = state_change_of(description)
+            if SAGEMAKER_STATUS.get(detail.get("TrainingJobStatus", "")) == job["status"]:
+                continue  # SageMaker and the job agree: nothing was missed
+            outcome = follow(detail, jobs=jobs, catalog=catalog, s3=s3, bus=bus, artifacts_bucket=artifacts_bucket)
+        except ClientError as exc:
+            if exc.response["Error"].get("Code") in NO_SUCH_TRAINING_JOB:
+                summary["not_created"] += 1  # still launching: the launch queue holds its message
+                continue
+            summary["errors"] += 1
+            logger.warning("job not reconciled", extra={"job_id": job["job_id"]}, exc_info=True)
+            continue
+        except BotoCoreError:  # unreachable for now: the next run tries again
+            summary["errors"] += 1
+            logger.warning("job not reconciled", extra={"job_id": job["job_id"]}, exc_info=True)
+            continue
+        if outcome.job is not None:
+            logger.warning("missed state change applied", extra={"job_id": job["job_id"],
+                                                                 "status": outcome.job["status"]})
+            summary["moved"].append(job["job_id"])
+    return summary

@@ -170,20 +170,6 @@ class Jobs(_Table):
     def list(self, owner: str, limit: int = 100) -> list[dict[str, Any]]:
         return [_job_from_item(item) for item in self._query_owner(owner, limit)]
 
-    def all_of(self, owner: str) -> list[dict[str, Any]]:
-        """Every job of a tenant, all pages (for their spend)."""
-        items, start = [], None
-        while True:
-            page = {"ExclusiveStartKey": start} if start else {}
-            response = self.client.query(
-                TableName=self.name, IndexName=BY_OWNER_INDEX, KeyConditionExpression="#o = :o",
-                ExpressionAttributeNames={"#o": "owner"}, ExpressionAttributeValues={":o": {"S": owner}}, **page,
-            )
-            items += response.get("Items", [])
-            start = response.get("LastEvaluatedKey")
-            if not start:
-                return [_job_from_item(_plain(item)) for item in items]
-
     def in_flight(self) -> list[dict[str, Any]]:
         """Every job launching, running or cancelling (all pages), for the reconciler: a scan, as
         it runs every few minutes and reads only the key columns."""
@@ -431,8 +417,3 @@ class Tenants(_Table):
 
     def get(self, tenant: str) -> dict[str, Any] | None:
         return self._get({"tenant": tenant})
-
-    def set_budget(self, tenant: str, budget_usd: str) -> None:
-        self.client.update_item(TableName=self.name, Key=_ddb({"tenant": tenant}),
-                                UpdateExpression="SET budget_usd = :b", ExpressionAttributeValues=_ddb({":b": budget_usd}))
-

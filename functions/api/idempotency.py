@@ -30,14 +30,13 @@ def _persistence(table_name: str) -> DynamoDBPersistenceLayer:
     return DynamoDBPersistenceLayer(table_name=table_name, boto3_session=context.session())
 
 
-def once(owner: str, key: str, body: dict[str, Any], create: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+def once(owner: str, key: str, body: dict[str, Any], create: Callable[[], dict[str, Any]], *,
+         lambda_context: Any = None) -> dict[str, Any]:
     """The job `create` makes the first time (owner, key) is seen; the stored answer after that."""
     config = IdempotencyConfig(event_key_jmespath="key", payload_validation_jmespath="body",
                                expires_after_seconds=KEY_LIFETIME_SECONDS)
-    from functions.api.app import app
-
-    if getattr(app, "lambda_context", None) is not None:  # so a request cut off by its timeout frees its key
-        config.register_lambda_context(app.lambda_context)
+    if lambda_context is not None:  # so a request cut off by its timeout frees its key
+        config.register_lambda_context(lambda_context)
 
     @idempotent_function(data_keyword_argument="request", persistence_store=_persistence(os.environ["IDEMPOTENCY_TABLE"]),
                          config=config)

@@ -76,7 +76,7 @@ def create_job(
 
     owner = context.tenant(router)
     return _json(201, idempotency.once(owner, idempotency_key, request.model_dump(mode="json"),
-                                       lambda: _create(request)))
+                                       lambda: _create(request), lambda_context=getattr(router, "lambda_context", None)))
 
 
 def _create(request: Any) -> dict[str, Any]:

@@ -18,12 +18,10 @@ from typing import Any
 
 from aws_lambda_powertools import Logger
 
-from shared.admission import admit, resolve
-from shared.errors import JobError, describe_error, invalid
-from shared.events import JOB_REQUESTED, Bus, announce
+from shared.admission import requested
+from shared.events import JOB_REQUESTED, Bus
 from shared.state_changes import follow
 from shared.store import Catalog, Datasets, Jobs, Tenants
-from shared.tenancy import InvalidTenant, check_tenant
 
 logger = Logger()
 
@@ -60,40 +58,9 @@ def training_job_changed(detail: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_requested(detail: dict[str, Any], event_id: str | None = None) -> dict[str, Any]:
-    """A job request from a pipeline. A refusal is answered on the bus, not retried: it would fail again.
-
-    The job id derives from the event id, so a redelivered request finds its job instead of
-    creating a second one (and publishes what the first delivery could not).
-    """
-    import hashlib
-
-    from pydantic import ValidationError
-
-    from shared.settings import JOB_REQUEST
-
     c = _clients()
-    owner, body = detail.get("owner"), detail.get("request")
-    job_id = "r-" + hashlib.sha256(event_id.encode()).hexdigest()[:24] if event_id else None
-    existing = c["jobs"].get(job_id, owner) if job_id and isinstance(owner, str) else None
-    if existing is not None:
-        announce(existing, jobs=c["jobs"], bus=c["bus"])
-        return {"accepted": True, "job_id": job_id}
-    try:
-        try:
-            check_tenant(owner)
-        except InvalidTenant as exc:
-            raise invalid("owner", f"a requested job names its owner (the tenant): {exc}") from None
-        job = resolve(JOB_REQUEST.validate_python(body), owner, catalog=c["catalog"],
-                      datasets=c["datasets"], data_bucket=os.environ["DATA_BUCKET"], job_id=job_id)
-        admit(job, jobs=c["jobs"], tenants=c["tenants"], sqs=c["sqs"], queue_url=os.environ["LAUNCH_QUEUE_URL"])
-    except ValidationError as exc:
-        error = {"code": "invalid_request", "message": "the requested job has invalid fields",
-                 "details": [describe_error(e) for e in exc.errors()]}
-    except JobError as exc:
-        error = {"code": exc.code, "message": exc.message, "details": exc.details}
-    else:
-        announce(job, jobs=c["jobs"], bus=c["bus"])
-        logger.info("job requested", extra={"job_id": job["job_id"], "owner": owner})
-        return {"accepted": True, "job_id": job["job_id"]}
-    c["bus"].job_rejected(owner, body, error)
-    return {"accepted": False, "error": error}
+    answer = requested(detail, event_id, catalog=c["catalog"], datasets=c["datasets"], jobs=c["jobs"],
+                       tenants=c["tenants"], sqs=c["sqs"], bus=c["bus"], data_bucket=os.environ["DATA_BUCKET"],
+                       queue_url=os.environ["LAUNCH_QUEUE_URL"])
+    logger.info("job requested", extra={"owner": detail.get("owner"), **answer})
+    return answer

@@ -1,12 +1,8 @@
 """Launcher: one SageMaker training job per queued job, from the launch queue (SQS).
 
-Each message is {"job_id"}. The training job name is derived from the job id, so a repeated
-message finds the job it already started instead of starting a second one. Throttling and
-quota errors put the message back (partial batch failure) until FUSION_MAX_LAUNCH_ATTEMPTS,
-then mark the job failed; permanent errors mark it failed at once. No path drops a job silently.
-A job cancelled before launch is never launched; one cancelled while its training job was being
-created has that training job stopped. A job on a dataset whose object changed since its check
-is refused (failed, nothing billed), never launched on unchecked data.
+Each message is {"job_id"}; shared.launching decides what to do with it. A message it defers
+(RetryLater) is reported as a partial batch failure, so SQS delivers it again; its receive count
+is the attempt, up to FUSION_MAX_LAUNCH_ATTEMPTS.
 """
 
 from __future__ import annotations
@@ -20,32 +16,14 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
-from shared.events import Bus, announce
-from shared.launching import dataset_replaced
-from shared.lifecycle import NO_CHARGE
-from shared.store import ConditionFailed, Jobs
-from shared.training_jobs import (
-    LaunchConfig,
-    stop_training_job,
-    training_job_exists,
-    training_job_name,
-    training_job_request,
-)
+from shared.events import Bus
+from shared.launching import launch as launch_job
+from shared.store import Jobs
+from shared.training_jobs import LaunchConfig
 
 logger = Logger()
 # Every message is judged alone: a batch where all failed still reports them one by one.
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
-
-# Errors that say "not now" rather than "never": the message is retried.
-RETRYABLE = {
-    "ThrottlingException", "Throttling", "ThrottledException", "RequestLimitExceeded", "TooManyRequestsException",
-    "ResourceLimitExceeded", "CapacityError", "InsufficientCapacityError", "ServiceUnavailable",
-    "ServiceUnavailableException", "InternalFailure", "InternalServerError", "InternalError",
-}
-
-
-class RetryLater(Exception):
-    """The launch hit a transient limit; SQS redelivers the message after its visibility timeout."""
 
 
 @cache
@@ -80,81 +58,8 @@ def _launch_config() -> LaunchConfig:
 def launch(job_id: str, attempt: int) -> str:
     """Start the training job of `job_id` once; returns what happened (for logs and tests)."""
     jobs, sagemaker, bus = _clients()
-    job = jobs.get(job_id)
-    if job is None:
-        logger.warning("no such job: message dropped", extra={"job_id": job_id})
-        return "unknown"
-    name = training_job_name(job_id)
-    if job["status"] == "cancelling":
-        return _cancel_unlaunched(jobs, sagemaker, bus, job)
-    if job["status"] not in ("queued", "launching"):
-        announce(job, jobs=jobs, bus=bus)  # a retry after a publish that failed
-        return "already-" + job["status"]
-    if job["status"] == "queued":
-        try:
-            job = jobs.transition(job_id, "launching", training_job_name=name)
-        except ConditionFailed:
-            return launch(job_id, attempt)  # moved on meanwhile: decide again on what it is now
-    announce(job, jobs=jobs, bus=bus)
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        replaced = dataset_replaced(_s3(), job)
-    except (ClientError, BotoCoreError) as exc:
-        return _retry_or_fail(jobs, bus, job_id, attempt, f"could not check the dataset: {exc}")
-    if replaced:
-        _fail(jobs, bus, job_id, replaced)
-        return "failed"
-    try:
-        sagemaker.create_training_job(**training_job_request(job, _launch_config()))
-    except ClientError as exc:
-        code, message = exc.response["Error"].get("Code", ""), exc.response["Error"].get("Message", "")
-        if code == "ResourceInUse" and training_job_exists(sagemaker, name):
-            return "existing"
-        if code in RETRYABLE:
-            return _retry_or_fail(jobs, bus, job_id, attempt, f"{code}: {message}")
-        _fail(jobs, bus, job_id, f"SageMaker refused the training job: {code}: {message}")
-        return "failed"
-    except BotoCoreError as exc:  # no answer at all (network, endpoint): as transient as throttling
-        return _retry_or_fail(jobs, bus, job_id, attempt, str(exc))
-    logger.info("training job started", extra={"job_id": job_id, "training_job_name": name})
-    if jobs.get(job_id)["status"] == "cancelling":  # cancelled while it was being created: stop it now
-        stop_training_job(sagemaker, name)
-        return "stopped"
-    return "started"
-
-
-def _cancel_unlaunched(jobs: Jobs, sagemaker: Any, bus: Bus, job: dict[str, Any]) -> str:
-    """A job cancelled while launching: end it if its training job was never created, else stop it."""
-    name = training_job_name(job["job_id"])
-    if training_job_exists(sagemaker, name):
-        stop_training_job(sagemaker, name)
-        return "stopped"
-    try:
-        job = jobs.annotate(job["job_id"], ("cancelling",), status="cancelled", bill=NO_CHARGE,
-                            failure_reason="cancelled before launch")
-    except ConditionFailed:
-        return "already-moved"
-    announce(job, jobs=jobs, bus=bus)
-    return "cancelled"
-
-
-def _retry_or_fail(jobs: Jobs, bus: Bus, job_id: str, attempt: int, reason: str) -> str:
-    attempts = int(os.environ.get("FUSION_MAX_LAUNCH_ATTEMPTS", "5"))
-    if attempt >= attempts:
-        _fail(jobs, bus, job_id, f"could not launch after {attempt} attempts: {reason}")
-        return "failed"
-    logger.warning("launch deferred", extra={"job_id": job_id, "attempt": attempt, "reason": reason})
-    raise RetryLater(reason)
-
-
-def _fail(jobs: Jobs, bus: Bus, job_id: str, reason: str) -> None:
-    try:
-        job = jobs.transition(job_id, "failed", failure_reason=reason, bill=NO_CHARGE)
-    except ConditionFailed:
-        return
-    logger.error("launch failed", extra={"job_id": job_id, "reason": reason})
-    announce(job, jobs=jobs, bus=bus)
+    return launch_job(job_id, attempt, jobs=jobs, sagemaker=sagemaker, bus=bus, s3=_s3(), config=_launch_config(),
+                      max_attempts=int(os.environ.get("FUSION_MAX_LAUNCH_ATTEMPTS", "5")))
 
 
 def record_handler(record: SQSRecord) -> str:

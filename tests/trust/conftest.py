@@ -71,6 +71,13 @@ def write_progress(aws, job_id: str, tokens_trained: int) -> None:
                                         Body=json.dumps({"tokens_trained": tokens_trained, "step": 1}))
 
 
+def set_budget(aws, tenant: str, budget_usd: str) -> None:
+    """What an operator does to give a tenant a limit of their own: the tenant's record in the tenants table."""
+    aws.session.client("dynamodb").update_item(
+        TableName=aws.env["TENANTS_TABLE"], Key={"tenant": {"S": tenant}}, UpdateExpression="SET budget_usd = :b",
+        ExpressionAttributeValues={":b": {"S": budget_usd}})
+
+
 def stored(aws, job_id: str) -> dict:
     return Jobs(session=aws.session).get(job_id)
 

@@ -12,7 +12,7 @@ from shared.training_jobs import training_job_name
 
 from tests.conftest import client_error, deliver, write_metrics
 
-from .conftest import launch, stored, train, write_progress
+from .conftest import launch, set_budget, stored, train, write_progress
 
 
 def _create(api, owner="alice", **hyper):
@@ -135,7 +135,7 @@ def test_spend_counts_bills_of_ended_jobs_not_their_estimates(tenants, api, sage
 
 def test_a_tenant_record_overrides_the_default(tenants, api, monkeypatch):
     monkeypatch.setenv("FUSION_DEFAULT_BUDGET_USD", "1000")
-    Tenants(session=tenants.session).set_budget("alice", "0.50")
+    set_budget(tenants, "alice", "0.50")
     assert api("POST", "/jobs", train())[0] == 402
     assert api("POST", "/jobs/estimate", train())[1]["budget"]["limit"] == "0.50"
     assert api("POST", "/jobs", train("bob"), tenant="bob")[0] == 201
@@ -150,7 +150,7 @@ def test_concurrent_jobs_cannot_both_pass_the_limit(tenants, api):
     from shared.store import Catalog, Datasets, OverBudget, cents
 
     tenants_table = Tenants(session=tenants.session)
-    tenants_table.set_budget("alice", "1.00")
+    set_budget(tenants, "alice", "1.00")
     priced = [resolve(JOB_REQUEST.validate_python(train()), "alice", catalog=Catalog(session=tenants.session),
                       datasets=Datasets(session=tenants.session), data_bucket=tenants.env["DATA_BUCKET"])
               for _ in range(2)]

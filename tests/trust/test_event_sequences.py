@@ -97,4 +97,4 @@ def _check(tenants, case) -> None:
         assert now["published_status"] == now["status"]  # every end state was announced
     # The spend counter settled once per job, whatever was delivered twice: the sum of the bills.
     spent = Tenants(session=tenants.session).get("alice")["spent_cents"]
-    assert spent == sum(cents(j["bill"]) for j in store.all_of("alice"))
+    assert spent == sum(cents(j["bill"]) for j in store.list("alice"))

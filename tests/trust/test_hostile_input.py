@@ -12,7 +12,7 @@ from functions.api.body import MAX_DEPTH
 from shared.settings import MAX_HEALING_STEPS, MAX_LAYERS, MAX_STEPS_PER_TURN
 from shared.store import Tenants
 
-from .conftest import dataset_id, train
+from .conftest import dataset_id, set_budget, train
 
 JOB_ROUTES = [("POST", "/jobs", ""), ("POST", "/jobs/estimate", ""), ("POST", "/jobs", "dry_run=true")]
 BODY_ROUTES = JOB_ROUTES + [("POST", "/datasets", "")]
@@ -140,7 +140,7 @@ def test_no_job_is_free_and_a_zero_budget_admits_nothing(tenants, api, sagemaker
     tiny = train(train_steps=1, seq_len=16)
     status, quote = api("POST", "/jobs/estimate", tiny)
     assert status == 200 and quote["estimate"]["total"] == str(minimum) and minimum > 0
-    Tenants(session=tenants.session).set_budget("alice", "0.00")
+    set_budget(tenants, "alice", "0.00")
     status, quote = api("POST", "/jobs/estimate", tiny)
     assert quote["allowed_to_proceed"] is False and quote["budget"]["limit"] == "0.00"
     status, body = api("POST", "/jobs", tiny)
