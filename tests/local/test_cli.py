@@ -165,3 +165,10 @@ def test_a_file_name_becomes_a_name_the_api_takes():
     # a model's output_name and a dataset's name are the same rule
     assert (CreateDatasetRequest.model_json_schema()["properties"]["name"]["pattern"]
             == TrainSettings.model_json_schema()["properties"]["output_name"]["anyOf"][0]["pattern"])
+
+
+def test_the_cli_has_words_for_every_status_a_job_waits_in():
+    from local.cli import _waiting
+    from shared.lifecycle import END_STATUSES, STATUS_RANK
+
+    assert {s for s in STATUS_RANK if _waiting(s)} == set(STATUS_RANK) - set(END_STATUSES)

@@ -39,3 +39,15 @@ def test_the_local_account_is_motos_and_the_local_api_times_out_as_deployed():
     assert LOCAL_ACCOUNT == DEFAULT_ACCOUNT_ID
     api = _functions()["ApiFunction"]
     assert api.get("Timeout", TEMPLATE["Globals"]["Function"]["Timeout"]) == API_TIMEOUT_S
+
+
+def test_launch_attempts_are_the_templates_and_the_queue_outlasts_them():
+    from shared.launching import DEFAULT_MAX_LAUNCH_ATTEMPTS, MAX_LAUNCH_ATTEMPTS_ENV
+
+    parameter = TEMPLATE["Parameters"]["MaxLaunchAttempts"]
+    assert parameter["Default"] == DEFAULT_MAX_LAUNCH_ATTEMPTS
+    variables = TEMPLATE["Globals"]["Function"]["Environment"]["Variables"]
+    assert variables[MAX_LAUNCH_ATTEMPTS_ENV].value == "MaxLaunchAttempts"
+    # the launcher fails the job on its last attempt, before the queue gives the message up
+    redrive = TEMPLATE["Resources"]["LaunchQueue"]["Properties"]["RedrivePolicy"]
+    assert redrive["maxReceiveCount"] == parameter["MaxValue"] + 1
