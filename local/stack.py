@@ -254,7 +254,6 @@ class LocalStack:
         from functions.api import context as api_context, datasets as api_datasets
 
         api_context.reset()
-        api_datasets._store.cache_clear()
         api_datasets._s3.cache_clear()
         idempotency = sys.modules.get("functions.api.idempotency")  # imported on the first keyed request
         if idempotency is not None:
