@@ -172,3 +172,11 @@ def test_the_cli_has_words_for_every_status_a_job_waits_in():
     from shared.lifecycle import END_STATUSES, STATUS_RANK
 
     assert {s for s in STATUS_RANK if _waiting(s)} == set(STATUS_RANK) - set(END_STATUSES)
+
+
+def test_an_answer_not_of_its_model_is_one_clear_error(aws, server):
+    from local.cli import ApiError, Client
+    from shared.responses import Job
+
+    with pytest.raises(ApiError, match=r"GET /console/config.json with a body that is not a Job \(job_id: Field required\)"):
+        Client(server).call("GET", "/console/config.json", Job)
