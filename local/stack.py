@@ -34,7 +34,8 @@ UPLOADS_QUEUE = "fusion-local-dataset-uploads"
 # Variables the stack sets for its lifetime and restores on close.
 _AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SAGEMAKER", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
             "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "POWERTOOLS_SERVICE_NAME",
-            "POWERTOOLS_LOG_LEVEL", "POWERTOOLS_TRACE_DISABLED", "POWERTOOLS_METRICS_NAMESPACE")
+            "POWERTOOLS_LOG_LEVEL", "POWERTOOLS_TRACE_DISABLED", "POWERTOOLS_METRICS_NAMESPACE",
+            "POWERTOOLS_METRICS_DISABLED")
 
 
 def base_model_dir(size: str, home: Path) -> Path:
@@ -172,10 +173,6 @@ class LocalStack:
             "AWS_SECRET_ACCESS_KEY": "fusion-local",
             "AWS_DEFAULT_REGION": REGION,
             "AWS_REGION": REGION,
-            "POWERTOOLS_SERVICE_NAME": "fusion",
-            "POWERTOOLS_TRACE_DISABLED": "true",
-            "POWERTOOLS_METRICS_NAMESPACE": "Fusion",
-            "POWERTOOLS_LOG_LEVEL": "INFO" if self.verbose else "WARNING",
         })
         self._forget_cached_clients()
 
@@ -189,6 +186,13 @@ class LocalStack:
         for key in self.env:
             self._saved_env.setdefault(key, os.environ.get(key))
         os.environ.update(self.env)
+        # Over the template's Powertools settings: no X-Ray daemon here, and the terminal this runs
+        # in gets the functions' logs and metric records only when asked for (--verbose).
+        os.environ.update({
+            "POWERTOOLS_TRACE_DISABLED": "true",
+            "POWERTOOLS_METRICS_DISABLED": "false" if self.verbose else "true",
+            "POWERTOOLS_LOG_LEVEL": "INFO" if self.verbose else "WARNING",
+        })
         seed_base_models(Catalog(session=self._session), artifacts_bucket=self.env["ARTIFACTS_BUCKET"])
         for size in self.base_sizes:
             self.publish_base_model(size)

@@ -26,6 +26,7 @@ from shared.settings import (
 )
 from shared.shapes import ModelConfig
 from shared.store import Catalog, Datasets, Jobs, OverBudget, Tenants, cents, now
+from shared.telemetry import job_created, job_ended, job_refused
 from shared.tenancy import InvalidTenant, check_tenant, encode_tenant
 
 
@@ -146,6 +147,7 @@ def submit(job: dict[str, Any], *, jobs: Jobs, sqs: Any, queue_url: str, limit_c
     except Exception as exc:  # whatever the cause, the job must not sit queued forever unseen
         failed = jobs.transition(job["job_id"], "failed", failure_reason=f"could not queue the job for launch: {exc}",
                                  bill=NO_CHARGE)
+        job_ended(failed)
         raise JobError(503, "launch_queue_unavailable",
                        "the job could not be queued for launch and was marked failed; retry later",
                        [{"field": "job_id", "message": failed["job_id"]}]) from exc
@@ -157,13 +159,32 @@ def admit(job: dict[str, Any], *, jobs: Jobs, tenants: Tenants, sqs: Any, queue_
     a job is accepted. The check here words the refusal; the conditional write in Jobs.create
     enforces it against concurrent requests."""
     budget = budget_of(job["owner"], tenants=tenants)
-    check_budget(job, budget)
     try:
-        return submit(job, jobs=jobs, sqs=sqs, queue_url=queue_url, limit_cents=cents(budget.limit))
-    except OverBudget:
-        check_budget(job, budget_of(job["owner"], tenants=tenants))  # words it with the spend as it is now
-        raise JobError(402, "budget_exceeded", "another job took the rest of your budget meanwhile",
-                       [{"field": "estimate.total", "message": "over budget"}]) from None
+        check_budget(job, budget)
+        try:
+            submit(job, jobs=jobs, sqs=sqs, queue_url=queue_url, limit_cents=cents(budget.limit))
+        except OverBudget:
+            check_budget(job, budget_of(job["owner"], tenants=tenants))  # words it with the spend as it is now
+            raise JobError(402, "budget_exceeded", "another job took the rest of your budget meanwhile",
+                           [{"field": "estimate.total", "message": "over budget"}]) from None
+    except JobError as error:
+        if error.code == "budget_exceeded":  # a queue that failed it took a job it had stored: no refusal
+            job_refused()
+        raise
+    job_created()
+    return job
+
+
+def accept(request: TrainJobRequest | ContractJobRequest, owner: str, *, catalog: Catalog, datasets: Datasets,
+           data_bucket: str, jobs: Jobs, tenants: Tenants, sqs: Any, queue_url: str,
+           job_id: str | None = None) -> dict[str, Any]:
+    """A request to create a job, resolved and admitted: the accepted job, or JobError saying why not."""
+    try:
+        job = resolve(request, owner, catalog=catalog, datasets=datasets, data_bucket=data_bucket, job_id=job_id)
+    except JobError:
+        job_refused()
+        raise
+    return admit(job, jobs=jobs, tenants=tenants, sqs=sqs, queue_url=queue_url)
 
 
 def requested(detail: dict[str, Any], event_id: str | None, *, catalog: Catalog, datasets: Datasets, jobs: Jobs,
@@ -185,11 +206,15 @@ def requested(detail: dict[str, Any], event_id: str | None, *, catalog: Catalog,
     try:
         try:
             check_tenant(owner)
+            request = JOB_REQUEST.validate_python(body)
         except InvalidTenant as exc:
+            job_refused()
             raise invalid("owner", f"a requested job names its owner (the tenant): {exc}") from None
-        job = resolve(JOB_REQUEST.validate_python(body), owner, catalog=catalog, datasets=datasets,
-                      data_bucket=data_bucket, job_id=job_id)
-        admit(job, jobs=jobs, tenants=tenants, sqs=sqs, queue_url=queue_url)
+        except ValidationError:
+            job_refused()
+            raise
+        job = accept(request, owner, catalog=catalog, datasets=datasets, data_bucket=data_bucket, jobs=jobs,
+                     tenants=tenants, sqs=sqs, queue_url=queue_url, job_id=job_id)
     except ValidationError as exc:
         error = {"code": "invalid_request", "message": "the requested job has invalid fields",
                  "details": [describe_error(e) for e in exc.errors()]}

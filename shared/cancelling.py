@@ -7,6 +7,7 @@ from typing import Any
 from shared.errors import JobError, not_found
 from shared.lifecycle import JOB_ID_PATTERN, NO_CHARGE, STOPPABLE_STATUSES
 from shared.store import ConditionFailed, Jobs
+from shared.telemetry import job_ended
 from shared.training_jobs import stop_training_job, training_job_name
 
 
@@ -19,10 +20,13 @@ def cancel(job_id: str, owner: str, *, jobs: Jobs, sagemaker: Any) -> dict[str, 
         raise not_found("job", "job_id", job_id)
     if job["status"] == "queued":
         try:
-            return jobs.annotate(job_id, ("queued",), status="cancelled", bill=NO_CHARGE,
-                                 failure_reason="cancelled before launch")
+            cancelled = jobs.annotate(job_id, ("queued",), status="cancelled", bill=NO_CHARGE,
+                                      failure_reason="cancelled before launch")
         except ConditionFailed:
             job = jobs.get(job_id, owner)  # the launcher took it meanwhile: stop it instead
+        else:
+            job_ended(cancelled)
+            return cancelled
     if job["status"] in STOPPABLE_STATUSES:
         try:
             job = jobs.annotate(job_id, STOPPABLE_STATUSES, status="cancelling")

@@ -20,6 +20,7 @@ from shared.events import announce
 from shared.lifecycle import NO_CHARGE, UNLAUNCHED_STATUSES
 from shared.outputs import split_s3
 from shared.store import ConditionFailed, Jobs, missing_object
+from shared.telemetry import job_ended, job_launched, launch_retried
 from shared.training_jobs import (
     LaunchConfig,
     stop_training_job,
@@ -80,6 +81,7 @@ def launch(job_id: str, attempt: int, *, jobs: Jobs, sagemaker: Any, bus: Any, s
             _fail(job_id, f"could not launch after {attempt} attempts: {reason}", jobs=jobs, bus=bus)
             return "failed"
         logger.warning("launch deferred", extra={"job_id": job_id, "attempt": attempt, "reason": reason})
+        launch_retried()
         raise RetryLater(reason)
 
     try:
@@ -102,6 +104,7 @@ def launch(job_id: str, attempt: int, *, jobs: Jobs, sagemaker: Any, bus: Any, s
     except BotoCoreError as exc:  # no answer at all (network, endpoint): as transient as throttling
         return retry_or_fail(str(exc))
     logger.info("training job started", extra={"job_id": job_id, "training_job_name": name})
+    job_launched()
     if jobs.get(job_id)["status"] == "cancelling":  # cancelled while it was being created: stop it now
         stop_training_job(sagemaker, name)
         return "stopped"
@@ -119,6 +122,7 @@ def _cancel_unlaunched(job: dict[str, Any], *, jobs: Jobs, sagemaker: Any, bus: 
                             failure_reason="cancelled before launch")
     except ConditionFailed:
         return "already-moved"
+    job_ended(job)
     announce(job, jobs=jobs, bus=bus)
     return "cancelled"
 
@@ -129,6 +133,7 @@ def _fail(job_id: str, reason: str, *, jobs: Jobs, bus: Any) -> None:
     except ConditionFailed:
         return
     logger.error("launch failed", extra={"job_id": job_id, "reason": reason})
+    job_ended(job)
     announce(job, jobs=jobs, bus=bus)
 
 

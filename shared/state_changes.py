@@ -16,6 +16,7 @@ from shared.outputs import count_of, read_metrics, read_progress
 from shared.pricing import Estimate, bill
 from shared.shapes import ModelConfig
 from shared.store import Catalog, ConditionFailed, Jobs, missing_object, now
+from shared.telemetry import job_ended
 from shared.training_jobs import NO_SUCH_TRAINING_JOB, job_id_of, training_job_name
 
 logger = Logger(child=True)
@@ -156,6 +157,8 @@ def record_state_change(
         job = jobs.transition(job_id, status, **fields)
     except ConditionFailed:
         return Outcome(current=jobs.get(job_id))
+    if status in END_STATUSES:
+        job_ended(job)
     return Outcome(job=job, current=job)
 
 

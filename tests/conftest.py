@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import tarfile
 import threading
 import urllib.error
@@ -20,7 +21,7 @@ from botocore.exceptions import ClientError
 from moto import mock_aws
 
 from local.aws import LOCAL_ACCOUNT, LOCAL_REGION, LambdaContext  # noqa: F401 (the tests' context)
-from local.resources import create_resources
+from local.resources import create_resources, function_environment, load_template
 from local.server import api_event, make_server
 from shared.shapes import SIZES, grown_config
 from shared.store import Catalog, seed_base_models
@@ -29,6 +30,11 @@ from tests import permissions
 
 REGION = LOCAL_REGION
 GROWN = grown_config(SIZES["debug"])
+
+# The template's Powertools settings before any test imports a function: its Metrics take the
+# namespace then. No X-Ray daemon listens here.
+os.environ.update({k: v for k, v in function_environment(load_template()).items() if k.startswith("POWERTOOLS_")})
+os.environ["POWERTOOLS_TRACE_DISABLED"] = "1"
 permissions.install()
 
 

@@ -5,8 +5,9 @@ import json
 from typing import Any
 from urllib.parse import unquote
 
-from aws_lambda_powertools import Logger
+from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response, content_types
+from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.event_handler.openapi.exceptions import (
     RequestUnsupportedContentType,
     RequestValidationError,
@@ -15,8 +16,10 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import (
 from functions.api import body, console, datasets, jobs, models
 from shared.errors import JobError, describe_error
 from shared.responses import ErrorResponse
+from shared.telemetry import metrics
 
 logger = Logger()
+tracer = Tracer()
 
 
 class _Resolver(APIGatewayHttpResolver):
@@ -118,7 +121,13 @@ def no_route(exc: Exception) -> Response:
     return _error(404, "not_found", f"no route {app.current_event.http_method} {app.current_event.path}", [])
 
 
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True)
+@tracer.capture_lambda_handler
+@metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    job_id = (event.get("pathParameters") or {}).get("job_id")
+    if job_id:  # every line logged for a request about a job names it (a new job's id is added when created)
+        logger.append_keys(job_id=job_id)
     content_type = body.unsupported(event)
     if content_type is not None:  # before routing: Powertools would try to parse forms and multipart itself
         message = f"send JSON (application/json), not {content_type!r}" if content_type else \

@@ -12,7 +12,7 @@ from aws_lambda_powertools.event_handler.api_gateway import Router
 from aws_lambda_powertools.event_handler.openapi.params import Body, Header, Path, Query
 
 from functions.api import context
-from shared.admission import admit, resolve
+from shared.admission import accept, resolve
 from shared.budgets import budget_of, quote
 from shared.cancelling import cancel
 from shared.errors import JobError, not_found
@@ -80,9 +80,10 @@ def create_job(
 
 
 def _create(request: Any) -> dict[str, Any]:
-    job = _resolve(request)
-    admit(job, jobs=context.jobs(), tenants=context.tenants(), sqs=context.client("sqs"),
-          queue_url=context.env("LAUNCH_QUEUE_URL"))
+    job = accept(request, context.tenant(router), catalog=context.catalog(), datasets=context.datasets(),
+                 data_bucket=context.env("DATA_BUCKET"), jobs=context.jobs(), tenants=context.tenants(),
+                 sqs=context.client("sqs"), queue_url=context.env("LAUNCH_QUEUE_URL"))
+    logger.append_keys(job_id=job["job_id"])
     return public(job).model_dump(mode="json")  # the idempotency record stores it as JSON
 
 

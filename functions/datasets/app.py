@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import cache
 from urllib.parse import unquote_plus
 
-from aws_lambda_powertools import Logger
+from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.utilities.data_classes import S3Event, event_source
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
@@ -17,6 +17,7 @@ from shared.datasets import check_dataset, parse_dataset_key
 from shared.store import Datasets
 
 logger = Logger()
+tracer = Tracer()
 CHUNK_BYTES = 1 << 20
 
 
@@ -27,7 +28,8 @@ def _clients():
     return boto3.client("s3"), Datasets()
 
 
-@logger.inject_lambda_context
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler
 @event_source(data_class=S3Event)
 def lambda_handler(event: S3Event, context: LambdaContext) -> dict:
     s3, store = _clients()

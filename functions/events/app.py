@@ -16,14 +16,17 @@ import os
 from functools import cache
 from typing import Any
 
-from aws_lambda_powertools import Logger
+from aws_lambda_powertools import Logger, Tracer
 
 from shared.admission import requested
 from shared.events import JOB_REQUESTED, Bus
 from shared.state_changes import follow
 from shared.store import Catalog, Datasets, Jobs, Tenants
+from shared.telemetry import metrics
+from shared.training_jobs import job_id_of
 
 logger = Logger()
+tracer = Tracer()
 
 
 @cache
@@ -35,7 +38,9 @@ def _clients() -> dict[str, Any]:
             "tenants": Tenants(session=session), "s3": session.client("s3"), "sqs": session.client("sqs"), "bus": Bus(session=session)}
 
 
-@logger.inject_lambda_context
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler
+@metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     detail = event.get("detail")
     detail = detail if isinstance(detail, dict) else {}  # a malformed event is ignored or refused, never raised on
@@ -46,6 +51,9 @@ def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
 
 
 def training_job_changed(detail: dict[str, Any]) -> dict[str, Any]:
+    name = detail.get("TrainingJobName")
+    if isinstance(name, str) and job_id_of(name):
+        logger.append_keys(job_id=job_id_of(name))
     c = _clients()
     outcome = follow(detail, jobs=c["jobs"], catalog=c["catalog"], s3=c["s3"], bus=c["bus"],
                      artifacts_bucket=os.environ["ARTIFACTS_BUCKET"])

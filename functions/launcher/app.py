@@ -12,16 +12,18 @@ import os
 from functools import cache
 from typing import Any
 
-from aws_lambda_powertools import Logger
+from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 from shared.events import Bus
 from shared.launching import launch as launch_job, max_launch_attempts
 from shared.store import Jobs
+from shared.telemetry import metrics
 from shared.training_jobs import LaunchConfig
 
 logger = Logger()
+tracer = Tracer()
 # Every message is judged alone: a batch where all failed still reports them one by one.
 processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
@@ -64,9 +66,15 @@ def launch(job_id: str, attempt: int) -> str:
 
 def record_handler(record: SQSRecord) -> str:
     job_id = json.loads(record.body)["job_id"]
-    return launch(job_id, int(record.attributes.approximate_receive_count or 1))
+    logger.append_keys(job_id=job_id)
+    try:
+        return launch(job_id, int(record.attributes.approximate_receive_count or 1))
+    finally:
+        logger.remove_keys(["job_id"])  # the next message of the batch is another job's
 
 
-@logger.inject_lambda_context
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler
+@metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     return process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)

@@ -15,13 +15,15 @@ import os
 from functools import cache
 from typing import Any
 
-from aws_lambda_powertools import Logger
+from aws_lambda_powertools import Logger, Tracer
 
 from shared.events import Bus
 from shared.state_changes import reconcile_in_flight
 from shared.store import Catalog, Jobs
+from shared.telemetry import metrics
 
 logger = Logger()
+tracer = Tracer()
 
 
 @cache
@@ -39,7 +41,9 @@ def reconcile() -> dict[str, Any]:
                                bus=c["bus"], artifacts_bucket=os.environ["ARTIFACTS_BUCKET"])
 
 
-@logger.inject_lambda_context
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler
+@metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     summary = reconcile()
     logger.info("reconciled", extra=summary)

@@ -11,6 +11,7 @@ from shared.pricing import estimate_contract, estimate_train
 from shared.settings import ContractSettings, TrainSettings
 from shared.shapes import SIZES, ModelConfig, grown_config
 from shared.store import Catalog, Jobs
+from tests.conftest import LambdaContext
 
 DATASET = "ds-aaaaaaaaaaaa"
 
@@ -218,7 +219,7 @@ def test_a_request_without_identity_is_refused(world):
 
     event = api_event("GET", "/jobs")
     event["requestContext"]["authorizer"] = {"jwt": {"claims": {}, "scopes": None}}
-    result = lambda_handler(event, None)
+    result = lambda_handler(event, LambdaContext())
     assert result["statusCode"] == 401
 
 
@@ -232,7 +233,7 @@ def test_a_non_json_body_is_415_in_the_error_shape(world):
     from local.server import api_event
 
     event = api_event("POST", "/jobs", headers={"content-type": "text/plain"}, body="train", claims={"sub": "alice"})
-    result = lambda_handler(event, None)
+    result = lambda_handler(event, LambdaContext())
     error = json.loads(result["body"])["error"]
     assert result["statusCode"] == 415 and error["details"][0]["field"] == "content-type"
     assert _stored(world) == []

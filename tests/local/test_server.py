@@ -122,10 +122,11 @@ def test_start_in_process_aws_serves_the_seeded_catalog():
 
     code = (
         "from local.server import start_in_process_aws, api_event\n"
+        "from local.stack import LambdaContext\n"
         "env = start_in_process_aws()\n"
         "from functions.api.app import lambda_handler\n"
         "import json\n"
-        "models = json.loads(lambda_handler(api_event('GET', '/models'), None)['body'])['models']\n"
+        "models = json.loads(lambda_handler(api_event('GET', '/models'), LambdaContext('fusion-api'))['body'])['models']\n"
         "print(env['JOBS_TABLE'], sorted(m['model_id'] for m in models))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

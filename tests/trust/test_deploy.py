@@ -116,17 +116,19 @@ def test_sam_builds_every_function_and_each_imports_from_its_build_and_the_layer
         module, attribute = handler.rsplit(".", 1)
         # -S: no site-packages; the paths Lambda puts on sys.path: the code, the layer, the runtime.
         probe = (f"import sys; sys.path[:0] = {[str(code), str(layer), str(runtime)]!r}; "
-                 f"import {module} as m, shared; callable(m.{attribute}) or sys.exit('not callable'); "
+                 f"import {module} as m, shared, aws_xray_sdk.core; callable(m.{attribute}) or sys.exit('not callable'); "
                  f"print(m.__file__, shared.__file__)")
         done = subprocess.run([python, "-S", "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                               env={"PATH": "/usr/bin:/bin", "AWS_DEFAULT_REGION": "us-east-1",
-                                   **{k: "x" for k in _environment_names()}})
+                                   **_environment()})
         assert done.returncode == 0, f"{function}: {done.stderr[-2000:]}"
         module_file, shared_file = done.stdout.split()
         assert module_file.startswith(str(code)) and shared_file.startswith(str(layer))
 
 
-def _environment_names() -> list[str]:
+def _environment() -> dict[str, str]:
+    """The functions' environment: the template's literal settings as they are (a log level must be
+    one), a placeholder for each value CloudFormation fills in."""
     from local.resources import function_environment
 
-    return list(function_environment(load_template()))
+    return {k: v if isinstance(v, str) else "x" for k, v in function_environment(load_template()).items()}
