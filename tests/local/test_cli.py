@@ -37,6 +37,7 @@ def cli(aws, server, capsys, monkeypatch):
         return send(session, method, url, **kwargs)
 
     monkeypatch.setattr(requests.Session, "request", recorded)
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "true")  # as `fusion serve` runs: the CLI's output only
 
     def fusion(*args: str, token: str | None = TOKEN) -> tuple[int, str, str]:
         capsys.readouterr()
