@@ -30,10 +30,9 @@ from pathlib import Path
 import torch
 
 from corpus import english_texts, english_windows
-from shared.settings import CONTRACT_SEQ_LEN, ContractSettings
+from shared.settings import CONTRACT_CALIBRATION_WINDOWS, CONTRACT_SEQ_LEN, ContractSettings
 from shared.shapes import SIZES
 from training_image.contract import (
-    CALIBRATION_WINDOWS,
     HEAL_LR,
     block_influence,
     choose_blocks,
@@ -96,7 +95,7 @@ def main() -> int:
     torch.manual_seed(0)
 
     model, train, heldout, source_tokens = train_source(args)
-    calibration = train[:CALIBRATION_WINDOWS]
+    calibration = train[:CONTRACT_CALIBRATION_WINDOWS]
     heal_batch = batch_size_for(model.config.parameters())  # as the contract job heals
     heal_steps = max(1, math.ceil(0.01 * source_tokens / (heal_batch * CONTRACT_SEQ_LEN)))  # 1% of the source's tokens
     base = perplexity(model, heldout)

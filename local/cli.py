@@ -19,22 +19,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, TypeVar, get_args
 
 import requests
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shared.settings import ContractSettings, TrainSettings
-from shared.store import END_STATUSES
+from shared.responses import (
+    CatalogModel,
+    Dataset,
+    DatasetList,
+    ErrorResponse,
+    Job,
+    JobList,
+    ModelList,
+    Quote,
+    RegisteredDataset,
+)
+from shared.settings import NAME_CHARACTERS, NAME_MAX_LENGTH, ContractSettings, TrainSettings
+from shared.lifecycle import END_STATUSES
 
 DEFAULT_API_URL = "http://127.0.0.1:8080"
 TIMEOUT_S = 30
+Answer = TypeVar("Answer", bound=BaseModel)
 
 
 class ApiError(Exception):
@@ -59,7 +73,18 @@ class Client:
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    def call(self, method: str, path: str, answer: type[Answer], body: dict[str, Any] | None = None) -> Answer:
+        """The API's answer read with its response model; a refusal raises ApiError."""
+        payload = self._send(method, path, body)
+        try:
+            return answer.model_validate(payload)
+        except ValidationError as error:
+            problem = error.errors()[0]
+            where = ".".join(str(p) for p in problem["loc"]) or "body"
+            raise ApiError(f"the API answered {method} {path} with a body that is not a {answer.__name__} "
+                           f"({where}: {problem['msg']}): is it a Fusion API?") from None
+
+    def _send(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
         try:
             response = self.session.request(method, self.api_url + path, json=body, timeout=TIMEOUT_S)
         except requests.ConnectionError:
@@ -70,10 +95,13 @@ class Client:
         except ValueError:
             payload = {}
         if response.status_code >= 400:
-            error = payload.get("error") if isinstance(payload, dict) else None
-            if isinstance(error, dict):
-                raise ApiError(error.get("message") or response.reason, error.get("code", ""),
-                               error.get("details"), response.status_code)
+            try:
+                error = ErrorResponse.model_validate(payload).error
+            except ValidationError:
+                error = None
+            if error is not None:
+                raise ApiError(error.message or response.reason, error.code,
+                               [d.model_dump() for d in error.details], response.status_code)
             message = payload.get("message") if isinstance(payload, dict) else None  # API Gateway's own refusals
             raise ApiError(f"HTTP {response.status_code}: {message or response.reason}", status=response.status_code)
         return payload
@@ -131,82 +159,77 @@ def _pairs(rows: list[tuple[str, str]]) -> Table:
     return table
 
 
-def models_table(models: list[dict[str, Any]]) -> Table:
+def models_table(models: list[CatalogModel]) -> Table:
     table = _table("MODEL", "NAME", "KIND", "PARAMETERS", "DEPTH", "PERPLEXITY", "COST", "PARENT",
                    right=("PARAMETERS", "DEPTH", "PERPLEXITY", "COST"))
     for m in models:
-        table.add_row(m["model_id"], m.get("name") or "-", m.get("kind") or "-", human(m.get("parameters")),
-                      str(m.get("depth") or "-"), number(m.get("perplexity")), money(m.get("cost")),
-                      m.get("parent_id") or "-")
+        table.add_row(m.model_id, m.name or "-", m.kind, human(m.parameters), str(m.depth or "-"),
+                      number(m.perplexity), money(m.cost), m.parent_id or "-")
     return table
 
 
-def jobs_table(jobs: list[dict[str, Any]]) -> Table:
+def jobs_table(jobs: list[Job]) -> Table:
     table = _table("JOB", "TYPE", "STATUS", "MODEL", "OUTPUT", "ESTIMATE", "BILL", "CREATED",
                    right=("ESTIMATE", "BILL"))
     for j in jobs:
-        table.add_row(j["job_id"], j["type"], j["status"], j.get("model") or "-", j.get("output_model_id") or "-",
-                      money((j.get("estimate") or {}).get("total")), money(j.get("bill")),
-                      (j.get("created_at") or "")[:19].replace("T", " "))
+        table.add_row(j.job_id, j.type, j.status, j.model or "-", j.output_model_id or "-", money(j.estimate.total),
+                      money(j.bill), j.created_at[:19].replace("T", " "))
     return table
 
 
-def datasets_table(datasets: list[dict[str, Any]]) -> Table:
+def datasets_table(datasets: list[Dataset]) -> Table:
     table = _table("DATASET", "NAME", "STATUS", "BYTES", "TOKENS", "CREATED", "REASON", right=("BYTES", "TOKENS"))
     for d in datasets:
-        table.add_row(d["dataset_id"], d["name"], d["status"], human(d.get("bytes")), human(d.get("tokens")),
-                      (d.get("created_at") or "")[:19].replace("T", " "), d.get("reason") or "")
+        table.add_row(d.dataset_id, d.name, d.status, human(d.bytes), human(d.tokens),
+                      d.created_at[:19].replace("T", " "), d.reason or "")
     return table
 
 
-def estimate_table(quote: dict[str, Any]) -> Table:
-    e = quote["estimate"]
+def estimate_table(quote: Quote) -> Table:
+    e = quote.estimate
     rows = [
-        ("job", f"{quote['type']} of {quote.get('model')} on {quote.get('dataset') or '-'}"),
-        ("training tokens", f"{e['training_tokens']:,}"),
-        ("parameters", f"{human(e['parameters'])} (tier {e['tier']}, ${e['usd_per_million_tokens']} per 1M tokens)"),
-        ("training cost", money(e["training_cost"])),
+        ("job", f"{quote.type} of {quote.model} on {quote.dataset or '-'}"),
+        ("training tokens", f"{e.training_tokens:,}"),
+        ("parameters", f"{human(e.parameters)} (tier {e.tier}, ${e.usd_per_million_tokens} per 1M tokens)"),
+        ("training cost", money(e.training_cost)),
     ]
-    if e.get("growth_parameters"):
-        rows.append(("growth fee", f"{money(e['growth_fee'])} for {human(e['growth_parameters'])} parameters added"))
-    if float(e.get("contraction_fee") or 0):
-        rows.append(("contraction fee", money(e["contraction_fee"])))
-    rows += [("total", f"[bold]{money(e['total'])}[/bold]"),
-             ("eta", f"{duration(e['eta_seconds'])} on {e['instance_count']} x {e['instance_type']}")]
-    rows += [("warning", w) for w in quote.get("warnings") or []]
+    if e.growth_parameters:
+        rows.append(("growth fee", f"{money(e.growth_fee)} for {human(e.growth_parameters)} parameters added"))
+    if e.contraction_fee:
+        rows.append(("contraction fee", money(e.contraction_fee)))
+    rows += [("total", f"[bold]{money(e.total)}[/bold]"),
+             ("eta", f"{duration(e.eta_seconds)} on {e.instance_count} x {e.instance_type}")]
+    rows += [("warning", w) for w in quote.warnings]
     return _pairs(rows)
 
 
-def job_table(job: dict[str, Any]) -> Table:
-    rows = [("job", job["job_id"]), ("type", job["type"]), ("status", job["status"]), ("model", job.get("model") or "-"),
-            ("dataset", job.get("dataset") or "-"), ("estimate", money((job.get("estimate") or {}).get("total"))),
-            ("bill", money(job.get("bill"))), ("output model", job.get("output_model_id") or "-"),
-            ("training job", job.get("training_job_name") or "-"), ("created", job.get("created_at") or "-"),
-            ("updated", job.get("updated_at") or "-")]
-    if job.get("failure_reason"):
-        rows.append(("failure", job["failure_reason"]))
-    if job.get("progress"):
-        rows.append(("progress", progress_line(job["progress"])))
-    rows.append(("settings", json.dumps(job.get("settings") or {}, separators=(", ", "=")).strip("{}").replace('"', "")))
-    rows += [("warning", w) for w in job.get("warnings") or []]
+def job_table(job: Job) -> Table:
+    rows = [("job", job.job_id), ("type", job.type), ("status", job.status), ("model", job.model or "-"),
+            ("dataset", job.dataset or "-"), ("estimate", money(job.estimate.total)), ("bill", money(job.bill)),
+            ("output model", job.output_model_id or "-"), ("training job", job.training_job_name or "-"),
+            ("created", job.created_at), ("updated", job.updated_at)]
+    if job.failure_reason:
+        rows.append(("failure", job.failure_reason))
+    if job.progress:
+        rows.append(("progress", progress_line(job.progress)))
+    rows.append(("settings", json.dumps(job.settings, separators=(", ", "=")).strip("{}").replace('"', "")))
+    rows += [("warning", w) for w in job.warnings]
     return _pairs(rows)
 
 
-def model_table(model: dict[str, Any]) -> Table:
-    config = model.get("config") or {}
-    layers = config.get("layers") or []
-    shapes = sorted({(l["n_heads"], l["n_kv_heads"], l["mlp_hidden"]) for l in layers})
-    rows = [("model", model["model_id"]), ("name", model.get("name") or "-"), ("kind", model.get("kind") or "-"),
-            ("owner", model.get("owner") or "-"), ("parent", model.get("parent_id") or "-"),
-            ("job", model.get("job_id") or "-"), ("parameters", f"{human(model.get('parameters'))} "
-                                                               f"({model.get('parameters') or 0:,})"),
-            ("depth", str(model.get("depth") or "-")), ("perplexity", number(model.get("perplexity"))),
-            ("cost", money(model.get("cost"))), ("dataset", model.get("dataset") or "-"),
-            ("artifact", model.get("artifact_uri") or "-"), ("created", model.get("created_at") or "-")]
+def model_table(model: CatalogModel) -> Table:
+    rows = [("model", model.model_id), ("name", model.name or "-"), ("kind", model.kind), ("owner", model.owner),
+            ("parent", model.parent_id or "-"), ("job", model.job_id or "-"),
+            ("parameters", f"{human(model.parameters)} ({model.parameters or 0:,})"),
+            ("depth", str(model.depth or "-")), ("perplexity", number(model.perplexity)), ("cost", money(model.cost)),
+            ("dataset", model.dataset or "-"), ("artifact", model.artifact_uri or "-"), ("created", model.created_at)]
+    if model.status != "ready":
+        rows.append((model.status, model.reason or "-"))
+    config = model.config
     if config:
-        rows.append(("shape", f"dim {config.get('dim')}, vocab {config.get('vocab_size')}, context "
-                              f"{config.get('context_length')}, layers (heads/kv/mlp): "
-                              + ", ".join(f"{h}/{k}/{m}" for h, k, m in shapes)))
+        shapes = sorted({(layer.n_heads, layer.n_kv_heads, layer.mlp_hidden) for layer in config.layers})
+        rows.append(("shape", f"dim {config.dim}, vocab {config.vocab_size}, context {config.context_length}, "
+                              "layers (heads/kv/mlp): " + ", ".join(f"{h}/{k}/{m}" for h, k, m in shapes)))
     return _pairs(rows)
 
 
@@ -225,7 +248,7 @@ def progress_line(p: dict[str, Any]) -> str:
 # --- following a job ---------------------------------------------------------------------------
 
 
-def follow(client: Client, job_id: str, console: Console, *, interval: float = 1.0, timeout: float | None = None) -> dict:
+def follow(client: Client, job_id: str, console: Console, *, interval: float = 1.0, timeout: float | None = None) -> Job:
     """Poll a job until it ends, with a live bar of its progress.json; returns the final job."""
     deadline = time.monotonic() + timeout if timeout else None
     columns = [TextColumn("{task.fields[status]:<10}"), BarColumn(bar_width=30),
@@ -234,21 +257,21 @@ def follow(client: Client, job_id: str, console: Console, *, interval: float = 1
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(job_id, total=None, status="queued", detail="")
         while True:
-            job = client.call("GET", f"/jobs/{job_id}")
-            p = job.get("progress")
+            job = client.call("GET", f"/jobs/{job_id}", Job)
+            p = job.progress
             if p and p.get("total_steps"):
                 bar.update(task, total=p["total_steps"], completed=p.get("step") or 0)
                 last_line = progress_line(p)
-            if job["status"] == "completed":
+            if job.status == "completed":
                 bar.update(task, total=bar.tasks[0].total or 1, completed=bar.tasks[0].total or 1)
-            bar.update(task, status=job["status"], detail=last_line or _waiting(job["status"]))
+            bar.update(task, status=job.status, detail=last_line or _waiting(job.status))
             if not console.is_terminal and p and (p.get("turn"), p.get("cycle")) != printed:
                 printed = (p.get("turn"), p.get("cycle"))  # a log gets one line per cycle, not a redrawn bar
-                console.print(f"  {job['status']}: {last_line}")
-            if job["status"] in END_STATUSES:
+                console.print(f"  {job.status}: {last_line}")
+            if job.status in END_STATUSES:
                 return job
             if deadline and time.monotonic() > deadline:
-                raise ApiError(f"job {job_id} is still {job['status']} after {duration(timeout)}")
+                raise ApiError(f"job {job_id} is still {job.status} after {duration(timeout)}")
             time.sleep(interval)
 
 
@@ -257,15 +280,14 @@ def _waiting(status: str) -> str:
             "running": "loading data and model", "cancelling": "stopping"}.get(status, "")
 
 
-def report_end(job: dict[str, Any], console: Console) -> int:
-    if job["status"] == "completed":
-        console.print(f"[green]completed[/green]: model [bold]{job.get('output_model_id')}[/bold], "
-                      f"billed {money(job.get('bill'))}")
+def report_end(job: Job, console: Console) -> int:
+    if job.status == "completed":
+        console.print(f"[green]completed[/green]: model [bold]{job.output_model_id}[/bold], billed {money(job.bill)}")
         return 0
-    if job["status"] == "cancelled":
-        console.print(f"cancelled: billed {money(job.get('bill'))} for what it trained")
+    if job.status == "cancelled":
+        console.print(f"cancelled: billed {money(job.bill)} for what it trained")
         return 1
-    raise ApiError(f"job {job['job_id']} failed: {job.get('failure_reason') or 'no reason given'}")
+    raise ApiError(f"job {job.job_id} failed: {job.failure_reason or 'no reason given'}")
 
 
 # --- arguments ---------------------------------------------------------------------------------
@@ -375,23 +397,29 @@ def build_parser() -> argparse.ArgumentParser:
 # --- commands ----------------------------------------------------------------------------------
 
 
+def dataset_name(file: Path) -> str:
+    """A valid dataset name from a file's: its stem, each character a name may not hold made "-"."""
+    return re.sub(f"[^{NAME_CHARACTERS}]", "-", file.stem)[:NAME_MAX_LENGTH] or "dataset"
+
+
 def upload_dataset(client: Client, file: Path, *, name: str | None = None, fmt: str | None = None,
-                   wait: bool = True, timeout: float = 300) -> dict[str, Any]:
+                   wait: bool = True, timeout: float = 300) -> Dataset:
     if not file.is_file():
         raise ApiError(f"no such file: {file}")
     fmt = fmt or ("jsonl" if file.suffix == ".jsonl" else "text")
-    name = name or "".join(c if c.isalnum() or c in "._-" else "-" for c in file.stem)[:64] or "dataset"
-    dataset = client.call("POST", "/datasets", {"name": name, "format": fmt})
+    name = name or dataset_name(file)
+    registered = client.call("POST", "/datasets", RegisteredDataset, {"name": name, "format": fmt})
     with file.open("rb") as body:
-        put = requests.put(dataset["upload_url"], data=body, timeout=600)
+        put = requests.put(registered.upload_url, data=body, timeout=600)
     if put.status_code >= 300:
         raise ApiError(f"uploading {file} failed: HTTP {put.status_code} {put.text[:200]}")
+    dataset = Dataset.model_validate(registered.model_dump(exclude={"upload_url"}))
     deadline = time.monotonic() + timeout
-    while wait and dataset["status"] == "pending":
+    while wait and dataset.status == "pending":
         if time.monotonic() > deadline:
-            raise ApiError(f"dataset {dataset['dataset_id']} is still being checked after {duration(timeout)}")
+            raise ApiError(f"dataset {dataset.dataset_id} is still being checked after {duration(timeout)}")
         time.sleep(0.5)
-        dataset = client.call("GET", f"/datasets/{dataset['dataset_id']}")
+        dataset = client.call("GET", f"/datasets/{dataset.dataset_id}", Dataset)
     return dataset
 
 
@@ -401,43 +429,44 @@ class Output:
     def __init__(self, console: Console, as_json: bool):
         self.console, self.as_json = console, as_json
 
-    def show(self, data: Any, render: Callable[[Any], Any]) -> None:
+    def show(self, data: BaseModel | list[BaseModel], render: Callable[[Any], Any]) -> None:
         if self.as_json:
-            self.console.print_json(json.dumps(data))
+            plain = [d.model_dump(mode="json") for d in data] if isinstance(data, list) else data.model_dump(mode="json")
+            self.console.print_json(json.dumps(plain))
         else:
             self.console.print(render(data))
 
 
 def estimate(args: argparse.Namespace, client: Client, out: Output) -> int:
-    out.show(client.call("POST", "/jobs/estimate", _job_request(args)), estimate_table)
+    out.show(client.call("POST", "/jobs/estimate", Quote, _job_request(args)), estimate_table)
     return 0
 
 
 def jobs_create(args: argparse.Namespace, client: Client, out: Output) -> int:
-    job = client.call("POST", "/jobs", _job_request(args))
+    job = client.call("POST", "/jobs", Job, _job_request(args))
     if out.as_json and not args.wait:
         out.show(job, job_table)
         return 0
-    out.console.print(f"job [bold]{job['job_id']}[/bold] {job['status']}: estimate "
-                      f"{money(job['estimate']['total'])}, eta {duration(job['estimate']['eta_seconds'])}")
-    for warning in job.get("warnings") or []:
+    out.console.print(f"job [bold]{job.job_id}[/bold] {job.status}: estimate "
+                      f"{money(job.estimate.total)}, eta {duration(job.estimate.eta_seconds)}")
+    for warning in job.warnings:
         out.console.print(f"[yellow]warning[/yellow]: {warning}")
-    return report_end(follow(client, job["job_id"], out.console), out.console) if args.wait else 0
+    return report_end(follow(client, job.job_id, out.console), out.console) if args.wait else 0
 
 
 def jobs_list(args: argparse.Namespace, client: Client, out: Output) -> int:
-    out.show(client.call("GET", "/jobs")["jobs"], jobs_table)
+    out.show(client.call("GET", "/jobs", JobList).jobs, jobs_table)
     return 0
 
 
 def jobs_get(args: argparse.Namespace, client: Client, out: Output) -> int:
-    out.show(client.call("GET", f"/jobs/{args.job_id}"), job_table)
+    out.show(client.call("GET", f"/jobs/{args.job_id}", Job), job_table)
     return 0
 
 
 def jobs_cancel(args: argparse.Namespace, client: Client, out: Output) -> int:
-    job = client.call("POST", f"/jobs/{args.job_id}/cancel")
-    out.show(job, lambda j: f"job {j['job_id']} {j['status']}" + (f", billed {money(j['bill'])}" if j.get("bill") else ""))
+    job = client.call("POST", f"/jobs/{args.job_id}/cancel", Job)
+    out.show(job, lambda j: f"job {j.job_id} {j.status}" + (f", billed {money(j.bill)}" if j.bill is not None else ""))
     return 0
 
 
@@ -446,12 +475,12 @@ def jobs_wait(args: argparse.Namespace, client: Client, out: Output) -> int:
 
 
 def models_list(args: argparse.Namespace, client: Client, out: Output) -> int:
-    out.show(client.call("GET", "/models")["models"], models_table)
+    out.show(client.call("GET", "/models", ModelList).models, models_table)
     return 0
 
 
 def models_show(args: argparse.Namespace, client: Client, out: Output) -> int:
-    out.show(client.call("GET", f"/models/{args.model_id}"), model_table)
+    out.show(client.call("GET", f"/models/{args.model_id}", CatalogModel), model_table)
     return 0
 
 
@@ -477,18 +506,18 @@ def models_generate(args: argparse.Namespace, client: Client, out: Output) -> in
 def datasets_upload(args: argparse.Namespace, client: Client, out: Output) -> int:
     dataset = upload_dataset(client, args.file, name=args.name, fmt=args.format, wait=not args.no_wait)
     out.show(dataset, lambda d: datasets_table([d]))
-    if dataset["status"] == "rejected":
-        raise ApiError(f"dataset {dataset['dataset_id']} was rejected: {dataset['reason']}")
+    if dataset.status == "rejected":
+        raise ApiError(f"dataset {dataset.dataset_id} was rejected: {dataset.reason}")
     return 0
 
 
 def datasets_list(args: argparse.Namespace, client: Client, out: Output) -> int:
-    out.show(client.call("GET", "/datasets")["datasets"], datasets_table)
+    out.show(client.call("GET", "/datasets", DatasetList).datasets, datasets_table)
     return 0
 
 
 def datasets_get(args: argparse.Namespace, client: Client, out: Output) -> int:
-    out.show(client.call("GET", f"/datasets/{args.dataset_id}"), lambda d: datasets_table([d]))
+    out.show(client.call("GET", f"/datasets/{args.dataset_id}", Dataset), lambda d: datasets_table([d]))
     return 0
 
 

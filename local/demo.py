@@ -24,6 +24,7 @@ from rich.rule import Rule
 from local.cli import ApiError, Client, estimate_table, follow, models_table, datasets_table, duration, money, upload_dataset
 from local.models import generate_text
 from local.stack import REPO, LocalStack, interrupt_on_signals
+from shared.responses import Job, ModelList, Quote
 from shared.shapes import SIZES
 
 SIZE = os.environ.get("FUSION_DEMO_SIZE", "tiny")
@@ -64,39 +65,39 @@ def run_demo(console: Console) -> int:
         data = build_dataset(REPO / ".fusion" / "demo" / "stdlib.jsonl")
         dataset = upload_dataset(client, data, name="python-stdlib")
         console.print(datasets_table([dataset]))
-        if dataset["status"] != "ready":
-            raise ApiError(f"the demo dataset was rejected: {dataset['reason']}")
-        train["dataset"] = dataset["dataset_id"]
+        if dataset.status != "ready":
+            raise ApiError(f"the demo dataset was rejected: {dataset.reason}")
+        train["dataset"] = dataset.dataset_id
 
         console.print(Rule("2. estimate"))
-        console.print(estimate_table(client.call("POST", "/jobs/estimate", train)))
+        console.print(estimate_table(client.call("POST", "/jobs/estimate", Quote, train)))
 
         console.print(Rule(f"3. train base-{SIZE}: grow it, then {TRAIN_STEPS} steps"))
-        job = client.call("POST", "/jobs", train)
-        console.print(f"job {job['job_id']} queued")
-        job = follow(client, job["job_id"], console)
-        if job["status"] != "completed":
-            raise ApiError(f"training {job['status']}: {job.get('failure_reason')}")
-        trained = job["output_model_id"]
-        console.print(f"-> {trained}, billed {money(job['bill'])}\n")
+        job = client.call("POST", "/jobs", Job, train)
+        console.print(f"job {job.job_id} queued")
+        job = follow(client, job.job_id, console)
+        if job.status != "completed":
+            raise ApiError(f"training {job.status}: {job.failure_reason}")
+        trained = job.output_model_id
+        console.print(f"-> {trained}, billed {money(job.bill)}\n")
 
         console.print(Rule(f"4. contract {trained}"))
         contract = {"type": "contract", "hyperparams": {
             "source_model_id": trained, "contraction_ratio": 0.5, "num_layers_to_contract": min(8, depth // 2),
             "train_steps": HEAL_STEPS, "output_name": f"stdlib-{SIZE}-contracted"}}
-        job = client.call("POST", "/jobs", contract)
-        console.print(f"job {job['job_id']} queued: estimate {money(job['estimate']['total'])}")
-        job = follow(client, job["job_id"], console)
-        if job["status"] != "completed":
-            raise ApiError(f"contraction {job['status']}: {job.get('failure_reason')}")
-        console.print(f"-> {job['output_model_id']}, billed {money(job['bill'])}\n")
+        job = client.call("POST", "/jobs", Job, contract)
+        console.print(f"job {job.job_id} queued: estimate {money(job.estimate.total)}")
+        job = follow(client, job.job_id, console)
+        if job.status != "completed":
+            raise ApiError(f"contraction {job.status}: {job.failure_reason}")
+        console.print(f"-> {job.output_model_id}, billed {money(job.bill)}\n")
 
         console.print(Rule("5. catalog"))
-        models = client.call("GET", "/models")["models"]
-        lineage = [f"base-{SIZE}", trained, job["output_model_id"]]
-        by_id = {m["model_id"]: m for m in models}
+        models = client.call("GET", "/models", ModelList).models
+        lineage = [f"base-{SIZE}", trained, job.output_model_id]
+        by_id = {m.model_id: m for m in models}
         console.print(models_table([by_id[model_id] for model_id in lineage]))
-        console.print(f"\n(the other base models: {', '.join(m['model_id'] for m in models if m['kind'] == 'base' and m['model_id'] not in lineage)})")
+        console.print(f"\n(the other base models: {', '.join(m.model_id for m in models if m.kind == 'base' and m.model_id not in lineage)})")
 
         console.print(Rule("6. samples (fusion models generate MODEL --prompt ...)"))
         for model_id in lineage[1:]:

@@ -17,6 +17,7 @@ import requests
 
 from local.cli import ApiError
 from shared.hf import EXPORT_DIR
+from shared.responses import Download
 
 CHUNK = 1 << 20
 DOWNLOAD_TIMEOUT_S = 60
@@ -28,11 +29,11 @@ class DownloadError(ApiError):
 
 def fetch_archive(client: Any, model_id: str, into: Path) -> Path:
     """Download the model's archive through its presigned URL and unpack it into `into`."""
-    answer = client.call("GET", f"/models/{model_id}/download")
+    answer = client.call("GET", f"/models/{model_id}/download", Download)
     into.mkdir(parents=True, exist_ok=True)
     archive = into / "model.tar.gz"
     try:
-        with requests.get(answer["url"], stream=True, timeout=DOWNLOAD_TIMEOUT_S) as response:
+        with requests.get(answer.url, stream=True, timeout=DOWNLOAD_TIMEOUT_S) as response:
             if response.status_code != 200:
                 raise DownloadError(f"downloading {model_id} failed: HTTP {response.status_code} from the artifact store")
             with archive.open("wb") as out:

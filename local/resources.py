@@ -14,8 +14,9 @@ from typing import Any
 
 import yaml
 
+from local.aws import LOCAL_ACCOUNT
+
 TEMPLATE = Path(__file__).resolve().parent.parent / "template.yaml"
-LOCAL_ACCOUNT = "123456789012"
 
 
 class _Tag:

@@ -29,7 +29,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-ACCOUNT = "123456789012"
+from local.aws import LOCAL_ACCOUNT
+
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 SYNC_SECONDS = 1.0
 END_STATES = ("Completed", "Failed", "Stopped")
@@ -60,7 +61,7 @@ class TrainingJob:
     def __init__(self, request: dict[str, Any], region: str):
         self.request = request
         self.name: str = request["TrainingJobName"]
-        self.arn = f"arn:aws:sagemaker:{region}:{ACCOUNT}:training-job/{self.name.lower()}"
+        self.arn = f"arn:aws:sagemaker:{region}:{LOCAL_ACCOUNT}:training-job/{self.name.lower()}"
         self.status = "InProgress"
         self.secondary = "Starting"
         self.failure_reason: str | None = None
@@ -407,7 +408,7 @@ class LocalSageMaker:
             "id": str(uuid.uuid4()),
             "detail-type": "SageMaker Training Job State Change",
             "source": "aws.sagemaker",
-            "account": ACCOUNT,
+            "account": LOCAL_ACCOUNT,
             "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "region": self.region,
             "resources": [job.arn],

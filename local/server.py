@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from local.aws import LOCAL_ACCOUNT, LOCAL_REGION, LambdaContext
 from shared.tenancy import check_tenant
 
 LOCAL_TENANT = "local"
-LOCAL_REGION = "us-east-1"
 # Pending connections the listening socket holds while every thread is busy: enough for a burst
 # of concurrent clients (the standard library's default of 5 resets the sixth).
 LISTEN_BACKLOG = 128
+API_TIMEOUT_S = 30  # the API function's timeout in template.yaml
 # One event at a time through the handler, as one Lambda instance takes them: the resolver keeps the
 # current event on itself, so two threads inside it at once (a browser loads files in parallel)
 # would answer each other's requests.
@@ -75,7 +76,7 @@ def api_event(
         "headers": headers,
         "queryStringParameters": params or None,
         "requestContext": {
-            "accountId": "123456789012",
+            "accountId": LOCAL_ACCOUNT,
             "apiId": "local",
             "authorizer": {"jwt": {"claims": claims or {"sub": LOCAL_TENANT}, "scopes": None}},
             "domainName": headers.get("host", "localhost"),
@@ -90,16 +91,6 @@ def api_event(
         "body": body,
         "isBase64Encoded": is_base64,
     }
-
-
-class _Context:
-    function_name = "fusion-api-local"
-    memory_limit_in_mb = 512
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:fusion-api-local"
-    aws_request_id = "local"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 30_000
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -127,7 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
         event = api_event(self.command, url.path, query=url.query, headers=dict(self.headers.items()),
                           body=text, claims=claims)
         with _HANDLER_LOCK:
-            result = lambda_handler(event, _Context())
+            result = lambda_handler(event, LambdaContext("fusion-api-local", API_TIMEOUT_S))
         payload = result.get("body") or ""
         data = base64.b64decode(payload) if result.get("isBase64Encoded") else payload.encode()
         self._reply(result.get("statusCode", 200), result.get("headers") or {}, data)

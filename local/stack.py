@@ -22,34 +22,20 @@ import tarfile
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from local.aws import LOCAL_REGION, LambdaContext
+
 REPO = Path(__file__).resolve().parent.parent
-REGION = "us-east-1"
+REGION = LOCAL_REGION
 UPLOADS_QUEUE = "fusion-local-dataset-uploads"
 # Variables the stack sets for its lifetime and restores on close.
 _AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SAGEMAKER", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
             "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "POWERTOOLS_SERVICE_NAME",
             "POWERTOOLS_LOG_LEVEL", "POWERTOOLS_TRACE_DISABLED", "POWERTOOLS_METRICS_NAMESPACE",
             "POWERTOOLS_METRICS_DISABLED")
-
-
-class LambdaContext:
-    """What a Lambda handler is given as `context`."""
-
-    memory_limit_in_mb = 1024
-
-    def __init__(self, function_name: str, timeout_s: int = 900):
-        self.function_name = function_name
-        self.invoked_function_arn = f"arn:aws:lambda:{REGION}:123456789012:function:{function_name}"
-        self.aws_request_id = str(uuid.uuid4())
-        self._deadline = time.monotonic() + timeout_s
-
-    def get_remaining_time_in_millis(self) -> int:
-        return max(0, int((self._deadline - time.monotonic()) * 1000))
 
 
 def base_model_dir(size: str, home: Path) -> Path:
@@ -272,7 +258,6 @@ class LocalStack:
         from functions.api import context as api_context, datasets as api_datasets
 
         api_context.reset()
-        api_datasets._store.cache_clear()
         api_datasets._s3.cache_clear()
         idempotency = sys.modules.get("functions.api.idempotency")  # imported on the first keyed request
         if idempotency is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from shared.errors import JobError, not_found
-from shared.lifecycle import JOB_ID_PATTERN, NO_CHARGE
+from shared.lifecycle import JOB_ID_PATTERN, NO_CHARGE, STOPPABLE_STATUSES
 from shared.store import ConditionFailed, Jobs
 from shared.telemetry import job_ended
 from shared.training_jobs import stop_training_job, training_job_name
@@ -27,9 +27,9 @@ def cancel(job_id: str, owner: str, *, jobs: Jobs, sagemaker: Any) -> dict[str, 
         else:
             job_ended(cancelled)
             return cancelled
-    if job["status"] in ("launching", "running"):
+    if job["status"] in STOPPABLE_STATUSES:
         try:
-            job = jobs.annotate(job_id, ("launching", "running"), status="cancelling")
+            job = jobs.annotate(job_id, STOPPABLE_STATUSES, status="cancelling")
         except ConditionFailed:
             job = jobs.get(job_id, owner)
     if job["status"] == "cancelling":

@@ -15,11 +15,12 @@ import re
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.settings import NAME_PATTERN, NAME_RULE
+from shared.store import Datasets, now
 from shared.tenancy import decode_tenant, encode_tenant
 
 FILE_NAMES = {"jsonl": "data.jsonl", "text": "data.txt"}
@@ -44,27 +45,14 @@ class CreateDatasetRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(
-        pattern=r"^[A-Za-z0-9._-]{1,64}$",
-        description="A name for the dataset: 1-64 of A-Z a-z 0-9 . _ -.",
+        pattern=NAME_PATTERN,
+        description=f"A name for the dataset: {NAME_RULE}.",
         examples=["support-tickets"],
     )
     format: Literal["jsonl", "text"] = Field(
         default="jsonl",
         description='"jsonl": one JSON object per line with a string "text" field; "text": UTF-8 text.',
     )
-
-
-class Dataset(BaseModel):
-    """A dataset as the API shows it."""
-
-    dataset_id: str
-    name: str
-    status: Literal["pending", "ready", "rejected"]
-    reason: str | None = None
-    s3_uri: str
-    bytes: int | None = None
-    tokens: int | None = None
-    created_at: str
 
 
 @dataclass(frozen=True)
@@ -74,10 +62,6 @@ class CheckResult:
     tokens: int
     records: int
     reason: str | None = None
-
-
-class DatasetNotFound(LookupError):
-    pass
 
 
 def new_dataset_id() -> str:
@@ -191,89 +175,10 @@ def _check_text(chunks: Iterable[bytes], state: dict[str, int]) -> None:
 _LAST_SPACE = re.compile(r"\s(?=\S*$)")
 
 
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-class DatasetStore:
-    """Datasets in DynamoDB, keyed by dataset id; `owner` (the tenant) scopes every read."""
-
-    def __init__(self, table: Any, bucket: str, index: str = "by-owner"):
-        self.table = table  # a boto3 DynamoDB Table resource
-        self.bucket = bucket
-        self.index = index
-
-    def register(self, owner: str, request: CreateDatasetRequest) -> Dataset:
-        dataset_id = new_dataset_id()
-        dataset = Dataset(
-            dataset_id=dataset_id,
-            name=request.name,
-            status="pending",
-            s3_uri=f"s3://{self.bucket}/{dataset_key(owner, dataset_id, request.format)}",
-            created_at=now(),
-        )
-        self.table.put_item(
-            Item={"owner": owner, **dataset.model_dump(exclude_none=True)},
-            ConditionExpression="attribute_not_exists(dataset_id)",
-        )
-        return dataset
-
-    def get(self, owner: str, dataset_id: str) -> Dataset:
-        item = self.table.get_item(Key={"dataset_id": dataset_id}, ConsistentRead=True).get("Item")
-        if item is None or item.get("owner") != owner:
-            raise DatasetNotFound(dataset_id)
-        return _dataset(item)
-
-    def list(self, owner: str, limit: int = 100) -> list[Dataset]:
-        from boto3.dynamodb.conditions import Key
-
-        page = self.table.query(
-            IndexName=self.index,
-            KeyConditionExpression=Key("owner").eq(owner),
-            ScanIndexForward=False,
-            Limit=limit,
-        )
-        return sorted((_dataset(i) for i in page["Items"]), key=lambda d: d.created_at, reverse=True)
-
-    def record_check(self, owner: str, dataset_id: str, result: CheckResult, *, etag: str | None = None,
-                     version_id: str | None = None) -> bool:
-        """Store a check's verdict and the object it read (etag, version id); False when this owner
-        registered no such dataset (a stray upload) or it is already ready: a ready dataset is
-        pinned to the object it was checked on, so a later upload never replaces it."""
-        from botocore.exceptions import ClientError
-
-        values = {":s": "ready" if result.ok else "rejected", ":b": result.bytes, ":t": result.tokens, ":o": owner,
-                  ":ready": "ready"}
-        update = "SET #s = :s, #b = :b, tokens = :t"
-        for name, value in (("s3_etag", etag), ("s3_version_id", version_id)):
-            if value:
-                update += f", {name} = :{name}"
-                values[f":{name}"] = value
-        if result.reason:
-            update += ", reason = :r"
-            values[":r"] = result.reason
-        else:
-            update += " REMOVE reason"
-        if not version_id:
-            update += (", " if " REMOVE " in update else " REMOVE ") + "s3_version_id"
-        try:
-            self.table.update_item(
-                Key={"dataset_id": dataset_id},
-                UpdateExpression=update,
-                ConditionExpression="#o = :o AND #s <> :ready",
-                ExpressionAttributeNames={"#s": "status", "#b": "bytes", "#o": "owner"},
-                ExpressionAttributeValues=values,
-            )
-        except ClientError as error:
-            if error.response["Error"]["Code"] == "ConditionalCheckFailedException":
-                return False
-            raise
-        return True
-
-
-def _dataset(item: dict[str, Any]) -> Dataset:
-    fields = {k: v for k, v in item.items() if k in Dataset.model_fields}
-    for k in ("bytes", "tokens"):
-        if fields.get(k) is not None:
-            fields[k] = int(fields[k])  # DynamoDB numbers come back as Decimal
-    return Dataset.model_validate(fields)
+def register(datasets: Datasets, owner: str, request: CreateDatasetRequest, bucket: str) -> dict[str, Any]:
+    """Record a new dataset, pending until its object lands and is checked."""
+    dataset_id = new_dataset_id()
+    dataset = {"dataset_id": dataset_id, "owner": owner, "name": request.name, "status": "pending",
+               "s3_uri": f"s3://{bucket}/{dataset_key(owner, dataset_id, request.format)}", "created_at": now()}
+    datasets.register(dataset)
+    return dataset

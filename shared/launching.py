@@ -11,12 +11,13 @@ never launched on unchecked data.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from aws_lambda_powertools import Logger
 
 from shared.events import announce
-from shared.lifecycle import NO_CHARGE
+from shared.lifecycle import NO_CHARGE, UNLAUNCHED_STATUSES
 from shared.outputs import split_s3
 from shared.store import ConditionFailed, Jobs, missing_object
 from shared.telemetry import job_ended, job_launched, launch_retried
@@ -29,6 +30,14 @@ from shared.training_jobs import (
 )
 
 logger = Logger(child=True)
+
+# Deliveries of a job's launch message before it is failed; the template's MaxLaunchAttempts sets it.
+MAX_LAUNCH_ATTEMPTS_ENV = "FUSION_MAX_LAUNCH_ATTEMPTS"
+DEFAULT_MAX_LAUNCH_ATTEMPTS = 5
+
+
+def max_launch_attempts() -> int:
+    return int(os.environ.get(MAX_LAUNCH_ATTEMPTS_ENV) or DEFAULT_MAX_LAUNCH_ATTEMPTS)
 
 # Errors that say "not now" rather than "never": the message is retried.
 RETRYABLE = {
@@ -54,7 +63,7 @@ def launch(job_id: str, attempt: int, *, jobs: Jobs, sagemaker: Any, bus: Any, s
             return "unknown"
         if job["status"] == "cancelling":
             return _cancel_unlaunched(job, jobs=jobs, sagemaker=sagemaker, bus=bus)
-        if job["status"] not in ("queued", "launching"):
+        if job["status"] not in UNLAUNCHED_STATUSES:
             announce(job, jobs=jobs, bus=bus)  # a retry after a publish that failed
             return "already-" + job["status"]
         if job["status"] == "launching":

@@ -8,6 +8,8 @@ import os
 import re
 from typing import Any
 
+# Every id new_job_id makes, and no more: a training job is named "fusion-<job id>" within
+# SageMaker's 63 characters, and the container refuses a job id the service could not have made.
 JOB_ID_PATTERN = re.compile(r"[a-z0-9-]{1,40}")
 NO_CHARGE = "0.00"
 
@@ -17,6 +19,8 @@ NO_CHARGE = "0.00"
 STATUS_RANK = {"queued": 0, "launching": 1, "running": 2, "cancelling": 3, "completed": 4, "failed": 4, "cancelled": 4}
 ACTIVE_STATUSES = ("launching", "running", "cancelling")
 END_STATUSES = ("completed", "failed", "cancelled")
+UNLAUNCHED_STATUSES = ("queued", "launching")  # the launcher starts a training job for these only
+STOPPABLE_STATUSES = ("launching", "running")  # a cancel moves these to cancelling and stops the training job
 
 
 def new_job_id() -> str:

@@ -20,8 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared import memory
 
-from shared.settings import CONTRACT_SEQ_LEN, ContractSettings, TrainSettings
-from shared.shapes import ModelConfig, batch_size_for, grown_config
+from shared.settings import (
+    CONTRACT_CALIBRATION_WINDOWS,
+    CONTRACT_EVALUATIONS,
+    CONTRACT_HELDOUT_WINDOWS,
+    CONTRACT_SEQ_LEN,
+    ContractSettings,
+    TrainSettings,
+)
+from shared.shapes import ModelConfig, batch_size_for, grown_config, growth_parameters
 
 CENT = Decimal("0.01")
 MILLION = Decimal(1_000_000)
@@ -115,9 +122,10 @@ class Estimate(BaseModel):
         )
 
 
-# Forward-only tokens of a contract job: a calibration sample and three held-out evaluations
-# (source, pruned, healed) of up to 512 windows of 256 tokens each.
-CONTRACT_FORWARD_TOKENS = (64 + 3 * 512) * 256
+# Forward-only tokens of a contract job, at most (shared.settings says which passes they are).
+CONTRACT_FORWARD_TOKENS = (
+    CONTRACT_CALIBRATION_WINDOWS + CONTRACT_EVALUATIONS * CONTRACT_HELDOUT_WINDOWS
+) * CONTRACT_SEQ_LEN
 
 
 def _seconds(table: PriceTable, flop_count: float, instance_type: str, count: int) -> float:
@@ -209,7 +217,7 @@ def estimate_train(
         settings.training_tokens(),
         grown,
         settings.seq_len,
-        grown.parameters() - base.parameters(),
+        growth_parameters(base),
         False,
         instance_type,
         table,

@@ -12,14 +12,25 @@ strings, parses leniently. Every number has an upper bound, so every job has a p
 from __future__ import annotations
 
 import json
-import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-OUTPUT_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+from shared.lifecycle import JOB_ID_PATTERN
+
+# A name a tenant gives: a model's (output_name) or a dataset's.
+NAME_CHARACTERS = "A-Za-z0-9._-"
+NAME_MAX_LENGTH = 64
+NAME_PATTERN = rf"^[{NAME_CHARACTERS}]{{1,{NAME_MAX_LENGTH}}}$"
+NAME_RULE = f"1-{NAME_MAX_LENGTH} of A-Z a-z 0-9 . _ -"
 UNDER_TRAINING_STEPS = 500  # below this many steps per cycle a run under-trains
 CONTRACT_SEQ_LEN = 256  # window length of contraction's calibration and healing steps
+# A contract job's forward-only passes, which its price counts too: a calibration sample (Block
+# Influence and activation statistics) and a held-out perplexity of the source, the pruned and the
+# healed model, each on at most CONTRACT_HELDOUT_WINDOWS windows.
+CONTRACT_CALIBRATION_WINDOWS = 64
+CONTRACT_HELDOUT_WINDOWS = 512
+CONTRACT_EVALUATIONS = 3
 
 # Upper bounds. A turn's steps, however given, are at most what the largest cycles x
 # steps_per_cycle make; a contraction heals for at most one such cycle and prunes at most as
@@ -37,8 +48,8 @@ OutputName = Annotated[
     str | None,
     Field(
         default=None,
-        pattern=OUTPUT_NAME_PATTERN,
-        description="Catalog name of the new model: 1-64 of A-Z a-z 0-9 . _ -. Default: model-<job id>.",
+        pattern=NAME_PATTERN,
+        description=f"Catalog name of the new model: {NAME_RULE}. Default: model-<job id>.",
         examples=["support-bot-v2"],
     ),
 ]
@@ -190,8 +201,8 @@ def from_hyperparameters(raw: dict[str, Any]) -> tuple[str, str, TrainSettings |
     job_id = str(values.pop("job_id", ""))
     if job_type not in SETTINGS_BY_TYPE:
         raise ValueError(f"job_type must be one of {sorted(SETTINGS_BY_TYPE)}, got {job_type!r}")
-    if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", job_id):
-        raise ValueError(f"job_id must be 1-64 of A-Z a-z 0-9 -, got {job_id!r}")
+    if not JOB_ID_PATTERN.fullmatch(job_id):
+        raise ValueError(f"job_id must match {JOB_ID_PATTERN.pattern}, got {job_id!r}")
     return job_type, job_id, SETTINGS_BY_TYPE[job_type].model_validate(values, strict=False)
 
 

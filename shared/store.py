@@ -358,15 +358,55 @@ def seed_base_models(catalog: Catalog, *, artifacts_bucket: str | None = None) -
 
 
 class Datasets(_Table):
-    """Read side of the datasets table: which dataset ids a tenant may train on."""
+    """The datasets table: what each tenant registered, the check's verdict on it, and the object the
+    check admitted (s3_etag, s3_version_id), which is what a job trains on."""
 
     env_var = "DATASETS_TABLE"
 
+    def register(self, dataset: dict[str, Any]) -> None:
+        self._put_new("dataset_id", dataset)
+
     def get(self, dataset_id: str, owner: str) -> dict[str, Any] | None:
+        """The dataset if it is the caller's, else None."""
         item = self._get({"dataset_id": dataset_id})
         if item is None or item.get("owner") != owner:
             return None
         return item
+
+    def list(self, owner: str, limit: int = 100) -> list[dict[str, Any]]:
+        """The caller's datasets, newest first."""
+        return sorted(self._query_owner(owner, limit), key=lambda d: d.get("created_at", ""), reverse=True)
+
+    def record_check(self, dataset_id: str, owner: str, *, ok: bool, bytes_read: int, tokens: int,
+                     reason: str | None, etag: str | None = None, version_id: str | None = None) -> bool:
+        """Store a check's verdict and the object it read (etag, version id); False when this owner
+        registered no such dataset (a stray upload) or it is already ready: a ready dataset is
+        pinned to the object it was checked on, so a later upload never replaces it."""
+        values = {":s": "ready" if ok else "rejected", ":b": bytes_read, ":t": tokens, ":o": owner, ":ready": "ready"}
+        update = "SET #s = :s, #b = :b, tokens = :t"
+        for name, value in (("s3_etag", etag), ("s3_version_id", version_id)):
+            if value:
+                update += f", {name} = :{name}"
+                values[f":{name}"] = value
+        if reason:
+            update += ", reason = :r"
+            values[":r"] = reason
+        else:
+            update += " REMOVE reason"
+        if not version_id:
+            update += (", " if " REMOVE " in update else " REMOVE ") + "s3_version_id"
+        try:
+            self.client.update_item(
+                TableName=self.name,
+                Key=_ddb({"dataset_id": dataset_id}),
+                UpdateExpression=update,
+                ConditionExpression="#o = :o AND #s <> :ready",
+                ExpressionAttributeNames={"#s": "status", "#b": "bytes", "#o": "owner"},
+                ExpressionAttributeValues=_ddb(values),
+            )
+        except self.client.exceptions.ConditionalCheckFailedException:
+            return False
+        return True
 
 
 class Tenants(_Table):

@@ -20,6 +20,7 @@ import pytest
 from botocore.exceptions import ClientError
 from moto import mock_aws
 
+from local.aws import LOCAL_ACCOUNT, LOCAL_REGION, LambdaContext  # noqa: F401 (the tests' context)
 from local.resources import create_resources, function_environment, load_template
 from local.server import api_event, make_server
 from shared.shapes import SIZES, grown_config
@@ -27,7 +28,7 @@ from shared.store import Catalog, seed_base_models
 from shared.training_jobs import training_job_name
 from tests import permissions
 
-REGION = "us-east-1"
+REGION = LOCAL_REGION
 GROWN = grown_config(SIZES["debug"])
 
 # The template's Powertools settings before any test imports a function: its Metrics take the
@@ -49,16 +50,6 @@ def roles():
     denied = recorder.denied()
     assert not denied, "calls the roles in template.yaml do not allow:\n" + "\n".join(
         f"  {c.function} {c.operation}: {r.action} on {r.resource}" for c in denied for r in c.denied)
-
-
-class LambdaContext:
-    function_name = "fusion-test"
-    memory_limit_in_mb = 512
-    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:fusion-test"
-    aws_request_id = "test-request"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return 30_000
 
 
 @pytest.fixture
@@ -214,14 +205,14 @@ def sagemaker_event(aws, job_id: str, status: str, reason: str | None = None, se
     """A SageMaker Training Job State Change event for the job's training job."""
     name = training_job_name(job_id)
     detail = {"TrainingJobName": name, "TrainingJobStatus": status, "SecondaryStatus": secondary or status,
-              "TrainingJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:training-job/{name}"}
+              "TrainingJobArn": f"arn:aws:sagemaker:{REGION}:{LOCAL_ACCOUNT}:training-job/{name}"}
     if status == "Completed":
         detail["ModelArtifacts"] = {"S3ModelArtifacts": artifact(aws, job_id)}
     if reason:
         detail["FailureReason"] = reason
     return {"version": "0", "id": f"{job_id}-{status}", "detail-type": "SageMaker Training Job State Change",
-            "source": "aws.sagemaker", "account": "123456789012", "time": "2026-01-01T00:00:00Z",
-            "region": "us-east-1", "resources": [detail["TrainingJobArn"]], "detail": detail}
+            "source": "aws.sagemaker", "account": LOCAL_ACCOUNT, "time": "2026-01-01T00:00:00Z",
+            "region": REGION, "resources": [detail["TrainingJobArn"]], "detail": detail}
 
 
 def deliver(aws, job_id: str, *statuses: str, reason: str | None = None) -> list[dict]:

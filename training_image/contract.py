@@ -36,7 +36,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from shared.settings import CONTRACT_SEQ_LEN, ContractSettings, TrainSettings
+from shared.settings import (
+    CONTRACT_CALIBRATION_WINDOWS,
+    CONTRACT_HELDOUT_WINDOWS,
+    CONTRACT_SEQ_LEN,
+    ContractSettings,
+    TrainSettings,
+)
 from shared.shapes import LayerShape, ModelConfig
 from training_image.evaluate import heldout_loss
 from training_image.model import Decoder
@@ -567,8 +573,6 @@ def heal(model: Decoder, source: Decoder, windows: torch.Tensor, steps: int, lr:
 
 # ----------------------------------------------------------------------------- the container job
 
-CALIBRATION_WINDOWS = 64  # windows of CONTRACT_SEQ_LEN tokens for Block Influence and activation statistics
-HELDOUT_WINDOWS = 512  # cap on the held-out windows each perplexity is measured on
 HEAL_LR = TrainSettings.model_fields["lr"].default  # healing uses the product's training learning rate
 
 
@@ -586,8 +590,8 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str, log: C
         )
     seq_len = min(CONTRACT_SEQ_LEN, source_config.context_length)
     data = runtime.prepare_tokens(root, tokenizer, seq_len)
-    train_windows, heldout_windows = data.train_windows(), data.heldout_windows()[:HELDOUT_WINDOWS]
-    calibration = train_windows.sample(CALIBRATION_WINDOWS)
+    train_windows, heldout_windows = data.train_windows(), data.heldout_windows()[:CONTRACT_HELDOUT_WINDOWS]
+    calibration = train_windows.sample(CONTRACT_CALIBRATION_WINDOWS)
     device = runtime.device()
     source.to(device)
 

@@ -15,6 +15,7 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import (
 
 from functions.api import body, console, datasets, jobs, models
 from shared.errors import JobError, describe_error
+from shared.responses import ErrorResponse
 from shared.telemetry import metrics
 
 logger = Logger()
@@ -74,7 +75,7 @@ def docs() -> Response[str]:
 
 
 def _error_body(code: str, message: str, details: list[dict[str, str]]) -> str:
-    return json.dumps({"error": {"code": code, "message": message, "details": details}})
+    return json.dumps(ErrorResponse.model_validate({"error": {"code": code, "message": message, "details": details}}).model_dump())
 
 
 def _error(status: int, code: str, message: str, details: list[dict[str, str]]) -> Response:
@@ -88,6 +89,8 @@ def refused(exc: JobError) -> Response:
 
 @app.exception_handler(RequestValidationError)
 def invalid_request(exc: RequestValidationError) -> Response:
+    if any(error.get("loc", ("",))[0] == "response" for error in exc.errors()):  # our answer strayed from its model
+        return internal(exc)
     details = [describe_error(error) for error in exc.errors()]
     fields = ", ".join(d["field"] for d in details)
     return _error(422, "invalid_request", f"the request has invalid fields: {fields}", details)

@@ -7,9 +7,11 @@ from functools import cache
 from typing import Any
 
 from aws_lambda_powertools.event_handler.api_gateway import Router
+from pydantic import BaseModel
 
 from shared.errors import JobError
 from shared.events import Bus
+from shared.responses import ErrorResponse
 from shared.store import Catalog, Datasets, Jobs, Tenants
 from shared.tenancy import InvalidTenant, check_tenant
 
@@ -78,21 +80,6 @@ def reset() -> None:
         cached.cache_clear()
 
 
-ERROR_SCHEMA = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {"error": {
-        "type": "object",
-        "required": ["code", "message", "details"],
-        "properties": {
-            "code": {"type": "string"},
-            "message": {"type": "string"},
-            "details": {"type": "array", "items": {
-                "type": "object", "required": ["field", "message"],
-                "properties": {"field": {"type": "string"}, "message": {"type": "string"}}}},
-        },
-    }},
-}
 ERROR_WORDS = {
     400: "Malformed request", 401: "No verified identity", 402: "Over the tenant's budget",
     404: "Not found (or not the caller's)", 409: "Conflicts with the current state", 415: "Not JSON",
@@ -100,12 +87,13 @@ ERROR_WORDS = {
 }
 
 
-def responses(success: dict[int, str], *errors: int) -> dict[int, dict[str, Any]]:
-    """OpenAPI responses of a route: its successes and the errors it can answer, all in one shape."""
+def responses(success: dict[int, tuple[str, type[BaseModel]]], *errors: int) -> dict[int, dict[str, Any]]:
+    """OpenAPI responses of a route: each success with the model of its body, and the errors it can
+    answer, all in one shape."""
     out: dict[int, dict[str, Any]] = {
-        status: {"description": words, "content": {"application/json": {"schema": {"type": "object"}}}}
-        for status, words in success.items()
+        status: {"description": words, "content": {"application/json": {"model": model}}}
+        for status, (words, model) in success.items()
     }
     for status in sorted({401, 404, 422, 500, *errors}):
-        out[status] = {"description": ERROR_WORDS[status], "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+        out[status] = {"description": ERROR_WORDS[status], "content": {"application/json": {"model": ErrorResponse}}}
     return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from functools import cache
 from typing import Annotated
 
@@ -11,18 +10,12 @@ from aws_lambda_powertools.event_handler.api_gateway import Router
 from aws_lambda_powertools.event_handler.openapi.params import Path
 
 from functions.api import context
-from shared.datasets import UPLOAD_URL_SECONDS, CreateDatasetRequest, DatasetNotFound, DatasetStore, dataset_key
+from shared.datasets import UPLOAD_URL_SECONDS, CreateDatasetRequest, register
 from shared.errors import not_found
+from shared.outputs import split_s3
+from shared.responses import Dataset, DatasetList, RegisteredDataset
 
 router = Router()
-
-
-@cache
-def _store() -> DatasetStore:
-    import boto3
-
-    table = boto3.resource("dynamodb").Table(os.environ["DATASETS_TABLE"])
-    return DatasetStore(table, os.environ["DATA_BUCKET"])
 
 
 @cache
@@ -38,29 +31,26 @@ def _tenant() -> str:
 
 
 @router.post("/datasets", summary="Register a dataset and get a presigned URL to upload it to",
-             responses=context.responses({201: "The registered dataset and its upload URL"}, 415))
-def create_dataset(request: CreateDatasetRequest):
-    tenant = _tenant()
-    dataset = _store().register(tenant, request)
-    upload_url = _s3().generate_presigned_url(
-        "put_object",
-        Params={"Bucket": _store().bucket, "Key": dataset_key(tenant, dataset.dataset_id, request.format)},
-        ExpiresIn=UPLOAD_URL_SECONDS,
-    )
-    body = {**dataset.model_dump(mode="json"), "upload_url": upload_url}
-    return Response(status_code=201, content_type=content_types.APPLICATION_JSON, body=body)
+             responses=context.responses({201: ("The registered dataset and its upload URL", RegisteredDataset)}, 415))
+def create_dataset(request: CreateDatasetRequest) -> Response[RegisteredDataset]:
+    dataset = register(context.datasets(), _tenant(), request, context.env("DATA_BUCKET"))
+    bucket, key = split_s3(dataset["s3_uri"])
+    upload_url = _s3().generate_presigned_url("put_object", Params={"Bucket": bucket, "Key": key},
+                                              ExpiresIn=UPLOAD_URL_SECONDS)
+    return Response(status_code=201, content_type=content_types.APPLICATION_JSON,
+                    body={**dataset, "upload_url": upload_url})
 
 
 @router.get("/datasets", summary="The caller's datasets, newest first",
-            responses=context.responses({200: "The caller's datasets"}))
-def list_datasets() -> dict:
-    return {"datasets": [d.model_dump(mode="json") for d in _store().list(_tenant())]}
+            responses=context.responses({200: ("The caller's datasets", DatasetList)}))
+def list_datasets() -> DatasetList:
+    return DatasetList(datasets=context.datasets().list(_tenant()))
 
 
 @router.get("/datasets/<dataset_id>", summary="One of the caller's datasets",
-            responses=context.responses({200: "The dataset"}))
-def get_dataset(dataset_id: Annotated[str, Path(max_length=64)]):
-    try:
-        return _store().get(_tenant(), dataset_id)
-    except DatasetNotFound:
-        raise not_found("dataset", "dataset_id", dataset_id) from None
+            responses=context.responses({200: ("The dataset", Dataset)}))
+def get_dataset(dataset_id: Annotated[str, Path(max_length=64)]) -> Dataset:
+    dataset = context.datasets().get(dataset_id, _tenant())
+    if dataset is None:
+        raise not_found("dataset", "dataset_id", dataset_id)
+    return dataset

@@ -19,20 +19,16 @@ from shared.errors import JobError, not_found
 from shared.events import announce
 from shared.lifecycle import JOB_ID_PATTERN, is_active
 from shared.outputs import METRICS_MAX_POINTS, read_metrics_log, read_progress
+from shared.responses import Curve, Job, JobList, Quote
 from shared.settings import JobRequest
 
 logger = Logger(child=True)
 router = Router()
 
-# The fields of a job that the HTTP API shows (the stored record carries a few more for launching).
-PUBLIC_JOB_FIELDS = (
-    "job_id", "type", "status", "owner", "model", "dataset", "settings", "estimate", "warnings",
-    "training_job_name", "output_model_id", "failure_reason", "progress", "bill", "created_at", "updated_at",
-)
-
-
-def public(job: dict[str, Any]) -> dict[str, Any]:
-    return {k: job.get(k) for k in PUBLIC_JOB_FIELDS}
+def public(job: dict[str, Any]) -> Job:
+    """A stored job as its owner sees it: the fields of the Job model (the record carries a few more
+    for launching)."""
+    return Job.model_validate(job)
 
 
 def _resolve(request: Any) -> dict[str, Any]:
@@ -52,8 +48,8 @@ def _quote(job: dict[str, Any]) -> dict[str, Any]:
 @router.post("/jobs/estimate", summary="Estimate a job",
              description="Validate and price a job without creating it: tokens, tier, fees, total, ETA, and "
              "whether the caller's remaining budget lets it run (allowed_to_proceed).",
-             responses=context.responses({200: "The estimate"}, 415))
-def estimate_job(request: Annotated[JobRequest, Body()]) -> dict[str, Any]:
+             responses=context.responses({200: ("The estimate", Quote)}, 415))
+def estimate_job(request: Annotated[JobRequest, Body()]) -> Quote:
     return _quote(_resolve(request))
 
 
@@ -63,14 +59,15 @@ def estimate_job(request: Annotated[JobRequest, Body()]) -> dict[str, Any]:
              "the caller past their budget is refused (402) before anything is stored. With an "
              "Idempotency-Key header, repeating the request (same key, same body) within 24 h returns the "
              "same job; the same key with another body is a 409.",
-             responses=context.responses({201: "The queued job", 200: "Dry run: the estimate"}, 402, 409, 415, 503))
+             responses=context.responses({201: ("The queued job", Job), 200: ("Dry run: the estimate", Quote)},
+                                       402, 409, 415, 503))
 def create_job(
     request: Annotated[JobRequest, Body()],
     dry_run: Annotated[bool, Query(description="Price the job without creating it.")] = False,
     idempotency_key: Annotated[str | None, Header(
         alias="idempotency-key", min_length=1, max_length=128,
         description="Any unique string (e.g. a UUID): retries with it never create a second job.")] = None,
-) -> Response[dict[str, Any]]:
+) -> Response[Job | Quote]:
     if dry_run:
         return _json(200, _quote(_resolve(request)))
     if idempotency_key is None:
@@ -87,19 +84,19 @@ def _create(request: Any) -> dict[str, Any]:
                  data_bucket=context.env("DATA_BUCKET"), jobs=context.jobs(), tenants=context.tenants(),
                  sqs=context.client("sqs"), queue_url=context.env("LAUNCH_QUEUE_URL"))
     logger.append_keys(job_id=job["job_id"])
-    return public(job)
+    return public(job).model_dump(mode="json")  # the idempotency record stores it as JSON
 
 
 @router.get("/jobs", summary="List jobs", description="The caller's jobs, newest first.",
-            responses=context.responses({200: "The caller's jobs"}))
-def list_jobs(limit: Annotated[int, Query(ge=1, le=100)] = 50) -> dict[str, Any]:
-    return {"jobs": [public(job) for job in context.jobs().list(context.tenant(router), limit)]}
+            responses=context.responses({200: ("The caller's jobs", JobList)}))
+def list_jobs(limit: Annotated[int, Query(ge=1, le=100)] = 50) -> JobList:
+    return JobList(jobs=[public(job) for job in context.jobs().list(context.tenant(router), limit)])
 
 
 @router.get("/jobs/<job_id>", summary="Show a job",
             description="One job with its estimate, bill and, while it runs, its live progress.",
-            responses=context.responses({200: "The job"}))
-def get_job(job_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
+            responses=context.responses({200: ("The job", Job)}))
+def get_job(job_id: Annotated[str, Path(max_length=64)]) -> Job:
     owner = context.tenant(router)
     job = context.jobs().get(job_id, owner) if JOB_ID_PATTERN.fullmatch(job_id) else None
     if job is None:
@@ -113,8 +110,8 @@ def get_job(job_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
              description="Stop a job: a queued job ends cancelled at once and pays nothing; a launching or "
              "running one becomes cancelling, its training job is stopped, and it ends cancelled, billed for "
              "the tokens it trained. Repeating it is harmless; a job that already ended is a 409.",
-             responses=context.responses({200: "The job, cancelled or cancelling"}, 409, 503))
-def cancel_job(job_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
+             responses=context.responses({200: ("The job, cancelled or cancelling", Job)}, 409, 503))
+def cancel_job(job_id: Annotated[str, Path(max_length=64)]) -> Job:
     job = cancel(job_id, context.tenant(router), jobs=context.jobs(), sagemaker=context.client("sagemaker"))
     try:
         job = announce(job, jobs=context.jobs(), bus=context.bus())
@@ -127,11 +124,11 @@ def cancel_job(job_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
             description="Training loss per logged step and held-out perplexity per cycle, from the metrics log "
             "the trainer keeps beside its progress (synced while it runs): the whole curve so far, thinned to "
             "at most max_points loss points.",
-            responses=context.responses({200: "The job's curve"}, 503))
+            responses=context.responses({200: ("The job's curve", Curve)}, 503))
 def get_job_metrics(
     job_id: Annotated[str, Path(max_length=64)],
     max_points: Annotated[int, Query(ge=2, le=METRICS_MAX_POINTS)] = METRICS_MAX_POINTS,
-) -> dict[str, Any]:
+) -> Curve:
     owner = context.tenant(router)
     job = context.jobs().get(job_id, owner) if JOB_ID_PATTERN.fullmatch(job_id) else None
     if job is None:

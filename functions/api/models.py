@@ -13,6 +13,7 @@ from shared.errors import invalid, not_found
 from shared.hf import EXPORT_DIR
 from shared.hf_check import folder_model
 from shared.outputs import split_s3
+from shared.responses import CatalogModel, Download, ModelList
 
 DOWNLOAD_URL_SECONDS = 3600
 
@@ -20,8 +21,8 @@ router = Router()
 
 
 @router.get("/models", summary="List models", description="Public base models and the caller's own models.",
-            responses=context.responses({200: "The models"}))
-def list_models() -> dict[str, Any]:
+            responses=context.responses({200: ("The models", ModelList)}))
+def list_models() -> ModelList:
     return {"models": context.catalog().list(context.tenant(router))}
 
 
@@ -38,8 +39,8 @@ class RegisterModelRequest(BaseModel):
              description="Checks the folder's config.json and safetensors headers (nothing is downloaded) and "
                          "registers it as ready, with its family, parameters, depth and context, or as rejected "
                          "with the reason. A ready model is trained like any base model.",
-             responses=context.responses({201: "The registered model, ready or rejected"}, 415))
-def register_model(request: RegisterModelRequest):
+             responses=context.responses({201: ("The registered model, ready or rejected", CatalogModel)}, 415))
+def register_model(request: RegisterModelRequest) -> Response[CatalogModel]:
     tenant = context.tenant(router)
     prefix = f"s3://{context.env('DATA_BUCKET')}/{tenant}/"
     rest = request.uri[len(prefix):]
@@ -52,8 +53,8 @@ def register_model(request: RegisterModelRequest):
 
 @router.get("/models/<model_id>", summary="Show a model",
             description="Size, depth, perplexity, parent, producing job, artifact and cost of one model.",
-            responses=context.responses({200: "The model"}))
-def get_model(model_id: Annotated[str, Path(max_length=128)]) -> dict[str, Any]:
+            responses=context.responses({200: ("The model", CatalogModel)}))
+def get_model(model_id: Annotated[str, Path(max_length=128)]) -> CatalogModel:
     model = context.catalog().get(model_id, context.tenant(router))
     if model is None:
         raise not_found("model", "model_id", model_id)
@@ -63,8 +64,8 @@ def get_model(model_id: Annotated[str, Path(max_length=128)]) -> dict[str, Any]:
 @router.get("/models/<model_id>/download", summary="Download a model",
             description=f"A presigned URL (valid {DOWNLOAD_URL_SECONDS} s) of the model's archive, model.tar.gz: the "
                         f"compact model directory at its root, the transformers folder under {EXPORT_DIR}/.",
-            responses=context.responses({200: "The download URL"}))
-def download_model(model_id: Annotated[str, Path(max_length=128)]) -> dict[str, Any]:
+            responses=context.responses({200: ("The download URL", Download)}))
+def download_model(model_id: Annotated[str, Path(max_length=128)]) -> Download:
     model = context.catalog().get(model_id, context.tenant(router))
     if model is None or not model.get("artifact_uri"):
         raise not_found("model", "model_id", model_id)

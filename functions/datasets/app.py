@@ -6,7 +6,6 @@ upload to the same key never changes its verdict, and a job is launched only on 
 
 from __future__ import annotations
 
-import os
 from functools import cache
 from urllib.parse import unquote_plus
 
@@ -14,7 +13,8 @@ from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.utilities.data_classes import S3Event, event_source
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from shared.datasets import DatasetStore, check_dataset, parse_dataset_key
+from shared.datasets import check_dataset, parse_dataset_key
+from shared.store import Datasets
 
 logger = Logger()
 tracer = Tracer()
@@ -25,8 +25,7 @@ CHUNK_BYTES = 1 << 20
 def _clients():
     import boto3
 
-    table = boto3.resource("dynamodb").Table(os.environ["DATASETS_TABLE"])
-    return boto3.client("s3"), DatasetStore(table, os.environ["DATA_BUCKET"])
+    return boto3.client("s3"), Datasets()
 
 
 @logger.inject_lambda_context(clear_state=True)
@@ -45,7 +44,8 @@ def lambda_handler(event: S3Event, context: LambdaContext) -> dict:
         version = record.s3.get_object.version_id
         read = s3.get_object(Bucket=record.s3.bucket.name, Key=key, **({"VersionId": version} if version else {}))
         result = check_dataset(read["Body"].iter_chunks(CHUNK_BYTES), fmt)
-        if store.record_check(owner, dataset_id, result, etag=read.get("ETag"), version_id=read.get("VersionId")):
+        if store.record_check(dataset_id, owner, ok=result.ok, bytes_read=result.bytes, tokens=result.tokens,
+                              reason=result.reason, etag=read.get("ETag"), version_id=read.get("VersionId")):
             logger.info("dataset checked", dataset_id=dataset_id, ok=result.ok, reason=result.reason, tokens=result.tokens)
             checked.append(dataset_id)
         else:

@@ -17,7 +17,7 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 from shared.events import Bus
-from shared.launching import launch as launch_job
+from shared.launching import launch as launch_job, max_launch_attempts
 from shared.store import Jobs
 from shared.telemetry import metrics
 from shared.training_jobs import LaunchConfig
@@ -61,7 +61,7 @@ def launch(job_id: str, attempt: int) -> str:
     """Start the training job of `job_id` once; returns what happened (for logs and tests)."""
     jobs, sagemaker, bus = _clients()
     return launch_job(job_id, attempt, jobs=jobs, sagemaker=sagemaker, bus=bus, s3=_s3(), config=_launch_config(),
-                      max_attempts=int(os.environ.get("FUSION_MAX_LAUNCH_ATTEMPTS", "5")))
+                      max_attempts=max_launch_attempts())
 
 
 def record_handler(record: SQSRecord) -> str:

@@ -24,7 +24,7 @@ def aws(aws):
 
 
 def _forget_clients() -> None:
-    routes._store.cache_clear(), routes._s3.cache_clear(), check_function._clients.cache_clear()
+    routes._s3.cache_clear(), check_function._clients.cache_clear()
     api_context.reset()
 
 

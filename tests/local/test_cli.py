@@ -1,113 +1,183 @@
-"""The CLI's own behaviour against a scripted API: what it sends, and how it shows answers and refusals."""
+"""The CLI against the real HTTP API (the local server into the API's handler, on moto): what it
+sends, and how it shows the API's answers and refusals."""
 
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from decimal import Decimal
 
 import pytest
+import requests
 
-from local.cli import main
+from local.cli import human, main
+from shared.outputs import progress_key
+from shared.settings import TrainSettings
+from shared.shapes import SIZES, grown_config
+from shared.store import Catalog, Jobs
+from shared.training_jobs import training_job_name
+from tests.conftest import deliver, unsigned_jwt, write_metrics
+
+DATASET = "ds-aaaaaaaaaaaa"
+TOKEN = unsigned_jwt({"sub": "alice"})
 
 
 @pytest.fixture
-def api():
-    """A stand-in API: `answers` maps "METHOD /path" to (status, body); requests are recorded."""
-    answers: dict[str, tuple[int, dict]] = {}
-    seen: list[tuple[str, str, dict | None, str | None]] = []
+def cli(aws, server, capsys, monkeypatch):
+    """fusion(*args) -> (exit code, stdout, stderr) as alice, who owns a ready dataset; the
+    requests the CLI sent are kept in fusion.sent as (method, path, JSON body, authorization)."""
+    aws.session.client("dynamodb").put_item(TableName=aws.env["DATASETS_TABLE"], Item={
+        "dataset_id": {"S": DATASET}, "owner": {"S": "alice"}, "status": {"S": "ready"}, "name": {"S": "notes"},
+        "s3_uri": {"S": f"s3://{aws.env['DATA_BUCKET']}/alice/datasets/{DATASET}/data.jsonl"},
+        "bytes": {"N": "2048000"}, "tokens": {"N": "310000"}, "created_at": {"S": "2026-01-01T00:00:00Z"}})
+    sent: list[tuple[str, str, object, str | None]] = []
+    send = requests.Session.request
 
-    class Handler(BaseHTTPRequestHandler):
-        def _answer(self) -> None:
-            length = int(self.headers.get("content-length") or 0)
-            body = json.loads(self.rfile.read(length)) if length else None
-            seen.append((self.command, self.path, body, self.headers.get("authorization")))
-            status, payload = answers.get(f"{self.command} {self.path}", (404, {"error": {
-                "code": "not_found", "message": f"no route {self.command} {self.path}", "details": []}}))
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def recorded(session, method, url, **kwargs):
+        sent.append((method, url.removeprefix(server), kwargs.get("json"), session.headers.get("Authorization")))
+        return send(session, method, url, **kwargs)
 
-        do_GET = do_POST = _answer
+    monkeypatch.setattr(requests.Session, "request", recorded)
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "true")  # as `fusion serve` runs: the CLI's output only
 
-        def log_message(self, *args) -> None:
-            pass
+    def fusion(*args: str, token: str | None = TOKEN) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(["--api-url", server, *(["--token", token] if token else []), *args])
+        out, err = capsys.readouterr()
+        return code, out, err
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", answers, seen
-    server.shutdown()
-    server.server_close()
+    fusion.sent = sent
+    return fusion
 
 
-def _job(status: str, **extra) -> dict:
-    return {"job_id": "j1", "type": "train", "status": status, "model": "base-tiny", "dataset": "ds-1",
-            "settings": {}, "estimate": {"total": "0.50", "eta_seconds": 400}, "warnings": [], "bill": None,
-            "output_model_id": None, "training_job_name": "fusion-j1", "failure_reason": None, "progress": None,
-            "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z", **extra}
+def _train(api, **hyper) -> dict:
+    status, job = api("POST", "/jobs", {"type": "train", "model": "base-debug", "dataset": DATASET, "hyperparams": hyper})
+    assert status == 201, job
+    return job
 
 
-def test_cancel_reports_the_api_answer(api, capsys):
-    url, answers, seen = api
-    answers["POST /jobs/j1/cancel"] = (202, _job("cancelling"))
-    assert main(["--api-url", url, "--token", "t0k", "jobs", "cancel", "j1"]) == 0
-    assert capsys.readouterr().out.strip() == "job j1 cancelling"
-    assert seen[-1][:2] == ("POST", "/jobs/j1/cancel") and seen[-1][3] == "Bearer t0k"
-
-    answers["POST /jobs/j1/cancel"] = (409, {"error": {"code": "job_not_cancellable", "message": "job j1 is completed",
-                                                       "details": [{"field": "job_id", "message": "it has ended"}]}})
-    assert main(["--api-url", url, "jobs", "cancel", "j1"]) == 1
-    assert capsys.readouterr().err.strip() == "error: job j1 is completed (job_id: it has ended)"
-
-
-def test_create_sends_only_the_given_settings(api, capsys):
-    url, answers, seen = api
-    answers["POST /jobs"] = (201, _job("queued", warnings=["steps_per_cycle=100 is below 500: the run under-trains"]))
-    code = main(["--api-url", url, "jobs", "create", "train", "--model", "base-tiny", "--dataset", "ds-1",
-                 "--turns", "2", "--steps-per-cycle", "100", "--lr", "0.001"])
+def test_create_sends_only_the_given_settings(cli, aws):
+    code, out, _ = cli("jobs", "create", "train", "--model", "base-debug", "--dataset", DATASET,
+                       "--turns", "2", "--steps-per-cycle", "100", "--lr", "0.001")
     assert code == 0
-    assert seen[-1][2] == {"type": "train", "model": "base-tiny", "dataset": "ds-1",
-                           "hyperparams": {"turns": 2, "steps_per_cycle": 100, "lr": 0.001}}
-    out = capsys.readouterr().out
-    assert "job j1 queued: estimate $0.50, eta 6m40s" in out and "under-trains" in out
+    method, path, body, authorization = cli.sent[-1]
+    assert (method, path, authorization) == ("POST", "/jobs", f"Bearer {TOKEN}")
+    assert body == {"type": "train", "model": "base-debug", "dataset": DATASET,
+                    "hyperparams": {"turns": 2, "steps_per_cycle": 100, "lr": 0.001}}
+    (job,) = Jobs(session=aws.session).list("alice")
+    estimate = job["estimate"]
+    assert job["settings"]["cycles"] == TrainSettings().cycles  # the API's default, not the CLI's
+    assert f"job {job['job_id']} queued: estimate ${estimate['total']}, eta " in out
+    assert "under-trains" in out
 
 
-def test_wait_follows_progress_until_the_end(api, capsys):
-    url, answers, _ = api
+def test_cancel_reports_the_api_answer(cli, api, aws):
+    job = _train(api)
+    code, out, _ = cli("jobs", "cancel", job["job_id"])
+    assert code == 0 and out.strip() == f"job {job['job_id']} cancelled, billed $0.00"
+    assert cli("jobs", "cancel", job["job_id"])[:2] == (0, out)  # repeating it is harmless
+
+    done = _train(api)
+    write_metrics(aws, done)
+    deliver(aws, done["job_id"], "InProgress", "Completed")
+    code, _, err = cli("jobs", "cancel", done["job_id"])
+    assert code == 1
+    assert err.strip() == (f"error: job '{done['job_id']}' has already completed: there is nothing to cancel "
+                           "(job_id: the job is completed)")
+
+
+def test_wait_follows_progress_until_the_end(cli, api, aws):
+    job = _train(api)
+    job_id = job["job_id"]
+    Jobs(session=aws.session).transition(job_id, "running", training_job_name=training_job_name(job_id))
     progress = {"turn": 1, "turns": 2, "cycle": 3, "cycles": 6, "step": 40, "total_steps": 120, "loss": 3.25,
                 "perplexity": 25.8, "eta_seconds": 95}
-    answers["GET /jobs/j1"] = (200, _job("running", progress=progress))
-    code = main(["--api-url", url, "jobs", "wait", "j1", "--timeout", "1.5"])
-    captured = capsys.readouterr()
-    assert code == 1 and "still running" in captured.err
-    assert "turn 1/2 · cycle 3/6 · step 40/120 · loss 3.250 · ppl 25.8 · eta 1m35s" in captured.out
+    aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=progress_key(job_id),
+                                        Body=json.dumps(progress))
+    code, out, err = cli("jobs", "wait", job_id, "--timeout", "1.5")
+    assert code == 1 and f"job {job_id} is still running after 2s" in err
+    assert "turn 1/2 · cycle 3/6 · step 40/120 · loss 3.250 · ppl 25.8 · eta 1m35s" in out
 
-    answers["GET /jobs/j1"] = (200, _job("failed", failure_reason="AlgorithmError: out of data"))
-    assert main(["--api-url", url, "jobs", "wait", "j1"]) == 1
-    assert capsys.readouterr().err.strip() == "error: job j1 failed: AlgorithmError: out of data"
+    deliver(aws, job_id, "Failed", reason="AlgorithmError: out of data")
+    code, _, err = cli("jobs", "wait", job_id)
+    assert code == 1 and err.strip() == f"error: job {job_id} failed: AlgorithmError: out of data"
 
 
-def test_tables_are_aligned(api, capsys):
-    url, answers, _ = api
-    answers["GET /models"] = (200, {"models": [
-        {"model_id": "base-tiny", "name": "base-tiny", "kind": "base", "parameters": 2_740_000, "depth": 12,
-         "perplexity": None, "cost": None, "parent_id": None},
-        {"model_id": "m-123", "name": "support-bot", "kind": "trained", "parameters": 3_290_000, "depth": 15,
-         "perplexity": 191.28, "cost": "0.02", "parent_id": "base-tiny"}]})
-    assert main(["--api-url", url, "models", "list"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+def test_tables_are_aligned(cli, aws):
+    config = grown_config(SIZES["debug"])
+    Catalog(session=aws.session).register({
+        "model_id": "m-123", "owner": "alice", "name": "support-bot", "kind": "trained", "parent_id": "base-debug",
+        "job_id": "j0", "parameters": 3_290_000, "depth": 15, "perplexity": 191.28, "cost": "0.02",
+        "config": config.model_dump(mode="json"), "dataset": DATASET, "created_at": "2026-01-02T00:00:00.000Z"})
+    code, out, _ = cli("models", "list")
+    assert code == 0
+    lines = out.splitlines()
     assert lines[0].split() == ["MODEL", "NAME", "KIND", "PARAMETERS", "DEPTH", "PERPLEXITY", "COST", "PARENT"]
-    assert lines[2].split() == ["m-123", "support-bot", "trained", "3.29M", "15", "191.28", "$0.02", "base-tiny"]
+    assert lines[-1].split() == ["m-123", "support-bot", "trained", "3.29M", "15", "191.28", "$0.02", "base-debug"]
+    base = next(line for line in lines if line.startswith("base-debug "))
     # right-aligned numbers end in the same column
-    assert lines[1].index("2.74M") + 5 == lines[2].index("3.29M") + 5 == lines[0].index("PARAMETERS") + 10
+    ends = {line.index(word) + len(word) for line, word in ((lines[0], "PARAMETERS"), (lines[-1], "3.29M"),
+                                                            (base, human(SIZES["debug"].parameters())))}
+    assert len(ends) == 1
+
+    code, out, _ = cli("datasets", "list")
+    assert code == 0 and out.splitlines()[1].split() == ["ds-aaaaaaaaaaaa", "notes", "ready", "2.05M", "310.00K",
+                                                         "2026-01-01", "00:00:00"]
 
 
-def test_non_json_refusal_is_still_one_line(api, capsys):
-    url, answers, _ = api
-    answers["GET /jobs"] = (401, {"message": "Unauthorized"})  # API Gateway's JWT authorizer answers like this
-    assert main(["--api-url", url, "jobs", "list"]) == 1
-    assert capsys.readouterr().err.strip() == "error: HTTP 401: Unauthorized"
+def test_json_output_is_the_api_answer(cli, api):
+    job = _train(api, turns=1)
+    code, out, _ = cli("--json", "jobs", "get", job["job_id"])
+    assert code == 0 and json.loads(out) == api("GET", f"/jobs/{job['job_id']}")[1]
+    code, out, _ = cli("--json", "estimate", "train", "--model", "base-debug", "--dataset", DATASET)
+    quote = json.loads(out)
+    assert code == 0 and quote["allowed_to_proceed"] is True
+    assert Decimal(quote["estimate"]["total"]) == Decimal(job["estimate"]["total"])
+
+
+def test_refusals_are_one_line_with_the_field(cli):
+    code, _, err = cli("jobs", "create", "train", "--model", "base-debug", "--dataset", "ds-bbbbbbbbbbbb")
+    assert code == 1 and err.strip() == ("error: dataset 'ds-bbbbbbbbbbbb' was not found "
+                                     "(dataset: no dataset 'ds-bbbbbbbbbbbb' in your catalog)")
+    code, _, err = cli("jobs", "get", "j1", token="not-a-jwt")
+    assert code == 1 and err.strip() == "error: the bearer token is not a JWT (authorization)"
+
+
+def test_a_refusal_not_in_the_api_shape_is_still_one_line(cli, monkeypatch):
+    """API Gateway's JWT authorizer answers before the API does, in its own shape."""
+    def authorizer(session, method, url, **kwargs):
+        response = requests.Response()
+        response.status_code, response.reason, response._content = 401, "Unauthorized", b'{"message":"Unauthorized"}'
+        return response
+
+    monkeypatch.setattr(requests.Session, "request", authorizer)
+    code, _, err = cli("jobs", "list")
+    assert code == 1 and err.strip() == "error: HTTP 401: Unauthorized"
+
+
+def test_a_file_name_becomes_a_name_the_api_takes():
+    from pathlib import Path
+
+    from local.cli import dataset_name
+    from shared.datasets import CreateDatasetRequest
+
+    for file, name in (("café notes.jsonl", "caf--notes"), ("x" * 80 + ".txt", "x" * 64), (".jsonl", ".jsonl")):
+        assert dataset_name(Path(file)) == name
+        assert CreateDatasetRequest(name=dataset_name(Path(file))).name == name
+    # a model's output_name and a dataset's name are the same rule
+    assert (CreateDatasetRequest.model_json_schema()["properties"]["name"]["pattern"]
+            == TrainSettings.model_json_schema()["properties"]["output_name"]["anyOf"][0]["pattern"])
+
+
+def test_the_cli_has_words_for_every_status_a_job_waits_in():
+    from local.cli import _waiting
+    from shared.lifecycle import END_STATUSES, STATUS_RANK
+
+    assert {s for s in STATUS_RANK if _waiting(s)} == set(STATUS_RANK) - set(END_STATUSES)
+
+
+def test_an_answer_not_of_its_model_is_one_clear_error(aws, server):
+    from local.cli import ApiError, Client
+    from shared.responses import Job
+
+    with pytest.raises(ApiError, match=r"GET /console/config.json with a body that is not a Job \(job_id: Field required\)"):
+        Client(server).call("GET", "/console/config.json", Job)

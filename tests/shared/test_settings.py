@@ -99,3 +99,13 @@ def test_hyperparameters_are_strings_and_round_trip(settings):
 
 def test_default_output_name():
     assert default_output_name("abc") == "model-abc"
+
+
+def test_the_container_takes_the_job_ids_the_service_makes_and_no_others():
+    from shared.lifecycle import new_job_id
+
+    hyper = to_hyperparameters("train", new_job_id(), TrainSettings())
+    assert from_hyperparameters(hyper)[1] == hyper["job_id"]
+    for job_id in ("Job-1", "x" * 41, "", "a/b"):
+        with pytest.raises(ValueError, match="job_id must match"):
+            from_hyperparameters({**hyper, "job_id": job_id})

@@ -1,5 +1,7 @@
 """Stores against moto tables built from template.yaml: tenancy, forward-only status, register once."""
 
+import time
+
 import pytest
 
 from shared.store import Catalog, ConditionFailed, Jobs, base_model, seed_base_models
@@ -87,3 +89,22 @@ def test_register_once_and_tenancy(aws):
     assert catalog.get("m-1", "alice")["perplexity"] == 12.5
     assert catalog.get("m-1", "bob") is None
     assert "m-1" not in {m["model_id"] for m in catalog.list("bob")}
+
+
+def test_datasets_are_per_owner_newest_first_and_a_ready_one_stays_pinned(aws):
+    from shared.datasets import CreateDatasetRequest, register
+    from shared.store import Datasets
+
+    datasets = Datasets(session=aws.session)
+    first = register(datasets, "alice", CreateDatasetRequest(name="a"), "data")
+    time.sleep(0.005)  # created_at counts milliseconds
+    second = register(datasets, "alice", CreateDatasetRequest(name="b", format="text"), "data")
+    assert second["s3_uri"] == f"s3://data/alice/datasets/{second['dataset_id']}/data.txt"
+    assert [d["dataset_id"] for d in datasets.list("alice")] == [second["dataset_id"], first["dataset_id"]]
+    assert datasets.get(first["dataset_id"], "bob") is None and datasets.list("bob") == []
+    check = {"ok": True, "bytes_read": 10, "tokens": 3000, "reason": None}
+    assert not datasets.record_check(first["dataset_id"], "bob", **check, etag='"e1"')
+    assert datasets.record_check(first["dataset_id"], "alice", **check, etag='"e1"')
+    assert not datasets.record_check(first["dataset_id"], "alice", **check, etag='"e2"')  # ready: pinned
+    got = datasets.get(first["dataset_id"], "alice")
+    assert (got["status"], got["bytes"], got["tokens"], got["s3_etag"]) == ("ready", 10, 3000, '"e1"')

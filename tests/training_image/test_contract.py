@@ -29,7 +29,7 @@ from training_image.evaluate import perplexity
 from training_image.model import Decoder
 from training_image.modeldir import load_model_dir, save_model_dir
 from training_image.train import train_steps
-from shared.settings import ContractSettings
+from shared.settings import CONTRACT_EVALUATIONS, ContractSettings
 
 from .conftest import small_config, write_hyperparameters
 
@@ -224,6 +224,7 @@ def test_container_contract_job_end_to_end(ml_root, monkeypatch, capsys):
     assert (progress["job_type"], progress["step"], progress["total_steps"]) == ("contract", 2, 2)
     out = capsys.readouterr().out
     assert "heldout_perplexity=" in out and "train_loss=" in out
+    assert out.count("contract_stage=") == CONTRACT_EVALUATIONS  # the forward passes its price counts
 
 
 @pytest.mark.slow

@@ -84,10 +84,10 @@ def stored(aws, job_id: str) -> dict:
 
 @pytest.fixture(autouse=True)
 def _fresh_dataset_clients():
-    """The dataset routes and check cache their table by name: start each case on this case's."""
+    """The dataset routes and check cache their S3 clients: start each case on this case's."""
     from functions.api import datasets as routes
     from functions.datasets import app as check
 
-    for cached in (routes._store, routes._s3, check._clients):
+    for cached in (routes._s3, check._clients):
         cached.cache_clear()
     yield
