@@ -22,9 +22,9 @@ from training_image.contract import (
     contract_blocks,
     heads_to_remove,
     heal,
-    run_contract_job,
     units_to_remove,
 )
+from training_image.jobs import run_contract_job
 from training_image.evaluate import perplexity
 from training_image.model import Decoder
 from training_image.modeldir import load_model_dir, save_model_dir
