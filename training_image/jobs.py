@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from shared.contracts import ContractMetrics, Hyperparameters, Metrics, TrainMetrics
 from shared.memory import Layout
-from shared.settings import CONTRACT_SEQ_LEN, ContractSettings, TrainSettings, from_hyperparameters
+from shared.settings import CONTRACT_SEQ_LEN, ContractSettings, TrainSettings
 from shared.shapes import ModelConfig
 from training_image import parallel, runtime, stopping
 from training_image.contract import (
@@ -45,13 +46,11 @@ def run(root: Path) -> int:
     """Run the job hyperparameters.json describes; the process's exit status."""
     try:
         runtime.init_distributed()
-        hyperparameters = json.loads((root / "input/config/hyperparameters.json").read_text())
-        layout, hyperparameters = Layout.split(hyperparameters)
-        job_type, job_id, settings = from_hyperparameters(hyperparameters)
-        if job_type == "train":
-            run_train_job(settings, root, job_id, layout=layout)
+        job = Hyperparameters.parse(json.loads((root / "input/config/hyperparameters.json").read_text()))
+        if job.job_type == "train":
+            run_train_job(job.settings, root, job.job_id, layout=job.layout)
         else:
-            run_contract_job(settings, root, job_id)
+            run_contract_job(job.settings, root, job.job_id)
         return 0
     except TrainingStopped as stop:
         runtime.log(str(stop))
@@ -69,7 +68,7 @@ def run(root: Path) -> int:
             dist.destroy_process_group()
 
 
-def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, layout: Layout | None = None) -> dict:
+def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, layout: Layout | None = None) -> TrainMetrics:
     """Grow the base model, train it in turns of cycles, write model/ and metrics.json; the metrics.
 
     Growth comes before the model is spread over the ranks; under FSDP it stays on the CPU until
@@ -77,7 +76,7 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, la
     log = log or runtime.log
     layout = layout or Layout()
     started = time.monotonic()
-    base, tokenizer = load_model_dir(root / "input/data/model")
+    base, tokenizer = _input_model(root)
     base_config = base.config
     if settings.seq_len > base_config.context_length:
         raise ValueError(f"seq_len={settings.seq_len} exceeds the base model's context length {base_config.context_length}")
@@ -121,35 +120,29 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, la
     setup_seconds = time.monotonic() - started
     with trainer.stop_on_sigterm():
         state = trainer.run()
-    final = state.cycles[-1]["perplexity"] if state.cycles else None
-    metrics = {
-        "job_id": job_id,
-        "job_type": "train",
-        "config": config.model_dump(),
-        "parameters_before": base_config.parameters(),
-        "parameters_after": config.parameters(),
-        "depth_before": base_config.n_layers,
-        "depth_after": config.n_layers,
-        "training_tokens": state.step * plan.seq_len,
-        "tokens_processed": state.tokens_seen,
-        "tokens_per_second": round(trainer.tokens_per_second(), 1),
-        "wall_time_s": round(setup_seconds + state.wall_seconds, 2),
-        "sequences_per_step": plan.batch_size,
-        "cycles": state.cycles,
-        "final_perplexity": final,
-    }
-    whole = parallel.full_model(model)  # every rank takes part in gathering the shards
-    if runtime.rank() == 0:
-        runtime.write_outputs(root, whole, tokenizer, metrics)
+    metrics = TrainMetrics(
+        job_id=job_id,
+        job_type="train",
+        **_sizes(base_config, config),
+        training_tokens=state.step * plan.seq_len,
+        tokens_processed=state.tokens_seen,
+        tokens_per_second=round(trainer.tokens_per_second(), 1),
+        wall_time_s=round(setup_seconds + state.wall_seconds, 2),
+        sequences_per_step=plan.batch_size,
+        cycles=state.cycles,
+        final_perplexity=state.cycles[-1]["perplexity"] if state.cycles else None,
+    )
+    _write_outputs(root, model, tokenizer, metrics)
     return metrics
 
 
-def run_contract_job(settings: ContractSettings, root: Path, job_id: str, log: Callable[[str], None] | None = None) -> dict:
+def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
+                     log: Callable[[str], None] | None = None) -> ContractMetrics:
     """Contract the model of the `model` channel on the `training` channel's text; write model/ and metrics."""
     # Metric lines from rank 0 only: SageMaker would count every rank's.
     log = log or (runtime.log if runtime.rank() == 0 else lambda line: None)
     started = time.monotonic()
-    source, tokenizer = load_model_dir(root / "input/data/model")
+    source, tokenizer = _input_model(root)
     source_config = source.config
     n_layers = settings.num_layers_to_contract
     if n_layers > source_config.n_layers:
@@ -181,30 +174,43 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str, log: C
         cycles, tokens_processed, tokens_per_second = state.cycles, state.tokens_seen, trainer.tokens_per_second()
         healed = _measure(log, "healed", model, heldout_windows)
 
-    metrics = {
-        "job_id": job_id,
-        "job_type": "contract",
-        "config": config.model_dump(),
-        "parameters_before": source_config.parameters(),
-        "parameters_after": config.parameters(),
-        "depth_before": source_config.n_layers,
-        "depth_after": config.n_layers,
-        "training_tokens": settings.training_tokens(),
-        "tokens_processed": tokens_processed,
-        "tokens_per_second": round(tokens_per_second, 1),
-        "wall_time_s": round(time.monotonic() - started, 2),
-        "cycles": cycles,
-        "final_perplexity": healed if healed is not None else pruned,
-        "layers_contracted": chosen,
-        "contraction_ratio": settings.contraction_ratio,
-        "block_influence": influence,
-        "perplexity_before": before,
-        "perplexity_after_pruning": pruned,
-        "perplexity_after_healing": healed,
-    }
-    if runtime.rank() == 0:
-        runtime.write_outputs(root, model, tokenizer, metrics)
+    metrics = ContractMetrics(
+        job_id=job_id,
+        job_type="contract",
+        **_sizes(source_config, config),
+        training_tokens=settings.training_tokens(),
+        tokens_processed=tokens_processed,
+        tokens_per_second=round(tokens_per_second, 1),
+        wall_time_s=round(time.monotonic() - started, 2),
+        cycles=cycles,
+        final_perplexity=healed if healed is not None else pruned,
+        layers_contracted=chosen,
+        contraction_ratio=settings.contraction_ratio,
+        block_influence=influence,
+        perplexity_before=before,
+        perplexity_after_pruning=pruned,
+        perplexity_after_healing=healed,
+    )
+    _write_outputs(root, model, tokenizer, metrics)
     return metrics
+
+
+def _input_model(root: Path):
+    """The `model` channel's model directory (or the model.tar.gz the catalog stores): (model, tokenizer)."""
+    return load_model_dir(root / "input/data/model")
+
+
+def _sizes(before: ModelConfig, after: ModelConfig) -> dict:
+    """The metrics both job types report about the model they started from and the one they made."""
+    return {"config": after, "parameters_before": before.parameters(), "parameters_after": after.parameters(),
+            "depth_before": before.n_layers, "depth_after": after.n_layers}
+
+
+def _write_outputs(root: Path, model: Decoder, tokenizer, metrics: Metrics) -> None:
+    """model/ and metrics.json, from rank 0; every rank takes part in gathering a sharded model."""
+    whole = parallel.full_model(model)
+    if runtime.rank() == 0:
+        runtime.write_outputs(root, whole, tokenizer, metrics)
 
 
 def _measure(log: Callable[[str], None], stage: str, model: Decoder, heldout_windows: torch.Tensor) -> float:
