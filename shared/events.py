@@ -1,10 +1,12 @@
-"""Fusion's own domain events on its EventBridge bus, so pipelines can chain on them."""
+"""Fusion's own domain events on its EventBridge bus, so pipelines can chain on them, published at least once."""
 
 from __future__ import annotations
 
 import json
 import os
 from typing import Any
+
+from shared.store import Catalog, ConditionFailed, Jobs
 
 SOURCE = "fusion"
 JOB_STATE_CHANGE = "Fusion Job State Change"
@@ -56,3 +58,24 @@ class Bus:
             for k in ("model_id", "name", "owner", "kind", "parent_id", "job_id", "parameters", "depth",
                       "perplexity", "artifact_uri", "cost")
         })
+
+
+def announce(job: dict[str, Any], *, jobs: Jobs, bus: Any, catalog: Catalog | None = None) -> dict[str, Any]:
+    """Publish the job's current state (and, once completed, its model) unless already published.
+
+    The state write comes first and this second: if publishing fails, the job's published_status
+    still trails its status, so whatever retries (the event, the message, the request) publishes
+    again. Subscribers may see an event twice, never miss one; the state itself changes once.
+    """
+    status = job["status"]
+    if job.get("published_status") == status:
+        return job
+    bus.job_state_changed(job)
+    if status == "completed" and job.get("output_model_id") and catalog is not None:
+        model = catalog.get(job["output_model_id"], job["owner"])
+        if model is not None:
+            bus.model_registered(model)
+    try:
+        return jobs.annotate(job["job_id"], (status,), published_status=status)
+    except ConditionFailed:
+        return job  # it moved on: whoever moved it announces the newer state

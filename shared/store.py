@@ -13,18 +13,12 @@ import os
 from datetime import datetime, timezone
 from typing import Any
 
+from shared.lifecycle import ACTIVE_STATUSES, END_STATUSES, STATUS_RANK
 from shared.shapes import SIZES
 
 PUBLIC_OWNER = "public"
 BASE_PREFIX = "base-"
 BY_OWNER_INDEX = "by-owner"
-
-# Lifecycle order (docs/architecture.md §6). A transition may only move to a higher rank; the three end
-# states share the top rank so none of them can replace another.
-STATUS_RANK = {"queued": 0, "launching": 1, "running": 2, "cancelling": 3, "completed": 4, "failed": 4, "cancelled": 4}
-ACTIVE_STATUSES = ("launching", "running", "cancelling")
-END_STATUSES = ("completed", "failed", "cancelled")
-
 
 # What S3 answers for a key that does not exist: NoSuchKey (404) to a caller that may list the
 # bucket, AccessDenied (403) to one that may not (a role without s3:ListBucket).

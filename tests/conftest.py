@@ -21,9 +21,9 @@ from moto import mock_aws
 
 from local.resources import create_resources
 from local.server import api_event, make_server
-from shared import jobs as domain
 from shared.shapes import SIZES, grown_config
 from shared.store import Catalog, seed_base_models
+from shared.training_jobs import training_job_name
 from tests import permissions
 
 REGION = "us-east-1"
@@ -185,7 +185,7 @@ def observer(aws):
 
 
 def artifact(aws, job_id: str) -> str:
-    name = domain.training_job_name(job_id)
+    name = training_job_name(job_id)
     return f"s3://{aws.env['ARTIFACTS_BUCKET']}/jobs/{job_id}/output/{name}/output/model.tar.gz"
 
 
@@ -206,7 +206,7 @@ def write_metrics(aws, job: dict, *, config=GROWN, tokens=None, perplexity=17.5)
 
 def sagemaker_event(aws, job_id: str, status: str, reason: str | None = None, secondary: str | None = None) -> dict:
     """A SageMaker Training Job State Change event for the job's training job."""
-    name = domain.training_job_name(job_id)
+    name = training_job_name(job_id)
     detail = {"TrainingJobName": name, "TrainingJobStatus": status, "SecondaryStatus": secondary or status,
               "TrainingJobArn": f"arn:aws:sagemaker:us-east-1:123456789012:training-job/{name}"}
     if status == "Completed":

@@ -13,7 +13,7 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import (
 )
 
 from functions.api import body, console, datasets, jobs, models
-from shared.jobs import JobError, describe_error
+from shared.errors import JobError, describe_error
 
 logger = Logger()
 

@@ -18,7 +18,7 @@ from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.api_gateway import Router
 from aws_lambda_powertools.event_handler.openapi.params import Path as PathParam
 
-from shared.jobs import not_found
+from shared.errors import not_found
 
 router = Router()
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from aws_lambda_powertools.event_handler.api_gateway import Router
 
-from shared.jobs import JobError
+from shared.errors import JobError
 from shared.events import Bus
 from shared.store import Catalog, Datasets, Jobs, Tenants
 from shared.tenancy import InvalidTenant, check_tenant

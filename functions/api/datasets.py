@@ -12,7 +12,7 @@ from aws_lambda_powertools.event_handler.openapi.params import Path
 
 from functions.api import context
 from shared.datasets import UPLOAD_URL_SECONDS, CreateDatasetRequest, DatasetNotFound, DatasetStore, dataset_key
-from shared.jobs import not_found
+from shared.errors import not_found
 
 router = Router()
 

@@ -19,7 +19,7 @@ from aws_lambda_powertools.utilities.idempotency.exceptions import (
 )
 
 from functions.api import context
-from shared.jobs import JobError
+from shared.errors import JobError
 from shared.tenancy import encode_tenant
 
 KEY_LIFETIME_SECONDS = 24 * 3600

@@ -12,15 +12,31 @@ from aws_lambda_powertools.event_handler.api_gateway import Router
 from aws_lambda_powertools.event_handler.openapi.params import Body, Header, Path, Query
 
 from functions.api import context
-from shared import jobs as domain
+from shared.admission import admit, resolve
+from shared.budgets import budget_of, quote
+from shared.cancelling import cancel
+from shared.errors import JobError, not_found
+from shared.events import announce
+from shared.lifecycle import JOB_ID_PATTERN, is_active
+from shared.outputs import METRICS_MAX_POINTS, read_metrics_log, read_progress
 from shared.settings import JobRequest
 
 logger = Logger(child=True)
 router = Router()
 
+# The fields of a job that the HTTP API shows (the stored record carries a few more for launching).
+PUBLIC_JOB_FIELDS = (
+    "job_id", "type", "status", "owner", "model", "dataset", "settings", "estimate", "warnings",
+    "training_job_name", "output_model_id", "failure_reason", "progress", "bill", "created_at", "updated_at",
+)
+
+
+def public(job: dict[str, Any]) -> dict[str, Any]:
+    return {k: job.get(k) for k in PUBLIC_JOB_FIELDS}
+
 
 def _resolve(request: Any) -> dict[str, Any]:
-    return domain.resolve(
+    return resolve(
         request,
         context.tenant(router),
         catalog=context.catalog(),
@@ -30,7 +46,7 @@ def _resolve(request: Any) -> dict[str, Any]:
 
 
 def _quote(job: dict[str, Any]) -> dict[str, Any]:
-    return domain.quote(job, domain.budget_of(job["owner"], tenants=context.tenants()))
+    return quote(job, budget_of(job["owner"], tenants=context.tenants()))
 
 
 @router.post("/jobs/estimate", summary="Estimate a job",
@@ -68,15 +84,15 @@ def create_job(
 
 def _create(request: Any) -> dict[str, Any]:
     job = _resolve(request)
-    domain.admit(job, jobs=context.jobs(), tenants=context.tenants(), sqs=context.client("sqs"),
-                 queue_url=context.env("LAUNCH_QUEUE_URL"))
-    return domain.public(job)
+    admit(job, jobs=context.jobs(), tenants=context.tenants(), sqs=context.client("sqs"),
+          queue_url=context.env("LAUNCH_QUEUE_URL"))
+    return public(job)
 
 
 @router.get("/jobs", summary="List jobs", description="The caller's jobs, newest first.",
             responses=context.responses({200: "The caller's jobs"}))
 def list_jobs(limit: Annotated[int, Query(ge=1, le=100)] = 50) -> dict[str, Any]:
-    return {"jobs": [domain.public(job) for job in context.jobs().list(context.tenant(router), limit)]}
+    return {"jobs": [public(job) for job in context.jobs().list(context.tenant(router), limit)]}
 
 
 @router.get("/jobs/<job_id>", summary="Show a job",
@@ -84,12 +100,12 @@ def list_jobs(limit: Annotated[int, Query(ge=1, le=100)] = 50) -> dict[str, Any]
             responses=context.responses({200: "The job"}))
 def get_job(job_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
     owner = context.tenant(router)
-    job = context.jobs().get(job_id, owner) if domain.JOB_ID_PATTERN.fullmatch(job_id) else None
+    job = context.jobs().get(job_id, owner) if JOB_ID_PATTERN.fullmatch(job_id) else None
     if job is None:
-        raise domain.not_found("job", "job_id", job_id)
-    if domain.is_active(job):
+        raise not_found("job", "job_id", job_id)
+    if is_active(job):
         job["progress"] = _progress(job_id)
-    return domain.public(job)
+    return public(job)
 
 
 @router.post("/jobs/<job_id>/cancel", summary="Cancel a job",
@@ -98,12 +114,12 @@ def get_job(job_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
              "the tokens it trained. Repeating it is harmless; a job that already ended is a 409.",
              responses=context.responses({200: "The job, cancelled or cancelling"}, 409, 503))
 def cancel_job(job_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
-    job = domain.cancel(job_id, context.tenant(router), jobs=context.jobs(), sagemaker=context.client("sagemaker"))
+    job = cancel(job_id, context.tenant(router), jobs=context.jobs(), sagemaker=context.client("sagemaker"))
     try:
-        job = domain.announce(job, jobs=context.jobs(), bus=context.bus())
+        job = announce(job, jobs=context.jobs(), bus=context.bus())
     except Exception:  # the cancel stands; the next state change publishes what this could not
         logger.warning("cancel not published", extra={"job_id": job_id}, exc_info=True)
-    return domain.public(job)
+    return public(job)
 
 
 @router.get("/jobs/<job_id>/metrics", summary="A job's training curve",
@@ -113,25 +129,25 @@ def cancel_job(job_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
             responses=context.responses({200: "The job's curve"}, 503))
 def get_job_metrics(
     job_id: Annotated[str, Path(max_length=64)],
-    max_points: Annotated[int, Query(ge=2, le=domain.METRICS_MAX_POINTS)] = domain.METRICS_MAX_POINTS,
+    max_points: Annotated[int, Query(ge=2, le=METRICS_MAX_POINTS)] = METRICS_MAX_POINTS,
 ) -> dict[str, Any]:
     owner = context.tenant(router)
-    job = context.jobs().get(job_id, owner) if domain.JOB_ID_PATTERN.fullmatch(job_id) else None
+    job = context.jobs().get(job_id, owner) if JOB_ID_PATTERN.fullmatch(job_id) else None
     if job is None:
-        raise domain.not_found("job", "job_id", job_id)
+        raise not_found("job", "job_id", job_id)
     try:
-        curve = domain.read_metrics_log(context.client("s3"), context.env("ARTIFACTS_BUCKET"), job_id,
-                                        max_points=max_points)
+        curve = read_metrics_log(context.client("s3"), context.env("ARTIFACTS_BUCKET"), job_id,
+                                 max_points=max_points)
     except Exception as exc:
         logger.warning("metrics log unreadable", extra={"job_id": job_id}, exc_info=True)
-        raise domain.JobError(503, "unavailable", "the job's metrics log cannot be read now; retry shortly") from exc
+        raise JobError(503, "unavailable", "the job's metrics log cannot be read now; retry shortly") from exc
     return {**curve, "status": job["status"]}
 
 
 def _progress(job_id: str) -> dict[str, Any] | None:
     """Live progress from the checkpoint folder; never fails the request."""
     try:
-        return domain.read_progress(context.client("s3"), context.env("ARTIFACTS_BUCKET"), job_id)
+        return read_progress(context.client("s3"), context.env("ARTIFACTS_BUCKET"), job_id)
     except Exception:
         logger.warning("progress unreadable", extra={"job_id": job_id}, exc_info=True)
         return None

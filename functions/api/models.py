@@ -9,9 +9,10 @@ from aws_lambda_powertools.event_handler.openapi.params import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from functions.api import context
+from shared.errors import invalid, not_found
 from shared.hf import EXPORT_DIR
 from shared.hf_check import folder_model
-from shared.jobs import invalid, not_found, split_s3
+from shared.outputs import split_s3
 
 DOWNLOAD_URL_SECONDS = 3600
 

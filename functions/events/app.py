@@ -18,8 +18,10 @@ from typing import Any
 
 from aws_lambda_powertools import Logger
 
-from shared import jobs as domain
-from shared.events import JOB_REQUESTED, Bus
+from shared.admission import admit, resolve
+from shared.errors import JobError, describe_error, invalid
+from shared.events import JOB_REQUESTED, Bus, announce
+from shared.state_changes import follow
 from shared.store import Catalog, Datasets, Jobs, Tenants
 from shared.tenancy import InvalidTenant, check_tenant
 
@@ -47,8 +49,8 @@ def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
 
 def training_job_changed(detail: dict[str, Any]) -> dict[str, Any]:
     c = _clients()
-    outcome = domain.follow(detail, jobs=c["jobs"], catalog=c["catalog"], s3=c["s3"], bus=c["bus"],
-                            artifacts_bucket=os.environ["ARTIFACTS_BUCKET"])
+    outcome = follow(detail, jobs=c["jobs"], catalog=c["catalog"], s3=c["s3"], bus=c["bus"],
+                     artifacts_bucket=os.environ["ARTIFACTS_BUCKET"])
     if outcome.job is None:
         logger.info("no change", extra={"training_job": detail.get("TrainingJobName"),
                                         "sagemaker_status": detail.get("TrainingJobStatus")})
@@ -74,23 +76,23 @@ def job_requested(detail: dict[str, Any], event_id: str | None = None) -> dict[s
     job_id = "r-" + hashlib.sha256(event_id.encode()).hexdigest()[:24] if event_id else None
     existing = c["jobs"].get(job_id, owner) if job_id and isinstance(owner, str) else None
     if existing is not None:
-        domain.announce(existing, jobs=c["jobs"], bus=c["bus"])
+        announce(existing, jobs=c["jobs"], bus=c["bus"])
         return {"accepted": True, "job_id": job_id}
     try:
         try:
             check_tenant(owner)
         except InvalidTenant as exc:
-            raise domain.invalid("owner", f"a requested job names its owner (the tenant): {exc}") from None
-        job = domain.resolve(JOB_REQUEST.validate_python(body), owner, catalog=c["catalog"],
-                             datasets=c["datasets"], data_bucket=os.environ["DATA_BUCKET"], job_id=job_id)
-        domain.admit(job, jobs=c["jobs"], tenants=c["tenants"], sqs=c["sqs"], queue_url=os.environ["LAUNCH_QUEUE_URL"])
+            raise invalid("owner", f"a requested job names its owner (the tenant): {exc}") from None
+        job = resolve(JOB_REQUEST.validate_python(body), owner, catalog=c["catalog"],
+                      datasets=c["datasets"], data_bucket=os.environ["DATA_BUCKET"], job_id=job_id)
+        admit(job, jobs=c["jobs"], tenants=c["tenants"], sqs=c["sqs"], queue_url=os.environ["LAUNCH_QUEUE_URL"])
     except ValidationError as exc:
         error = {"code": "invalid_request", "message": "the requested job has invalid fields",
-                 "details": [domain.describe_error(e) for e in exc.errors()]}
-    except domain.JobError as exc:
+                 "details": [describe_error(e) for e in exc.errors()]}
+    except JobError as exc:
         error = {"code": exc.code, "message": exc.message, "details": exc.details}
     else:
-        domain.announce(job, jobs=c["jobs"], bus=c["bus"])
+        announce(job, jobs=c["jobs"], bus=c["bus"])
         logger.info("job requested", extra={"job_id": job["job_id"], "owner": owner})
         return {"accepted": True, "job_id": job["job_id"]}
     c["bus"].job_rejected(owner, body, error)

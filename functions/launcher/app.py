@@ -20,9 +20,17 @@ from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
-from shared import jobs as domain
-from shared.events import Bus
+from shared.events import Bus, announce
+from shared.launching import dataset_replaced
+from shared.lifecycle import NO_CHARGE
 from shared.store import ConditionFailed, Jobs
+from shared.training_jobs import (
+    LaunchConfig,
+    stop_training_job,
+    training_job_exists,
+    training_job_name,
+    training_job_request,
+)
 
 logger = Logger()
 # Every message is judged alone: a batch where all failed still reports them one by one.
@@ -60,8 +68,8 @@ def _s3_at(endpoint: str | None) -> Any:
     return boto3.session.Session().client("s3")
 
 
-def _launch_config() -> domain.LaunchConfig:
-    return domain.LaunchConfig(
+def _launch_config() -> LaunchConfig:
+    return LaunchConfig(
         artifacts_bucket=os.environ["ARTIFACTS_BUCKET"],
         training_image_uri=os.environ["TRAINING_IMAGE_URI"],
         role_arn=os.environ["SAGEMAKER_ROLE_ARN"],
@@ -76,32 +84,32 @@ def launch(job_id: str, attempt: int) -> str:
     if job is None:
         logger.warning("no such job: message dropped", extra={"job_id": job_id})
         return "unknown"
-    name = domain.training_job_name(job_id)
+    name = training_job_name(job_id)
     if job["status"] == "cancelling":
         return _cancel_unlaunched(jobs, sagemaker, bus, job)
     if job["status"] not in ("queued", "launching"):
-        domain.announce(job, jobs=jobs, bus=bus)  # a retry after a publish that failed
+        announce(job, jobs=jobs, bus=bus)  # a retry after a publish that failed
         return "already-" + job["status"]
     if job["status"] == "queued":
         try:
             job = jobs.transition(job_id, "launching", training_job_name=name)
         except ConditionFailed:
             return launch(job_id, attempt)  # moved on meanwhile: decide again on what it is now
-    domain.announce(job, jobs=jobs, bus=bus)
+    announce(job, jobs=jobs, bus=bus)
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
-        replaced = domain.dataset_replaced(_s3(), job)
+        replaced = dataset_replaced(_s3(), job)
     except (ClientError, BotoCoreError) as exc:
         return _retry_or_fail(jobs, bus, job_id, attempt, f"could not check the dataset: {exc}")
     if replaced:
         _fail(jobs, bus, job_id, replaced)
         return "failed"
     try:
-        sagemaker.create_training_job(**domain.training_job_request(job, _launch_config()))
+        sagemaker.create_training_job(**training_job_request(job, _launch_config()))
     except ClientError as exc:
         code, message = exc.response["Error"].get("Code", ""), exc.response["Error"].get("Message", "")
-        if code == "ResourceInUse" and domain.training_job_exists(sagemaker, name):
+        if code == "ResourceInUse" and training_job_exists(sagemaker, name):
             return "existing"
         if code in RETRYABLE:
             return _retry_or_fail(jobs, bus, job_id, attempt, f"{code}: {message}")
@@ -111,23 +119,23 @@ def launch(job_id: str, attempt: int) -> str:
         return _retry_or_fail(jobs, bus, job_id, attempt, str(exc))
     logger.info("training job started", extra={"job_id": job_id, "training_job_name": name})
     if jobs.get(job_id)["status"] == "cancelling":  # cancelled while it was being created: stop it now
-        domain.stop_training_job(sagemaker, name)
+        stop_training_job(sagemaker, name)
         return "stopped"
     return "started"
 
 
 def _cancel_unlaunched(jobs: Jobs, sagemaker: Any, bus: Bus, job: dict[str, Any]) -> str:
     """A job cancelled while launching: end it if its training job was never created, else stop it."""
-    name = domain.training_job_name(job["job_id"])
-    if domain.training_job_exists(sagemaker, name):
-        domain.stop_training_job(sagemaker, name)
+    name = training_job_name(job["job_id"])
+    if training_job_exists(sagemaker, name):
+        stop_training_job(sagemaker, name)
         return "stopped"
     try:
-        job = jobs.annotate(job["job_id"], ("cancelling",), status="cancelled", bill=domain.NO_CHARGE,
+        job = jobs.annotate(job["job_id"], ("cancelling",), status="cancelled", bill=NO_CHARGE,
                             failure_reason="cancelled before launch")
     except ConditionFailed:
         return "already-moved"
-    domain.announce(job, jobs=jobs, bus=bus)
+    announce(job, jobs=jobs, bus=bus)
     return "cancelled"
 
 
@@ -142,11 +150,11 @@ def _retry_or_fail(jobs: Jobs, bus: Bus, job_id: str, attempt: int, reason: str)
 
 def _fail(jobs: Jobs, bus: Bus, job_id: str, reason: str) -> None:
     try:
-        job = jobs.transition(job_id, "failed", failure_reason=reason, bill=domain.NO_CHARGE)
+        job = jobs.transition(job_id, "failed", failure_reason=reason, bill=NO_CHARGE)
     except ConditionFailed:
         return
     logger.error("launch failed", extra={"job_id": job_id, "reason": reason})
-    domain.announce(job, jobs=jobs, bus=bus)
+    announce(job, jobs=jobs, bus=bus)
 
 
 def record_handler(record: SQSRecord) -> str:

@@ -3,9 +3,10 @@
 EventBridge invokes the events function asynchronously: an event whose handling keeps failing
 is dropped after Lambda's retries (to the on-failure destination), and then nothing would move
 its job again: a job left running forever, unbilled, its model unregistered. Every run compares
-each job in flight with DescribeTrainingJob and hands what SageMaker says now to domain.follow,
-the events function's own path, as the event it stands for; the forward-only writes make it a
-no-op for a job whose events did arrive, so the job, model and bill are those the events make.
+each job in flight with DescribeTrainingJob and hands what SageMaker says now to
+shared.state_changes.follow, the events function's own path, as the event it stands for; the
+forward-only writes make it a no-op for a job whose events did arrive, so the job, model and
+bill are those the events make.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any
 
 from aws_lambda_powertools import Logger
 
-from shared import jobs as domain
 from shared.events import Bus
+from shared.state_changes import SAGEMAKER_STATUS, follow, state_change_of
 from shared.store import Catalog, Jobs
+from shared.training_jobs import NO_SUCH_TRAINING_JOB, training_job_name
 
 logger = Logger()
 
@@ -40,16 +42,16 @@ def reconcile() -> dict[str, Any]:
     summary = {"checked": 0, "moved": [], "not_created": 0, "errors": 0}
     for job in c["jobs"].in_flight():
         summary["checked"] += 1
-        name = domain.training_job_name(job["job_id"])
+        name = training_job_name(job["job_id"])
         try:
             description = c["sagemaker"].describe_training_job(TrainingJobName=name)
-            detail = domain.state_change_of(description)
-            if domain.SAGEMAKER_STATUS.get(detail.get("TrainingJobStatus", "")) == job["status"]:
+            detail = state_change_of(description)
+            if SAGEMAKER_STATUS.get(detail.get("TrainingJobStatus", "")) == job["status"]:
                 continue  # SageMaker and the job agree: nothing was missed
-            outcome = domain.follow(detail, jobs=c["jobs"], catalog=c["catalog"], s3=c["s3"], bus=c["bus"],
-                                    artifacts_bucket=os.environ["ARTIFACTS_BUCKET"])
+            outcome = follow(detail, jobs=c["jobs"], catalog=c["catalog"], s3=c["s3"], bus=c["bus"],
+                             artifacts_bucket=os.environ["ARTIFACTS_BUCKET"])
         except ClientError as exc:
-            if exc.response["Error"].get("Code") in domain.NO_SUCH_TRAINING_JOB:
+            if exc.response["Error"].get("Code") in NO_SUCH_TRAINING_JOB:
                 summary["not_created"] += 1  # still launching: the launch queue holds its message
                 continue
             summary["errors"] += 1

@@ -6,7 +6,7 @@ import pytest
 
 from functions.api import console
 from local.server import api_event
-from shared import jobs as domain
+from shared.outputs import metrics_log_key, progress_key
 from shared.store import Jobs
 from training_image.train import METRICS_LOG
 from tests.conftest import LambdaContext
@@ -86,13 +86,13 @@ def _dataset(aws) -> str:
 
 def _log(aws, job_id: str, lines: list) -> None:
     body = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
-    aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=domain.metrics_log_key(job_id),
+    aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=metrics_log_key(job_id),
                                         Body=body.encode())
 
 
 def test_metrics_log_lives_where_the_trainer_writes_it():
-    assert domain.metrics_log_key("j").endswith("/checkpoints/" + METRICS_LOG)
-    assert domain.metrics_log_key("j").rsplit("/", 1)[0] == domain.progress_key("j").rsplit("/", 1)[0]
+    assert metrics_log_key("j").endswith("/checkpoints/" + METRICS_LOG)
+    assert metrics_log_key("j").rsplit("/", 1)[0] == progress_key("j").rsplit("/", 1)[0]
 
 
 def test_a_jobs_curve_before_and_after_the_trainer_logs(aws, api):
@@ -160,7 +160,7 @@ def test_the_api_may_read_the_metrics_log_and_nothing_else_of_a_jobs_checkpoints
     statements = [s for p in _api_function()["Policies"] if "Statement" in p for s in p["Statement"]]
     [read] = [s for s in statements if s["Sid"] == "ReadProgress"]
     patterns = [r.value.replace("${ArtifactsBucket.Arn}/", "") for r in read["Resource"]]
-    for key in (domain.metrics_log_key("abc"), domain.progress_key("abc")):
+    for key in (metrics_log_key("abc"), progress_key("abc")):
         assert any(fnmatch(key, p) for p in patterns), key
     assert not any(fnmatch("jobs/abc/checkpoints/checkpoint.pt", p) for p in patterns)
 

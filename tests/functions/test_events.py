@@ -8,19 +8,23 @@ import pytest
 from botocore.exceptions import ClientError
 
 from functions.events import app as events
-from shared import jobs as domain
+from shared import state_changes
+from shared.admission import resolve
+from shared.outputs import read_metrics
 from shared.pricing import Estimate, bill
 from shared.settings import JOB_REQUEST
+from shared.state_changes import model_id_for
 from shared.store import Catalog, Datasets, Jobs
+from shared.training_jobs import training_job_name
 from tests.conftest import GROWN, LambdaContext, artifact, deliver, sagemaker_event, write_metrics
 
 
 def _submit(aws, body):
-    job = domain.resolve(JOB_REQUEST.validate_python(body), "alice", catalog=Catalog(session=aws.session),
-                         datasets=Datasets(session=aws.session), data_bucket=aws.env["DATA_BUCKET"])
+    job = resolve(JOB_REQUEST.validate_python(body), "alice", catalog=Catalog(session=aws.session),
+                  datasets=Datasets(session=aws.session), data_bucket=aws.env["DATA_BUCKET"])
     jobs = Jobs(session=aws.session)
     jobs.create(job)
-    jobs.transition(job["job_id"], "launching", training_job_name=domain.training_job_name(job["job_id"]))
+    jobs.transition(job["job_id"], "launching", training_job_name=training_job_name(job["job_id"]))
     return job
 
 
@@ -41,7 +45,7 @@ def test_a_completed_job_registers_its_model(aws, job, observer):
     deliver(aws, job["job_id"], "InProgress", "Completed")
     status, billed, model_id, _, [model] = _state(aws, job["job_id"])
     assert status == "completed" and billed == job["estimate"]["total"]
-    assert model_id == model["model_id"] == domain.model_id_for(job["job_id"])
+    assert model_id == model["model_id"] == model_id_for(job["job_id"])
     assert model["name"] == "support-bot" and model["kind"] == "trained" and model["owner"] == "alice"
     assert model["parent_id"] == "base-debug" and model["job_id"] == job["job_id"]
     assert model["parameters"] == GROWN.parameters() and model["depth"] == GROWN.n_layers
@@ -97,13 +101,13 @@ def test_a_failed_job_keeps_sagemakers_reason(aws, job, observer):
 def test_a_contract_job_registers_a_contracted_model(aws, job):
     write_metrics(aws, job)
     deliver(aws, job["job_id"], "Completed")
-    source_id = domain.model_id_for(job["job_id"])
+    source_id = model_id_for(job["job_id"])
     contract = _submit(aws, {"type": "contract", "hyperparams": {"source_model_id": source_id,
                                                                 "num_layers_to_contract": 2}})
     smaller = GROWN.model_copy(update={"layers": GROWN.layers[:3], "block_ids": GROWN.ids()[:3]})
     write_metrics(aws, contract, config=smaller, tokens=0, perplexity=25.0)
     deliver(aws, contract["job_id"], "Completed")
-    model = Catalog(session=aws.session).get(domain.model_id_for(contract["job_id"]), "alice")
+    model = Catalog(session=aws.session).get(model_id_for(contract["job_id"]), "alice")
     assert model["kind"] == "contracted" and model["parent_id"] == source_id and model["depth"] == 3
     assert model["cost"] == contract["estimate"]["total"] and model["dataset"] == job["dataset"]
 
@@ -121,16 +125,16 @@ def test_a_transient_metrics_error_raises_so_the_event_is_retried(aws, job, monk
     from botocore.exceptions import EndpointConnectionError
 
     write_metrics(aws, job)
-    real = domain.read_metrics
+    real = read_metrics
 
     def unreachable(s3, uri):
         raise EndpointConnectionError(endpoint_url="https://s3")
 
-    monkeypatch.setattr(domain, "read_metrics", unreachable)
+    monkeypatch.setattr(state_changes, "read_metrics", unreachable)
     with pytest.raises(EndpointConnectionError):
         deliver(aws, job["job_id"], "Completed")
     assert _state(aws, job["job_id"])[0] == "launching"
-    monkeypatch.setattr(domain, "read_metrics", real)
+    monkeypatch.setattr(state_changes, "read_metrics", real)
     deliver(aws, job["job_id"], "Completed")  # the retry succeeds
     assert _state(aws, job["job_id"])[0] == "completed"
 

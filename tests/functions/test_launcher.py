@@ -6,7 +6,7 @@ import pytest
 from botocore.exceptions import EndpointConnectionError
 
 from functions.launcher import app as launcher
-from shared import jobs as domain
+from shared.admission import resolve
 from shared.settings import JOB_REQUEST
 from shared.store import Catalog, Datasets, Jobs
 from tests.conftest import FakeSageMaker, LambdaContext, client_error
@@ -19,8 +19,8 @@ def queued(aws):
     request = JOB_REQUEST.validate_python({"type": "train", "model": "base-debug",
                                            "dataset": f"s3://{aws.env['DATA_BUCKET']}/alice/corpus/",
                                            "hyperparams": {"turns": 2, "lr": 3e-4}})
-    job = domain.resolve(request, "alice", catalog=Catalog(session=aws.session),
-                         datasets=Datasets(session=aws.session), data_bucket=aws.env["DATA_BUCKET"])
+    job = resolve(request, "alice", catalog=Catalog(session=aws.session),
+                  datasets=Datasets(session=aws.session), data_bucket=aws.env["DATA_BUCKET"])
     jobs.create(job)
     return job["job_id"]
 

@@ -6,11 +6,13 @@ import tarfile
 
 import pytest
 
-from shared import jobs as domain
+from shared.lifecycle import JOB_ID_PATTERN, new_job_id
 from shared.memory import Layout
+from shared.outputs import read_metrics
 from shared.pricing import LLAMA_SHAPES, Estimate, estimate_train
 from shared.settings import TrainSettings, from_hyperparameters
 from shared.shapes import SIZES
+from shared.training_jobs import MAX_RUNTIME_LIMIT, LaunchConfig, job_id_of, training_job_request
 
 
 @pytest.mark.parametrize("name, job_id", [
@@ -18,12 +20,12 @@ from shared.shapes import SIZES
     ("fusion-" + "a" * 41, None),
 ])
 def test_job_id_of_a_training_job(name, job_id):
-    assert domain.job_id_of(name) == job_id
+    assert job_id_of(name) == job_id
 
 
 def test_new_job_ids_fit_the_contract():
-    ids = {domain.new_job_id() for _ in range(50)}
-    assert len(ids) == 50 and all(domain.JOB_ID_PATTERN.fullmatch(i) for i in ids)
+    ids = {new_job_id() for _ in range(50)}
+    assert len(ids) == 50 and all(JOB_ID_PATTERN.fullmatch(i) for i in ids)
 
 
 class FakeS3:
@@ -48,13 +50,13 @@ def _tar(members):
 def test_metrics_are_read_from_output_tar_beside_the_model(member):
     s3 = FakeS3({("b", "jobs/j/output/fusion-j/output/output.tar.gz"):
                  _tar({"failure": b"", member: json.dumps({"training_tokens": 7}).encode()})})
-    assert domain.read_metrics(s3, "s3://b/jobs/j/output/fusion-j/output/model.tar.gz") == {"training_tokens": 7}
+    assert read_metrics(s3, "s3://b/jobs/j/output/fusion-j/output/model.tar.gz") == {"training_tokens": 7}
 
 
 def test_an_archive_without_metrics_is_an_error():
     s3 = FakeS3({("b", "k/output.tar.gz"): _tar({"other.json": b"{}"})})
     with pytest.raises(FileNotFoundError):
-        domain.read_metrics(s3, "s3://b/k/model.tar.gz")
+        read_metrics(s3, "s3://b/k/model.tar.gz")
 
 
 def test_runtime_limits_stay_within_sagemakers_ceiling():
@@ -62,18 +64,18 @@ def test_runtime_limits_stay_within_sagemakers_ceiling():
                               SIZES["large"])
     job = {"job_id": "j", "type": "train", "owner": "o", "settings": TrainSettings().model_dump(mode="json"),
            "estimate": estimate.model_dump(mode="json"), "dataset_uri": "s3://d/o/x", "input_model_uri": "s3://a/m"}
-    config = domain.LaunchConfig(artifacts_bucket="a", training_image_uri="img", role_arn="arn", use_spot=True)
-    stopping = domain.training_job_request(job, config)["StoppingCondition"]
-    assert stopping["MaxRuntimeInSeconds"] == domain.MAX_RUNTIME_LIMIT
-    assert stopping["MaxWaitTimeInSeconds"] == domain.MAX_RUNTIME_LIMIT
+    config = LaunchConfig(artifacts_bucket="a", training_image_uri="img", role_arn="arn", use_spot=True)
+    stopping = training_job_request(job, config)["StoppingCondition"]
+    assert stopping["MaxRuntimeInSeconds"] == MAX_RUNTIME_LIMIT
+    assert stopping["MaxWaitTimeInSeconds"] == MAX_RUNTIME_LIMIT
 
 
 def _launch(base, settings=TrainSettings()):
     estimate = estimate_train(settings, base)
     job = {"job_id": "j", "type": "train", "owner": "o", "settings": settings.model_dump(mode="json"),
            "estimate": estimate.model_dump(mode="json"), "dataset_uri": "s3://d/o/x", "input_model_uri": "s3://a/m"}
-    config = domain.LaunchConfig(artifacts_bucket="a", training_image_uri="img", role_arn="arn")
-    return estimate, domain.training_job_request(job, config)
+    config = LaunchConfig(artifacts_bucket="a", training_image_uri="img", role_arn="arn")
+    return estimate, training_job_request(job, config)
 
 
 def test_the_training_job_runs_the_memory_plan_and_hands_it_to_the_container():

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from functions.api import context
-from shared import jobs as domain
+from shared.outputs import progress_key
 from shared.store import Catalog, Jobs
 from tests.conftest import GROWN, FakeSageMaker, LambdaContext
 
@@ -67,7 +67,7 @@ def launch(*job_ids: str, receive_count: int = 1) -> list[str]:
 
 
 def write_progress(aws, job_id: str, tokens_trained: int) -> None:
-    aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=domain.progress_key(job_id),
+    aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=progress_key(job_id),
                                         Body=json.dumps({"tokens_trained": tokens_trained, "step": 1}))
 
 

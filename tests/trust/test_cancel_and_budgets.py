@@ -6,9 +6,9 @@ from decimal import Decimal
 
 import pytest
 
-from shared import jobs as domain
 from shared.pricing import Estimate, bill
 from shared.store import Jobs, Tenants
+from shared.training_jobs import training_job_name
 
 from tests.conftest import client_error, deliver, write_metrics
 
@@ -36,7 +36,7 @@ def test_a_running_job_is_stopped_and_billed_for_the_tokens_it_trained(tenants, 
     deliver(tenants, job["job_id"], "InProgress")
     status, cancelling = api("POST", f"/jobs/{job['job_id']}/cancel")
     assert status == 200 and cancelling["status"] == "cancelling"
-    assert sagemaker.stopped == [domain.training_job_name(job["job_id"])]
+    assert sagemaker.stopped == [training_job_name(job["job_id"])]
     tokens = job["estimate"]["training_tokens"] // 4
     write_progress(tenants, job["job_id"], tokens)
     deliver(tenants, job["job_id"], "Stopping", "Stopped", "InProgress")
@@ -87,7 +87,7 @@ def test_cancel_during_creation_stops_the_new_training_job(tenants, api, sagemak
 
     sagemaker.create_training_job = create_while_cancelled
     launch(job["job_id"])
-    assert sagemaker.stopped == [domain.training_job_name(job["job_id"])]
+    assert sagemaker.stopped == [training_job_name(job["job_id"])]
 
 
 def test_unknown_job_cancel_is_404(tenants, api, sagemaker):
@@ -144,7 +144,8 @@ def test_a_tenant_record_overrides_the_default(tenants, api, monkeypatch):
 def test_concurrent_jobs_cannot_both_pass_the_limit(tenants, api):
     """Two requests checked against the same remaining budget (0.62 + 0.62 > 1.00): the counter's
     conditional write lets only the first be stored."""
-    from shared.jobs import budget_of, resolve, submit
+    from shared.admission import resolve, submit
+    from shared.budgets import budget_of
     from shared.settings import JOB_REQUEST
     from shared.store import Catalog, Datasets, OverBudget, cents
 

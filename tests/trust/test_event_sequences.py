@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from shared import jobs as domain
+from shared.admission import resolve
 from shared.settings import JOB_REQUEST
+from shared.state_changes import model_id_for
 from shared.store import Catalog, Datasets, Jobs, Tenants, cents
+from shared.training_jobs import training_job_name
 
 from tests.conftest import deliver, write_metrics
 
@@ -39,11 +41,11 @@ STOPPED_TOKENS = TRAINING_TOKENS // 3  # what a stopped job's progress.json says
 def _launched(aws, story: str) -> dict:
     request = JOB_REQUEST.validate_python({"type": "train", "model": "base-debug", "dataset": dataset_id("alice"),
                                            "hyperparams": {"steps_per_cycle": STEPS_PER_CYCLE}})
-    job = domain.resolve(request, "alice", catalog=Catalog(session=aws.session),
-                         datasets=Datasets(session=aws.session), data_bucket=aws.env["DATA_BUCKET"])
+    job = resolve(request, "alice", catalog=Catalog(session=aws.session),
+                  datasets=Datasets(session=aws.session), data_bucket=aws.env["DATA_BUCKET"])
     jobs = Jobs(session=aws.session)
     jobs.create(job, limit_cents=10**9)  # commits its estimate to alice's spend
-    jobs.transition(job["job_id"], "launching", training_job_name=domain.training_job_name(job["job_id"]))
+    jobs.transition(job["job_id"], "launching", training_job_name=training_job_name(job["job_id"]))
     if "Completed" in HISTORIES[story]:
         write_metrics(aws, job)
     if "Stopped" in HISTORIES[story]:
@@ -68,7 +70,7 @@ def _expected(job: dict, story: str) -> tuple:
     assert job["estimate"]["training_tokens"] == TRAINING_TOKENS
     end = HISTORIES[story][-1]
     if end == "Completed":
-        return ("completed", _priced_by_hand(job, TRAINING_TOKENS), domain.model_id_for(job["job_id"]))
+        return ("completed", _priced_by_hand(job, TRAINING_TOKENS), model_id_for(job["job_id"]))
     if end == "Failed":
         return ("failed", "0.00", None)
     return ("cancelled", _priced_by_hand(job, STOPPED_TOKENS), None)
@@ -108,7 +110,7 @@ def _check(tenants, case) -> None:
     for job, story in zip(jobs, stories):
         now = store.get(job["job_id"])
         assert (now["status"], now["bill"], now["output_model_id"]) == _expected(job, story), (story, order)
-        model = catalog.get(domain.model_id_for(job["job_id"]), "alice")
+        model = catalog.get(model_id_for(job["job_id"]), "alice")
         assert (model is not None) == (now["status"] == "completed")
         if model is not None:
             assert Decimal(model["cost"]) == Decimal(now["bill"]) and model["job_id"] == job["job_id"]

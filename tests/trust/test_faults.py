@@ -17,8 +17,9 @@ import pytest
 import torch
 from botocore.exceptions import ClientError
 
-from shared import jobs as domain
+from shared.state_changes import model_id_for
 from shared.store import Catalog, ConditionFailed, Jobs
+from shared.training_jobs import training_job_name
 
 from tests.conftest import artifact, client_error, deliver, write_metrics
 
@@ -81,7 +82,7 @@ def test_launch_limits_keep_the_job_queued_then_launch_it(faults, tenants, api, 
     assert launch(job["job_id"], receive_count=2) == ["msg-0"]
     assert stored(tenants, job["job_id"])["status"] == "launching"  # taken, not lost, not failed
     assert launch(job["job_id"], receive_count=3) == []
-    assert list(sagemaker.created) == [domain.training_job_name(job["job_id"])]
+    assert list(sagemaker.created) == [training_job_name(job["job_id"])]
 
 
 def test_launch_limits_past_the_last_attempt_fail_the_job_with_the_reason(faults, tenants, api, sagemaker,
@@ -143,7 +144,7 @@ def test_dynamodb_conditional_and_throttling_failures_on_events_change_nothing_t
     deliver(tenants, job["job_id"], "Completed")
     ended = stored(tenants, job["job_id"])
     assert ended["status"] == "completed" and ended["bill"] == job["estimate"]["total"]
-    assert Catalog(session=tenants.session).get(domain.model_id_for(job["job_id"]), "alice") is not None
+    assert Catalog(session=tenants.session).get(model_id_for(job["job_id"]), "alice") is not None
 
 
 def test_completed_without_metrics_or_with_a_corrupt_archive_fails_with_the_artifact_kept(
@@ -206,7 +207,7 @@ def _ml_root(tmp_path: Path, base: Path, job: dict, sagemaker, data: bytes | Non
     (root / "input/data/model").symlink_to(base / "model")
     corpus = (base / "corpus.jsonl").read_bytes() if data is None else data
     (root / "input/data/training/data.jsonl").write_bytes(corpus)
-    hyper = sagemaker.created[domain.training_job_name(job["job_id"])]["HyperParameters"]
+    hyper = sagemaker.created[training_job_name(job["job_id"])]["HyperParameters"]
     (root / "input/config/hyperparameters.json").write_text(json.dumps(hyper))
     return root
 

@@ -16,8 +16,10 @@ import pytest
 from botocore.awsrequest import AWSResponse
 
 from functions.api import context
-from shared import jobs as domain
 from shared.events import JOB_REQUESTED
+from shared.outputs import read_progress, split_s3
+from shared.state_changes import _definitive
+from shared.training_jobs import LaunchConfig, training_job_request
 from tests import permissions
 from tests.conftest import LambdaContext, deliver, write_metrics
 from tests.trust.conftest import dataset_id, launch, stored, train, write_progress
@@ -171,19 +173,19 @@ def _training_requests(aws, job: dict) -> list[permissions.Request]:
     """What SageMaker does with the training role for one job: pull the image, read each input
     channel (list its prefix, get its objects), write the model and output archives and the
     checkpoints (and read them back on a spot restart), log and publish metrics."""
-    request = domain.training_job_request(job, domain.LaunchConfig(
+    request = training_job_request(job, LaunchConfig(
         artifacts_bucket=aws.env["ARTIFACTS_BUCKET"], training_image_uri=aws.env["TRAINING_IMAGE_URI"],
         role_arn=aws.env["SAGEMAKER_ROLE_ARN"]))
     s3 = "arn:aws:s3:::"
     out = []
     for channel in request["InputDataConfig"]:
-        bucket, key = domain.split_s3(channel["DataSource"]["S3DataSource"]["S3Uri"])
+        bucket, key = split_s3(channel["DataSource"]["S3DataSource"]["S3Uri"])
         out += [permissions.Request("s3:ListBucket", s3 + bucket, (("s3:prefix", key),)),
                 permissions.Request("s3:GetObject", f"{s3}{bucket}/{key}")]
-    bucket, prefix = domain.split_s3(request["OutputDataConfig"]["S3OutputPath"])
+    bucket, prefix = split_s3(request["OutputDataConfig"]["S3OutputPath"])
     for name in ("model.tar.gz", "output.tar.gz"):
         out.append(permissions.Request("s3:PutObject", f"{s3}{bucket}/{prefix}{request['TrainingJobName']}/output/{name}"))
-    bucket, prefix = domain.split_s3(request["CheckpointConfig"]["S3Uri"])
+    bucket, prefix = split_s3(request["CheckpointConfig"]["S3Uri"])
     for action in ("s3:PutObject", "s3:GetObject"):
         out.append(permissions.Request(action, f"{s3}{bucket}/{prefix}progress.json"))
     out.append(permissions.Request("s3:ListBucket", s3 + bucket, (("s3:prefix", prefix),)))
@@ -229,13 +231,13 @@ def test_a_missing_key_answered_access_denied_reads_as_missing(tenants):
     s3 = tenants.session.client("s3")
     with Stubber(s3) as stub:
         stub.add_client_error("get_object", service_error_code="AccessDenied", http_status_code=403)
-        assert domain.read_progress(s3, tenants.env["ARTIFACTS_BUCKET"], "j1") is None
+        assert read_progress(s3, tenants.env["ARTIFACTS_BUCKET"], "j1") is None
     with Stubber(s3) as stub:
         stub.add_client_error("get_object", service_error_code="SlowDown", http_status_code=503)
         with pytest.raises(Exception, match="SlowDown"):
-            domain.read_progress(s3, tenants.env["ARTIFACTS_BUCKET"], "j1")
+            read_progress(s3, tenants.env["ARTIFACTS_BUCKET"], "j1")
     from botocore.exceptions import ClientError
 
     denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "GetObject")
     throttled = ClientError({"Error": {"Code": "SlowDown", "Message": "slow"}}, "GetObject")
-    assert domain._definitive(denied) and not domain._definitive(throttled)
+    assert _definitive(denied) and not _definitive(throttled)

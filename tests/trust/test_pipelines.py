@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from functions.events import app as events
-from shared import jobs as domain
 from shared.events import Bus
+from shared.state_changes import model_id_for
 from shared.store import Catalog, Jobs
 
 from tests.conftest import GROWN, LambdaContext, deliver, write_metrics
@@ -49,7 +49,7 @@ def test_train_then_contract_purely_by_events(tenants, sagemaker, observer):
     smaller = GROWN.model_copy(update={"layers": GROWN.layers[:3], "block_ids": GROWN.ids()[:3]})
     write_metrics(tenants, contract, config=smaller, tokens=0, perplexity=30.0)
     deliver(tenants, contract["job_id"], "Completed")
-    model = Catalog(session=tenants.session).get(domain.model_id_for(contract["job_id"]), "alice")
+    model = Catalog(session=tenants.session).get(model_id_for(contract["job_id"]), "alice")
     assert model["kind"] == "contracted" and model["parent_id"] == registered["model_id"] and model["name"] == "small"
     assert [d["model_id"] for t, d in observer() if t == "Fusion Model Registered"] == [model["model_id"]]
 

@@ -6,8 +6,9 @@ import pytest
 
 from functions.launcher import app as launcher
 from functions.reconciler import app as reconciler
-from shared import jobs as domain
-from shared.store import Catalog, Tenants
+from shared.state_changes import model_id_for
+from shared.store import Catalog, Tenants, cents
+from shared.training_jobs import training_job_name
 from tests.conftest import REGION, LambdaContext, deliver, write_metrics
 from tests.trust.conftest import launch, stored, train, write_progress
 
@@ -30,7 +31,7 @@ def moto_sagemaker(aws):
 
 
 def _set(backend, job_id: str, status: str, reason: str | None = None) -> None:
-    training_job = backend.training_jobs[domain.training_job_name(job_id)]
+    training_job = backend.training_jobs[training_job_name(job_id)]
     training_job.training_job_status = training_job.secondary_status = status
     if reason:
         training_job.failure_reason = reason
@@ -41,7 +42,7 @@ def _same(job: dict) -> dict:
 
 
 def _model(aws, job: dict) -> dict | None:
-    model = Catalog(session=aws.session).get(domain.model_id_for(job["job_id"]), job["owner"])
+    model = Catalog(session=aws.session).get(model_id_for(job["job_id"]), job["owner"])
     return None if model is None else {k: v for k, v in model.items() if k not in PER_JOB | {"name", "job_id"}}
 
 
@@ -73,8 +74,8 @@ def test_a_job_whose_events_were_all_dropped_ends_with_the_same_job_model_and_bi
     assert (_model(tenants, by_events) is not None) == (end == "Completed")
     # Each job's estimate left the tenant's spend and its bill went in, once for each.
     spent = Tenants(session=tenants.session).get("alice")["spent_cents"]
-    estimate = domain.cents(by_events["estimate"]["total"])
-    assert spent == spent_before - 2 * estimate + 2 * domain.cents(by_events["bill"])
+    estimate = cents(by_events["estimate"]["total"])
+    assert spent == spent_before - 2 * estimate + 2 * cents(by_events["bill"])
     # A second pass finds nothing left to do.
     assert reconciler.lambda_handler({}, LambdaContext())["moved"] == []
 

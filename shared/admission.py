@@ -1,0 +1,157 @@
+"""How a request becomes an accepted job: checked against the catalog and the caller's datasets,
+priced, held to the budget, stored and queued for launch. Nothing is written for a request refused.
+
+The stores (shared.store) and clients come in as arguments.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from shared.budgets import budget_of, check_budget
+from shared.errors import JobError, invalid, not_found
+from shared.lifecycle import NO_CHARGE, new_job_id
+from shared.memory import DoesNotFit
+from shared.pricing import Estimate, estimate_contract, estimate_train
+from shared.settings import ContractJobRequest, ContractSettings, TrainJobRequest, TrainSettings, default_output_name
+from shared.shapes import ModelConfig
+from shared.store import Catalog, Datasets, Jobs, OverBudget, Tenants, cents, now
+from shared.tenancy import encode_tenant
+
+
+def resolve(
+    request: TrainJobRequest | ContractJobRequest,
+    owner: str,
+    *,
+    catalog: Catalog,
+    datasets: Datasets,
+    data_bucket: str,
+    job_id: str | None = None,
+) -> dict[str, Any]:
+    """Check a request against the catalog and price it: the job record, not yet stored.
+
+    Raises JobError for anything the caller got wrong; nothing is written.
+    """
+    job_id = job_id or new_job_id()
+    if isinstance(request, TrainJobRequest):
+        base = catalog.get(request.model, owner)
+        if base is None:
+            raise not_found("model", "model", request.model)
+        if base.get("status", "ready") != "ready":  # a registered folder that failed its check
+            raise invalid("model", f"{request.model} is {base['status']}: {base.get('reason')}")
+        config = ModelConfig.model_validate(base["config"])
+        settings: TrainSettings | ContractSettings = request.hyperparams
+        if settings.seq_len > config.context_length:
+            raise invalid(
+                "hyperparams.seq_len",
+                f"seq_len={settings.seq_len} exceeds the context length {config.context_length} of {request.model}",
+            )
+        model_id, dataset = request.model, request.dataset
+        estimate = _planned(lambda: estimate_train(settings, config), "model")
+    else:
+        settings = request.hyperparams
+        source = catalog.get(settings.source_model_id, owner)
+        if source is None:
+            raise not_found("model", "hyperparams.source_model_id", settings.source_model_id)
+        if source["owner"] != owner:  # a public base model: untrained here, and not the caller's to shrink
+            raise invalid(
+                "hyperparams.source_model_id",
+                f"{settings.source_model_id} is a base model; contract a model you trained from it",
+            )
+        if settings.num_layers_to_contract > source["depth"]:
+            raise invalid(
+                "hyperparams.num_layers_to_contract",
+                f"num_layers_to_contract={settings.num_layers_to_contract} exceeds the depth "
+                f"{source['depth']} of {settings.source_model_id}",
+            )
+        dataset = request.dataset or source.get("dataset")
+        if not dataset:
+            raise invalid("dataset", f"{settings.source_model_id} records no dataset: give one for calibration")
+        model_id, base = settings.source_model_id, source
+        estimate = _planned(lambda: estimate_contract(settings, ModelConfig.model_validate(source["config"])),
+                            "hyperparams.source_model_id")
+    dataset_uri, pinned = resolve_dataset(dataset, owner, datasets=datasets, data_bucket=data_bucket)
+    if settings.output_name is None:
+        settings = settings.model_copy(update={"output_name": default_output_name(job_id)})
+    created = now()
+    return {
+        "job_id": job_id,
+        "type": request.type,
+        "status": "queued",
+        "owner": owner,
+        "model": model_id,
+        "dataset": dataset,
+        "settings": settings.model_dump(mode="json"),
+        "estimate": estimate.model_dump(mode="json"),
+        "warnings": settings.warnings(),
+        "training_job_name": None,
+        "output_model_id": None,
+        "failure_reason": None,
+        "progress": None,
+        "bill": None,
+        "created_at": created,
+        "updated_at": created,
+        "dataset_uri": dataset_uri,
+        "dataset_pin": pinned,
+        "input_model_uri": base["artifact_uri"],
+    }
+
+
+def _planned(estimate: Any, field_name: str) -> Estimate:
+    """The estimate, or a 422 naming the model when no instance the service runs on can hold it."""
+    try:
+        return estimate()
+    except DoesNotFit as error:
+        message = f"no instance this service trains on can hold this job: {error}"
+        raise JobError(422, "does_not_fit", message, [{"field": field_name, "message": message}]) from None
+
+
+def resolve_dataset(dataset: str, owner: str, *, datasets: Datasets, data_bucket: str) -> tuple[str, dict | None]:
+    """The S3 URI to train on, and the object its check admitted ({"etag", "version_id"}) when
+    it is a dataset id: a ready dataset id of the caller, or a URI under their data prefix."""
+    if dataset.startswith("s3://"):
+        prefix = f"s3://{data_bucket}/{encode_tenant(owner)}/"
+        rest = dataset[len(prefix):]
+        if not dataset.startswith(prefix) or not rest or ".." in rest.split("/"):
+            raise invalid("dataset", f"an S3 dataset must lie under {prefix}")
+        return dataset, None
+    record = datasets.get(dataset, owner)
+    if record is None:
+        raise not_found("dataset", "dataset", dataset)
+    if record.get("status") != "ready":
+        raise invalid("dataset", f"dataset {dataset!r} is {record.get('status')}, not ready")
+    pin = {"etag": record["s3_etag"], "version_id": record.get("s3_version_id")} if record.get("s3_etag") else None
+    return record["s3_uri"], pin
+
+
+def submit(job: dict[str, Any], *, jobs: Jobs, sqs: Any, queue_url: str, limit_cents: int | None = None) -> dict[str, Any]:
+    """Store a resolved job "queued" and put it on the launch queue.
+
+    If the queue refuses it, the job is marked failed with the reason (never left queued with
+    nothing to launch it) and a 503 JobError is raised.
+    """
+    jobs.create(job, limit_cents=limit_cents)
+    try:
+        sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps({"job_id": job["job_id"]}))
+    except Exception as exc:  # whatever the cause, the job must not sit queued forever unseen
+        failed = jobs.transition(job["job_id"], "failed", failure_reason=f"could not queue the job for launch: {exc}",
+                                 bill=NO_CHARGE)
+        raise JobError(503, "launch_queue_unavailable",
+                       "the job could not be queued for launch and was marked failed; retry later",
+                       [{"field": "job_id", "message": failed["job_id"]}]) from exc
+    return job
+
+
+def admit(job: dict[str, Any], *, jobs: Jobs, tenants: Tenants, sqs: Any, queue_url: str) -> dict[str, Any]:
+    """Check the budget, then store (committing the estimate) and queue a resolved job: the one way
+    a job is accepted. The check here words the refusal; the conditional write in Jobs.create
+    enforces it against concurrent requests."""
+    budget = budget_of(job["owner"], tenants=tenants)
+    check_budget(job, budget)
+    try:
+        return submit(job, jobs=jobs, sqs=sqs, queue_url=queue_url, limit_cents=cents(budget.limit))
+    except OverBudget:
+        check_budget(job, budget_of(job["owner"], tenants=tenants))  # words it with the spend as it is now
+        raise JobError(402, "budget_exceeded", "another job took the rest of your budget meanwhile",
+                       [{"field": "estimate.total", "message": "over budget"}]) from None

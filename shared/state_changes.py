@@ -1,0 +1,176 @@
+"""Following a job's training job to its end: each SageMaker state change (an event, or what the
+reconciler reads with DescribeTrainingJob) moves the job forward once, registers its model and bills it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from shared.events import announce
+from shared.lifecycle import END_STATUSES, NO_CHARGE
+from shared.outputs import count_of, read_metrics, read_progress
+from shared.pricing import Estimate, bill
+from shared.shapes import ModelConfig
+from shared.store import Catalog, ConditionFailed, Jobs, missing_object, now
+from shared.training_jobs import job_id_of, training_job_name
+
+
+# SageMaker's TrainingJobStatus -> Fusion status.
+SAGEMAKER_STATUS = {
+    "InProgress": "running",
+    "Stopping": "cancelling",
+    "Completed": "completed",
+    "Failed": "failed",
+    "Stopped": "cancelled",
+}
+
+
+# SecondaryStatus of a job SageMaker stopped at the MaxRuntime / MaxWaitTime the launcher set.
+LIMIT_STOPS = ("MaxRuntimeExceeded", "MaxWaitTimeExceeded")
+
+
+def model_id_for(job_id: str) -> str:
+    """The catalog id of a job's output: derived from the job, so registering twice is detectable."""
+    return f"m-{job_id}"
+
+
+def catalog_entry(job: dict[str, Any], metrics: dict[str, Any], artifact_uri: str, cost: Decimal) -> dict[str, Any]:
+    config = ModelConfig.model_validate(metrics["config"])
+    return {
+        "model_id": model_id_for(job["job_id"]),
+        "name": job["settings"]["output_name"],
+        "owner": job["owner"],
+        "kind": "trained" if job["type"] == "train" else "contracted",
+        "parent_id": job["model"],
+        "job_id": job["job_id"],
+        "parameters": config.parameters(),
+        "depth": config.n_layers,
+        "family": config.family,
+        "context_length": config.context_length,
+        "perplexity": metrics.get("final_perplexity"),
+        "artifact_uri": artifact_uri,
+        "cost": str(cost),
+        "config": config.model_dump(mode="json"),
+        "dataset": job.get("dataset"),
+        "created_at": now(),
+    }
+
+
+@dataclass
+class Outcome:
+    """What one state-change event did: the job after it, and the model it registered, if any."""
+
+    job: dict[str, Any] | None = None
+    model: dict[str, Any] | None = None
+    current: dict[str, Any] | None = None  # the job as it is now, changed or not (to announce it)
+
+
+def _definitive(exc: Exception) -> bool:
+    """Whether reading the metrics failed for good (no such object, not an archive, bad content)
+    rather than for now (throttling, network): only the latter is worth the event's retries."""
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        return missing_object(exc) or exc.response["Error"].get("Code") == "NoSuchBucket"
+    return True
+
+
+def _unreadable_metrics() -> tuple[type[Exception], ...]:
+    import tarfile
+
+    from botocore.exceptions import ClientError
+    from pydantic import ValidationError
+
+    return (ClientError, FileNotFoundError, tarfile.TarError, EOFError, OSError, ValueError, KeyError, TypeError,
+            RecursionError, ValidationError)
+
+
+def record_state_change(
+    detail: dict[str, Any], *, jobs: Jobs, catalog: Catalog, s3: Any, artifacts_bucket: str
+) -> Outcome:
+    """Apply one "SageMaker Training Job State Change" to the job and the catalog.
+
+    Forward-only conditional writes make duplicates and late arrivals no-ops, so any order of
+    the same events ends in the same state with the same bill. Returns an empty Outcome when
+    the event changed nothing.
+    """
+    name, sagemaker_status = detail.get("TrainingJobName"), detail.get("TrainingJobStatus")
+    if not isinstance(name, str) or not isinstance(sagemaker_status, str):
+        return Outcome()  # not an event of ours to act on (nor one anyone can act on)
+    job_id = job_id_of(name)
+    status = SAGEMAKER_STATUS.get(sagemaker_status)
+    if status == "cancelled" and detail.get("SecondaryStatus") in LIMIT_STOPS:
+        status = "failed"  # SageMaker stopped it at our own runtime limit: no one cancelled it
+    job = jobs.get(job_id) if job_id and status else None
+    if job is None:
+        return Outcome()
+    if job["status"] in END_STATUSES:
+        return Outcome(current=job)
+    estimate = Estimate.model_validate(job["estimate"])
+    fields: dict[str, Any] = {}
+    model = None
+    if status == "completed":
+        artifacts = detail.get("ModelArtifacts")
+        given = artifacts.get("S3ModelArtifacts") if isinstance(artifacts, dict) else None
+        # Read only where the launch told SageMaker to write: an artifact named anywhere else (another
+        # bucket, another job's prefix) is not this job's, and its metrics are not to be trusted.
+        own = f"s3://{artifacts_bucket}/jobs/{job_id}/"
+        artifact_uri = given if isinstance(given, str) and given.startswith(own) else (
+            f"{own}output/{training_job_name(job_id)}/output/model.tar.gz"
+        )
+        unreadable = _unreadable_metrics()
+        try:
+            metrics = read_metrics(s3, artifact_uri)
+            if not isinstance(metrics, dict):
+                raise ValueError("metrics.json is not a JSON object")
+            trained = metrics.get("training_tokens", estimate.training_tokens)
+            if not isinstance(trained, int) or isinstance(trained, bool):
+                raise ValueError(f"training_tokens is {trained!r}, not a count")
+            cost = bill(estimate, trained)
+            model = catalog_entry(job, metrics, artifact_uri, cost)
+        except unreadable as exc:
+            if not _definitive(exc):
+                raise  # throttled or unreachable: the event is retried
+            status, model = "failed", None
+            fields = {"failure_reason": f"SageMaker reported the job completed, but its metrics.json could not be "
+                                        f"read ({type(exc).__name__}: {exc}); no model was registered; the "
+                                        f"artifact is kept at {artifact_uri}",
+                      "bill": NO_CHARGE, "artifact_uri": artifact_uri}
+        else:
+            catalog.register(model)  # once: a second register of the same id is a no-op
+            fields = {"output_model_id": model["model_id"], "bill": str(cost), "artifact_uri": artifact_uri}
+    elif status == "cancelled":
+        progress = read_progress(s3, artifacts_bucket, job_id) or {}
+        fields = {"bill": str(bill(estimate, count_of(progress.get("tokens_trained"))))}
+    elif status == "failed":
+        reason, secondary = detail.get("FailureReason"), detail.get("SecondaryStatus")
+        if not isinstance(reason, str) or not reason:
+            reason = f"SageMaker reported the job {secondary if isinstance(secondary, str) and secondary else 'failed'}"
+        fields = {"failure_reason": reason, "bill": NO_CHARGE}
+    try:
+        job = jobs.transition(job_id, status, **fields)
+    except ConditionFailed:
+        return Outcome(current=jobs.get(job_id))
+    return Outcome(job=job, model=model, current=job)
+
+
+def follow(detail: dict[str, Any], *, jobs: Jobs, catalog: Catalog, s3: Any, bus: Any, artifacts_bucket: str) -> Outcome:
+    """A state change, from its event or from the reconciler: recorded, then announced (also when
+    an earlier delivery changed the job but could not publish it)."""
+    outcome = record_state_change(detail, jobs=jobs, catalog=catalog, s3=s3, artifacts_bucket=artifacts_bucket)
+    if outcome.current is not None:
+        announce(outcome.current, jobs=jobs, bus=bus, catalog=catalog)
+    return outcome
+
+
+# The fields of DescribeTrainingJob that a "SageMaker Training Job State Change" event carries
+# in its detail, under the same names: a description reads as the event of the job's state now.
+STATE_CHANGE_FIELDS = ("TrainingJobName", "TrainingJobArn", "TrainingJobStatus", "SecondaryStatus", "FailureReason",
+                       "ModelArtifacts")
+
+
+def state_change_of(description: dict[str, Any]) -> dict[str, Any]:
+    """The state-change event detail that a DescribeTrainingJob answer stands for."""
+    return {k: description[k] for k in STATE_CHANGE_FIELDS if description.get(k) is not None}

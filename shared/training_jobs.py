@@ -1,0 +1,115 @@
+"""The SageMaker training job of a Fusion job: its name, its CreateTrainingJob request, and the
+calls that ask whether it exists or stop it. The client comes in as an argument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from shared.lifecycle import JOB_ID_PATTERN
+from shared.pricing import Estimate
+from shared.settings import SETTINGS_BY_TYPE, ContractSettings, TrainSettings, to_hyperparameters
+from shared.tenancy import encode_tenant
+
+TRAINING_JOB_PREFIX = "fusion-"
+METRIC_NAMES = ("step", "turn", "cycle", "train_loss", "heldout_loss", "heldout_perplexity", "tokens_per_second")
+MAX_RUNTIME_LIMIT = 28 * 24 * 3600  # SageMaker's ceiling on MaxRuntimeInSeconds
+
+
+def training_job_name(job_id: str) -> str:
+    return TRAINING_JOB_PREFIX + job_id
+
+
+def job_id_of(training_job: str) -> str | None:
+    if not training_job.startswith(TRAINING_JOB_PREFIX):
+        return None
+    job_id = training_job[len(TRAINING_JOB_PREFIX):]
+    return job_id if JOB_ID_PATTERN.fullmatch(job_id) else None
+
+
+def settings_of(job: dict[str, Any]) -> TrainSettings | ContractSettings:
+    return SETTINGS_BY_TYPE[job["type"]].model_validate(job["settings"])
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    artifacts_bucket: str
+    training_image_uri: str
+    role_arn: str
+    use_spot: bool = False
+    volume_size_gb: int = 50
+
+
+def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str, Any]:
+    """The CreateTrainingJob parameters of a stored job (boto3 shapes)."""
+    job_id = job["job_id"]
+    estimate = Estimate.model_validate(job["estimate"])
+    prefix = f"s3://{config.artifacts_bucket}/jobs/{job_id}"
+    max_runtime = min(estimate.max_runtime_seconds, MAX_RUNTIME_LIMIT)
+    stopping: dict[str, int] = {"MaxRuntimeInSeconds": max_runtime}
+    spot = config.use_spot or estimate.spot  # the stack's switch puts every tier on spot
+    if spot:  # waiting for spot capacity gets as long again as the run itself
+        stopping["MaxWaitTimeInSeconds"] = min(2 * max_runtime, MAX_RUNTIME_LIMIT)
+    return {
+        "TrainingJobName": training_job_name(job_id),
+        "HyperParameters": {**to_hyperparameters(job["type"], job_id, settings_of(job)),
+                            **estimate.layout().hyperparameters()},
+        "AlgorithmSpecification": {
+            "TrainingImage": config.training_image_uri,
+            "TrainingInputMode": "File",
+            "MetricDefinitions": [{"Name": n, "Regex": f"{n}=([0-9.eE+-]+)"} for n in METRIC_NAMES],
+            "EnableSageMakerMetricsTimeSeries": True,
+        },
+        "RoleArn": config.role_arn,
+        "InputDataConfig": [
+            _channel("training", job["dataset_uri"]),
+            _channel("model", job["input_model_uri"]),
+        ],
+        "OutputDataConfig": {"S3OutputPath": f"{prefix}/output/"},
+        "CheckpointConfig": {"S3Uri": f"{prefix}/checkpoints/", "LocalPath": "/opt/ml/checkpoints"},
+        "ResourceConfig": {
+            "InstanceType": estimate.instance_type,
+            "InstanceCount": estimate.instance_count,
+            "VolumeSizeInGB": config.volume_size_gb,
+        },
+        "StoppingCondition": stopping,
+        "EnableManagedSpotTraining": spot,
+        "Tags": [{"Key": "fusion:job-id", "Value": job_id}, {"Key": "fusion:owner", "Value": encode_tenant(job["owner"])}],
+    }
+
+
+def _channel(name: str, uri: str) -> dict[str, Any]:
+    return {
+        "ChannelName": name,
+        "DataSource": {
+            "S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}
+        },
+    }
+
+
+# What SageMaker answers about a training job it has no such job for (or none in a state to act on).
+NO_SUCH_TRAINING_JOB = ("ResourceNotFound", "ValidationException")
+
+
+def _training_job_call(call: Any, name: str) -> bool:
+    """Make one SageMaker call on a training job; False when SageMaker has no such job."""
+    from botocore.exceptions import ClientError
+
+    try:
+        call(TrainingJobName=name)
+    except ClientError as exc:
+        if exc.response["Error"].get("Code") in NO_SUCH_TRAINING_JOB:
+            return False
+        raise
+    return True
+
+
+def training_job_exists(sagemaker: Any, name: str) -> bool:
+    return _training_job_call(sagemaker.describe_training_job, name)
+
+
+def stop_training_job(sagemaker: Any, name: str) -> bool:
+    """Ask SageMaker to stop a training job; False when there is none running to stop (not yet
+    created, or already ended: its own end event settles the job)."""
+    return _training_job_call(sagemaker.stop_training_job, name)
