@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from shared.memory import Layout
 from shared.settings import ContractSettings, TrainSettings, from_hyperparameters, to_hyperparameters
@@ -155,3 +155,10 @@ class ContractMetrics(_Outcome):
 
 Metrics = Annotated[Union[TrainMetrics, ContractMetrics], Field(discriminator="job_type")]
 METRICS = TypeAdapter(Metrics)
+
+
+def problems(error: ValidationError, limit: int = 5) -> str:
+    """A validation error in one line, field by field (for a failure reason a person reads)."""
+    found = error.errors(include_url=False)
+    text = "; ".join(f"{'.'.join(str(part) for part in e['loc']) or 'document'}: {e['msg']}" for e in found[:limit])
+    return text + (f"; and {len(found) - limit} more" if len(found) > limit else "")
