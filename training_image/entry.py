@@ -1,9 +1,10 @@
 """`train`: the training container's entry point (docs/architecture.md §7).
 
 SageMaker runs it with the /opt/ml tree in place; FUSION_ML_ROOT relocates that tree so the same
-entry point runs anywhere (the local stack, the tests). It reads hyperparameters.json with the
-API's own settings models, then either grows and trains the base model of the `model` channel on
-the `training` channel (job_type "train"), or contracts it (job_type "contract").
+entry point runs anywhere (the local stack, the tests). Its job runner (training_image.jobs) reads
+hyperparameters.json with shared.contracts.Hyperparameters (the API's own settings models), then
+either grows and trains the base model of the `model` channel on the `training` channel (job_type
+"train"), or contracts it (job_type "contract").
 
 Output: the model directory in model/, metrics.json there and in output/data/, `name=value`
 metric lines on stdout, failure text in output/failure with a non-zero exit. Checkpoints go to
