@@ -4,9 +4,11 @@ from its checkpoint folder), metrics.json in the output archive once it has ende
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from pydantic import ValidationError
+
+from shared.contracts import LOG_RECORD, METRICS, Metrics, Progress, problems
 from shared.store import missing_object
 
 METRICS_MAX_POINTS = 1000  # training-loss points a job's metrics answer holds at most
@@ -21,9 +23,9 @@ def progress_key(job_id: str) -> str:
     return f"jobs/{job_id}/checkpoints/progress.json"
 
 
-def read_progress(s3: Any, bucket: str, job_id: str) -> dict[str, Any] | None:
-    """progress.json of a job, or None when there is none to read: not written yet, or not a
-    JSON object (a torn or foreign write is no progress, not an error)."""
+def read_progress(s3: Any, bucket: str, job_id: str) -> Progress | None:
+    """progress.json of a job, or None when there is none to read: not written yet, or not the
+    trainer's Progress (a torn or foreign write is no progress, not an error)."""
     from botocore.exceptions import ClientError
 
     try:
@@ -33,15 +35,9 @@ def read_progress(s3: Any, bucket: str, job_id: str) -> dict[str, Any] | None:
             return None
         raise
     try:
-        progress = json.loads(body)
-    except (ValueError, RecursionError):
+        return Progress.model_validate_json(body)
+    except (ValidationError, RecursionError):
         return None
-    return progress if isinstance(progress, dict) else None
-
-
-def count_of(value: Any) -> int:
-    """A token count from a file the container wrote: a non-negative int, else 0 (nothing proven)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def metrics_log_key(job_id: str) -> str:
@@ -64,11 +60,10 @@ def read_metrics_log(s3: Any, bucket: str, job_id: str, *, max_points: int = MET
     latest: dict[tuple[str, int], dict[str, Any]] = {}
     for line in body.decode("utf-8", errors="replace").splitlines():
         try:
-            record = json.loads(line)
-            key = (str(record["kind"]), int(record["step"]))
-        except (ValueError, KeyError, TypeError):  # a line cut by a sync in mid-write
+            record = LOG_RECORD.validate_json(line)
+        except (ValidationError, RecursionError):  # a line cut by a sync in mid-write
             continue
-        latest[key] = record
+        latest[(record.kind, record.step)] = record.model_dump(mode="json")
     ordered = [latest[key] for key in sorted(latest, key=lambda k: k[1])]
     steps = [r for r in ordered if r["kind"] == "step"]
     evals = [r for r in ordered if r["kind"] == "eval"]
@@ -79,8 +74,9 @@ def read_metrics_log(s3: Any, bucket: str, job_id: str, *, max_points: int = MET
     return {"job_id": job_id, "steps": thinned, "evals": evals, "logged_steps": len(steps)}
 
 
-def read_metrics(s3: Any, model_artifacts_uri: str) -> dict[str, Any]:
-    """metrics.json from the small output.tar.gz SageMaker writes beside model.tar.gz."""
+def read_metrics(s3: Any, model_artifacts_uri: str) -> Metrics:
+    """metrics.json from the small output.tar.gz SageMaker writes beside model.tar.gz; a ValueError
+    naming what is wrong when it does not hold to the container's Metrics."""
     import io
     import tarfile
 
@@ -88,7 +84,11 @@ def read_metrics(s3: Any, model_artifacts_uri: str) -> dict[str, Any]:
     key = key.rsplit("/", 1)[0] + "/output.tar.gz"
     blob = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as archive:
-        for member in archive.getmembers():
-            if member.isfile() and member.name.rsplit("/", 1)[-1] == "metrics.json":
-                return json.load(archive.extractfile(member))
-    raise FileNotFoundError(f"no metrics.json in s3://{bucket}/{key}")
+        found = [m for m in archive.getmembers() if m.isfile() and m.name.rsplit("/", 1)[-1] == "metrics.json"]
+        if not found:
+            raise FileNotFoundError(f"no metrics.json in s3://{bucket}/{key}")
+        document = archive.extractfile(found[0]).read()
+    try:
+        return METRICS.validate_json(document)
+    except ValidationError as exc:
+        raise ValueError(f"metrics.json does not hold to the container's metrics: {problems(exc)}") from None

@@ -10,11 +10,11 @@ from typing import Any
 
 from aws_lambda_powertools import Logger
 
+from shared.contracts import Metrics
 from shared.events import announce
 from shared.lifecycle import END_STATUSES, NO_CHARGE
-from shared.outputs import count_of, read_metrics, read_progress
+from shared.outputs import read_metrics, read_progress
 from shared.pricing import Estimate, bill
-from shared.shapes import ModelConfig
 from shared.store import Catalog, ConditionFailed, Jobs, missing_object, now
 from shared.telemetry import job_ended
 from shared.training_jobs import NO_SUCH_TRAINING_JOB, job_id_of, training_job_name
@@ -41,8 +41,8 @@ def model_id_for(job_id: str) -> str:
     return f"m-{job_id}"
 
 
-def catalog_entry(job: dict[str, Any], metrics: dict[str, Any], artifact_uri: str, cost: Decimal) -> dict[str, Any]:
-    config = ModelConfig.model_validate(metrics["config"])
+def catalog_entry(job: dict[str, Any], metrics: Metrics, artifact_uri: str, cost: Decimal) -> dict[str, Any]:
+    config = metrics.config
     return {
         "model_id": model_id_for(job["job_id"]),
         "name": job["settings"]["output_name"],
@@ -54,7 +54,7 @@ def catalog_entry(job: dict[str, Any], metrics: dict[str, Any], artifact_uri: st
         "depth": config.n_layers,
         "family": config.family,
         "context_length": config.context_length,
-        "perplexity": metrics.get("final_perplexity"),
+        "perplexity": metrics.final_perplexity,
         "artifact_uri": artifact_uri,
         "cost": str(cost),
         "config": config.model_dump(mode="json"),
@@ -127,12 +127,7 @@ def record_state_change(
         unreadable = _unreadable_metrics()
         try:
             metrics = read_metrics(s3, artifact_uri)
-            if not isinstance(metrics, dict):
-                raise ValueError("metrics.json is not a JSON object")
-            trained = metrics.get("training_tokens", estimate.training_tokens)
-            if not isinstance(trained, int) or isinstance(trained, bool):
-                raise ValueError(f"training_tokens is {trained!r}, not a count")
-            cost = bill(estimate, trained)
+            cost = bill(estimate, metrics.training_tokens)
             model = catalog_entry(job, metrics, artifact_uri, cost)
         except unreadable as exc:
             if not _definitive(exc):
@@ -146,8 +141,8 @@ def record_state_change(
             catalog.register(model)  # once: a second register of the same id is a no-op
             fields = {"output_model_id": model["model_id"], "bill": str(cost), "artifact_uri": artifact_uri}
     elif status == "cancelled":
-        progress = read_progress(s3, artifacts_bucket, job_id) or {}
-        fields = {"bill": str(bill(estimate, count_of(progress.get("tokens_trained"))))}
+        progress = read_progress(s3, artifacts_bucket, job_id)  # none readable: no token proven trained
+        fields = {"bill": str(bill(estimate, progress.tokens_trained if progress else 0))}
     elif status == "failed":
         reason, secondary = detail.get("FailureReason"), detail.get("SecondaryStatus")
         if not isinstance(reason, str) or not reason:

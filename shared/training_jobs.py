@@ -7,9 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from shared.contracts import Hyperparameters
 from shared.lifecycle import JOB_ID_PATTERN
 from shared.pricing import Estimate
-from shared.settings import SETTINGS_BY_TYPE, ContractSettings, TrainSettings, to_hyperparameters
+from shared.settings import SETTINGS_BY_TYPE, ContractSettings, TrainSettings
 from shared.tenancy import encode_tenant
 
 TRAINING_JOB_PREFIX = "fusion-"
@@ -53,8 +54,8 @@ def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str,
         stopping["MaxWaitTimeInSeconds"] = min(2 * max_runtime, MAX_RUNTIME_LIMIT)
     return {
         "TrainingJobName": training_job_name(job_id),
-        "HyperParameters": {**to_hyperparameters(job["type"], job_id, settings_of(job)),
-                            **estimate.layout().hyperparameters()},
+        "HyperParameters": Hyperparameters(job_type=job["type"], job_id=job_id, settings=settings_of(job),
+                                           layout=estimate.layout()).strings(),
         "AlgorithmSpecification": {
             "TrainingImage": config.training_image_uri,
             "TrainingInputMode": "File",

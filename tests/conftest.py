@@ -23,6 +23,7 @@ from moto import mock_aws
 from local.aws import LOCAL_ACCOUNT, LOCAL_REGION, LambdaContext  # noqa: F401 (the tests' context)
 from local.resources import create_resources, function_environment, load_template
 from local.server import api_event, make_server
+from shared.contracts import ContractMetrics, Progress, TrainMetrics
 from shared.shapes import SIZES, grown_config
 from shared.store import Catalog, seed_base_models
 from shared.training_jobs import training_job_name
@@ -186,11 +187,34 @@ def artifact(aws, job_id: str) -> str:
     return f"s3://{aws.env['ARTIFACTS_BUCKET']}/jobs/{job_id}/output/{name}/output/model.tar.gz"
 
 
-def write_metrics(aws, job: dict, *, config=GROWN, tokens=None, perplexity=17.5) -> None:
+def metrics_document(job: dict, *, config=GROWN, tokens=None, perplexity=17.5) -> dict:
+    """metrics.json as the container writes it for the job (tokens: any JSON value, to break it)."""
+    source = SIZES["debug"]
+    sizes = dict(job_id=job["job_id"], config=config, parameters_before=source.parameters(),
+                 parameters_after=config.parameters(), depth_before=source.n_layers, depth_after=config.n_layers,
+                 training_tokens=0, tokens_processed=0, tokens_per_second=0.0, wall_time_s=1.0, cycles=[],
+                 final_perplexity=perplexity)
+    if job["type"] == "train":
+        metrics = TrainMetrics(job_type="train", sequences_per_step=8, **sizes)
+    else:
+        metrics = ContractMetrics(job_type="contract", layers_contracted=[], contraction_ratio=0.5, block_influence={},
+                                  perplexity_before=perplexity, perplexity_after_pruning=perplexity,
+                                  perplexity_after_healing=None, **sizes)
+    training_tokens = job["estimate"]["training_tokens"] if tokens is None else tokens
+    return {**metrics.model_dump(mode="json"), "training_tokens": training_tokens}
+
+
+def progress_document(job_id: str, tokens_trained: int, step: int = 1) -> str:
+    """progress.json as the trainer writes it."""
+    return Progress(job_id=job_id, job_type="train", turn=1, turns=1, cycle=1, cycles=1, step=step, total_steps=step,
+                    loss=None, perplexity=None, tokens_trained=tokens_trained, tokens_per_second=0.0,
+                    eta_seconds=0.0, updated_at="2026-01-01T00:00:00+00:00").model_dump_json()
+
+
+def write_metrics(aws, job: dict, *, config=GROWN, tokens=None, perplexity=17.5, document=None) -> None:
     """The job's metrics.json in the small output.tar.gz next to its model, where SageMaker puts it."""
-    metrics = {"job_id": job["job_id"], "job_type": job["type"], "config": config.model_dump(mode="json"),
-               "training_tokens": job["estimate"]["training_tokens"] if tokens is None else tokens,
-               "final_perplexity": perplexity, "cycles": []}
+    metrics = document if document is not None else metrics_document(job, config=config, tokens=tokens,
+                                                                      perplexity=perplexity)
     blob = io.BytesIO()
     with tarfile.open(fileobj=blob, mode="w:gz") as archive:
         data = json.dumps(metrics).encode()

@@ -26,28 +26,16 @@ from __future__ import annotations
 
 import heapq
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from shared.settings import (
-    CONTRACT_CALIBRATION_WINDOWS,
-    CONTRACT_HELDOUT_WINDOWS,
-    CONTRACT_SEQ_LEN,
-    ContractSettings,
-    TrainSettings,
-)
+from shared.settings import TrainSettings
 from shared.shapes import LayerShape, ModelConfig
-from training_image.evaluate import heldout_loss
 from training_image.model import Decoder
-from training_image.modeldir import load_model_dir
-from training_image import runtime
 from training_image.train import Trainer, TrainPlan, batch_size_for
 
 Method = Literal["activation", "magnitude", "random"]
@@ -571,106 +559,4 @@ def heal(model: Decoder, source: Decoder, windows: torch.Tensor, steps: int, lr:
     return trainer.losses
 
 
-# ----------------------------------------------------------------------------- the container job
-
 HEAL_LR = TrainSettings.model_fields["lr"].default  # healing uses the product's training learning rate
-
-
-def run_contract_job(settings: ContractSettings, root: Path, job_id: str, log: Callable[[str], None] | None = None) -> dict:
-    """Contract the model of the `model` channel on the `training` channel's text; write model/ and metrics."""
-    # Metric lines from rank 0 only: SageMaker would count every rank's.
-    log = log or (runtime.log if runtime.rank() == 0 else lambda line: None)
-    started = time.monotonic()
-    source, tokenizer = load_model_dir(root / "input/data/model")
-    source_config = source.config
-    n_layers = settings.num_layers_to_contract
-    if n_layers > source_config.n_layers:
-        raise ValueError(
-            f"num_layers_to_contract={n_layers} exceeds the source model's depth {source_config.n_layers}"
-        )
-    seq_len = min(CONTRACT_SEQ_LEN, source_config.context_length)
-    data = runtime.prepare_tokens(root, tokenizer, seq_len)
-    train_windows, heldout_windows = data.train_windows(), data.heldout_windows()[:CONTRACT_HELDOUT_WINDOWS]
-    calibration = train_windows.sample(CONTRACT_CALIBRATION_WINDOWS)
-    device = runtime.device()
-    source.to(device)
-
-    before = _measure(log, "source", source, heldout_windows)
-    influence = block_influence(source, calibration)
-    chosen = choose_blocks(influence, n_layers, source_config.ids())
-    log("block influence: " + " ".join(f"{b}={influence[b]:.4f}" for b in source_config.ids()))
-    log(f"contracting blocks {chosen} by {settings.contraction_ratio:g}")
-    model, config = contract_blocks(source, source_config, calibration, settings.contraction_ratio, chosen)
-    model, config = _agree_across_ranks(model, config)
-    pruned = _measure(log, "pruned", model, heldout_windows)
-
-    healed, cycles, tokens_processed, tokens_per_second = None, [], 0, 0.0
-    if settings.train_steps > 0:
-        trainer = _healer(model, source, config, train_windows, heldout_windows, settings.train_steps, seq_len, root, job_id, log)
-        trainer.resume()
-        with trainer.stop_on_sigterm():
-            state = trainer.run()
-        cycles, tokens_processed, tokens_per_second = state.cycles, state.tokens_seen, trainer.tokens_per_second()
-        healed = _measure(log, "healed", model, heldout_windows)
-
-    metrics = {
-        "job_id": job_id,
-        "job_type": "contract",
-        "config": config.model_dump(),
-        "parameters_before": source_config.parameters(),
-        "parameters_after": config.parameters(),
-        "depth_before": source_config.n_layers,
-        "depth_after": config.n_layers,
-        "training_tokens": settings.training_tokens(),
-        "tokens_processed": tokens_processed,
-        "tokens_per_second": round(tokens_per_second, 1),
-        "wall_time_s": round(time.monotonic() - started, 2),
-        "cycles": cycles,
-        "final_perplexity": healed if healed is not None else pruned,
-        "layers_contracted": chosen,
-        "contraction_ratio": settings.contraction_ratio,
-        "block_influence": influence,
-        "perplexity_before": before,
-        "perplexity_after_pruning": pruned,
-        "perplexity_after_healing": healed,
-    }
-    if runtime.rank() == 0:
-        runtime.write_outputs(root, model, tokenizer, metrics)
-    return metrics
-
-
-def _measure(log: Callable[[str], None], stage: str, model: Decoder, heldout_windows: torch.Tensor) -> float:
-    loss = heldout_loss(model, heldout_windows, across_ranks=True)
-    log(f"contract_stage={stage} parameters={model.parameter_count()} heldout_loss={loss:.4f} heldout_perplexity={math.exp(loss):.3f}")
-    return math.exp(loss)
-
-
-def _healer(model, source, config, train_windows, heldout_windows, steps, seq_len, root, job_id, log) -> Trainer:
-    plan = TrainPlan(turns=1, cycle_steps=[steps], lr=HEAL_LR, seq_len=seq_len,
-                     batch_size=runtime.batch_size(config.parameters()))
-    model.train()
-    return Trainer(
-        Distillation(model, source),
-        train_windows,
-        heldout_windows,
-        plan,
-        job_id=job_id,
-        job_type="contract",
-        checkpoint_dir=root / "checkpoints",
-        progress_every=max(1, min(10, steps // 10)),
-        log=log if runtime.rank() == 0 else None,
-    )
-
-
-def _agree_across_ranks(model: Decoder, config: ModelConfig) -> tuple[Decoder, ModelConfig]:
-    """Under torchrun every rank contracts; all take rank 0's shape (DDP then copies its weights)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return model, config
-    shared = [config.model_dump_json()]
-    dist.broadcast_object_list(shared, src=0)
-    agreed = ModelConfig.model_validate_json(shared[0])
-    if agreed == config:
-        return model, config
-    return Decoder(agreed).to(next(model.parameters()).device), agreed
-
-

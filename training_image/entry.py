@@ -1,9 +1,10 @@
 """`train`: the training container's entry point (docs/architecture.md §7).
 
 SageMaker runs it with the /opt/ml tree in place; FUSION_ML_ROOT relocates that tree so the same
-entry point runs anywhere (the local stack, the tests). It reads hyperparameters.json with the
-API's own settings models, then either grows and trains the base model of the `model` channel on
-the `training` channel (job_type "train"), or contracts it (job_type "contract").
+entry point runs anywhere (the local stack, the tests). Its job runner (training_image.jobs) reads
+hyperparameters.json with shared.contracts.Hyperparameters (the API's own settings models), then
+either grows and trains the base model of the `model` channel on the `training` channel (job_type
+"train"), or contracts it (job_type "contract").
 
 Output: the model directory in model/, metrics.json there and in output/data/, `name=value`
 metric lines on stdout, failure text in output/failure with a non-zero exit. Checkpoints go to
@@ -28,23 +29,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from shared.memory import Layout
-from shared.settings import ContractSettings, TrainSettings, from_hyperparameters
-from training_image.growth import grow
-from training_image.modeldir import load_model_dir
-from training_image import parallel, runtime, stopping
+from training_image import jobs, runtime, stopping
+from training_image.jobs import EXIT_STOPPED
 from training_image.stopping import SHUTDOWN_TIMEOUT, TrainingStopped
-from training_image.train import Trainer, TrainPlan
 
 MASTER_PORT = 29500
-EXIT_STOPPED = 128 + 15
 
 
 def main() -> int:
@@ -54,37 +47,10 @@ def main() -> int:
         return supervise(launch, root)
     stopping.install()
     try:
-        return _run(root)
-    except TrainingStopped as stop:  # one that landed outside _run's own handlers
+        return jobs.run(root)
+    except TrainingStopped as stop:  # one that landed outside the runner's own handlers
         runtime.log(str(stop))
         return EXIT_STOPPED
-
-
-def _run(root: Path) -> int:
-    try:
-        runtime.init_distributed()
-        hyperparameters = json.loads((root / "input/config/hyperparameters.json").read_text())
-        layout, hyperparameters = Layout.split(hyperparameters)
-        job_type, job_id, settings = from_hyperparameters(hyperparameters)
-        if job_type == "train":
-            run_train_job(settings, root, job_id, layout=layout)
-        else:
-            run_contract(settings, root, job_id)
-        return 0
-    except TrainingStopped as stop:
-        runtime.log(str(stop))
-        return EXIT_STOPPED
-    except Exception as error:  # the one place every failure becomes SageMaker's failure text
-        traceback.print_exc()
-        if stopping.requested():
-            # Stopping ranks leave their collectives: what that breaks in this one is no failure.
-            runtime.log(f"stopped by SIGTERM ({type(error).__name__}: {error})")
-            return EXIT_STOPPED
-        runtime.write_failure(root, error)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 class RankDied(RuntimeError):
@@ -122,91 +88,6 @@ def supervise(command: list[str], root: Path) -> int:
             "a rank killed by signal 9 has most often run out of host memory"
         ))
     return code
-
-
-def run_contract(settings: ContractSettings, root: Path, job_id: str) -> None:
-    try:
-        from training_image.contract import run_contract_job
-    except ImportError as error:
-        if error.name != "training_image.contract":
-            raise
-        raise RuntimeError("this training image cannot contract models: training_image.contract is missing") from None
-    run_contract_job(settings, root, job_id)
-
-
-def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, layout: Layout | None = None) -> dict:
-    """Grow the base model, train it in turns of cycles, write model/ and metrics.json; the metrics.
-
-    Growth comes before the model is spread over the ranks; under FSDP it stays on the CPU until
-    each unit is sharded onto the device."""
-    log = log or runtime.log
-    layout = layout or Layout()
-    started = time.monotonic()
-    base, tokenizer = load_model_dir(root / "input/data/model")
-    base_config = base.config
-    if settings.seq_len > base_config.context_length:
-        raise ValueError(f"seq_len={settings.seq_len} exceeds the base model's context length {base_config.context_length}")
-    if tokenizer.get_vocab_size() > base_config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, the model only {base_config.vocab_size}")
-    data = runtime.prepare_tokens(root, tokenizer, settings.seq_len)
-    train_windows, heldout_windows = data.train_windows(), data.heldout_windows()
-    model, config = grow(base, base_config)
-    del base
-    device = runtime.device()
-    model.train()
-    plan = TrainPlan(
-        turns=settings.turns,
-        cycle_steps=settings.cycle_steps(),
-        lr=settings.lr,
-        seq_len=settings.seq_len,
-        batch_size=runtime.batch_size(config.parameters()),
-    )
-    trainer = Trainer(
-        model,
-        train_windows,
-        heldout_windows,
-        plan,
-        job_id=job_id,
-        job_type="train",
-        checkpoint_dir=root / "checkpoints",
-        checkpoint_every=int(os.environ.get("FUSION_CHECKPOINT_EVERY", "0")),
-        micro_batch=layout.micro_batch,
-        strategy=layout.strategy,
-        activation_checkpointing=layout.activation_checkpointing,
-        device=device,
-        log=log if runtime.rank() == 0 else None,
-    )
-    log(
-        f"training {config.parameters():,} parameters ({base_config.n_layers} -> {config.n_layers} blocks) "
-        f"on {len(train_windows)} windows of {settings.seq_len} tokens, {plan.batch_size} per step, "
-        f"{plan.total_steps} steps; {layout.strategy} over {trainer.world_size} ranks, micro-batches of "
-        f"{trainer.micro_batch}{', recomputing activations' if layout.activation_checkpointing else ''}"
-    )
-    trainer.resume()
-    setup_seconds = time.monotonic() - started
-    with trainer.stop_on_sigterm():
-        state = trainer.run()
-    final = state.cycles[-1]["perplexity"] if state.cycles else None
-    metrics = {
-        "job_id": job_id,
-        "job_type": "train",
-        "config": config.model_dump(),
-        "parameters_before": base_config.parameters(),
-        "parameters_after": config.parameters(),
-        "depth_before": base_config.n_layers,
-        "depth_after": config.n_layers,
-        "training_tokens": state.step * plan.seq_len,
-        "tokens_processed": state.tokens_seen,
-        "tokens_per_second": round(trainer.tokens_per_second(), 1),
-        "wall_time_s": round(setup_seconds + state.wall_seconds, 2),
-        "sequences_per_step": plan.batch_size,
-        "cycles": state.cycles,
-        "final_perplexity": final,
-    }
-    whole = parallel.full_model(model)  # every rank takes part in gathering the shards
-    if runtime.rank() == 0:
-        runtime.write_outputs(root, whole, tokenizer, metrics)
-    return metrics
 
 
 def torchrun_command(root: Path) -> list[str] | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from shared.contracts import Metrics
 from shared.shapes import batch_size_for
 from training_image import tokens
 from training_image.export import EXPORT_DIR, export_hf
@@ -93,15 +94,16 @@ def log(line: str) -> None:
     print(line, flush=True)
 
 
-def write_outputs(root: Path, model, tokenizer, metrics: dict) -> None:
+def write_outputs(root: Path, model, tokenizer, metrics: Metrics) -> None:
     """The model directory in model/ with its transformers export in model/hf/, and metrics.json
     again in output/data/ (SageMaker packs that folder into the small output.tar.gz the events
     function reads)."""
-    save_model_dir(root / "model", model, tokenizer, metrics)
+    document = metrics.model_dump(mode="json")
+    save_model_dir(root / "model", model, tokenizer, document)
     export_hf(model, tokenizer, root / "model" / EXPORT_DIR)
     output = root / "output/data"
     output.mkdir(parents=True, exist_ok=True)
-    (output / METRICS).write_text(json.dumps(metrics, indent=2))
+    (output / METRICS).write_text(json.dumps(document, indent=2))
 
 
 def write_failure(root: Path, error: BaseException) -> None:

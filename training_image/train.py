@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import math
 import os
 import shutil
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shared.contracts import LOG_RECORD, Progress
 from shared.memory import Strategy
 from shared.shapes import batch_size_for  # noqa: F401  (the trainer's batch rule; re-exported)
 from training_image import checkpoint as distributed_checkpoint, parallel
@@ -342,23 +342,23 @@ class Trainer:
             return
         state, plan = self.state, self.plan
         done = state.turn >= plan.turns
-        progress = {
-            "job_id": self.job_id,
-            "job_type": self.job_type,
-            "turn": plan.turns if done else state.turn + 1,
-            "turns": plan.turns,
-            "cycle": len(plan.cycle_steps) if done else state.cycle + 1,
-            "cycles": len(plan.cycle_steps),
-            "step": state.step,
-            "total_steps": plan.total_steps,
-            "loss": loss,
-            "perplexity": perplexity if perplexity is not None else _last_perplexity(state),
-            "tokens_trained": state.step * plan.seq_len,
-            "tokens_per_second": round(self.tokens_per_second(), 1),
-            "eta_seconds": round(self.eta_seconds(), 1),
-            "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        _atomic_write_bytes(self.checkpoint_dir / PROGRESS, json.dumps(progress).encode())
+        progress = Progress(
+            job_id=self.job_id,
+            job_type=self.job_type,
+            turn=plan.turns if done else state.turn + 1,
+            turns=plan.turns,
+            cycle=len(plan.cycle_steps) if done else state.cycle + 1,
+            cycles=len(plan.cycle_steps),
+            step=state.step,
+            total_steps=plan.total_steps,
+            loss=loss,
+            perplexity=perplexity if perplexity is not None else _last_perplexity(state),
+            tokens_trained=state.step * plan.seq_len,
+            tokens_per_second=round(self.tokens_per_second(), 1),
+            eta_seconds=round(self.eta_seconds(), 1),
+            updated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        _atomic_write_bytes(self.checkpoint_dir / PROGRESS, progress.model_dump_json().encode())
 
     def log_metrics(self, record: dict) -> None:
         """Append one line to the metrics log, the whole curve a chart needs (progress.json holds only
@@ -367,9 +367,9 @@ class Trainer:
         if self.rank != 0 or self.checkpoint_dir is None:
             return
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        line = {**record, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        line = LOG_RECORD.validate_python({**record, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         with open(self.checkpoint_dir / METRICS_LOG, "a", encoding="utf-8") as file:
-            file.write(json.dumps(line) + "\n")
+            file.write(line.model_dump_json() + "\n")
 
     # ---- checkpoints --------------------------------------------------------------------------
 

@@ -145,7 +145,8 @@ def get_job_metrics(
 def _progress(job_id: str) -> dict[str, Any] | None:
     """Live progress from the checkpoint folder; never fails the request."""
     try:
-        return read_progress(context.client("s3"), context.env("ARTIFACTS_BUCKET"), job_id)
+        progress = read_progress(context.client("s3"), context.env("ARTIFACTS_BUCKET"), job_id)
+        return progress.model_dump(mode="json") if progress else None
     except Exception:
         logger.warning("progress unreadable", extra={"job_id": job_id}, exc_info=True)
         return None

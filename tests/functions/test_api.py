@@ -13,6 +13,8 @@ from shared.shapes import SIZES, ModelConfig, grown_config
 from shared.store import Catalog, Jobs
 from tests.conftest import LambdaContext
 
+from tests.conftest import progress_document
+
 DATASET = "ds-aaaaaaaaaaaa"
 
 
@@ -176,11 +178,10 @@ def test_progress_of_a_running_job(world, api):
     _, job = api("POST", "/jobs", _train())
     Jobs(session=world.session).transition(job["job_id"], "running")
     assert api("GET", f"/jobs/{job['job_id']}")[1]["progress"] is None  # nothing written yet
-    progress = {"job_id": job["job_id"], "step": 40, "total_steps": 6000, "tokens_trained": 10240}
+    progress = progress_document(job["job_id"], 10240, step=40)
     world.session.client("s3").put_object(Bucket=world.env["ARTIFACTS_BUCKET"],
-                                          Key=f"jobs/{job['job_id']}/checkpoints/progress.json",
-                                          Body=json.dumps(progress))
-    assert api("GET", f"/jobs/{job['job_id']}")[1]["progress"] == progress
+                                          Key=f"jobs/{job['job_id']}/checkpoints/progress.json", Body=progress)
+    assert api("GET", f"/jobs/{job['job_id']}")[1]["progress"] == json.loads(progress)
 
 
 def test_unreadable_progress_never_fails_the_request(world, api):

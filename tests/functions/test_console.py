@@ -84,8 +84,15 @@ def _dataset(aws) -> str:
     return "ds-aaaaaaaaaaaa"
 
 
+# What the trainer writes on each line besides the figures a case sets (shared.contracts.LogRecord).
+LOGGED = {"step": {"turn": 1, "cycle": 1, "loss": 1.0, "lr": 1e-4, "time": "2026-01-01T00:00:00+00:00"},
+          "eval": {"turn": 1, "cycle": 1, "steps": 10, "loss": 1.0, "heldout_loss": 1.0, "perplexity": 2.7,
+                   "tokens": 2560, "time": "2026-01-01T00:00:00+00:00"}}
+
+
 def _log(aws, job_id: str, lines: list) -> None:
-    body = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+    body = "".join((line if isinstance(line, str) else json.dumps({**LOGGED[line["kind"]], **line})) + "\n"
+                   for line in lines)
     aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=metrics_log_key(job_id),
                                         Body=body.encode())
 

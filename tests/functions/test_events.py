@@ -16,7 +16,8 @@ from shared.settings import JOB_REQUEST
 from shared.state_changes import model_id_for
 from shared.store import Catalog, Datasets, Jobs
 from shared.training_jobs import training_job_name
-from tests.conftest import GROWN, LambdaContext, artifact, deliver, sagemaker_event, write_metrics
+from tests.conftest import (GROWN, LambdaContext, artifact, deliver, metrics_document, progress_document, sagemaker_event,
+                            write_metrics)
 
 
 def _submit(aws, body):
@@ -75,7 +76,7 @@ def test_a_stopped_job_is_billed_for_the_tokens_it_trained(aws, job):
     tokens = job["estimate"]["training_tokens"] // 3
     aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"],
                                         Key=f"jobs/{job['job_id']}/checkpoints/progress.json",
-                                        Body=json.dumps({"tokens_trained": tokens, "step": 200}))
+                                        Body=progress_document(job["job_id"], tokens, step=200))
     write_metrics(aws, job)
     deliver(aws, job["job_id"], "InProgress", "Stopping", "Stopped", "Completed", "Stopped")
     status, billed, model_id, _, models = _state(aws, job["job_id"])
@@ -119,6 +120,21 @@ def test_missing_metrics_fail_the_job_and_keep_theartifact(aws, job, observer):
     assert "metrics.json could not be read" in reason and artifact(aws, job["job_id"]) in reason
     assert Jobs(session=aws.session).get(job["job_id"])["artifact_uri"] == artifact(aws, job["job_id"])
     assert [(t, d["status"]) for t, d in observer()] == [("Fusion Job State Change", "failed")]
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"final_perplexity": None}, "final_perplexity: Field required"),
+    ({"training_tokens": 1.5}, "training_tokens: Input should be a valid integer"),
+    ({"job_type": "contract"}, "contract.layers_contracted: Field required"),
+])
+def test_metrics_off_the_contract_fail_the_job_with_the_field_named(aws, job, observer, change, named):
+    document = {k: v for k, v in {**metrics_document(job), **change}.items() if v is not None}
+    write_metrics(aws, job, document=document)
+    deliver(aws, job["job_id"], "InProgress", "Completed")
+    status, billed, model_id, reason, models = _state(aws, job["job_id"])
+    assert (status, billed, model_id, models) == ("failed", "0.00", None, [])
+    assert "metrics.json could not be read" in reason and named in reason, reason
+    assert [(t, d["status"]) for t, d in observer()][-1] == ("Fusion Job State Change", "failed")
 
 
 def test_a_transient_metrics_error_raises_so_the_event_is_retried(aws, job, monkeypatch):

@@ -6,13 +6,16 @@ import tarfile
 
 import pytest
 
+from shared.contracts import Hyperparameters, TrainMetrics
 from shared.lifecycle import JOB_ID_PATTERN, new_job_id
 from shared.memory import Layout
 from shared.outputs import read_metrics
 from shared.pricing import LLAMA_SHAPES, Estimate, estimate_train
-from shared.settings import TrainSettings, from_hyperparameters
+from shared.settings import TrainSettings
 from shared.shapes import SIZES
 from shared.training_jobs import MAX_RUNTIME_LIMIT, LaunchConfig, job_id_of, training_job_request
+
+from tests.conftest import metrics_document
 
 
 @pytest.mark.parametrize("name, job_id", [
@@ -46,11 +49,28 @@ def _tar(members):
     return blob.getvalue()
 
 
+JOB = {"job_id": "j", "type": "train", "estimate": {"training_tokens": 7}}
+
+
 @pytest.mark.parametrize("member", ["metrics.json", "./metrics.json", "data/metrics.json"])
 def test_metrics_are_read_from_output_tar_beside_the_model(member):
     s3 = FakeS3({("b", "jobs/j/output/fusion-j/output/output.tar.gz"):
-                 _tar({"failure": b"", member: json.dumps({"training_tokens": 7}).encode()})})
-    assert read_metrics(s3, "s3://b/jobs/j/output/fusion-j/output/model.tar.gz") == {"training_tokens": 7}
+                 _tar({"failure": b"", member: json.dumps(metrics_document(JOB)).encode()})})
+    metrics = read_metrics(s3, "s3://b/jobs/j/output/fusion-j/output/model.tar.gz")
+    assert isinstance(metrics, TrainMetrics) and metrics.training_tokens == 7
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"config": None}, "config: Field required"),
+    ({"training_tokens": "7"}, "training_tokens: Input should be a valid integer"),
+    ({"job_type": "grow"}, "job_type"),
+])
+def test_metrics_missing_a_field_or_of_a_wrong_type_are_refused_naming_it(change, named):
+    document = {k: v for k, v in {**metrics_document(JOB), **change}.items() if v is not None}
+    s3 = FakeS3({("b", "k/output.tar.gz"): _tar({"metrics.json": json.dumps(document).encode()})})
+    with pytest.raises(ValueError, match="metrics.json does not hold to the container's metrics") as refused:
+        read_metrics(s3, "s3://b/k/model.tar.gz")
+    assert named in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_an_archive_without_metrics_is_an_error():
@@ -82,9 +102,9 @@ def test_the_training_job_runs_the_memory_plan_and_hands_it_to_the_container():
     estimate, request = _launch(LLAMA_SHAPES["llama-70b"])
     assert request["ResourceConfig"]["InstanceType"] == "ml.p5.48xlarge"
     assert request["ResourceConfig"]["InstanceCount"] == estimate.instance_count == 4
-    layout, rest = Layout.split(request["HyperParameters"])
-    assert layout == Layout(strategy="fsdp", micro_batch=estimate.micro_batch, activation_checkpointing=False)
-    assert from_hyperparameters(rest) == ("train", "j", TrainSettings())
+    assert Hyperparameters.parse(request["HyperParameters"]) == Hyperparameters(
+        job_type="train", job_id="j", settings=TrainSettings(),
+        layout=Layout(strategy="fsdp", micro_batch=estimate.micro_batch, activation_checkpointing=False))
 
 
 def test_spot_where_the_tier_says_so():

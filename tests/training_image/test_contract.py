@@ -22,9 +22,9 @@ from training_image.contract import (
     contract_blocks,
     heads_to_remove,
     heal,
-    run_contract_job,
     units_to_remove,
 )
+from training_image.jobs import run_contract_job
 from training_image.evaluate import perplexity
 from training_image.model import Decoder
 from training_image.modeldir import load_model_dir, save_model_dir
@@ -245,10 +245,10 @@ def test_container_contract_reads_a_tarball_and_leaves_it_unchanged(ml_root, tmp
     metrics = run_contract_job(settings, ml_root, "contract-2", log=lambda line: None)
 
     assert _digests(source) == before
-    assert metrics["perplexity_after_healing"] is None
-    assert metrics["final_perplexity"] == metrics["perplexity_after_pruning"]
-    assert len(metrics["layers_contracted"]) == 1 and metrics["layers_contracted"][0] in ("1", "2")
-    assert load_model_dir(ml_root / "model")[0].parameter_count() == metrics["parameters_after"]
+    assert metrics.perplexity_after_healing is None
+    assert metrics.final_perplexity == metrics.perplexity_after_pruning
+    assert len(metrics.layers_contracted) == 1 and metrics.layers_contracted[0] in ("1", "2")
+    assert load_model_dir(ml_root / "model")[0].parameter_count() == metrics.parameters_after
 
 
 def test_container_rejects_more_layers_than_the_source_has(ml_root):

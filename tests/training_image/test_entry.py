@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from safetensors.torch import load_file
 
 from shared.memory import Layout
 from shared.settings import ContractSettings
-from training_image import entry, stopping
+from training_image import entry, jobs, stopping
 from training_image.modeldir import load_model_dir, save_model_dir
 from training_image.model import Decoder
 from shared.shapes import SIZES
@@ -103,11 +102,9 @@ def test_nan_loss_fails_the_job_with_a_clear_reason(ml_root, monkeypatch, tokeni
     assert failure.startswith("TrainingDiverged: training diverged: loss=nan") and "lower lr" in failure
 
 
-def test_contract_jobs_go_to_the_contraction_module(ml_root, monkeypatch):
+def test_contract_jobs_go_to_the_contract_job(ml_root, monkeypatch):
     calls = []
-    fake = types.ModuleType("training_image.contract")
-    fake.run_contract_job = lambda settings, root, job_id: calls.append((settings, root, job_id))
-    monkeypatch.setitem(sys.modules, "training_image.contract", fake)
+    monkeypatch.setattr(jobs, "run_contract_job", lambda settings, root, job_id: calls.append((settings, root, job_id)))
     write_hyperparameters(ml_root, job_type="contract", job_id="job-9", source_model_id="m-1", contraction_ratio="0.25")
     assert _run(ml_root, monkeypatch) == 0
     [(settings, root, job_id)] = calls

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from training_image import entry, runtime, stopping
+from training_image import entry, jobs, runtime, stopping
 from training_image.train import Trainer
 
 from .conftest import free_port, write_hyperparameters
@@ -42,7 +42,7 @@ def _rank(rank: int, port: int, root: str, failing: int) -> None:
         Trainer._step = out_of_memory
     stopping.install()
     started = time.monotonic()
-    code = entry._run(Path(root))
+    code = jobs.run(Path(root))
     Path(root, f"rank-{rank}.json").write_text(json.dumps({"code": code, "seconds": time.monotonic() - started}))
 
 

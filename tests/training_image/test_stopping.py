@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from shared.shapes import SIZES
-from training_image import entry, modeldir, stopping, tokens
+from training_image import entry, jobs, modeldir, stopping, tokens
 from training_image.evaluate import heldout_loss
 from training_image.model import Decoder
 from training_image.train import CHECKPOINT, METRICS_LOG, Trainer, TrainingStopped, TrainPlan
@@ -202,9 +202,9 @@ def test_sigterm_outside_the_loop_ends_the_job_at_once_and_a_rerun_completes(whe
     # Each lands after a piece of the work: the model loaded, the first tokenizing task written,
     # the model grown, the weights of the final model directory written (the rest of it not yet).
     module, name = {
-        "load_model_dir": (entry, "load_model_dir"),
+        "load_model_dir": (jobs, "load_model_dir"),
         "tokenize": (tokens, "tokenize_task"),
-        "grow": (entry, "grow"),
+        "grow": (jobs, "grow"),
         "write_outputs": (modeldir, "save_weights"),
     }[where]
     with monkeypatch.context() as patch:

@@ -9,7 +9,7 @@ import pytest
 from functions.api import context
 from shared.outputs import progress_key
 from shared.store import Catalog, Jobs
-from tests.conftest import GROWN, FakeSageMaker, LambdaContext
+from tests.conftest import GROWN, FakeSageMaker, LambdaContext, progress_document
 
 
 def dataset_id(owner: str) -> str:
@@ -68,7 +68,7 @@ def launch(*job_ids: str, receive_count: int = 1) -> list[str]:
 
 def write_progress(aws, job_id: str, tokens_trained: int) -> None:
     aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=progress_key(job_id),
-                                        Body=json.dumps({"tokens_trained": tokens_trained, "step": 1}))
+                                        Body=progress_document(job_id, tokens_trained))
 
 
 def set_budget(aws, tenant: str, budget_usd: str) -> None:

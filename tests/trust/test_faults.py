@@ -19,33 +19,41 @@ from botocore.exceptions import ClientError
 
 from shared.state_changes import model_id_for
 from shared.store import Catalog, ConditionFailed, Jobs
-from shared.training_jobs import settings_of, training_job_name
+from shared.training_jobs import training_job_name
 
 from tests.conftest import artifact, client_error, deliver, write_metrics
 
 from .conftest import launch, stored, train
 
-FAULTS: list[str] = []
-LOST: list[str] = []
 DEFINED = {"queued", "launching", "running", "cancelling", "completed", "failed", "cancelled"}
 
 
 @pytest.fixture
-def created(aws):
+def faults():
+    """The faults a case injected: every case must inject at least one, or it tests the happy path."""
+    injected: list[str] = []
+    yield injected
+    assert injected, "the case injected no fault"
+
+
+@pytest.fixture
+def created(aws, faults):
     """The jobs a case created; afterwards each must still be there, in a defined state, with a
     reason if it failed and its model in the catalog if it completed."""
     ids: list[str] = []
     yield ids
     catalog = Catalog(session=aws.session)
+    lost = []
     for job_id in ids:
         job = Jobs(session=aws.session).get(job_id)
         if job is None or job["status"] not in DEFINED:
-            LOST.append(f"job {job_id}")
+            lost.append(f"job {job_id}")
         elif job["status"] == "failed" and not job["failure_reason"]:
-            LOST.append(f"reason of {job_id}")
+            lost.append(f"reason of {job_id}")
         elif job["status"] == "completed" and catalog.get(job["output_model_id"], "alice") is None:
-            LOST.append(f"model of {job_id}")
-    assert LOST == []
+            lost.append(f"model of {job_id}")
+    print(f"\nfaults injected: {', '.join(faults)}; lost: {len(lost)}")
+    assert lost == []
 
 
 @pytest.fixture
@@ -66,10 +74,10 @@ def _create(api, **hyper):
 
 
 @pytest.mark.parametrize("code", ["ThrottlingException", "ResourceLimitExceeded", "CapacityError"])
-def test_launch_limits_keep_the_job_queued_then_launch_it(tenants, api, sagemaker, code):
+def test_launch_limits_keep_the_job_queued_then_launch_it(faults, tenants, api, sagemaker, code):
     job = _create(api)
     sagemaker.errors += [client_error(code, "limit")] * 2
-    FAULTS.extend([code] * 2)
+    faults.extend([code] * 2)
     assert launch(job["job_id"], receive_count=1) == ["msg-0"]
     assert launch(job["job_id"], receive_count=2) == ["msg-0"]
     assert stored(tenants, job["job_id"])["status"] == "launching"  # taken, not lost, not failed
@@ -77,11 +85,12 @@ def test_launch_limits_keep_the_job_queued_then_launch_it(tenants, api, sagemake
     assert list(sagemaker.created) == [training_job_name(job["job_id"])]
 
 
-def test_launch_limits_past_the_last_attempt_fail_the_job_with_the_reason(tenants, api, sagemaker, monkeypatch):
+def test_launch_limits_past_the_last_attempt_fail_the_job_with_the_reason(faults, tenants, api, sagemaker,
+                                                                           monkeypatch):
     monkeypatch.setenv("FUSION_MAX_LAUNCH_ATTEMPTS", "2")
     job = _create(api)
     sagemaker.errors += [client_error("ResourceLimitExceeded", "ml.g5.xlarge quota is 0")] * 2
-    FAULTS.extend(["ResourceLimitExceeded"] * 2)
+    faults.extend(["ResourceLimitExceeded"] * 2)
     launch(job["job_id"], receive_count=1)
     assert launch(job["job_id"], receive_count=2) == []
     ended = stored(tenants, job["job_id"])
@@ -89,7 +98,8 @@ def test_launch_limits_past_the_last_attempt_fail_the_job_with_the_reason(tenant
     assert "after 2 attempts" in ended["failure_reason"] and "quota is 0" in ended["failure_reason"]
 
 
-def test_a_conditional_write_lost_to_a_concurrent_writer_decides_again(tenants, api, sagemaker, monkeypatch):
+def test_a_conditional_write_lost_to_a_concurrent_writer_decides_again(faults, tenants, api, sagemaker,
+                                                                       monkeypatch):
     """The launcher's queued -> launching write loses to a cancel that landed first."""
     job = _create(api)
     jobs = Jobs(session=tenants.session)
@@ -104,12 +114,12 @@ def test_a_conditional_write_lost_to_a_concurrent_writer_decides_again(tenants, 
         return real(self, job_id, status, **fields)
 
     monkeypatch.setattr(Jobs, "transition", racing)
-    FAULTS.append("ConditionalCheckFailed")
+    faults.append("ConditionalCheckFailed")
     assert launch(job["job_id"]) == []
     assert sagemaker.created == {} and stored(tenants, job["job_id"])["status"] == "cancelled"
 
 
-def test_dynamodb_conditional_and_throttling_failures_on_events_change_nothing_twice(tenants, api, sagemaker,
+def test_dynamodb_conditional_and_throttling_failures_on_events_change_nothing_twice(faults, tenants, api, sagemaker,
                                                                                      monkeypatch):
     job = _create(api)
     launch(job["job_id"])
@@ -127,7 +137,7 @@ def test_dynamodb_conditional_and_throttling_failures_on_events_change_nothing_t
         return real(self, job_id, status, **fields)
 
     monkeypatch.setattr(Jobs, "transition", flaky)
-    FAULTS.extend(["ProvisionedThroughputExceeded", "ConditionalCheckFailed"])
+    faults.extend(["ProvisionedThroughputExceeded", "ConditionalCheckFailed"])
     with pytest.raises(ClientError):
         deliver(tenants, job["job_id"], "Completed")  # EventBridge retries it
     assert deliver(tenants, job["job_id"], "Completed") == [{"changed": False}]  # lost the race: no-op
@@ -137,12 +147,13 @@ def test_dynamodb_conditional_and_throttling_failures_on_events_change_nothing_t
     assert Catalog(session=tenants.session).get(model_id_for(job["job_id"]), "alice") is not None
 
 
-def test_completed_without_metrics_or_with_a_corrupt_archive_fails_with_the_artifact_kept(tenants, api, sagemaker):
+def test_completed_without_metrics_or_with_a_corrupt_archive_fails_with_the_artifact_kept(
+        faults, tenants, api, sagemaker):
     missing, corrupt = _create(api), _create(api)
     launch(missing["job_id"], corrupt["job_id"])
     key = artifact(tenants, corrupt["job_id"]).split("/", 3)[3].replace("model.tar.gz", "output.tar.gz")
     tenants.session.client("s3").put_object(Bucket=tenants.env["ARTIFACTS_BUCKET"], Key=key, Body=b"not a tarball")
-    FAULTS.extend(["metrics.json missing", "output.tar.gz corrupt"])
+    faults.extend(["metrics.json missing", "output.tar.gz corrupt"])
     for job in (missing, corrupt):
         deliver(tenants, job["job_id"], "Completed", "Completed")
         ended = stored(tenants, job["job_id"])
@@ -150,7 +161,7 @@ def test_completed_without_metrics_or_with_a_corrupt_archive_fails_with_the_arti
         assert ended["artifact_uri"] == artifact(tenants, job["job_id"]) in ended["failure_reason"]
 
 
-def test_a_corrupt_or_empty_dataset_is_rejected_and_cannot_be_trained_on(tenants, api):
+def test_a_corrupt_or_empty_dataset_is_rejected_and_cannot_be_trained_on(faults, tenants, api):
     from functions.datasets import app as check
     from tests.conftest import LambdaContext
 
@@ -160,7 +171,7 @@ def test_a_corrupt_or_empty_dataset_is_rejected_and_cannot_be_trained_on(tenants
         assert status == 201, dataset
         key = dataset["s3_uri"].split("/", 3)[3]
         s3.put_object(Bucket=tenants.env["DATA_BUCKET"], Key=key, Body=body)
-        FAULTS.append(fault)
+        faults.append(fault)
         check.lambda_handler({"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
                                            "s3": {"bucket": {"name": tenants.env["DATA_BUCKET"]},
                                                   "object": {"key": key, "size": len(body)}}}]}, LambdaContext())
@@ -188,17 +199,15 @@ def base_model_dir(tmp_path_factory) -> Path:
     return root
 
 
-def _ml_root(tmp_path: Path, base: Path, job: dict, data: bytes | None = None) -> Path:
-    """An /opt/ml tree for a stored job: its hyperparameters, the debug base model, the data."""
-    from shared.settings import to_hyperparameters
-
+def _ml_root(tmp_path: Path, base: Path, job: dict, sagemaker, data: bytes | None = None) -> Path:
+    """An /opt/ml tree for a launched job: the hyperparameters its launch sent, the debug base model, the data."""
     root = tmp_path / "ml"
     (root / "input/config").mkdir(parents=True)
     (root / "input/data/training").mkdir(parents=True)
     (root / "input/data/model").symlink_to(base / "model")
     corpus = (base / "corpus.jsonl").read_bytes() if data is None else data
     (root / "input/data/training/data.jsonl").write_bytes(corpus)
-    hyper = to_hyperparameters(job["type"], job["job_id"], settings_of(job))
+    hyper = sagemaker.created[training_job_name(job["job_id"])]["HyperParameters"]
     (root / "input/config/hyperparameters.json").write_text(json.dumps(hyper))
     return root
 
@@ -230,17 +239,17 @@ def _wait_for_step(root: Path, process: subprocess.Popen, step: int) -> dict:
 
 @pytest.mark.slow
 def test_a_trainer_killed_mid_cycle_resumes_from_its_checkpoint_and_the_job_completes(
-        tenants, api, sagemaker, base_model_dir, tmp_path):
+        faults, tenants, api, sagemaker, base_model_dir, tmp_path):
     job = stored(tenants, _create(api, cycles=2, steps_per_cycle=8, seq_len=32, lr=0.003)["job_id"])
     launch(job["job_id"])
-    root = _ml_root(tmp_path, base_model_dir, job)
+    root = _ml_root(tmp_path, base_model_dir, job, sagemaker)
     env = {**os.environ, "FUSION_ML_ROOT": str(root), "FUSION_CHECKPOINT_EVERY": "2", "OMP_NUM_THREADS": "1"}
     train_command = [str(Path(sys.executable).with_name("train"))]
     killed = subprocess.Popen(train_command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     seen = _wait_for_step(root, killed, 5)
     killed.kill()  # SIGKILL mid-cycle: no chance to checkpoint on the way out
     killed.wait()
-    FAULTS.append("trainer SIGKILL mid-cycle")
+    faults.append("trainer SIGKILL mid-cycle")
     assert seen["cycle"] <= 1 and seen["tokens_trained"] == seen["step"] * 32
     checkpoint = torch.load(root / "checkpoints/checkpoint.pt", weights_only=False)
     assert 4 <= checkpoint["state"]["step"] < 16
@@ -266,13 +275,13 @@ def test_a_trainer_killed_mid_cycle_resumes_from_its_checkpoint_and_the_job_comp
     ("NaN loss", None, "training diverged"),
 ])
 def test_a_trainer_failure_ends_the_job_failed_with_the_trainers_reason(
-        tenants, api, sagemaker, base_model_dir, tmp_path, monkeypatch, fault, data, expected):
+        faults, tenants, api, sagemaker, base_model_dir, tmp_path, monkeypatch, fault, data, expected):
     from training_image import entry
     from training_image.model import Decoder
 
     job = stored(tenants, _create(api, cycles=1, steps_per_cycle=3, seq_len=32)["job_id"])
     launch(job["job_id"])
-    root = _ml_root(tmp_path, base_model_dir, job, data)
+    root = _ml_root(tmp_path, base_model_dir, job, sagemaker, data)
     if fault == "NaN loss":
         forward = Decoder.forward
 
@@ -282,15 +291,10 @@ def test_a_trainer_failure_ends_the_job_failed_with_the_trainers_reason(
 
         monkeypatch.setattr(Decoder, "forward", diverging)
     monkeypatch.setenv("FUSION_ML_ROOT", str(root))
-    FAULTS.append(fault)
+    faults.append(fault)
     assert entry.main() != 0
     reason = _failure_event_reason(root)
     assert reason and expected.lower() in reason.lower()
     deliver(tenants, job["job_id"], "Failed", reason=reason)
     ended = stored(tenants, job["job_id"])
     assert (ended["status"], ended["bill"], ended["failure_reason"]) == ("failed", "0.00", reason)
-
-
-def test_faults_were_injected_and_nothing_was_lost():
-    print(f"\nfaults injected: {len(FAULTS)} ({', '.join(sorted(set(FAULTS)))}); lost: {len(LOST)}")
-    assert len(FAULTS) >= 10 and LOST == []

@@ -1,0 +1,252 @@
+"""The container's jobs: read hyperparameters.json, run a train or a contract job, write its
+outputs, and turn every failure into SageMaker's failure text (docs/architecture.md §7).
+
+The algorithms live beside it: growth and training in training_image.growth and .train,
+contraction in training_image.contract; this module is what the two job types share around them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from shared.contracts import ContractMetrics, Hyperparameters, Metrics, TrainMetrics
+from shared.memory import Layout
+from shared.settings import (
+    CONTRACT_CALIBRATION_WINDOWS,
+    CONTRACT_HELDOUT_WINDOWS,
+    CONTRACT_SEQ_LEN,
+    ContractSettings,
+    TrainSettings,
+)
+from shared.shapes import ModelConfig
+from training_image import parallel, runtime, stopping
+from training_image.contract import (
+    HEAL_LR,
+    Distillation,
+    block_influence,
+    choose_blocks,
+    contract_blocks,
+)
+from training_image.evaluate import heldout_loss
+from training_image.growth import grow
+from training_image.model import Decoder
+from training_image.modeldir import load_model_dir
+from training_image.stopping import TrainingStopped
+from training_image.train import Trainer, TrainPlan
+
+EXIT_STOPPED = 128 + 15
+
+
+def run(root: Path) -> int:
+    """Run the job hyperparameters.json describes; the process's exit status."""
+    try:
+        runtime.init_distributed()
+        job = Hyperparameters.parse(json.loads((root / "input/config/hyperparameters.json").read_text()))
+        if job.job_type == "train":
+            run_train_job(job.settings, root, job.job_id, layout=job.layout)
+        else:
+            run_contract_job(job.settings, root, job.job_id)
+        return 0
+    except TrainingStopped as stop:
+        runtime.log(str(stop))
+        return EXIT_STOPPED
+    except Exception as error:  # the one place every failure becomes SageMaker's failure text
+        traceback.print_exc()
+        if stopping.requested():
+            # Stopping ranks leave their collectives: what that breaks in this one is no failure.
+            runtime.log(f"stopped by SIGTERM ({type(error).__name__}: {error})")
+            return EXIT_STOPPED
+        runtime.write_failure(root, error)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, layout: Layout | None = None) -> TrainMetrics:
+    """Grow the base model, train it in turns of cycles, write model/ and metrics.json; the metrics.
+
+    Growth comes before the model is spread over the ranks; under FSDP it stays on the CPU until
+    each unit is sharded onto the device."""
+    log = log or runtime.log
+    layout = layout or Layout()
+    started = time.monotonic()
+    base, tokenizer = _input_model(root)
+    base_config = base.config
+    if settings.seq_len > base_config.context_length:
+        raise ValueError(f"seq_len={settings.seq_len} exceeds the base model's context length {base_config.context_length}")
+    if tokenizer.get_vocab_size() > base_config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, the model only {base_config.vocab_size}")
+    data = runtime.prepare_tokens(root, tokenizer, settings.seq_len)
+    train_windows, heldout_windows = data.train_windows(), data.heldout_windows()
+    model, config = grow(base, base_config)
+    del base
+    device = runtime.device()
+    model.train()
+    plan = TrainPlan(
+        turns=settings.turns,
+        cycle_steps=settings.cycle_steps(),
+        lr=settings.lr,
+        seq_len=settings.seq_len,
+        batch_size=runtime.batch_size(config.parameters()),
+    )
+    trainer = Trainer(
+        model,
+        train_windows,
+        heldout_windows,
+        plan,
+        job_id=job_id,
+        job_type="train",
+        checkpoint_dir=root / "checkpoints",
+        checkpoint_every=int(os.environ.get("FUSION_CHECKPOINT_EVERY", "0")),
+        micro_batch=layout.micro_batch,
+        strategy=layout.strategy,
+        activation_checkpointing=layout.activation_checkpointing,
+        device=device,
+        log=log if runtime.rank() == 0 else None,
+    )
+    log(
+        f"training {config.parameters():,} parameters ({base_config.n_layers} -> {config.n_layers} blocks) "
+        f"on {len(train_windows)} windows of {settings.seq_len} tokens, {plan.batch_size} per step, "
+        f"{plan.total_steps} steps; {layout.strategy} over {trainer.world_size} ranks, micro-batches of "
+        f"{trainer.micro_batch}{', recomputing activations' if layout.activation_checkpointing else ''}"
+    )
+    trainer.resume()
+    setup_seconds = time.monotonic() - started
+    with trainer.stop_on_sigterm():
+        state = trainer.run()
+    metrics = TrainMetrics(
+        job_id=job_id,
+        job_type="train",
+        **_sizes(base_config, config),
+        training_tokens=state.step * plan.seq_len,
+        tokens_processed=state.tokens_seen,
+        tokens_per_second=round(trainer.tokens_per_second(), 1),
+        wall_time_s=round(setup_seconds + state.wall_seconds, 2),
+        sequences_per_step=plan.batch_size,
+        cycles=state.cycles,
+        final_perplexity=state.cycles[-1]["perplexity"] if state.cycles else None,
+    )
+    _write_outputs(root, model, tokenizer, metrics)
+    return metrics
+
+
+def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
+                     log: Callable[[str], None] | None = None) -> ContractMetrics:
+    """Contract the model of the `model` channel on the `training` channel's text; write model/ and metrics."""
+    # Metric lines from rank 0 only: SageMaker would count every rank's.
+    log = log or (runtime.log if runtime.rank() == 0 else lambda line: None)
+    started = time.monotonic()
+    source, tokenizer = _input_model(root)
+    source_config = source.config
+    n_layers = settings.num_layers_to_contract
+    if n_layers > source_config.n_layers:
+        raise ValueError(
+            f"num_layers_to_contract={n_layers} exceeds the source model's depth {source_config.n_layers}"
+        )
+    seq_len = min(CONTRACT_SEQ_LEN, source_config.context_length)
+    data = runtime.prepare_tokens(root, tokenizer, seq_len)
+    train_windows, heldout_windows = data.train_windows(), data.heldout_windows()[:CONTRACT_HELDOUT_WINDOWS]
+    calibration = train_windows.sample(CONTRACT_CALIBRATION_WINDOWS)
+    device = runtime.device()
+    source.to(device)
+
+    before = _measure(log, "source", source, heldout_windows)
+    influence = block_influence(source, calibration)
+    chosen = choose_blocks(influence, n_layers, source_config.ids())
+    log("block influence: " + " ".join(f"{b}={influence[b]:.4f}" for b in source_config.ids()))
+    log(f"contracting blocks {chosen} by {settings.contraction_ratio:g}")
+    model, config = contract_blocks(source, source_config, calibration, settings.contraction_ratio, chosen)
+    model, config = _agree_across_ranks(model, config)
+    pruned = _measure(log, "pruned", model, heldout_windows)
+
+    healed, cycles, tokens_processed, tokens_per_second = None, [], 0, 0.0
+    if settings.train_steps > 0:
+        trainer = _healer(model, source, config, train_windows, heldout_windows, settings.train_steps, seq_len, root, job_id, log)
+        trainer.resume()
+        with trainer.stop_on_sigterm():
+            state = trainer.run()
+        cycles, tokens_processed, tokens_per_second = state.cycles, state.tokens_seen, trainer.tokens_per_second()
+        healed = _measure(log, "healed", model, heldout_windows)
+
+    metrics = ContractMetrics(
+        job_id=job_id,
+        job_type="contract",
+        **_sizes(source_config, config),
+        training_tokens=settings.training_tokens(),
+        tokens_processed=tokens_processed,
+        tokens_per_second=round(tokens_per_second, 1),
+        wall_time_s=round(time.monotonic() - started, 2),
+        cycles=cycles,
+        final_perplexity=healed if healed is not None else pruned,
+        layers_contracted=chosen,
+        contraction_ratio=settings.contraction_ratio,
+        block_influence=influence,
+        perplexity_before=before,
+        perplexity_after_pruning=pruned,
+        perplexity_after_healing=healed,
+    )
+    _write_outputs(root, model, tokenizer, metrics)
+    return metrics
+
+
+def _input_model(root: Path):
+    """The `model` channel's model directory (or the model.tar.gz the catalog stores): (model, tokenizer)."""
+    return load_model_dir(root / "input/data/model")
+
+
+def _sizes(before: ModelConfig, after: ModelConfig) -> dict:
+    """The metrics both job types report about the model they started from and the one they made."""
+    return {"config": after, "parameters_before": before.parameters(), "parameters_after": after.parameters(),
+            "depth_before": before.n_layers, "depth_after": after.n_layers}
+
+
+def _write_outputs(root: Path, model: Decoder, tokenizer, metrics: Metrics) -> None:
+    """model/ and metrics.json, from rank 0; every rank takes part in gathering a sharded model."""
+    whole = parallel.full_model(model)
+    if runtime.rank() == 0:
+        runtime.write_outputs(root, whole, tokenizer, metrics)
+
+
+def _measure(log: Callable[[str], None], stage: str, model: Decoder, heldout_windows: torch.Tensor) -> float:
+    loss = heldout_loss(model, heldout_windows, across_ranks=True)
+    log(f"contract_stage={stage} parameters={model.parameter_count()} heldout_loss={loss:.4f} heldout_perplexity={math.exp(loss):.3f}")
+    return math.exp(loss)
+
+
+def _healer(model, source, config, train_windows, heldout_windows, steps, seq_len, root, job_id, log) -> Trainer:
+    plan = TrainPlan(turns=1, cycle_steps=[steps], lr=HEAL_LR, seq_len=seq_len,
+                     batch_size=runtime.batch_size(config.parameters()))
+    model.train()
+    return Trainer(
+        Distillation(model, source),
+        train_windows,
+        heldout_windows,
+        plan,
+        job_id=job_id,
+        job_type="contract",
+        checkpoint_dir=root / "checkpoints",
+        progress_every=max(1, min(10, steps // 10)),
+        log=log if runtime.rank() == 0 else None,
+    )
+
+
+def _agree_across_ranks(model: Decoder, config: ModelConfig) -> tuple[Decoder, ModelConfig]:
+    """Under torchrun every rank contracts; all take rank 0's shape (DDP then copies its weights)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return model, config
+    shared = [config.model_dump_json()]
+    dist.broadcast_object_list(shared, src=0)
+    agreed = ModelConfig.model_validate_json(shared[0])
+    if agreed == config:
+        return model, config
+    return Decoder(agreed).to(next(model.parameters()).device), agreed
