@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from shared import contracts
 from shared.responses import (
     CatalogModel,
     Dataset,
@@ -233,15 +234,13 @@ def model_table(model: CatalogModel) -> Table:
     return _pairs(rows)
 
 
-def progress_line(p: dict[str, Any]) -> str:
-    parts = [f"turn {p.get('turn')}/{p.get('turns')}", f"cycle {p.get('cycle')}/{p.get('cycles')}",
-             f"step {p.get('step')}/{p.get('total_steps')}"]
-    if p.get("loss") is not None:
-        parts.append(f"loss {float(p['loss']):.3f}")
-    if p.get("perplexity") is not None:
-        parts.append(f"ppl {float(p['perplexity']):.1f}")
-    if p.get("eta_seconds") is not None:
-        parts.append(f"eta {duration(p['eta_seconds'])}")
+def progress_line(p: contracts.Progress) -> str:
+    parts = [f"turn {p.turn}/{p.turns}", f"cycle {p.cycle}/{p.cycles}", f"step {p.step}/{p.total_steps}"]
+    if p.loss is not None:
+        parts.append(f"loss {p.loss:.3f}")
+    if p.perplexity is not None:
+        parts.append(f"ppl {p.perplexity:.1f}")
+    parts.append(f"eta {duration(p.eta_seconds)}")
     return " · ".join(parts)
 
 
@@ -259,14 +258,14 @@ def follow(client: Client, job_id: str, console: Console, *, interval: float = 1
         while True:
             job = client.call("GET", f"/jobs/{job_id}", Job)
             p = job.progress
-            if p and p.get("total_steps"):
-                bar.update(task, total=p["total_steps"], completed=p.get("step") or 0)
+            if p and p.total_steps:
+                bar.update(task, total=p.total_steps, completed=p.step)
                 last_line = progress_line(p)
             if job.status == "completed":
                 bar.update(task, total=bar.tasks[0].total or 1, completed=bar.tasks[0].total or 1)
             bar.update(task, status=job.status, detail=last_line or _waiting(job.status))
-            if not console.is_terminal and p and (p.get("turn"), p.get("cycle")) != printed:
-                printed = (p.get("turn"), p.get("cycle"))  # a log gets one line per cycle, not a redrawn bar
+            if not console.is_terminal and p and (p.turn, p.cycle) != printed:
+                printed = (p.turn, p.cycle)  # a log gets one line per cycle, not a redrawn bar
                 console.print(f"  {job.status}: {last_line}")
             if job.status in END_STATUSES:
                 return job

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.contracts import EvalRecord, Progress, StepRecord
 from shared.pricing import Estimate
 from shared.shapes import ModelConfig
 from shared.lifecycle import STATUS_RANK
@@ -68,7 +69,7 @@ class Job(_Body):
     training_job_name: str | None
     output_model_id: str | None
     failure_reason: str | None
-    progress: dict[str, Any] | None = Field(
+    progress: Progress | None = Field(
         default=None, description="While it runs: the trainer's latest progress (turn, cycle, step, loss, eta).")
     bill: Decimal | None = Field(description="Once ended: what it cost (never more than the estimate's total).")
     created_at: str
@@ -108,8 +109,8 @@ class Curve(_Body):
 
     job_id: str
     status: JobStatus
-    steps: list[dict[str, Any]] = Field(description="The metrics log's step records, oldest first.")
-    evals: list[dict[str, Any]] = Field(description="The metrics log's held-out evaluations, oldest first.")
+    steps: list[StepRecord] = Field(description="The metrics log's step records, oldest first.")
+    evals: list[EvalRecord] = Field(description="The metrics log's held-out evaluations, oldest first.")
     logged_steps: int = Field(description="Steps logged in all (steps holds at most max_points of them).")
 
 

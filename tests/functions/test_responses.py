@@ -8,11 +8,12 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from shared.budgets import Budget, default_budget, quote
+from shared.contracts import EvalRecord, StepRecord
 from shared.outputs import metrics_log_key, progress_key, read_metrics_log
 from shared.responses import CatalogModel, Curve, Job, Quote
-from shared.store import Catalog, Jobs, base_model
+from shared.store import Catalog, Jobs, base_model, now
 from shared.training_jobs import training_job_name
-from tests.conftest import deliver, write_metrics
+from tests.conftest import deliver, progress_document, write_metrics
 
 DATASET = "ds-aaaaaaaaaaaa"
 
@@ -85,11 +86,13 @@ def test_real_answers_keep_to_the_documented_schema(aws, api, spec):
     assert set(stored) - set(job) <= internal
     Jobs(session=aws.session).transition(job_id, "running", training_job_name=training_job_name(job_id))
     s3 = aws.session.client("s3")
-    s3.put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=progress_key(job_id), Body=json.dumps(
-        {"turn": 1, "turns": 1, "cycle": 1, "cycles": 6, "step": 3, "total_steps": 600, "loss": 4.5}))
-    s3.put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=metrics_log_key(job_id), Body="\n".join(json.dumps(r) for r in (
-        {"kind": "step", "step": 1, "turn": 1, "cycle": 1, "train_loss": 5.0},
-        {"kind": "eval", "step": 100, "turn": 1, "cycle": 1, "heldout_loss": 4.0, "heldout_perplexity": 54.6})))
+    s3.put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=progress_key(job_id),
+                  Body=progress_document(job_id, tokens_trained=3 * 256, step=3))
+    logged = (StepRecord(kind="step", step=1, turn=1, cycle=1, loss=5.0, lr=1e-4, time=now()),
+              EvalRecord(kind="eval", step=100, turn=1, cycle=1, steps=100, loss=4.2, heldout_loss=4.0,
+                         perplexity=54.6, tokens=25600, time=now()))
+    s3.put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=metrics_log_key(job_id),
+                  Body="\n".join(r.model_dump_json() for r in logged))
     assert call("GET", f"/jobs/{job_id}", route=route)["progress"]["step"] == 3
     assert call("GET", f"/jobs/{job_id}/metrics", route=route + "/metrics")["logged_steps"] == 1
     write_metrics(aws, job)

@@ -10,10 +10,11 @@ import pytest
 import requests
 
 from local.cli import human, main
+from shared.contracts import Progress
 from shared.outputs import progress_key
 from shared.settings import TrainSettings
 from shared.shapes import SIZES, grown_config
-from shared.store import Catalog, Jobs
+from shared.store import Catalog, Jobs, now
 from shared.training_jobs import training_job_name
 from tests.conftest import deliver, unsigned_jwt, write_metrics
 
@@ -89,10 +90,11 @@ def test_wait_follows_progress_until_the_end(cli, api, aws):
     job = _train(api)
     job_id = job["job_id"]
     Jobs(session=aws.session).transition(job_id, "running", training_job_name=training_job_name(job_id))
-    progress = {"turn": 1, "turns": 2, "cycle": 3, "cycles": 6, "step": 40, "total_steps": 120, "loss": 3.25,
-                "perplexity": 25.8, "eta_seconds": 95}
+    progress = Progress(job_id=job_id, job_type="train", turn=1, turns=2, cycle=3, cycles=6, step=40, total_steps=120,
+                        loss=3.25, perplexity=25.8, tokens_trained=40 * 256, tokens_per_second=100.0,
+                        eta_seconds=95.0, updated_at=now())
     aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=progress_key(job_id),
-                                        Body=json.dumps(progress))
+                                        Body=progress.model_dump_json())
     code, out, err = cli("jobs", "wait", job_id, "--timeout", "1.5")
     assert code == 1 and f"job {job_id} is still running after 2s" in err
     assert "turn 1/2 · cycle 3/6 · step 40/120 · loss 3.250 · ppl 25.8 · eta 1m35s" in out
