@@ -123,6 +123,10 @@ def full_model(model: Decoder) -> Decoder | None:
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
-    whole = Decoder(model.config)
-    whole.load_state_dict({name: tensor.to(torch.float32) for name, tensor in state.items()})
-    return whole
+    # The gathered tensors become the model's own (no second copy of the whole model on the host).
+    with torch.device("meta"):
+        whole = Decoder(model.config)
+    whole.load_state_dict({name: tensor.to(torch.float32) for name, tensor in state.items()}, assign=True)
+    if model.config.tie_embeddings:
+        whole.lm_head.weight = whole.embed.weight
+    return whole.reset_buffers()
