@@ -23,6 +23,7 @@ kernel's out-of-memory killer sends SIGKILL) it writes the failure text no rank 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -36,9 +37,11 @@ import torch
 import torch.distributed as dist
 
 from shared.memory import Layout
+from shared.shapes import grown_config
 from shared.settings import ContractSettings, TrainSettings, from_hyperparameters
-from training_image.growth import grow
-from training_image.modeldir import load_model_dir
+from training_image import growth
+from training_image.model import Decoder
+from training_image.modeldir import load_model_dir, open_model_dir
 from training_image import parallel, runtime, stopping
 from training_image.stopping import SHUTDOWN_TIMEOUT, TrainingStopped
 from training_image.train import Trainer, TrainPlan
@@ -135,23 +138,19 @@ def run_contract(settings: ContractSettings, root: Path, job_id: str) -> None:
 
 
 def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, layout: Layout | None = None) -> dict:
-    """Grow the base model, train it in turns of cycles, write model/ and metrics.json; the metrics.
-
-    Growth comes before the model is spread over the ranks; under FSDP it stays on the CPU until
-    each unit is sharded onto the device."""
+    """Grow the base model, train it in turns of cycles, write model/ and metrics.json; the metrics."""
     log = log or runtime.log
     layout = layout or Layout()
     started = time.monotonic()
-    base, tokenizer = load_model_dir(root / "input/data/model")
-    base_config = base.config
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    base_config, tokenizer, model, materialize = grown_model(root / "input/data/model", layout, world_size)
+    config = model.config
     if settings.seq_len > base_config.context_length:
         raise ValueError(f"seq_len={settings.seq_len} exceeds the base model's context length {base_config.context_length}")
     if tokenizer.get_vocab_size() > base_config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, the model only {base_config.vocab_size}")
     data = runtime.prepare_tokens(root, tokenizer, settings.seq_len)
     train_windows, heldout_windows = data.train_windows(), data.heldout_windows()
-    model, config = grow(base, base_config)
-    del base
     device = runtime.device()
     model.train()
     plan = TrainPlan(
@@ -175,6 +174,7 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, la
         activation_checkpointing=layout.activation_checkpointing,
         device=device,
         log=log if runtime.rank() == 0 else None,
+        materialize=materialize,
     )
     log(
         f"training {config.parameters():,} parameters ({base_config.n_layers} -> {config.n_layers} blocks) "
@@ -207,6 +207,26 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, la
     if runtime.rank() == 0:
         runtime.write_outputs(root, whole, tokenizer, metrics)
     return metrics
+
+
+def grown_model(source: Path, layout: Layout, world_size: int):
+    """(base config, tokenizer, grown model, materialize) for the trainer.
+
+    Growth comes before the model is spread over the ranks. Where the layout shards it, no rank
+    builds it: the grown model is made on the meta device and, once sharded, each rank reads its
+    own rows of every grown tensor from the base's files (growth is a fixed mapping of the base's
+    tensors, the same on every rank), so no rank ever holds the whole model, base or grown.
+    Otherwise the base is loaded and grown on the CPU (materialize is None)."""
+    if parallel.shards(layout.strategy, world_size):
+        base_config, tokenizer, directory = open_model_dir(source)
+        with torch.device("meta"):
+            model = Decoder(grown_config(base_config))
+        return base_config, tokenizer, model, functools.partial(
+            parallel.load_shards, directory=directory, sources=growth.sources(base_config)
+        )
+    base, tokenizer = load_model_dir(source)
+    model, _ = growth.grow(base, base.config)
+    return base.config, tokenizer, model, None
 
 
 def torchrun_command(root: Path) -> list[str] | None:

@@ -128,15 +128,22 @@ def _replace_file(source: Path, destination: Path) -> None:
 
 def load_model_dir(path: str | Path) -> tuple[Decoder, Tokenizer]:
     """(model in fp32 on CPU, tokenizer) from a model directory or a directory holding model.tar.gz."""
+    config, tokenizer, directory = open_model_dir(path)
+    model = Decoder(config)
+    load_weights(model, directory)
+    return model, tokenizer
+
+
+def open_model_dir(path: str | Path) -> tuple[ModelConfig, Tokenizer, Path]:
+    """(config, tokenizer, the model directory whose weight_files hold the weights), no weight
+    read: for a reader that takes only its part of each tensor."""
     directory = find_model_dir(path)
     if is_hf_folder(directory):  # a tenant's own checkpoint, registered as it is
         from training_image.hf import import_hf
 
         directory = import_hf(directory, Path(tempfile.mkdtemp(prefix="fusion-import-")) / "model")
     config = ModelConfig.model_validate_json((directory / CONFIG).read_text())
-    model = Decoder(config)
-    load_weights(model, directory)
-    return model, load_tokenizer(directory / TOKENIZER)
+    return config, load_tokenizer(directory / TOKENIZER), directory
 
 
 def is_hf_folder(directory: Path) -> bool:
