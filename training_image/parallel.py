@@ -9,8 +9,10 @@ couple of gathered units. On CUDA the gathered weights are bf16 (compute) and gr
 reduced in fp32 onto the fp32 shards the optimizer steps (master weights); on a CPU everything
 stays fp32, so a sharded run computes what one process computes.
 
-Growth happens before any of this (the trainer wraps the grown model), and what leaves the
-trainer — the final weights — is gathered back into one full state dict (`full_model`).
+Growth happens before any of this (the trainer wraps the grown model). A sharded model may come
+on the meta device: once sharded, each rank allocates its shard and fills it (`load_shards`
+reads its rows of the base's files), so none holds the whole model. What leaves the trainer —
+the final weights — is gathered back into one full state dict (`full_model`).
 """
 
 from __future__ import annotations
