@@ -84,7 +84,8 @@ def _calibrate(model: Decoder, hooks: list, calibration_windows: torch.Tensor, b
     tokens = 0
     try:
         device = next(model.parameters()).device
-        for batch in _inputs(_share(calibration_windows)).split(batch_size):
+        share = _inputs(_share(calibration_windows))
+        for batch in share.split(batch_size) if len(share) else ():  # more ranks than windows: none here
             model.forward_hidden(batch.to(device))
             tokens += batch.numel()
     finally:

@@ -16,7 +16,8 @@ from training_image.train import Trainer, TrainPlan
 
 from .conftest import free_port, small_config
 
-CONFIG = small_config(n_layers=5, qkv_bias=True)  # grows to 6 blocks: one inserted after block 3
+# Grows to 6 blocks (one inserted after block 3); tied, as the embedding is then the root's unit.
+CONFIG = small_config(n_layers=5, qkv_bias=True, tie_embeddings=True)
 PLAN = TrainPlan(turns=1, cycle_steps=[3], lr=3e-3, seq_len=16, batch_size=4, seed=2)
 FSDP = Layout(strategy="fsdp")
 
