@@ -39,7 +39,7 @@ import torch.distributed as dist
 from shared.memory import Layout
 from shared.shapes import grown_config
 from shared.settings import ContractSettings, TrainSettings, from_hyperparameters
-from training_image import growth
+from training_image.growth import grow, sources as growth_sources
 from training_image.model import Decoder
 from training_image.modeldir import load_model_dir, open_model_dir
 from training_image import parallel, runtime, stopping
@@ -222,10 +222,10 @@ def grown_model(source: Path, layout: Layout, world_size: int):
         with torch.device("meta"):
             model = Decoder(grown_config(base_config))
         return base_config, tokenizer, model, functools.partial(
-            parallel.load_shards, directory=directory, sources=growth.sources(base_config)
+            parallel.load_shards, directory=directory, sources=growth_sources(base_config)
         )
     base, tokenizer = load_model_dir(source)
-    model, _ = growth.grow(base, base.config)
+    model, _ = grow(base, base.config)
     return base.config, tokenizer, model, None
 
 
