@@ -218,12 +218,11 @@ def grown_model(source: Path, layout: Layout, world_size: int):
     tensors, the same on every rank), so no rank ever holds the whole model, base or grown.
     Otherwise the base is loaded and grown on the CPU (materialize is None)."""
     if parallel.shards(layout.strategy, world_size):
-        base_config, tokenizer, directory = open_model_dir(source)
+        base_config, tokenizer, files, names = open_model_dir(source)
         with torch.device("meta"):
             model = Decoder(grown_config(base_config))
-        return base_config, tokenizer, model, functools.partial(
-            parallel.load_shards, directory=directory, sources=growth_sources(base_config)
-        )
+        sources = {name: names[base] if base is not None else None for name, base in growth_sources(base_config).items()}
+        return base_config, tokenizer, model, functools.partial(parallel.load_shards, files=files, sources=sources)
     base, tokenizer = load_model_dir(source)
     model, _ = grow(base, base.config)
     return base.config, tokenizer, model, None

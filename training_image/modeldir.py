@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from shared.hf import INDEX, SINGLE, shard_files
+from shared.hf import INDEX, SINGLE, hf_names, shard_files, tensor_shapes
 from shared.shapes import ModelConfig
 from training_image.model import Decoder
 from training_image.shards import SHARD_BYTES, write_shards
@@ -128,22 +128,31 @@ def _replace_file(source: Path, destination: Path) -> None:
 
 def load_model_dir(path: str | Path) -> tuple[Decoder, Tokenizer]:
     """(model in fp32 on CPU, tokenizer) from a model directory or a directory holding model.tar.gz."""
-    config, tokenizer, directory = open_model_dir(path)
-    model = Decoder(config)
-    load_weights(model, directory)
-    return model, tokenizer
-
-
-def open_model_dir(path: str | Path) -> tuple[ModelConfig, Tokenizer, Path]:
-    """(config, tokenizer, the model directory whose weight_files hold the weights), no weight
-    read: for a reader that takes only its part of each tensor."""
     directory = find_model_dir(path)
     if is_hf_folder(directory):  # a tenant's own checkpoint, registered as it is
         from training_image.hf import import_hf
 
         directory = import_hf(directory, Path(tempfile.mkdtemp(prefix="fusion-import-")) / "model")
     config = ModelConfig.model_validate_json((directory / CONFIG).read_text())
-    return config, load_tokenizer(directory / TOKENIZER), directory
+    model = Decoder(config)
+    load_weights(model, directory)
+    return model, load_tokenizer(directory / TOKENIZER)
+
+
+def open_model_dir(path: str | Path) -> tuple[ModelConfig, Tokenizer, list[Path], dict[str, str]]:
+    """(config, tokenizer, the safetensors files, our tensor name -> its name in them), no weight
+    read: for a reader that takes only its part of each tensor. A Hugging Face folder is read as
+    it is (its tensors are ours renamed), not imported into a directory first."""
+    directory = find_model_dir(path)
+    if is_hf_folder(directory):
+        from training_image.hf import read_folder_config, read_tokenizer
+
+        config, files = read_folder_config(directory)
+        tokenizer = read_tokenizer(directory, json.loads((directory / CONFIG).read_text()))
+        return config, tokenizer, files, hf_names(config)
+    config = ModelConfig.model_validate_json((directory / CONFIG).read_text())
+    names = {name: name for name in tensor_shapes(config)}
+    return config, load_tokenizer(directory / TOKENIZER), weight_files(directory), names
 
 
 def is_hf_folder(directory: Path) -> bool:

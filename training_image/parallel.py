@@ -91,6 +91,8 @@ def checkpoint_blocks(model: Decoder) -> None:
 @torch.no_grad()
 def _materialize(model: Decoder, device: torch.device, materialize: Materialize) -> None:
     model.to_empty(device=device)  # uninitialized storage for this rank's part (a DTensor's local shard)
+    if model.config.tie_embeddings and model.lm_head.weight is not model.embed.weight:
+        model.lm_head.weight = model.embed.weight  # to_empty gives each module its own tensor
     materialize(model)
     model.reset_buffers(device)
 
@@ -108,17 +110,15 @@ def _rows(parameter: torch.Tensor) -> tuple[int, int]:
     return start, min(start + chunk, n)
 
 
-def load_shards(model: Decoder, directory: Path, sources: dict[str, str | None]) -> None:
-    """Fill each parameter of `model` with its rows of the source tensor `sources` names for it
-    (None: zeros), read from the safetensors files of the model directory `directory` — only
-    those rows, as the files are read in place (memory-mapped), never a whole tensor per rank."""
+def load_shards(model: Decoder, files: list[Path], sources: dict[str, str | None]) -> None:
+    """Fill each parameter of `model` with its rows of the tensor `sources` names for it in the
+    safetensors `files` (None: zeros) — only those rows, as the files are read in place
+    (memory-mapped), never a whole tensor per rank."""
     from safetensors import safe_open
 
-    from training_image.modeldir import weight_files
-
     with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(safe_open(str(path), framework="pt")) for path in weight_files(directory)]
-        where = {name: file for file in files for name in file.keys()}
+        opened = [stack.enter_context(safe_open(str(path), framework="pt")) for path in files]
+        where = {name: file for file in opened for name in file.keys()}
         for name, parameter in model.named_parameters():
             local = parameter.to_local() if isinstance(parameter, DTensor) else parameter
             start, stop = _rows(parameter)
@@ -128,7 +128,7 @@ def load_shards(model: Decoder, directory: Path, sources: dict[str, str | None])
             if source is None:
                 local.zero_()
             elif source not in where:
-                raise ValueError(f"the weights in {directory} lack {source} (for {name})")
+                raise ValueError(f"the weights in {files[0].parent} lack {source} (for {name})")
             else:
                 local.copy_(where[source].get_slice(source)[start:stop])
 

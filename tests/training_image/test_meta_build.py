@@ -8,9 +8,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
+from shared.hf import INDEX
 from shared.memory import Layout
 from shared.shapes import grown_config
 from training_image import entry, parallel
+from training_image.export import export_hf
 from training_image.modeldir import save_model_dir
 from training_image.train import Trainer, TrainPlan
 
@@ -72,3 +74,21 @@ def test_a_sharded_run_built_on_meta_trains_the_model_grown_on_the_cpu(tmp_path,
         assert torch.equal(meta_state[name], tensor), name
     inserted = "3_1"
     assert torch.count_nonzero(meta_state[f"blocks.{inserted}.attn.o_proj.weight"]) > 0  # trained from zeros
+
+
+def test_the_meta_build_reads_a_hugging_face_folder_as_it_is(tmp_path, tokenizer):
+    """One process (the rows are then whole tensors): a tenant's folder, in shards, grown on meta
+    and filled from its own tensor names gives the model imported and grown on the CPU."""
+    llama = CONFIG.model_copy(update={"qkv_bias": False})  # Llama has no q/k/v biases alone
+    folder = export_hf(entry.Decoder(llama).init_weights(5), tokenizer, tmp_path / "hf", shard_bytes=30_000)
+    assert (folder / INDEX).is_file()
+    _, _, model, materialize = entry.grown_model(folder, FSDP, world_size=2)  # as a rank of two would
+    assert all(p.is_meta for p in model.parameters())
+    parallel.wrap(model, strategy="ddp", activation_checkpointing=False, world_size=1, device=torch.device("cpu"),
+                  materialize=materialize)
+    _, _, eager, _ = entry.grown_model(folder, Layout(), world_size=1)
+    assert model.state_dict().keys() == eager.state_dict().keys()
+    for name, tensor in eager.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    assert torch.equal(model.rope_cos, eager.rope_cos)
+    assert model.lm_head.weight is model.embed.weight  # still tied once materialized
