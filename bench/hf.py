@@ -61,7 +61,7 @@ def sizes(work: Path, corpus: list[str]) -> None:
         name = str(dtype).split(".")[-1]
         hf_checkpoint(work / f"size-{name}", "qwen2", corpus, dtype=dtype)
         import_hf(work / f"size-{name}", work / f"size-{name}-ours")
-        found[name] = (work / f"size-{name}-ours/model.safetensors").stat().st_size
+        found[name] = sum(f.stat().st_size for f in (work / f"size-{name}-ours").glob("*.safetensors"))  # one file or shards
     print(f"artifact bytes: float32 {found['float32']:,}  bfloat16 {found['bfloat16']:,}  "
           f"ratio {found['bfloat16'] / found['float32']:.3f}")
 

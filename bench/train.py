@@ -11,15 +11,23 @@ its default (fp32); on a GPU also MFU. Quality: held-out perplexity after 1 turn
     .venv/bin/python bench/train.py --part throughput --size medium --seq-len 512   # on a GPU: MFU
     .venv/bin/python bench/train.py --part throughput --device cuda --size llama-1b --seq-len 2048 --compile
     torchrun --nproc_per_node=8 bench/train.py --part throughput --device cuda --strategy fsdp --size large
+    torchrun --standalone --nproc_per_node=1 bench/train.py --part throughput --device cuda \
+        --size medium,large,llama-1b --strategy ddp,fsdp --compile both --batch 4 --seq-len 2048   # bench/gpu.sh
 
 --strategy picks DDP or FSDP (training_image.parallel) when run under torchrun, where the HF loop
-is left out (it is one process's loop); --compile compiles each block (ours and HF's alike), as
-the blocks are what FSDP shards; --micro-batch splits each rank's share of the batch.
+is left out (it is one process's loop), except at one rank: there FSDP shards over a one-rank
+mesh, so one GPU measures FSDP's own costs (bf16 compute from fp32 shards, a gather and a free
+per block) against the HF loop. --compile compiles each block (ours and HF's alike), as the
+blocks are what FSDP shards (`--compile both`: without, then with); --micro-batch splits each
+rank's share of the batch; --batch overrides the product's sequences per step (for both loops).
+--size and --strategy take comma-separated lists, measured in one process (one tokenizer).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import statistics
 import time
 from typing import Callable
@@ -30,7 +38,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from shared.pricing import LLAMA_SHAPES
 from shared.shapes import SIZES, ModelConfig
-from training_image import runtime
+from training_image import parallel, runtime
 from training_image.data import stdlib_corpus, token_windows
 from training_image.evaluate import perplexity
 from training_image.growth import grow
@@ -68,7 +76,9 @@ def hf_loop(model: LlamaForCausalLM, windows: torch.Tensor, plan: TrainPlan, bat
         for _ in range(steps):
             rows = windows[batch_indices(0, done)].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = model(input_ids=rows[:, :-1], labels=rows[:, :-1]).loss  # HF shifts the labels itself
+                # HF shifts the labels itself. No KV cache in training: building one also makes each
+                # compiled layer recompile for its layer index, until dynamo gives up and runs eager.
+                loss = model(input_ids=rows[:, :-1], labels=rows[:, :-1], use_cache=False).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             optimizer.step()
@@ -105,27 +115,37 @@ def peak_flops(device: torch.device) -> float | None:
 def throughput(
     config: ModelConfig, windows: torch.Tensor, seq_len: int, rounds: int, steps: int, device: torch.device,
     ours_bf16: bool | None, hf_bf16: bool, *, strategy: str = "ddp", compile_blocks: bool = False,
-    micro_batch: int | None = None,
+    micro_batch: int | None = None, batch: int | None = None, base: Decoder | None = None,
 ) -> None:
     """Steady-state steps of the product's Trainer.run() against the HF loop, in alternating
     rounds (A B B A A B ...); the figure is the median over rounds of each round's ratio.
-    ours_bf16 None: the Trainer's own choice (autocast_dtype)."""
+    ours_bf16 None: the Trainer's own choice (autocast_dtype). base: the initial weights (copied)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    batch = batch_size_for(config.parameters())
+    batch = batch or batch_size_for(config.parameters())
     batch += (-batch) % world
     plan = TrainPlan(turns=1, cycle_steps=[(rounds + 1) * steps], lr=1e-3, seq_len=seq_len, batch_size=batch)
-    ours = Decoder(config).init_weights(0).train()
+    ours = (copy.deepcopy(base) if base is not None else Decoder(config).init_weights(0)).train()
     if compile_blocks:
         for block in ours.blocks.values():
             block.compile()
+    if strategy == "fsdp" and world == 1:
+        if not dist.is_initialized():
+            raise SystemExit("--strategy fsdp on one process needs a process group: run it under torchrun --nproc_per_node=1")
+        parallel.shard(ours, device)  # a one-rank mesh: the Trainer takes the model as it is
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     trainer = Trainer(ours, windows, None, plan, strategy=strategy, micro_batch=micro_batch, device=device,
                       log=None, autocast=ours_bf16)
     precision = lambda bf16: "bf16 autocast" if bf16 else "fp32"  # noqa: E731
-    print(f"precision: fusion {precision(trainer.autocast)}{' (its default)' if ours_bf16 is None else ''}, "
-          f"HF {precision(hf_bf16)}")
+    ours_precision = precision(trainer.autocast) + (" (its default)" if ours_bf16 is None else "")
+    if trainer.sharded:
+        ours_precision = f"FSDP, {parallel.mixed_precision(device).param_dtype or torch.float32} compute"
+    print(f"precision: fusion {ours_precision}, HF {precision(hf_bf16)}")
     loops = {"fusion": lambda: trainer.run(max_steps=steps)}
+    reference = hf = None
     if world == 1:
-        reference = hf_llama(config).to(device).train()
+        with torch.device(device):  # initialized where it runs: no minutes of CPU init for 1B
+            reference = hf_llama(config).train()
         if compile_blocks:
             for layer in reference.model.layers:
                 layer.compile()
@@ -137,12 +157,18 @@ def throughput(
             measured = _timed(loops[name], device)
             if r:
                 times[name].append(measured)
+    peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    micro = trainer.micro_batch
+    del trainer, ours, loops, reference, hf  # the next measurement gets the GPU's memory whole
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     if runtime.rank() != 0:
         return
     tokens = steps * batch * seq_len
     rate = {name: (statistics.median(tokens / w for w, _ in t), statistics.median(tokens / c for _, c in t)) for name, t in times.items()}
     print(f"throughput on {world} x {_device_name(device)} ({strategy}{', compiled blocks' if compile_blocks else ''}, "
-          f"micro-batches of {trainer.micro_batch}): {config.parameters():,} parameters, batch {batch} x seq_len {seq_len}, "
+          f"micro-batches of {micro}): {config.parameters():,} parameters, batch {batch} x seq_len {seq_len}, "
           f"{rounds} alternating rounds of {steps} steps, torch threads {torch.get_num_threads()}")
     print(f"{'':22s}{'wall tokens/s':>15s}{'CPU-time tokens/s':>20s}   (medians over rounds)")
     print(f"  fusion trainer    {rate['fusion'][0]:15.0f}{rate['fusion'][1]:20.0f}")
@@ -154,6 +180,8 @@ def throughput(
         print(f"  per-round wall ratios: {' '.join(f'{r[0]:.2f}' for r in ratios)}")
         print(f"  per-round CPU ratios:  {' '.join(f'{r[1]:.2f}' for r in ratios)}")
     peak = peak_flops(device)
+    if peak_memory is not None:
+        print(f"  peak GPU memory (both loops) {peak_memory:.1f} GiB; bf16 dense peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
     if device.type == "cuda":
         for name, label in (("fusion", "fusion trainer"), ("hf", "HF Llama + AdamW")):
             if name not in rate:
@@ -186,9 +214,38 @@ def quality(config: ModelConfig, train: torch.Tensor, heldout: torch.Tensor, seq
     print(f"  ratio 2 turns / 1 turn     {results[2][0] / results[1][0]:10.3f}   (must be < 1)")
 
 
+def _listed(allowed):
+    """An argparse type: a comma-separated list of names, each one of `allowed`."""
+    def parse(text: str) -> list[str]:
+        names = [name for name in text.split(",") if name]
+        unknown = [name for name in names if name not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"{','.join(unknown) or text!r}: expected one or more of {', '.join(allowed)}")
+        return names
+
+    return parse
+
+
+def _precisions(args, config: ModelConfig, train: torch.Tensor, device: torch.device, **options) -> None:
+    """throughput() at each precision pairing --precision asks for."""
+    default = autocast_dtype(device) is not None
+    pairs = {"fp32": (False, False), "bf16": (True, True), "default": (None, False)}
+    for name, (ours, hf) in pairs.items():
+        if args.precision not in ("all", name):
+            continue
+        if name == "default" and args.precision == "all" and not default:
+            print("fusion at its default (fp32 on this machine: no bf16 hardware) vs HF at its default (fp32): "
+                  "the fp32 comparison above\n")
+            continue
+        throughput(config, train, args.seq_len, args.rounds, args.steps, device, ours, hf,
+                   micro_batch=args.micro_batch, batch=args.batch, **options)
+        print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="tiny", choices=sorted({**SIZES, **LLAMA_SHAPES}))
+    shapes = {**SIZES, **LLAMA_SHAPES}
+    parser.add_argument("--size", default="tiny", type=_listed(shapes), help=f"one or more of {', '.join(shapes)}, comma-separated")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per loop per round")
@@ -199,9 +256,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads on a CPU, the same for both loops (0: torch's choice)")
     parser.add_argument("--part", default="all", choices=("all", "throughput", "quality"))
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is one")
-    parser.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp"), help="over the ranks of torchrun")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--strategy", default="ddp", type=_listed(("ddp", "fsdp")), help="over the ranks of torchrun: ddp, fsdp or ddp,fsdp")
+    parser.add_argument("--compile", nargs="?", const="on", default="off", choices=("off", "on", "both"),
+                        help="torch.compile each block (both: without, then with)")
     parser.add_argument("--micro-batch", type=int, help="sequences per forward/backward on one rank")
+    parser.add_argument("--batch", type=int, help="sequences per step (default: the product's rule for the size)")
+    parser.add_argument("--corpus-chars", type=int, default=3_000_000, help="characters of stdlib text to tokenize")
     parser.add_argument("--precision", default="all", choices=("all", "fp32", "bf16", "default"),
                         help="throughput: fp32 vs fp32, bf16 vs bf16, ours at its default vs HF at its default (fp32)")
     args = parser.parse_args()
@@ -214,26 +274,21 @@ def main() -> None:
     if device.type == "cuda":
         device = runtime.device()  # this rank's GPU, TF32 on as in the trainer
 
-    corpus = stdlib_corpus(3_000_000)
-    parts = [("throughput", args.size), ("quality", args.quality_size)]
-    for part, size in parts if args.part == "all" else [p for p in parts if p[0] == args.part]:
-        config = {**SIZES, **LLAMA_SHAPES}[size]
-        tokenizer = train_tokenizer(corpus, min(config.vocab_size, 32768))  # ids stay below any vocab
+    corpus = stdlib_corpus(args.corpus_chars)
+    parts = [("throughput", args.size), ("quality", [args.quality_size])]
+    for part, sizes in parts if args.part == "all" else [p for p in parts if p[0] == args.part]:
+        configs = [shapes[size] for size in sizes]
+        tokenizer = train_tokenizer(corpus, min(32768, *(c.vocab_size for c in configs)))  # ids stay below any vocab
         train, heldout = token_windows(tokenizer, corpus, args.seq_len)
         if part == "throughput":
-            default = autocast_dtype(device) is not None
-            pairs = {"fp32": (False, False), "bf16": (True, True), "default": (None, False)}
-            for name, (ours, hf) in pairs.items():
-                if args.precision not in ("all", name):
-                    continue
-                if name == "default" and args.precision == "all" and not default:
-                    print("fusion at its default (fp32 on this machine: no bf16 hardware) vs HF at its default (fp32): "
-                          "the fp32 comparison above\n")
-                    continue
-                throughput(config, train, args.seq_len, args.rounds, args.steps, device, ours, hf,
-                           strategy=args.strategy, compile_blocks=args.compile, micro_batch=args.micro_batch)
-                print()
+            for config in configs:
+                base = Decoder(config).init_weights(0)  # once: copied for each measurement
+                for strategy in args.strategy:
+                    for compile_blocks in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
+                        _precisions(args, config, train, device, strategy=strategy, compile_blocks=compile_blocks, base=base)
+                del base
         else:
+            config = configs[0]
             quality(config, train, heldout, args.seq_len, args.cycles, args.steps_per_cycle, args.lr)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -51,15 +51,35 @@ def _inputs(windows: torch.Tensor) -> torch.Tensor:
     return windows[:, :-1] if windows.shape[1] > 1 else windows
 
 
+def _share(calibration_windows: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the calibration windows: under torchrun every rank is handed the same
+    sample and runs the model on every world-th window of it, the statistics then summed over all
+    ranks (_sum_over_ranks), so each rank chooses from all the windows for 1/world of the work."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return calibration_windows
+    return calibration_windows[dist.get_rank() :: dist.get_world_size()]
+
+
+def _sum_over_ranks(*tensors: torch.Tensor) -> None:
+    """All-reduce (sum) in place: the statistics of every rank's share of the windows. Each
+    statistic is a sum over tokens, so the total is that of one process given all of them (fp64
+    accumulators: equal but for the order of the additions)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in tensors:
+            dist.all_reduce(tensor)
+
+
 def _calibrate(model: Decoder, hooks: list, calibration_windows: torch.Tensor, batch_size: int) -> int:
-    """Run the calibration windows through the blocks in eval mode with the hooks attached; the hooks
-    are removed and the model's mode restored even if a batch fails. Returns the input tokens fed."""
+    """Run this rank's share of the calibration windows through the blocks in eval mode with the
+    hooks attached; the hooks are removed and the model's mode restored even if a batch fails.
+    Returns the input tokens fed (by this rank)."""
     was_training = model.training
     model.eval()
     tokens = 0
     try:
         device = next(model.parameters()).device
-        for batch in _inputs(calibration_windows).split(batch_size):
+        share = _inputs(_share(calibration_windows))
+        for batch in share.split(batch_size) if len(share) else ():  # more ranks than windows: none here
             model.forward_hidden(batch.to(device))
             tokens += batch.numel()
     finally:
@@ -71,21 +91,27 @@ def _calibrate(model: Decoder, hooks: list, calibration_windows: torch.Tensor, b
 
 @torch.no_grad()
 def block_influence(model: Decoder, calibration_windows: torch.Tensor, batch_size: int = CALIBRATION_BATCH) -> dict[str, float]:
-    """1 - mean cosine(input, output) of each block's hidden states over the calibration tokens."""
-    sums = {bid: 0.0 for bid in model.block_ids}
+    """1 - mean cosine(input, output) of each block's hidden states over the calibration tokens
+    (of all ranks, under torchrun)."""
+    ids = model.block_ids
+    device = next(model.parameters()).device
+    # [cosine sum of each block..., tokens], summed on the device in fp64 and read back once.
+    sums = torch.zeros(len(ids) + 1, dtype=torch.float64, device=device)
     hooks = []
 
-    def watch(bid: str):
+    def watch(i: int):
         def hook(module, args, output):
             cos = torch.nn.functional.cosine_similarity(args[0].float(), output.float(), dim=-1)  # (B, T)
-            sums[bid] += cos.sum().item()
+            sums[i] += cos.double().sum()
 
         return hook
 
-    for bid, block in model.blocks.items():
-        hooks.append(block.register_forward_hook(watch(bid)))
-    count = _calibrate(model, hooks, calibration_windows, batch_size)
-    return {bid: 1.0 - s / count for bid, s in sums.items()}
+    for i, block in enumerate(model.blocks.values()):
+        hooks.append(block.register_forward_hook(watch(i)))
+    sums[-1] = _calibrate(model, hooks, calibration_windows, batch_size)
+    _sum_over_ranks(sums)
+    *cosines, count = sums.tolist()
+    return {bid: 1.0 - s / count for bid, s in zip(ids, cosines)}
 
 
 def choose_blocks(influence: dict[str, float], n: int, block_ids: list[str]) -> list[str]:
@@ -136,7 +162,8 @@ class LayerStats:
 
 @torch.no_grad()
 def layer_stats(model: Decoder, calibration_windows: torch.Tensor, block_ids: list[str], batch_size: int = CALIBRATION_BATCH) -> dict[str, LayerStats]:
-    """Activation Grams of the chosen blocks' o_proj and down_proj inputs (fp64 accumulators)."""
+    """Activation Grams of the chosen blocks' o_proj and down_proj inputs (fp64 accumulators),
+    over the calibration tokens of all ranks under torchrun."""
     stats: dict[str, LayerStats] = {}
     hooks = []
 
@@ -169,6 +196,10 @@ def layer_stats(model: Decoder, calibration_windows: torch.Tensor, block_ids: li
         hooks.append(block.mlp.down_proj.register_forward_pre_hook(accumulate(bid, "mlp_gram")))
         hooks.append(block.attn.o_proj.register_forward_pre_hook(accumulate(bid, "attn_gram")))
     _calibrate(model, hooks, calibration_windows, batch_size)
+    for bid in block_ids:  # every rank's share of the windows, in every rank's statistics
+        counts = torch.tensor([stats[bid].tokens, stats[bid].residual], dtype=torch.float64, device=stats[bid].mlp_gram.device)
+        _sum_over_ranks(stats[bid].mlp_gram, stats[bid].attn_gram, counts)
+        stats[bid].tokens, stats[bid].residual = int(counts[0].item()), counts[1].item()
     return stats
 
 

@@ -20,14 +20,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from shared.hf import EXPORT_DIR, INDEX, SINGLE, hf_config, hf_names, padded_config, tensor_shapes
+from shared.hf import EXPORT_DIR, hf_config, hf_names, padded_config, tensor_shapes
 from shared.shapes import ModelConfig
 from training_image.model import Decoder
+from training_image.shards import SHARD_BYTES, write_shards
 from training_image.tokenizer import GENERATION_CONFIG, TextTokenizer, as_text_tokenizer
-
-SHARD_BYTES = 2 * 1024**3
 
 
 def padded_state(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -82,7 +80,7 @@ def export_hf(model: Decoder, tokenizer, out: str | Path, shard_bytes: int = SHA
     text = as_text_tokenizer(tokenizer)
     config = model.config
     tensors = padded_state(config, model.state_dict())
-    _write_shards(tensors, target, shard_bytes)
+    write_shards(tensors, target, shard_bytes)
     eos = text.generation.get("eos_token_id", text.eos_id) if text.generation else text.eos_id
     (target / "config.json").write_text(json.dumps(hf_config(padded_config(config), text.bos_id, eos), indent=2))
     text.save(target / "tokenizer.json")
@@ -90,29 +88,3 @@ def export_hf(model: Decoder, tokenizer, out: str | Path, shard_bytes: int = SHA
         generation = {"bos_token_id": text.bos_id, "eos_token_id": text.eos_id}
         (target / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2))
     return target
-
-
-def _write_shards(tensors: dict[str, torch.Tensor], target: Path, shard_bytes: int) -> None:
-    """Shards of at most shard_bytes each (a larger tensor gets one of its own), in name order;
-    one file needs no index."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensors[name]
-        size += nbytes
-    for stale in list(target.glob("*.safetensors")) + [target / INDEX]:
-        stale.unlink(missing_ok=True)
-    if len(shards) == 1:
-        save_file(shards[0], str(target / SINGLE), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(target / name), metadata={"format": "pt"})
-        weight_map.update({tensor: name for tensor in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (target / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

@@ -7,6 +7,7 @@ contraction in training_image.contract; this module is what the two job types sh
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from shared.settings import (
     ContractSettings,
     TrainSettings,
 )
-from shared.shapes import ModelConfig
+from shared.shapes import ModelConfig, grown_config
 from training_image import parallel, runtime, stopping
 from training_image.contract import (
     HEAL_LR,
@@ -37,9 +38,9 @@ from training_image.contract import (
     contract_blocks,
 )
 from training_image.evaluate import heldout_loss
-from training_image.growth import grow
+from training_image.growth import grow, sources as growth_sources
 from training_image.model import Decoder
-from training_image.modeldir import load_model_dir
+from training_image.modeldir import load_model_dir, open_model_dir
 from training_image.stopping import TrainingStopped
 from training_image.train import Trainer, TrainPlan
 
@@ -75,21 +76,18 @@ def run(root: Path) -> int:
 def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, layout: Layout | None = None) -> TrainMetrics:
     """Grow the base model, train it in turns of cycles, write model/ and metrics.json; the metrics.
 
-    Growth comes before the model is spread over the ranks; under FSDP it stays on the CPU until
-    each unit is sharded onto the device."""
     log = log or runtime.log
     layout = layout or Layout()
     started = time.monotonic()
-    base, tokenizer = _input_model(root)
-    base_config = base.config
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    base_config, tokenizer, model, materialize = grown_model(root / INPUT_MODEL, layout, world_size)
+    config = model.config
     if settings.seq_len > base_config.context_length:
         raise ValueError(f"seq_len={settings.seq_len} exceeds the base model's context length {base_config.context_length}")
     if tokenizer.get_vocab_size() > base_config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, the model only {base_config.vocab_size}")
     data = runtime.prepare_tokens(root, tokenizer, settings.seq_len)
     train_windows, heldout_windows = data.train_windows(), data.heldout_windows()
-    model, config = grow(base, base_config)
-    del base
     device = runtime.device()
     model.train()
     plan = TrainPlan(
@@ -113,6 +111,7 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, la
         activation_checkpointing=layout.activation_checkpointing,
         device=device,
         log=log if runtime.rank() == 0 else None,
+        materialize=materialize,
     )
     log(
         f"training {config.parameters():,} parameters ({base_config.n_layers} -> {config.n_layers} blocks) "
@@ -199,9 +198,31 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
     return metrics
 
 
+INPUT_MODEL = "input/data/model"  # the `model` channel: a model directory or the model.tar.gz the catalog stores
+
+
 def _input_model(root: Path):
-    """The `model` channel's model directory (or the model.tar.gz the catalog stores): (model, tokenizer)."""
-    return load_model_dir(root / "input/data/model")
+    """The `model` channel's model: (model, tokenizer)."""
+    return load_model_dir(root / INPUT_MODEL)
+
+
+def grown_model(source: Path, layout: Layout, world_size: int):
+    """(base config, tokenizer, grown model, materialize) for the trainer.
+
+    Growth comes before the model is spread over the ranks. Where the layout shards it, no rank
+    builds it: the grown model is made on the meta device and, once sharded, each rank reads its
+    own rows of every grown tensor from the base's files (growth is a fixed mapping of the base's
+    tensors, the same on every rank), so no rank ever holds the whole model, base or grown.
+    Otherwise the base is loaded and grown on the CPU (materialize is None)."""
+    if parallel.shards(layout.strategy, world_size):
+        base_config, tokenizer, files, names = open_model_dir(source)
+        with torch.device("meta"):
+            model = Decoder(grown_config(base_config))
+        sources = {name: names[base] if base is not None else None for name, base in growth_sources(base_config).items()}
+        return base_config, tokenizer, model, functools.partial(parallel.load_shards, files=files, sources=sources)
+    base, tokenizer = load_model_dir(source)
+    model, _ = grow(base, base.config)
+    return base.config, tokenizer, model, None
 
 
 def _sizes(before: ModelConfig, after: ModelConfig) -> dict:

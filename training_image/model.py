@@ -173,9 +173,22 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta, scaling=config.rope_scaling)
+        cos, sin = self._rope_tables()
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.config
+        return rope_tables(config.head_dim, config.context_length, config.rope_theta, scaling=config.rope_scaling)
+
+    def reset_buffers(self, device: torch.device | str = "cpu") -> "Decoder":
+        """The rotary tables again, on `device`: what a model built on the meta device lacks once
+        its parameters are real. Computed on the CPU, as __init__ does, so they are bit for bit
+        the tables of a model built there."""
+        with torch.device("cpu"):
+            cos, sin = self._rope_tables()
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        return self
 
     @property
     def block_ids(self) -> list[str]:

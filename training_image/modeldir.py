@@ -1,7 +1,9 @@
-"""Model directories: config.json (the exact ModelConfig), model.safetensors, tokenizer.json,
+"""Model directories: config.json (the exact ModelConfig), the weights, tokenizer.json,
 tokenizer_config.json, generation_config.json when the source had one, metrics.json.
 
 Weights are stored in the config's dtype (bf16 stays bf16); a loaded model is fp32 for training.
+They are model.safetensors, or shards with their index once they exceed the shard size
+(training_image.shards); every reader takes both.
 
 A directory is written whole into a temporary sibling and then renamed into place, so a crash
 mid-write never leaves a directory that loads wrong. Where the target already exists (SageMaker
@@ -19,21 +21,25 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_file
+from safetensors import safe_open
 from tokenizers import Tokenizer
 
+from shared.hf import INDEX, SINGLE, hf_names, shard_files, tensor_shapes
 from shared.shapes import ModelConfig
 from training_image.model import Decoder
+from training_image.shards import SHARD_BYTES, write_shards
 from training_image.tokenizer import GENERATION_CONFIG, TOKENIZER_CONFIG, TextTokenizer, as_text_tokenizer, load_tokenizer
 
-CONFIG, WEIGHTS, TOKENIZER, METRICS = "config.json", "model.safetensors", "tokenizer.json", "metrics.json"
+CONFIG, TOKENIZER, METRICS = "config.json", "tokenizer.json", "metrics.json"
+WEIGHTS = SINGLE  # the weights in one file; past SHARD_BYTES, shards listed in INDEX
 ARCHIVE = "model.tar.gz"
 
 
 def save_model_dir(
-    path: str | Path, model: Decoder, tokenizer: Tokenizer | TextTokenizer, metrics: dict | None = None
+    path: str | Path, model: Decoder, tokenizer: Tokenizer | TextTokenizer, metrics: dict | None = None,
+    shard_bytes: int = SHARD_BYTES,
 ) -> Path:
-    return save_state_dir(path, model.config, model.state_dict(), tokenizer, metrics)
+    return save_state_dir(path, model.config, model.state_dict(), tokenizer, metrics, shard_bytes)
 
 
 def save_state_dir(
@@ -42,13 +48,14 @@ def save_state_dir(
     state: dict[str, torch.Tensor],
     tokenizer: Tokenizer | TextTokenizer,
     metrics: dict | None = None,
+    shard_bytes: int = SHARD_BYTES,
 ) -> Path:
     """A model directory from a state dict of our names (what a Decoder of `config` holds)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        save_weights(state, config, staging / WEIGHTS)
+        save_weights(state, config, staging, shard_bytes)
         as_text_tokenizer(tokenizer).save(staging / TOKENIZER)
         if metrics is not None:
             (staging / METRICS).write_text(json.dumps(metrics, indent=2))
@@ -56,24 +63,61 @@ def save_state_dir(
         if not target.exists():
             os.rename(staging, target)
             return target
-        for name in (WEIGHTS, TOKENIZER, TOKENIZER_CONFIG, GENERATION_CONFIG, METRICS, CONFIG):
+        # New shards first, then their index (or the single file), then the stale weights go:
+        # until config.json is replaced last, the index found names a complete set of files.
+        weights = sorted(p.name for p in staging.glob("*.safetensors"))
+        for name in [*weights, INDEX, TOKENIZER, TOKENIZER_CONFIG, GENERATION_CONFIG, METRICS]:
             if (staging / name).exists():
                 _replace_file(staging / name, target / name)
+        if not (staging / INDEX).exists():
+            (target / INDEX).unlink(missing_ok=True)
+        for stale in target.glob("*.safetensors"):
+            if stale.name not in weights:
+                stale.unlink()
+        _replace_file(staging / CONFIG, target / CONFIG)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def save_weights(state: dict[str, torch.Tensor], config: ModelConfig, path: Path) -> None:
+def save_weights(state: dict[str, torch.Tensor], config: ModelConfig, directory: Path, shard_bytes: int = SHARD_BYTES) -> None:
     """The weights on CPU in the config's dtype, whatever the training device, so every reader
-    agrees; a tied lm_head is stored once, as the embedding."""
+    agrees, in one file or in shards of shard_bytes; a tied lm_head is stored once, as the embedding."""
     dtype = getattr(torch, config.dtype)
     tensors = {
         name: tensor.detach().to("cpu", dtype).contiguous()
         for name, tensor in state.items()
         if not (config.tie_embeddings and name == "lm_head.weight")
     }
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    write_shards(tensors, directory, shard_bytes)
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a model directory: the shards its index lists, or the one file."""
+    index = json.loads((directory / INDEX).read_text()) if (directory / INDEX).is_file() else None
+    files = [directory / name for name in shard_files(index)]
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing" + (f" ({INDEX} lists it)" if index is not None else ""))
+    return files
+
+
+def load_weights(model: Decoder, directory: Path) -> None:
+    """The directory's weights into `model` (converted to its dtype), one shard at a time, so the
+    host holds the model and at most one shard's tensors besides."""
+    expected = set(model.state_dict())
+    if model.config.tie_embeddings:
+        expected.discard("lm_head.weight")
+    found: set[str] = set()
+    for file in weight_files(directory):
+        with safe_open(str(file), framework="pt") as tensors:
+            state = {name: tensors.get_tensor(name) for name in tensors.keys()}
+        found |= state.keys()
+        model.load_state_dict({name: t for name, t in state.items() if name in expected}, strict=False)
+        del state
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise ValueError(f"the weights in {directory} do not match its config.json: missing {missing}, unexpected {unexpected}")
 
 
 def _replace_file(source: Path, destination: Path) -> None:
@@ -91,10 +135,24 @@ def load_model_dir(path: str | Path) -> tuple[Decoder, Tokenizer]:
         directory = import_hf(directory, Path(tempfile.mkdtemp(prefix="fusion-import-")) / "model")
     config = ModelConfig.model_validate_json((directory / CONFIG).read_text())
     model = Decoder(config)
-    missing, unexpected = load_model(model, str(directory / WEIGHTS), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{directory / WEIGHTS} does not match its config.json: missing {missing}, unexpected {unexpected}")
+    load_weights(model, directory)
     return model, load_tokenizer(directory / TOKENIZER)
+
+
+def open_model_dir(path: str | Path) -> tuple[ModelConfig, Tokenizer, list[Path], dict[str, str]]:
+    """(config, tokenizer, the safetensors files, our tensor name -> its name in them), no weight
+    read: for a reader that takes only its part of each tensor. A Hugging Face folder is read as
+    it is (its tensors are ours renamed), not imported into a directory first."""
+    directory = find_model_dir(path)
+    if is_hf_folder(directory):
+        from training_image.hf import read_folder_config, read_tokenizer
+
+        config, files = read_folder_config(directory)
+        tokenizer = read_tokenizer(directory, json.loads((directory / CONFIG).read_text()))
+        return config, tokenizer, files, hf_names(config)
+    config = ModelConfig.model_validate_json((directory / CONFIG).read_text())
+    names = {name: name for name in tensor_shapes(config)}
+    return config, load_tokenizer(directory / TOKENIZER), weight_files(directory), names
 
 
 def is_hf_folder(directory: Path) -> bool:

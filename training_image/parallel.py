@@ -9,37 +9,58 @@ couple of gathered units. On CUDA the gathered weights are bf16 (compute) and gr
 reduced in fp32 onto the fp32 shards the optimizer steps (master weights); on a CPU everything
 stays fp32, so a sharded run computes what one process computes.
 
-Growth happens before any of this (the trainer wraps the grown model), and what leaves the
-trainer — the final weights — is gathered back into one full state dict (`full_model`).
+Growth happens before any of this (the trainer wraps the grown model). A sharded model may come
+on the meta device: once sharded, each rank allocates its shard and fills it (`load_shards`
+reads its rows of the base's files), so none holds the whole model. What leaves the trainer —
+the final weights — is gathered back into one full state dict (`full_model`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 from torch.utils.checkpoint import checkpoint
 
 from shared.memory import Strategy
 from training_image.model import Decoder
 
 
+Materialize = Callable[[Decoder], None]
+
+
+def shards(strategy: Strategy, world_size: int) -> bool:
+    """Whether `wrap` shards the model (FSDP over more than one rank)."""
+    return strategy == "fsdp" and world_size > 1
+
+
 def wrap(
-    model: Decoder, *, strategy: Strategy, activation_checkpointing: bool, world_size: int, device: torch.device
+    model: Decoder, *, strategy: Strategy, activation_checkpointing: bool, world_size: int, device: torch.device,
+    materialize: Materialize | None = None,
 ) -> nn.Module:
     """The module the training step calls: `model` itself on one process, DDP over it, or `model`
     sharded in place (FSDP). `model` may still be on the CPU under FSDP: each unit moves to
-    `device` as it is sharded, so no rank ever holds the whole model there."""
+    `device` as it is sharded, so no rank ever holds the whole model there.
+
+    `materialize`: `model` is on the meta device (no storage at all); once sharded, each rank
+    allocates its own part on `device` and this fills it (load_shards), as torchtitan does. A
+    rank then never holds more of the model than its shard, on the host or on the device."""
     if activation_checkpointing:
         checkpoint_blocks(model)
-    if strategy == "fsdp" and world_size > 1:
-        return shard(model, device)
+    if shards(strategy, world_size):
+        network = shard(model, device)
+        if materialize is not None:
+            _materialize(model, device, materialize)
+        return network
+    if materialize is not None:
+        _materialize(model, device, materialize)
     model.to(device)
     if world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -65,6 +86,51 @@ def checkpoint_blocks(model: Decoder) -> None:
             return checkpoint(_inner, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
         block.forward = recomputed
+
+
+@torch.no_grad()
+def _materialize(model: Decoder, device: torch.device, materialize: Materialize) -> None:
+    model.to_empty(device=device)  # uninitialized storage for this rank's part (a DTensor's local shard)
+    if model.config.tie_embeddings and model.lm_head.weight is not model.embed.weight:
+        model.lm_head.weight = model.embed.weight  # to_empty gives each module its own tensor
+    materialize(model)
+    model.reset_buffers(device)
+
+
+def _rows(parameter: torch.Tensor) -> tuple[int, int]:
+    """The rows [start, stop) of the whole tensor that this rank holds of `parameter`: all of a
+    plain tensor; of FSDP's Shard(0) over one mesh dimension, the rank's torch.chunk of dim 0."""
+    if not isinstance(parameter, DTensor):
+        return 0, parameter.shape[0]
+    if len(parameter.placements) != 1 or parameter.placements[0] != Shard(0):
+        raise ValueError(f"cannot load a parameter placed as {parameter.placements}: FSDP's Shard(0) expected")
+    n, world = parameter.shape[0], parameter.device_mesh.size()
+    chunk = -(-n // world)
+    start = min(parameter.device_mesh.get_local_rank() * chunk, n)
+    return start, min(start + chunk, n)
+
+
+def load_shards(model: Decoder, files: list[Path], sources: dict[str, str | None]) -> None:
+    """Fill each parameter of `model` with its rows of the tensor `sources` names for it in the
+    safetensors `files` (None: zeros) — only those rows, as the files are read in place
+    (memory-mapped), never a whole tensor per rank."""
+    from safetensors import safe_open
+
+    with contextlib.ExitStack() as stack:
+        opened = [stack.enter_context(safe_open(str(path), framework="pt")) for path in files]
+        where = {name: file for file in opened for name in file.keys()}
+        for name, parameter in model.named_parameters():
+            local = parameter.to_local() if isinstance(parameter, DTensor) else parameter
+            start, stop = _rows(parameter)
+            if stop - start != local.shape[0]:
+                raise RuntimeError(f"{name}: rows {start}:{stop} of {tuple(parameter.shape)}, but the shard holds {local.shape[0]}")
+            source = sources[name]
+            if source is None:
+                local.zero_()
+            elif source not in where:
+                raise ValueError(f"the weights in {files[0].parent} lack {source} (for {name})")
+            else:
+                local.copy_(where[source].get_slice(source)[start:stop])
 
 
 def mixed_precision(device: torch.device) -> MixedPrecisionPolicy:
@@ -123,6 +189,10 @@ def full_model(model: Decoder) -> Decoder | None:
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
-    whole = Decoder(model.config)
-    whole.load_state_dict({name: tensor.to(torch.float32) for name, tensor in state.items()})
-    return whole
+    # The gathered tensors become the model's own (no second copy of the whole model on the host).
+    with torch.device("meta"):
+        whole = Decoder(model.config)
+    whole.load_state_dict({name: tensor.to(torch.float32) for name, tensor in state.items()}, assign=True)
+    if model.config.tie_embeddings:
+        whole.lm_head.weight = whole.embed.weight
+    return whole.reset_buffers()

@@ -16,6 +16,7 @@ from shared.shapes import batch_size_for
 from training_image import tokens
 from training_image.export import EXPORT_DIR, export_hf
 from training_image.modeldir import METRICS, save_model_dir
+from training_image.shards import SHARD_BYTES
 
 FAILURE_LIMIT = 1024  # SageMaker keeps about this much of output/failure as FailureReason
 # How long a rank waits in a collective for the others before failing the job (NCCL's default is
@@ -94,13 +95,13 @@ def log(line: str) -> None:
     print(line, flush=True)
 
 
-def write_outputs(root: Path, model, tokenizer, metrics: Metrics) -> None:
+def write_outputs(root: Path, model, tokenizer, metrics: Metrics, shard_bytes: int = SHARD_BYTES) -> None:
     """The model directory in model/ with its transformers export in model/hf/, and metrics.json
     again in output/data/ (SageMaker packs that folder into the small output.tar.gz the events
-    function reads)."""
+    function reads). The weights of both are safetensors shards of shard_bytes at most."""
     document = metrics.model_dump(mode="json")
-    save_model_dir(root / "model", model, tokenizer, document)
-    export_hf(model, tokenizer, root / "model" / EXPORT_DIR)
+    save_model_dir(root / "model", model, tokenizer, document, shard_bytes)
+    export_hf(model, tokenizer, root / "model" / EXPORT_DIR, shard_bytes)
     output = root / "output/data"
     output.mkdir(parents=True, exist_ok=True)
     (output / METRICS).write_text(json.dumps(document, indent=2))

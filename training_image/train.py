@@ -143,9 +143,12 @@ class Trainer:
         device: torch.device | None = None,
         autocast: bool | None = None,
         log: Callable[[str], None] | None = print,
+        materialize: parallel.Materialize | None = None,
     ):
         """`autocast`: bf16 autocast on (True) or off (False); by default where autocast_dtype()
-        finds the hardware for it. Norms, rotary angles and the loss stay fp32 either way."""
+        finds the hardware for it. Norms, rotary angles and the loss stay fp32 either way.
+        `materialize`: `model` is on the meta device, and this fills its parameters once they are
+        laid out on the ranks (parallel.wrap)."""
         if train_windows.shape[1] != plan.seq_len + 1:
             raise ValueError(f"windows hold {train_windows.shape[1]} tokens, expected seq_len+1={plan.seq_len + 1}")
         self.model = model
@@ -170,9 +173,11 @@ class Trainer:
         self.rank_batch = plan.batch_size // self.world_size
         self.micro_batch = _largest_divisor_at_most(self.rank_batch, micro_batch or self.rank_batch)
         self.device = device or next(model.parameters()).device
+        if self.device.type == "meta":
+            raise ValueError("a model on the meta device trains on the device given as device=")
         self.network: nn.Module = parallel.wrap(
             model, strategy=strategy, activation_checkpointing=activation_checkpointing,
-            world_size=self.world_size, device=self.device,
+            world_size=self.world_size, device=self.device, materialize=materialize,
         )
         self.sharded = parallel.is_sharded(self.network)
         self.sharded_checkpoints = self.sharded  # also once resumed from one (another world size)

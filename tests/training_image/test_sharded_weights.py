@@ -1,0 +1,102 @@
+"""Weights past the shard size are written as safetensors shards with their index, read back by
+every reader, and a sharded (FSDP) run writes the very tensors one process writes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors import safe_open
+from tokenizers import Tokenizer
+
+from shared.hf import INDEX, SINGLE
+from shared.shapes import SIZES
+from training_image import parallel, runtime
+from training_image.hf import import_hf
+from training_image.model import Decoder
+from training_image.modeldir import load_model_dir, save_model_dir
+from training_image.train import Trainer, TrainPlan
+
+from .conftest import free_port, small_config
+
+TINY_SHARD = 20_000  # bytes: the debug model in several shards
+PLAN = TrainPlan(turns=1, cycle_steps=[3], lr=3e-3, seq_len=16, batch_size=4, seed=1)
+
+
+def _tensors(directory) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as tensors:
+            out.update({name: tensors.get_tensor(name) for name in tensors.keys()})
+    return out
+
+
+def test_a_model_past_the_shard_size_is_written_in_shards_and_loads_back_bit_identical(tmp_path, tokenizer):
+    model = Decoder(small_config(dtype="bfloat16", tie_embeddings=True)).init_weights(2)
+    directory = save_model_dir(tmp_path / "model", model, tokenizer, shard_bytes=TINY_SHARD)
+    shards = sorted(p.name for p in directory.glob("*.safetensors"))
+    index = json.loads((directory / INDEX).read_text())
+    assert len(shards) > 2 and not (directory / SINGLE).exists()
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert sorted(set(index["weight_map"].values())) == shards
+    loaded, _ = load_model_dir(directory)
+    expected = {name: t.to(torch.bfloat16).float() for name, t in model.state_dict().items()}
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    assert loaded.lm_head.weight is loaded.embed.weight
+    # Written again in place as one file: the stale shards and index go, the rest loads as before.
+    save_model_dir(directory, loaded, tokenizer)
+    assert sorted(p.name for p in directory.glob("*.safetensors")) == [SINGLE] and not (directory / INDEX).exists()
+    again, _ = load_model_dir(directory)
+    for name, tensor in again.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_a_missing_shard_is_named(tmp_path, tokenizer):
+    directory = save_model_dir(tmp_path / "model", Decoder(SIZES["debug"]).init_weights(0), tokenizer, shard_bytes=TINY_SHARD)
+    second = sorted(directory.glob("model-*.safetensors"))[1]
+    second.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{second.name}.*{INDEX}"):
+        load_model_dir(directory)
+
+
+def _outputs(root, tokenizer_file: str) -> None:
+    """Train PLAN on the debug model (sharded when under a process group) and write the outputs."""
+    windows = torch.randint(0, SIZES["debug"].vocab_size, (16, PLAN.seq_len + 1), generator=torch.Generator().manual_seed(4))
+    model = Decoder(SIZES["debug"]).init_weights(0)
+    trainer = Trainer(model, windows, None, PLAN, strategy="fsdp", log=None)
+    trainer.run()
+    whole = parallel.full_model(trainer.model)
+    if runtime.rank() == 0:
+        runtime.write_outputs(root, whole, Tokenizer.from_file(tokenizer_file), {"ranks": trainer.world_size}, TINY_SHARD)
+
+
+def _worker(rank: int, world_size: int, port: int, root, tokenizer_file: str) -> None:
+    torch.set_num_threads(1)
+    os.environ["LOCAL_RANK"] = str(rank)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        _outputs(root, tokenizer_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_sharded_run_at_two_ranks_writes_the_tensors_of_one_process(tmp_path, tokenizer):
+    tokenizer_file = str(tmp_path / "tokenizer.json")
+    tokenizer.save(tokenizer_file)
+    _outputs(tmp_path / "one", tokenizer_file)
+    mp.spawn(_worker, args=(2, free_port(), tmp_path / "two", tokenizer_file), nprocs=2, join=True)
+    for folder in ("model", "model/hf"):
+        one, two = _tensors(tmp_path / "one" / folder), _tensors(tmp_path / "two" / folder)
+        assert len(list((tmp_path / "two" / folder).glob("*.safetensors"))) > 2
+        assert sorted(two) == sorted(one)
+        for name, tensor in one.items():  # 3 AdamW steps apart by fp32 rounding only (as in test_fsdp)
+            torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert json.loads((tmp_path / "two/model/metrics.json").read_text()) == {"ranks": 2}
+    # The export, in shards, imports back to the model directory's tensors.
+    imported = _tensors(import_hf(tmp_path / "two/model/hf", tmp_path / "imported"))
+    assert all(torch.equal(imported[name], t) for name, t in _tensors(tmp_path / "two/model").items())
