@@ -74,8 +74,7 @@ def run(root: Path) -> int:
 
 
 def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, layout: Layout | None = None) -> TrainMetrics:
-    """Grow the base model, train it in turns of cycles, write model/ and metrics.json; the metrics.
-
+    """Grow the base model, train it in turns of cycles, write model/ and metrics.json; the metrics."""
     log = log or runtime.log
     layout = layout or Layout()
     started = time.monotonic()
