@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
+from shared.contracts import TrainMetrics
 from shared.hf import INDEX, SINGLE
 from shared.shapes import SIZES
 from training_image import parallel, runtime
@@ -72,7 +73,13 @@ def _outputs(root, tokenizer_file: str) -> None:
     trainer.run()
     whole = parallel.full_model(trainer.model)
     if runtime.rank() == 0:
-        runtime.write_outputs(root, whole, Tokenizer.from_file(tokenizer_file), {"ranks": trainer.world_size}, TINY_SHARD)
+        config = SIZES["debug"]
+        metrics = TrainMetrics(job_type="train", job_id=f"ranks-{trainer.world_size}", config=config,
+                               parameters_before=config.parameters(), parameters_after=config.parameters(),
+                               depth_before=config.n_layers, depth_after=config.n_layers, training_tokens=0,
+                               tokens_processed=0, tokens_per_second=0.0, wall_time_s=0.0, cycles=[],
+                               final_perplexity=None, sequences_per_step=PLAN.batch_size)
+        runtime.write_outputs(root, whole, Tokenizer.from_file(tokenizer_file), metrics, TINY_SHARD)
 
 
 def _worker(rank: int, world_size: int, port: int, root, tokenizer_file: str) -> None:
@@ -96,7 +103,7 @@ def test_a_sharded_run_at_two_ranks_writes_the_tensors_of_one_process(tmp_path, 
         assert sorted(two) == sorted(one)
         for name, tensor in one.items():  # 3 AdamW steps apart by fp32 rounding only (as in test_fsdp)
             torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
-    assert json.loads((tmp_path / "two/model/metrics.json").read_text()) == {"ranks": 2}
+    assert json.loads((tmp_path / "two/model/metrics.json").read_text())["job_id"] == "ranks-2"  # rank 0 wrote it
     # The export, in shards, imports back to the model directory's tensors.
     imported = _tensors(import_hf(tmp_path / "two/model/hf", tmp_path / "imported"))
     assert all(torch.equal(imported[name], t) for name, t in _tensors(tmp_path / "two/model").items())
