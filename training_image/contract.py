@@ -406,7 +406,7 @@ def _allot_joint(head_options: list[list[tuple[int, float, tuple[int, int]]]], u
 
 
 def plan_cuts(model: Decoder, chosen: list[str], ratio: float, stats: dict[str, LayerStats], method: Method = "activation",
-              seed: int = 0) -> dict[str, LayerCut]:
+              seed: int = 0, even: bool = False) -> dict[str, LayerCut]:
     """What each chosen block keeps at `ratio`.
 
     The size is the setting's: the chosen layers lose round(ratio x F) MLP units and
@@ -416,7 +416,8 @@ def plan_cuts(model: Decoder, chosen: list[str], ratio: float, stats: dict[str, 
     of parameters, but chooses what goes by the output error it causes (structured OBS on the
     calibration Grams, relative to the residual stream the layer writes into) and allots the
     parameters across the layers and between attention and MLP by that error, so a layer, or a
-    half of one, whose removal costs little gives more.
+    half of one, whose removal costs little gives more. `even`: ours chooses what goes, but in
+    the baselines' counts (to measure what the allotment adds).
     """
     generator = torch.Generator().manual_seed(seed)
     config = model.config
@@ -447,7 +448,7 @@ def plan_cuts(model: Decoder, chosen: list[str], ratio: float, stats: dict[str, 
             unit_orders[bid] = (_unit_scores(block, method, generator).argsort().tolist(), None)
             head_options[bid] = _scored_heads(block, shape, method, generator)
 
-    if method == "activation":
+    if method == "activation" and not even:
         target = sum(3 * config.dim * n + head_parameters(shapes[b], k, s) for b, n, (k, s) in zip(chosen, even_units, even_heads))
         options = [[(head_parameters(shapes[b], k, s), error / stats[b].residual, (k, s))
                     for (k, s), (error, _) in head_options[b].items()] for b in chosen]
@@ -529,15 +530,17 @@ def contract_blocks(
     refit: bool = True,
     seed: int = 0,
     stats: dict[str, LayerStats] | None = None,
+    even: bool = False,
 ) -> tuple[Decoder, ModelConfig]:
     """Shrink the given blocks by `ratio` with the given method; a new model, the source untouched.
 
     `refit` (every method) refits the kept output-projection columns by least squares on the
     calibration activations. `stats`: layer_stats(model, calibration, chosen) when already at hand.
+    `even`: see plan_cuts.
     """
     if stats is None:
         stats = layer_stats(model, calibration, chosen) if method == "activation" or refit else {}
-    cuts = plan_cuts(model, chosen, ratio, stats, method, seed)
+    cuts = plan_cuts(model, chosen, ratio, stats, method, seed, even)
     layers = [cuts[bid].shape() if bid in cuts else layer for layer, bid in zip(config.layers, config.ids())]
     new_config = config.model_copy(update={"layers": layers})
     device = next(model.parameters()).device
