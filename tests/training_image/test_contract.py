@@ -77,6 +77,7 @@ def test_ours_removes_the_parameters_the_baselines_do_and_ratios_give_distinct_s
     assert abs(config.parameters() - even.parameters()) <= 3 * debug_model.config.dim / 2
     assert [b for b, l, o in zip(config.ids(), config.layers, debug_model.config.layers) if l != o] == chosen
     assert ours(train[:1, :-1]).isfinite().all()
+    assert contract_blocks(debug_model, debug_model.config, train[:8], ratio, chosen, even=True)[1] == even
     smaller, _ = contract_blocks(debug_model, debug_model.config, train[:8], ratio + 0.2, chosen, method="magnitude")
     assert smaller.parameter_count() < even.parameters() < debug_model.config.parameters()
 
