@@ -2,9 +2,12 @@
 
 Trains a `tiny` source (12 blocks) with the product's Trainer on the English corpus split by file
 (bench/corpus.py), then contracts 8 of its blocks at ratios 0.25, 0.5 and 0.75 with the product's
-own code (training_image.contract). Every method removes the same totals of MLP units and query
-heads from the same blocks (chosen by Block Influence) and gets the same least-squares refit of
-the kept output-projection columns; each is also shown without the refit. Prints held-out
+own code (training_image.contract). Every method removes the same number of parameters from
+the same blocks (chosen by Block Influence) and gets the same least-squares refit of the kept
+output-projection columns; each is also shown without the refit. The baselines remove ratio of
+every block's MLP units and query heads; ours allots the same parameters across the blocks and
+between attention and MLP by measured damage (shown too with its own choice of what goes but
+the baselines' counts, to tell the allotment's part from the selection's). Prints held-out
 perplexity (files never trained on) before and after healing with 1% of the source's training
 tokens, healing by distillation from the source (the product's default) and, for ours, by the
 language-model loss alone and by both.
@@ -89,6 +92,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heldout", type=int, default=128, help="held-out windows of 256 tokens")
     parser.add_argument("--source", default=None, help="model dir to reuse, or to save the trained source in")
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy 2-core machine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,24 +125,33 @@ def main() -> int:
               f"{'healed (KL)':>11} {'rise':>8}")
     print(header)
     print("-" * len(header))
-    variants = [("ours + refit", "activation", True, [0]), ("magnitude + refit", "magnitude", True, [0]),
-                ("random + refit (3 seeds)", "random", True, list(RANDOM_SEEDS)), ("ours, no refit", "activation", False, [0]),
-                ("magnitude, no refit", "magnitude", False, [0])]
-    for ratio in RATIOS:
+    full = next(l for bid, l in zip(model.config.ids(), model.config.layers) if bid == chosen[0])
+    print(f"{'':>5} {model.config.parameters():>13,} source (block: query heads/kv heads/MLP units {full.n_heads}/{full.n_kv_heads}/{full.mlp_hidden})")
+    # (name, method, refit, seeds, even counts, healed too)
+    variants = [("ours + refit", "activation", True, [0], False, True), ("magnitude + refit", "magnitude", True, [0], False, True),
+                ("random + refit (3 seeds)", "random", True, list(RANDOM_SEEDS), False, True),
+                ("ours, no refit", "activation", False, [0], False, True), ("magnitude, no refit", "magnitude", False, [0], False, True),
+                ("ours in even counts + refit", "activation", True, [0], True, False)]
+    for ratio in args.ratios:
         results, ours_model = {}, None
-        for name, method, refit, seeds in variants:
+        for name, method, refit, seeds, even, heals in variants:
             pruned, after, sizes = [], [], set()
             for seed in seeds:
                 new, config = contract_blocks(model, model.config, calibration, ratio, chosen, method=method, refit=refit,
-                                              seed=seed, stats=stats)
+                                              seed=seed, stats=stats, even=even)
                 sizes.add(config.parameters())
                 pruned.append(perplexity(new, heldout))
-                after.append(healed(new, "kl"))
+                if heals:
+                    after.append(healed(new, "kl"))
                 if name == "ours + refit":
                     ours_model = new
-            results[name] = (statistics.mean(pruned), statistics.mean(after))
+            results[name] = (statistics.mean(pruned), statistics.mean(after) if after else math.nan)
+            healed_text = f"{results[name][1]:>11.3f} {rise(results[name][1]):>+7.2f}%" if after else f"{'':>11} {'':>8}"
             print(f"{ratio:>5} {'/'.join(f'{s:,}' for s in sorted(sizes)):>13} {name:<26} {results[name][0]:>10.3f} "
-                  f"{rise(results[name][0]):>+7.2f}% {results[name][1]:>11.3f} {rise(results[name][1]):>+7.2f}%", flush=True)
+                  f"{rise(results[name][0]):>+7.2f}% {healed_text}", flush=True)
+        kept = [(bid, layer) for bid, layer in zip(ours_model.config.ids(), ours_model.config.layers) if bid in chosen]
+        print(f"{'':>5} {'':>13} ours keeps (block: query heads/kv heads/MLP units) "
+              + " ".join(f"{bid}:{l.n_heads}/{l.n_kv_heads}/{l.mlp_hidden}" for bid, l in kept))
         for loss in ("lm", "kl+lm"):
             ppl = healed(ours_model, loss)
             print(f"{'':>5} {'':>13} {'ours + refit, heal ' + loss:<26} {'':>10} {'':>8} {ppl:>11.3f} {rise(ppl):>+7.2f}%", flush=True)

@@ -8,12 +8,15 @@ run, gradient clipping at 1. The product runs its own schedule: the run cut into
 setting asks for, each with its warm-up and decay.
 
 Prints the held-out perplexity of both and the ratio product / reference (goal <= 1.02) at each
-setting, then the product under bf16 autocast against the product in fp32 at equal tokens (goal:
-within 1%).
+setting. With --bf16 it then trains the product under bf16 autocast against the product in fp32
+at equal tokens (goal: within 1%). The product uses bf16 only where the hardware has it (CUDA,
+CPUs with AVX512-BF16 or AMX); on a CPU without it the comparison still runs, with bf16
+emulated (several times slower), and the output says so.
 
-    .venv/bin/python bench/quality.py      # ~10 CPU minutes a run at 1 thread, 10 runs (bf16 is slow without bf16 hardware)
-    .venv/bin/python bench/quality.py --batch 8 --seq-len 128 --steps 120 --only 0 2 --precision-setting -1   # ~2 min a run
-    .venv/bin/python bench/quality.py --size debug --batch 8 --seq-len 128 --steps 120 --only --precision-setting 0
+    .venv/bin/python bench/quality.py      # ~10 CPU minutes a run at 1 thread, 8 runs
+    .venv/bin/python bench/quality.py --only 0 --bf16    # one setting, then bf16 against fp32 there
+    .venv/bin/python bench/quality.py --batch 8 --seq-len 128 --steps 120 --only 0 2   # ~2 min a run
+    .venv/bin/python bench/quality.py --size debug --batch 8 --seq-len 128 --steps 120 --only --bf16
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from training_image.evaluate import perplexity
 from training_image.growth import grow
 from training_image.model import Decoder
 from training_image.tokenizer import train_tokenizer
-from training_image.train import ADAM_BETAS, GRAD_CLIP, MIN_LR_RATIO, Trainer, TrainPlan
+from training_image.train import ADAM_BETAS, GRAD_CLIP, MIN_LR_RATIO, Trainer, TrainPlan, autocast_dtype
 
 GOAL_RATIO, GOAL_PRECISION = 1.02, 0.01
 # (label, cycles in the run, peak lr): one short cycle, and the default 6 cycles scaled down,
@@ -75,6 +78,7 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--heldout", type=int, default=128, help="held-out windows")
     parser.add_argument("--only", type=int, nargs="*", help="indices of SETTINGS to run (default all)")
+    parser.add_argument("--bf16", action="store_true", help="also compare bf16 autocast with fp32 (the product's two precisions)")
     parser.add_argument("--precision-setting", type=int, default=0, help="the SETTINGS index bf16 is compared at (-1: none)")
     parser.add_argument("--precision-steps", type=int, default=None,
                         help="steps of the bf16 / fp32 pair (default --steps; bf16 is slow on a CPU without bf16 hardware)")
@@ -119,9 +123,13 @@ def main() -> int:
         ratio = ours / theirs
         print(f"{label:<20} {ours:>9.2f} {theirs:>10.2f} {ratio:>7.3f}   ({ours_s:.0f} s, {theirs_s:.0f} s)", flush=True)
         verdicts.append((f"{label}: product / reference {ratio:.3f} <= {GOAL_RATIO}", ratio <= GOAL_RATIO))
-    if 0 <= args.precision_setting < len(SETTINGS):
+    native = autocast_dtype(torch.device("cpu")) is not None
+    if not args.bf16:
+        print(f"\nbf16 autocast against fp32: not run (--bf16 runs it; this CPU "
+              f"{'has bf16 hardware, where the product trains in bf16' if native else 'has no AVX512-BF16 or AMX: the product trains in fp32 here'})")
+    elif 0 <= args.precision_setting < len(SETTINGS):
         setting, steps = SETTINGS[args.precision_setting], args.precision_steps or args.steps
-        label = f"{setting[0]}, {steps} steps"
+        label = f"{setting[0]}, {steps} steps{'' if native else ', bf16 emulated: this CPU has no AVX512-BF16 or AMX'}"
         fp32, fp32_s = product(setting, autocast=False, steps=steps)
         bf16, bf16_s = product(setting, autocast=True, steps=steps)
         change = bf16 / fp32 - 1

@@ -3,14 +3,16 @@
 1. Block Influence (1 - mean cosine between a block's input and output hidden states, on a
    calibration sample) ranks how much each block changes the residual stream.
 2. The `n` least influential blocks are picked, sparing the first and last while depth allows.
-3. The chosen blocks lose, in total, `ratio` of their MLP hidden units and of their query heads
-   (a KV group goes only with the last of its query heads; kept groups keep equal numbers of
-   heads, as grouped-query attention needs). What goes is picked by the damage it does to the
-   layer's output on the calibration sample: with the Gram matrix G of an output projection's
-   inputs, removing columns b and re-solving the others by least squares costs
-   tr(W_b ((G^-1)_bb)^-1 W_b^T), and a greedy removal with the Optimal Brain Surgeon updates
-   picks the cheapest unit or head one at a time. The totals are allotted across the chosen
-   layers by that damage relative to the residual stream each layer writes into.
+3. The chosen blocks lose, in total, the parameters that `ratio` of their MLP hidden units and
+   of their query heads hold (a KV group goes only with the last of its query heads; kept groups
+   keep equal numbers of heads, as grouped-query attention needs). What goes is picked by the
+   damage it does to the layer's output on the calibration sample: with the Gram matrix G of an
+   output projection's inputs, removing columns b and re-solving the others by least squares
+   costs tr(W_b ((G^-1)_bb)^-1 W_b^T); a greedy removal with the Optimal Brain Surgeon updates
+   picks the cheapest unit or head one at a time, and where a layer's head shape leaves few
+   choices of heads every choice is costed. The parameters are allotted across the chosen layers,
+   and between each layer's attention and MLP, by that damage relative to the residual stream
+   each layer writes into.
 4. The kept output-projection columns are refit by least squares, so the kept units reproduce
    what the whole layer wrote as well as they can (the model has no biases, so FLAP's bias
    compensation has nowhere to go; the refit plays that role).
@@ -18,13 +20,14 @@
 6. Healing trains the contracted model to match the source's next-token distribution (KL to the
    source's logits), optionally plus the language-model loss.
 
-Two baselines take the same totals and the same refit, choosing by weight magnitude or at
-random and spreading the totals evenly.
+Two baselines take the same size and the same refit, choosing by weight magnitude or at
+random and removing ratio of every layer's units and heads (as evenly as head shapes allow).
 """
 
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -41,6 +44,7 @@ from training_image.train import Trainer, TrainPlan, batch_size_for
 
 Method = Literal["activation", "magnitude", "random"]
 CALIBRATION_BATCH = 8
+EXHAUSTIVE_HEAD_SETS = 256  # a layer's head shape with at most this many ways to keep its heads tries them all
 RIDGE = 1e-3  # relative ridge of the least-squares refit, for rank-deficient activation Grams
 
 
@@ -294,6 +298,18 @@ def _obs_heads(weight: torch.Tensor, gram: torch.Tensor, shape: LayerShape, head
             twin.remove(cols(kept[g]))
             groups.remove(g)
             options[(len(groups), s)] = (twin.error, [list(kept[g]) for g in groups])
+    # Where a shape allows few choices (few heads a group, few groups), all of them are costed and
+    # the greedy pick gives way to the best: greedy removal is exact one head at a time, not for a set.
+    whole = _Surgeon(weight, gram)
+    for (k, s), (error, _) in list(options.items()):
+        if math.comb(K, k) * math.comb(per_group, s) ** k > EXHAUSTIVE_HEAD_SETS:
+            continue
+        for groups in itertools.combinations(range(K), k):
+            for picks in itertools.product(*(itertools.combinations(range(g * per_group, (g + 1) * per_group), s) for g in groups)):
+                gone = sorted(set(range(K * per_group)) - {h for heads in picks for h in heads})
+                cost = whole.cost(cols(gone)) if gone else 0.0
+                if cost < error:
+                    error, options[(k, s)] = cost, (cost, [list(heads) for heads in picks])
     return options
 
 
@@ -360,38 +376,92 @@ def _allot(options: list[dict[int, float]], target: int) -> list[int]:
     return best[total][1]
 
 
-def _allot_greedy(curves: list[list[float]], target: int) -> list[int]:
-    """Units removed per layer: the next unit comes from the layer whose error it raises least.
-    curves[l][n] is layer l's normalised error with n units removed (curves[l][0] == 0)."""
+def _greedy_sequence(curves: list[list[float]]) -> list[int]:
+    """The order in which units leave the layers: each next unit comes from the layer whose error
+    it raises least. curves[l][n] is layer l's normalised error with n units removed (curves[l][0]
+    == 0); the first n entries of the sequence are the greedy allotment of n units."""
     counts = [0] * len(curves)
     queue = [(curve[1] - curve[0], l) for l, curve in enumerate(curves) if len(curve) > 1]
     heapq.heapify(queue)
-    for _ in range(target):
-        if not queue:
-            break
+    sequence = []
+    while queue:
         _, l = heapq.heappop(queue)
+        sequence.append(l)
         counts[l] += 1
         if counts[l] + 1 < len(curves[l]):
             heapq.heappush(queue, (curves[l][counts[l] + 1] - curves[l][counts[l]], l))
-    return counts
+    return sequence
+
+
+def _allot_joint(head_options: list[list[tuple[int, float, tuple[int, int]]]], unit_curves: list[list[float]],
+                 unit_parameters: int, target: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """(head shape, units removed) per layer removing `target` parameters (to within half an MLP
+    unit) at the least summed error, attention and MLP together.
+
+    head_options[l]: (parameters removed, normalised error, (kv groups kept, heads per group)) of
+    each shape layer l can take. The head shapes are chosen exactly, by dynamic programming over
+    the parameters they remove; the MLP units make up the rest, allotted greedily.
+    """
+    best: dict[int, tuple[float, list[tuple[int, int]]]] = {0: (0.0, [])}
+    for layer in head_options:
+        step: dict[int, tuple[float, list[tuple[int, int]]]] = {}
+        for total, (cost, picks) in best.items():
+            for removed, c, shape in layer:
+                key, value = total + removed, cost + c
+                if key not in step or value < step[key][0]:
+                    step[key] = (value, picks + [shape])
+        best = step
+    sequence = _greedy_sequence(unit_curves)
+    counts, cumulative = [0] * len(unit_curves), [0.0]
+    for l in sequence:
+        counts[l] += 1
+        cumulative.append(cumulative[-1] + unit_curves[l][counts[l]] - unit_curves[l][counts[l] - 1])
+
+    def plan(head_total: int) -> tuple[float, float, int]:
+        units = min(len(sequence), max(0, round((target - head_total) / unit_parameters)))
+        miss = max(0.0, abs(target - head_total - units * unit_parameters) - unit_parameters / 2)
+        return miss, best[head_total][0] + cumulative[units], units
+
+    # The least error among the head shapes whose size the units can make up (miss 0), else the nearest size.
+    head_total = min(best, key=lambda t: plan(t)[:2])
+    units = plan(head_total)[2]
+    removed = [0] * len(unit_curves)
+    for l in sequence[:units]:
+        removed[l] += 1
+    return best[head_total][1], removed
 
 
 def plan_cuts(model: Decoder, chosen: list[str], ratio: float, stats: dict[str, LayerStats], method: Method = "activation",
-              seed: int = 0) -> dict[str, LayerCut]:
+              seed: int = 0, even: bool = False) -> dict[str, LayerCut]:
     """What each chosen block keeps at `ratio`.
 
-    The totals are the setting's: sum over the chosen layers of round(ratio x F) MLP units and
-    round(ratio x H) query heads. Ours ("activation") picks what to remove by the output error it
-    causes (structured OBS on the calibration Grams) and allots the totals across the layers by
-    that error relative to the residual stream the layer writes into, so a layer whose removal
-    costs little gives more. The baselines score units and heads by weight magnitude or at random
-    and spread the totals as evenly as the head shapes allow.
+    The size is the setting's: the chosen layers lose round(ratio x F) MLP units and
+    round(ratio x H) query heads each (heads spread as evenly as the head shapes allow), and the
+    parameters that removes. The baselines remove exactly those counts in every layer, scoring
+    units and heads by weight magnitude or at random. Ours ("activation") removes the same number
+    of parameters, but chooses what goes by the output error it causes (structured OBS on the
+    calibration Grams, relative to the residual stream the layer writes into) and allots the
+    parameters across the layers and between attention and MLP by that error, so a layer, or a
+    half of one, whose removal costs little gives more. `even`: ours chooses what goes, but in
+    the baselines' counts (to measure what the allotment adds).
     """
     generator = torch.Generator().manual_seed(seed)
-    shapes = {bid: model.config.layers[model.config.ids().index(bid)] for bid in chosen}
-    unit_target = sum(units_to_remove(shapes[b].mlp_hidden, ratio) for b in chosen)
+    config = model.config
+    shapes = {bid: config.layers[config.ids().index(bid)] for bid in chosen}
     head_target = sum(heads_to_remove(shapes[b].n_heads, ratio) for b in chosen)
     most = lambda n: min(n - 1, math.ceil(n * (1 + ratio) / 2))  # noqa: E731  (ours: no layer loses more than this)
+
+    def head_parameters(shape: LayerShape, k: int, s: int) -> int:
+        return config.layer_parameters(shape) - config.layer_parameters(shape.model_copy(update={"n_heads": k * s, "n_kv_heads": k}))
+
+    # The baselines' plan, which is also the size ours must reach: even counts in every layer.
+    even_shapes = []
+    for bid in chosen:
+        by_removed = {shapes[bid].n_heads - k * s: (k, s) for k, s in head_shapes(shapes[bid])}  # by k: most groups kept wins
+        even_shapes.append(by_removed)
+    even_removed = _allot([{r: float(r * r) for r in by_removed} for by_removed in even_shapes], head_target)
+    even_heads = [by_removed[r] for by_removed, r in zip(even_shapes, even_removed)]
+    even_units = [units_to_remove(shapes[b].mlp_hidden, ratio) for b in chosen]
 
     unit_orders, head_options = {}, {}
     for bid in chosen:
@@ -399,33 +469,24 @@ def plan_cuts(model: Decoder, chosen: list[str], ratio: float, stats: dict[str, 
         if method == "activation":
             order, errors = _obs_units(block.mlp.down_proj.weight, stats[bid].mlp_gram, most(shape.mlp_hidden))
             unit_orders[bid] = (order, [0.0] + [e / stats[bid].residual for e in errors])
-            options = _obs_heads(block.attn.o_proj.weight, stats[bid].attn_gram, shape, block.attn.head_dim)
+            head_options[bid] = _obs_heads(block.attn.o_proj.weight, stats[bid].attn_gram, shape, block.attn.head_dim)
         else:
-            scores = _unit_scores(block, method, generator)
-            unit_orders[bid] = (scores.argsort().tolist(), None)
-            options = _scored_heads(block, shape, method, generator)
-        head_options[bid] = options
+            unit_orders[bid] = (_unit_scores(block, method, generator).argsort().tolist(), None)
+            head_options[bid] = _scored_heads(block, shape, method, generator)
 
-    if method == "activation":
-        units_removed = _allot_greedy([unit_orders[b][1] for b in chosen], unit_target)
+    if method == "activation" and not even:
+        target = sum(3 * config.dim * n + head_parameters(shapes[b], k, s) for b, n, (k, s) in zip(chosen, even_units, even_heads))
+        options = [[(head_parameters(shapes[b], k, s), error / stats[b].residual, (k, s))
+                    for (k, s), (error, _) in head_options[b].items()] for b in chosen]
+        heads_kept, units_removed = _allot_joint(options, [unit_orders[b][1] for b in chosen], 3 * config.dim, target)
     else:
-        units_removed = [units_to_remove(shapes[b].mlp_hidden, ratio) for b in chosen]
-
-    per_layer = []
-    for bid in chosen:
-        costs: dict[int, tuple[float, tuple[int, int]]] = {}
-        for (k, s), (error, _) in sorted(head_options[bid].items()):  # by k: the most groups kept wins
-            removed = shapes[bid].n_heads - k * s
-            cost = error / stats[bid].residual if method == "activation" else float(removed * removed)
-            costs[removed] = (cost, (k, s))
-        per_layer.append(costs)
-    heads_removed = _allot([{r: c for r, (c, _) in costs.items()} for costs in per_layer], head_target)
+        heads_kept, units_removed = even_heads, even_units
 
     cuts = {}
-    for bid, n_units, n_heads, costs in zip(chosen, units_removed, heads_removed, per_layer):
+    for bid, n_units, head_shape in zip(chosen, units_removed, heads_kept):
         order = unit_orders[bid][0]
         units = sorted(set(range(shapes[bid].mlp_hidden)) - set(order[:n_units]))
-        heads = head_options[bid][costs[n_heads][1]][1]
+        heads = head_options[bid][head_shape][1]
         per_group = shapes[bid].n_heads // shapes[bid].n_kv_heads
         cuts[bid] = LayerCut(units=units, groups=[hs[0] // per_group for hs in heads], heads=heads)
     return cuts
@@ -495,15 +556,17 @@ def contract_blocks(
     refit: bool = True,
     seed: int = 0,
     stats: dict[str, LayerStats] | None = None,
+    even: bool = False,
 ) -> tuple[Decoder, ModelConfig]:
     """Shrink the given blocks by `ratio` with the given method; a new model, the source untouched.
 
     `refit` (every method) refits the kept output-projection columns by least squares on the
     calibration activations. `stats`: layer_stats(model, calibration, chosen) when already at hand.
+    `even`: see plan_cuts.
     """
     if stats is None:
         stats = layer_stats(model, calibration, chosen) if method == "activation" or refit else {}
-    cuts = plan_cuts(model, chosen, ratio, stats, method, seed)
+    cuts = plan_cuts(model, chosen, ratio, stats, method, seed, even)
     layers = [cuts[bid].shape() if bid in cuts else layer for layer, bid in zip(config.layers, config.ids())]
     new_config = config.model_copy(update={"layers": layers})
     device = next(model.parameters()).device
