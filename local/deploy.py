@@ -183,15 +183,23 @@ def serving_image(region: str) -> str:
     return get_huggingface_llm_image_uri(SERVING_BACKEND, region=region, version=SERVING_VERSION)
 
 
-def gpu_count(instance_type: str, region: str) -> int:
+def gpu_count(instance_type: str, region: str, given: int | None = None) -> int:
+    """GPUs of one instance: as given, else from the SDK's table of the region, else from the price
+    table (which names the types jobs train on; the SDK's omits some single-GPU ones)."""
+    if given is not None:
+        if given < 1:
+            raise DeployError("--gpus must be at least 1: the LLM serving container runs on GPUs")
+        return given
     from sagemaker import instance_types_gpu_info
 
-    gpus = instance_types_gpu_info.retrieve(region)
-    count = gpus.get(instance_type, {}).get("Count")
-    if not count:
-        raise DeployError(f"{instance_type} has no GPU the LLM serving container runs on; GPU instance types in "
-                          f"{region}: {', '.join(sorted(gpus))}")
-    return count
+    from shared.pricing import price_table
+
+    known = instance_types_gpu_info.retrieve(region).get(instance_type, {}).get("Count")
+    ours = price_table().gpus.get(instance_type)
+    if not known and ours is None:
+        raise DeployError(f"no GPU count known for {instance_type} (a GPU instance type such as ml.g5.xlarge is "
+                          "needed): pass --gpus N if it has GPUs")
+    return known or ours.count
 
 
 def serving_environment(context: int, gpus: int) -> dict[str, str]:
@@ -228,7 +236,8 @@ def _not_found(error: BaseException) -> bool:
 
 
 def deploy(client: Client, model_id: str, *, instance_type: str, endpoint_name: str | None = None,
-           role: str | None = None, region: str | None = None, wait: bool = True) -> dict[str, Any]:
+           role: str | None = None, region: str | None = None, gpus: int | None = None,
+           wait: bool = True) -> dict[str, Any]:
     """Create the model, endpoint config and endpoint (all named `endpoint_name`); what was made."""
     name = endpoint_name or default_endpoint_name(model_id)
     if not ENDPOINT_NAME.match(name):
@@ -240,7 +249,7 @@ def deploy(client: Client, model_id: str, *, instance_type: str, endpoint_name: 
     context = context_length(model)
     sm = session(region)
     region = sm.boto_region_name
-    gpus = gpu_count(instance_type, region)
+    gpus = gpu_count(instance_type, region, gpus)
     image = serving_image(region)
     taken = _taken(sm.sagemaker_client, name)
     if taken:
@@ -342,6 +351,8 @@ def add_parsers(models: argparse._SubParsersAction) -> None:
     deploy_parser = models.add_parser("deploy", help="serve a model from a SageMaker real-time endpoint")
     deploy_parser.add_argument("model_id")
     deploy_parser.add_argument("--instance-type", required=True, help="a GPU instance, e.g. ml.g5.xlarge")
+    deploy_parser.add_argument("--gpus", type=int, help="GPUs of one instance, for a type neither the SageMaker "
+                               "SDK's table nor the price table knows (sets SM_NUM_GPUS)")
     deploy_parser.add_argument("--endpoint-name", help="default fusion-<model id>; also names its model and config")
     deploy_parser.add_argument("--role", default=os.environ.get(ROLE_ENV),
                                help=f"the endpoint's execution role, stack output EndpointRoleArn (env {ROLE_ENV})")
@@ -359,7 +370,7 @@ def models_deploy(args: argparse.Namespace, client: Client, out: Output) -> int:
                           + (" (an endpoint takes minutes to come in service) ..." if args.wait else " ..."))
     made = _guarded(lambda: deploy(client, args.model_id, instance_type=args.instance_type,
                                    endpoint_name=args.endpoint_name, role=args.role, region=args.region,
-                                   wait=args.wait))
+                                   gpus=args.gpus, wait=args.wait))
     out.show(made, lambda m: _pairs([
         ("endpoint", m["endpoint_name"]), ("status", m["status"]), ("model", m["model_id"]),
         ("instance", f"{m['instance_type']} ({m['environment']['SM_NUM_GPUS']} GPU)"), ("image", m["image_uri"]),

@@ -138,9 +138,9 @@ def test_deploy_creates_model_config_and_endpoint_as_asked_and_undeploy_removes_
 
     # A second deploy reuses the unpacked export (its manifest matches) and serves the same prefix.
     s3.delete_object(Bucket=bucket, Key=model["artifact_uri"].split(bucket + "/")[1])
-    assert fusion(server, "deploy", model["model_id"], "--instance-type", "ml.g4dn.xlarge", "--role", ROLE,
-                  "--no-wait") == 0
-    assert sm.describe_model(ModelName=name)["PrimaryContainer"]["Environment"]["SM_NUM_GPUS"] == "1"
+    assert fusion(server, "deploy", model["model_id"], "--instance-type", "ml.p3.2xlarge", "--role", ROLE,
+                  "--gpus", "2", "--no-wait") == 0  # --gpus rules over the tables (which say 1)
+    assert sm.describe_model(ModelName=name)["PrimaryContainer"]["Environment"]["SM_NUM_GPUS"] == "2"
     with capsys.disabled():
         print(f"\nmoto deploy of {model['model_id']} on ml.g4dn.12xlarge: image {shown['image_uri']}; model data "
               f"{shown['model_data']}; environment {shown['environment']}")
@@ -149,7 +149,9 @@ def test_deploy_creates_model_config_and_endpoint_as_asked_and_undeploy_removes_
 @pytest.mark.parametrize("argv, export, line", [
     (["deploy", "m-nobody", "--instance-type", "ml.g4dn.xlarge", "--role", ROLE], True, "error: model 'm-nobody' was not found"),
     (["deploy", "{model}", "--instance-type", "ml.m5.xlarge", "--role", ROLE], True,
-     "error: ml.m5.xlarge has no GPU the LLM serving container runs on; GPU instance types in us-east-1: "),
+     "error: no GPU count known for ml.m5.xlarge (a GPU instance type such as ml.g5.xlarge is needed): pass --gpus N"),
+    (["deploy", "{model}", "--instance-type", "ml.g6.xlarge", "--role", ROLE, "--gpus", "0"], True,
+     "error: --gpus must be at least 1"),
     (["deploy", "{model}", "--instance-type", "ml.g4dn.xlarge"], True,
      "error: no execution role: pass --role (stack output EndpointRoleArn) or set FUSION_ENDPOINT_ROLE_ARN"),
     (["deploy", "{model}", "--instance-type", "ml.g4dn.xlarge", "--role", ROLE], False,
@@ -164,6 +166,13 @@ def test_what_no_endpoint_can_serve_is_refused_in_one_line_and_nothing_is_create
     assert fusion(server, *[a.format(model=model["model_id"]) for a in argv]) == 1
     assert one_line(capsys).startswith(line.format(model=model["model_id"]))
     assert aws.session.client("sagemaker").list_models()["Models"] == []
+
+
+def test_the_gpus_of_an_instance_come_from_the_sdk_table_then_the_price_table():
+    deploy._sdk()
+    assert deploy.gpu_count("ml.g4dn.12xlarge", REGION) == 4  # the SDK's table
+    assert deploy.gpu_count("ml.g5.xlarge", REGION) == 1  # missing there; the price table has it
+    assert deploy.gpu_count("ml.g6e.48xlarge", REGION, 8) == 8
 
 
 def _aws_answer(status: int, body: dict):
