@@ -129,7 +129,7 @@ def _exists(s3: Any, bucket: str, key: str) -> bool:
         s3.head_object(Bucket=bucket, Key=key)
         return True
     except Exception as error:
-        if missing_object(error) or getattr(error, "response", {}).get("Error", {}).get("Code") == "404":
+        if missing_object(error):
             return False
         raise
 

@@ -18,7 +18,7 @@ from local import deploy
 from local.cli import main
 from local.server import LOCAL_TENANT
 from shared import jobs as domain
-from shared.store import Catalog
+from shared.store import PUBLIC_OWNER, Catalog
 from tests import permissions
 from tests.conftest import GROWN, REGION
 
@@ -173,6 +173,30 @@ def test_the_gpus_of_an_instance_come_from_the_sdk_table_then_the_price_table():
     assert deploy.gpu_count("ml.g4dn.12xlarge", REGION) == 4  # the SDK's table
     assert deploy.gpu_count("ml.g5.xlarge", REGION) == 1  # missing there; the price table has it
     assert deploy.gpu_count("ml.g6e.48xlarge", REGION, 8) == 8
+
+
+def test_a_published_base_model_is_served_from_its_folder_as_it_is_and_an_imported_one_is_refused(aws, server, capsys):
+    bucket = aws.env["ARTIFACTS_BUCKET"]
+    s3, catalog = aws.session.client("s3"), Catalog(session=aws.session)
+    for name, data in EXPORT.items():
+        s3.put_object(Bucket=bucket, Key=f"base-models/tiny-llama/{name}", Body=data)
+    folder = {"name": "tiny-llama", "parent_id": None, "job_id": None, "status": "ready", "reason": None,
+              "family": "llama", "context_length": 2048, "created_at": "2026-01-01T00:00:00.000Z"}
+    catalog.register({**folder, "model_id": "hf-tiny-llama", "owner": PUBLIC_OWNER, "kind": "base",
+                      "artifact_uri": f"s3://{bucket}/base-models/tiny-llama/"})
+    catalog.register({**folder, "model_id": "m-own", "owner": LOCAL_TENANT, "kind": "imported",
+                      "artifact_uri": f"s3://{aws.env['DATA_BUCKET']}/{LOCAL_TENANT}/tiny-llama/"})
+    assert fusion(server, "deploy", "hf-tiny-llama", "--instance-type", "ml.g4dn.xlarge", "--role", ROLE) == 0
+    container = aws.session.client("sagemaker").describe_model(ModelName="fusion-hf-tiny-llama")["PrimaryContainer"]
+    assert container["ModelDataSource"]["S3DataSource"]["S3Uri"] == f"s3://{bucket}/base-models/tiny-llama/"
+    assert (container["Environment"]["MAX_INPUT_LENGTH"], container["Environment"]["MAX_TOTAL_TOKENS"]) == ("1536", "2048")
+    assert permissions.allowed(permissions.resolved_role("EndpointRole"), permissions.Request(
+        "s3:GetObject", f"arn:aws:s3:::{bucket}/base-models/tiny-llama/model.safetensors"))
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="base-models/")["Contents"]] == sorted(
+        f"base-models/tiny-llama/{n}" for n in EXPORT)  # nothing unpacked or written beside it
+    capsys.readouterr()
+    assert fusion(server, "deploy", "m-own", "--instance-type", "ml.g4dn.xlarge", "--role", ROLE) == 1
+    assert one_line(capsys).startswith("error: m-own is your own folder, at s3://")
 
 
 def _aws_answer(status: int, body: dict):
