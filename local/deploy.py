@@ -56,6 +56,11 @@ HINTS["AccessDeniedException"] = HINTS["AccessDenied"]
 class DeployError(ApiError):
     """A deploy or undeploy that cannot go on; the message is one line for the user."""
 
+    def line(self) -> str:
+        from rich.markup import escape
+
+        return escape(super().line())  # printed as rich markup: AWS's messages and "fusion[deploy]" hold brackets
+
 
 # --- the export the container reads -------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import tarfile
 from decimal import Decimal
 from pathlib import Path
@@ -97,6 +98,8 @@ def test_deploy_creates_model_config_and_endpoint_as_asked_and_undeploy_removes_
     assert (variant["ModelName"], variant["InstanceType"], variant["InitialInstanceCount"]) == (name, "ml.g4dn.12xlarge", 1)
     assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == deploy.HEALTH_CHECK_TIMEOUT_S
     assert sm.describe_endpoint(EndpointName=name)["EndpointStatus"] == shown["status"] == "InService"
+    endpoint_arn = sm.describe_endpoint(EndpointName=name)["EndpointArn"]
+    assert {"Key": deploy.MODEL_TAG, "Value": model["model_id"]} in sm.list_tags(ResourceArn=endpoint_arn)["Tags"]
     # The export, unpacked beside the archive byte for byte, and nothing of the compact model.
     listed = {o["Key"]: o["Size"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
     assert listed == {prefix + n: len(d) for n, d in EXPORT.items()}
@@ -166,6 +169,12 @@ def test_what_no_endpoint_can_serve_is_refused_in_one_line_and_nothing_is_create
     assert fusion(server, *[a.format(model=model["model_id"]) for a in argv]) == 1
     assert one_line(capsys).startswith(line.format(model=model["model_id"]))
     assert aws.session.client("sagemaker").list_models()["Models"] == []
+
+
+def test_without_the_sdk_the_commands_say_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sagemaker", None)  # what `import sagemaker` finds when it is not installed
+    assert main(["models", "undeploy", "fusion-m-1"]) == 1
+    assert one_line(capsys) == "error: deploying needs the SageMaker Python SDK: pip install 'fusion[deploy]'"
 
 
 def test_the_gpus_of_an_instance_come_from_the_sdk_table_then_the_price_table():
