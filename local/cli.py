@@ -8,6 +8,8 @@
     fusion models list|show              the catalog
     fusion models download MODEL --out DIR   its transformers folder (config.json, safetensors, tokenizer)
     fusion models generate MODEL --prompt TEXT   sample from it on this machine
+    fusion models deploy MODEL --instance-type ml.g5.xlarge   serve it from a SageMaker endpoint
+    fusion models undeploy ENDPOINT      delete that endpoint, its config and its model
 
 Against a deployed stack: --api-url (or FUSION_API_URL) and --token (or FUSION_TOKEN, a JWT
 your identity provider issued). The job settings' flags are generated from the same pydantic
@@ -381,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default %(default)s)")
     generate.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default %(default)s)")
     generate.add_argument("--seed", type=int, default=0)
+    from local.deploy import add_parsers as deploy_parsers  # here: local.deploy imports this module
+
+    deploy_parsers(models)
 
     datasets = sub.add_parser("datasets", help="training data").add_subparsers(dest="action", required=True)
     upload = datasets.add_parser("upload", help="register, upload and check a dataset")
@@ -540,7 +545,9 @@ COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace, Client, Out
 def run(args: argparse.Namespace, console: Console) -> int:
     if args.command == "serve":
         return _serve(args, console)
-    command = COMMANDS[(args.command, getattr(args, "action", None))]
+    from local.deploy import COMMANDS as DEPLOY_COMMANDS
+
+    command = {**COMMANDS, **DEPLOY_COMMANDS}[(args.command, getattr(args, "action", None))]
     return command(args, Client(args.api_url, args.token), Output(console, args.json))
 
 

@@ -124,6 +124,8 @@ def test_sam_builds_every_function_and_each_imports_from_its_build_and_the_layer
         assert done.returncode == 0, f"{function}: {done.stderr[-2000:]}"
         module_file, shared_file = done.stdout.split()
         assert module_file.startswith(str(code)) and shared_file.startswith(str(layer))
+    # The SageMaker SDK is the CLI's deploy extra: no function or layer ships it.
+    assert not [p for p in built.rglob("sagemaker*") if p.is_dir()]
 
 
 def _environment() -> dict[str, str]:
