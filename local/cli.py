@@ -433,9 +433,11 @@ class Output:
     def __init__(self, console: Console, as_json: bool):
         self.console, self.as_json = console, as_json
 
-    def show(self, data: BaseModel | list[BaseModel], render: Callable[[Any], Any]) -> None:
+    def show(self, data: BaseModel | list[BaseModel] | dict[str, Any], render: Callable[[Any], Any]) -> None:
+        """An API answer (a model or a list of them) or a command's own result (a plain dict)."""
         if self.as_json:
-            plain = [d.model_dump(mode="json") for d in data] if isinstance(data, list) else data.model_dump(mode="json")
+            plain = [d.model_dump(mode="json") for d in data] if isinstance(data, list) else (
+                data.model_dump(mode="json") if isinstance(data, BaseModel) else data)
             self.console.print_json(json.dumps(plain))
         else:
             self.console.print(render(data))

@@ -32,7 +32,8 @@ from typing import Any
 
 from local.cli import ApiError, Client, Output, _pairs
 from shared.hf import EXPORT_DIR
-from shared.jobs import split_s3
+from shared.outputs import split_s3
+from shared.responses import CatalogModel
 from shared.store import missing_object
 
 # TGI 3.3 serves every family Fusion imports and exports (Llama 1-3, Mistral, Qwen2, Qwen3).
@@ -249,7 +250,7 @@ def deploy(client: Client, model_id: str, *, instance_type: str, endpoint_name: 
         raise DeployError(f"endpoint name {name!r} must be letters, digits and '-' (at most 63, no '-' at either end)")
     if not role:
         raise DeployError(f"no execution role: pass --role (stack output EndpointRoleArn) or set {ROLE_ENV}")
-    model = client.call("GET", f"/models/{model_id}")
+    model = client.call("GET", f"/models/{model_id}", CatalogModel).model_dump(mode="json")
     deployable(model)
     context = context_length(model)
     sm = session(region)

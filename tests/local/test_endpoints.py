@@ -18,10 +18,12 @@ from botocore.parsers import create_parser
 from local import deploy
 from local.cli import main
 from local.server import LOCAL_TENANT
-from shared import jobs as domain
+from shared.contracts import METRICS
+from shared.state_changes import catalog_entry
+from shared.training_jobs import training_job_name
 from shared.store import PUBLIC_OWNER, Catalog
 from tests import permissions
-from tests.conftest import GROWN, REGION
+from tests.conftest import GROWN, REGION, metrics_document
 
 ROLE = "arn:aws:iam::123456789012:role/fusion-EndpointRole-x"
 EXPORT = {"config.json": json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}).encode(),
@@ -45,9 +47,10 @@ def trained(aws, job_id: str = "j-deploy", *, export: bool = True) -> dict:
     """A trained model in the catalog, its archive (compact model at the root, hf/ if `export`) in S3."""
     job = {"job_id": job_id, "owner": LOCAL_TENANT, "type": "train", "model": "base-debug", "dataset": None,
            "settings": {"output_name": "served"}}
-    key = f"jobs/{job_id}/output/{domain.training_job_name(job_id)}/output/model.tar.gz"
+    key = f"jobs/{job_id}/output/{training_job_name(job_id)}/output/model.tar.gz"
     bucket = aws.env["ARTIFACTS_BUCKET"]
-    model = domain.catalog_entry(job, {"config": GROWN.model_dump(mode="json")}, f"s3://{bucket}/{key}", Decimal("1"))
+    metrics = METRICS.validate_python(metrics_document(job, config=GROWN, tokens=0))
+    model = catalog_entry(job, metrics, f"s3://{bucket}/{key}", Decimal("1"))
     files = {"./config.json": b"{}", "./model.safetensors": b"compact"}
     files |= {f"./hf/{name}": data for name, data in EXPORT.items()} if export else {}
     aws.session.client("s3").put_object(Bucket=bucket, Key=key, Body=_archive(files))

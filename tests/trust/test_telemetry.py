@@ -10,7 +10,7 @@ import pytest
 
 from local.resources import function_environment, load_template
 from shared.telemetry import metrics
-from tests.conftest import client_error, deliver, write_metrics
+from tests.conftest import LambdaContext, client_error, deliver, write_metrics
 
 from .conftest import launch, set_budget, stored, train, write_progress
 
@@ -135,5 +135,5 @@ def test_each_launch_message_logs_under_its_own_job_id(tenants, monkeypatch):
     logged = [json.loads(line) for line in lines.getvalue().splitlines()]
     probes = [entry for entry in logged if entry["message"] == "probe"]
     assert [entry.get("job_id") for entry in probes] == ["job-a", "job-b"]
-    assert all(entry["function_name"] == "fusion-test" for entry in probes)  # the Lambda context too
+    assert all(entry["function_name"] == LambdaContext().function_name for entry in probes)  # the Lambda context too
     assert "job_id" not in launcher.logger.get_current_keys()
