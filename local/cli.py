@@ -460,14 +460,22 @@ def jobs_create(args: argparse.Namespace, client: Client, out: Output) -> int:
     return report_end(follow(client, job.job_id, out.console), out.console) if args.wait else 0
 
 
-def jobs_list(args: argparse.Namespace, client: Client, out: Output) -> int:
-    out.show(client.call("GET", "/jobs", JobList).jobs, jobs_table)
-    return 0
+Command = Callable[[argparse.Namespace, "Client", "Output"], int]
 
 
-def jobs_get(args: argparse.Namespace, client: Client, out: Output) -> int:
-    out.show(client.call("GET", f"/jobs/{args.job_id}", Job), job_table)
-    return 0
+def _reader(path: str, answer: type[Answer], render: Callable[[Any], Any], items: str | None = None) -> Command:
+    """A command that GETs path (filled from the arguments) and shows the answer, or its list of items."""
+    def command(args: argparse.Namespace, client: Client, out: Output) -> int:
+        body = client.call("GET", path.format(**vars(args)), answer)
+        out.show(getattr(body, items) if items else body, render)
+        return 0
+    return command
+
+
+jobs_list = _reader("/jobs", JobList, jobs_table, items="jobs")
+jobs_get = _reader("/jobs/{job_id}", Job, job_table)
+models_list = _reader("/models", ModelList, models_table, items="models")
+models_show = _reader("/models/{model_id}", CatalogModel, model_table)
 
 
 def jobs_cancel(args: argparse.Namespace, client: Client, out: Output) -> int:
@@ -478,16 +486,6 @@ def jobs_cancel(args: argparse.Namespace, client: Client, out: Output) -> int:
 
 def jobs_wait(args: argparse.Namespace, client: Client, out: Output) -> int:
     return report_end(follow(client, args.job_id, out.console, timeout=args.timeout), out.console)
-
-
-def models_list(args: argparse.Namespace, client: Client, out: Output) -> int:
-    out.show(client.call("GET", "/models", ModelList).models, models_table)
-    return 0
-
-
-def models_show(args: argparse.Namespace, client: Client, out: Output) -> int:
-    out.show(client.call("GET", f"/models/{args.model_id}", CatalogModel), model_table)
-    return 0
 
 
 def models_download(args: argparse.Namespace, client: Client, out: Output) -> int:
