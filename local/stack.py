@@ -254,17 +254,16 @@ class LocalStack:
         self._forget_cached_clients()
 
     def _forget_cached_clients(self) -> None:
-        """The functions cache their boto3 clients per process; the endpoint has just changed.
+        """The functions cache their boto3 clients per process; the endpoint has just changed."""
+        from functions.api import context as api_context, datasets as api_datasets
 
-        Only modules already imported are touched: importing one here would build its Powertools
-        Logger before the stack has set the functions' environment."""
-        context = sys.modules.get("functions.api.context")
-        if context is not None:
-            context.reset()
-        for module, cache in (("functions.api.datasets", "_s3"), ("functions.api.idempotency", "_persistence"),
-                              ("functions.launcher.app", "_clients"), ("functions.events.app", "_clients"),
-                              ("functions.datasets.app", "_clients")):
-            cached = getattr(sys.modules.get(module), cache, None)
+        api_context.reset()
+        api_datasets._s3.cache_clear()
+        idempotency = sys.modules.get("functions.api.idempotency")  # imported on the first keyed request
+        if idempotency is not None:
+            idempotency._persistence.cache_clear()
+        for module in ("functions.launcher.app", "functions.events.app", "functions.datasets.app"):
+            cached = getattr(__import__(module, fromlist=["_clients"]), "_clients", None)
             if cached is not None and hasattr(cached, "cache_clear"):
                 cached.cache_clear()
 
