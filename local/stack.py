@@ -174,6 +174,9 @@ class LocalStack:
             "AWS_DEFAULT_REGION": REGION,
             "AWS_REGION": REGION,
         })
+        # Before any function module is imported: a Powertools Logger takes its service and level
+        # from the environment when it is built.
+        os.environ.update(self._powertools_env())
         self._forget_cached_clients()
 
         import boto3
@@ -186,13 +189,7 @@ class LocalStack:
         for key in self.env:
             self._saved_env.setdefault(key, os.environ.get(key))
         os.environ.update(self.env)
-        # Over the template's Powertools settings: no X-Ray daemon here, and the terminal this runs
-        # in gets the functions' logs and metric records only when asked for (--verbose).
-        os.environ.update({
-            "POWERTOOLS_TRACE_DISABLED": "true",
-            "POWERTOOLS_METRICS_DISABLED": "false" if self.verbose else "true",
-            "POWERTOOLS_LOG_LEVEL": "INFO" if self.verbose else "WARNING",
-        })
+        os.environ.update(self._powertools_env())
         seed_base_models(Catalog(session=self._session), artifacts_bucket=self.env["ARTIFACTS_BUCKET"])
         for size in self.base_sizes:
             self.publish_base_model(size)
@@ -252,6 +249,18 @@ class LocalStack:
                 os.environ[key] = value
         self._saved_env = {}
         self._forget_cached_clients()
+
+    def _powertools_env(self) -> dict[str, str]:
+        """The template's Powertools settings, with this stack's: no X-Ray daemon here, and the
+        terminal this runs in gets the functions' logs and metric records only when asked for
+        (--verbose)."""
+        from local.resources import function_environment, load_template
+
+        template = {k: str(v) for k, v in function_environment(load_template()).items() if k.startswith("POWERTOOLS_")}
+        return {**template,
+                "POWERTOOLS_TRACE_DISABLED": "true",
+                "POWERTOOLS_METRICS_DISABLED": "false" if self.verbose else "true",
+                "POWERTOOLS_LOG_LEVEL": "INFO" if self.verbose else "WARNING"}
 
     def _forget_cached_clients(self) -> None:
         """The functions cache their boto3 clients per process; the endpoint has just changed."""

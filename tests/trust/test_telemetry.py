@@ -119,7 +119,7 @@ def test_every_function_traces_to_xray_and_its_role_may_write_the_traces():
         assert "arn:aws:iam::aws:policy/AWSXrayWriteOnlyAccess" in role["Properties"]["ManagedPolicyArns"], name
 
 
-def test_each_launch_message_logs_under_its_own_job_id(tenants, monkeypatch):
+def test_each_launch_message_logs_under_its_own_job_id(tenants, monkeypatch, request):
     """Whatever the domain logs while it handles a message names that message's job, without
     being told (Logger.append_keys), and the key is gone once the batch is done."""
     import io
@@ -128,7 +128,12 @@ def test_each_launch_message_logs_under_its_own_job_id(tenants, monkeypatch):
     from functions.launcher import app as launcher
 
     lines = io.StringIO()
-    [handler] = logging.getLogger(launcher.logger.service).handlers
+    service = logging.getLogger(launcher.logger.service)
+    # The level the Logger was built with depends on who imported the function first (a local
+    # stack builds them at WARNING); this case is about the keys, so it logs at INFO whatever it was.
+    request.addfinalizer(lambda level=service.level: service.setLevel(level))
+    service.setLevel(logging.INFO)
+    [handler] = service.handlers
     monkeypatch.setattr(handler, "stream", lines)
     monkeypatch.setattr(launcher, "launch_job", lambda job_id, attempt, **_: launcher.logger.info("probe") or "started")
     assert launch("job-a", "job-b") == []
