@@ -151,6 +151,10 @@ class ContractMetrics(_Outcome):
     perplexity_before: float
     perplexity_after_pruning: float
     perplexity_after_healing: float | None
+    # Whether model/ holds the healed weights (final_perplexity is then perplexity_after_healing);
+    # False when healing raised held-out perplexity and the pruned weights were delivered; None
+    # when the job did not heal.
+    healing_kept: bool | None
 
 
 Metrics = Annotated[Union[TrainMetrics, ContractMetrics], Field(discriminator="job_type")]

@@ -199,7 +199,7 @@ def metrics_document(job: dict, *, config=GROWN, tokens=None, perplexity=17.5) -
     else:
         metrics = ContractMetrics(job_type="contract", layers_contracted=[], contraction_ratio=0.5, block_influence={},
                                   perplexity_before=perplexity, perplexity_after_pruning=perplexity,
-                                  perplexity_after_healing=None, **sizes)
+                                  perplexity_after_healing=None, healing_kept=None, **sizes)
     training_tokens = job["estimate"]["training_tokens"] if tokens is None else tokens
     return {**metrics.model_dump(mode="json"), "training_tokens": training_tokens}
 

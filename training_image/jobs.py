@@ -7,6 +7,7 @@ contraction in training_image.contract; this module is what the two job types sh
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -167,14 +168,23 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
     model, config = _agree_across_ranks(model, config)
     pruned = _measure(log, "pruned", model, heldout_windows)
 
-    healed, cycles, tokens_processed, tokens_per_second = None, [], 0, 0.0
+    healed, kept, cycles, tokens_processed, tokens_per_second = None, None, [], 0, 0.0
+    delivered = model
     if settings.train_steps > 0:
+        # Healing with few tokens can do more harm than the pruning did (its noise outweighs a
+        # small loss of fit); the pruned weights are delivered then. They are the same on a
+        # rerun, so a resumed job makes the same choice.
+        pruned_model = copy.deepcopy(model).cpu()
         trainer = _healer(model, source, config, train_windows, heldout_windows, settings.train_steps, seq_len, root, job_id, log)
         trainer.resume()
         with trainer.stop_on_sigterm():
             state = trainer.run()
         cycles, tokens_processed, tokens_per_second = state.cycles, state.tokens_seen, trainer.tokens_per_second()
         healed = _measure(log, "healed", model, heldout_windows)
+        kept = healed <= pruned
+        if not kept:
+            log(f"healing raised held-out perplexity from {pruned:.3f} to {healed:.3f}: delivering the pruned weights")
+            delivered = pruned_model
 
     metrics = ContractMetrics(
         job_id=job_id,
@@ -185,15 +195,16 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
         tokens_per_second=round(tokens_per_second, 1),
         wall_time_s=round(time.monotonic() - started, 2),
         cycles=cycles,
-        final_perplexity=healed if healed is not None else pruned,
+        final_perplexity=healed if kept else pruned,
         layers_contracted=chosen,
         contraction_ratio=settings.contraction_ratio,
         block_influence=influence,
         perplexity_before=before,
         perplexity_after_pruning=pruned,
         perplexity_after_healing=healed,
+        healing_kept=kept,
     )
-    _write_outputs(root, model, tokenizer, metrics)
+    _write_outputs(root, delivered, tokenizer, metrics)
     return metrics
 
 

@@ -27,6 +27,7 @@ from training_image.contract import (
     heal,
     units_to_remove,
 )
+from training_image import jobs
 from training_image.jobs import run_contract_job
 from training_image.evaluate import perplexity
 from training_image.model import Decoder
@@ -264,12 +265,35 @@ def test_container_contract_job_end_to_end(ml_root, monkeypatch, capsys):
     assert (metrics["job_id"], metrics["job_type"], metrics["depth_after"]) == ("contract-1", "contract", 4)
     for key in ("perplexity_before", "perplexity_after_pruning", "perplexity_after_healing"):
         assert math.isfinite(metrics[key]) and metrics[key] > 1
-    assert metrics["final_perplexity"] == metrics["perplexity_after_healing"]
+    # model/ holds the healed weights unless healing made held-out perplexity worse
+    assert metrics["healing_kept"] == (metrics["perplexity_after_healing"] <= metrics["perplexity_after_pruning"])
+    assert metrics["final_perplexity"] == min(metrics["perplexity_after_healing"], metrics["perplexity_after_pruning"])
     progress = json.loads((ml_root / "checkpoints/progress.json").read_text())
     assert (progress["job_type"], progress["step"], progress["total_steps"]) == ("contract", 2, 2)
     out = capsys.readouterr().out
     assert "heldout_perplexity=" in out and "train_loss=" in out
     assert out.count("contract_stage=") == CONTRACT_EVALUATIONS  # the forward passes its price counts
+
+
+@pytest.mark.slow
+def test_healing_that_makes_the_model_worse_is_not_delivered(ml_root, monkeypatch):
+    """A healing run that raises held-out perplexity (here: a learning rate that wrecks the
+    weights) is reported and billed, but model/ holds the pruned weights and final_perplexity is theirs."""
+    settings = ContractSettings(source_model_id="m", num_layers_to_contract=2, contraction_ratio=0.5)
+    plain = run_contract_job(settings, ml_root, "contract-3", log=lambda line: None)
+    pruned = load_model_dir(ml_root / "model")[0].state_dict()
+    assert plain.healing_kept is None
+
+    monkeypatch.setattr(jobs, "HEAL_LR", 1.0)
+    lines = []
+    healed = run_contract_job(settings.model_copy(update={"train_steps": 3}), ml_root, "contract-4", log=lines.append)
+
+    assert healed.perplexity_after_pruning == plain.perplexity_after_pruning < healed.perplexity_after_healing
+    assert healed.healing_kept is False and healed.final_perplexity == plain.final_perplexity
+    assert healed.tokens_processed > 0 and healed.training_tokens == settings.model_copy(update={"train_steps": 3}).training_tokens()
+    delivered = load_model_dir(ml_root / "model")[0].state_dict()
+    assert delivered.keys() == pruned.keys() and all(torch.equal(delivered[k], pruned[k]) for k in pruned)
+    assert any("delivering the pruned weights" in line for line in lines)
 
 
 @pytest.mark.slow
