@@ -19,6 +19,7 @@ from shared.shapes import SIZES
 PUBLIC_OWNER = "public"
 BASE_PREFIX = "base-"
 BY_OWNER_INDEX = "by-owner"
+BY_STATUS_INDEX = "by-status"  # jobs only: job_id by status
 
 # What S3 answers for a key that does not exist: NoSuchKey (404) to a caller that may list the
 # bucket, AccessDenied (403) to one that may not (a role without s3:ListBucket).
@@ -171,22 +172,24 @@ class Jobs(_Table):
         return [_job_from_item(item) for item in self._query_owner(owner, limit)]
 
     def in_flight(self) -> list[dict[str, Any]]:
-        """Every job launching, running or cancelling (all pages), for the reconciler: a scan, as
-        it runs every few minutes and reads only the key columns."""
-        names = {"#s": "status"}
-        values = {f":a{i}": s for i, s in enumerate(ACTIVE_STATUSES)}
-        items, start = [], None
-        while True:
-            page = {"ExclusiveStartKey": start} if start else {}
-            response = self.client.scan(
-                TableName=self.name, ProjectionExpression="job_id, #s, updated_at",
-                FilterExpression=f"#s IN ({', '.join(values)})", ExpressionAttributeNames=names,
-                ExpressionAttributeValues=_ddb(values), ConsistentRead=True, **page,
-            )
-            items += [_plain(item) for item in response.get("Items", [])]
-            start = response.get("LastEvaluatedKey")
-            if not start:
-                return items
+        """Every job launching, running or cancelling (all pages), for the reconciler: a query of
+        the status index per status, so its cost follows the jobs in flight, not the table. The
+        index is eventually consistent: a job that moved a moment ago may be missed or seen in its
+        old status; the reconciler's writes are conditional and its next run sees it."""
+        items = []
+        for status in ACTIVE_STATUSES:
+            start = None
+            while True:
+                page = {"ExclusiveStartKey": start} if start else {}
+                response = self.client.query(
+                    TableName=self.name, IndexName=BY_STATUS_INDEX, KeyConditionExpression="#s = :s",
+                    ExpressionAttributeNames={"#s": "status"}, ExpressionAttributeValues=_ddb({":s": status}), **page,
+                )
+                items += [_plain(item) for item in response.get("Items", [])]
+                start = response.get("LastEvaluatedKey")
+                if not start:
+                    break
+        return items
 
     def transition(self, job_id: str, status: str, **fields: Any) -> dict[str, Any]:
         """Move a job forward to `status`, setting `fields` with it; ConditionFailed otherwise.

@@ -59,7 +59,7 @@ def test_created_resources_give_the_functions_their_whole_environment(aws):
     ddb = aws.session.client("dynamodb")
     jobs = ddb.describe_table(TableName=aws.env["JOBS_TABLE"])["Table"]
     assert jobs["KeySchema"] == [{"AttributeName": "job_id", "KeyType": "HASH"}]
-    assert [i["IndexName"] for i in jobs["GlobalSecondaryIndexes"]] == ["by-owner"]
+    assert [i["IndexName"] for i in jobs["GlobalSecondaryIndexes"]] == ["by-owner", "by-status"]
     assert aws.session.client("s3").head_bucket(Bucket=aws.env["DATA_BUCKET"])
     assert aws.session.client("sqs").get_queue_attributes(QueueUrl=aws.env["LAUNCH_QUEUE_URL"])
     assert aws.session.client("events").describe_event_bus(Name=aws.env["EVENT_BUS_NAME"])["Name"]

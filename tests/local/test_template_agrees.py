@@ -8,7 +8,7 @@ from local.aws import LOCAL_ACCOUNT
 from local.resources import TEMPLATE as TEMPLATE_PATH, load_template
 from local.server import API_TIMEOUT_S
 from shared.budgets import DEFAULT_BUDGET_ENV, DEFAULT_BUDGET_USD
-from shared.store import BY_OWNER_INDEX
+from shared.store import BY_OWNER_INDEX, BY_STATUS_INDEX
 
 TEMPLATE = load_template()
 
@@ -24,13 +24,13 @@ def test_the_default_budget_is_the_templates():
     assert variables[DEFAULT_BUDGET_ENV].value == "DefaultBudgetUsd"  # a !Ref of the parameter
 
 
-def test_every_owner_index_is_the_one_the_stores_query():
+def test_every_index_is_one_the_stores_query():
     tables = {name: r["Properties"] for name, r in TEMPLATE["Resources"].items() if r["Type"] == "AWS::DynamoDB::Table"}
     indexes = {name: [i["IndexName"] for i in props.get("GlobalSecondaryIndexes", [])] for name, props in tables.items()}
     assert {name: names for name, names in indexes.items() if names} == {
-        "JobsTable": [BY_OWNER_INDEX], "ModelsTable": [BY_OWNER_INDEX], "DatasetsTable": [BY_OWNER_INDEX]}
-    granted = re.findall(r"/index/([\w-]+)", TEMPLATE_PATH.read_text())  # the roles' grants name it too
-    assert granted and set(granted) == {BY_OWNER_INDEX}
+        "JobsTable": [BY_OWNER_INDEX, BY_STATUS_INDEX], "ModelsTable": [BY_OWNER_INDEX], "DatasetsTable": [BY_OWNER_INDEX]}
+    granted = re.findall(r"/index/([\w-]+)", TEMPLATE_PATH.read_text())  # the roles' grants name them too
+    assert granted and set(granted) == {BY_OWNER_INDEX, BY_STATUS_INDEX}
 
 
 def test_the_local_account_is_motos_and_the_local_api_times_out_as_deployed():

@@ -108,3 +108,27 @@ def test_datasets_are_per_owner_newest_first_and_a_ready_one_stays_pinned(aws):
     assert not datasets.record_check(first["dataset_id"], "alice", **check, etag='"e2"')  # ready: pinned
     got = datasets.get(first["dataset_id"], "alice")
     assert (got["status"], got["bytes"], got["tokens"], got["s3_etag"]) == ("ready", 10, 3000, '"e1"')
+
+
+def test_jobs_in_flight_are_read_from_the_status_index_not_the_whole_table(aws):
+    """The reconciler's read examines only the jobs launching, running or cancelling, however many
+    have ended (a scan examined every job)."""
+    from shared.lifecycle import ACTIVE_STATUSES, STATUS_RANK
+
+    jobs = Jobs(session=aws.session)
+    statuses = list(STATUS_RANK)
+    for i in range(3 * len(statuses)):
+        jobs.create(_job(job_id=f"j{i}", status=statuses[i % len(statuses)]))
+    examined, query = [], jobs.client.query
+
+    def counting(**kwargs):
+        response = query(**kwargs)
+        examined.append(response["ScannedCount"])
+        return response
+
+    jobs.client.query = counting
+    found = jobs.in_flight()
+    active = {f"j{i}" for i in range(3 * len(statuses)) if statuses[i % len(statuses)] in ACTIVE_STATUSES}
+    assert {j["job_id"] for j in found} == active and len(found) == len(active) == 3 * len(ACTIVE_STATUSES)
+    assert all(j["status"] in ACTIVE_STATUSES for j in found)
+    assert sum(examined) == len(active) < 3 * len(statuses)
