@@ -80,14 +80,23 @@ def warmup_steps(cycle_len: int) -> int:
     return max(1, min(WARMUP_STEPS, cycle_len // 4))
 
 
-def lr_at(cycle_step: int, cycle_len: int, peak: float) -> float:
+def lr_at(cycle_step: int, cycle_len: int, peak: float, step: int | None = None, total_steps: int | None = None) -> float:
     """Learning rate of the step at position cycle_step (0-based) of a cycle: a linear ramp to the
-    peak, then cosine decay that reaches MIN_LR_RATIO x peak on the cycle's last step."""
+    peak, then cosine decay that reaches MIN_LR_RATIO x peak on the cycle's last step.
+
+    Given the step's place in the whole run (step, 0-based, of total_steps), the ramp is also
+    held under the run's own warm-up, warmup_steps(total_steps): what AdamW needs counts from its
+    first step, not from a cycle's. Cycles shorter than that would otherwise each reach the peak
+    within a few steps of a fresh optimizer (six cycles of 25 steps: a 6-step ramp), the plateau
+    the warm-up exists to avoid; later cycles restart from an optimizer that has seen the data
+    and keep their own short ramp.
+    """
     warmup = warmup_steps(cycle_len)
-    if cycle_step < warmup:
-        return peak * (cycle_step + 1) / warmup
-    progress = (cycle_step + 1 - warmup) / max(1, cycle_len - warmup)
-    return peak * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
+    ramp = min(1.0, (cycle_step + 1) / warmup)
+    if step is not None and total_steps is not None:
+        ramp = min(ramp, (step + 1) / warmup_steps(total_steps))
+    progress = max(0, cycle_step + 1 - warmup) / max(1, cycle_len - warmup)
+    return peak * ramp * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @dataclass(frozen=True)
@@ -246,7 +255,7 @@ class Trainer:
         plan, state = self.plan, self.state
         step_started = time.monotonic()
         turn_step = sum(plan.cycle_steps[: state.cycle]) + state.cycle_step
-        lr = lr_at(state.cycle_step, cycle_len, plan.lr)
+        lr = lr_at(state.cycle_step, cycle_len, plan.lr, state.step, plan.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = self.train_windows[self.batch_indices(state.turn, turn_step)]

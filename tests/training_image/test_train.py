@@ -73,6 +73,41 @@ def test_every_cycle_length_ramps_to_the_peak_and_ends_on_the_floor(cycle_len):
         assert peak < cycle_len / 2 and rates[-1] == pytest.approx(MIN_LR_RATIO * 3e-3)
 
 
+@pytest.mark.parametrize("cycles, cycle_len, turns", [(6, 25, 1), (10, 3, 2), (1, 150, 1), (4, 100, 3)])
+def test_a_fresh_optimizer_warms_up_over_the_run_whatever_the_cycles(cycles, cycle_len, turns):
+    """Short cycles restart the rate, but the optimizer is new only once: its first
+    warmup_steps(total) steps never run faster than that ramp; once past it, every cycle (and
+    every turn, which restarts the cycles) follows its own schedule."""
+    plan = TrainPlan(turns=turns, cycle_steps=[cycle_len] * cycles, lr=3e-3, seq_len=8, batch_size=2)
+    at = [(c, i) for _ in range(turns) for c in range(cycles) for i in range(cycle_len)]
+    rates = [lr_at(i, cycle_len, plan.lr, step, plan.total_steps) for step, (_, i) in enumerate(at)]
+    run_warmup = warmup_steps(plan.total_steps)
+    assert run_warmup == min(WARMUP_STEPS, plan.total_steps // 4)
+    assert all(r <= plan.lr * (step + 1) / run_warmup * (1 + 1e-12) for step, r in enumerate(rates))
+    assert all(r == lr_at(i, cycle_len, plan.lr) for step, ((_, i), r) in enumerate(zip(at, rates)) if step >= run_warmup)
+    assert rates[-1] == pytest.approx(MIN_LR_RATIO * plan.lr) and max(rates) == pytest.approx(plan.lr)
+    if cycles == 1 and turns == 1:  # one cycle: the run's warm-up is the cycle's, the schedule as before
+        assert rates == [lr_at(i, cycle_len, plan.lr) for _, i in at]
+
+
+def test_the_trainer_follows_the_runs_schedule(windows):
+    train, _ = windows
+    plan = TrainPlan(turns=2, cycle_steps=[3, 3], lr=1e-3, seq_len=train.shape[1] - 1, batch_size=2)
+    model = Decoder(SIZES["debug"]).init_weights(0)
+    rates = []
+    trainer = Trainer(model, train, None, plan, log=None)
+    step = trainer._step
+
+    def recording(cycle_len):
+        step(cycle_len)
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+
+    trainer._step = recording
+    trainer.run()
+    expected = [lr_at(i, 3, 1e-3, s, 12) for s, i in enumerate([0, 1, 2] * 4)]
+    assert rates == expected and rates[0] < lr_at(0, 3, 1e-3)  # a fresh optimizer starts below the cycle's ramp
+
+
 @pytest.mark.parametrize("avx512_bf16, amx", [(False, False), (True, False), (False, True)])
 def test_bf16_autocast_by_default_only_on_a_cpu_that_has_it(windows, monkeypatch, avx512_bf16, amx):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
