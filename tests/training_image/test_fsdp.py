@@ -94,8 +94,13 @@ def single(tmp_path_factory) -> dict:
 def test_two_and_four_sharded_ranks_give_the_single_process_losses(single, tmp_path):
     two = _spawn(2, tmp_path, "two", checkpoint_dir=tmp_path / "two")
     assert two["sharded"] and two["losses"] == pytest.approx(single["losses"], rel=REL)
+    # The weights: AdamW divides each gradient by its own running scale, so an element whose
+    # gradient is near eps (an embedding row of a token seen once) turns the reduction order's
+    # rounding into a visible difference. All are within 1e-4 (a thirtieth of one step's largest
+    # move at this lr), and at most one in 10,000 is past 1e-5.
     for name, value in single["state"].items():
-        torch.testing.assert_close(two["state"][name], value, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(two["state"][name], value, rtol=1e-4, atol=1e-4)
+        assert ((two["state"][name] - value).abs() > 1e-5 + 1e-4 * value.abs()).sum() <= value.numel() // 10_000, name
     # Saved at 4 ranks after 5 steps (sharded, mid-cycle), resumed at 2, then at 1 from a copy.
     four = _spawn(4, tmp_path, "four", checkpoint_dir=tmp_path / "four", max_steps=5)
     assert four["losses"] == pytest.approx(single["losses"][:5], rel=REL)
