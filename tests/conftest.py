@@ -215,14 +215,20 @@ def write_metrics(aws, job: dict, *, config=GROWN, tokens=None, perplexity=17.5,
     """The job's metrics.json in the small output.tar.gz next to its model, where SageMaker puts it."""
     metrics = document if document is not None else metrics_document(job, config=config, tokens=tokens,
                                                                       perplexity=perplexity)
+    key = artifact(aws, job["job_id"]).split("/", 3)[3].replace("model.tar.gz", "output.tar.gz")
+    aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=key,
+                                        Body=tar_gz({"metrics.json": json.dumps(metrics).encode()}))
+
+
+def tar_gz(members: dict[str, bytes]) -> bytes:
+    """A gzipped tar archive of these files (name: bytes), as SageMaker packs its outputs."""
     blob = io.BytesIO()
     with tarfile.open(fileobj=blob, mode="w:gz") as archive:
-        data = json.dumps(metrics).encode()
-        info = tarfile.TarInfo("metrics.json")
-        info.size = len(data)
-        archive.addfile(info, io.BytesIO(data))
-    key = artifact(aws, job["job_id"]).split("/", 3)[3].replace("model.tar.gz", "output.tar.gz")
-    aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=key, Body=blob.getvalue())
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return blob.getvalue()
 
 
 def sagemaker_event(aws, job_id: str, status: str, reason: str | None = None, secondary: str | None = None) -> dict:

@@ -4,10 +4,8 @@ every refusal as one line."""
 
 from __future__ import annotations
 
-import io
 import json
 import sys
-import tarfile
 from decimal import Decimal
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from shared.state_changes import catalog_entry
 from shared.training_jobs import training_job_name
 from shared.store import PUBLIC_OWNER, Catalog
 from tests import permissions
-from tests.conftest import GROWN, REGION, metrics_document
+from tests.conftest import GROWN, REGION, metrics_document, tar_gz
 
 ROLE = "arn:aws:iam::123456789012:role/fusion-EndpointRole-x"
 EXPORT = {"config.json": json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}).encode(),
@@ -31,16 +29,6 @@ EXPORT = {"config.json": json.dumps({"architectures": ["LlamaForCausalLM"], "mod
           "generation_config.json": b'{"eos_token_id": 2}'}
 # What the SDK's tables resolve SERVING_VERSION to in us-east-1 (AWS's registry of that region).
 IMAGE = "763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-pytorch-tgi-inference:2.7.0-tgi3.3.6-gpu-py311-cu124-ubuntu22.04"
-
-
-def _archive(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def trained(aws, job_id: str = "j-deploy", *, export: bool = True) -> dict:
@@ -53,7 +41,7 @@ def trained(aws, job_id: str = "j-deploy", *, export: bool = True) -> dict:
     model = catalog_entry(job, metrics, f"s3://{bucket}/{key}", Decimal("1"))
     files = {"./config.json": b"{}", "./model.safetensors": b"compact"}
     files |= {f"./hf/{name}": data for name, data in EXPORT.items()} if export else {}
-    aws.session.client("s3").put_object(Bucket=bucket, Key=key, Body=_archive(files))
+    aws.session.client("s3").put_object(Bucket=bucket, Key=key, Body=tar_gz(files))
     Catalog(session=aws.session).register(model)
     return model
 

@@ -2,7 +2,6 @@
 
 import io
 import json
-import tarfile
 
 import pytest
 
@@ -15,7 +14,7 @@ from shared.settings import TrainSettings
 from shared.shapes import SIZES
 from shared.training_jobs import MAX_RUNTIME_LIMIT, LaunchConfig, job_id_of, training_job_request
 
-from tests.conftest import metrics_document
+from tests.conftest import metrics_document, tar_gz
 
 
 @pytest.mark.parametrize("name, job_id", [
@@ -39,23 +38,13 @@ class FakeS3:
         return {"Body": io.BytesIO(self.objects[(Bucket, Key)])}
 
 
-def _tar(members):
-    blob = io.BytesIO()
-    with tarfile.open(fileobj=blob, mode="w:gz") as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return blob.getvalue()
-
-
 JOB = {"job_id": "j", "type": "train", "estimate": {"training_tokens": 7}}
 
 
 @pytest.mark.parametrize("member", ["metrics.json", "./metrics.json", "data/metrics.json"])
 def test_metrics_are_read_from_output_tar_beside_the_model(member):
     s3 = FakeS3({("b", "jobs/j/output/fusion-j/output/output.tar.gz"):
-                 _tar({"failure": b"", member: json.dumps(metrics_document(JOB)).encode()})})
+                 tar_gz({"failure": b"", member: json.dumps(metrics_document(JOB)).encode()})})
     metrics = read_metrics(s3, "s3://b/jobs/j/output/fusion-j/output/model.tar.gz")
     assert isinstance(metrics, TrainMetrics) and metrics.training_tokens == 7
 
@@ -67,14 +56,14 @@ def test_metrics_are_read_from_output_tar_beside_the_model(member):
 ])
 def test_metrics_missing_a_field_or_of_a_wrong_type_are_refused_naming_it(change, named):
     document = {k: v for k, v in {**metrics_document(JOB), **change}.items() if v is not None}
-    s3 = FakeS3({("b", "k/output.tar.gz"): _tar({"metrics.json": json.dumps(document).encode()})})
+    s3 = FakeS3({("b", "k/output.tar.gz"): tar_gz({"metrics.json": json.dumps(document).encode()})})
     with pytest.raises(ValueError, match="metrics.json does not hold to the container's metrics") as refused:
         read_metrics(s3, "s3://b/k/model.tar.gz")
     assert named in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_an_archive_without_metrics_is_an_error():
-    s3 = FakeS3({("b", "k/output.tar.gz"): _tar({"other.json": b"{}"})})
+    s3 = FakeS3({("b", "k/output.tar.gz"): tar_gz({"other.json": b"{}"})})
     with pytest.raises(FileNotFoundError):
         read_metrics(s3, "s3://b/k/model.tar.gz")
 
