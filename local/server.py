@@ -2,7 +2,13 @@
 
 Each HTTP request becomes an API Gateway HTTP API (payload 2.0) event. The JWT in
 `Authorization: Bearer` is decoded but NOT verified (local use only: API Gateway's authorizer
-verifies it in AWS); without a token the caller is tenant "local".
+verifies it in AWS); without an Authorization header the caller is tenant "local", and any other
+scheme (Basic, a bare token) is a 401, as the deployed authorizer answers it.
+
+The edge keeps API Gateway's limits: a body over its payload quota is a 413 and is never read, a
+body is read in full before the handler sees it (short, duplicated or unreadable lengths are a
+400), and a connection that sends too slowly is closed with a 408, without holding any other
+request up.
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ LOCAL_TENANT = "local"
 # of concurrent clients (the standard library's default of 5 resets the sixth).
 LISTEN_BACKLOG = 128
 API_TIMEOUT_S = 30  # the API function's timeout in template.yaml
+# API Gateway HTTP API quotas: "Payload size 10 MB" (not adjustable).
+MAX_BODY_BYTES = 10 * 1024 * 1024
+# A client gets this long for each read of its request, and for its whole body.
+READ_TIMEOUT_S = 10
+BODY_DEADLINE_S = 30
 # One event at a time through the handler, as one Lambda instance takes them: the resolver keeps the
 # current event on itself, so two threads inside it at once (a browser loads files in parallel)
 # would answer each other's requests.
@@ -33,9 +44,12 @@ _HANDLER_LOCK = threading.Lock()
 
 
 def claims_of(authorization: str | None) -> dict[str, Any]:
-    """The payload of an unsigned-or-signed bearer JWT, unverified; {"sub": "local"} without one."""
-    if not authorization or not authorization.lower().startswith("bearer "):
+    """The payload of an unsigned-or-signed bearer JWT, unverified; {"sub": "local"} without an
+    Authorization header; ValueError for any other scheme."""
+    if authorization is None:
         return {"sub": LOCAL_TENANT}
+    if not authorization.lower().startswith("bearer ") or not authorization[7:].strip():
+        raise ValueError("the Authorization header must be `Bearer <JWT>`")
     token = authorization.split(None, 1)[1].strip()
     parts = token.split(".")
     if len(parts) < 2:
@@ -93,22 +107,32 @@ def api_event(
     }
 
 
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "fusion-local"
+    timeout = READ_TIMEOUT_S  # on the socket: a request line, header or body read that stalls ends
 
     def _serve(self) -> None:
         from functions.api.app import lambda_handler
 
         url = urlsplit(self.path)
-        declared = (self.headers.get("content-length") or "0").strip()
-        if not declared.isdigit():
-            self.close_connection = True  # the body's end is unknown: nothing after it can be read
-            return self._error(400, "invalid_request", "content-length must be a whole number of bytes",
-                               "content-length")
-        length = int(declared)
-        raw = self.rfile.read(length) if length else b""
         try:
-            claims = claims_of(self.headers.get("authorization"))
+            raw = self._body()
+        except _BadRequest as bad:
+            self.close_connection = True  # the body's end is unknown: nothing after it can be read
+            code = {408: "request_timeout", 411: "length_required", 413: "payload_too_large"}.get(bad.status,
+                                                                                                  "invalid_request")
+            return self._error(bad.status, code, str(bad), "content-length")
+        authorization = self.headers.get_all("authorization") or []
+        try:
+            if len(authorization) > 1:
+                raise ValueError("one Authorization header, not several")
+            claims = claims_of(authorization[0] if authorization else None)
         except (ValueError, UnicodeDecodeError) as exc:
             return self._error(401, "unauthorized", str(exc), "authorization")
         try:
@@ -117,11 +141,41 @@ class _Handler(BaseHTTPRequestHandler):
             text = raw
         event = api_event(self.command, url.path, query=url.query, headers=dict(self.headers.items()),
                           body=text, claims=claims)
-        with _HANDLER_LOCK:
+        with _HANDLER_LOCK:  # held for the handler only: bodies are read (and refused) outside it
             result = lambda_handler(event, LambdaContext("fusion-api-local", API_TIMEOUT_S))
         payload = result.get("body") or ""
         data = base64.b64decode(payload) if result.get("isBase64Encoded") else payload.encode()
         self._reply(result.get("statusCode", 200), result.get("headers") or {}, data)
+
+    def _body(self) -> bytes:
+        """The request body, read in full within BODY_DEADLINE_S; _BadRequest for a length that is
+        missing where a body is sent, repeated, not a number, over MAX_BODY_BYTES, or longer than
+        what arrives."""
+        if self.headers.get("transfer-encoding"):
+            raise _BadRequest(411, "send the body with a content-length (no transfer-encoding)")
+        declared = self.headers.get_all("content-length") or []
+        if len(declared) > 1:
+            raise _BadRequest(400, "one content-length header, not several")
+        value = (declared[0] if declared else "0").strip()
+        if not value.isdigit() or not value.isascii():
+            raise _BadRequest(400, "content-length must be a whole number of bytes")
+        length = int(value)
+        if length > MAX_BODY_BYTES:
+            raise _BadRequest(413, f"the body is {length} bytes; at most {MAX_BODY_BYTES} (API Gateway's payload limit)")
+        deadline = time.monotonic() + BODY_DEADLINE_S
+        parts, remaining = [], length
+        while remaining:
+            if time.monotonic() > deadline:
+                raise _BadRequest(408, f"the body did not arrive within {BODY_DEADLINE_S} s")
+            try:
+                part = self.rfile.read1(min(remaining, 1 << 16))
+            except TimeoutError:
+                raise _BadRequest(408, f"no byte of the body arrived for {READ_TIMEOUT_S} s") from None
+            if not part:
+                raise _BadRequest(400, f"the body ended after {length - remaining} of its {length} declared bytes")
+            parts.append(part)
+            remaining -= len(part)
+        return b"".join(parts)
 
     def _error(self, status: int, code: str, message: str, field: str) -> None:
         body = {"error": {"code": code, "message": message, "details": [{"field": field, "message": message}]}}

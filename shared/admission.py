@@ -11,8 +11,10 @@ import json
 from typing import Any
 
 from shared.budgets import budget_of, check_budget
+from shared.datasets import parse_dataset_key
 from shared.errors import JobError, describe_error, invalid, not_found
 from shared.events import announce
+from shared.launching import dataset_replaced
 from shared.lifecycle import NO_CHARGE, new_job_id
 from shared.memory import DoesNotFit
 from shared.pricing import Estimate, estimate_contract, estimate_train
@@ -24,10 +26,10 @@ from shared.settings import (
     TrainSettings,
     default_output_name,
 )
-from shared.shapes import ModelConfig
-from shared.store import Catalog, Datasets, Jobs, OverBudget, Tenants, cents, now
+from shared.shapes import ModelConfig, contraction_floor
+from shared.store import Catalog, Datasets, Jobs, OverBudget, Tenants, available, cents, not_available, now
 from shared.telemetry import job_created, job_ended, job_refused
-from shared.tenancy import InvalidTenant, check_tenant, encode_tenant
+from shared.tenancy import data_uri_prefix, is_owner, owns_uri
 
 
 def resolve(
@@ -37,19 +39,25 @@ def resolve(
     catalog: Catalog,
     datasets: Datasets,
     data_bucket: str,
+    s3: Any,
     job_id: str | None = None,
 ) -> dict[str, Any]:
     """Check a request against the catalog and price it: the job record, not yet stored.
 
-    Raises JobError for anything the caller got wrong; nothing is written.
+    Raises JobError for anything the caller got wrong; nothing is written. `s3` looks up what the
+    records alone cannot say: whether the base model's weights exist, and whether the dataset's
+    object is still the one its check admitted.
     """
     job_id = job_id or new_job_id()
+    warnings = request.hyperparams.warnings()
     if isinstance(request, TrainJobRequest):
         base = catalog.get(request.model, owner)
         if base is None:
             raise not_found("model", "model", request.model)
         if base.get("status", "ready") != "ready":  # a registered folder that failed its check
             raise invalid("model", f"{request.model} is {base['status']}: {base.get('reason')}")
+        if not available(base, s3):
+            raise invalid("model", not_available(request.model))
         config = ModelConfig.model_validate(base["config"])
         settings: TrainSettings | ContractSettings = request.hyperparams
         if settings.seq_len > config.context_length:
@@ -75,13 +83,26 @@ def resolve(
                 f"num_layers_to_contract={settings.num_layers_to_contract} exceeds the depth "
                 f"{source['depth']} of {settings.source_model_id}",
             )
+        source_config = ModelConfig.model_validate(source["config"])
+        can_lose, full = contraction_floor(source_config, settings.contraction_ratio, settings.num_layers_to_contract)
+        if not can_lose:
+            raise invalid("hyperparams.contraction_ratio",
+                          f"contracting {settings.source_model_id} at contraction_ratio={settings.contraction_ratio} "
+                          "would remove nothing: no layer can lose a head or an MLP unit at this ratio (a layer keeps "
+                          "at least 1 of each)")
+        if full < settings.num_layers_to_contract:
+            warnings.append(f"only {full} of the {settings.num_layers_to_contract} layers asked for can lose all that "
+                            f"contraction_ratio={settings.contraction_ratio} asks (a layer keeps at least 1 query head "
+                            f"and 1 MLP unit; {can_lose} can lose anything): this contraction removes less than asked")
         dataset = request.dataset or source.get("dataset")
         if not dataset:
             raise invalid("dataset", f"{settings.source_model_id} records no dataset: give one for calibration")
         model_id, base = settings.source_model_id, source
-        estimate = _planned(lambda: estimate_contract(settings, ModelConfig.model_validate(source["config"])),
-                            "hyperparams.source_model_id")
+        estimate = _planned(lambda: estimate_contract(settings, source_config), "hyperparams.source_model_id")
     dataset_uri, pinned = resolve_dataset(dataset, owner, datasets=datasets, data_bucket=data_bucket)
+    replaced = dataset_replaced(s3, {"dataset": dataset, "dataset_uri": dataset_uri, "dataset_pin": pinned})
+    if replaced:  # the upload's notification may not have been checked yet: the object says so at once
+        raise invalid("dataset", replaced)
     if settings.output_name is None:
         settings = settings.model_copy(update={"output_name": default_output_name(job_id)})
     created = now()
@@ -94,7 +115,7 @@ def resolve(
         "dataset": dataset,
         "settings": settings.model_dump(mode="json"),
         "estimate": estimate.model_dump(mode="json"),
-        "warnings": settings.warnings(),
+        "warnings": warnings,
         "training_job_name": None,
         "output_model_id": None,
         "failure_reason": None,
@@ -118,19 +139,25 @@ def _planned(estimate: Any, field_name: str) -> Estimate:
 
 
 def resolve_dataset(dataset: str, owner: str, *, datasets: Datasets, data_bucket: str) -> tuple[str, dict | None]:
-    """The S3 URI to train on, and the object its check admitted ({"etag", "version_id"}) when
-    it is a dataset id: a ready dataset id of the caller, or a URI under their data prefix."""
+    """The S3 URI to train on and the object its check admitted ({"etag", "version_id"}): a ready
+    dataset of the caller, named by its id or by the s3:// URI of its upload. Any other S3 URI is
+    refused: its bytes were never checked, and nothing would pin them between admission and launch."""
     if dataset.startswith("s3://"):
-        prefix = f"s3://{data_bucket}/{encode_tenant(owner)}/"
-        rest = dataset[len(prefix):]
-        if not dataset.startswith(prefix) or not rest or ".." in rest.split("/"):
-            raise invalid("dataset", f"an S3 dataset must lie under {prefix}")
-        return dataset, None
+        parsed = parse_dataset_key(dataset[len(f"s3://{data_bucket}/"):]) if owns_uri(dataset, data_bucket, owner) else None
+        if parsed is None or parsed[0] != owner:
+            raise invalid("dataset", "a job trains on a checked dataset only: name a dataset id (ds-...) that "
+                                     "POST /datasets registered and its check made ready, or its s3:// URI; "
+                                     f"other S3 URIs (even under {data_uri_prefix(data_bucket, owner)}) are "
+                                     "neither checked nor pinned")
+        uri, dataset = dataset, parsed[1]
+    else:
+        uri = None
     record = datasets.get(dataset, owner)
-    if record is None:
-        raise not_found("dataset", "dataset", dataset)
+    if record is None or (uri is not None and record["s3_uri"] != uri):
+        raise not_found("dataset", "dataset", uri or dataset)
     if record.get("status") != "ready":
-        raise invalid("dataset", f"dataset {dataset!r} is {record.get('status')}, not ready")
+        raise invalid("dataset", f"dataset {dataset!r} is {record.get('status')}, not ready"
+                                 + (f": {record['reason']}" if record.get("reason") else ""))
     pin = {"etag": record["s3_etag"], "version_id": record.get("s3_version_id")} if record.get("s3_etag") else None
     return record["s3_uri"], pin
 
@@ -176,11 +203,12 @@ def admit(job: dict[str, Any], *, jobs: Jobs, tenants: Tenants, sqs: Any, queue_
 
 
 def accept(request: TrainJobRequest | ContractJobRequest, owner: str, *, catalog: Catalog, datasets: Datasets,
-           data_bucket: str, jobs: Jobs, tenants: Tenants, sqs: Any, queue_url: str,
+           data_bucket: str, s3: Any, jobs: Jobs, tenants: Tenants, sqs: Any, queue_url: str,
            job_id: str | None = None) -> dict[str, Any]:
     """A request to create a job, resolved and admitted: the accepted job, or JobError saying why not."""
     try:
-        job = resolve(request, owner, catalog=catalog, datasets=datasets, data_bucket=data_bucket, job_id=job_id)
+        job = resolve(request, owner, catalog=catalog, datasets=datasets, data_bucket=data_bucket, s3=s3,
+                      job_id=job_id)
     except JobError:
         job_refused()
         raise
@@ -188,7 +216,7 @@ def accept(request: TrainJobRequest | ContractJobRequest, owner: str, *, catalog
 
 
 def requested(detail: dict[str, Any], event_id: str | None, *, catalog: Catalog, datasets: Datasets, jobs: Jobs,
-              tenants: Tenants, sqs: Any, bus: Any, data_bucket: str, queue_url: str) -> dict[str, Any]:
+              tenants: Tenants, sqs: Any, bus: Any, data_bucket: str, s3: Any, queue_url: str) -> dict[str, Any]:
     """A job request from a pipeline ({"owner", "request": <POST /jobs body>}): the same checks as
     POST /jobs, then admitted. A refusal is answered on the bus, not retried: it would fail again.
 
@@ -204,16 +232,16 @@ def requested(detail: dict[str, Any], event_id: str | None, *, catalog: Catalog,
         announce(existing, jobs=jobs, bus=bus)
         return {"accepted": True, "job_id": job_id}
     try:
-        try:
-            check_tenant(owner)
-            request = JOB_REQUEST.validate_python(body)
-        except InvalidTenant as exc:
+        if not is_owner(owner):
             job_refused()
-            raise invalid("owner", f"a requested job names its owner (the tenant): {exc}") from None
+            raise invalid("owner", "a requested job names its owner: a tenant's owner value, as its jobs and "
+                                   "models carry it (the encoded sub)")
+        try:
+            request = JOB_REQUEST.validate_python(body)
         except ValidationError:
             job_refused()
             raise
-        job = accept(request, owner, catalog=catalog, datasets=datasets, data_bucket=data_bucket, jobs=jobs,
+        job = accept(request, owner, catalog=catalog, datasets=datasets, data_bucket=data_bucket, s3=s3, jobs=jobs,
                      tenants=tenants, sqs=sqs, queue_url=queue_url, job_id=job_id)
     except ValidationError as exc:
         error = {"code": "invalid_request", "message": "the requested job has invalid fields",

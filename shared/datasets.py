@@ -1,7 +1,7 @@
 """Datasets: what a tenant uploads to train on, and the check that admits or rejects it.
 
 A dataset is registered first (`POST /datasets` hands out an upload URL), then its object lands
-at s3://DATA/<encoded tenant>/datasets/<dataset_id>/data.jsonl|data.txt and the check reads it once:
+at s3://DATA/<owner>/datasets/<dataset_id>/data.jsonl|data.txt and the check reads it once:
 JSONL whose every record has a string "text" field, or UTF-8 text, within the size limits. The
 check streams the object, so its memory does not grow with the dataset.
 """
@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.settings import NAME_PATTERN, NAME_RULE
 from shared.store import Datasets, now
-from shared.tenancy import decode_tenant, encode_tenant
+from shared.tenancy import data_prefix, owner_of_key
 
 FILE_NAMES = {"jsonl": "data.jsonl", "text": "data.txt"}
 FORMAT_OF_FILE = {name: fmt for fmt, name in FILE_NAMES.items()}
@@ -33,6 +33,8 @@ MAX_BYTES = 5 * 1024**3
 MIN_TOKENS = 2_000
 UPLOAD_URL_SECONDS = 3600
 EMPTY_REASON = "the dataset is empty (0 bytes): the upload carried no content"
+# One JSONL record is parsed whole: a longer line is refused before it is held in memory.
+MAX_LINE_BYTES = 64 * 1024**2
 
 # A pre-tokenizer's pieces (words, numbers, single punctuation marks): close to what a BPE
 # tokenizer counts on prose and the same for every model, so a dataset has one token count.
@@ -68,17 +70,17 @@ def new_dataset_id() -> str:
     return "ds-" + uuid.uuid4().hex[:12]
 
 
-def dataset_key(tenant: str, dataset_id: str, fmt: str) -> str:
-    return f"{encode_tenant(tenant)}/datasets/{dataset_id}/{FILE_NAMES[fmt]}"
+def dataset_key(owner: str, dataset_id: str, fmt: str) -> str:
+    return f"{data_prefix(owner)}datasets/{dataset_id}/{FILE_NAMES[fmt]}"
 
 
 def parse_dataset_key(key: str) -> tuple[str, str, str] | None:
-    """(tenant, dataset_id, format) of an uploaded dataset's object key; None for any other key."""
+    """(owner, dataset_id, format) of an uploaded dataset's object key; None for any other key."""
     match = DATASET_KEY.match(key)
-    tenant = decode_tenant(match["tenant"]) if match else None
-    if tenant is None:
+    owner = owner_of_key(key) if match else None
+    if owner is None:
         return None
-    return tenant, match["dataset_id"], FORMAT_OF_FILE[match["file"]]
+    return owner, match["dataset_id"], FORMAT_OF_FILE[match["file"]]
 
 
 def max_bytes() -> int:
@@ -90,7 +92,10 @@ def count_tokens(text: str) -> int:
 
 
 def check_dataset(chunks: Iterable[bytes], fmt: str, *, limit: int | None = None, min_tokens: int = MIN_TOKENS) -> CheckResult:
-    """Read a dataset object once and say whether it can be trained on, and if not, why."""
+    """Read a dataset object once and say whether it can be trained on, and if not, why.
+
+    It always ends with a verdict: whatever the bytes hold (numbers of any length, nesting of any
+    depth, any encoding) they are either admitted or rejected with the first reason found."""
     limit = max_bytes() if limit is None else limit
     state = {"bytes": 0, "tokens": 0, "records": 0}
 
@@ -121,29 +126,68 @@ class _Rejected(Exception):
 
 
 def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The file's lines, without their newline; a line longer than MAX_LINE_BYTES is rejected
+    before it is held whole."""
     pending = b""
+    number = 0
     for chunk in chunks:
         pending += chunk
         *complete, pending = pending.split(b"\n")
-        yield from complete
+        for line in complete:
+            number += 1
+            yield _short(line, number)
+        _short(pending, number + 1)
     if pending:
         yield pending
 
 
-def _check_jsonl(chunks: Iterable[bytes], state: dict[str, int]) -> None:
+def _short(line: bytes, number: int) -> bytes:
+    if len(line) > MAX_LINE_BYTES:
+        raise _Rejected(f"line {number} is longer than {MAX_LINE_BYTES} bytes")
+    return line
+
+
+def decoded_lines(chunks: Iterable[bytes]) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line, decoded as strict UTF-8 (no UTF-16/32, no
+    encoded surrogates; a byte-order mark at the very start is allowed and dropped)."""
     for number, raw in enumerate(_lines(chunks), start=1):
-        if not raw.strip():
-            continue
         try:
-            record = json.loads(raw)
-        except UnicodeDecodeError:
-            raise _Rejected(f"line {number} is not UTF-8") from None
-        except json.JSONDecodeError as error:
-            raise _Rejected(f"line {number} is not JSON: {error.msg}") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise _Rejected(f'line {number} has no string "text" field')
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise _Rejected(f"line {number} is not UTF-8 (byte {error.start} of the line)") from None
+        if "\x00" in text:  # valid UTF-8, but what UTF-16/32 text of ASCII looks like (JSON never holds a raw NUL)
+            raise _Rejected(f"line {number} is not UTF-8: it holds NUL bytes (UTF-16 or UTF-32 text, or binary?)")
+        if number == 1:
+            text = text.removeprefix("\ufeff")
+        if text.strip():
+            yield number, text
+
+
+def parse_record(number: int, text: str) -> Any:
+    """A line's JSON value; any line json cannot read (malformed, an integer past Python's digit
+    limit, nesting deeper than the parser's recursion) is a rejection that names the line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise _Rejected(f"line {number} is not JSON: {error.msg}") from None
+    except RecursionError:
+        raise _Rejected(f"line {number} nests JSON too deeply to read") from None
+    except ValueError as error:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise _Rejected(f"line {number} is not JSON we can read: {error}") from None
+
+
+def text_record(number: int, record: Any) -> str:
+    """The training text of one {"text": ...} record."""
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise _Rejected(f'line {number} has no string "text" field')
+    return record["text"]
+
+
+def _check_jsonl(chunks: Iterable[bytes], state: dict[str, int]) -> None:
+    for number, text in decoded_lines(chunks):
+        body = text_record(number, parse_record(number, text))
         state["records"] += 1
-        state["tokens"] += count_tokens(record["text"])
+        state["tokens"] += count_tokens(body)
     if not state["records"]:
         raise _Rejected("the dataset has no records")
 

@@ -23,7 +23,7 @@ from shared.lifecycle import STATUS_RANK
 
 JobStatus = Literal[tuple(STATUS_RANK)]
 JobType = Literal["train", "contract"]
-DatasetStatus = Literal["pending", "ready", "rejected"]
+DatasetStatus = Literal["pending", "ready", "rejected", "failed", "replaced"]
 ModelKind = Literal["base", "trained", "contracted", "imported"]
 
 
@@ -127,6 +127,9 @@ class CatalogModel(_Body):
     status: Literal["ready", "rejected"] = Field(
         default="ready", description="A registered folder that failed its check is rejected; all others are ready.")
     reason: str | None = None
+    available: bool = Field(
+        default=True, description="Whether its weights exist: a base model size whose weights this deployment "
+                                  "has not published is listed, but not available, and a job on it is refused (422).")
     parent_id: str | None = None
     job_id: str | None = None
     parameters: int | None = None

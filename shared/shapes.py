@@ -133,6 +133,31 @@ class ModelConfig(BaseModel):
         return embeddings + head + self.dim + sum(self.layer_parameters(l) for l in self.layers)
 
 
+def units_to_remove(mlp_hidden: int, ratio: float) -> int:
+    """MLP units one contracted layer loses at `ratio`: round(ratio x F), leaving at least 1."""
+    return min(round(ratio * mlp_hidden), mlp_hidden - 1)
+
+
+def heads_to_remove(n_heads: int, ratio: float) -> int:
+    """Query heads one contracted layer loses at `ratio`: round(ratio x H), at least 1 when ratio > 0,
+    leaving at least 1."""
+    if ratio <= 0:
+        return 0
+    return min(max(1, round(ratio * n_heads)), n_heads - 1)
+
+
+def contraction_floor(config: ModelConfig, ratio: float, num_layers: int) -> tuple[int, int]:
+    """(layers that can still lose anything, layers that can lose all `ratio` asks of them): a
+    layer keeps at least 1 query head and 1 MLP unit, so a model contracted again and again reaches
+    a floor where a contraction removes less than asked, then nothing."""
+    can_lose = full = 0
+    for layer in config.layers:
+        units, heads = units_to_remove(layer.mlp_hidden, ratio), heads_to_remove(layer.n_heads, ratio)
+        can_lose += bool(units or heads)
+        full += units == round(ratio * layer.mlp_hidden) and heads == max(1, round(ratio * layer.n_heads))
+    return can_lose, full
+
+
 def growth_positions(n_layers: int) -> list[int]:
     """Indices (in the base model) of the blocks that each get a copy inserted right after them.
 

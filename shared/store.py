@@ -15,8 +15,8 @@ from typing import Any
 
 from shared.lifecycle import ACTIVE_STATUSES, END_STATUSES, STATUS_RANK
 from shared.shapes import SIZES
+from shared.tenancy import PUBLIC_OWNER
 
-PUBLIC_OWNER = "public"
 BASE_PREFIX = "base-"
 BY_OWNER_INDEX = "by-owner"
 BY_STATUS_INDEX = "by-status"  # jobs only: job_id by status
@@ -275,7 +275,7 @@ def _job_from_item(item: dict[str, Any]) -> dict[str, Any]:
 
 
 class Catalog(_Table):
-    """The model catalog: base models (owner "public") and each tenant's trained models."""
+    """The model catalog: base models (owner PUBLIC_OWNER) and each tenant's trained models."""
 
     env_var = "MODELS_TABLE"
 
@@ -349,6 +349,38 @@ def base_model(model_id: str, *, artifacts_bucket: str) -> dict[str, Any] | None
     }
 
 
+# Base-model archives seen published in this process: an operator's upload stays, so each is
+# looked for until found, then no more.
+_PUBLISHED: set[str] = set()
+
+
+def not_available(model_id: str) -> str:
+    return (f"{model_id} is not available: its weights are not published in this deployment "
+            f"(GET /models shows which base models are available)")
+
+
+def available(model: dict[str, Any], s3: Any) -> bool:
+    """Whether a catalog model's weights exist. The catalog offers every named base size whether or
+    not the operator uploaded it (base-models/<size>/model.tar.gz), so for those the archive is
+    looked for; every other entry was registered from an artifact that was there."""
+    uri = model.get("artifact_uri")
+    if base_model(model.get("model_id") or "", artifacts_bucket="") is None or not uri:
+        return True
+    if uri in _PUBLISHED:
+        return True
+    from botocore.exceptions import ClientError
+
+    bucket, key = uri[len("s3://"):].split("/", 1)
+    try:
+        s3.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if missing_object(exc):
+            return False
+        raise
+    _PUBLISHED.add(uri)
+    return True
+
+
 def seed_base_models(catalog: Catalog, *, artifacts_bucket: str | None = None) -> list[str]:
     """Write the public base models into the catalog (idempotent); returns their ids."""
     bucket = artifacts_bucket or os.environ["ARTIFACTS_BUCKET"]
@@ -381,11 +413,14 @@ class Datasets(_Table):
         return sorted(self._query_owner(owner, limit), key=lambda d: d.get("created_at", ""), reverse=True)
 
     def record_check(self, dataset_id: str, owner: str, *, ok: bool, bytes_read: int, tokens: int,
-                     reason: str | None, etag: str | None = None, version_id: str | None = None) -> bool:
-        """Store a check's verdict and the object it read (etag, version id); False when this owner
-        registered no such dataset (a stray upload) or it is already ready: a ready dataset is
-        pinned to the object it was checked on, so a later upload never replaces it."""
-        values = {":s": "ready" if ok else "rejected", ":b": bytes_read, ":t": tokens, ":o": owner, ":ready": "ready"}
+                     reason: str | None, etag: str | None = None, version_id: str | None = None,
+                     status: str | None = None) -> bool:
+        """Store a check's verdict (ready, rejected, or `status="failed"` when the check itself broke)
+        and the object it read (etag, version id); False when this owner registered no such dataset
+        (a stray upload) or it is already ready or replaced: a ready dataset is pinned to the object
+        it was checked on, so a later upload never makes it ready on other bytes (see mark_replaced)."""
+        status = status or ("ready" if ok else "rejected")
+        values = {":s": status, ":b": bytes_read, ":t": tokens, ":o": owner, ":ready": "ready", ":replaced": "replaced"}
         update = "SET #s = :s, #b = :b, tokens = :t"
         for name, value in (("s3_etag", etag), ("s3_version_id", version_id)):
             if value:
@@ -403,13 +438,40 @@ class Datasets(_Table):
                 TableName=self.name,
                 Key=_ddb({"dataset_id": dataset_id}),
                 UpdateExpression=update,
-                ConditionExpression="#o = :o AND #s <> :ready",
+                ConditionExpression="#o = :o AND #s <> :ready AND #s <> :replaced",
                 ExpressionAttributeNames={"#s": "status", "#b": "bytes", "#o": "owner"},
                 ExpressionAttributeValues=_ddb(values),
             )
         except self.client.exceptions.ConditionalCheckFailedException:
             return False
         return True
+
+    def mark_replaced(self, dataset_id: str, owner: str, *, etag: str | None, version_id: str | None) -> bool:
+        """A ready dataset whose object a later upload replaced (another etag or version than the one
+        checked) becomes "replaced": no job is admitted on it. False when it is not this owner's,
+        not ready, or the upload is the very object it was checked on (a repeated notification)."""
+        values = {":o": owner, ":ready": "ready", ":replaced": "replaced", ":e": etag or "",
+                  ":r": REPLACED_REASON}
+        condition = "#o = :o AND #s = :ready AND (s3_etag <> :e"
+        if version_id:
+            values[":v"] = version_id
+            condition += " OR s3_version_id <> :v"
+        try:
+            self.client.update_item(
+                TableName=self.name,
+                Key=_ddb({"dataset_id": dataset_id}),
+                UpdateExpression="SET #s = :replaced, reason = :r",
+                ConditionExpression=condition + ")",
+                ExpressionAttributeNames={"#s": "status", "#o": "owner"},
+                ExpressionAttributeValues=_ddb(values),
+            )
+        except self.client.exceptions.ConditionalCheckFailedException:
+            return False
+        return True
+
+
+REPLACED_REASON = ("a later upload replaced the object its check admitted; register a new dataset "
+                   "(POST /datasets) to train on the new bytes")
 
 
 class Tenants(_Table):

@@ -1,14 +1,17 @@
 """Tenant ids are opaque: the identity provider's `sub` claim, any string at all.
 
-Wherever a tenant becomes part of a composed name (an S3 prefix, a DynamoDB key built from
-several parts, a SageMaker tag value) it goes in encoded, never raw: letters, digits, `_`
-and `-` stand for themselves, `.` too except at the start (so no path segment is `.` or
-`..`), and every other UTF-8 byte is `=XX` (upper-case hex). The encoding is injective
-(`=` itself is always escaped) and its alphabet, `A-Z a-z 0-9 _ . - =`, is valid in S3 keys,
-in SageMaker tag values and around any separator (`#`, `/`, `|`), so no two tenants ever
-share a key or a prefix, and `auth0|...` is as good a tenant as `alice`.
+A tenant enters the service once, at its edge, through `owner_of`: the `sub` becomes its owner
+value, its encoding, and from then on every record's `owner`, every key built from it, every
+S3 prefix, every SageMaker tag value is that one value. Letters, digits, `_` and `-` stand for
+themselves, `.` too except at the start (so no path segment is `.` or `..`), and every other
+UTF-8 byte is `=XX` (upper-case hex). The encoding is injective (`=` itself is always escaped)
+and its alphabet, `A-Z a-z 0-9 _ . - =`, is valid in S3 keys, in SageMaker tag values and
+around any separator (`#`, `/`, `|`), so no two tenants ever share a key or a prefix, and
+`auth0|...` is as good a tenant as `alice`.
 
-Records keep the raw tenant in their `owner` attribute (a whole value, never a composed one).
+Values the service itself owns lie outside the encoding's range: the public base models are
+owned by PUBLIC_OWNER, which no `sub` encodes to (a `(` is always escaped), so a tenant named
+`public` owns only its own things.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ ESCAPE = "="
 MAX_ENCODED_LENGTH = 256
 _PLAIN = re.compile(r"[A-Za-z0-9_-]")
 ENCODED_PATTERN = re.compile(r"(?:[A-Za-z0-9_-]|=[0-9A-F]{2})(?:[A-Za-z0-9_.-]|=[0-9A-F]{2})*")
+# The owner of the public base models: not a match of ENCODED_PATTERN, so no tenant's owner value.
+PUBLIC_OWNER = "(public)"
 
 
 class InvalidTenant(ValueError):
@@ -38,7 +43,7 @@ def encode_tenant(tenant: str) -> str:
 
 def decode_tenant(encoded: str) -> str | None:
     """The tenant an encoded segment stands for; None when it is no encoding of any tenant."""
-    if not ENCODED_PATTERN.fullmatch(encoded):
+    if not isinstance(encoded, str) or not ENCODED_PATTERN.fullmatch(encoded):
         return None
     raw = bytearray()
     i = 0
@@ -68,3 +73,37 @@ def check_tenant(tenant: object) -> str:
         raise InvalidTenant(f"the identity's sub claim is too long to be a tenant (at most {MAX_ENCODED_LENGTH} "
                             "characters once encoded)")
     return tenant
+
+
+def owner_of(tenant: object) -> str:
+    """The owner value of a `sub`: what every record, key, prefix and tag of this tenant holds."""
+    return encode_tenant(check_tenant(tenant))
+
+
+def is_owner(value: object) -> bool:
+    """Whether a value (from an event, a key, a record) is some tenant's owner value."""
+    return (isinstance(value, str) and len(value) <= MAX_ENCODED_LENGTH and decode_tenant(value) is not None)
+
+
+def data_prefix(owner: str) -> str:
+    """The key prefix of a tenant's data in the data bucket: `<owner>/`."""
+    if not is_owner(owner):
+        raise InvalidTenant(f"{owner!r} is no tenant's owner value")
+    return f"{owner}/"
+
+
+def data_uri_prefix(bucket: str, owner: str) -> str:
+    return f"s3://{bucket}/{data_prefix(owner)}"
+
+
+def owns_uri(uri: str, bucket: str, owner: str) -> bool:
+    """Whether a caller-given s3:// URI names something strictly inside the tenant's data prefix."""
+    prefix = data_uri_prefix(bucket, owner)
+    rest = uri[len(prefix):]
+    return uri.startswith(prefix) and bool(rest.strip("/")) and not {".", ".."} & set(rest.split("/"))
+
+
+def owner_of_key(key: str) -> str | None:
+    """The owner whose data prefix holds a data-bucket key; None when the key is in no tenant's prefix."""
+    segment = key.split("/", 1)[0]
+    return segment if "/" in key and is_owner(segment) else None

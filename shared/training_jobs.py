@@ -11,7 +11,6 @@ from shared.contracts import Hyperparameters
 from shared.lifecycle import JOB_ID_PATTERN
 from shared.pricing import Estimate
 from shared.settings import SETTINGS_BY_TYPE, ContractSettings, TrainSettings
-from shared.tenancy import encode_tenant
 
 TRAINING_JOB_PREFIX = "fusion-"
 METRIC_NAMES = ("step", "turn", "cycle", "train_loss", "heldout_loss", "heldout_perplexity", "tokens_per_second")
@@ -76,7 +75,7 @@ def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str,
         },
         "StoppingCondition": stopping,
         "EnableManagedSpotTraining": spot,
-        "Tags": [{"Key": "fusion:job-id", "Value": job_id}, {"Key": "fusion:owner", "Value": encode_tenant(job["owner"])}],
+        "Tags": [{"Key": "fusion:job-id", "Value": job_id}, {"Key": "fusion:owner", "Value": job["owner"]}],
     }
 
 

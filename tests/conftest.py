@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import hashlib
 import json
 import os
 import tarfile
@@ -67,9 +68,31 @@ def aws(monkeypatch):
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         seed_base_models(Catalog(session=session), artifacts_bucket=env["ARTIFACTS_BUCKET"])
+        publish_base_archive(session, env, "debug")
         # The functions' cached clients stay valid across cases: moto intercepts every client
         # while a mock is active, and table names, queue URLs and buckets are read from env per call.
         yield SimpleNamespace(session=session, env=env)
+
+
+def publish_base_archive(session, env: dict, size: str, body: bytes = b"placeholder archive") -> None:
+    """What an operator's upload of base-models/<size>/model.tar.gz does: the catalog's base model of
+    that size becomes available (the API only looks that the archive exists)."""
+    from shared import store
+
+    session.client("s3").put_object(Bucket=env["ARTIFACTS_BUCKET"], Key=f"base-models/{size}/model.tar.gz", Body=body)
+    store._PUBLISHED.clear()  # each case's moto starts without archives
+
+
+def ready_dataset(aws, owner: str, ds: str | None = None) -> str:
+    """A dataset of this owner value that its check made ready (recorded straight in the table)."""
+    from shared.datasets import dataset_key
+
+    ds = ds or f"ds-{hashlib.sha256(owner.encode()).hexdigest()[:12]}"
+    aws.session.client("dynamodb").put_item(TableName=aws.env["DATASETS_TABLE"], Item={
+        "dataset_id": {"S": ds}, "owner": {"S": owner}, "status": {"S": "ready"}, "name": {"S": "d"},
+        "s3_uri": {"S": f"s3://{aws.env['DATA_BUCKET']}/{dataset_key(owner, ds, 'jsonl')}"},
+        "created_at": {"S": "2026-01-01T00:00:00Z"}})
+    return ds
 
 
 @cache

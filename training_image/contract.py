@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.settings import TrainSettings
-from shared.shapes import LayerShape, ModelConfig
+from shared.shapes import LayerShape, ModelConfig, heads_to_remove, units_to_remove
 from training_image.model import Decoder
 from training_image.train import Trainer, TrainPlan, batch_size_for
 
@@ -130,18 +130,6 @@ def choose_blocks(influence: dict[str, float], n: int, block_ids: list[str]) -> 
 
 
 # ----------------------------------------------------------------------------- how much to remove
-
-
-def units_to_remove(mlp_hidden: int, ratio: float) -> int:
-    """MLP units one layer loses at `ratio`: round(ratio x F), leaving at least 1."""
-    return min(round(ratio * mlp_hidden), mlp_hidden - 1)
-
-
-def heads_to_remove(n_heads: int, ratio: float) -> int:
-    """Query heads one layer loses at `ratio`: round(ratio x H), at least 1 when ratio > 0, leaving at least 1."""
-    if ratio <= 0:
-        return 0
-    return min(max(1, round(ratio * n_heads)), n_heads - 1)
 
 
 def head_shapes(shape: LayerShape) -> list[tuple[int, int]]:

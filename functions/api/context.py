@@ -13,18 +13,19 @@ from shared.errors import JobError
 from shared.events import Bus
 from shared.responses import ErrorResponse
 from shared.store import Catalog, Datasets, Jobs, Tenants
-from shared.tenancy import InvalidTenant, check_tenant
+from shared.tenancy import InvalidTenant, owner_of
 
 
 def tenant(router: Router) -> str:
-    """The caller: the JWT `sub` claim that API Gateway's authorizer verified."""
+    """The caller's owner value (shared.tenancy.owner_of) of the JWT `sub` claim that API Gateway's
+    authorizer verified: what every record, key and prefix of theirs holds."""
     context = router.current_event.request_context
     claims = context.authorizer.jwt_claim if context.authorizer else None
     owner = (claims or {}).get("sub")
     if not owner:
         raise JobError(401, "unauthorized", "the request carries no verified identity (JWT sub claim)")
     try:
-        return check_tenant(owner)
+        return owner_of(owner)
     except InvalidTenant as exc:
         raise JobError(401, "unauthorized", str(exc), [{"field": "authorization", "message": str(exc)}]) from None
 
@@ -62,6 +63,13 @@ def bus() -> Bus:
 
 
 @cache
+def objects() -> Any:
+    """S3 for what admission and the catalog look up: does a base model's archive exist, is a
+    dataset's object still the one its check admitted."""
+    return session().client("s3")
+
+
+@cache
 def client(service: str) -> Any:
     if service == "s3":  # progress reads are best effort: fail fast rather than hold the request
         from botocore.config import Config
@@ -76,7 +84,7 @@ def env(name: str) -> str:
 
 def reset() -> None:
     """Forget cached clients (tests switch AWS backends between cases)."""
-    for cached in (session, jobs, catalog, datasets, tenants, bus, client):
+    for cached in (session, jobs, catalog, datasets, tenants, bus, client, objects):
         cached.cache_clear()
 
 

@@ -1,7 +1,7 @@
 """Idempotency-Key for POST /jobs: Powertools idempotency on the IDEMPOTENCY_TABLE (DynamoDB).
 
 Imported on the first request that carries the header, not at cold start. The key is scoped to
-the tenant (encoded, so a `#` in a tenant id cannot reach into another tenant's keys): two
+the tenant's owner value (encoded, so a `#` in a tenant id cannot reach into another tenant's keys): two
 tenants choosing the same key never meet; the body is the payload checked
 against what the key was first used with.
 """
@@ -20,7 +20,6 @@ from aws_lambda_powertools.utilities.idempotency.exceptions import (
 
 from functions.api import context
 from shared.errors import JobError
-from shared.tenancy import encode_tenant
 
 KEY_LIFETIME_SECONDS = 24 * 3600
 
@@ -44,7 +43,7 @@ def once(owner: str, key: str, body: dict[str, Any], create: Callable[[], dict[s
         return create()
 
     try:
-        return create_once(request={"key": f"{encode_tenant(owner)}#{key}", "body": body})
+        return create_once(request={"key": f"{owner}#{key}", "body": body})
     except IdempotencyValidationError:
         raise JobError(409, "idempotency_key_reused",
                        "this Idempotency-Key was already used with a different request body; use a new key "

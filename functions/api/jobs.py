@@ -38,6 +38,7 @@ def _resolve(request: Any) -> dict[str, Any]:
         catalog=context.catalog(),
         datasets=context.datasets(),
         data_bucket=context.env("DATA_BUCKET"),
+        s3=context.objects(),
     )
 
 
@@ -81,7 +82,7 @@ def create_job(
 
 def _create(request: Any) -> dict[str, Any]:
     job = accept(request, context.tenant(router), catalog=context.catalog(), datasets=context.datasets(),
-                 data_bucket=context.env("DATA_BUCKET"), jobs=context.jobs(), tenants=context.tenants(),
+                 data_bucket=context.env("DATA_BUCKET"), s3=context.objects(), jobs=context.jobs(), tenants=context.tenants(),
                  sqs=context.client("sqs"), queue_url=context.env("LAUNCH_QUEUE_URL"))
     logger.append_keys(job_id=job["job_id"])
     return public(job).model_dump(mode="json")  # the idempotency record stores it as JSON

@@ -14,6 +14,8 @@ from shared.hf import EXPORT_DIR
 from shared.hf_check import folder_model
 from shared.outputs import split_s3
 from shared.responses import CatalogModel, Download, ModelList
+from shared.store import available, not_available
+from shared.tenancy import data_uri_prefix, owns_uri
 
 DOWNLOAD_URL_SECONDS = 3600
 
@@ -23,7 +25,11 @@ router = Router()
 @router.get("/models", summary="List models", description="Public base models and the caller's own models.",
             responses=context.responses({200: ("The models", ModelList)}))
 def list_models() -> ModelList:
-    return {"models": context.catalog().list(context.tenant(router))}
+    return {"models": [_shown(model) for model in context.catalog().list(context.tenant(router))]}
+
+
+def _shown(model: dict[str, Any]) -> dict[str, Any]:
+    return {**model, "available": available(model, context.objects())}
 
 
 class RegisterModelRequest(BaseModel):
@@ -32,7 +38,7 @@ class RegisterModelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Annotated[str, Field(min_length=1, max_length=128)]
-    uri: Annotated[str, Field(min_length=6, max_length=1024, description="s3://<data bucket>/<tenant>/<folder>/")]
+    uri: Annotated[str, Field(min_length=6, max_length=1024, description="s3://<data bucket>/<owner>/<folder>/: your owner value, as GET /jobs and GET /models show it")]
 
 
 @router.post("/models", summary="Register your own base model",
@@ -41,12 +47,10 @@ class RegisterModelRequest(BaseModel):
                          "with the reason. A ready model is trained like any base model.",
              responses=context.responses({201: ("The registered model, ready or rejected", CatalogModel)}, 415))
 def register_model(request: RegisterModelRequest) -> Response[CatalogModel]:
-    tenant = context.tenant(router)
-    prefix = f"s3://{context.env('DATA_BUCKET')}/{tenant}/"
-    rest = request.uri[len(prefix):]
-    if not request.uri.startswith(prefix) or not rest.strip("/") or ".." in rest.split("/"):
-        raise invalid("uri", f"a model folder must lie under {prefix}")
-    model = folder_model(request.uri, request.name, tenant, _s3())
+    owner = context.tenant(router)
+    if not owns_uri(request.uri, context.env("DATA_BUCKET"), owner):
+        raise invalid("uri", f"a model folder must lie under {data_uri_prefix(context.env('DATA_BUCKET'), owner)}")
+    model = folder_model(request.uri, request.name, owner, _s3())
     context.catalog().register(model)
     return Response(status_code=201, content_type=content_types.APPLICATION_JSON, body=model)
 
@@ -58,7 +62,7 @@ def get_model(model_id: Annotated[str, Path(max_length=128)]) -> CatalogModel:
     model = context.catalog().get(model_id, context.tenant(router))
     if model is None:
         raise not_found("model", "model_id", model_id)
-    return model
+    return _shown(model)
 
 
 @router.get("/models/<model_id>/download", summary="Download a model",
@@ -71,6 +75,8 @@ def download_model(model_id: Annotated[str, Path(max_length=128)]) -> Download:
         raise not_found("model", "model_id", model_id)
     if model.get("kind") == "imported":
         raise invalid("model_id", f"{model_id} is your own folder, at {model['artifact_uri']}; download its trained models")
+    if not available(model, context.objects()):
+        raise invalid("model_id", not_available(model_id))
     bucket, key = split_s3(model["artifact_uri"])
     url = _s3().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=DOWNLOAD_URL_SECONDS)
     return {"model_id": model_id, "url": url, "expires_in": DOWNLOAD_URL_SECONDS, "export_dir": EXPORT_DIR}

@@ -68,7 +68,7 @@ def training_job_changed(detail: dict[str, Any]) -> dict[str, Any]:
 def job_requested(detail: dict[str, Any], event_id: str | None = None) -> dict[str, Any]:
     c = _clients()
     answer = requested(detail, event_id, catalog=c["catalog"], datasets=c["datasets"], jobs=c["jobs"],
-                       tenants=c["tenants"], sqs=c["sqs"], bus=c["bus"], data_bucket=os.environ["DATA_BUCKET"],
+                       tenants=c["tenants"], sqs=c["sqs"], bus=c["bus"], data_bucket=os.environ["DATA_BUCKET"], s3=c["s3"],
                        queue_url=os.environ["LAUNCH_QUEUE_URL"])
     logger.info("job requested", extra={"owner": detail.get("owner"), **answer})
     return answer

@@ -71,10 +71,11 @@ def test_create_train_job(world, api):
     assert api("GET", f"/jobs/{job['job_id']}")[1] == job
 
 
-def test_create_train_job_from_an_s3_uri_under_the_tenant(world, api):
+def test_an_s3_uri_no_check_admitted_is_refused_even_under_the_tenant(world, api):
     uri = f"s3://{world.env['DATA_BUCKET']}/alice/corpus/"
-    status, job = api("POST", "/jobs", {**_train(), "dataset": uri})
-    assert status == 201 and job["dataset"] == uri
+    status, body = api("POST", "/jobs", {**_train(), "dataset": uri})
+    assert status == 422 and body["error"]["details"][0]["field"] == "dataset"
+    assert "neither checked nor pinned" in body["error"]["details"][0]["message"]
 
 
 def test_create_contract_job(world, api):

@@ -16,13 +16,13 @@ from shared.settings import JOB_REQUEST
 from shared.state_changes import model_id_for
 from shared.store import Catalog, Datasets, Jobs
 from shared.training_jobs import training_job_name
-from tests.conftest import (GROWN, LambdaContext, artifact, deliver, metrics_document, progress_document, sagemaker_event,
-                            write_metrics)
+from tests.conftest import (GROWN, LambdaContext, artifact, deliver, metrics_document, progress_document, ready_dataset,
+                            sagemaker_event, write_metrics)
 
 
 def _submit(aws, body):
     job = resolve(JOB_REQUEST.validate_python(body), "alice", catalog=Catalog(session=aws.session),
-                  datasets=Datasets(session=aws.session), data_bucket=aws.env["DATA_BUCKET"])
+                  datasets=Datasets(session=aws.session), data_bucket=aws.env["DATA_BUCKET"], s3=aws.session.client("s3"))
     jobs = Jobs(session=aws.session)
     jobs.create(job)
     jobs.transition(job["job_id"], "launching", training_job_name=training_job_name(job["job_id"]))
@@ -31,7 +31,7 @@ def _submit(aws, body):
 
 @pytest.fixture
 def job(aws):
-    return _submit(aws, {"type": "train", "model": "base-debug", "dataset": f"s3://{aws.env['DATA_BUCKET']}/alice/d/",
+    return _submit(aws, {"type": "train", "model": "base-debug", "dataset": ready_dataset(aws, "alice"),
                          "hyperparams": {"steps_per_cycle": 100, "output_name": "support-bot"}})
 
 
@@ -171,7 +171,7 @@ def _requested(detail):
 
 
 def test_a_requested_job_is_validated_priced_and_queued(aws, observer):
-    request = {"type": "train", "model": "base-debug", "dataset": f"s3://{aws.env['DATA_BUCKET']}/alice/d/"}
+    request = {"type": "train", "model": "base-debug", "dataset": ready_dataset(aws, "alice")}
     result = _requested({"owner": "alice", "request": request})
     assert result["accepted"] is True
     job = Jobs(session=aws.session).get(result["job_id"], "alice")

@@ -9,7 +9,7 @@ from functions.launcher import app as launcher
 from shared.admission import resolve
 from shared.settings import JOB_REQUEST
 from shared.store import Catalog, Datasets, Jobs
-from tests.conftest import FakeSageMaker, LambdaContext, client_error
+from tests.conftest import FakeSageMaker, LambdaContext, client_error, ready_dataset
 
 
 @pytest.fixture
@@ -17,10 +17,10 @@ def queued(aws):
     """A stored queued train job of alice on base-debug; returns its id."""
     jobs = Jobs(session=aws.session)
     request = JOB_REQUEST.validate_python({"type": "train", "model": "base-debug",
-                                           "dataset": f"s3://{aws.env['DATA_BUCKET']}/alice/corpus/",
+                                           "dataset": ready_dataset(aws, "alice", "ds-corpus000000"),
                                            "hyperparams": {"turns": 2, "lr": 3e-4}})
     job = resolve(request, "alice", catalog=Catalog(session=aws.session),
-                  datasets=Datasets(session=aws.session), data_bucket=aws.env["DATA_BUCKET"])
+                  datasets=Datasets(session=aws.session), data_bucket=aws.env["DATA_BUCKET"], s3=aws.session.client("s3"))
     jobs.create(job)
     return job["job_id"]
 
@@ -63,7 +63,7 @@ def test_launch_builds_the_training_job(aws, queued, sagemaker):
     metric_names = {m["Name"] for m in request["AlgorithmSpecification"]["MetricDefinitions"]}
     assert {"train_loss", "heldout_perplexity", "tokens_per_second"} <= metric_names
     channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in request["InputDataConfig"]}
-    assert channels == {"training": f"s3://{env['DATA_BUCKET']}/alice/corpus/",
+    assert channels == {"training": f"s3://{env['DATA_BUCKET']}/alice/datasets/ds-corpus000000/data.jsonl",
                         "model": f"s3://{env['ARTIFACTS_BUCKET']}/base-models/debug/model.tar.gz"}
     assert request["OutputDataConfig"]["S3OutputPath"] == f"s3://{env['ARTIFACTS_BUCKET']}/jobs/{queued}/output/"
     assert request["CheckpointConfig"]["S3Uri"] == f"s3://{env['ARTIFACTS_BUCKET']}/jobs/{queued}/checkpoints/"

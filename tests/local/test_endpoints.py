@@ -192,7 +192,7 @@ def test_a_published_base_model_is_served_from_its_folder_as_it_is_and_an_import
     assert (container["Environment"]["MAX_INPUT_LENGTH"], container["Environment"]["MAX_TOTAL_TOKENS"]) == ("1536", "2048")
     assert permissions.allowed(permissions.resolved_role("EndpointRole"), permissions.Request(
         "s3:GetObject", f"arn:aws:s3:::{bucket}/base-models/tiny-llama/model.safetensors"))
-    assert [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="base-models/")["Contents"]] == sorted(
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="base-models/tiny-llama/")["Contents"]] == sorted(
         f"base-models/tiny-llama/{n}" for n in EXPORT)  # nothing unpacked or written beside it
     capsys.readouterr()
     assert fusion(server, "deploy", "m-own", "--instance-type", "ml.g4dn.xlarge", "--role", ROLE) == 1

@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from local.server import api_event, claims_of
-from tests.conftest import http, unsigned_jwt
+from tests.conftest import http, ready_dataset, unsigned_jwt
 
 
 def test_claims_come_from_the_bearer_token():
@@ -16,6 +16,9 @@ def test_claims_come_from_the_bearer_token():
         claims_of("Bearer not-a-jwt")
     with pytest.raises(ValueError):
         claims_of(f"Bearer {unsigned_jwt({'aud': 'x'})}")
+    for other_scheme in ("Basic YWxpY2U6cHc=", "", "Bearer ", "Token x"):
+        with pytest.raises(ValueError):
+            claims_of(other_scheme)
 
 
 def test_api_event_is_an_http_api_v2_event():
@@ -26,7 +29,7 @@ def test_api_event_is_an_http_api_v2_event():
 
 
 def test_jobs_over_http_are_scoped_by_the_token(server, aws):
-    body = {"type": "train", "model": "base-debug", "dataset": f"s3://{aws.env['DATA_BUCKET']}/alice/corpus/"}
+    body = {"type": "train", "model": "base-debug", "dataset": ready_dataset(aws, "alice")}
     status, job = http(f"{server}/jobs", "POST", body, token=unsigned_jwt({"sub": "alice"}))
     assert status == 201 and job["owner"] == "alice"
     assert http(f"{server}/jobs/{job['job_id']}", token=unsigned_jwt({"sub": "alice"}))[0] == 200
@@ -133,3 +136,77 @@ def test_start_in_process_aws_serves_the_seeded_catalog():
                          env={"PATH": "/usr/bin:/bin", "POWERTOOLS_LOG_LEVEL": "WARNING"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[0] == "fusion-JobsTable" and "'base-debug'," in out.stdout
+
+
+# --- the edge: API Gateway's limits, and one client never holds up another ---------------------
+
+
+def _exchange(server: str, request: bytes, *, half_close: bool = False, timeout: float = 10) -> tuple[int, bytes]:
+    """Send raw bytes on a fresh connection; the answer's status and whole text (the server closes)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server)
+    with socket.create_connection((url.hostname, url.port), timeout=timeout) as client:
+        client.sendall(request)
+        if half_close:
+            client.shutdown(socket.SHUT_WR)
+        answer = b"".join(iter(lambda: client.recv(65536), b""))
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+def _post_head(length: str | list[str], extra: str = "") -> bytes:
+    lengths = length if isinstance(length, list) else [length]
+    return ("POST /jobs HTTP/1.1\r\nHost: local\r\ncontent-type: application/json\r\n"
+            + "".join(f"Content-Length: {n}\r\n" for n in lengths) + extra + "\r\n").encode()
+
+
+def test_a_body_over_api_gateways_payload_limit_is_413_unread(server):
+    from local.server import MAX_BODY_BYTES
+
+    assert MAX_BODY_BYTES == 10 * 1024 * 1024  # API Gateway HTTP API: "Payload size 10 MB"
+    for length in (10**12, MAX_BODY_BYTES + 1):
+        status, answer = _exchange(server, _post_head(str(length)))
+        assert status == 413 and b"payload_too_large" in answer and str(MAX_BODY_BYTES).encode() in answer
+    assert http(f"{server}/models")[0] == 200  # and the server is none the worse
+
+
+def test_repeated_short_or_chunked_lengths_are_refused(server):
+    status, answer = _exchange(server, _post_head(["2", "2"]) + b"{}")
+    assert status == 400 and b"one content-length header" in answer
+    status, answer = _exchange(server, _post_head("100") + b'{"type": "train"}', half_close=True)
+    assert status == 400 and b"after 17 of its 100 declared bytes" in answer
+    status, answer = _exchange(server, _post_head("2", "Transfer-Encoding: chunked\r\n") + b"{}")
+    assert status == 411
+
+
+@pytest.mark.parametrize("authorization", ["Basic YWxpY2U6cHc=", "Bearer", "Bearer   ", "Token abc", "alice",
+                                           "Digest username=alice", ["Bearer a.b.c", "Bearer a.b.c"]])
+def test_any_authorization_but_one_bearer_token_is_401(server, authorization):
+    values = authorization if isinstance(authorization, list) else [authorization]
+    request = "GET /jobs HTTP/1.1\r\nHost: local\r\nConnection: close\r\n" + "".join(
+        f"Authorization: {v}\r\n" for v in values) + "\r\n"
+    status, answer = _exchange(server, request.encode())
+    assert status == 401 and b'"field": "authorization"' in answer, answer
+
+
+def test_a_slow_client_times_out_without_holding_up_another(server, monkeypatch):
+    import time
+
+    from local import server as local_server
+
+    monkeypatch.setattr(local_server._Handler, "timeout", 3.0)
+    stalled: dict = {}
+
+    def slow():  # declares a body and never sends it
+        stalled["start"] = time.monotonic()
+        stalled["status"], stalled["answer"] = _exchange(server, _post_head("50"))
+        stalled["took"] = time.monotonic() - stalled["start"]
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(0.2)
+    assert http(f"{server}/models")[0] == 200
+    assert thread.is_alive()  # answered while the slow one still waits
+    thread.join(15)
+    assert stalled["status"] == 408 and 2.9 < stalled["took"] < 12, stalled

@@ -5,6 +5,7 @@ import time
 import pytest
 
 from shared.store import Catalog, ConditionFailed, Jobs, base_model, seed_base_models
+from shared.tenancy import PUBLIC_OWNER
 from shared.shapes import SIZES
 
 
@@ -73,7 +74,7 @@ def test_base_models_are_public_and_seeded(aws):
     listed = {m["model_id"] for m in catalog.list("anyone")}
     assert listed == {f"base-{size}" for size in SIZES}
     model = catalog.get("base-debug", "anyone")
-    assert model["owner"] == "public" and model["depth"] == SIZES["debug"].n_layers
+    assert model["owner"] == PUBLIC_OWNER and model["depth"] == SIZES["debug"].n_layers
     assert model["artifact_uri"] == f"s3://{aws.env['ARTIFACTS_BUCKET']}/base-models/debug/model.tar.gz"
     assert set(seed_base_models(catalog, artifacts_bucket=aws.env["ARTIFACTS_BUCKET"])) == listed  # idempotent
     assert base_model("base-nope", artifacts_bucket="b") is None

@@ -9,7 +9,7 @@ import pytest
 from functions.api import context
 from shared.outputs import progress_key
 from shared.store import Catalog, Jobs
-from tests.conftest import GROWN, FakeSageMaker, LambdaContext, progress_document
+from tests.conftest import GROWN, FakeSageMaker, LambdaContext, progress_document, ready_dataset
 
 
 def dataset_id(owner: str) -> str:
@@ -19,14 +19,9 @@ def dataset_id(owner: str) -> str:
 @pytest.fixture
 def tenants(aws, api):
     """alice and bob each own a ready dataset and a trained model."""
-    ddb = aws.session.client("dynamodb")
     catalog = Catalog(session=aws.session)
     for owner in ("alice", "bob"):
-        ds = dataset_id(owner)
-        ddb.put_item(TableName=aws.env["DATASETS_TABLE"], Item={
-            "dataset_id": {"S": ds}, "owner": {"S": owner}, "status": {"S": "ready"}, "name": {"S": "d"},
-            "s3_uri": {"S": f"s3://{aws.env['DATA_BUCKET']}/{owner}/datasets/{ds}/data.jsonl"},
-            "created_at": {"S": "2026-01-01T00:00:00Z"}})
+        ds = ready_dataset(aws, owner, dataset_id(owner))
         catalog.register({
             "model_id": f"m-{owner}", "owner": owner, "name": f"m-{owner}", "kind": "trained",
             "parent_id": "base-debug", "job_id": "j0", "parameters": GROWN.parameters(), "depth": GROWN.n_layers,

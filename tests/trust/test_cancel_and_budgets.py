@@ -152,7 +152,8 @@ def test_concurrent_jobs_cannot_both_pass_the_limit(tenants, api):
     tenants_table = Tenants(session=tenants.session)
     set_budget(tenants, "alice", "1.00")
     priced = [resolve(JOB_REQUEST.validate_python(train()), "alice", catalog=Catalog(session=tenants.session),
-                      datasets=Datasets(session=tenants.session), data_bucket=tenants.env["DATA_BUCKET"])
+                      datasets=Datasets(session=tenants.session), data_bucket=tenants.env["DATA_BUCKET"],
+                  s3=tenants.session.client("s3"))
               for _ in range(2)]
     both_saw = budget_of("alice", tenants=tenants_table)
     assert all(both_saw.allows(Decimal(job["estimate"]["total"])) for job in priced)

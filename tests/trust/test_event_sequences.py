@@ -42,7 +42,8 @@ def _launched(aws, story: str) -> dict:
     request = JOB_REQUEST.validate_python({"type": "train", "model": "base-debug", "dataset": dataset_id("alice"),
                                            "hyperparams": {"steps_per_cycle": STEPS_PER_CYCLE}})
     job = resolve(request, "alice", catalog=Catalog(session=aws.session),
-                  datasets=Datasets(session=aws.session), data_bucket=aws.env["DATA_BUCKET"])
+                  datasets=Datasets(session=aws.session), data_bucket=aws.env["DATA_BUCKET"],
+                  s3=aws.session.client("s3"))
     jobs = Jobs(session=aws.session)
     jobs.create(job, limit_cents=10**9)  # commits its estimate to alice's spend
     jobs.transition(job["job_id"], "launching", training_job_name=training_job_name(job["job_id"]))

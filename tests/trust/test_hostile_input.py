@@ -11,6 +11,7 @@ import pytest
 from functions.api.body import MAX_DEPTH
 from shared.settings import MAX_HEALING_STEPS, MAX_LAYERS, MAX_STEPS_PER_TURN
 from shared.store import Tenants
+from tests.conftest import LambdaContext
 
 from .conftest import dataset_id, set_budget, train
 
@@ -272,3 +273,163 @@ def test_the_spec_declares_the_bearer_scheme_for_every_operation(aws, api):
     assert (scheme["type"], scheme["scheme"], scheme["bearerFormat"]) == ("http", "bearer", "JWT")
     assert spec["security"] == [{name: []}]
     assert "/openapi.json" not in spec["paths"] and len(spec["paths"]) >= 6
+
+
+# --- uploads: every check ends, ready or rejected (or failed, naming the error), never pending ---------
+
+
+def _upload_and_check(aws, api, body: bytes, fmt: str = "jsonl") -> dict:
+    from functions.datasets import app as check
+
+    status, created = api("POST", "/datasets", {"name": "up", "format": fmt})
+    assert status == 201, created
+    key = created["s3_uri"].split("/", 3)[3]
+    put = aws.session.client("s3").put_object(Bucket=aws.env["DATA_BUCKET"], Key=key, Body=body)
+    record = {"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+              "s3": {"bucket": {"name": aws.env["DATA_BUCKET"]},
+                     "object": {"key": key, "size": len(body), "versionId": put.get("VersionId")}}}
+    assert check.lambda_handler({"Records": [record]}, LambdaContext()) == {"checked": [created["dataset_id"]]}
+    return api("GET", f"/datasets/{created['dataset_id']}")[1]
+
+
+GOOD_LINE = json.dumps({"text": "a sentence about small models and their training " * 4}).encode() + b"\n"
+GOOD_JSONL = GOOD_LINE * 200
+
+
+@pytest.mark.parametrize("case, line, words", [
+    ("5,000-digit integer", b'{"text": "x", "n": 1' + b"0" * 5000 + b"}\n", "line 201 is not JSON we can read"),
+    ("nested 100,000 deep", b'{"text": "x", "n": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", "line 201 nests"),
+    ("UTF-16-BE line", json.dumps({"text": "hello there"}).encode("utf-16-be") + b"\n", "line 201 is not UTF-8"),
+    ("UTF-16-LE with BOM", json.dumps({"text": "hello there"}).encode("utf-16") + b"\n", "line 201 is not UTF-8"),
+    ("encoded surrogate", b'{"text": "a \xed\xa0\x80 b"}\n', "line 201 is not UTF-8"),
+    ("NaN", b'{"text": "x", "n": NaN}\n', None),
+    ("a JSON string, not an object", b'"text"\n', 'line 201 has no string "text" field'),
+])
+def test_any_line_ends_the_check_with_a_reason_that_names_it(tenants, api, case, line, words):
+    """Precision: none (bytes in, a verdict out)."""
+    shown = _upload_and_check(tenants, api, GOOD_JSONL + line + GOOD_JSONL)
+    if words is None:  # NaN is what json reads; a valid record that holds it passes
+        assert shown["status"] == "ready", shown
+        return
+    assert shown["status"] == "rejected" and words in shown["reason"], (case, shown)
+    assert shown["bytes"] == len(GOOD_JSONL + line + GOOD_JSONL)
+
+
+def test_a_whole_utf16_file_is_rejected_not_detected(tenants, api):
+    body = "".join(json.dumps({"text": f"record {i} " * 20}) + "\n" for i in range(300))
+    for encoding in ("utf-16-be", "utf-16-le", "utf-32", "utf-16"):
+        shown = _upload_and_check(tenants, api, body.encode(encoding))
+        assert shown["status"] == "rejected" and "line 1 is not UTF-8" in shown["reason"], (encoding, shown)
+    assert _upload_and_check(tenants, api, b"\xef\xbb\xbf" + body.encode())["status"] == "ready"  # a UTF-8 BOM is fine
+
+
+def test_an_overlong_line_is_rejected_before_it_is_held(tenants, api, monkeypatch):
+    from shared import datasets
+
+    monkeypatch.setattr(datasets, "MAX_LINE_BYTES", 4096)
+    shown = _upload_and_check(tenants, api, GOOD_JSONL + b'{"text": "' + b"a" * 10_000 + b'"}\n' + GOOD_JSONL)
+    assert shown["status"] == "rejected" and "line 201 is longer than 4096 bytes" in shown["reason"]
+
+
+def test_a_rejected_datasets_bytes_are_the_files_size_not_how_far_the_check_read(tenants, api, monkeypatch):
+    monkeypatch.setenv("DATASET_MAX_BYTES", str(1 << 20))
+    body = GOOD_LINE * ((3 << 20) // len(GOOD_LINE))  # three limits' worth: the check stops after one
+    shown = _upload_and_check(tenants, api, body)
+    assert shown["status"] == "rejected" and "larger than the 1048576-byte limit" in shown["reason"]
+    assert shown["bytes"] == len(body)
+
+
+def test_a_check_that_breaks_ends_failed_naming_the_error_and_a_new_upload_rechecks(tenants, api, monkeypatch):
+    from functions.datasets import app as check
+
+    real, calls = check.check_dataset, []
+
+    def breaks_once(chunks, fmt):
+        calls.append(fmt)
+        if len(calls) == 1:
+            raise MemoryError("no room")
+        return real(chunks, fmt)
+
+    monkeypatch.setattr(check, "check_dataset", breaks_once)
+    shown = _upload_and_check(tenants, api, GOOD_JSONL)
+    assert shown["status"] == "failed" and "MemoryError: no room" in shown["reason"], shown
+    status, body = api("POST", "/jobs", {**train(), "dataset": shown["dataset_id"]})
+    assert status == 422 and "is failed" in body["error"]["details"][0]["message"]
+
+    key = shown["s3_uri"].split("/", 3)[3]
+    tenants.session.client("s3").put_object(Bucket=tenants.env["DATA_BUCKET"], Key=key, Body=GOOD_JSONL)
+    record = {"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+              "s3": {"bucket": {"name": tenants.env["DATA_BUCKET"]}, "object": {"key": key, "size": 1}}}
+    assert check.lambda_handler({"Records": [record]}, LambdaContext()) == {"checked": [shown["dataset_id"]]}
+    assert api("GET", f"/datasets/{shown['dataset_id']}")[1]["status"] == "ready"
+    status, body = api("POST", "/jobs", {**train(), "dataset": shown["dataset_id"]})
+    assert status == 201, body
+
+
+# --- contraction floor: a layer keeps 1 head and 1 MLP unit ---------------------------------------
+
+
+def _contracted_model(aws, model_id: str, floor_layers: int) -> None:
+    """A model of alice's whose first `floor_layers` layers are down to 1 head and 1 MLP unit (as
+    repeated contractions leave them), the rest as grown."""
+    from shared.shapes import LayerShape
+    from shared.store import Catalog
+    from tests.conftest import GROWN
+
+    layers = [LayerShape(n_heads=1, n_kv_heads=1, mlp_hidden=1) if i < floor_layers else layer
+              for i, layer in enumerate(GROWN.layers)]
+    config = GROWN.model_copy(update={"layers": layers})
+    Catalog(session=aws.session).register({
+        "model_id": model_id, "owner": "alice", "name": model_id, "kind": "contracted", "parent_id": "m-alice",
+        "job_id": "j1", "parameters": config.parameters(), "depth": config.n_layers, "perplexity": 30.0,
+        "artifact_uri": f"s3://{aws.env['ARTIFACTS_BUCKET']}/jobs/j1/model.tar.gz", "cost": "1.00",
+        "config": config.model_dump(mode="json"), "dataset": dataset_id("alice"), "created_at": "t"})
+
+
+def test_a_contraction_that_would_remove_nothing_is_refused_and_less_than_asked_is_said(tenants, api):
+    from tests.conftest import GROWN
+
+    depth = GROWN.n_layers
+    _contracted_model(tenants, "m-floor", depth)
+    _contracted_model(tenants, "m-half", depth - 2)
+    for path in ("/jobs", "/jobs/estimate"):
+        status, body = api("POST", path, _contract(source_model_id="m-floor", contraction_ratio=0.9,
+                                                   num_layers_to_contract=depth))
+        assert status == 422 and _field(body) == "hyperparams.contraction_ratio", body
+        assert "would remove nothing" in body["error"]["details"][0]["message"]
+    status, quote = api("POST", "/jobs/estimate", _contract(source_model_id="m-half", contraction_ratio=0.5,
+                                                            num_layers_to_contract=3))
+    assert status == 200 and any("only 2 of the 3 layers" in w and "removes less than asked" in w
+                                 for w in quote["warnings"]), quote
+    status, quote = api("POST", "/jobs/estimate", _contract(contraction_ratio=0.5, num_layers_to_contract=3))
+    assert status == 200 and quote["warnings"] == []  # m-alice: every layer can lose what is asked
+    _nothing_stored_but_datasets(tenants)
+
+
+def _nothing_stored_but_datasets(aws) -> None:
+    assert aws.session.client("dynamodb").scan(TableName=aws.env["JOBS_TABLE"])["Items"] == []
+
+
+# --- base models the deployment has not published ------------------------------------------------
+
+
+def test_a_base_model_without_weights_is_listed_not_available_and_refused_at_admission(tenants, api):
+    from shared.shapes import SIZES
+    from tests.conftest import publish_base_archive
+
+    models = {m["model_id"]: m for m in api("GET", "/models")[1]["models"]}
+    assert models["base-debug"]["available"] is True  # the fixture published its archive
+    unpublished = [f"base-{size}" for size in SIZES if size != "debug"]
+    assert unpublished and all(models[m]["available"] is False for m in unpublished)
+    for model_id in unpublished:
+        for path in ("/jobs", "/jobs/estimate"):
+            status, body = api("POST", path, {**train(), "model": model_id, "hyperparams": {"seq_len": 16}})
+            assert status == 422 and _field(body) == "model" and model_id in body["error"]["details"][0]["message"]
+            assert "not available" in body["error"]["details"][0]["message"]
+        assert api("GET", f"/models/{model_id}")[1]["available"] is False
+        status, body = api("GET", f"/models/{model_id}/download")
+        assert status == 422 and "not available" in body["error"]["details"][0]["message"]
+    _nothing_stored_but_datasets(tenants)
+    size = unpublished[0].removeprefix("base-")
+    publish_base_archive(tenants.session, tenants.env, size)  # the operator uploads it: available at once
+    assert api("GET", f"/models/{unpublished[0]}")[1]["available"] is True

@@ -7,7 +7,7 @@ import json
 
 from functions.datasets import app as check
 from shared.datasets import EMPTY_REASON
-from shared.store import Tenants
+from shared.store import REPLACED_REASON, Tenants
 from tests.conftest import LambdaContext
 
 from .conftest import launch, stored, train
@@ -46,8 +46,18 @@ def test_a_second_upload_never_replaces_a_ready_dataset_and_its_jobs_are_refused
     status, queued = api("POST", "/jobs", {**train(), "dataset": dataset["dataset_id"]})
     assert status == 201
     second = _put(tenants, dataset, OTHER)  # the presigned URL still works within its hour
-    assert _notify(tenants, second) == {"checked": []}
-    assert api("GET", f"/datasets/{dataset['dataset_id']}")[1] == ready  # the verdict is the first upload's
+    # At once, before its notification is handled: admission sees the object is not the checked one.
+    status, body = api("POST", "/jobs", {**train(), "dataset": dataset["dataset_id"]})
+    assert status == 422 and "replaced after its check" in body["error"]["details"][0]["message"]
+    assert _notify(tenants, second) == {"checked": [dataset["dataset_id"]]}
+    assert _notify(tenants, second) == {"checked": []}  # a repeated notification changes nothing twice
+    shown = api("GET", f"/datasets/{dataset['dataset_id']}")[1]
+    assert shown == {**ready, "status": "replaced", "reason": REPLACED_REASON}  # never ready on the new bytes
+    for path in ("/jobs", "/jobs/estimate"):
+        status, body = api("POST", path, {**train(), "dataset": dataset["dataset_id"]})
+        assert status == 422 and "replaced" in body["error"]["details"][0]["message"], body
+    assert _notify(tenants, _put(tenants, dataset, GOOD)) == {"checked": []}  # even the bytes first checked
+    assert api("GET", f"/datasets/{dataset['dataset_id']}")[1]["status"] == "replaced"
 
     assert launch(queued["job_id"]) == []
     job = stored(tenants, queued["job_id"])
@@ -62,9 +72,9 @@ def test_the_check_judges_the_version_it_was_notified_of(tenants, api, sagemaker
     _put(tenants, dataset, b"not json\n")  # lands before the first notification is handled
     assert _notify(tenants, first) == {"checked": [dataset["dataset_id"]]}
     assert api("GET", f"/datasets/{dataset['dataset_id']}")[1]["status"] == "ready"
-    status, queued = api("POST", "/jobs", {**train(), "dataset": dataset["dataset_id"]})
-    assert launch(queued["job_id"]) == []
-    assert stored(tenants, queued["job_id"])["status"] == "failed" and sagemaker.created == {}
+    status, body = api("POST", "/jobs", {**train(), "dataset": dataset["dataset_id"]})
+    assert status == 422 and "replaced after its check" in body["error"]["details"][0]["message"]
+    assert sagemaker.created == {}
 
 
 def test_an_unchanged_dataset_launches_and_a_rejected_one_may_be_uploaded_again(tenants, api, sagemaker):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from shared.store import Jobs
+from shared.tenancy import PUBLIC_OWNER
 from tests.conftest import http, unsigned_jwt
 
-from .conftest import dataset_id, train
+from .conftest import dataset_id, ready_dataset, stored, train
 
 
 def _create(api, owner, body=None):
@@ -45,12 +46,12 @@ def test_another_tenants_model_is_404_to_read_and_to_contract(tenants, api):
 def test_base_models_are_public_and_read_only(tenants, api):
     for owner in ("alice", "bob", "carol"):
         status, model = api("GET", "/models/base-debug", tenant=owner)
-        assert status == 200 and model["owner"] == "public" and model["kind"] == "base"
+        assert status == 200 and model["owner"] == PUBLIC_OWNER and model["kind"] == "base"
     # Read-only: the one route that writes the catalog registers a folder of the caller's under a
     # new id; it takes no model id to overwrite. And a base model is no one's to contract.
     status, body = api("POST", "/models", {"model_id": "base-debug"}, tenant="alice")
     assert status == 422 and {d["field"] for d in body["error"]["details"]} >= {"model_id"}
-    assert api("GET", "/models/base-debug", tenant="bob")[1]["owner"] == "public"
+    assert api("GET", "/models/base-debug", tenant="bob")[1]["owner"] == PUBLIC_OWNER
     contract = {"type": "contract", "dataset": dataset_id("alice"),
                 "hyperparams": {"source_model_id": "base-debug", "num_layers_to_contract": 1}}
     status, body = api("POST", "/jobs", contract, tenant="alice")
@@ -80,10 +81,20 @@ def test_only_the_tenants_own_data_prefix_is_accepted(tenants, api, uri):
     assert Jobs(session=tenants.session).list("alice") == []
 
 
-def test_the_tenants_own_prefix_is_accepted(tenants, api):
-    uri = f"s3://{tenants.env['DATA_BUCKET']}/alice/corpus/part-0.jsonl"
+def test_an_uploaded_datasets_uri_is_its_id_and_any_other_uri_is_refused(tenants, api):
+    """An s3:// URI is admitted only as the upload of one of the caller's ready datasets (checked and
+    pinned like its id); any other object, even in the caller's own prefix, was never checked."""
+    data = tenants.env["DATA_BUCKET"]
+    uri = f"s3://{data}/alice/datasets/{dataset_id('alice')}/data.jsonl"
     job = _create(api, "alice", {**train("alice"), "dataset": uri})
     assert job["dataset"] == uri
+    assert stored(tenants, job["job_id"])["dataset_uri"] == uri
+    for unchecked in (f"s3://{data}/alice/corpus/part-0.jsonl", f"s3://{data}/alice/datasets/ds-000000000000/data.jsonl",
+                      f"s3://{data}/alice/datasets/{dataset_id('alice')}/data.txt",
+                      f"s3://{data}/alice/./datasets/{dataset_id('alice')}/data.jsonl"):
+        status, body = api("POST", "/jobs", {**train("alice"), "dataset": unchecked}, tenant="alice")
+        assert status in (404, 422) and body["error"]["details"][0]["field"] == "dataset", (unchecked, body)
+    assert len(Jobs(session=tenants.session).list("alice")) == 1
 
 
 def test_local_server_passes_unsigned_token_claims_on_as_the_tenant(tenants, server):
@@ -97,17 +108,10 @@ def test_local_server_passes_unsigned_token_claims_on_as_the_tenant(tenants, ser
 def test_local_server_without_a_token_is_tenant_local(tenants, server):
     status, body = http(f"{server}/jobs", "POST", train("alice"))
     assert status == 404 and body["error"]["details"][0]["field"] == "dataset"  # alice's dataset, not local's
-    uri = f"s3://{{}}/local/corpus.jsonl"
-    status, job = http(f"{server}/jobs", "POST", {**train(), "dataset": uri.format(_data_bucket())})
+    status, job = http(f"{server}/jobs", "POST", {**train(), "dataset": ready_dataset(tenants, "local")})
     assert status == 201 and job["owner"] == "local"
 
 
 def test_local_server_refuses_a_token_without_sub(tenants, server):
     status, body = http(f"{server}/jobs", token=unsigned_jwt({"aud": "x"}))
     assert status == 401 and "sub" in body["error"]["message"]
-
-
-def _data_bucket():
-    import os
-
-    return os.environ["DATA_BUCKET"]
