@@ -327,9 +327,10 @@ async function viewNewJob(query) {
   const props = schema.properties;
   const form = h("form", { class: "job", novalidate: true, "aria-label": "New train job" });
   const general = h("p", { class: "error general", role: "alert" });
-  const chosen = query.get("model") || models[0]?.model_id;
+  const chosen = query.get("model") || models.find((m) => m.available !== false)?.model_id;
   const modelSelect = h("select", { id: "f-model", name: "model", "aria-describedby": "f-model-error" },
-    models.map((m) => h("option", { value: m.model_id, selected: m.model_id === chosen }, `${m.model_id} · ${params(m.parameters)} · ${m.depth} layers`)));
+    models.map((m) => h("option", { value: m.model_id, selected: m.model_id === chosen, disabled: m.available === false },
+      `${m.model_id} · ${params(m.parameters)} · ${m.depth} layers${m.available === false ? " · not available" : ""}`)));
   const datasetSelect = h("select", { id: "f-dataset", name: "dataset", "aria-describedby": "f-dataset-error" },
     ready.map((d) => h("option", { value: d.dataset_id, selected: d.dataset_id === query.get("dataset") }, `${d.name} (${d.dataset_id}) · ${tokens(d.tokens)}`)));
   const contextOf = () => models.find((m) => m.model_id === modelSelect.value)?.config?.context_length;
@@ -564,7 +565,7 @@ async function viewDatasets() {
       }
       state.replaceChildren(dataset.status === "ready"
         ? h("span", { class: "ok", "data-status": "ready" }, `Ready: ${dataset.name}, ${tokens(dataset.tokens)}. `, link(`#/jobs/new?dataset=${encodeURIComponent(dataset.dataset_id)}`, "Train on it"))
-        : h("span", { class: "failure", "data-status": dataset.status }, dataset.status === "rejected" ? `Rejected: ${dataset.reason}` : "Still being checked; see the list below."));
+        : h("span", { class: "failure", "data-status": dataset.status }, dataset.status === "pending" ? "Still being checked; see the list below." : `${dataset.status[0].toUpperCase()}${dataset.status.slice(1)}: ${dataset.reason}`));
       await refresh();
     } catch (error) {
       if (error.details?.length) state.textContent = error.details.map((d) => `${d.field}: ${d.message}`).join("; ");
