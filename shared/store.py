@@ -452,7 +452,7 @@ class Datasets(_Table):
         not ready, or the upload is the very object it was checked on (a repeated notification)."""
         values = {":o": owner, ":ready": "ready", ":replaced": "replaced", ":e": etag or "",
                   ":r": REPLACED_REASON}
-        condition = "#o = :o AND #s = :ready AND (s3_etag <> :e"
+        condition = "#o = :o AND #s = :ready AND attribute_exists(s3_etag) AND (s3_etag <> :e"
         if version_id:
             values[":v"] = version_id
             condition += " OR s3_version_id <> :v"

@@ -93,11 +93,17 @@ def _catalog_record_and_artifact(stack, model_id: str) -> tuple[dict, str]:
 
 @pytest.mark.slow
 def test_trainer_failure_reaches_the_job_with_its_reason(stack, capsys):
-    # An S3 dataset URI skips the upload check, so the trainer itself meets the bad data.
-    bucket = stack.env["DATA_BUCKET"]
-    boto3.client("s3").put_object(Bucket=bucket, Key="local/raw/broken.jsonl", Body=b'{"title": "no text"}\n' * 50)
+    # So that the trainer itself meets bad data, a dataset is written straight into the table as
+    # ready (no check ran, no object pinned), then its object lands: the check leaves a ready
+    # dataset alone, and the job trains on bytes the check would have rejected.
+    bucket, dataset = stack.env["DATA_BUCKET"], "ds-broken000000"
+    boto3.client("dynamodb").put_item(TableName=stack.env["DATASETS_TABLE"], Item={
+        "dataset_id": {"S": dataset}, "owner": {"S": "local"}, "status": {"S": "ready"}, "name": {"S": "broken"},
+        "s3_uri": {"S": f"s3://{bucket}/local/datasets/{dataset}/data.jsonl"}, "created_at": {"S": "2026-01-01T00:00:00Z"}})
+    boto3.client("s3").put_object(Bucket=bucket, Key=f"local/datasets/{dataset}/data.jsonl",
+                                  Body=b'{"title": "no text"}\n' * 50)
     code, out, err = fusion(stack, capsys, "jobs", "create", "train", "--model", "base-debug",
-                            "--dataset", f"s3://{bucket}/local/raw/broken.jsonl", *SMALL_TRAIN, "--wait")
+                            "--dataset", dataset, *SMALL_TRAIN, "--wait")
     assert code == 1
     job = requests.get(f"{stack.api_url}/jobs").json()["jobs"][0]
     assert job["status"] == "failed" and job["failure_reason"].startswith("AlgorithmError: ")
