@@ -38,7 +38,9 @@ class RegisterModelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Annotated[str, Field(min_length=1, max_length=128)]
-    uri: Annotated[str, Field(min_length=6, max_length=1024, description="s3://<data bucket>/<owner>/<folder>/: your owner value, as GET /jobs and GET /models show it")]
+    uri: Annotated[str, Field(min_length=6, max_length=1024, description=(
+        "s3://<data bucket>/<owner>/<folder>/, where <owner> is your owner value (your sub, encoded): the "
+        "first segment of your datasets' s3_uri"))]
 
 
 @router.post("/models", summary="Register your own base model",
