@@ -433,3 +433,24 @@ def test_a_base_model_without_weights_is_listed_not_available_and_refused_at_adm
     size = unpublished[0].removeprefix("base-")
     publish_base_archive(tenants.session, tenants.env, size)  # the operator uploads it: available at once
     assert api("GET", f"/models/{unpublished[0]}")[1]["available"] is True
+
+
+def test_a_requested_job_meets_the_same_availability_and_replacement_checks(tenants, api, observer):
+    """The events function admits as POST /jobs does, under its own role: a base model not
+    published, and a dataset whose object a second upload replaced, are refused on the bus."""
+    from functions.events import app as events
+
+    def requested(request: dict, event_id: str) -> dict:
+        event = {"id": event_id, "detail-type": "Fusion Job Requested", "source": "pipeline",
+                 "detail": {"owner": "alice", "request": request}}
+        return events.lambda_handler(event, LambdaContext())
+
+    answer = requested({**train(), "model": "base-small", "hyperparams": {"seq_len": 16}}, "e-small")
+    assert answer["accepted"] is False and "base-small is not available" in answer["error"]["details"][0]["message"]
+    shown = _upload_and_check(tenants, api, GOOD_JSONL)
+    key = shown["s3_uri"].split("/", 3)[3]
+    tenants.session.client("s3").put_object(Bucket=tenants.env["DATA_BUCKET"], Key=key, Body=GOOD_JSONL + GOOD_LINE)
+    answer = requested({**train(), "dataset": shown["dataset_id"]}, "e-replaced")
+    assert answer["accepted"] is False and "replaced after its check" in answer["error"]["details"][0]["message"]
+    assert requested({**train(), "dataset": dataset_id("alice")}, "e-fine")["accepted"] is True
+    assert [kind for kind, _ in observer()].count("Fusion Job Rejected") == 2
