@@ -1,11 +1,22 @@
-"""API-side benchmark: cold import of each function, and warm POST /jobs latency on moto.
+"""API-side benchmark: what a cold start of each function waits on, and warm POST /jobs latency on moto.
 
     .venv/bin/python bench/api.py [--runs 5] [--requests 300]
 
-Cold import: `import functions.<name>.app` in a fresh interpreter, median of --runs, beside the
-bare `import boto3, aws_lambda_powertools` measured the same way in the same run (the floor any
-function pays). Warm latency: POST /jobs through the API's lambda_handler in-process, AWS served
-by moto in-process (tables, queue and buckets created from template.yaml).
+Cold import: `import functions.<name>.app` in a fresh interpreter, tracing on (as in Lambda:
+AWS_LAMBDA_FUNCTION_NAME set, so Powertools' Tracer patches botocore), median of --runs, beside
+the bare `import boto3, aws_lambda_powertools` measured the same way in the same run (the floor
+any function pays). This is what a function without SnapStart waits on, and what SnapStart moves
+into the snapshot.
+
+Restored snapshot: what a SnapStart function's first request waits on besides Lambda's own
+restore: the after-restore hook (shared.snapstart.restored: reseed, forget the clients) and
+building the clients that request uses anew. Measured in a fresh interpreter that imported the
+function and ran its before-snapshot hook, as the snapshot holds it; beside the same with the
+service models parsed again (no shared botocore loader), the reference it improves on.
+Target: the restored wait <= 1.3x the floor.
+
+Warm latency: POST /jobs through the API's lambda_handler in-process, AWS served by moto
+in-process (tables, queue and buckets created from template.yaml).
 Targets on the 2-core development machine: import <= 0.5 s per function, POST /jobs p50 <= 20 ms.
 """
 
@@ -34,6 +45,26 @@ FUNCTIONS = {
 }
 IMPORT_TARGET_S = 0.5
 P50_TARGET_MS = 20.0
+RESTORE_TARGET_RATIO = 1.3
+# A restore, in a fresh interpreter: the function imported and its before-snapshot hook run first.
+RESTORE = """
+import time
+from shared import snapstart
+import functions.{name}.app
+snapstart.prepare()
+if {reparse}:
+    snapstart._LOADER = None  # as if each restore parsed the service models again
+t = time.perf_counter()
+snapstart.restored()
+snapstart.prepare()
+print(time.perf_counter() - t)
+"""
+
+
+def _env() -> dict[str, str]:
+    """A Lambda-like environment: tracing on, credentials in the environment."""
+    return {**os.environ, "AWS_DEFAULT_REGION": "us-east-1", "POWERTOOLS_SERVICE_NAME": "fusion",
+            "AWS_LAMBDA_FUNCTION_NAME": "fusion-bench", "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
 
 
 def cold_import_seconds(statements: dict[str, str], runs: int) -> dict[str, float]:
@@ -42,7 +73,7 @@ def cold_import_seconds(statements: dict[str, str], runs: int) -> dict[str, floa
     The statements take turns within each round, so a busy machine slows them alike and the
     ratios against the reference stay meaningful.
     """
-    env = {**os.environ, "AWS_DEFAULT_REGION": "us-east-1", "POWERTOOLS_SERVICE_NAME": "fusion"}
+    env = _env()
     times: dict[str, list[float]] = {name: [] for name in statements}
     for _ in range(runs):
         for name, statement in statements.items():
@@ -51,6 +82,18 @@ def cold_import_seconds(statements: dict[str, str], runs: int) -> dict[str, floa
                                  check=True)
             times[name].append(float(out.stdout.strip().splitlines()[-1]))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def restore_seconds(runs: int) -> dict[str, tuple[float, float]]:
+    """Median restored wait of each function: (with the shared service models, parsing them again)."""
+    env = _env()
+    times: dict[tuple[str, bool], list[float]] = {(n, r): [] for n in FUNCTIONS for r in (False, True)}
+    for _ in range(runs):
+        for name, reparse in times:
+            out = subprocess.run([sys.executable, "-c", RESTORE.format(name=name, reparse=reparse)], cwd=ROOT, env=env,
+                                 capture_output=True, text=True, check=True)
+            times[(name, reparse)].append(float(out.stdout.strip().splitlines()[-1]))
+    return {n: (statistics.median(times[(n, False)]), statistics.median(times[(n, True)])) for n in FUNCTIONS}
 
 
 def post_jobs_latency_ms(requests: int, warmup: int = 20) -> list[float]:
@@ -125,6 +168,15 @@ def main() -> None:
         verdict = "ok" if seconds <= IMPORT_TARGET_S else "OVER"
         print(f"  {name:<10} {seconds:6.3f} s   x{seconds / reference:.2f} of reference   "
               f"target <= {IMPORT_TARGET_S} s: {verdict}")
+
+    restores = restore_seconds(args.runs)
+    print(f"restored snapshot (SnapStart): the after-restore hook and the first request's clients, median of "
+          f"{args.runs} fresh processes")
+    for name, (shared_models, reparsed) in restores.items():
+        verdict = "ok" if shared_models <= RESTORE_TARGET_RATIO * reference else "OVER"
+        print(f"  {name:<10} {shared_models * 1000:6.1f} ms   x{shared_models / reference:.2f} of reference   "
+              f"target <= x{RESTORE_TARGET_RATIO}: {verdict}   (models parsed again: {reparsed * 1000:.1f} ms, "
+              f"x{reparsed / shared_models:.1f} of it)")
 
     samples = post_jobs_latency_ms(args.requests)
     p50, p99 = percentile(samples, 50), percentile(samples, 99)

@@ -386,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     from local.deploy import add_parsers as deploy_parsers  # here: local.deploy imports this module
 
     deploy_parsers(models)
+    from local.admin import add_parsers as admin_parsers
+
+    admin_parsers(sub)
 
     datasets = sub.add_parser("datasets", help="training data").add_subparsers(dest="action", required=True)
     upload = datasets.add_parser("upload", help="register, upload and check a dataset")
@@ -545,9 +548,10 @@ COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace, Client, Out
 def run(args: argparse.Namespace, console: Console) -> int:
     if args.command == "serve":
         return _serve(args, console)
+    from local.admin import COMMANDS as ADMIN_COMMANDS
     from local.deploy import COMMANDS as DEPLOY_COMMANDS
 
-    command = {**COMMANDS, **DEPLOY_COMMANDS}[(args.command, getattr(args, "action", None))]
+    command = {**COMMANDS, **DEPLOY_COMMANDS, **ADMIN_COMMANDS}[(args.command, getattr(args, "action", None))]
     return command(args, Client(args.api_url, args.token), Output(console, args.json))
 
 

@@ -98,7 +98,8 @@ class TrainingJob:
             "LastModifiedTime": _epoch(self.modified),
             "ModelArtifacts": {"S3ModelArtifacts": self.model_uri or self.output_prefix() + "model.tar.gz"},
         }
-        for key in ("CheckpointConfig", "Environment", "EnableManagedSpotTraining", "RetryStrategy"):
+        for key in ("CheckpointConfig", "Environment", "EnableManagedSpotTraining", "EnableNetworkIsolation",
+                    "RetryStrategy"):
             if key in r:
                 out[key] = r[key]
         if self.started:
@@ -289,6 +290,8 @@ class LocalSageMaker:
 
     def _train(self, job: TrainingJob, root: Path) -> None:
         env = {**os.environ, **job.request.get("Environment", {}), "FUSION_ML_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+        if job.request.get("EnableNetworkIsolation"):  # as in SageMaker: no way to AWS from inside the job
+            env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
         # Leave a core to the stack itself (API, moto, pollers): on a small machine torch's
         # spinning worker threads otherwise fight them and a tiny model trains 10x slower.
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) - 1)))

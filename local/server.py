@@ -2,7 +2,8 @@
 
 Each HTTP request becomes an API Gateway HTTP API (payload 2.0) event. The JWT in
 `Authorization: Bearer` is decoded but NOT verified (local use only: API Gateway's authorizer
-verifies it in AWS); without an Authorization header the caller is tenant "local", and any other
+verifies it in AWS); without an Authorization header the caller is tenant "local" (and on /admin
+an operator, as a deployed member of the operators' group), and any other
 scheme (Basic, a bare token) is a 401, as the deployed authorizer answers it.
 
 The edge keeps API Gateway's limits: a body over its payload quota is a 413 and is never read, a
@@ -118,9 +119,11 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = READ_TIMEOUT_S  # on the socket: a request line, header or body read that stalls ends
 
     def _serve(self) -> None:
-        from functions.api.app import lambda_handler
-
         url = urlsplit(self.path)
+        if url.path == "/admin" or url.path.startswith("/admin/"):  # template.yaml: the AdminFunction's routes
+            from functions.admin.app import lambda_handler
+        else:
+            from functions.api.app import lambda_handler
         try:
             raw = self._body()
         except _BadRequest as bad:
@@ -135,6 +138,10 @@ class _Handler(BaseHTTPRequestHandler):
             claims = claims_of(authorization[0] if authorization else None)
         except (ValueError, UnicodeDecodeError) as exc:
             return self._error(401, "unauthorized", str(exc), "authorization")
+        if not self.headers.get("authorization") and url.path.startswith("/admin"):
+            from shared.admin import ADMIN_GROUP, GROUPS_CLAIM
+
+            claims = {**claims, GROUPS_CLAIM: f"[{ADMIN_GROUP}]"}  # as API Gateway passes a list claim on
         try:
             text: str | bytes | None = raw.decode() if raw else None
         except UnicodeDecodeError:

@@ -182,10 +182,13 @@ class LocalStack:
         import boto3
 
         from local.resources import create_resources
+        from shared.budgets import DEFAULT_BUDGET_ENV
         from shared.store import Catalog, seed_base_models
 
+        # What the operator set in this environment stands; the template's default fills in the rest.
+        operator = {k: os.environ[k] for k in (DEFAULT_BUDGET_ENV,) if os.environ.get(k)}
         self._session = boto3.session.Session(region_name=REGION)
-        self.env = create_resources(self._session)
+        self.env = {**create_resources(self._session), **operator}
         for key in self.env:
             self._saved_env.setdefault(key, os.environ.get(key))
         os.environ.update(self.env)

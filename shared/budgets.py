@@ -14,6 +14,8 @@ from shared.store import Tenants
 # The spend limit of a tenant without a record of their own in the tenants table.
 DEFAULT_BUDGET_ENV = "FUSION_DEFAULT_BUDGET_USD"
 DEFAULT_BUDGET_USD = "100.00"
+# A budget as operators write it (the template's DefaultBudgetUsd, the admin API): whole cents.
+BUDGET_PATTERN = r"^[0-9]{1,9}(\.[0-9]{1,2})?$"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,10 @@
 """Reading what the container writes to S3: progress.json and the metrics log while it runs (synced
 from its checkpoint folder), metrics.json in the output archive once it has ended.
+
+Where: a job's checkpoint folder is synced to checkpoints/<job id>/ in the artifacts bucket, which a
+lifecycle rule (template.yaml) expires CHECKPOINT_RETENTION_DAYS after each object's last write:
+a job's last checkpoint goes that long after the job ends. Its metrics log is kept: when the job
+ends, it is copied beside the job's outputs (jobs/<job id>/metrics.jsonl), which never expire.
 """
 
 from __future__ import annotations
@@ -19,8 +24,17 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+CHECKPOINTS_PREFIX = "checkpoints/"
+CHECKPOINT_RETENTION_DAYS = 7
+
+
+def checkpoint_prefix(job_id: str) -> str:
+    """The S3 prefix the job's checkpoint folder (/opt/ml/checkpoints) is synced to."""
+    return f"{CHECKPOINTS_PREFIX}{job_id}/"
+
+
 def progress_key(job_id: str) -> str:
-    return f"jobs/{job_id}/checkpoints/progress.json"
+    return checkpoint_prefix(job_id) + "progress.json"
 
 
 def read_progress(s3: Any, bucket: str, job_id: str) -> Progress | None:
@@ -42,21 +56,44 @@ def read_progress(s3: Any, bucket: str, job_id: str) -> Progress | None:
 
 def metrics_log_key(job_id: str) -> str:
     """The trainer's metrics log (training_image.train.METRICS_LOG), synced beside progress.json."""
-    return f"jobs/{job_id}/checkpoints/metrics.jsonl"
+    return checkpoint_prefix(job_id) + "metrics.jsonl"
 
 
-def read_metrics_log(s3: Any, bucket: str, job_id: str, *, max_points: int = METRICS_MAX_POINTS) -> dict[str, Any]:
-    """A job's curve: training loss per logged step (at most max_points, evenly thinned, the last
-    step always kept) and every held-out evaluation. Empty lists before the trainer logs anything.
+def kept_metrics_log_key(job_id: str) -> str:
+    """The metrics log of an ended job, beside its outputs (keep_metrics_log copies it there)."""
+    return f"jobs/{job_id}/metrics.jsonl"
 
-    A resumed trainer logs the steps after its checkpoint again: the last line of a (kind, step) wins.
-    """
+
+def keep_metrics_log(s3: Any, bucket: str, job_id: str) -> bool:
+    """Copy an ended job's metrics log out of its checkpoint folder, which expires; False when it
+    wrote none. Copying again copies the same log."""
     try:
-        body = s3.get_object(Bucket=bucket, Key=metrics_log_key(job_id))["Body"].read()
+        s3.copy_object(Bucket=bucket, Key=kept_metrics_log_key(job_id),
+                       CopySource={"Bucket": bucket, "Key": metrics_log_key(job_id)})
     except Exception as exc:
         if not missing_object(exc):
             raise
-        body = b""
+        return False
+    return True
+
+
+def read_metrics_log(s3: Any, bucket: str, job_id: str, *, ended: bool = False,
+                     max_points: int = METRICS_MAX_POINTS) -> dict[str, Any]:
+    """A job's curve: training loss per logged step (at most max_points, evenly thinned, the last
+    step always kept) and every held-out evaluation. Empty lists before the trainer logs anything.
+    An ended job's is read from where it is kept, else (not copied yet) from its checkpoint folder.
+
+    A resumed trainer logs the steps after its checkpoint again: the last line of a (kind, step) wins.
+    """
+    body = b""
+    for key in (kept_metrics_log_key(job_id), metrics_log_key(job_id)) if ended else (metrics_log_key(job_id),):
+        try:
+            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as exc:
+            if not missing_object(exc):
+                raise
+            continue
+        break
     latest: dict[tuple[str, int], dict[str, Any]] = {}
     for line in body.decode("utf-8", errors="replace").splitlines():
         try:

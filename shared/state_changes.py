@@ -5,6 +5,7 @@ reconciler reads with DescribeTrainingJob) moves the job forward once, registers
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -12,8 +13,8 @@ from aws_lambda_powertools import Logger
 
 from shared.contracts import Metrics
 from shared.events import announce
-from shared.lifecycle import END_STATUSES, NO_CHARGE
-from shared.outputs import read_metrics, read_progress
+from shared.lifecycle import END_STATUSES, NO_CHARGE, UNLAUNCHED_STATUSES
+from shared.outputs import keep_metrics_log, read_metrics, read_progress
 from shared.pricing import Estimate, bill
 from shared.store import Catalog, ConditionFailed, Jobs, missing_object, now
 from shared.telemetry import job_ended
@@ -148,6 +149,8 @@ def record_state_change(
         if not isinstance(reason, str) or not reason:
             reason = f"SageMaker reported the job {secondary if isinstance(secondary, str) and secondary else 'failed'}"
         fields = {"failure_reason": reason, "bill": NO_CHARGE}
+    if status in END_STATUSES:  # before the job ends: a failed copy is retried with the event
+        keep_metrics_log(s3, artifacts_bucket, job_id)
     try:
         job = jobs.transition(job_id, status, **fields)
     except ConditionFailed:
@@ -177,14 +180,52 @@ def state_change_of(description: dict[str, Any]) -> dict[str, Any]:
     return {k: description[k] for k in STATE_CHANGE_FIELDS if description.get(k) is not None}
 
 
+# The longest a launch message lives before SQS dead-letters it: the launch queue's maxReceiveCount
+# (21) times its VisibilityTimeout (360 s) in template.yaml (a test ties them), and an hour more.
+# A job still queued or launching this long after its last change, with no training job, has no
+# message left to launch it: it would hold its estimate against its tenant's budget forever.
+UNLAUNCHED_AFTER_SECONDS = 21 * 360 + 3600
+
+
+def unlaunched_for(job: dict[str, Any], at: datetime) -> float:
+    """Seconds since the job last changed (created, or moved to launching)."""
+    since = datetime.fromisoformat(str(job.get("updated_at") or job["created_at"]).replace("Z", "+00:00"))
+    return (at - since).total_seconds()
+
+
+def fail_unlaunched(job_id: str, *, jobs: Jobs, bus: Any, at: datetime) -> dict[str, Any] | None:
+    """End a job that stayed queued or launching past UNLAUNCHED_AFTER_SECONDS without a training
+    job: failed, billed 0.00 (its estimate released), the reason named. None if it moved meanwhile."""
+    job = jobs.get(job_id)
+    if job is None or job["status"] not in UNLAUNCHED_STATUSES or unlaunched_for(job, at) < UNLAUNCHED_AFTER_SECONDS:
+        return None
+    hours = unlaunched_for(job, at) / 3600
+    reason = (f"never launched: still {job['status']} without a SageMaker training job {hours:.1f} h after its last "
+              f"change (its launch message was dead-lettered or lost); nothing was billed")
+    try:
+        job = jobs.transition(job_id, "failed", only_from=(job["status"],), failure_reason=reason, bill=NO_CHARGE)
+    except ConditionFailed:
+        return None  # launched, cancelled or ended meanwhile
+    logger.warning("unlaunched job failed", extra={"job_id": job_id, "reason": reason})
+    job_ended(job)
+    announce(job, jobs=jobs, bus=bus)
+    return job
+
+
 def reconcile_in_flight(*, jobs: Jobs, catalog: Catalog, s3: Any, sagemaker: Any, bus: Any,
-                        artifacts_bucket: str) -> dict[str, Any]:
+                        artifacts_bucket: str, at: datetime | None = None) -> dict[str, Any]:
     """One pass of the reconciler over the jobs in flight: each compared with DescribeTrainingJob and,
-    where SageMaker says more than the job knows, followed as the event that state stands for.
-    Returns how many were checked, moved, not yet created and unreadable."""
+    where SageMaker says more than the job knows, followed as the event that state stands for; a
+    job queued or launching for too long without a training job is failed (fail_unlaunched).
+    Returns how many were checked, moved, not yet created and unreadable, and those failed."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    summary = {"checked": 0, "moved": [], "not_created": 0, "errors": 0}
+    at = at or datetime.now(timezone.utc)
+    summary = {"checked": 0, "moved": [], "not_created": 0, "errors": 0, "unlaunched": []}
+    for job in jobs.in_flight(("queued",)):  # never launched: no training job to describe
+        summary["checked"] += 1
+        if fail_unlaunched(job["job_id"], jobs=jobs, bus=bus, at=at) is not None:
+            summary["unlaunched"].append(job["job_id"])
     for job in jobs.in_flight():
         summary["checked"] += 1
         name = training_job_name(job["job_id"])
@@ -196,7 +237,10 @@ def reconcile_in_flight(*, jobs: Jobs, catalog: Catalog, s3: Any, sagemaker: Any
             outcome = follow(detail, jobs=jobs, catalog=catalog, s3=s3, bus=bus, artifacts_bucket=artifacts_bucket)
         except ClientError as exc:
             if exc.response["Error"].get("Code") in NO_SUCH_TRAINING_JOB:
-                summary["not_created"] += 1  # still launching: the launch queue holds its message
+                if job["status"] == "launching" and fail_unlaunched(job["job_id"], jobs=jobs, bus=bus, at=at):
+                    summary["unlaunched"].append(job["job_id"])
+                else:
+                    summary["not_created"] += 1  # still launching: the launch queue holds its message
                 continue
             summary["errors"] += 1
             logger.warning("job not reconciled", extra={"job_id": job["job_id"]}, exc_info=True)

@@ -171,13 +171,14 @@ class Jobs(_Table):
     def list(self, owner: str, limit: int = 100) -> list[dict[str, Any]]:
         return [_job_from_item(item) for item in self._query_owner(owner, limit)]
 
-    def in_flight(self) -> list[dict[str, Any]]:
-        """Every job launching, running or cancelling (all pages), for the reconciler: a query of
-        the status index per status, so its cost follows the jobs in flight, not the table. The
-        index is eventually consistent: a job that moved a moment ago may be missed or seen in its
-        old status; the reconciler's writes are conditional and its next run sees it."""
+    def in_flight(self, statuses: tuple[str, ...] = ACTIVE_STATUSES) -> list[dict[str, Any]]:
+        """Every job launching, running or cancelling (or in `statuses`; all pages), for the
+        reconciler: a query of the status index per status, so its cost follows the jobs in flight,
+        not the table. The index is eventually consistent: a job that moved a moment ago may be
+        missed or seen in its old status; the reconciler's writes are conditional and its next run
+        sees it."""
         items = []
-        for status in ACTIVE_STATUSES:
+        for status in statuses:
             start = None
             while True:
                 page = {"ExclusiveStartKey": start} if start else {}
@@ -191,12 +192,15 @@ class Jobs(_Table):
                     break
         return items
 
-    def transition(self, job_id: str, status: str, **fields: Any) -> dict[str, Any]:
-        """Move a job forward to `status`, setting `fields` with it; ConditionFailed otherwise.
+    def transition(self, job_id: str, status: str, *, only_from: tuple[str, ...] | None = None,
+                   **fields: Any) -> dict[str, Any]:
+        """Move a job forward to `status`, setting `fields` with it; ConditionFailed otherwise (also
+        when the job is no longer in one of `only_from`, where given).
 
         Returns the job as it is after the write.
         """
-        earlier = [s for s, rank in STATUS_RANK.items() if rank < STATUS_RANK[status]]
+        earlier = [s for s, rank in STATUS_RANK.items() if rank < STATUS_RANK[status]
+                   and (only_from is None or s in only_from)]
         return self._update(job_id, {"status": status, **fields}, earlier)
 
     def annotate(self, job_id: str, allowed: tuple[str, ...], **fields: Any) -> dict[str, Any]:
@@ -482,3 +486,21 @@ class Tenants(_Table):
 
     def get(self, tenant: str) -> dict[str, Any] | None:
         return self._get({"tenant": tenant})
+
+    def all(self) -> list[dict[str, Any]]:
+        """Every tenant's record (operators' view: a scan, paged through)."""
+        items, start = [], None
+        while True:
+            page = self.client.scan(TableName=self.name, ConsistentRead=True,
+                                    **({"ExclusiveStartKey": start} if start else {}))
+            items += [_plain(item) for item in page.get("Items", [])]
+            start = page.get("LastEvaluatedKey")
+            if not start:
+                return items
+
+    def set_budget(self, tenant: str, budget_usd: str) -> dict[str, Any]:
+        """Give a tenant a spend limit of their own (the committed spend is left as it is)."""
+        item = self.client.update_item(
+            TableName=self.name, Key=_ddb({"tenant": tenant}), UpdateExpression="SET budget_usd = :b",
+            ExpressionAttributeValues=_ddb({":b": budget_usd}), ReturnValues="ALL_NEW")["Attributes"]
+        return _plain(item)

@@ -9,10 +9,15 @@ from typing import Any
 
 from shared.contracts import Hyperparameters
 from shared.lifecycle import JOB_ID_PATTERN
+from shared.outputs import checkpoint_prefix
 from shared.pricing import Estimate
 from shared.settings import SETTINGS_BY_TYPE, ContractSettings, TrainSettings
 
 TRAINING_JOB_PREFIX = "fusion-"
+# The training job's tag that names the stack which launched it: that stack's rule matches it, and
+# no other stack's (the name prefix is the same in every stack).
+STACK_TAG = "fusion:stack"
+STACK_ENV = "FUSION_STACK"
 METRIC_NAMES = ("step", "turn", "cycle", "train_loss", "heldout_loss", "heldout_perplexity", "tokens_per_second")
 MAX_RUNTIME_LIMIT = 28 * 24 * 3600  # SageMaker's ceiling on MaxRuntimeInSeconds
 
@@ -39,6 +44,7 @@ class LaunchConfig:
     role_arn: str
     use_spot: bool = False
     volume_size_gb: int = 50
+    stack: str = ""  # the stack's name (STACK_TAG); empty outside a stack
 
 
 def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str, Any]:
@@ -67,7 +73,9 @@ def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str,
             _channel("model", job["input_model_uri"]),
         ],
         "OutputDataConfig": {"S3OutputPath": f"{prefix}/output/"},
-        "CheckpointConfig": {"S3Uri": f"{prefix}/checkpoints/", "LocalPath": "/opt/ml/checkpoints"},
+        # Outside jobs/: a lifecycle rule expires checkpoints (shared.outputs.CHECKPOINT_RETENTION_DAYS).
+        "CheckpointConfig": {"S3Uri": f"s3://{config.artifacts_bucket}/{checkpoint_prefix(job_id)}",
+                             "LocalPath": "/opt/ml/checkpoints"},
         "ResourceConfig": {
             "InstanceType": estimate.instance_type,
             "InstanceCount": estimate.instance_count,
@@ -75,7 +83,11 @@ def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str,
         },
         "StoppingCondition": stopping,
         "EnableManagedSpotTraining": spot,
-        "Tags": [{"Key": "fusion:job-id", "Value": job_id}, {"Key": "fusion:owner", "Value": job["owner"]}],
+        # The container reads its channels and writes /opt/ml; SageMaker moves the data. It makes no
+        # network call of its own, so it gets no network (multi-instance jobs still reach each other).
+        "EnableNetworkIsolation": True,
+        "Tags": [{"Key": "fusion:job-id", "Value": job_id}, {"Key": "fusion:owner", "Value": job["owner"]},
+                 *([{"Key": STACK_TAG, "Value": config.stack}] if config.stack else [])],
     }
 
 

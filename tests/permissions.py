@@ -74,7 +74,8 @@ def handler_packages(template: dict[str, Any]) -> dict[str, str]:
 
 def role_statements(template: dict[str, Any], role: str) -> list[dict[str, Any]]:
     """The statements of a role's inline policies (unresolved intrinsics), but for those SAM adds
-    for an asynchronous invocation's destination: Lambda itself sends there, never the code."""
+    for an asynchronous invocation's destination and those of SERVICE_STATEMENTS: Lambda itself
+    uses them, never the code."""
     props = template["Resources"][role]["Properties"]
     statements = []
     for policy in props.get("Policies", []):
@@ -83,7 +84,12 @@ def role_statements(template: dict[str, Any], role: str) -> list[dict[str, Any]]
         document = policy["PolicyDocument"]
         body = document.get("Statement", [])
         statements += body if isinstance(body, list) else [body]
-    return statements
+    return [s for s in statements if s.get("Sid") not in SERVICE_STATEMENTS]
+
+
+# Statements Lambda itself uses with a function's role, never the function's code: an event source
+# mapping polling its queue.
+SERVICE_STATEMENTS = {"PollLaunchQueue"}
 
 
 class Resolver:
@@ -269,6 +275,12 @@ def requests_of(service: str, operation: str, params: dict[str, Any], region: st
             if action == "GetObject" and params.get("VersionId"):
                 action = "GetObjectVersion"
             return [Request(f"s3:{action}", f"arn:{PARTITION}:s3:::{params['Bucket']}/{params['Key']}")]
+        if operation == "CopyObject":  # read the source, write the destination
+            source = params["CopySource"]
+            bucket, key = (source["Bucket"], source["Key"]) if isinstance(source, dict) else \
+                source.lstrip("/").split("?")[0].split("/", 1)
+            return [Request("s3:GetObject", f"arn:{PARTITION}:s3:::{bucket}/{key}"),
+                    Request("s3:PutObject", f"arn:{PARTITION}:s3:::{params['Bucket']}/{params['Key']}")]
         if operation in _S3_BUCKET_CALLS:
             return [Request(f"s3:{_S3_BUCKET_CALLS[operation]}", f"arn:{PARTITION}:s3:::{params['Bucket']}")]
     if service == "sqs":

@@ -13,9 +13,10 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import (
     RequestValidationError,
 )
 
-from functions.api import body, console, datasets, jobs, models
+from functions.api import body, console, context, datasets, jobs, models
 from shared.errors import JobError, describe_error
 from shared.responses import ErrorResponse
+from shared.snapstart import prepare_before_snapshot, renew_after_restore
 from shared.telemetry import metrics
 
 logger = Logger()
@@ -34,6 +35,12 @@ app.include_router(jobs.router)
 app.include_router(models.router)
 app.include_router(datasets.router)
 app.include_router(console.router)
+
+# SnapStart: the clients a request uses are built before the snapshot (their service models parsed
+# into it) and built anew after each restore (connections and credentials of this environment).
+prepare_before_snapshot(lambda: (context.jobs().client, context.tenants().client, context.client("s3"),
+                                 context.client("sqs"), context.bus().client, datasets._s3()))
+renew_after_restore(context.reset, datasets._s3.cache_clear)
 
 OPENAPI = {"title": "Fusion", "version": "1.0.0",
            "description": "Grow, train and contract language models; every job priced before it runs."}

@@ -32,9 +32,9 @@ def tenant(router: Router) -> str:
 
 @cache
 def session() -> Any:
-    import boto3
+    from shared.snapstart import session as new_session
 
-    return boto3.session.Session()
+    return new_session()
 
 
 @cache

@@ -10,6 +10,7 @@ from aws_lambda_powertools.event_handler.api_gateway import Router
 from aws_lambda_powertools.event_handler.openapi.params import Path
 
 from functions.api import context
+from functions.api.presigning import presigning_s3
 from shared.datasets import UPLOAD_URL_SECONDS, CreateDatasetRequest, register
 from shared.errors import not_found
 from shared.outputs import split_s3
@@ -20,10 +21,7 @@ router = Router()
 
 @cache
 def _s3():
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client("s3", config=Config(signature_version="s3v4"))
+    return presigning_s3(context.session())
 
 
 def _tenant() -> str:

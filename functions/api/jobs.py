@@ -17,7 +17,7 @@ from shared.budgets import budget_of, quote
 from shared.cancelling import cancel
 from shared.errors import JobError, not_found
 from shared.events import announce
-from shared.lifecycle import JOB_ID_PATTERN, is_active
+from shared.lifecycle import END_STATUSES, JOB_ID_PATTERN, is_active
 from shared.outputs import METRICS_MAX_POINTS, read_metrics_log, read_progress
 from shared.responses import Curve, Job, JobList, Quote
 from shared.settings import JobRequest
@@ -136,7 +136,7 @@ def get_job_metrics(
         raise not_found("job", "job_id", job_id)
     try:
         curve = read_metrics_log(context.client("s3"), context.env("ARTIFACTS_BUCKET"), job_id,
-                                 max_points=max_points)
+                                 ended=job["status"] in END_STATUSES, max_points=max_points)
     except Exception as exc:
         logger.warning("metrics log unreadable", extra={"job_id": job_id}, exc_info=True)
         raise JobError(503, "unavailable", "the job's metrics log cannot be read now; retry shortly") from exc

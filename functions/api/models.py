@@ -9,6 +9,7 @@ from aws_lambda_powertools.event_handler.openapi.params import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from functions.api import context
+from functions.api.presigning import presigning_s3
 from shared.errors import invalid, not_found
 from shared.hf import EXPORT_DIR
 from shared.hf_check import folder_model
@@ -77,6 +78,9 @@ def download_model(model_id: Annotated[str, Path(max_length=128)]) -> Download:
         raise not_found("model", "model_id", model_id)
     if model.get("kind") == "imported":
         raise invalid("model_id", f"{model_id} is your own folder, at {model['artifact_uri']}; download its trained models")
+    if model["artifact_uri"].endswith("/"):  # a published Hugging Face folder: no archive to sign
+        raise invalid("model_id", f"{model_id} is a published Hugging Face folder, not an archive; download the "
+                                  "models trained from it")
     if not available(model, context.objects()):
         raise invalid("model_id", not_available(model_id))
     bucket, key = split_s3(model["artifact_uri"])
@@ -85,6 +89,4 @@ def download_model(model_id: Annotated[str, Path(max_length=128)]) -> Download:
 
 
 def _s3() -> Any:
-    from botocore.config import Config
-
-    return context.session().client("s3", config=Config(signature_version="s3v4"))
+    return presigning_s3(context.session())

@@ -18,9 +18,10 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 from shared.events import Bus
 from shared.launching import launch as launch_job, max_launch_attempts
+from shared import snapstart
 from shared.store import Jobs
 from shared.telemetry import metrics
-from shared.training_jobs import LaunchConfig
+from shared.training_jobs import STACK_ENV, LaunchConfig
 
 logger = Logger()
 tracer = Tracer()
@@ -30,9 +31,7 @@ processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failu
 
 @cache
 def _clients() -> tuple[Jobs, Any, Bus]:
-    import boto3
-
-    session = boto3.session.Session()
+    session = snapstart.session()
     return Jobs(session=session), session.client("sagemaker"), Bus(session=session)
 
 
@@ -43,9 +42,7 @@ def _s3() -> Any:
 @cache
 def _s3_at(endpoint: str | None) -> Any:
     """One client per endpoint: the local stack moves AWS to another endpoint within a process."""
-    import boto3
-
-    return boto3.session.Session().client("s3")
+    return snapstart.session().client("s3")
 
 
 def _launch_config() -> LaunchConfig:
@@ -54,7 +51,13 @@ def _launch_config() -> LaunchConfig:
         training_image_uri=os.environ["TRAINING_IMAGE_URI"],
         role_arn=os.environ["SAGEMAKER_ROLE_ARN"],
         use_spot=os.environ.get("FUSION_USE_SPOT", "false").lower() == "true",
+        stack=os.environ.get(STACK_ENV, ""),
     )
+
+
+# SnapStart: clients built before the snapshot, and anew after each restore.
+snapstart.prepare_before_snapshot(lambda: (_clients()[0].client, _clients()[2].client, _s3()))
+snapstart.renew_after_restore(_clients.cache_clear, _s3_at.cache_clear)
 
 
 def launch(job_id: str, attempt: int) -> str:

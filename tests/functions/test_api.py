@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 
 from functions.api import context
+from shared.outputs import progress_key
 from shared.pricing import estimate_contract, estimate_train
 from shared.settings import ContractSettings, TrainSettings
 from shared.shapes import SIZES, ModelConfig, grown_config
@@ -181,7 +182,7 @@ def test_progress_of_a_running_job(world, api):
     assert api("GET", f"/jobs/{job['job_id']}")[1]["progress"] is None  # nothing written yet
     progress = progress_document(job["job_id"], 10240, step=40)
     world.session.client("s3").put_object(Bucket=world.env["ARTIFACTS_BUCKET"],
-                                          Key=f"jobs/{job['job_id']}/checkpoints/progress.json", Body=progress)
+                                          Key=progress_key(job['job_id']), Body=progress)
     assert api("GET", f"/jobs/{job['job_id']}")[1]["progress"] == json.loads(progress)
 
 
@@ -189,7 +190,7 @@ def test_unreadable_progress_never_fails_the_request(world, api):
     _, job = api("POST", "/jobs", _train())
     Jobs(session=world.session).transition(job["job_id"], "running")
     world.session.client("s3").put_object(Bucket=world.env["ARTIFACTS_BUCKET"],
-                                          Key=f"jobs/{job['job_id']}/checkpoints/progress.json", Body=b"{half")
+                                          Key=progress_key(job['job_id']), Body=b"{half")
     status, body = api("GET", f"/jobs/{job['job_id']}")
     assert status == 200 and body["progress"] is None
 

@@ -6,7 +6,7 @@ import pytest
 
 from functions.api import console
 from local.server import api_event
-from shared.outputs import metrics_log_key, progress_key
+from shared.outputs import checkpoint_prefix, kept_metrics_log_key, metrics_log_key, progress_key
 from shared.store import Jobs
 from training_image.train import METRICS_LOG
 from tests.conftest import LambdaContext
@@ -98,7 +98,7 @@ def _log(aws, job_id: str, lines: list) -> None:
 
 
 def test_metrics_log_lives_where_the_trainer_writes_it():
-    assert metrics_log_key("j").endswith("/checkpoints/" + METRICS_LOG)
+    assert metrics_log_key("j") == checkpoint_prefix("j") + METRICS_LOG  # the checkpoint folder's sync
     assert metrics_log_key("j").rsplit("/", 1)[0] == progress_key("j").rsplit("/", 1)[0]
 
 
@@ -167,9 +167,9 @@ def test_the_api_may_read_the_metrics_log_and_nothing_else_of_a_jobs_checkpoints
     statements = [s for p in _api_function()["Policies"] if "Statement" in p for s in p["Statement"]]
     [read] = [s for s in statements if s["Sid"] == "ReadProgress"]
     patterns = [r.value.replace("${ArtifactsBucket.Arn}/", "") for r in read["Resource"]]
-    for key in (metrics_log_key("abc"), progress_key("abc")):
+    for key in (metrics_log_key("abc"), progress_key("abc"), kept_metrics_log_key("abc")):
         assert any(fnmatch(key, p) for p in patterns), key
-    assert not any(fnmatch("jobs/abc/checkpoints/checkpoint.pt", p) for p in patterns)
+    assert not any(fnmatch(checkpoint_prefix("abc") + "sharded/step-1/.metadata", p) for p in patterns)
 
 
 def test_the_deployed_console_signs_in_where_the_authorizer_trusts():

@@ -10,7 +10,7 @@ from botocore.exceptions import ClientError
 from functions.events import app as events
 from shared import state_changes
 from shared.admission import resolve
-from shared.outputs import read_metrics
+from shared.outputs import progress_key, read_metrics
 from shared.pricing import Estimate, bill
 from shared.settings import JOB_REQUEST
 from shared.state_changes import model_id_for
@@ -75,7 +75,7 @@ def test_duplicated_and_reordered_events_end_the_same(aws, job, observer, order)
 def test_a_stopped_job_is_billed_for_the_tokens_it_trained(aws, job):
     tokens = job["estimate"]["training_tokens"] // 3
     aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"],
-                                        Key=f"jobs/{job['job_id']}/checkpoints/progress.json",
+                                        Key=progress_key(job['job_id']),
                                         Body=progress_document(job["job_id"], tokens, step=200))
     write_metrics(aws, job)
     deliver(aws, job["job_id"], "InProgress", "Stopping", "Stopped", "Completed", "Stopped")

@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from local.cli import main
+from shared.outputs import progress_key
 
 SMALL_TRAIN = ["--cycles", "2", "--train-steps", "20", "--seq-len", "64", "--output-name", "stdlib-debug"]
 
@@ -189,7 +190,7 @@ def test_cancel_stops_the_trainer_and_bills_what_it_trained(stack, capsys, datas
     ended = requests.get(f"{stack.api_url}/jobs/{job['job_id']}").json()
     assert ended["status"] == "cancelled" and ended["bill"] is not None
     trained = json.loads(boto3.client("s3").get_object(
-        Bucket=stack.env["ARTIFACTS_BUCKET"], Key=f"jobs/{job['job_id']}/checkpoints/progress.json")["Body"].read())
+        Bucket=stack.env["ARTIFACTS_BUCKET"], Key=progress_key(job['job_id']))["Body"].read())
     assert 0 < trained["tokens_trained"] < ended["estimate"]["training_tokens"]
     code, _, err = fusion(stack, capsys, "jobs", "cancel", job["job_id"])
     assert code == 0 or "already" in err

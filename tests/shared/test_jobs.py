@@ -103,7 +103,7 @@ def test_spot_where_the_tier_says_so():
     _, spot = _launch(LLAMA_SHAPES["llama-8b"])  # grows to 9.8B: tier l, on spot capacity
     assert spot["EnableManagedSpotTraining"] is True
     assert spot["StoppingCondition"]["MaxWaitTimeInSeconds"] > spot["StoppingCondition"]["MaxRuntimeInSeconds"]
-    assert spot["CheckpointConfig"]["S3Uri"] == "s3://a/jobs/j/checkpoints/"  # an interruption resumes from there
+    assert spot["CheckpointConfig"]["S3Uri"] == "s3://a/checkpoints/j/"  # an interruption resumes from there
 
 
 def test_a_job_from_before_plans_launches_as_it_did():

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from functions.api.body import MAX_DEPTH
+from shared.outputs import progress_key
 from shared.settings import MAX_HEALING_STEPS, MAX_LAYERS, MAX_STEPS_PER_TURN
 from shared.store import Tenants
 from tests.conftest import LambdaContext
@@ -246,7 +247,7 @@ def test_stopped_with_unreadable_progress_is_cancelled_billed_for_what_is_proven
                  b"[" * 100_000):
         job = _running(tenants, api)
         tenants.session.client("s3").put_object(Bucket=tenants.env["ARTIFACTS_BUCKET"],
-                                                Key=f"jobs/{job['job_id']}/checkpoints/progress.json", Body=body)
+                                                Key=progress_key(job['job_id']), Body=body)
         deliver(tenants, job["job_id"], "Stopped")
         ended = stored(tenants, job["job_id"])
         assert ended["status"] == "cancelled", body

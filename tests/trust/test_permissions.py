@@ -138,6 +138,18 @@ def _walk(aws, api) -> None:
     summary = reconciler.lambda_handler({}, LambdaContext())
     assert lost in summary["moved"] and stored(aws, lost)["status"] == "completed"
 
+    # an operator: every tenant's spend, then a tenant's budget
+    from functions.admin import app as admin
+    from local.server import api_event
+    from shared.admin import ADMIN_GROUP, GROUPS_CLAIM
+
+    admin._tenants.cache_clear()
+    operator = {"sub": "ops", GROUPS_CLAIM: f"[{ADMIN_GROUP}]"}
+    for method, path, body in (("GET", "/admin/tenants", None), ("PUT", "/admin/tenants/bob/budget", '{"budget_usd": "5"}')):
+        event = api_event(method, path, headers={"content-type": "application/json"}, body=body, claims=operator)
+        assert admin.lambda_handler(event, LambdaContext())["statusCode"] == 200
+    admin._tenants.cache_clear()
+
 
 @pytest.mark.slow
 def test_every_call_of_every_function_is_allowed_and_the_unused_grants_are_listed(tenants, api, roles, capsys):

@@ -90,5 +90,52 @@ def test_a_job_not_created_yet_and_one_in_agreement_are_left_alone(tenants, api,
         TableName=tenants.env["JOBS_TABLE"], Key={"job_id": {"S": queued}}, UpdateExpression="SET #s = :l",
         ExpressionAttributeNames={"#s": "status"}, ExpressionAttributeValues={":l": {"S": "launching"}})
     summary = reconciler.lambda_handler({}, LambdaContext())
-    assert summary == {"checked": 2, "moved": [], "not_created": 1, "errors": 0}
+    assert summary == {"checked": 2, "moved": [], "not_created": 1, "errors": 0, "unlaunched": []}
     assert stored(tenants, running)["status"] == "running" and stored(tenants, queued)["status"] == "launching"
+
+
+def _age(aws, job_id: str, seconds: float, status: str | None = None) -> None:
+    """Backdate the job's last change (and set its status, as the launcher would have)."""
+    from datetime import datetime, timedelta, timezone
+
+    then = (datetime.now(timezone.utc) - timedelta(seconds=seconds)).isoformat(timespec="milliseconds")
+    names, values, update = {"#u": "updated_at"}, {":u": {"S": then.replace("+00:00", "Z")}}, "SET #u = :u"
+    if status:
+        names["#s"], values[":s"], update = "status", {"S": status}, update + ", #s = :s"
+    aws.session.client("dynamodb").update_item(TableName=aws.env["JOBS_TABLE"], Key={"job_id": {"S": job_id}},
+                                                UpdateExpression=update, ExpressionAttributeNames=names,
+                                                ExpressionAttributeValues=values)
+
+
+def test_a_job_never_launched_stops_holding_its_estimate_once_its_message_cannot_be_delivered(
+        tenants, api, moto_sagemaker):
+    from shared.state_changes import UNLAUNCHED_AFTER_SECONDS
+
+    old_queued, old_launching, new_queued, new_launching = (api("POST", "/jobs", train())[1]["job_id"] for _ in range(4))
+    spent_before = Tenants(session=tenants.session).get("alice")["spent_cents"]
+    _age(tenants, old_queued, UNLAUNCHED_AFTER_SECONDS + 60)
+    _age(tenants, old_launching, UNLAUNCHED_AFTER_SECONDS + 60, "launching")  # its message was dead-lettered
+    _age(tenants, new_queued, UNLAUNCHED_AFTER_SECONDS - 600)
+    _age(tenants, new_launching, UNLAUNCHED_AFTER_SECONDS - 600, "launching")
+    summary = reconciler.lambda_handler({}, LambdaContext())
+    assert sorted(summary["unlaunched"]) == sorted([old_queued, old_launching]) and summary["errors"] == 0
+    for job_id in (old_queued, old_launching):
+        job = stored(tenants, job_id)
+        assert job["status"] == "failed" and job["bill"] == "0.00"
+        assert job["failure_reason"].startswith("never launched") and "nothing was billed" in job["failure_reason"]
+    assert stored(tenants, new_queued)["status"] == "queued"
+    assert stored(tenants, new_launching)["status"] == "launching"
+    estimate = cents(stored(tenants, old_queued)["estimate"]["total"])
+    assert Tenants(session=tenants.session).get("alice")["spent_cents"] == spent_before - 2 * estimate
+    # A second pass, and a late launch of one of them, change nothing.
+    assert reconciler.lambda_handler({}, LambdaContext())["unlaunched"] == []
+    assert launch(old_queued) == [] and stored(tenants, old_queued)["status"] == "failed"
+    assert Tenants(session=tenants.session).get("alice")["spent_cents"] == spent_before - 2 * estimate
+
+
+def test_the_unlaunched_limit_outlasts_every_delivery_of_a_launch_message():
+    from local.resources import load_template
+    from shared.state_changes import UNLAUNCHED_AFTER_SECONDS
+
+    queue = load_template()["Resources"]["LaunchQueue"]["Properties"]
+    assert UNLAUNCHED_AFTER_SECONDS > queue["RedrivePolicy"]["maxReceiveCount"] * queue["VisibilityTimeout"]

@@ -111,8 +111,11 @@ def test_every_function_traces_to_xray_and_its_role_may_write_the_traces():
     from local.sam import transformed
 
     resources = transformed()["Resources"]
+    from local.resources import load_template
+
     functions = {name: r for name, r in resources.items() if r["Type"] == "AWS::Lambda::Function"}
-    assert len(functions) == 5
+    declared = [r for r in load_template()["Resources"].values() if r["Type"] == "AWS::Serverless::Function"]
+    assert len(functions) == len(declared) == 6
     for name, function in functions.items():
         assert function["Properties"]["TracingConfig"] == {"Mode": "Active"}, name
         role = resources[function["Properties"]["Role"]["Fn::GetAtt"][0]]
