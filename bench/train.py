@@ -46,8 +46,9 @@ from training_image.model import Decoder
 from training_image.tokenizer import train_tokenizer
 from training_image.train import GRAD_CLIP, Trainer, TrainPlan, autocast_dtype, batch_size_for, lr_at
 
-# Dense bf16 peaks (FLOP/s) by GPU name, for MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense bf16 peaks (FLOP/s) by GPU name, for MFU: the first key the name contains (PCIe and NVL
+# H100s before the SXM one).
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def hf_llama(config: ModelConfig) -> LlamaForCausalLM:
