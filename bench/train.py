@@ -12,7 +12,7 @@ its default (fp32); on a GPU also MFU. Quality: held-out perplexity after 1 turn
     .venv/bin/python bench/train.py --part throughput --device cuda --size llama-1b --seq-len 2048 --compile
     torchrun --nproc_per_node=8 bench/train.py --part throughput --device cuda --strategy fsdp --size large
     torchrun --standalone --nproc_per_node=1 bench/train.py --part throughput --device cuda \
-        --size medium,large,llama-1b --strategy ddp,fsdp --compile both --batch 4 --seq-len 2048   # bench/gpu.sh
+        --size medium,large,llama-1b --strategy ddp,fsdp --compile both --batch 4 --seq-len 2048   # every shape, both strategies (bench/gpu.sh measures one GPU within a budget)
 
 --strategy picks DDP or FSDP (training_image.parallel) when run under torchrun, where the HF loop
 is left out (it is one process's loop), except at one rank: there FSDP shards over a one-rank
