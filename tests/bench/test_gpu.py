@@ -34,7 +34,8 @@ def test_the_dry_run_measures_every_run_and_writes_its_figures(tmp_path):
         for loop in ("fusion", "hf"):
             assert run[loop]["tokens_per_second"] > 0
             assert run[loop]["mfu"] == pytest.approx(run[loop]["tokens_per_second"] * run["flops_per_token"] / figures["peak_bf16_flops"])
-            assert run[loop]["eta_utilization"] < run[loop]["mfu"]  # the ETA counts no attention FLOPs
+            # The ETA's FLOPs: 6 x every parameter, no attention.
+            assert run[loop]["eta_utilization"] == pytest.approx(run[loop]["tokens_per_second"] * 6 * run["parameters"] / figures["peak_bf16_flops"])
         assert run["ratio_fusion_to_hf"] == pytest.approx(run["fusion"]["tokens_per_second"] / run["hf"]["tokens_per_second"])
     text = (tmp_path / "gpu.txt").read_text()
     assert text.strip() in result.stdout and "llama-1b (debug), compiled" in text
