@@ -9,31 +9,35 @@ SAM_STAMP := $(SAM_VENV)/.installed
 # The console's browser tests drive the operating system's Chromium (Playwright cannot download one here).
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: venv test test-fast demo bench lint clean
+.PHONY: venv test test-fast demo bench lint clean prereqs gpu-wheels
+
+# What this machine lacks for the goal asked (local/prereqs.sh), in one line, before anything installs.
+prereqs:
+	@PYTHON="$(PYTHON)" CHROMIUM="$(CHROMIUM)" sh local/prereqs.sh $(if $(filter test,$(MAKECMDGOALS)),test,demo)
 
 venv: $(STAMP)
 
 # Re-installs only when the pins or the project metadata change (idempotent).
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock pyproject.toml | prereqs
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # checkov pins boto3 1.35, which conflicts with ours: it gets a virtualenv of its own.
-$(CHECKOV_STAMP): requirements-checkov.lock
+$(CHECKOV_STAMP): requirements-checkov.lock | prereqs
 	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
 	$(CHECKOV_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-checkov.lock
 	touch $(CHECKOV_STAMP)
 
 # aws-sam-cli (sam build) and aws-sam-translator (the SAM transform the lint and the permission
 # tests read) pin pydantic below ours: a virtualenv of their own too.
-$(SAM_STAMP): requirements-sam.lock
+$(SAM_STAMP): requirements-sam.lock | prereqs
 	test -x $(SAM_VENV)/bin/python || $(PYTHON) -m venv $(SAM_VENV)
 	$(SAM_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-sam.lock
 	touch $(SAM_STAMP)
 
-$(CHROMIUM):
+$(CHROMIUM): | prereqs
 	if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
 	$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium fonts-dejavu-core
 
@@ -51,6 +55,10 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/api.py
 	$(VENV)/bin/python bench/train.py
 	$(VENV)/bin/python bench/contract.py
+
+# The wheels bench/gpu.sh unpacks where pydantic is missing (docs/gpu.md).
+gpu-wheels: $(STAMP)
+	$(VENV)/bin/python bench/deps.py fetch
 
 # The source as written, then what CloudFormation gets: the template after the SAM transform
 # (cycles, runtimes and the generated roles exist only there). W2001 is left out there alone:

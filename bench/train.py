@@ -12,7 +12,7 @@ its default (fp32); on a GPU also MFU. Quality: held-out perplexity after 1 turn
     .venv/bin/python bench/train.py --part throughput --device cuda --size llama-1b --seq-len 2048 --compile
     torchrun --nproc_per_node=8 bench/train.py --part throughput --device cuda --strategy fsdp --size large
     torchrun --standalone --nproc_per_node=1 bench/train.py --part throughput --device cuda \
-        --size medium,large,llama-1b --strategy ddp,fsdp --compile both --batch 4 --seq-len 2048   # bench/gpu.sh
+        --size medium,large,llama-1b --strategy ddp,fsdp --compile both --batch 4 --seq-len 2048   # every shape, both strategies (bench/gpu.sh measures one GPU within a budget)
 
 --strategy picks DDP or FSDP (training_image.parallel) when run under torchrun, where the HF loop
 is left out (it is one process's loop), except at one rank: there FSDP shards over a one-rank
@@ -46,8 +46,9 @@ from training_image.model import Decoder
 from training_image.tokenizer import train_tokenizer
 from training_image.train import GRAD_CLIP, Trainer, TrainPlan, autocast_dtype, batch_size_for, lr_at
 
-# Dense bf16 peaks (FLOP/s) by GPU name, for MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense bf16 peaks (FLOP/s) by GPU name, for MFU: the first key the name contains (PCIe and NVL
+# H100s before the SXM one).
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def hf_llama(config: ModelConfig) -> LlamaForCausalLM:

@@ -13,7 +13,7 @@ surfacing as a KeyError or a wrong bill. No torch here: the functions import thi
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
@@ -25,6 +25,15 @@ JobType = Literal["train", "contract"]
 # Written by one side and read by the other: nothing unknown, nothing coerced (a JSON true is no count).
 CONTRACT = ConfigDict(extra="forbid", strict=True, frozen=True)
 Count = Annotated[int, Field(ge=0)]
+
+# Whether a job computes in bf16 is the container's environment variable PRECISION_ENV (the
+# launcher sets it from the stack's TrainingPrecision): "auto", the default, autocasts to bf16
+# where the hardware multiplies bf16 natively (CUDA GPUs that have it, CPUs with AVX512-BF16 or
+# AMX) and stays fp32 elsewhere; "fp32" and "bf16" force one. metrics.json records the outcome.
+PRECISION_ENV = "FUSION_PRECISION"
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+ComputePrecision = Literal["fp32", "bf16"]
 
 
 class Hyperparameters(BaseModel):
@@ -132,6 +141,9 @@ class _Outcome(BaseModel):
     wall_time_s: float
     cycles: list[Cycle]
     final_perplexity: float | None
+    # What the job's matmuls computed in (PRECISION_ENV resolved on its hardware); None in the
+    # metrics of images from before it was recorded.
+    precision: ComputePrecision | None = None
 
 
 class TrainMetrics(_Outcome):

@@ -64,6 +64,9 @@ class PriceTable(BaseModel):
     flops_per_second: dict[str, float]
     gpus: dict[str, Gpus]
     model_flops_utilization: float
+    # Per instance type, the utilization bench/gpu.sh measured on its card (its "ETA util."
+    # figure); model_flops_utilization, the assumed one, for the types not listed.
+    measured_flops_utilization: dict[str, float] = {}
     startup_seconds: float
     max_runtime_margin: float
 
@@ -132,7 +135,8 @@ def _seconds(table: PriceTable, flop_count: float, instance_type: str, count: in
     flops = table.flops_per_second.get(instance_type)
     if flops is None:
         raise KeyError(f"no throughput figure for instance type {instance_type!r} in the price table")
-    return flop_count / (flops * table.model_flops_utilization * count)
+    utilization = table.measured_flops_utilization.get(instance_type, table.model_flops_utilization)
+    return flop_count / (flops * utilization * count)
 
 
 def _training_flops(tokens: int, parameters: int, recompute: bool = False) -> float:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from shared.contracts import Hyperparameters
+from shared.contracts import PRECISION_ENV, PRECISIONS, Hyperparameters, Precision
 from shared.lifecycle import JOB_ID_PATTERN
 from shared.outputs import checkpoint_prefix
 from shared.pricing import Estimate
@@ -45,6 +45,11 @@ class LaunchConfig:
     use_spot: bool = False
     volume_size_gb: int = 50
     stack: str = ""  # the stack's name (STACK_TAG); empty outside a stack
+    precision: Precision = "auto"  # the stack's TrainingPrecision, passed to the container as PRECISION_ENV
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"{PRECISION_ENV}={self.precision!r}: expected one of {', '.join(PRECISIONS)}")
 
 
 def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str, Any]:
@@ -68,6 +73,7 @@ def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str,
             "EnableSageMakerMetricsTimeSeries": True,
         },
         "RoleArn": config.role_arn,
+        "Environment": {PRECISION_ENV: config.precision},
         "InputDataConfig": [
             _channel("training", job["dataset_uri"]),
             _channel("model", job["input_model_uri"]),

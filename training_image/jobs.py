@@ -41,6 +41,7 @@ from training_image.contract import (
 from training_image.evaluate import heldout_loss
 from training_image.growth import grow, sources as growth_sources
 from training_image.model import Decoder
+from training_image.precision import computes_in_bf16, precision_setting
 from training_image.modeldir import load_model_dir, open_model_dir
 from training_image.stopping import TrainingStopped
 from training_image.train import Trainer, TrainPlan
@@ -51,6 +52,7 @@ EXIT_STOPPED = 128 + 15
 def run(root: Path) -> int:
     """Run the job hyperparameters.json describes; the process's exit status."""
     try:
+        precision_setting()  # a bad FUSION_PRECISION fails the job before any work, naming itself
         runtime.init_distributed()
         job = Hyperparameters.parse(json.loads((root / "input/config/hyperparameters.json").read_text()))
         if job.job_type == "train":
@@ -117,7 +119,8 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, la
         f"training {config.parameters():,} parameters ({base_config.n_layers} -> {config.n_layers} blocks) "
         f"on {len(train_windows)} windows of {settings.seq_len} tokens, {plan.batch_size} per step, "
         f"{plan.total_steps} steps; {layout.strategy} over {trainer.world_size} ranks, micro-batches of "
-        f"{trainer.micro_batch}{', recomputing activations' if layout.activation_checkpointing else ''}"
+        f"{trainer.micro_batch}{', recomputing activations' if layout.activation_checkpointing else ''}; "
+        f"computing in {trainer.precision}"
     )
     trainer.resume()
     setup_seconds = time.monotonic() - started
@@ -132,6 +135,7 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, la
         tokens_per_second=round(trainer.tokens_per_second(), 1),
         wall_time_s=round(setup_seconds + state.wall_seconds, 2),
         sequences_per_step=plan.batch_size,
+        precision=trainer.precision,
         cycles=state.cycles,
         final_perplexity=state.cycles[-1]["perplexity"] if state.cycles else None,
     )
@@ -169,6 +173,7 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
     pruned = _measure(log, "pruned", model, heldout_windows)
 
     healed, kept, cycles, tokens_processed, tokens_per_second = None, None, [], 0, 0.0
+    precision = "bf16" if computes_in_bf16(device) else "fp32"  # the healing's (the rest is fp32 forward passes)
     delivered = model
     if settings.train_steps > 0:
         # Healing with few tokens can do more harm than the pruning did (its noise outweighs a
@@ -180,6 +185,7 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
         with trainer.stop_on_sigterm():
             state = trainer.run()
         cycles, tokens_processed, tokens_per_second = state.cycles, state.tokens_seen, trainer.tokens_per_second()
+        precision = trainer.precision
         healed = _measure(log, "healed", model, heldout_windows)
         kept = healed <= pruned
         if not kept:
@@ -203,6 +209,7 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
         perplexity_after_pruning=pruned,
         perplexity_after_healing=healed,
         healing_kept=kept,
+        precision=precision,
     )
     _write_outputs(root, delivered, tokenizer, metrics)
     return metrics

@@ -5,9 +5,10 @@ chooses; this module applies the choice.
 Under FSDP every block is one unit (`fully_shard` per block), the embeddings another, the final
 norm with the head a third, then the root: a unit's weights are gathered just before it runs and
 freed after, so a rank holds its shard of the fp32 weights, gradients and AdamW state plus a
-couple of gathered units. On CUDA the gathered weights are bf16 (compute) and gradients are
-reduced in fp32 onto the fp32 shards the optimizer steps (master weights); on a CPU everything
-stays fp32, so a sharded run computes what one process computes.
+couple of gathered units. When the job computes in bf16 (training_image.precision: on CUDA by
+default) the gathered weights are bf16 and gradients are reduced in fp32 onto the fp32 shards
+the optimizer steps (master weights); in fp32 everything stays fp32, so a sharded run computes
+what one process computes.
 
 Growth happens before any of this (the trainer wraps the grown model). A sharded model may come
 on the meta device: once sharded, each rank allocates its shard and fills it (`load_shards`
@@ -31,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from shared.memory import Strategy
 from training_image.model import Decoder
+from training_image.precision import computes_in_bf16
 
 
 Materialize = Callable[[Decoder], None]
@@ -43,7 +45,7 @@ def shards(strategy: Strategy, world_size: int) -> bool:
 
 def wrap(
     model: Decoder, *, strategy: Strategy, activation_checkpointing: bool, world_size: int, device: torch.device,
-    materialize: Materialize | None = None,
+    materialize: Materialize | None = None, bf16: bool | None = None,
 ) -> nn.Module:
     """The module the training step calls: `model` itself on one process, DDP over it, or `model`
     sharded in place (FSDP). `model` may still be on the CPU under FSDP: each unit moves to
@@ -51,11 +53,12 @@ def wrap(
 
     `materialize`: `model` is on the meta device (no storage at all); once sharded, each rank
     allocates its own part on `device` and this fills it (load_shards), as torchtitan does. A
-    rank then never holds more of the model than its shard, on the host or on the device."""
+    rank then never holds more of the model than its shard, on the host or on the device.
+    `bf16`: a sharded model's compute precision (mixed_precision)."""
     if activation_checkpointing:
         checkpoint_blocks(model)
     if shards(strategy, world_size):
-        network = shard(model, device)
+        network = shard(model, device, bf16)
         if materialize is not None:
             _materialize(model, device, materialize)
         return network
@@ -133,18 +136,20 @@ def load_shards(model: Decoder, files: list[Path], sources: dict[str, str | None
                 local.copy_(where[source].get_slice(source)[start:stop])
 
 
-def mixed_precision(device: torch.device) -> MixedPrecisionPolicy:
-    if device.type == "cuda":
+def mixed_precision(device: torch.device, bf16: bool | None = None) -> MixedPrecisionPolicy:
+    """bf16 weights gathered for compute, gradients reduced in fp32 (bf16 True; None: the job's
+    precision on `device`), or fp32 throughout."""
+    if computes_in_bf16(device) if bf16 is None else bf16:
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 
 
-def shard(model: Decoder, device: torch.device) -> nn.Module:
+def shard(model: Decoder, device: torch.device, bf16: bool | None = None) -> nn.Module:
     """FSDP2 over all ranks, unit by unit (blocks, embeddings, norm and head), then the root."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    policy = mixed_precision(device)
+    policy = mixed_precision(device, bf16)
     for block in model.blocks.values():
         fully_shard(block, mesh=mesh, mp_policy=policy)
     if not model.config.tie_embeddings:  # a tied weight must live in one unit: the root's

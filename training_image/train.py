@@ -38,6 +38,7 @@ from shared.shapes import batch_size_for  # noqa: F401  (the trainer's batch rul
 from training_image import checkpoint as distributed_checkpoint, parallel
 from training_image.evaluate import heldout_loss
 from training_image.model import Decoder
+from training_image.precision import autocast_dtype, computes_in_bf16  # noqa: F401  (autocast_dtype: re-exported)
 from training_image import stopping
 from training_image.stopping import TrainingStopped  # noqa: F401  (raised by run(); re-exported)
 
@@ -51,17 +52,6 @@ ADAM_BETAS = (0.9, 0.95)
 # Twice the averaging horizon 1 / (1 - beta2) of Adam's second moment: the warm-up Ma & Yarats
 # ("On the adequacy of untuned warmup for adaptive optimization") found as good as a tuned one.
 WARMUP_STEPS = round(2 / (1 - ADAM_BETAS[1]))
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 where the hardware multiplies it natively: CUDA GPUs that have it, and CPUs with
-    AVX512-BF16 or AMX (where it trains faster than fp32 at the same held-out quality). None
-    (fp32) elsewhere: a CPU without them emulates bf16 more slowly than it runs fp32."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        return torch.bfloat16
-    return None
 
 
 class TrainingDiverged(RuntimeError):
@@ -154,8 +144,10 @@ class Trainer:
         log: Callable[[str], None] | None = print,
         materialize: parallel.Materialize | None = None,
     ):
-        """`autocast`: bf16 autocast on (True) or off (False); by default where autocast_dtype()
-        finds the hardware for it. Norms, rotary angles and the loss stay fp32 either way.
+        """`autocast`: compute in bf16 (True) or fp32 (False); by default as computes_in_bf16()
+        says (the job's precision setting on this hardware). A replicated model autocasts its
+        matmuls; a sharded one gathers its weights in bf16 (parallel.mixed_precision). Norms,
+        rotary angles and the loss stay fp32 either way.
         `materialize`: `model` is on the meta device, and this fills its parameters once they are
         laid out on the ranks (parallel.wrap)."""
         if train_windows.shape[1] != plan.seq_len + 1:
@@ -184,14 +176,15 @@ class Trainer:
         self.device = device or next(model.parameters()).device
         if self.device.type == "meta":
             raise ValueError("a model on the meta device trains on the device given as device=")
+        self.bf16 = computes_in_bf16(self.device) if autocast is None else autocast
         self.network: nn.Module = parallel.wrap(
             model, strategy=strategy, activation_checkpointing=activation_checkpointing,
-            world_size=self.world_size, device=self.device, materialize=materialize,
+            world_size=self.world_size, device=self.device, materialize=materialize, bf16=self.bf16,
         )
         self.sharded = parallel.is_sharded(self.network)
         self.sharded_checkpoints = self.sharded  # also once resumed from one (another world size)
         # FSDP's policy computes in bf16 already (its weights arrive in bf16): autocast would only add casts.
-        self.autocast = not self.sharded and (autocast_dtype(self.device) is not None if autocast is None else autocast)
+        self.autocast = self.bf16 and not self.sharded
         self.optimizer = _adamw(model, plan.lr)
         self._orders: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -338,6 +331,11 @@ class Trainer:
         self.write_progress(loss=record["loss"], perplexity=record["perplexity"])
 
     # ---- figures ------------------------------------------------------------------------------
+
+    @property
+    def precision(self) -> str:
+        """What the matmuls compute in, as metrics.json records it."""
+        return "bf16" if self.bf16 else "fp32"
 
     def tokens_per_second(self) -> float:
         """Real tokens processed per second of training steps (all ranks)."""

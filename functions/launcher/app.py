@@ -16,6 +16,7 @@ from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
+from shared.contracts import PRECISION_ENV
 from shared.events import Bus
 from shared.launching import launch as launch_job, max_launch_attempts
 from shared import snapstart
@@ -52,6 +53,7 @@ def _launch_config() -> LaunchConfig:
         role_arn=os.environ["SAGEMAKER_ROLE_ARN"],
         use_spot=os.environ.get("FUSION_USE_SPOT", "false").lower() == "true",
         stack=os.environ.get(STACK_ENV, ""),
+        precision=os.environ.get(PRECISION_ENV) or "auto",
     )
 
 

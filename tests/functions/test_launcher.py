@@ -7,6 +7,7 @@ from botocore.exceptions import EndpointConnectionError
 
 from functions.launcher import app as launcher
 from shared.admission import resolve
+from shared.contracts import PRECISION_ENV
 from shared.settings import JOB_REQUEST
 from shared.store import Catalog, Datasets, Jobs
 from tests.conftest import FakeSageMaker, LambdaContext, client_error, ready_dataset
@@ -92,6 +93,17 @@ def test_spot_adds_a_wait_limit(aws, queued, sagemaker, monkeypatch):
     stopping = request["StoppingCondition"]
     assert request["EnableManagedSpotTraining"] is True
     assert stopping["MaxWaitTimeInSeconds"] >= stopping["MaxRuntimeInSeconds"]
+
+
+@pytest.mark.parametrize("setting, sent", [(None, "auto"), ("fp32", "fp32"), ("bf16", "bf16")])
+def test_the_stacks_precision_reaches_the_container(aws, queued, sagemaker, monkeypatch, setting, sent):
+    if setting is None:
+        monkeypatch.delenv(PRECISION_ENV, raising=False)
+    else:
+        monkeypatch.setenv(PRECISION_ENV, setting)
+    _run(queued)
+    [request] = sagemaker.created.values()
+    assert request["Environment"] == {PRECISION_ENV: sent}
 
 
 def test_a_repeated_message_starts_no_second_job(aws, queued, sagemaker):

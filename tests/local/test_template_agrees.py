@@ -51,3 +51,12 @@ def test_launch_attempts_are_the_templates_and_the_queue_outlasts_them():
     # the launcher fails the job on its last attempt, before the queue gives the message up
     redrive = TEMPLATE["Resources"]["LaunchQueue"]["Properties"]["RedrivePolicy"]
     assert redrive["maxReceiveCount"] == parameter["MaxValue"] + 1
+
+
+def test_the_training_precision_is_the_containers_setting():
+    from shared.contracts import PRECISION_ENV, PRECISIONS
+
+    parameter = TEMPLATE["Parameters"]["TrainingPrecision"]
+    assert parameter["AllowedValues"] == list(PRECISIONS) and parameter["Default"] == "auto"
+    variables = TEMPLATE["Globals"]["Function"]["Environment"]["Variables"]
+    assert variables[PRECISION_ENV].value == "TrainingPrecision"

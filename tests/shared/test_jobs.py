@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from shared.contracts import Hyperparameters, TrainMetrics
+from shared.contracts import PRECISION_ENV, Hyperparameters, TrainMetrics
 from shared.lifecycle import JOB_ID_PATTERN, new_job_id
 from shared.memory import Layout
 from shared.outputs import read_metrics
@@ -111,3 +111,10 @@ def test_a_job_from_before_plans_launches_as_it_did():
     old = {k: v for k, v in estimate.model_dump(mode="json").items()
            if k not in ("strategy", "micro_batch", "activation_checkpointing", "spot")}
     assert Estimate.model_validate(old).layout() == Layout()
+
+
+def test_the_container_gets_the_precision_setting_and_a_bad_one_is_refused_by_name():
+    _, request = _launch(SIZES["debug"])
+    assert request["Environment"] == {PRECISION_ENV: "auto"}
+    with pytest.raises(ValueError, match=f"{PRECISION_ENV}='fp16'"):
+        LaunchConfig(artifacts_bucket="a", training_image_uri="img", role_arn="arn", precision="fp16")

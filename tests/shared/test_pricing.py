@@ -93,6 +93,15 @@ def test_eta_prices_the_batch_the_trainer_runs():
     assert e.eta_seconds == round(300 + 6 * 144_727_296 * 1_536_000 * 16 / (50e12 * 0.4)) == 1367
 
 
+def test_a_measured_utilization_replaces_the_assumed_one_on_its_instance_type_only():
+    table = price_table()
+    measured = table.model_copy(update={"measured_flops_utilization": {"ml.g5.xlarge": 0.5}})
+    e = estimate_train(TrainSettings(), SIZES["small"], table=measured)
+    assert e.eta_seconds == round(300 + 6 * 144_727_296 * 1_536_000 * 16 / (50e12 * 0.5))
+    other = estimate_train(TrainSettings(), SIZES["large"], table=measured)  # ml.g5.12xlarge: still assumed
+    assert other.eta_seconds == estimate_train(TrainSettings(), SIZES["large"], table=table).eta_seconds
+
+
 def test_the_estimate_runs_where_the_memory_plan_puts_it():
     # large grows to 1,323,415,552 parameters, 64 sequences a step: a replica does not fit one
     # 24 GB A10G (16 bytes a parameter is 19.7 GiB before activations), so tier s's second type,

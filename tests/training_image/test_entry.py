@@ -14,10 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from shared.contracts import PRECISION_ENV
 from shared.memory import Layout
 from shared.settings import ContractSettings
 from training_image import entry, jobs, stopping
 from training_image.modeldir import load_model_dir, save_model_dir
+from training_image.precision import computes_in_bf16
 from training_image.model import Decoder
 from shared.shapes import SIZES
 
@@ -46,6 +48,7 @@ def test_train_job_writes_model_metrics_progress_and_metric_lines(ml_root, monke
     assert metrics["training_tokens"] == 2 * 2 * 3 * 32
     assert metrics["tokens_processed"] == metrics["training_tokens"] * metrics["sequences_per_step"]
     assert metrics["tokens_per_second"] > 0 and metrics["wall_time_s"] > 0
+    assert metrics["precision"] == ("bf16" if computes_in_bf16(torch.device("cpu")) else "fp32")
     assert [(c["turn"], c["cycle"], c["steps"], c["tokens"]) for c in metrics["cycles"]] == [
         (1, 1, 3, 96), (1, 2, 3, 96), (2, 1, 3, 96), (2, 2, 3, 96)
     ]
@@ -66,6 +69,23 @@ def test_the_layout_the_launcher_sends_reaches_the_trainer(ml_root, monkeypatch,
     # One process: nothing to shard over, the model trains whole (and saves as it always does).
     assert "fsdp over 1 ranks, micro-batches of 2, recomputing activations" in capsys.readouterr().out
     assert load_model_dir(ml_root / "model")[0].block_ids == ["0", "1", "2", "3", "3_1"]
+
+
+@pytest.mark.parametrize("setting", ["fp32", "bf16"])
+def test_the_precision_setting_forces_the_trainers_and_metrics_records_it(ml_root, monkeypatch, capsys, setting):
+    monkeypatch.setenv(PRECISION_ENV, setting)
+    write_hyperparameters(ml_root, **{**TRAIN, "turns": "1", "cycles": "1", "steps_per_cycle": "2"})
+    assert _run(ml_root, monkeypatch) == 0
+    assert json.loads((ml_root / "model/metrics.json").read_text())["precision"] == setting
+    assert f"computing in {setting}" in capsys.readouterr().out
+
+
+def test_a_bad_precision_setting_fails_the_job_naming_it(ml_root, monkeypatch):
+    monkeypatch.setenv(PRECISION_ENV, "fp16")
+    write_hyperparameters(ml_root, **TRAIN)
+    assert _run(ml_root, monkeypatch) == 1
+    assert (ml_root / "output/failure").read_text() == f"ValueError: {PRECISION_ENV}='fp16': expected one of auto, fp32, bf16"
+    assert not (ml_root / "tokens").exists() and not (ml_root / "model/config.json").exists()
 
 
 @pytest.mark.parametrize(

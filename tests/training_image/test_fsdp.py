@@ -1,4 +1,5 @@
-"""FSDP on CPU (gloo): sharded training computes what one process computes, and its sharded
+"""FSDP on CPU (gloo): sharded training computes what one process computes (fp32: to float
+noise; bf16, forced on whatever the CPU: to the tolerance bf16 keeps), and its sharded
 checkpoints resume at another world size and after a SIGTERM."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from training_image.checkpoint import latest
 from training_image.model import Decoder
 from training_image.train import Trainer, TrainingStopped, TrainPlan
 
-from .conftest import free_port
+from .conftest import assert_bf16_close, free_port
 
 # 10 steps in two cycles (the first cycle's end writes a checkpoint); 8 sequences a step split
 # over 1, 2 or 4 ranks.
@@ -31,18 +32,18 @@ def _windows() -> torch.Tensor:
     return torch.randint(0, SIZES["debug"].vocab_size, (48, PLAN.seq_len + 1), generator=generator)
 
 
-def _trainer(checkpoint_dir, strategy: str = "fsdp", checkpointing: bool = False) -> Trainer:
+def _trainer(checkpoint_dir, strategy: str = "fsdp", checkpointing: bool = False, bf16: bool = False) -> Trainer:
     model = Decoder(SIZES["debug"]).init_weights(0)
     return Trainer(
         model, _windows(), None, PLAN, job_id="job-1", checkpoint_dir=checkpoint_dir, progress_every=1,
-        strategy=strategy, activation_checkpointing=checkpointing, log=None,
+        strategy=strategy, activation_checkpointing=checkpointing, log=None, autocast=bf16,
     )
 
 
-def _run(checkpoint_dir, *, max_steps=None, stop_at=None, resume=False, checkpointing=False) -> dict:
+def _run(checkpoint_dir, *, max_steps=None, stop_at=None, resume=False, checkpointing=False, bf16=False) -> dict:
     """Train (resuming first when asked); the losses of this run, the final full weights (rank 0)
-    and whether a SIGTERM stopped it."""
-    trainer = _trainer(checkpoint_dir, checkpointing=checkpointing)
+    and whether a SIGTERM stopped it. fp32 unless bf16."""
+    trainer = _trainer(checkpoint_dir, checkpointing=checkpointing, bf16=bf16)
     if resume:
         assert trainer.resume()
     if stop_at is not None:
@@ -111,6 +112,16 @@ def test_two_and_four_sharded_ranks_give_the_single_process_losses(single, tmp_p
     alone = _run(tmp_path / "four-copy", resume=True)
     assert not alone["sharded"] and alone["losses"] == pytest.approx(single["losses"][5:], rel=REL)
     assert latest(tmp_path / "four-copy").name == "step-10"  # it goes on saving sharded checkpoints
+
+
+@pytest.mark.slow
+def test_two_sharded_ranks_in_bf16_keep_to_the_single_process_within_bf16_tolerance(tmp_path):
+    single = _run(tmp_path / "single", bf16=True)
+    two = _spawn(2, tmp_path, "two", checkpoint_dir=tmp_path / "two", bf16=True)
+    # One process autocasts its matmuls; the sharded ranks gather bf16 weights (the policy GPUs run).
+    assert two["sharded"] and not single["sharded"]
+    assert_bf16_close(two["losses"], two["state"], single["losses"], single["state"],
+                      Decoder(SIZES["debug"]).init_weights(0).state_dict())
 
 
 @pytest.mark.slow

@@ -69,7 +69,7 @@ def _outputs(root, tokenizer_file: str) -> None:
     """Train PLAN on the debug model (sharded when under a process group) and write the outputs."""
     windows = torch.randint(0, SIZES["debug"].vocab_size, (16, PLAN.seq_len + 1), generator=torch.Generator().manual_seed(4))
     model = Decoder(SIZES["debug"]).init_weights(0)
-    trainer = Trainer(model, windows, None, PLAN, strategy="fsdp", log=None)
+    trainer = Trainer(model, windows, None, PLAN, strategy="fsdp", log=None, autocast=False)  # fp32: the very tensors
     trainer.run()
     whole = parallel.full_model(trainer.model)
     if runtime.rank() == 0:

@@ -8,8 +8,11 @@ import math
 import pytest
 import torch
 
+from shared.contracts import PRECISION_ENV
 from shared.shapes import SIZES
+from training_image import parallel
 from training_image.model import Decoder
+from training_image.precision import CPU_BF16_ENV, computes_in_bf16
 from training_image.train import (
     CHECKPOINT,
     MIN_LR_RATIO,
@@ -108,8 +111,17 @@ def test_the_trainer_follows_the_runs_schedule(windows):
     assert rates == expected and rates[0] < lr_at(0, 3, 1e-3)  # a fresh optimizer starts below the cycle's ramp
 
 
+@pytest.fixture
+def unforced(monkeypatch):
+    """Neither the precision setting nor the CPU probe forced (the suite's run may force the probe)."""
+    monkeypatch.delenv(PRECISION_ENV, raising=False)
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)
+    return monkeypatch
+
+
 @pytest.mark.parametrize("avx512_bf16, amx", [(False, False), (True, False), (False, True)])
-def test_bf16_autocast_by_default_only_on_a_cpu_that_has_it(windows, monkeypatch, avx512_bf16, amx):
+def test_bf16_autocast_by_default_only_on_a_cpu_that_has_it(windows, unforced, avx512_bf16, amx):
+    monkeypatch = unforced
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     has = avx512_bf16 or amx
@@ -126,6 +138,43 @@ def test_bf16_autocast_by_default_only_on_a_cpu_that_has_it(windows, monkeypatch
     # The residual stream and its norm stay fp32; only the matmuls run in bf16 under autocast.
     assert seen == [(torch.float32, torch.float32), torch.bfloat16 if has else torch.float32]
     assert math.isfinite(trainer.losses[0])
+
+
+@pytest.mark.parametrize("hardware", [False, True])
+def test_the_cpu_probe_is_forced_either_way_by_its_variable(unforced, hardware):
+    unforced.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: hardware)
+    unforced.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    unforced.setenv(CPU_BF16_ENV, "1")
+    assert autocast_dtype(cpu) == torch.bfloat16 and computes_in_bf16(cpu)
+    unforced.setenv(CPU_BF16_ENV, "0")
+    assert autocast_dtype(cpu) is None and not computes_in_bf16(cpu)
+    unforced.setenv(CPU_BF16_ENV, "yes")
+    with pytest.raises(ValueError, match=f"{CPU_BF16_ENV}='yes': expected 0 or 1"):
+        autocast_dtype(cpu)
+
+
+@pytest.mark.parametrize("setting, hardware, bf16", [
+    ("auto", False, False), ("auto", True, True), (None, True, True),
+    ("fp32", True, False), ("fp32", False, False), ("bf16", False, True), ("bf16", True, True),
+])
+def test_the_precision_setting_forces_fp32_or_bf16_and_auto_follows_the_hardware(windows, unforced, setting, hardware, bf16):
+    unforced.setenv(CPU_BF16_ENV, "1" if hardware else "0")
+    if setting is not None:
+        unforced.setenv(PRECISION_ENV, setting)
+    plan = TrainPlan(turns=1, cycle_steps=[1], lr=1e-3, seq_len=32, batch_size=4)
+    trainer = Trainer(Decoder(SIZES["debug"]).init_weights(0), windows[0][:8], None, plan, log=None)
+    assert (trainer.bf16, trainer.autocast, trainer.precision) == (bf16, bf16, "bf16" if bf16 else "fp32")
+    # A sharded model computes in the same precision through FSDP's policy instead of autocast.
+    policy = parallel.mixed_precision(torch.device("cpu"))
+    assert (policy.param_dtype, policy.reduce_dtype) == ((torch.bfloat16, torch.float32) if bf16 else (None, None))
+
+
+def test_a_precision_setting_outside_its_values_is_refused_by_name(windows, unforced):
+    unforced.setenv(PRECISION_ENV, "half")
+    plan = TrainPlan(turns=1, cycle_steps=[1], lr=1e-3, seq_len=32, batch_size=4)
+    with pytest.raises(ValueError, match=f"{PRECISION_ENV}='half': expected one of auto, fp32, bf16"):
+        Trainer(Decoder(SIZES["debug"]).init_weights(0), windows[0][:8], None, plan, log=None)
 
 
 def test_batch_rule_grows_with_model_size():
