@@ -269,7 +269,7 @@ class Trainer:
             with parallel.accumulating(self.network, last), torch.autocast(
                 self.device.type, dtype=torch.bfloat16, enabled=self.autocast
             ):
-                _, loss = self.network(micro[:, :-1], micro[:, 1:])
+                loss = self.network(micro[:, :-1], micro[:, 1:])
                 (loss / len(micro_batches)).backward()
             loss_sum += loss.detach().float()
         grad_norm = parallel.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
@@ -323,7 +323,10 @@ class Trainer:
             "tokens": cycle_len * self.plan.seq_len,
         }
         if self.heldout_windows is not None and len(self.heldout_windows):
-            record["heldout_loss"] = heldout_loss(self.model, self.heldout_windows, across_ranks=True)
+            # Within the plan: the micro-batch and the precision the step runs at.
+            record["heldout_loss"] = heldout_loss(
+                self.model, self.heldout_windows, self.micro_batch, across_ranks=True, autocast=self.autocast
+            )
             record["perplexity"] = math.exp(record["heldout_loss"])
             self.log(
                 f"step={state.step} turn={state.turn + 1} cycle={state.cycle + 1} "
