@@ -76,7 +76,8 @@ def block_saved(config: ModelConfig, tokens: int, concatenated: bool) -> int:
             p.normal_(0, 0.02)
     if concatenated:
         block.attn.forward = _concatenated_qkv.__get__(block.attn)
-    owned = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    cos, sin = rope_tables(config.head_dim, tokens, config.rope_theta)  # the model's buffers
+    owned = {t.untyped_storage().data_ptr() for t in [*block.parameters(), cos, sin]}
     storages: dict[int, int] = {}
 
     def pack(t):
@@ -85,7 +86,6 @@ def block_saved(config: ModelConfig, tokens: int, concatenated: bool) -> int:
             storages[s.data_ptr()] = s.nbytes()
         return t
 
-    cos, sin = rope_tables(config.head_dim, tokens, config.rope_theta)
     x = torch.randn(1, tokens, config.dim, dtype=torch.bfloat16, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         block(x, cos, sin)
