@@ -57,7 +57,7 @@ def reference_fit(model: Decoder, windows: torch.Tensor, steps: int, lr: float, 
         for group in optimizer.param_groups:
             group["lr"] = lr * scale
         rows = windows[batch_indices(0, step)]
-        _, loss = model(rows[:, :-1], rows[:, 1:])
+        loss = model(rows[:, :-1], rows[:, 1:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)

@@ -126,41 +126,45 @@ def throughput(
     batch += (-batch) % world
     plan = TrainPlan(turns=1, cycle_steps=[(rounds + 1) * steps], lr=1e-3, seq_len=seq_len, batch_size=batch)
     ours = (copy.deepcopy(base) if base is not None else Decoder(config).init_weights(0)).train()
-    if compile_blocks:
-        for block in ours.blocks.values():
-            block.compile()
+    if compile_blocks and strategy == "fsdp" and world == 1:
+        parallel.compile_blocks(ours)  # the product's compilation, before the one-rank sharding below
     if strategy == "fsdp" and world == 1:
         if not dist.is_initialized():
             raise SystemExit("--strategy fsdp on one process needs a process group: run it under torchrun --nproc_per_node=1")
         parallel.shard(ours, device)  # a one-rank mesh: the Trainer takes the model as it is
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    # The product's own path: the Trainer compiles the blocks itself (parallel.compile_blocks).
     trainer = Trainer(ours, windows, None, plan, strategy=strategy, micro_batch=micro_batch, device=device,
-                      log=None, autocast=ours_bf16)
+                      log=None, autocast=ours_bf16, compile=compile_blocks and not parallel.is_sharded(ours))
     precision = lambda bf16: "bf16 autocast" if bf16 else "fp32"  # noqa: E731
     ours_precision = precision(trainer.autocast) + (" (its default)" if ours_bf16 is None else "")
     if trainer.sharded:
         ours_precision = f"FSDP, {parallel.mixed_precision(device).param_dtype or torch.float32} compute"
     print(f"precision: fusion {ours_precision}, HF {precision(hf_bf16)}")
     loops = {"fusion": lambda: trainer.run(max_steps=steps)}
-    reference = hf = None
+    reference = hf = compiled_reference = hf_compiled = None
     if world == 1:
         with torch.device(device):  # initialized where it runs: no minutes of CPU init for 1B
             reference = hf_llama(config).train()
-        if compile_blocks:
-            for layer in reference.model.layers:
-                layer.compile()
         hf = hf_loop(reference, windows, plan, trainer.batch_indices, hf_bf16)
         loops["hf"] = lambda: hf(steps)
+        if compile_blocks:  # compiled ours against HF both eager and compiled (each layer)
+            compiled_reference = copy.deepcopy(reference)
+            for layer in compiled_reference.model.layers:
+                layer.compile()
+            hf_compiled = hf_loop(compiled_reference, windows, plan, trainer.batch_indices, hf_bf16)
+            loops["hf compiled"] = lambda: hf_compiled(steps)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in loops}
     for r in range(rounds + 1):  # round 0 warms both up and is not counted
-        for name in [n for n in (("fusion", "hf") if r % 2 else ("hf", "fusion")) if n in loops]:
+        order = ["fusion", "hf", "hf compiled"] if r % 2 else ["hf compiled", "hf", "fusion"]
+        for name in [n for n in order if n in loops]:
             measured = _timed(loops[name], device)
             if r:
                 times[name].append(measured)
     peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     micro = trainer.micro_batch
-    del trainer, ours, loops, reference, hf  # the next measurement gets the GPU's memory whole
+    del trainer, ours, loops, reference, hf, compiled_reference, hf_compiled  # the next measurement gets the GPU's memory whole
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -180,6 +184,11 @@ def throughput(
         print(f"  ratio fusion / HF {wall_ratio:15.2f}{cpu_ratio:20.2f}   (median of per-round ratios; must be >= 1.0, goal 1.5)")
         print(f"  per-round wall ratios: {' '.join(f'{r[0]:.2f}' for r in ratios)}")
         print(f"  per-round CPU ratios:  {' '.join(f'{r[1]:.2f}' for r in ratios)}")
+    if "hf compiled" in rate:
+        ratios = [(h[0] / f[0], h[1] / f[1]) for f, h in zip(times["fusion"], times["hf compiled"])]
+        print(f"  HF compiled layers{rate['hf compiled'][0]:15.0f}{rate['hf compiled'][1]:20.0f}")
+        print(f"  ratio fusion / HF compiled {statistics.median(r[0] for r in ratios):6.2f}"
+              f"{statistics.median(r[1] for r in ratios):20.2f}   (median of per-round ratios)")
     peak = peak_flops(device)
     if peak_memory is not None:
         print(f"  peak GPU memory (both loops) {peak_memory:.1f} GiB; bf16 dense peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")

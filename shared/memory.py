@@ -34,6 +34,11 @@ AUTOCAST_WEIGHT_BYTES = 2
 COMPUTE_BYTES = 2  # bf16 activations under autocast
 RESIDUAL_BYTES = 4  # the residual stream and the norms stay fp32
 INDEX_BYTES = 8  # int64 token ids (embedding input) and targets (loss)
+# Targets that the loss does not score (PyTorch's cross_entropy convention).
+IGNORE_INDEX = -100
+# The loss computes the logits of this many bytes (fp32) of tokens at a time: 256 MiB is 523
+# tokens of a 128k vocabulary, and whole micro-batches of a small one.
+LOSS_CHUNK_BYTES = 256 << 20
 # Headroom that is not counted: the CUDA context and cuBLAS workspaces, NCCL's buffers, and what
 # the caching allocator loses to fragmentation. An assumption, not a measurement.
 RESERVE_BYTES = 2 * GIB
@@ -70,7 +75,7 @@ class MemoryBreakdown(BaseModel):
     working: int  # FSDP: gathered bf16 units and their unsharded gradients
     activations: int  # saved for the backward pass, over all blocks
     recompute: int  # one block's activations rebuilt in the backward pass (checkpointing)
-    logits: int  # the loss's logits, their fp32 copy, log-softmax and its gradient
+    logits: int  # the loss's transient peak: one chunk of logits and the head's weight gradient
 
     @property
     def total(self) -> int:
@@ -131,31 +136,41 @@ def block_activation_bytes(config: ModelConfig, layer: LayerShape, compute_bytes
 
     Tensor by tensor (C model dim, H query heads, K kv heads, D head dim, M MLP width; `a` the
     compute dtype's bytes): each RMSNorm keeps its fp32 normalised input and the reciprocal rms
-    (C*4 + 4, twice); the fused q/k/v matmul its input (C*a) and, through the v view, its whole
-    output ((H+2K)*D*a); rotary attention keeps the rotated q and k ((H+K)*D*a); attention its
-    output and fp32 log-sum-exp (H*D*a + H*4); the output projection its input (H*D*a); the MLP
-    the input of gate and up (one tensor in fp32, two casts under autocast), and gate, silu, up
-    and their product (4*M*a).
+    (C*4 + 4, twice); the q, k and v matmuls their one shared input (C*a: the norm casts it once
+    to the compute dtype); rotary attention keeps the rotated q and k ((H+K)*D*a) and v (K*D*a);
+    attention its output and fp32 log-sum-exp (H*D*a + H*4); the output projection its input
+    (H*D*a); the MLP the shared input of gate and up (C*a), and gate, silu, up and their product
+    (4*M*a). No weight-sized tensor: each matmul keeps its weight itself (a parameter).
     """
     a, C, D = compute_bytes, config.dim, config.head_dim
     H, K, M = layer.n_heads, layer.n_kv_heads, layer.mlp_hidden
     norms = 2 * (C * RESIDUAL_BYTES + 4)
-    attention = C * a + (H + 2 * K) * D * a + (H + K) * D * a + H * D * a + H * 4 + H * D * a
-    mlp_inputs = C * a if a == RESIDUAL_BYTES else 2 * C * a
-    return norms + attention + mlp_inputs + 4 * M * a
+    attention = C * a + (H + K) * D * a + K * D * a + H * D * a + H * 4 + H * D * a
+    return norms + attention + C * a + 4 * M * a
 
 
 def head_activation_bytes(config: ModelConfig, compute_bytes: int = COMPUTE_BYTES) -> int:
-    """Bytes saved per token outside the blocks: token ids, the final norm, the head's input and
-    the log-softmax the cross-entropy keeps (fp32, vocab wide)."""
-    C, V = config.dim, config.vocab_size
-    return INDEX_BYTES * 2 + C * RESIDUAL_BYTES + 4 + C * compute_bytes + V * 4
+    """Bytes saved per token outside the blocks: token ids and targets, the final norm, and what
+    the chunked loss keeps: its input (the head's) and each token's fp32 log-sum-exp. No logits."""
+    C = config.dim
+    return INDEX_BYTES * 2 + C * RESIDUAL_BYTES + 4 + C * compute_bytes + 4
 
 
-def logits_peak_bytes(config: ModelConfig, compute_bytes: int = COMPUTE_BYTES) -> int:
-    """The loss's transient peak per token: the logits, their fp32 copy and the fp32 gradient,
-    on top of the saved log-softmax (counted in head_activation_bytes)."""
-    return config.vocab_size * (compute_bytes + 4 + 4)
+def loss_chunk_tokens(vocab_size: int) -> int:
+    """Tokens whose logits the loss computes at once: LOSS_CHUNK_BYTES of fp32 logits."""
+    return max(1, LOSS_CHUNK_BYTES // (4 * vocab_size))
+
+
+def logits_peak_bytes(config: ModelConfig, tokens: int, compute_bytes: int = COMPUTE_BYTES) -> int:
+    """The loss's transient peak for a micro-batch of `tokens` tokens: one chunk's logits in the
+    compute dtype, their fp32 copy and one more fp32 tensor of that size (the log-sum-exp's
+    exponentials forward, the logits' gradient backward); and the head's weight gradient,
+    summed over the chunks in fp32 (with each chunk's share in the compute dtype when that is
+    not fp32). Bounded whatever the micro-batch: it no longer grows with the tokens."""
+    V, C, a = config.vocab_size, config.dim, compute_bytes
+    chunk = min(tokens, loss_chunk_tokens(V))
+    weight_gradient = V * C * 4 + (V * C * a if a != 4 else 0)
+    return chunk * V * (a + 4 + 4) + weight_gradient
 
 
 def activation_bytes(config: ModelConfig, tokens: int, checkpointing: bool) -> tuple[int, int, int]:
@@ -171,7 +186,7 @@ def activation_bytes(config: ModelConfig, tokens: int, checkpointing: bool) -> t
         blocks = sum(block_activation_bytes(config, layer) for layer in config.layers)
         recompute = 0
     saved = blocks + head_activation_bytes(config)
-    return saved * tokens, recompute * tokens, logits_peak_bytes(config) * tokens
+    return saved * tokens, recompute * tokens, logits_peak_bytes(config, tokens)
 
 
 def _unit_parameters(config: ModelConfig) -> list[int]:

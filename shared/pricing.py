@@ -47,12 +47,16 @@ class Tier(BaseModel):
 
 
 class Gpus(BaseModel):
-    """The GPUs of one instance type: how many, and the memory of each (decimal GB, as sold)."""
+    """The GPUs of one instance type: how many, the memory of each (decimal GB, as sold), and the
+    bandwidth their collectives run at: within the instance (GB/s per GPU: NVLink, or PCIe) and
+    between instances (GB/s per instance: EFA, or the ENA network)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     count: int = Field(ge=1)
     memory_gb: float = Field(gt=0)
+    interconnect_gb_per_s: float = Field(gt=0)
+    network_gb_per_s: float = Field(gt=0)
 
 
 class PriceTable(BaseModel):
@@ -139,12 +143,54 @@ def _seconds(table: PriceTable, flop_count: float, instance_type: str, count: in
     return flop_count / (flops * utilization * count)
 
 
-def _training_flops(tokens: int, parameters: int, recompute: bool = False) -> float:
-    """6 x parameters FLOPs per token the model trains on (8 x when the blocks recompute their
-    forward pass in the backward). Each optimizer step runs a batch of sequences
-    (shapes.batch_size_for), so it trains on that many times the billed steps x seq_len."""
-    per_token = 8.0 if recompute else 6.0
-    return per_token * parameters * tokens * batch_size_for(parameters)
+def flops_per_token(config: ModelConfig, seq_len: int, recompute: bool = False) -> float:
+    """Training FLOPs per token: 6 x parameters for the matmuls of the forward and backward
+    passes, plus causal attention's own (q k^T and the weighted sum of v: 2 x 2 x H x D x seq_len/2
+    a layer forward, three times that trained); 8 and 4 x when blocks recompute their forward.
+    Each optimizer step runs a batch of sequences (shapes.batch_size_for): that many times the
+    billed steps x seq_len tokens are trained."""
+    passes = 4.0 if recompute else 3.0
+    attention = sum(layer.n_heads for layer in config.layers) * config.head_dim * seq_len
+    return passes * (2.0 * config.parameters() + 2.0 * attention)
+
+
+# Bytes each GPU's collectives move, per parameter, under FSDP on a GPU for each micro-batch:
+# the bf16 weights gathered for the forward and again for the backward (each unit is freed in
+# between), and the gradients reduce-scattered in fp32.
+FSDP_BYTES_PER_PARAMETER = 2 + 2 + 4
+# DDP all-reduces fp32 gradients once a step (the micro-batches before the last skip it): a ring
+# all-reduce is a reduce-scatter and an all-gather, each of them the gradients once.
+DDP_BYTES_PER_PARAMETER = 2 * 4
+
+
+def communication_bytes(plan: memory.MemoryPlan, parameters: int, batch_size: int) -> float:
+    """Bytes a step's collectives move through each GPU's link (ring algorithms: (W-1)/W of the
+    data), for the plan's strategy, world size and micro-batches."""
+    world = plan.world_size
+    if world == 1:
+        return 0.0
+    share = (world - 1) / world
+    if plan.strategy == "fsdp":
+        micro_batches = batch_size // world // plan.micro_batch
+        return share * parameters * FSDP_BYTES_PER_PARAMETER * micro_batches
+    return share * parameters * DDP_BYTES_PER_PARAMETER
+
+
+def step_seconds(
+    config: ModelConfig, seq_len: int, plan: memory.MemoryPlan, table: PriceTable
+) -> tuple[float, float]:
+    """(compute, communication) seconds of one optimizer step on the plan's instances.
+
+    Communication runs at the instance's interconnect within one instance, and at its network
+    bandwidth between instances (NCCL spreads each ring over the instance's NICs, so a step's
+    bytes cross each instance's network once). The two overlap (DDP's buckets, FSDP's
+    prefetch): a step takes the longer of them."""
+    batch = batch_size_for(config.parameters())
+    flop_count = flops_per_token(config, seq_len, plan.activation_checkpointing) * batch * seq_len
+    compute = _seconds(table, flop_count, plan.instance_type, plan.instance_count)
+    gpus = table.gpus[plan.instance_type]
+    bandwidth = (gpus.network_gb_per_s if plan.instance_count > 1 else gpus.interconnect_gb_per_s) * 1e9
+    return compute, communication_bytes(plan, config.parameters(), batch) / bandwidth
 
 
 def memory_plan(
@@ -181,11 +227,12 @@ def _estimate(
     total = max((training_cost + growth_fee + contraction_fee).quantize(CENT, rounding=ROUND_HALF_UP),
                 table.minimum_charge_usd)
     instance, count = chosen.instance_type, chosen.instance_count
-    flop_count = _training_flops(tokens, parameters, chosen.activation_checkpointing)
+    compute, communication = step_seconds(config, seq_len, chosen, table)
+    training = tokens / seq_len * max(compute, communication)  # optimizer steps x a step's time
+    forward = 0.0
     if with_contraction_fee:
-        flop_count += 2.0 * parameters * CONTRACT_FORWARD_TOKENS
-    compute = _seconds(table, flop_count, instance, count)
-    eta = table.startup_seconds + compute
+        forward = _seconds(table, flops_per_token(config, CONTRACT_SEQ_LEN) / 3 * CONTRACT_FORWARD_TOKENS, instance, count)
+    eta = table.startup_seconds + training + forward
     return Estimate(
         job_type=job_type,
         training_tokens=tokens,
@@ -273,16 +320,17 @@ LLAMA_SHAPES: dict[str, ModelConfig] = {
 
 
 def plan_table(table: PriceTable | None = None) -> str:
-    """The README's table: how a train job with the default settings runs for each named size and
-    Llama shape (the model as trained, after growth)."""
+    """The table of docs/memory-plan.md: how a train job with the default settings runs for each
+    named size and Llama shape (the model as trained, after growth), with a step's compute and
+    communication seconds."""
     from shared.shapes import SIZES
 
     table = table or price_table()
     settings = TrainSettings()
     lines = [
         "| base | trained parameters | tier | instances | strategy | micro-batch of a rank's share | recompute "
-        "| GiB per GPU (usable) | ETA |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| GiB per GPU (usable) | step s: compute / communication | ETA |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, base in {**SIZES, **LLAMA_SHAPES}.items():
         grown = grown_config(base)
@@ -290,14 +338,16 @@ def plan_table(table: PriceTable | None = None) -> str:
         try:
             chosen = memory_plan(grown, settings.seq_len, tier, table)
         except memory.DoesNotFit as error:
-            lines.append(f"| {name} | {grown.parameters():,} | {tier.name} | does not fit: {error} |||||")
+            lines.append(f"| {name} | {grown.parameters():,} | {tier.name} | does not fit: {error} ||||||")
             continue
         eta = estimate_train(settings, base, table=table).eta_seconds
         per_gpu, usable = chosen.per_gpu.total / memory.GIB, chosen.gpu_usable_bytes / memory.GIB
+        compute, communication = step_seconds(grown, settings.seq_len, chosen, table)
         lines.append(
             f"| {name} | {grown.parameters():,} | {tier.name} | {chosen.instance_count} x {chosen.instance_type} "
             f"({chosen.world_size} GPU{'s' if chosen.world_size > 1 else ''}) | {chosen.strategy} | {chosen.micro_batch} of {batch_size_for(grown.parameters()) // chosen.world_size} "
-            f"| {'yes' if chosen.activation_checkpointing else 'no'} | {per_gpu:.1f} ({usable:.1f}) | {eta / 3600:.1f} h |"
+            f"| {'yes' if chosen.activation_checkpointing else 'no'} | {per_gpu:.1f} ({usable:.1f}) "
+            f"| {compute:.3f} / {communication:.3f} | {eta / 3600:.1f} h |"
         )
     return "\n".join(lines)
 

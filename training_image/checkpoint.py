@@ -14,6 +14,7 @@ by one process per node (each node has its own checkpoints folder); older steps 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -63,14 +64,21 @@ def latest(checkpoint_dir: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name[len(_STEP_PREFIX):]), default=None)
 
 
-def agree(flag: bool, device: torch.device) -> bool:
-    """True on every rank when it is true on any: a save is collective, so all ranks must decide
-    alike even where each decides by its own clock."""
-    if not _distributed():
-        return flag
-    value = torch.tensor(float(flag), device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value.item() > 0
+def move_whole(source: Path, target: Path) -> None:
+    """Move the folder `source` to `target` so that `target` appears complete or not at all:
+    a rename, or where the two lie on different file systems (EXDEV: /opt/ml/checkpoints is a
+    mount of its own) a copy beside `target` under a hidden name, then a rename there."""
+    try:
+        os.rename(source, target)
+        return
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+    hidden = target.parent / f".{target.name}.copying"
+    shutil.rmtree(hidden, ignore_errors=True)
+    shutil.copytree(source, hidden)
+    os.rename(hidden, target)
+    shutil.rmtree(source, ignore_errors=True)
 
 
 def save(checkpoint_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> Path:
@@ -94,7 +102,7 @@ def save(checkpoint_dir: Path, step: int, model: torch.nn.Module, optimizer: tor
     if _node_leader():
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(target, ignore_errors=True)
-        os.rename(staging, target)
+        move_whole(staging, target)
         for older in target.parent.iterdir():
             if older != target and older.name.startswith(_STEP_PREFIX):
                 shutil.rmtree(older, ignore_errors=True)

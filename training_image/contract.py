@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from shared.memory import IGNORE_INDEX
 from shared.settings import TrainSettings
 from shared.shapes import LayerShape, ModelConfig, heads_to_remove, units_to_remove
 from training_image.model import Decoder
@@ -597,9 +598,10 @@ HEAL_LOSS: HealLoss = "kl"
 
 class Distillation(nn.Module):
     """The contracted model (`student`) trained toward the source: forward(idx, targets) returns
-    the student's logits and the mean over tokens of KL(source || student) of the next-token
-    distributions ("kl"), that plus the language-model loss ("kl+lm"), or the language-model loss
-    alone ("lm"). The source is held outside the module tree: it is neither trained nor saved."""
+    the mean over tokens of KL(source || student) of the next-token distributions ("kl"), that
+    plus the language-model loss ("kl+lm"), or the language-model loss alone ("lm"), as the
+    Decoder returns its loss. The source is held outside the module tree: it is neither trained
+    nor saved."""
 
     def __init__(self, student: Decoder, source: Decoder, loss: HealLoss = HEAL_LOSS):
         super().__init__()
@@ -610,12 +612,11 @@ class Distillation(nn.Module):
         self.loss = loss
         self._source = (source.eval().requires_grad_(False),)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        if targets is None:
-            return self.student(idx)
-        logits, lm = self.student(idx, targets)
-        if self.loss == "lm":
-            return logits, lm
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        # Evaluated (eval mode), it is the student: held-out loss is the student's own.
+        if targets is None or self.loss == "lm" or not self.training:
+            return self.student(idx, targets, reduction)
+        logits = self.student(idx)
         with torch.no_grad():
             teacher = self._source[0](idx).float()
         kl = F.kl_div(
@@ -624,7 +625,9 @@ class Distillation(nn.Module):
             log_target=True,
             reduction="batchmean",
         )
-        return logits, kl + lm if self.loss == "kl+lm" else kl
+        if self.loss == "kl":
+            return kl
+        return kl + F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
     def parameter_count(self) -> int:
         return self.student.parameter_count()

@@ -96,7 +96,8 @@ def torchrun_command(root: Path) -> list[str] | None:
     None when already under torchrun, or when there is one process to run (one host, at most
     one GPU). Ranks follow resourceconfig.json: node rank = the current host's index in hosts,
     the first host is the rendezvous master. Sets NCCL's (and gloo's) socket interface to
-    resourceconfig.json's network_interface_name for the workers, unless it is set already.
+    resourceconfig.json's network_interface_name for the workers, NCCL's log of its transport,
+    and across hosts libfabric's provider to EFA, each unless it is set already.
     """
     if "LOCAL_RANK" in os.environ:
         return None
@@ -111,6 +112,15 @@ def torchrun_command(root: Path) -> list[str] | None:
     gpus = torch.cuda.device_count()
     if len(hosts) == 1 and gpus <= 1:
         return None
+    # NCCL says once, at its first collective (the first step), which transport it chose
+    # ("Using network AWS Libfabric" over EFA, "NET/Socket" over TCP).
+    os.environ.setdefault("NCCL_DEBUG", "INFO")
+    os.environ.setdefault("NCCL_DEBUG_SUBSYS", "INIT,NET")
+    if len(hosts) > 1:
+        # Across instances (p4d, p5: the instance types that run on more than one) libfabric
+        # may use EFA alone: a network without it fails at the first step instead of training
+        # over TCP at a fraction of the bandwidth the plan priced.
+        os.environ.setdefault("FI_PROVIDER", "efa")
     return [
         sys.executable,
         "-m",

@@ -1,4 +1,8 @@
-"""Held-out loss and perplexity: fp32, no gradients, mean over every target token."""
+"""Held-out loss and perplexity: no gradients, mean over every scored target token.
+
+Evaluation runs within the training job's memory plan: the trainer's micro-batch, its
+precision (bf16 autocast where it trains so), and the chunked loss, so no vocabulary-wide
+logits of a whole batch are ever held."""
 
 from __future__ import annotations
 
@@ -6,13 +10,23 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
+
+from shared.memory import IGNORE_INDEX
+
+# Windows a forward pass when the caller has no plan of its own (tests, benches, contraction's
+# measurements on one process).
+DEFAULT_EVAL_BATCH = 8
 
 
 @torch.no_grad()
-def heldout_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, *, across_ranks: bool = False) -> float:
-    """Mean next-token cross-entropy over windows (N, seq_len + 1).
+def heldout_loss(
+    model: nn.Module, windows: torch.Tensor, batch_size: int = DEFAULT_EVAL_BATCH, *, across_ranks: bool = False,
+    autocast: bool = False,
+) -> float:
+    """Mean next-token cross-entropy over windows (N, seq_len + 1), the targets equal to
+    IGNORE_INDEX left out. `batch_size`: windows a forward pass (the trainer passes its
+    micro-batch); `autocast`: in bf16 autocast, as the trainer computes.
 
     across_ranks: every rank calls this with the same windows and evaluates only its share of
     them; the sums are all-reduced, so each rank gets the loss of the whole set for 1/world of
@@ -30,26 +44,28 @@ def heldout_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, *
     was_training = model.training
     model.eval()
     # Summed on the device, read back once: no wait for the device per batch.
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, target tokens]
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, scored targets]
     try:
-        with torch.autocast(device.type, enabled=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             for start in range(0, batches * batch_size, batch_size):
                 batch = windows[start : start + batch_size]
                 if len(batch) == 0:
-                    model(spare[:, :-1].to(device))
+                    spare_batch = spare.to(device)
+                    model(spare_batch[:, :-1], spare_batch[:, 1:], reduction="sum")
                     continue
                 batch = batch.to(device)
-                logits = model(batch[:, :-1]).float()
                 targets = batch[:, 1:]
-                sums[0] += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
-                sums[1] += targets.numel()
+                sums[0] += model(batch[:, :-1], targets, reduction="sum")
+                sums[1] += (targets != IGNORE_INDEX).sum()
     finally:
         model.train(was_training)
     if world > 1:
         dist.all_reduce(sums)
     total, count = sums.tolist()
+    if count == 0:
+        raise ValueError("no held-out target is scored")
     return total / count
 
 
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> float:
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = DEFAULT_EVAL_BATCH) -> float:
     return math.exp(heldout_loss(model, windows, batch_size))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.memory import IGNORE_INDEX, loss_chunk_tokens
 from shared.shapes import LayerShape, ModelConfig, RopeScaling
 
 
@@ -28,7 +29,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNorm.apply(x, self.weight, self.eps)
+        y = _RMSNorm.apply(x, self.weight, self.eps)
+        device = y.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            # Cast once here, where the matmuls that read y would each cast it again and each keep
+            # their own copy for the backward pass (q, k and v would keep three).
+            y = y.to(torch.get_autocast_dtype(device))
+        return y
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -104,14 +111,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        # One matmul for q, k and v (the weights stay three parameters, so names and surgery don't
-        # change): a wide matmul runs faster than three narrow ones, and concatenating weights is cheap.
-        bias = None
-        if self.q_proj.bias is not None:
-            bias = torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias))
-        qkv = F.linear(x, torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)), bias)
-        qk, v = qkv.split(((H + K) * D, K * D), dim=-1)
-        qk = qk.view(B, T, H + K, D)
+        # Three matmuls, not one over the concatenated weights: autograd would keep that
+        # concatenation for the backward pass, a copy of the weights per block that the memory
+        # plan does not hold. The three share their saved input x.
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        qk = torch.cat((q.view(B, T, H, D), k.view(B, T, K, D)), dim=2)  # (B, T, H+K, D)
         if self.q_norm is not None:
             q, k = qk.split((H, K), dim=2)
             qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=2)
@@ -147,6 +151,98 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """Next-token cross-entropy of the output head `weight` (V, C) applied to the final hidden
+    states `hidden` (..., C), against `targets` (...): the mean (or sum) over the targets that
+    are not IGNORE_INDEX. The same value as F.cross_entropy of the head's logits, without
+    ever holding the logits of more than `chunk_tokens` tokens (by default sized by the memory
+    plan for the vocabulary), in the forward pass or the backward one.
+
+    The logits are computed in the compute dtype (bf16 under autocast, as the head's matmul
+    would) and the log-softmax in fp32; a mean over no scored targets is 0."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"unknown reduction {reduction!r}")
+    device = hidden.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else hidden.dtype
+    chunk = chunk_tokens or loss_chunk_tokens(weight.shape[0])
+    return _ChunkedCrossEntropy.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), dtype, chunk, reduction == "mean"
+    )
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Keeps for the backward pass the hidden states and each token's fp32 log-sum-exp, and
+    computes the logits again there, chunk by chunk: no vocabulary-wide tensor outlives a chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, dtype, chunk, mean):
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            for start in range(0, h.shape[0], chunk):
+                logits = (h[start : start + chunk] @ w.t()).float()  # (chunk, V)
+                lse_chunk = torch.logsumexp(logits, dim=-1)
+                t = targets[start : start + chunk]
+                picked = logits.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1)
+                total += torch.where(t != IGNORE_INDEX, lse_chunk - picked, 0.0).sum()
+                lse[start : start + chunk] = lse_chunk
+                del logits
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.dtype, ctx.chunk, ctx.mean = dtype, chunk, mean
+        if mean:
+            total = total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        dtype, chunk = ctx.dtype, ctx.chunk
+        scored = targets != IGNORE_INDEX
+        scale = grad.float()
+        if ctx.mean:
+            scale = scale / scored.sum().clamp(min=1)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            grad_h = torch.empty_like(h) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            for start in range(0, h.shape[0], chunk):
+                h_chunk, t = h[start : start + chunk], targets[start : start + chunk]
+                # d loss / d logits = softmax - one_hot(target), for scored targets only.
+                g = (h_chunk @ w.t()).float().sub_(lse[start : start + chunk, None]).exp_()
+                g.scatter_add_(1, t.clamp(min=0).unsqueeze(1), torch.full_like(g[:, :1], -1.0))
+                g.mul_((scored[start : start + chunk].float() * scale).unsqueeze(1))
+                g = g.to(dtype)
+                if need_h:
+                    grad_h[start : start + chunk] = g @ w
+                if need_w:
+                    if dtype == torch.float32:
+                        grad_w.addmm_(g.t(), h_chunk)
+                    else:  # summed over chunks in fp32
+                        grad_w.add_(g.t() @ h_chunk)
+                del g
+        return (
+            grad_h.to(hidden.dtype) if need_h else None,
+            grad_w.to(weight.dtype) if need_w else None,
+            None, None, None, None,
+        )
+
+
+class LMHead(nn.Linear):
+    """The output head: the logits of hidden states or, given targets, the loss alone
+    (chunked_cross_entropy). A module's forward, so that FSDP gathers its weight around it."""
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        if targets is None:
+            return super().forward(hidden)
+        return chunked_cross_entropy(hidden, self.weight, targets, reduction)
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, shape: LayerShape):
         super().__init__()
@@ -170,7 +266,7 @@ class Decoder(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.blocks = nn.ModuleDict({bid: Block(config, shape) for bid, shape in zip(ids, config.layers)})
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos, sin = self._rope_tables()
@@ -227,13 +323,10 @@ class Decoder(nn.Module):
             cache.length = end
         return x
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (B, T, vocab); with targets, also the mean next-token cross-entropy."""
-        logits = self.lm_head(self.norm(self.forward_hidden(idx)))
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        """Logits (B, T, vocab); with targets (B, T), the next-token cross-entropy instead (mean,
+        or sum, over the targets that are not IGNORE_INDEX), computed without the logits."""
+        return self.lm_head(self.norm(self.forward_hidden(idx)), targets, reduction)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

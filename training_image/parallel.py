@@ -45,7 +45,7 @@ def shards(strategy: Strategy, world_size: int) -> bool:
 
 def wrap(
     model: Decoder, *, strategy: Strategy, activation_checkpointing: bool, world_size: int, device: torch.device,
-    materialize: Materialize | None = None, bf16: bool | None = None,
+    materialize: Materialize | None = None, bf16: bool | None = None, compile: bool = False,
 ) -> nn.Module:
     """The module the training step calls: `model` itself on one process, DDP over it, or `model`
     sharded in place (FSDP). `model` may still be on the CPU under FSDP: each unit moves to
@@ -54,9 +54,13 @@ def wrap(
     `materialize`: `model` is on the meta device (no storage at all); once sharded, each rank
     allocates its own part on `device` and this fills it (load_shards), as torchtitan does. A
     rank then never holds more of the model than its shard, on the host or on the device.
-    `bf16`: a sharded model's compute precision (mixed_precision)."""
+    `bf16`: a sharded model's compute precision (mixed_precision).
+
+    `compile`: each block compiled (compile_blocks), before it is sharded."""
     if activation_checkpointing:
         checkpoint_blocks(model)
+    if compile:
+        compile_blocks(model)
     if shards(strategy, world_size):
         network = shard(model, device, bf16)
         if materialize is not None:
@@ -73,6 +77,29 @@ def wrap(
             model, device_ids=ids, gradient_as_bucket_view=True, forward_sync_buffers=False
         )
     return model
+
+
+# Recompilations a block's code may take beyond one per distinct layer shape: the shapes a
+# step also meets (evaluation's last partial micro-batch, sequence lengths marked dynamic).
+RECOMPILE_MARGIN = 4
+
+
+def compile_blocks(model: Decoder) -> None:
+    """torch.compile each block in place (its parameter names unchanged): the hand-written
+    RMSNorm, rotary and SwiGLU become a few fused kernels instead of chains of element-wise ones.
+    Per block rather than the whole model, as FSDP shards per block.
+
+    Every block runs the same code, so dynamo counts their shapes against one recompile limit:
+    a contracted model has one shape per contracted layer, and the limit is raised to hold them
+    all. Past the limit, or where compilation fails, the block runs eagerly."""
+    import torch._dynamo
+
+    shapes = len({(layer.n_heads, layer.n_kv_heads, layer.mlp_hidden) for layer in model.config.layers})
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, shapes + RECOMPILE_MARGIN)
+    config.suppress_errors = True  # a block dynamo or inductor cannot compile runs eagerly
+    for block in model.blocks.values():
+        block.compile()
 
 
 def checkpoint_blocks(model: Decoder) -> None:

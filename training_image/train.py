@@ -143,13 +143,16 @@ class Trainer:
         autocast: bool | None = None,
         log: Callable[[str], None] | None = print,
         materialize: parallel.Materialize | None = None,
+        compile: bool | None = None,
     ):
         """`autocast`: compute in bf16 (True) or fp32 (False); by default as computes_in_bf16()
         says (the job's precision setting on this hardware). A replicated model autocasts its
         matmuls; a sharded one gathers its weights in bf16 (parallel.mixed_precision). Norms,
         rotary angles and the loss stay fp32 either way.
         `materialize`: `model` is on the meta device, and this fills its parameters once they are
-        laid out on the ranks (parallel.wrap)."""
+        laid out on the ranks (parallel.wrap).
+        `compile`: each block compiled (parallel.compile_blocks); by default on a GPU, where the
+        compilation's minutes pay for themselves, not on a CPU."""
         if train_windows.shape[1] != plan.seq_len + 1:
             raise ValueError(f"windows hold {train_windows.shape[1]} tokens, expected seq_len+1={plan.seq_len + 1}")
         self.model = model
@@ -166,6 +169,7 @@ class Trainer:
         self.losses: list[float] = []
         self.stop_requested = False  # this process got SIGTERM (set by the handler, at any time)
         self.stop_agreed = False  # some rank had stop_requested at the last step's exchange
+        self.checkpoint_due = False  # some rank's checkpoint interval had passed at that exchange
 
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -180,6 +184,7 @@ class Trainer:
         self.network: nn.Module = parallel.wrap(
             model, strategy=strategy, activation_checkpointing=activation_checkpointing,
             world_size=self.world_size, device=self.device, materialize=materialize, bf16=self.bf16,
+            compile=self.device.type == "cuda" if compile is None else compile,
         )
         self.sharded = parallel.is_sharded(self.network)
         self.sharded_checkpoints = self.sharded  # also once resumed from one (another world size)
@@ -231,10 +236,8 @@ class Trainer:
                 if self.stop_agreed or (self.world_size == 1 and self.stop_requested):
                     self.save_checkpoint()
                     raise TrainingStopped(f"stopped at step {state.step}; checkpoint written")
-                due = time.monotonic() - self._last_checkpoint > self.checkpoint_interval_s
-                if self.sharded_checkpoints:
-                    due = distributed_checkpoint.agree(due, self.device)
-                if (self.checkpoint_every and state.step % self.checkpoint_every == 0) or due:
+                # Agreed in the step's exchange: a save is collective, and every rank decides alike.
+                if (self.checkpoint_every and state.step % self.checkpoint_every == 0) or self.checkpoint_due:
                     self.save_checkpoint()
             self._end_cycle(cycle_len)
         self._update_wall_time()
@@ -262,18 +265,22 @@ class Trainer:
             with parallel.accumulating(self.network, last), torch.autocast(
                 self.device.type, dtype=torch.bfloat16, enabled=self.autocast
             ):
-                _, loss = self.network(micro[:, :-1], micro[:, 1:])
+                loss = self.network(micro[:, :-1], micro[:, 1:])
                 (loss / len(micro_batches)).backward()
             loss_sum += loss.detach().float()
         grad_norm = parallel.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
-        # One exchange carries the loss and the stop flag, so all ranks fail or stop at the same
-        # step. The flag is sampled here; a SIGTERM after this point stays in stop_requested for
-        # the next exchange. torch.full fills on the device, without a host-to-device copy.
-        flag = torch.full((), float(self.stop_requested), device=self.device)
-        shared = torch.stack([loss_sum / len(micro_batches), flag])
+        # One exchange carries the loss, the stop flag and the checkpoint-due flag, so all ranks
+        # fail, stop or save at the same step, with no collective of their own. The flags are
+        # sampled here; a SIGTERM after this point stays in stop_requested for the next exchange.
+        # torch.full fills on the device, without a host-to-device copy.
+        due = time.monotonic() - self._last_checkpoint > self.checkpoint_interval_s
+        flags = torch.full((2,), 0.0, device=self.device)
+        if self.stop_requested or due:
+            flags = torch.tensor([float(self.stop_requested), float(due)], device=self.device)
+        shared = torch.cat([(loss_sum / len(micro_batches)).reshape(1), flags])
         self._exchange(shared)
-        # The step's one wait for the device: loss, stop flag and gradient norm come back together.
-        loss_value, stop, norm = torch.cat((shared, grad_norm.reshape(1).to(shared.dtype))).tolist()
+        # The step's one wait for the device: loss, flags and gradient norm come back together.
+        loss_value, stop, due_anywhere, norm = torch.cat((shared, grad_norm.reshape(1).to(shared.dtype))).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
@@ -283,6 +290,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.stop_agreed = stop > 0
+        self.checkpoint_due = due_anywhere > 0
         state.cycle_step += 1
         state.step += 1
         state.tokens_seen += plan.batch_size * plan.seq_len
@@ -299,7 +307,8 @@ class Trainer:
                               "loss": loss_value, "lr": lr})
 
     def _exchange(self, shared: torch.Tensor) -> None:
-        """[mean loss, stop flag] of this rank -> [mean loss, stop flag] over all ranks, in place."""
+        """[mean loss, stop flag, checkpoint-due flag] of this rank -> the mean loss and the flags
+        summed over all ranks, in place."""
         if self.world_size > 1:
             dist.all_reduce(shared)
             shared[0] /= self.world_size
@@ -316,7 +325,10 @@ class Trainer:
             "tokens": cycle_len * self.plan.seq_len,
         }
         if self.heldout_windows is not None and len(self.heldout_windows):
-            record["heldout_loss"] = heldout_loss(self.model, self.heldout_windows, across_ranks=True)
+            # Within the plan: the micro-batch and the precision the step runs at.
+            record["heldout_loss"] = heldout_loss(
+                self.model, self.heldout_windows, self.micro_batch, across_ranks=True, autocast=self.autocast
+            )
             record["perplexity"] = math.exp(record["heldout_loss"])
             self.log(
                 f"step={state.step} turn={state.turn + 1} cycle={state.cycle + 1} "

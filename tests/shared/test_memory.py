@@ -43,9 +43,10 @@ def test_a_block_saves_what_its_tensors_add_up_to():
     # tiny: C=128, H=4, K=2, D=32, M=352; bf16 autocast (a=2) over an fp32 residual stream.
     layer = SIZES["tiny"].layers[0]
     norms = 2 * (128 * 4 + 4)
-    attention = 128 * 2 + 8 * 32 * 2 + 6 * 32 * 2 + 4 * 32 * 2 + 4 * 4 + 4 * 32 * 2
-    mlp = 2 * 128 * 2 + 4 * 352 * 2
-    assert block_activation_bytes(SIZES["tiny"], layer) == norms + attention + mlp == 6040
+    # q/k/v input once, rotated q and k, v, attention output and log-sum-exp, o_proj's input.
+    attention = 128 * 2 + 6 * 32 * 2 + 2 * 32 * 2 + 4 * 32 * 2 + 4 * 4 + 4 * 32 * 2
+    mlp = 128 * 2 + 4 * 352 * 2
+    assert block_activation_bytes(SIZES["tiny"], layer) == norms + attention + mlp == 5400
 
 
 def test_checkpointing_keeps_only_block_inputs_and_one_block():

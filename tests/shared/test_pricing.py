@@ -7,7 +7,7 @@ import pytest
 
 from shared.pricing import LLAMA_SHAPES, bill, estimate_contract, estimate_train, plan_table, price_table
 from shared.settings import ContractSettings, TrainSettings
-from shared.shapes import SIZES, batch_size_for
+from shared.shapes import SIZES, ModelConfig, batch_size_for, grown_config
 
 # By hand, SIZES["debug"] (vocab 512, dim 64, 4 blocks, 4 heads of 16, 2 KV heads, MLP 172):
 #   block = attention 64*64 + 2*64*32 + 64*64 = 12288, MLP 3*64*172 = 33024, norms 128 -> 45440
@@ -84,13 +84,48 @@ def test_max_runtime_has_margin_and_a_floor():
     assert e.max_runtime_seconds >= max(3600, 2 * e.eta_seconds - 1)
 
 
+def _attention(config: ModelConfig, seq_len: int) -> int:
+    """Causal attention's forward FLOPs per token over all layers: q k^T and the sum over v."""
+    return 2 * sum(layer.n_heads for layer in config.layers) * config.head_dim * seq_len
+
+
 def test_eta_prices_the_batch_the_trainer_runs():
-    # small grows to 144,727,296 parameters; the trainer runs 16 sequences a step at that size, so
-    # 1,536,000 billed tokens are 24,576,000 trained: 6 x N x 24.576M FLOPs at 40% of 50 TFLOP/s.
+    # small grows to 144,727,296 parameters; the trainer runs 16
+    # sequences a step at that size, so 1,536,000 billed tokens are 24,576,000 trained: 6 x N
+    # plus 3 x attention FLOPs a token, at 40% of 50 TFLOP/s. One GPU: no communication.
     e = estimate_train(TrainSettings(), SIZES["small"])
     assert e.parameters == 144_727_296 and batch_size_for(e.parameters) == 16
     assert e.instance_type == "ml.g5.xlarge"
-    assert e.eta_seconds == round(300 + 6 * 144_727_296 * 1_536_000 * 16 / (50e12 * 0.4)) == 1367
+    per_token = 6 * 144_727_296 + 3 * _attention(grown_config(SIZES["small"]), 256)
+    assert e.eta_seconds == round(300 + per_token * 1_536_000 * 16 / (50e12 * 0.4)) == 1389
+
+
+def test_attention_flops_grow_with_the_sequence():
+    from shared.pricing import flops_per_token
+
+    config = LLAMA_SHAPES["llama-8b"]
+    six_n = 6 * config.parameters()
+    # Causal: each query reads half the sequence on average.
+    assert flops_per_token(config, 2048) / six_n == pytest.approx(1.033, abs=1e-3)
+    assert flops_per_token(config, 8192) / six_n == pytest.approx(1.134, abs=1e-3)
+
+
+def test_a_multi_node_fsdp_step_is_priced_by_its_communication():
+    # llama-70b (grown to 87.7B) on 4 p5 instances, 2 sequences a rank in 2 micro-batches: each
+    # micro-batch gathers the bf16 weights twice and reduce-scatters fp32 gradients, 8 bytes a
+    # parameter x 31/32, over 400 GB/s of EFA per instance: 3.4 s, five times the compute.
+    from shared.pricing import step_seconds, memory_plan
+
+    table = price_table()
+    e = estimate_train(TrainSettings(), LLAMA_SHAPES["llama-70b"])
+    grown = grown_config(LLAMA_SHAPES["llama-70b"])
+    chosen = memory_plan(grown, 256, table.tier_for(grown.parameters()), table)
+    compute, communication = step_seconds(grown, 256, chosen, table)
+    assert (chosen.world_size, chosen.micro_batch) == (32, 1)
+    assert communication == pytest.approx(2 * 8 * grown.parameters() * 31 / 32 / 400e9)
+    assert communication > 4 * compute
+    steps = TrainSettings().training_tokens() / 256
+    assert e.eta_seconds == round(300 + steps * communication)
 
 
 def test_a_measured_utilization_replaces_the_assumed_one_on_its_instance_type_only():
@@ -110,19 +145,25 @@ def test_the_estimate_runs_where_the_memory_plan_puts_it():
     assert (e.instance_type, e.instance_count, e.strategy, e.activation_checkpointing) == (
         "ml.g5.12xlarge", 1, "fsdp", False)
     assert e.micro_batch == 16 and not e.spot
-    assert e.eta_seconds == round(300 + 6 * 1_323_415_552 * 1_536_000 * 64 / (200e12 * 0.4))
+    large = grown_config(SIZES["large"])
+    per_token = 6 * 1_323_415_552 + 3 * _attention(large, 256)
+    assert e.eta_seconds == round(300 + per_token * 1_536_000 * 64 / (200e12 * 0.4))
 
 
 def test_recomputing_activations_costs_a_forward_pass_more_in_the_eta():
     table = price_table()
     xs = table.tiers[0].model_copy(update={"max_parameters": None})
     one_gpu = table.model_copy(update={"tiers": [xs]})
-    # medium's shape at an 8k context: its state fits one A10G, a sequence's activations do not.
-    long = SIZES["medium"].model_copy(update={"context_length": 8192})
+    # medium's shape with 32 layers at an 8k context: its state fits one A10G, a sequence's
+    # activations do not (24 layers now fit: the loss no longer holds a sequence's logits).
+    long = ModelConfig.uniform(
+        vocab_size=32768, dim=1024, n_layers=32, n_heads=16, n_kv_heads=8, mlp_hidden=2816, context_length=8192
+    )
     settings = TrainSettings(seq_len=8192)
     e = estimate_train(settings, long, table=one_gpu)
     assert e.instance_type == "ml.g5.xlarge" and e.activation_checkpointing and e.strategy == "ddp"
-    flops = 8 * e.parameters * settings.training_tokens() * batch_size_for(e.parameters)
+    per_token = 8 * e.parameters + 4 * _attention(grown_config(long), 8192)
+    flops = per_token * settings.training_tokens() * batch_size_for(e.parameters)
     assert e.eta_seconds == round(300 + flops / (50e12 * 0.4))
 
 
@@ -145,6 +186,6 @@ def test_every_tier_plans_on_instances_the_table_describes():
             assert instance_type in table.flops_per_second
 
 
-def test_the_readme_shows_the_plan_the_code_makes():
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    assert plan_table() in readme
+def test_the_memory_plan_document_shows_the_plan_the_code_makes():
+    document = (Path(__file__).parents[2] / "docs" / "memory-plan.md").read_text()
+    assert plan_table() in document

@@ -209,14 +209,14 @@ def test_distillation_is_zero_on_the_source_and_healing_lowers_it(debug_model, w
     x, y = train[:4, :-1], train[:4, 1:]
     with torch.no_grad():
         debug_model.lm_head.weight.mul_(20)  # a source with opinions: far from uniform next-token odds
-    assert Distillation(debug_model, debug_model)(x, y)[1].item() == pytest.approx(0.0, abs=1e-5)
+    assert Distillation(debug_model, debug_model)(x, y).item() == pytest.approx(0.0, abs=1e-5)
     small, _ = contract_blocks(debug_model, debug_model.config, train[:8], 0.75, ["1", "2"])
-    before = Distillation(small, debug_model)(x, y)[1].item()
+    before = Distillation(small, debug_model)(x, y).item()
     losses = heal(small, debug_model, train[:4], steps=8, batch_size=4)  # at the healing lr
-    assert before > 0.01 and Distillation(small, debug_model)(x, y)[1].item() < before and len(losses) == 8
+    assert before > 0.01 and Distillation(small, debug_model)(x, y).item() < before and len(losses) == 8
     assert not any(p.grad is not None for p in debug_model.parameters())  # the source is not trained
-    lm = Distillation(small, debug_model, loss="lm")(x, y)[1]
-    torch.testing.assert_close(lm, small(x, y)[1])
+    lm = Distillation(small, debug_model, loss="lm")(x, y)
+    torch.testing.assert_close(lm, small(x, y))
 
 
 @pytest.mark.slow

@@ -134,9 +134,10 @@ def test_contract_jobs_go_to_the_contract_job(ml_root, monkeypatch):
 
 def test_torchrun_ranks_come_from_resourceconfig(tmp_path, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    for variable in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"):
+    for variable in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "FI_PROVIDER", "NCCL_DEBUG", "NCCL_DEBUG_SUBSYS"):
         monkeypatch.delenv(variable, raising=False)
     assert entry.torchrun_command(tmp_path) is None
+    assert "FI_PROVIDER" not in os.environ  # one process on one host: no network at all
     config = tmp_path / "input/config"
     config.mkdir(parents=True)
     (config / "resourceconfig.json").write_text(
@@ -149,6 +150,9 @@ def test_torchrun_ranks_come_from_resourceconfig(tmp_path, monkeypatch):
     assert f"--shutdown-timeout={stopping.SHUTDOWN_TIMEOUT}" in command
     assert 60 <= stopping.SHUTDOWN_TIMEOUT < stopping.GRACE_SECONDS == 120
     assert os.environ["NCCL_SOCKET_IFNAME"] == os.environ["GLOO_SOCKET_IFNAME"] == "eth0"
+    # Across hosts EFA or nothing; NCCL logs the transport it chose at the first step.
+    assert os.environ["FI_PROVIDER"] == "efa"
+    assert (os.environ["NCCL_DEBUG"], os.environ["NCCL_DEBUG_SUBSYS"]) == ("INFO", "INIT,NET")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert entry.torchrun_command(tmp_path) is None
 

@@ -1,20 +1,27 @@
-"""The memory plan's activation bytes are what autograd really saves for our decoder."""
+"""The memory plan's activation bytes are what autograd really saves for our decoder: per token,
+and at one length in full (nothing that is neither a parameter nor a buffer goes uncounted)."""
 
 import pytest
 import torch
 
-from shared.memory import block_activation_bytes, head_activation_bytes
+from shared.memory import AUTOCAST_WEIGHT_BYTES, block_activation_bytes, head_activation_bytes
 from shared.shapes import SIZES
 from training_image.model import Decoder
 
+# fp32: everything fp32. autocast: fp32 weights, bf16 autocast (DDP on a GPU). bf16: bf16
+# weights and no autocast, as FSDP's mixed-precision policy gathers them.
+MODES = {"fp32": 4, "autocast": 2, "bf16": 2}
 
-def _saved_bytes(fn) -> int:
-    """Bytes of distinct storages autograd saves for the backward pass while fn runs."""
+
+def _saved_bytes(fn, exclude: set[int]) -> int:
+    """Bytes of distinct storages autograd saves for the backward pass while fn runs, those of
+    `exclude` (data pointers: the parameters and buffers) left out."""
     storages: dict[int, int] = {}
 
     def pack(t):
         s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
+        if s.data_ptr() not in exclude:
+            storages[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -22,33 +29,76 @@ def _saved_bytes(fn) -> int:
     return sum(storages.values())
 
 
-def _per_token(fn_of_length, batch=2, lengths=(64, 128)) -> float:
-    # The difference of two lengths leaves out what does not grow with tokens (the weights,
-    # their bf16 copies, the rotary tables).
-    short, long = (_saved_bytes(lambda: fn_of_length(t)) for t in lengths)
-    return (long - short) / (batch * (lengths[1] - lengths[0]))
+def _model(size: str, mode: str) -> Decoder:
+    torch.manual_seed(0)
+    model = Decoder(SIZES[size]).init_weights()
+    return model.to(torch.bfloat16) if mode == "bf16" else model
+
+
+def _owned(model: Decoder) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+
+def _autocast_copies(module: torch.nn.Module, mode: str) -> int:
+    """The bf16 copies autocast keeps of the matmul weights (the plan's autocast_weights)."""
+    if mode != "autocast":
+        return 0
+    return AUTOCAST_WEIGHT_BYTES * sum(p.numel() for n, p in module.named_parameters() if n.endswith("proj.weight"))
+
+
+def _block_forward(model: Decoder, mode: str, batch: int, length: int):
+    config = model.config
+    block = next(iter(model.blocks.values()))
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+
+    def run():
+        x = torch.randn(batch, length, config.dim, dtype=dtype, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            block(x, model.rope_cos[:length], model.rope_sin[:length])
+
+    return block, run
+
+
+def _model_forward(model: Decoder, mode: str, batch: int, length: int):
+    config = model.config
+
+    def run():
+        idx = torch.randint(0, config.vocab_size, (batch, length))
+        targets = torch.randint(0, config.vocab_size, (batch, length))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            model(idx, targets)
+
+    return run
 
 
 @pytest.mark.parametrize("size", ["debug", "tiny"])
-@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_block_and_head_activations_match_the_plan(size, bf16):
-    torch.manual_seed(0)
-    config = SIZES[size]
-    model = Decoder(config).init_weights()
-    block = next(iter(model.blocks.values()))
-    a = 2 if bf16 else 4
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_block_keeps_exactly_what_the_plan_counts_at_one_length(size, mode):
+    model = _model(size, mode)
+    config = model.config
+    batch, length = 2, 48
+    block, run = _block_forward(model, mode, batch, length)
+    planned = batch * length * block_activation_bytes(config, config.layers[0], compute_bytes=MODES[mode])
+    assert _saved_bytes(run, _owned(model)) == planned + _autocast_copies(block, mode)
 
-    def block_forward(t):
-        x = torch.randn(2, t, config.dim, requires_grad=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            block(x, model.rope_cos[:t], model.rope_sin[:t])
 
-    def model_forward(t):
-        idx = torch.randint(0, config.vocab_size, (2, t + 1))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            model(idx[:, :-1], idx[:, 1:])
+@pytest.mark.parametrize("size", ["debug", "tiny"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_the_model_with_its_loss_keeps_exactly_what_the_plan_counts(size, mode):
+    model = _model(size, mode)
+    config = model.config
+    a = MODES[mode]
+    per_token = config.n_layers * block_activation_bytes(config, config.layers[0], compute_bytes=a)
+    per_token += head_activation_bytes(config, compute_bytes=a)
+    for batch, length in ((2, 40), (3, 64)):
+        saved = _saved_bytes(_model_forward(model, mode, batch, length), _owned(model))
+        assert saved == batch * length * per_token + _autocast_copies(model, mode)
 
-    per_block = block_activation_bytes(config, config.layers[0], compute_bytes=a)
-    assert _per_token(block_forward) == per_block
-    expected_model = config.n_layers * per_block + head_activation_bytes(config, compute_bytes=a)
-    assert _per_token(model_forward) == expected_model
+
+def test_no_weight_sized_tensor_is_kept_beyond_the_parameters():
+    # The q/k/v weights concatenated on each forward were kept by autograd: a copy of the
+    # attention's weights per block that no part of the plan held.
+    model = _model("tiny", "bf16")
+    block, run = _block_forward(model, "bf16", 1, 1)
+    attention = sum(p.numel() * 2 for p in block.attn.parameters())
+    assert _saved_bytes(run, _owned(model)) < attention / 4
