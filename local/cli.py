@@ -26,20 +26,21 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Any, get_args
 
 import requests
-from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from local.client import DEFAULT_API_URL, Answer, ApiError, Client
+from local.deploy import COMMANDS as DEPLOY_COMMANDS, add_parsers as deploy_parsers
+from local.output import Output, _pairs, _table, duration, human, money, number
 from shared import contracts
 from shared.responses import (
     CatalogModel,
     Dataset,
     DatasetList,
-    ErrorResponse,
     Job,
     JobList,
     ModelList,
@@ -49,117 +50,8 @@ from shared.responses import (
 from shared.settings import NAME_CHARACTERS, NAME_MAX_LENGTH, ContractSettings, TrainSettings
 from shared.lifecycle import END_STATUSES
 
-DEFAULT_API_URL = "http://127.0.0.1:8080"
-TIMEOUT_S = 30
-Answer = TypeVar("Answer", bound=BaseModel)
 
-
-class ApiError(Exception):
-    """The API's refusal ({"error": {"code", "message", "details"}}) or an unreachable API."""
-
-    def __init__(self, message: str, code: str = "", details: list[dict[str, str]] | None = None, status: int = 0):
-        super().__init__(message)
-        self.message, self.code, self.details, self.status = message, code, details or [], status
-
-    def line(self) -> str:
-        fields = "; ".join(d.get("field", "") if d.get("message", "") in self.message else
-                           f"{d.get('field')}: {d.get('message')}" for d in self.details)
-        return f"{self.message}" + (f" ({fields})" if fields else "")
-
-
-class Client:
-    """The HTTP API, with the caller's bearer token."""
-
-    def __init__(self, api_url: str, token: str | None = None):
-        self.api_url = api_url.rstrip("/")
-        self.session = requests.Session()
-        if token:
-            self.session.headers["Authorization"] = f"Bearer {token}"
-
-    def call(self, method: str, path: str, answer: type[Answer], body: dict[str, Any] | None = None) -> Answer:
-        """The API's answer read with its response model; a refusal raises ApiError."""
-        payload = self._send(method, path, body)
-        try:
-            return answer.model_validate(payload)
-        except ValidationError as error:
-            problem = error.errors()[0]
-            where = ".".join(str(p) for p in problem["loc"]) or "body"
-            raise ApiError(f"the API answered {method} {path} with a body that is not a {answer.__name__} "
-                           f"({where}: {problem['msg']}): is it a Fusion API?") from None
-
-    def _send(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
-        try:
-            response = self.session.request(method, self.api_url + path, json=body, timeout=TIMEOUT_S)
-        except requests.ConnectionError:
-            raise ApiError(f"cannot reach the Fusion API at {self.api_url}: start it with `fusion serve` "
-                           "or pass --api-url") from None
-        try:
-            payload = response.json()
-        except ValueError:
-            payload = {}
-        if response.status_code >= 400:
-            try:
-                error = ErrorResponse.model_validate(payload).error
-            except ValidationError:
-                error = None
-            if error is not None:
-                raise ApiError(error.message or response.reason, error.code,
-                               [d.model_dump() for d in error.details], response.status_code)
-            message = payload.get("message") if isinstance(payload, dict) else None  # API Gateway's own refusals
-            raise ApiError(f"HTTP {response.status_code}: {message or response.reason}", status=response.status_code)
-        return payload
-
-
-# --- formatting --------------------------------------------------------------------------------
-
-
-def human(n: Any) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n:g}"
-
-
-def duration(seconds: Any) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(round(float(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def money(value: Any) -> str:
-    """Totals come in cents; components keep their exact sub-cent value (shown without trailing zeros)."""
-    if value in (None, ""):
-        return "-"
-    text = str(value)
-    if "." in text and len(text.split(".")[1]) > 2:
-        text = text.rstrip("0")
-    return f"${text}"
-
-
-def number(value: Any, digits: int = 2) -> str:
-    return "-" if value is None else f"{float(value):.{digits}f}"
-
-
-def _table(*columns: str, right: tuple[str, ...] = ()) -> Table:
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in columns:
-        table.add_column(column, justify="right" if column in right else "left", no_wrap=True)
-    return table
-
-
-def _pairs(rows: list[tuple[str, str]]) -> Table:
-    table = Table(box=None, show_header=False, pad_edge=False)
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column()
-    for key, value in rows:
-        table.add_row(key, value)
-    return table
+# --- tables ------------------------------------------------------------------------------------
 
 
 def models_table(models: list[CatalogModel]) -> Table:
@@ -383,8 +275,6 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default %(default)s)")
     generate.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default %(default)s)")
     generate.add_argument("--seed", type=int, default=0)
-    from local.deploy import add_parsers as deploy_parsers  # here: local.deploy imports this module
-
     deploy_parsers(models)
 
     datasets = sub.add_parser("datasets", help="training data").add_subparsers(dest="action", required=True)
@@ -425,22 +315,6 @@ def upload_dataset(client: Client, file: Path, *, name: str | None = None, fmt: 
         time.sleep(0.5)
         dataset = client.call("GET", f"/datasets/{dataset.dataset_id}", Dataset)
     return dataset
-
-
-class Output:
-    """Where a command's answer goes: a rendered table, or the API's JSON with --json."""
-
-    def __init__(self, console: Console, as_json: bool):
-        self.console, self.as_json = console, as_json
-
-    def show(self, data: BaseModel | list[BaseModel] | dict[str, Any], render: Callable[[Any], Any]) -> None:
-        """An API answer (a model or a list of them) or a command's own result (a plain dict)."""
-        if self.as_json:
-            plain = [d.model_dump(mode="json") for d in data] if isinstance(data, list) else (
-                data.model_dump(mode="json") if isinstance(data, BaseModel) else data)
-            self.console.print_json(json.dumps(plain))
-        else:
-            self.console.print(render(data))
 
 
 def estimate(args: argparse.Namespace, client: Client, out: Output) -> int:
@@ -545,8 +419,6 @@ COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace, Client, Out
 def run(args: argparse.Namespace, console: Console) -> int:
     if args.command == "serve":
         return _serve(args, console)
-    from local.deploy import COMMANDS as DEPLOY_COMMANDS
-
     command = {**COMMANDS, **DEPLOY_COMMANDS}[(args.command, getattr(args, "action", None))]
     return command(args, Client(args.api_url, args.token), Output(console, args.json))
 
