@@ -135,7 +135,7 @@ def test_bad_settings_are_one_line_with_the_field(stack, capsys, dataset_id):
     code, out, err = fusion(stack, capsys, "estimate", "train", "--model", "base-debug", "--dataset", dataset_id,
                             "--seq-len", "4096")
     assert code == 1 and out == ""
-    assert err.startswith("error: ") and "hyperparams.seq_len" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: --seq-len: ") and "hyperparams" not in err and len(err.strip().splitlines()) == 1
     code, _, err = fusion(stack, capsys, "jobs", "create", "train", "--model", "base-nope", "--dataset", dataset_id)
     assert code == 1 and "base-nope" in err
 
