@@ -592,6 +592,22 @@ def run(args: argparse.Namespace, console: Console) -> int:
     return command(args, Client(args.api_url, args.token), Output(console, args.json))
 
 
+def job_event_line(job: dict[str, Any]) -> str:
+    """One line for a job's new status, as `fusion serve` prints it (a job record of any tenant)."""
+    status = job.get("status", "?")
+    line = (f"{time.strftime('%H:%M:%S')} job {job['job_id']} ({job.get('type')} of {job.get('model') or '-'}, "
+            f"tenant {job.get('owner')}): {status}")
+    if status == "queued":
+        line += f", estimate {money((job.get('estimate') or {}).get('total'))}"
+    elif status == "completed":
+        line += f" -> model {job.get('output_model_id')}, billed {money(job.get('bill'))}"
+    elif status == "cancelled":
+        line += f", billed {money(job.get('bill'))}"
+    elif status == "failed":
+        line += f": {job.get('failure_reason') or 'no reason given'}"
+    return line
+
+
 def _serve(args: argparse.Namespace, console: Console) -> int:
     from local.stack import serve
 
@@ -605,7 +621,8 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
                       f"  curl -s {stack.api_url}/models")
 
     try:
-        serve(args.host, args.port, base_sizes=sizes, on_ready=ready, verbose=args.verbose)
+        serve(args.host, args.port, base_sizes=sizes, on_ready=ready, verbose=args.verbose,
+              on_job=lambda job: console.print(job_event_line(job), markup=False))
     except OSError as error:  # typically the port is taken by another `fusion serve`
         raise ApiError(f"cannot serve on {args.host}:{args.port}: {error.strerror or error}") from None
     console.print("stopped")

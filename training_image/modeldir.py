@@ -13,6 +13,7 @@ config.json last.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -187,6 +188,7 @@ def find_model_dir(path: str | Path) -> Path:
     archive = root / ARCHIVE if root.is_dir() else root
     if archive.is_file() and archive.name.endswith(".tar.gz"):
         unpacked = Path(tempfile.mkdtemp(prefix="fusion-model-"))
+        atexit.register(shutil.rmtree, unpacked, True)  # a copy for this process only (0.5 GB at `small`)
         with tarfile.open(archive) as tar:
             tar.extractall(unpacked, filter="data")
         configs = sorted(unpacked.rglob(CONFIG), key=lambda p: len(p.parts))
