@@ -1,11 +1,11 @@
 """`fusion`: the command line for Fusion's HTTP API, on this machine or deployed.
 
     fusion serve                         the whole service on loopback (no AWS account)
-    fusion datasets upload FILE          register, upload and check a dataset
+    fusion datasets upload FILE          register, upload and check a dataset (list|get|delete)
     fusion estimate train --model base-tiny --dataset ds-... --turns 2
     fusion jobs create train ... --wait  submit, then follow it with a live progress bar
     fusion jobs list|get|wait|cancel     follow and control jobs
-    fusion models list|show              the catalog
+    fusion models list|show|delete       the catalog (a deleted model stays in its children's lineage)
     fusion models download MODEL --out DIR   its transformers folder (config.json, safetensors, tokenizer)
     fusion models generate MODEL --prompt TEXT   sample from it on this machine
     fusion models deploy MODEL --instance-type ml.g5.xlarge   serve it from a SageMaker endpoint
@@ -158,14 +158,22 @@ def job_table(job: Job) -> Table:
     return _pairs(rows)
 
 
-def model_table(model: CatalogModel) -> Table:
+def model_table(model: CatalogModel, parent: CatalogModel | None = None) -> Table:
+    """One model; with its parent, the parent's state and the differences from it."""
+    parent_words = model.parent_id or "-"
+    if parent is not None:
+        parent_words += " (deleted)" if parent.status == "deleted" else ""
+        if parent.parameters and model.parameters:
+            parent_words += f", parameters {(model.parameters / parent.parameters - 1):+.0%}"
+        if parent.perplexity and model.perplexity:
+            parent_words += f", perplexity {(model.perplexity / parent.perplexity - 1):+.1%}"
     rows = [("model", model.model_id), ("name", model.name or "-"), ("kind", model.kind), ("owner", model.owner),
-            ("parent", model.parent_id or "-"), ("job", model.job_id or "-"),
+            ("parent", parent_words), ("job", model.job_id or "-"),
             ("parameters", f"{human(model.parameters)} ({model.parameters or 0:,})"),
             ("depth", str(model.depth or "-")), ("perplexity", number(model.perplexity)), ("cost", money(model.cost)),
             ("dataset", model.dataset or "-"), ("artifact", model.artifact_uri or "-"), ("created", model.created_at)]
     if model.status != "ready":
-        rows.append((model.status, model.reason or "-"))
+        rows.append((model.status, model.reason or model.deleted_at or "-"))
     config = model.config
     if config:
         shapes = sorted({(layer.n_heads, layer.n_kv_heads, layer.mlp_hidden) for layer in config.layers})
@@ -372,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="the catalog").add_subparsers(dest="action", required=True)
     models.add_parser("list", help="base models and yours")
     models.add_parser("show", help="one model in detail").add_argument("model_id")
+    models.add_parser("delete", help="delete one of your models (its children keep their lineage)").add_argument("model_id")
     download = models.add_parser("download", help="write a model's transformers folder to a directory")
     download.add_argument("model_id")
     download.add_argument("--out", required=True, type=Path, help="a new or empty directory")
@@ -393,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--no-wait", action="store_true", help="return once uploaded, before the check")
     datasets.add_parser("list", help="your datasets")
     datasets.add_parser("get", help="one dataset").add_argument("dataset_id")
+    datasets.add_parser("delete", help="delete one of your datasets and its data").add_argument("dataset_id")
     return parser
 
 
@@ -509,7 +519,30 @@ def _reader(path: str, answer: type[Answer], render: Callable[[Any], Any], items
 jobs_list = _reader("/jobs", JobList, jobs_table, items="jobs")
 jobs_get = _reader("/jobs/{job_id}", Job, job_table)
 models_list = _reader("/models", ModelList, models_table, items="models")
-models_show = _reader("/models/{model_id}", CatalogModel, model_table)
+
+
+def models_show(args: argparse.Namespace, client: Client, out: Output) -> int:
+    model = client.call("GET", f"/models/{args.model_id}", CatalogModel)
+    parent = None
+    if model.parent_id and not out.as_json:
+        try:
+            parent = client.call("GET", f"/models/{model.parent_id}", CatalogModel)
+        except ApiError:
+            pass
+    out.show(model, lambda m: model_table(m, parent))
+    return 0
+
+
+def models_delete(args: argparse.Namespace, client: Client, out: Output) -> int:
+    model = client.call("DELETE", f"/models/{args.model_id}", CatalogModel)
+    out.show(model, lambda m: f"model {m.model_id} deleted; models made from it still name it as their parent")
+    return 0
+
+
+def datasets_delete(args: argparse.Namespace, client: Client, out: Output) -> int:
+    dataset = client.call("DELETE", f"/datasets/{args.dataset_id}", Dataset)
+    out.show(dataset, lambda d: f"dataset {d.dataset_id} ({d.name}) deleted, with its data")
+    return 0
 
 
 def jobs_cancel(args: argparse.Namespace, client: Client, out: Output) -> int:
@@ -577,11 +610,13 @@ COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace, Client, Out
     ("jobs", "wait"): jobs_wait,
     ("models", "list"): models_list,
     ("models", "show"): models_show,
+    ("models", "delete"): models_delete,
     ("models", "download"): models_download,
     ("models", "generate"): models_generate,
     ("datasets", "upload"): datasets_upload,
     ("datasets", "list"): datasets_list,
     ("datasets", "get"): datasets_get,
+    ("datasets", "delete"): datasets_delete,
 }
 
 

@@ -23,7 +23,7 @@ from shared.lifecycle import STATUS_RANK
 
 JobStatus = Literal[tuple(STATUS_RANK)]
 JobType = Literal["train", "contract"]
-DatasetStatus = Literal["pending", "ready", "rejected"]
+DatasetStatus = Literal["pending", "ready", "rejected", "deleted"]
 ModelKind = Literal["base", "trained", "contracted", "imported"]
 
 
@@ -124,8 +124,10 @@ class CatalogModel(_Body):
     name: str | None
     owner: str
     kind: ModelKind
-    status: Literal["ready", "rejected"] = Field(
-        default="ready", description="A registered folder that failed its check is rejected; all others are ready.")
+    status: Literal["ready", "rejected", "deleted"] = Field(
+        default="ready", description="A registered folder that failed its check is rejected; a model its owner "
+                                     "deleted stays as deleted, for its children's lineage; all others are ready.")
+    deleted_at: str | None = None
     reason: str | None = None
     parent_id: str | None = None
     job_id: str | None = None
@@ -167,6 +169,7 @@ class Dataset(_Body):
     bytes: int | None = None
     tokens: int | None = None
     created_at: str
+    deleted_at: str | None = None
 
 
 class RegisteredDataset(Dataset):

@@ -300,3 +300,21 @@ def test_the_format_comes_from_the_content(tmp_path):
     assert detect_format(tmp_path / "code.txt")[0] == "text"
     lines = _array_as_jsonl(tmp_path / "array.json", tmp_path).read_text().splitlines()
     assert [json.loads(line) for line in lines] == [{"text": "a"}, {"text": "b"}]
+
+
+def test_delete_a_model_and_its_child_shows_the_parent_deleted(cli, aws):
+    catalog = Catalog(session=aws.session)
+    for model_id, parent, parameters, perplexity in (("m-parent", "base-debug", 1000, 20.0), ("m-child", "m-parent", 790, 21.0)):
+        catalog.register({"model_id": model_id, "owner": "alice", "name": model_id, "kind": "trained",
+                          "parent_id": parent, "job_id": "j0", "parameters": parameters, "perplexity": perplexity,
+                          "created_at": "2026-01-02T00:00:00.000Z"})
+    code, out, _ = cli("models", "show", "m-child")
+    assert code == 0 and "m-parent, parameters -21%, perplexity +5.0%" in out
+    code, out, _ = cli("models", "delete", "m-parent")
+    assert code == 0 and out.strip() == "model m-parent deleted; models made from it still name it as their parent"
+    code, out, _ = cli("models", "show", "m-child")
+    assert code == 0 and "m-parent (deleted)" in out
+    code, out, _ = cli("models", "list")
+    assert "m-parent " not in out and "m-child" in out
+    code, out, _ = cli("datasets", "delete", DATASET, "--json")
+    assert code == 0 and json.loads(out)["status"] == "deleted"

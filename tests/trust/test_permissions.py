@@ -138,6 +138,10 @@ def _walk(aws, api) -> None:
     summary = reconciler.lambda_handler({}, LambdaContext())
     assert lost in summary["moved"] and stored(aws, lost)["status"] == "completed"
 
+    made = stored(aws, completed)["output_model_id"]  # deleting removes its archive and keeps its record
+    assert api("DELETE", f"/models/{made}")[1]["status"] == "deleted"
+    assert api("DELETE", f"/datasets/{created['dataset_id']}")[1]["status"] == "deleted"
+
 
 @pytest.mark.slow
 def test_every_call_of_every_function_is_allowed_and_the_unused_grants_are_listed(tenants, api, roles, capsys):
