@@ -7,6 +7,8 @@ import { duration, fixed, grouped, human, money, params, tokens, when } from "/c
 
 const ESTIMATE_DEBOUNCE_MS = 350;
 const POLL_MS = 2000;
+const RETRY_MS = 5000;
+const IDLE_POLL_MS = 10000; // the jobs list with nothing active: a job started elsewhere still shows
 const ACTIVE = ["queued", "launching", "running", "cancelling"];
 const main = document.getElementById("main");
 const banner = document.getElementById("banner");
@@ -110,6 +112,15 @@ function defaultText(name, f) {
   return `default ${f.default}`;
 }
 
+// Each setting's label in words; the API's key follows it as secondary text.
+const LABELS = {
+  turns: "Turns", cycles: "Learning-rate cycles per turn", steps_per_cycle: "Steps per cycle",
+  lr: "Peak learning rate", seq_len: "Sequence length (tokens)", train_steps: "Steps per turn, replacing cycles × steps",
+  output_name: "Name of the new model", num_layers_to_contract: "Blocks to prune",
+  contraction_ratio: "Share of each pruned block removed",
+};
+const labelFor = (name, words) => [words || LABELS[name] || name, " ", h("code", { class: "key" }, name)];
+
 // A labelled input for one setting, with its default, range and guidance on one line.
 function settingField(name, property, { max, value, label } = {}) {
   const f = fieldSchema(property);
@@ -120,7 +131,7 @@ function settingField(name, property, { max, value, label } = {}) {
     id, name, type: numeric ? "number" : "text",
     min: f.minimum ?? f.exclusiveMinimum, max: hi,
     step: f.type === "integer" ? 1 : numeric ? "any" : undefined,
-    placeholder: f.default ?? (name === "output_name" ? "model-<job id>" : ""),
+    placeholder: f.default !== undefined && f.default !== null ? `default ${f.default}` : name === "output_name" ? "default: model-<job id>" : "",
     pattern: f.pattern && !numeric ? htmlPattern(f.pattern) : undefined,
     "aria-describedby": `${id}-hint ${id}-error`, inputmode: f.type === "integer" ? "numeric" : undefined,
   });
@@ -128,7 +139,7 @@ function settingField(name, property, { max, value, label } = {}) {
   const range = max !== undefined && f.maximum === undefined ? `range ${f.minimum ?? 1}–${hi}` : rangeText({ ...f, maximum: hi });
   const hint = [defaultText(name, f), range, f.description].filter(Boolean).join(" · ");
   return h("div", { class: "field", "data-field": name },
-    h("label", { for: id }, label || name),
+    h("label", { for: id }, ...labelFor(name, label)),
     input,
     h("p", { class: "hint", id: `${id}-hint` }, hint),
     h("p", { class: "error", id: `${id}-error`, role: "alert" }));
@@ -183,14 +194,17 @@ function formula(quote) {
 
 function estimatePanel(quote) {
   const e = quote.estimate;
+  const launch = e.launch_seconds ? `, ${duration(e.launch_seconds)} of it starting the instance` : "";
   const rows = [
-    ["Training tokens", h("span", {}, `${tokens(e.training_tokens)} `, h("code", { class: "formula" }, formula(quote))), "tokens"],
-    ["Parameters", `${params(e.parameters)} · tier ${e.tier} at ${money(e.usd_per_million_tokens)} per 1M tokens`, "tier"],
+    ["Billed tokens", h("span", {}, `${tokens(e.training_tokens)} `, h("code", { class: "formula" }, formula(quote))), "tokens"],
+    e.trained_tokens ? ["Trained tokens", `${tokens(e.trained_tokens)}: each step trains on ${e.sequences_per_step} sequences`, "trained_tokens"] : null,
+    ["Parameters", `${params(e.parameters)} · tier ${e.tier} at ${money(e.usd_per_million_tokens)} per 1M billed tokens`, "tier"],
     ["Training cost", money(e.training_cost), "training_cost"],
     e.growth_parameters ? ["Growth fee", `${money(e.growth_fee)} for ${params(e.growth_parameters)} added`, "growth_fee"] : null,
     Number(e.contraction_fee) ? ["Contraction fee", money(e.contraction_fee), "contraction_fee"] : null,
+    Number(e.minimum_charge) ? ["Minimum charge", `${money(e.minimum_charge)}: the least any job pays`, "minimum_charge"] : null,
     ["Total", h("strong", {}, money(e.total)), "total"],
-    ["ETA", `${duration(e.eta_seconds)} on ${e.instance_count} × ${e.instance_type}`, "eta"],
+    ["ETA on AWS", `${duration(e.eta_seconds)} on ${e.instance_count} × ${e.instance_type}${launch}`, "eta"],
     ["Budget left", `${money(e.remaining_budget ?? quote.budget?.remaining)} of ${money(quote.budget?.limit)}`, "budget"],
   ];
   const warnings = (quote.warnings || []).map((w) => h("li", {}, w));
@@ -282,6 +296,19 @@ async function viewModels() {
     own.length ? tree : h("p", { class: "empty" }, "No models of your own yet. ", link("#/datasets", "Upload a dataset"), ", then ", link("#/jobs/new", "train a base model"), "."));
 }
 
+function viewHome() {
+  const step = (n, title, words, href, action) => h("li", { class: "step" }, h("h2", {}, `${n}. ${title}`), h("p", {}, words),
+    link(href, action, { class: "button" }));
+  render("Train your own language model",
+    h("p", { class: "lead" }, "Fusion grows a base model and trains it on your text, or contracts a trained model into a "
+      + "smaller one. Every job is priced before it starts, and every model lands in your catalog with its perplexity, "
+      + "size, cost and lineage."),
+    h("ol", { class: "steps", "aria-label": "Getting started" },
+      step(1, "Upload a dataset", "Plain text or JSON lines with a \"text\" field; it is checked as it lands.", "#/datasets", "Upload a dataset"),
+      step(2, "Train a model", "Pick a base model and your dataset; the estimate shows the price and time as you type.", "#/jobs/new", "Start a train job"),
+      step(3, "Contract it", "Prune a trained model into a smaller one, and compare it with its parent.", "#/models", "Open your models")));
+}
+
 async function downloadLink(model) {
   spec = spec || await api("GET", "/openapi.json");
   const path = Object.keys(spec.paths || {}).find((p) => /^\/models\/\{[^}]+\}\/download$/.test(p));
@@ -297,27 +324,46 @@ async function downloadLink(model) {
   return ["Download", h("span", {}, button, " ", h("code", {}, model.artifact_uri || ""))];
 }
 
+// "+5.0%": a model's figure against its parent's (display of two API figures side by side).
+function change(mine, theirs) {
+  if (mine === null || mine === undefined || !Number(theirs)) return "";
+  const pct = (100 * (Number(mine) - Number(theirs))) / Number(theirs);
+  return `${pct > 0 ? "+" : ""}${pct.toFixed(1)}%`;
+}
+
 async function viewModel(id) {
-  const model = await api("GET", `/models/${encodeURIComponent(id)}`);
+  const [model, { models }] = await Promise.all([api("GET", `/models/${encodeURIComponent(id)}`), api("GET", "/models")]);
   const parent = model.parent_id ? await api("GET", `/models/${encodeURIComponent(model.parent_id)}`).catch(() => null) : null;
+  const children = models.filter((m) => m.parent_id === model.model_id);
   const rows = [["Parameters", "parameters", params], ["Depth", "depth", (x) => x ?? "–"],
     ["Perplexity", "perplexity", fixed], ["Cost", "cost", money],
     ["Context length", "context_length", (x) => grouped(x)]].map(([label, key, show]) => {
     const mine = key === "context_length" ? model.config?.context_length : model[key];
     const theirs = key === "context_length" ? parent?.config?.context_length : parent?.[key];
     return h("tr", {}, h("th", { scope: "row" }, label), h("td", { class: "num", "data-key": key }, show(mine)),
-      parent ? h("td", { class: "num" }, show(theirs)) : null);
+      parent ? h("td", { class: "num" }, show(theirs)) : null,
+      parent ? h("td", { class: "num", "data-change": key }, change(mine, theirs)) : null);
   });
+  const remove = model.kind !== "base" && model.status !== "deleted" ? h("button", { type: "button", class: "danger", onclick: () =>
+    confirmDialog(`Delete ${model.model_id}?`, "Its archive is deleted. Models made from it keep it as their parent, shown as deleted.",
+      "Delete the model", async () => { await api("DELETE", `/models/${encodeURIComponent(model.model_id)}`); location.hash = "#/models"; }) },
+  "Delete model") : null;
   const actions = h("p", { class: "actions" },
     link(`#/jobs/new?model=${encodeURIComponent(model.model_id)}`, "Train from this model", { class: "button" }),
-    model.kind !== "base" ? link(`#/models/${encodeURIComponent(model.model_id)}/contract`, "Contract this model", { class: "button secondary" }) : null);
+    model.kind !== "base" ? link(`#/models/${encodeURIComponent(model.model_id)}/contract`, "Contract this model", { class: "button secondary" }) : null,
+    remove);
   render(model.name || model.model_id,
-    pairs([["Model", model.model_id], ["Kind", model.kind], ["Parent", modelLink(model.parent_id)],
+    model.status === "deleted" ? h("p", { class: "failure", "data-status": "deleted" }, `Deleted ${when(model.deleted_at)}: kept for its children's lineage.`) : null,
+    pairs([["Model", model.model_id], ["Kind", model.kind],
+      ["Parent", h("span", {}, modelLink(model.parent_id), parent?.status === "deleted" ? h("span", { class: "muted", "data-parent": "deleted" }, " (deleted)") : "")],
       ["Produced by job", jobLink(model.job_id)], ["Dataset", model.dataset || "–"], ["Created", when(model.created_at)],
       await downloadLink(model)]),
     actions,
     h("h2", {}, parent ? "Metrics, next to its parent's" : "Metrics"),
-    table(["", model.model_id, parent ? `${parent.model_id} (parent)` : null].filter((x) => x !== null), rows, { "aria-label": "Metrics" }));
+    table(["", model.model_id, parent ? `${parent.model_id} (parent)` : null, parent ? "Change" : null].filter((x) => x !== null), rows, { "aria-label": "Metrics" }),
+    h("h2", {}, "Models made from it"),
+    children.length ? h("ul", { "aria-label": "Children" }, children.map((c) => h("li", {}, modelLink(c.model_id), ` · ${c.kind} · ${params(c.parameters)} · perplexity ${fixed(c.perplexity)}`)))
+      : h("p", { class: "empty" }, "None yet."));
 }
 
 async function viewNewJob(query) {
@@ -340,7 +386,7 @@ async function viewNewJob(query) {
     advancedNames.map((n) => settingField(n, props[n], n === "seq_len" ? { max: contextOf() } : {})));
   const panel = h("section", { class: "estimate", "aria-live": "polite", "aria-label": "Estimate" }, h("h2", {}, "Estimate"),
     h("p", { class: "muted" }, "Choose a model and a dataset to see the price."));
-  const button = h("button", { type: "submit" }, "Start training");
+  const button = h("button", { type: "submit", disabled: !ready.length }, "Start training");
   form.append(general,
     h("div", { class: "field", "data-field": "model" }, h("label", { for: "f-model" }, "Model"), modelSelect,
       h("p", { class: "hint" }, "The model to grow and train; base models are public."), h("p", { class: "error", id: "f-model-error", role: "alert" })),
@@ -380,7 +426,7 @@ async function viewContract(id) {
   const button = h("button", { type: "submit" }, "Contract");
   form.append(general,
     h("div", { class: "field", "data-field": "contraction_ratio" },
-      h("label", { for: "f-contraction_ratio" }, "contraction_ratio ", shown), slider,
+      h("label", { for: "f-contraction_ratio" }, ...labelFor("contraction_ratio"), " ", shown), slider,
       h("datalist", { id: "ratio-marks" }, marks.map(([v, name]) => h("option", { value: v, label: name }))),
       h("div", { class: "marks", "aria-hidden": "true" }, marks.map(([v, name]) => {
         const mark = h("span", { "data-mark": v }, `${v} ${name}`);
@@ -432,6 +478,27 @@ function cancelDialog(job, onDone) {
   dialog.showModal();
 }
 
+// Copies an id or a URI; a browser that refuses the clipboard leaves the text selectable as it is.
+function copyButton(text) {
+  const button = h("button", { type: "button", class: "secondary copy", "aria-label": `Copy ${text}` }, "Copy");
+  button.addEventListener("click", async () => {
+    try { await navigator.clipboard.writeText(text); button.textContent = "Copied"; } catch { button.textContent = "Select it to copy"; }
+  });
+  return button;
+}
+
+function confirmDialog(title, words, yes, action) {
+  const dialog = h("dialog", { "aria-labelledby": "confirm-title" }, h("h2", { id: "confirm-title" }, title), h("p", {}, words),
+    h("form", { method: "dialog", class: "actions" }, h("button", { value: "no", class: "secondary" }, "Keep it"),
+      h("button", { value: "yes", class: "danger" }, yes)));
+  dialog.addEventListener("close", async () => {
+    dialog.remove();
+    if (dialog.returnValue === "yes") { try { await action(); } catch (error) { showError(error); } }
+  });
+  document.body.append(dialog);
+  dialog.showModal();
+}
+
 async function contractResult(job) {
   if (job.type !== "contract" || job.status !== "completed" || !job.output_model_id) return null;
   const [before, after] = await Promise.all([api("GET", `/models/${encodeURIComponent(job.model)}`),
@@ -454,7 +521,7 @@ async function viewJob(id) {
   const cancel = h("button", { type: "button", class: "danger" }, "Cancel job");
   render(`Job ${id}`, status, h("div", { class: "progress-box" }, progress, line), h("p", { class: "actions" }, cancel),
     h("h2", {}, "Training curve"), charts, details, result);
-  let job = null, ended = false;
+  let job = null, ended = false, dataset = null;
   cancel.addEventListener("click", () => job && cancelDialog(job, refresh));
   async function refresh() {
     if (ended) return;
@@ -462,11 +529,17 @@ async function viewJob(id) {
       api("GET", `/jobs/${encodeURIComponent(id)}/metrics`)]);
     job = latest;
     const p = job.progress;
-    status.replaceChildren(badge(job.status), ` ${job.type} of `, modelLink(job.model), " on ", job.dataset || "–",
-      job.output_model_id ? h("span", {}, " → ", modelLink(job.output_model_id)) : "");
+    dataset = dataset || (job.dataset?.startsWith("ds-")
+      ? await api("GET", `/datasets/${encodeURIComponent(job.dataset)}`).catch(() => null) : null);
+    status.replaceChildren(badge(job.status), ` ${job.type} of `, modelLink(job.model), " on ",
+      dataset ? link("#/datasets", `${dataset.name}${dataset.status === "deleted" ? " (deleted)" : ""}`) : job.dataset || "–",
+      job.settings?.output_name ? ` → ${job.settings.output_name}` : "",
+      job.output_model_id ? h("span", {}, " (", modelLink(job.output_model_id), ")") : "");
     if (p) { progress.max = p.total_steps || 1; progress.value = p.step || 0; }
     else if (job.status === "completed") { progress.max = 1; progress.value = 1; }
-    line.textContent = ACTIVE.includes(job.status) ? progressLine(p) : `Ended ${job.status} at ${when(job.updated_at)}.`;
+    line.textContent = ACTIVE.includes(job.status) ? progressLine(p)
+      : `Ended ${job.status}${p && job.status !== "completed" ? ` at step ${grouped(p.step)} of ${grouped(p.total_steps)}` : ""}, `
+        + `${when(job.updated_at)}, after ${duration((Date.parse(job.updated_at) - Date.parse(job.created_at)) / 1000)}.`;
     cancel.hidden = !ACTIVE.includes(job.status) || job.status === "cancelling";
     const logged = curve.steps.length || curve.evals.length;
     charts.replaceChildren(...(logged || ACTIVE.includes(job.status) ? [
@@ -477,8 +550,10 @@ async function viewJob(id) {
     ] : [h("p", { class: "empty" }, "This job logged no training steps.")]));
     const e = job.estimate || {};
     details.replaceChildren(h("h2", {}, "Estimate and bill"), pairs([
-      ["Estimate", `${money(e.total)} for ${tokens(e.training_tokens)} (${params(e.parameters)}, tier ${e.tier})`, "estimate"],
-      ["ETA when priced", `${duration(e.eta_seconds)} on ${e.instance_count} × ${e.instance_type}`],
+      ["Job", h("span", {}, h("code", {}, job.job_id), " ", copyButton(job.job_id))],
+      ["Estimate", `${money(e.total)} for ${tokens(e.training_tokens)} billed (${params(e.parameters)}, tier ${e.tier})`, "estimate"],
+      e.trained_tokens ? ["Trained tokens", `${tokens(e.trained_tokens)}: ${e.sequences_per_step} sequences a step`] : null,
+      ["ETA on AWS when priced", `${duration(e.eta_seconds)} on ${e.instance_count} × ${e.instance_type}`],
       ["Bill", job.bill !== null && job.bill !== undefined ? h("strong", {}, money(job.bill)) : "when the job ends", "bill"],
       job.failure_reason ? ["Failure reason", h("span", { class: "failure" }, job.failure_reason), "failure"] : null,
       ["Settings", h("code", {}, Object.entries(job.settings || {}).filter(([, v]) => v !== null).map(([k, v]) => `${k}=${v}`).join(", "))],
@@ -510,14 +585,25 @@ async function viewJobs(query) {
         jobs.length ? "" : link("#/jobs/new", "Start a train job"), jobs.length ? "" : " to see it here."));
       return;
     }
-    holder.replaceChildren(table(["Job", "Type", "Status", "Model", "Progress", "Estimate", "Bill", "Output", "Created"],
-      shown.map((j) => h("tr", { "data-job": j.job_id }, h("td", {}, jobLink(j.job_id)), h("td", {}, j.type), h("td", {}, badge(j.status)),
-        h("td", {}, modelLink(j.model)), h("td", {}, j.progress ? `step ${grouped(j.progress.step)}/${grouped(j.progress.total_steps)}` : "–"),
+    holder.replaceChildren(table(["Job", "Name", "Type", "Status", "Model", "Dataset", "Progress", "Estimate", "Bill", "Output", "Created", "Took"],
+      shown.map((j) => h("tr", { "data-job": j.job_id }, h("td", {}, jobLink(j.job_id)), h("td", {}, j.settings?.output_name || "–"),
+        h("td", {}, j.type), h("td", {}, badge(j.status)),
+        h("td", {}, modelLink(j.model)), h("td", {}, j.dataset || "–"),
+        h("td", {}, j.progress ? `step ${grouped(j.progress.step)}/${grouped(j.progress.total_steps)}` : "–"),
         h("td", { class: "num" }, money(j.estimate?.total)), h("td", { class: "num" }, money(j.bill)),
-        h("td", {}, modelLink(j.output_model_id)), h("td", {}, when(j.created_at)))), { "aria-label": "Jobs" }));
+        h("td", {}, modelLink(j.output_model_id)), h("td", {}, when(j.created_at)),
+        h("td", { class: "num" }, ACTIVE.includes(j.status) ? "–" : duration((Date.parse(j.updated_at) - Date.parse(j.created_at)) / 1000)))),
+    { "aria-label": "Jobs" }));
+    active = jobs.some((j) => ACTIVE.includes(j.status));
   }
+  let active = false, last = 0;
   await refresh();
-  every(POLL_MS, () => refresh().then(clearError, showError));
+  // Every 2 s while a job can still move, every 10 s otherwise (a job started elsewhere shows).
+  every(POLL_MS, () => {
+    if (!active && Date.now() - last < IDLE_POLL_MS) return null;
+    last = Date.now();
+    return refresh().then(clearError, showError);
+  });
 }
 
 async function viewDatasets() {
@@ -575,9 +661,13 @@ async function viewDatasets() {
   async function refresh() {
     const { datasets } = await api("GET", "/datasets");
     list.replaceChildren(datasets.length
-      ? table(["Dataset", "Name", "Status", "Size", "Tokens", "Created", "Reason"], datasets.map((d) => h("tr", { "data-dataset": d.dataset_id },
+      ? table(["Dataset", "Name", "Status", "Size", "Tokens", "Created", "Reason", ""], datasets.map((d) => h("tr", { "data-dataset": d.dataset_id },
         h("td", {}, d.dataset_id), h("td", {}, d.name), h("td", {}, badge(d.status)), h("td", { class: "num" }, d.bytes === null ? "–" : `${human(d.bytes)}B`),
-        h("td", { class: "num" }, tokens(d.tokens)), h("td", {}, when(d.created_at)), h("td", {}, d.reason || ""))), { "aria-label": "Datasets" })
+        h("td", { class: "num" }, tokens(d.tokens)), h("td", {}, when(d.created_at)), h("td", {}, d.reason || ""),
+        h("td", {}, h("button", { type: "button", class: "secondary", "aria-label": `Delete ${d.name}`, onclick: () =>
+          confirmDialog(`Delete ${d.name}?`, "Its data is deleted; models trained on it keep its name.", "Delete the dataset",
+            async () => { await api("DELETE", `/datasets/${encodeURIComponent(d.dataset_id)}`); await refresh(); }) }, "Delete")))),
+      { "aria-label": "Datasets" })
       : h("p", { class: "empty" }, "No datasets yet. Upload a JSONL file with a \"text\" field per line, or UTF-8 text."));
   }
   render("Datasets", form, h("h2", {}, "Your datasets"), list);
@@ -599,6 +689,7 @@ function put(url, blob, onProgress) {
 // ---- routing --------------------------------------------------------------------------------
 
 const ROUTES = [
+  [/^#\/?$/, () => viewHome()],
   [/^#\/models\/([^/]+)\/contract$/, (m) => viewContract(decodeURIComponent(m[1]))],
   [/^#\/models\/([^/]+)$/, (m) => viewModel(decodeURIComponent(m[1]))],
   [/^#\/models$/, () => viewModels()],
@@ -612,7 +703,7 @@ async function route() {
   for (const stop of timers) stop();
   timers = [];
   for (const dialog of document.querySelectorAll("dialog")) dialog.remove();
-  const [path, search] = (location.hash || "#/models").split("?");
+  const [path, search] = (location.hash || "#/").split("?");
   const query = new URLSearchParams(search || "");
   for (const a of document.querySelectorAll("header nav a")) {
     a.toggleAttribute("aria-current", a.getAttribute("href") === path);
@@ -626,7 +717,11 @@ async function route() {
   } catch (error) {
     showError(error);
     const words = error.status === 404 ? "It does not exist, or it is not yours." : "The page could not be loaded.";
-    render("Something went wrong", h("p", { class: "empty" }, `${words} ${error.message} `, link("#/models", "Back to the catalog")));
+    const retry = h("button", { type: "button", onclick: () => route() }, "Retry");
+    render("Something went wrong", h("p", { class: "empty" }, `${words} ${error.message} `, link("#/models", "Back to the catalog")),
+      error.status === 404 ? null : h("p", { class: "actions" }, retry));
+    // An outage ends by itself: the page tries again, as a job's page does, until it loads.
+    if (error.status !== 404) every(RETRY_MS, () => api("GET", "/console/config.json").then(() => route(), () => null));
   } finally {
     main.removeAttribute("aria-busy");
     if (document.activeElement === document.body) main.focus({ preventScroll: true });
@@ -644,7 +739,7 @@ async function start() {
     render("Cannot start", h("p", { class: "empty" }, `${error.message} Reload the page to try again.`));
     return;
   }
-  if (!location.hash) history.replaceState(null, "", "#/models");
+  if (!location.hash) history.replaceState(null, "", "#/");
   // One view at a time: a view still loading when the address changes finishes (and has its
   // timers stopped) before the next one renders, so the page always shows the latest address.
   let routing = route();

@@ -1,7 +1,8 @@
 // A small SVG line chart: one series of (x, y) points with labelled axes. Drawing only.
 
 const NS = "http://www.w3.org/2000/svg";
-const W = 560, H = 220, PAD = { left: 56, right: 16, top: 16, bottom: 36 };
+const W = 560, H = 240, PAD = { left: 64, right: 16, top: 34, bottom: 36 };
+const HOVER_POINTS = 200; // points that show their value on hover (evenly chosen past that)
 
 function el(tag, attrs = {}, text) {
   const node = document.createElementNS(NS, tag);
@@ -10,11 +11,20 @@ function el(tag, attrs = {}, text) {
   return node;
 }
 
-const tick = (v) => (Math.abs(v) >= 1000 ? v.toFixed(0) : Math.abs(v) >= 10 ? v.toFixed(1) : v.toFixed(3));
+// A tick's digits follow the data's range: a healing loss near 2e-5 reads 2.13e-5, not 0.000.
+function tick(v, span, top) {
+  if (top < 0.01) return v === 0 ? "0" : v.toExponential(2);
+  if (Math.abs(v) >= 1000) return v.toFixed(0);
+  const digits = span > 0 ? Math.min(4, Math.max(0, Math.ceil(-Math.log10(span)) + 1)) : 3;
+  return v.toFixed(Math.max(digits, Math.abs(v) >= 10 ? 1 : 2));
+}
+
+const value = (v) => (Math.abs(v) < 0.01 && v !== 0 ? v.toExponential(3) : Number(v.toPrecision(5)).toString());
 
 export function lineChart({ title, xLabel, yLabel, points, cls }) {
   const svg = el("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", class: `chart ${cls || ""}` });
   svg.append(el("title", {}, title));
+  svg.append(el("text", { x: PAD.left, y: 20, class: "chart-title" }, title));
   const plotW = W - PAD.left - PAD.right, plotH = H - PAD.top - PAD.bottom;
   svg.append(el("rect", { x: PAD.left, y: PAD.top, width: plotW, height: plotH, class: "plot" }));
   if (!points.length) {
@@ -31,7 +41,8 @@ export function lineChart({ title, xLabel, yLabel, points, cls }) {
   for (const f of [0, 0.5, 1]) {
     const y = y0 + f * (y1 - y0);
     svg.append(el("line", { x1: PAD.left, x2: PAD.left + plotW, y1: sy(y), y2: sy(y), class: "grid" }));
-    svg.append(el("text", { x: PAD.left - 6, y: sy(y) + 4, "text-anchor": "end", class: "tick" }, tick(y)));
+    svg.append(el("text", { x: PAD.left - 6, y: sy(y) + 4, "text-anchor": "end", class: "tick" },
+      tick(y, y1 - y0, Math.max(Math.abs(y0), Math.abs(y1)))));
   }
   for (const f of [0, 0.5, 1]) {
     const x = x0 + f * (x1 - x0);
@@ -43,6 +54,13 @@ export function lineChart({ title, xLabel, yLabel, points, cls }) {
   svg.append(el("polyline", { points: points.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" "), class: "line" }));
   for (const p of points.length <= 40 ? points : [points[points.length - 1]]) {
     svg.append(el("circle", { cx: sx(p[0]), cy: sy(p[1]), r: 3, class: "dot" }));
+  }
+  const every = Math.max(1, Math.ceil(points.length / HOVER_POINTS));
+  for (const [i, p] of points.entries()) {  // wide transparent targets: hovering one shows its value
+    if (i % every && i !== points.length - 1) continue;
+    const target = el("circle", { cx: sx(p[0]), cy: sy(p[1]), r: 7, class: "hover" });
+    target.append(el("title", {}, `${xLabel} ${Math.round(p[0])}: ${yLabel} ${value(p[1])}`));
+    svg.append(target);
   }
   svg.dataset.points = String(points.length);
   return svg;

@@ -36,5 +36,8 @@ export const fixed = (v, digits = 2) => (v === null || v === undefined ? "–" :
 export function when(iso) {
   if (!iso) return "–";
   const d = new Date(iso);
-  return Number.isNaN(d.getTime()) ? iso : d.toISOString().slice(0, 19).replace("T", " ");
+  if (Number.isNaN(d.getTime())) return iso;
+  // The reader's own time, with its zone named, so that nobody takes UTC for local time.
+  return d.toLocaleString("en-GB", { year: "numeric", month: "2-digit", day: "2-digit", hour: "2-digit",
+    minute: "2-digit", second: "2-digit", timeZoneName: "short" });
 }

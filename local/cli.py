@@ -1,11 +1,11 @@
 """`fusion`: the command line for Fusion's HTTP API, on this machine or deployed.
 
     fusion serve                         the whole service on loopback (no AWS account)
-    fusion datasets upload FILE          register, upload and check a dataset
+    fusion datasets upload FILE          register, upload and check a dataset (list|get|delete)
     fusion estimate train --model base-tiny --dataset ds-... --turns 2
     fusion jobs create train ... --wait  submit, then follow it with a live progress bar
     fusion jobs list|get|wait|cancel     follow and control jobs
-    fusion models list|show              the catalog
+    fusion models list|show|delete       the catalog (a deleted model stays in its children's lineage)
     fusion models download MODEL --out DIR   its transformers folder (config.json, safetensors, tokenizer)
     fusion models generate MODEL --prompt TEXT   sample from it on this machine
     fusion models deploy MODEL --instance-type ml.g5.xlarge   serve it from a SageMaker endpoint
@@ -19,27 +19,31 @@ models the API validates with, so their names, defaults and help are the API's o
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Any, get_args
 
 import requests
-from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from local.client import DEFAULT_API_URL, Answer, ApiError, Client
+from local.deploy import COMMANDS as DEPLOY_COMMANDS, add_parsers as deploy_parsers
+from local.output import Output, _pairs, _table, duration, human, money, number
 from shared import contracts
 from shared.responses import (
     CatalogModel,
     Dataset,
     DatasetList,
-    ErrorResponse,
     Job,
     JobList,
     ModelList,
@@ -48,118 +52,10 @@ from shared.responses import (
 )
 from shared.settings import NAME_CHARACTERS, NAME_MAX_LENGTH, ContractSettings, TrainSettings
 from shared.lifecycle import END_STATUSES
-
-DEFAULT_API_URL = "http://127.0.0.1:8080"
-TIMEOUT_S = 30
-Answer = TypeVar("Answer", bound=BaseModel)
+from shared.shapes import SIZES
 
 
-class ApiError(Exception):
-    """The API's refusal ({"error": {"code", "message", "details"}}) or an unreachable API."""
-
-    def __init__(self, message: str, code: str = "", details: list[dict[str, str]] | None = None, status: int = 0):
-        super().__init__(message)
-        self.message, self.code, self.details, self.status = message, code, details or [], status
-
-    def line(self) -> str:
-        fields = "; ".join(d.get("field", "") if d.get("message", "") in self.message else
-                           f"{d.get('field')}: {d.get('message')}" for d in self.details)
-        return f"{self.message}" + (f" ({fields})" if fields else "")
-
-
-class Client:
-    """The HTTP API, with the caller's bearer token."""
-
-    def __init__(self, api_url: str, token: str | None = None):
-        self.api_url = api_url.rstrip("/")
-        self.session = requests.Session()
-        if token:
-            self.session.headers["Authorization"] = f"Bearer {token}"
-
-    def call(self, method: str, path: str, answer: type[Answer], body: dict[str, Any] | None = None) -> Answer:
-        """The API's answer read with its response model; a refusal raises ApiError."""
-        payload = self._send(method, path, body)
-        try:
-            return answer.model_validate(payload)
-        except ValidationError as error:
-            problem = error.errors()[0]
-            where = ".".join(str(p) for p in problem["loc"]) or "body"
-            raise ApiError(f"the API answered {method} {path} with a body that is not a {answer.__name__} "
-                           f"({where}: {problem['msg']}): is it a Fusion API?") from None
-
-    def _send(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
-        try:
-            response = self.session.request(method, self.api_url + path, json=body, timeout=TIMEOUT_S)
-        except requests.ConnectionError:
-            raise ApiError(f"cannot reach the Fusion API at {self.api_url}: start it with `fusion serve` "
-                           "or pass --api-url") from None
-        try:
-            payload = response.json()
-        except ValueError:
-            payload = {}
-        if response.status_code >= 400:
-            try:
-                error = ErrorResponse.model_validate(payload).error
-            except ValidationError:
-                error = None
-            if error is not None:
-                raise ApiError(error.message or response.reason, error.code,
-                               [d.model_dump() for d in error.details], response.status_code)
-            message = payload.get("message") if isinstance(payload, dict) else None  # API Gateway's own refusals
-            raise ApiError(f"HTTP {response.status_code}: {message or response.reason}", status=response.status_code)
-        return payload
-
-
-# --- formatting --------------------------------------------------------------------------------
-
-
-def human(n: Any) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n:g}"
-
-
-def duration(seconds: Any) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(round(float(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def money(value: Any) -> str:
-    """Totals come in cents; components keep their exact sub-cent value (shown without trailing zeros)."""
-    if value in (None, ""):
-        return "-"
-    text = str(value)
-    if "." in text and len(text.split(".")[1]) > 2:
-        text = text.rstrip("0")
-    return f"${text}"
-
-
-def number(value: Any, digits: int = 2) -> str:
-    return "-" if value is None else f"{float(value):.{digits}f}"
-
-
-def _table(*columns: str, right: tuple[str, ...] = ()) -> Table:
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in columns:
-        table.add_column(column, justify="right" if column in right else "left", no_wrap=True)
-    return table
-
-
-def _pairs(rows: list[tuple[str, str]]) -> Table:
-    table = Table(box=None, show_header=False, pad_edge=False)
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column()
-    for key, value in rows:
-        table.add_row(key, value)
-    return table
+# --- tables ------------------------------------------------------------------------------------
 
 
 def models_table(models: list[CatalogModel]) -> Table:
@@ -188,29 +84,71 @@ def datasets_table(datasets: list[Dataset]) -> Table:
     return table
 
 
+def what_runs(job_type: str, settings: dict[str, Any], estimate: Any = None) -> str:
+    """The run the settings make, in words: turns, cycles and steps as the trainer will take them."""
+    try:
+        if job_type == "train":
+            train = TrainSettings.model_validate(settings)
+            cycles = train.cycle_steps()
+            steps = (f"{len(cycles)} cycle{'s' * (len(cycles) > 1)} of {cycles[0]:,} steps" if len(set(cycles)) == 1
+                     else f"{len(cycles)} cycles of {min(cycles):,}-{max(cycles):,} steps")
+            run = f"{train.turns} turn{'s' * (train.turns > 1)} x {steps}, seq_len {train.seq_len}, lr {train.lr:g}"
+        else:
+            contract = ContractSettings.model_validate(settings)
+            run = (f"prune {contract.contraction_ratio:g} of {contract.num_layers_to_contract} blocks, "
+                   f"then {contract.train_steps:,} healing steps")
+    except ValueError:  # settings of another shape (an older record): as they are
+        return json.dumps(settings, separators=(", ", "=")).strip("{}").replace('"', "")
+    if estimate is not None and estimate.sequences_per_step:
+        run += f", {estimate.sequences_per_step} sequences a step"
+    return run
+
+
+def tokens_rows(e: Any) -> list[tuple[str, str]]:
+    """Billed tokens (the price's count) and trained tokens (what the model sees), named apart."""
+    rows = [("billed tokens", f"{e.training_tokens:,} (turns x steps x seq_len)")]
+    if e.trained_tokens is not None:
+        rows.append(("trained tokens", f"{e.trained_tokens:,} (billed tokens x {e.sequences_per_step} sequences a step)"))
+    return rows
+
+
 def estimate_table(quote: Quote) -> Table:
+    """The API's estimate, so that it adds up: exact parts, their sum, then the total charged."""
     e = quote.estimate
-    rows = [
-        ("job", f"{quote.type} of {quote.model} on {quote.dataset or '-'}"),
-        ("training tokens", f"{e.training_tokens:,}"),
-        ("parameters", f"{human(e.parameters)} (tier {e.tier}, ${e.usd_per_million_tokens} per 1M tokens)"),
-        ("training cost", money(e.training_cost)),
-    ]
+    parts = [("training cost", e.training_cost,
+              f"{human(e.training_tokens)} billed tokens at ${e.usd_per_million_tokens} per 1M (tier {e.tier}, "
+              f"{human(e.parameters)} parameters)")]
     if e.growth_parameters:
-        rows.append(("growth fee", f"{money(e.growth_fee)} for {human(e.growth_parameters)} parameters added"))
+        parts.append(("growth fee", e.growth_fee, f"{human(e.growth_parameters)} parameters added"))
     if e.contraction_fee:
-        rows.append(("contraction fee", money(e.contraction_fee)))
-    rows += [("total", f"[bold]{money(e.total)}[/bold]"),
-             ("eta", f"{duration(e.eta_seconds)} on {e.instance_count} x {e.instance_type}")]
+        parts.append(("contraction fee", e.contraction_fee, f"flat, tier {e.tier}"))
+    exact = sum((amount for _, amount, _ in parts), Decimal(0))
+    rows = [("job", f"{quote.type} of {quote.model} on {quote.dataset or '-'}"),
+            ("runs", what_runs(quote.type, quote.settings, e)), *tokens_rows(e)]
+    rows += [(name, f"{money(amount)}  {note}") for name, amount, note in parts]
+    rows.append(("sum", money(exact)))
+    if e.minimum_charge:
+        rows.append(("minimum charge", f"{money(e.minimum_charge)} (the least any job pays)"))
+    rounded = exact.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+    why = "the minimum charge" if e.total > rounded else "the sum rounded to cents"
+    rows.append(("total", f"[bold]{money(e.total)}[/bold] ({why})"))
+    rows.append(("eta on AWS", eta_words(e)))
     rows += [("warning", w) for w in quote.warnings]
     return _pairs(rows)
+
+
+def eta_words(e: Any) -> str:
+    """The estimate's ETA is a SageMaker run's: on a local stack the job runs on this machine instead."""
+    launch = f", {duration(e.launch_seconds)} of it starting the instance" if e.launch_seconds else ""
+    return f"{duration(e.eta_seconds)} on {e.instance_count} x {e.instance_type}{launch}"
 
 
 def job_table(job: Job) -> Table:
     rows = [("job", job.job_id), ("type", job.type), ("status", job.status), ("model", job.model or "-"),
             ("dataset", job.dataset or "-"), ("estimate", money(job.estimate.total)), ("bill", money(job.bill)),
             ("output model", job.output_model_id or "-"), ("training job", job.training_job_name or "-"),
-            ("created", job.created_at), ("updated", job.updated_at)]
+            ("runs", what_runs(job.type, job.settings, job.estimate)), *tokens_rows(job.estimate),
+            ("eta on AWS", eta_words(job.estimate)), ("created", job.created_at), ("updated", job.updated_at)]
     if job.failure_reason:
         rows.append(("failure", job.failure_reason))
     if job.progress:
@@ -220,14 +158,22 @@ def job_table(job: Job) -> Table:
     return _pairs(rows)
 
 
-def model_table(model: CatalogModel) -> Table:
+def model_table(model: CatalogModel, parent: CatalogModel | None = None) -> Table:
+    """One model; with its parent, the parent's state and the differences from it."""
+    parent_words = model.parent_id or "-"
+    if parent is not None:
+        parent_words += " (deleted)" if parent.status == "deleted" else ""
+        if parent.parameters and model.parameters:
+            parent_words += f", parameters {(model.parameters / parent.parameters - 1):+.0%}"
+        if parent.perplexity and model.perplexity:
+            parent_words += f", perplexity {(model.perplexity / parent.perplexity - 1):+.1%}"
     rows = [("model", model.model_id), ("name", model.name or "-"), ("kind", model.kind), ("owner", model.owner),
-            ("parent", model.parent_id or "-"), ("job", model.job_id or "-"),
+            ("parent", parent_words), ("job", model.job_id or "-"),
             ("parameters", f"{human(model.parameters)} ({model.parameters or 0:,})"),
             ("depth", str(model.depth or "-")), ("perplexity", number(model.perplexity)), ("cost", money(model.cost)),
             ("dataset", model.dataset or "-"), ("artifact", model.artifact_uri or "-"), ("created", model.created_at)]
     if model.status != "ready":
-        rows.append((model.status, model.reason or "-"))
+        rows.append((model.status, model.reason or model.deleted_at or "-"))
     config = model.config
     if config:
         shapes = sorted({(layer.n_heads, layer.n_kv_heads, layer.mlp_hidden) for layer in config.layers})
@@ -236,11 +182,19 @@ def model_table(model: CatalogModel) -> Table:
     return _pairs(rows)
 
 
-def progress_line(p: contracts.Progress) -> str:
-    parts = [f"turn {p.turn}/{p.turns}", f"cycle {p.cycle}/{p.cycles}", f"step {p.step}/{p.total_steps}"]
+def loss_words(loss: float) -> str:
+    """Three decimals for a training loss; three significant digits for a small one (a healing
+    step's distillation loss is near 1e-5, which three decimals would show as 0.000)."""
+    return f"{loss:.3f}" if abs(loss) >= 0.1 or loss == 0 else f"{loss:.3g}"
+
+
+def progress_line(p: contracts.Progress, narrow: bool = False) -> str:
+    """Where a run is; `narrow` keeps what fits an 80-column terminal beside the bar."""
+    parts = [] if narrow else [f"turn {p.turn}/{p.turns}", f"cycle {p.cycle}/{p.cycles}"]
+    parts.append(f"step {p.step}/{p.total_steps}")
     if p.loss is not None:
-        parts.append(f"loss {p.loss:.3f}")
-    if p.perplexity is not None:
+        parts.append(f"loss {loss_words(p.loss)}")
+    if p.perplexity is not None and not narrow:
         parts.append(f"ppl {p.perplexity:.1f}")
     parts.append(f"eta {duration(p.eta_seconds)}")
     return " · ".join(parts)
@@ -249,31 +203,79 @@ def progress_line(p: contracts.Progress) -> str:
 # --- following a job ---------------------------------------------------------------------------
 
 
-def follow(client: Client, job_id: str, console: Console, *, interval: float = 1.0, timeout: float | None = None) -> Job:
-    """Poll a job until it ends, with a live bar of its progress.json; returns the final job."""
+class StoppedFollowing(Exception):
+    """Ctrl-C while following a job: the job goes on; only the following stops."""
+
+    def __init__(self, job_id: str):
+        super().__init__(job_id)
+        self.job_id = job_id
+
+    def line(self) -> str:
+        return (f"stopped following job {self.job_id}; the job goes on. Follow it again with "
+                f"`fusion jobs wait {self.job_id}`, or stop it with `fusion jobs cancel {self.job_id}`")
+
+
+NARROW_COLUMNS = 100  # below this the bar's line leaves out turn, cycle and perplexity
+
+
+def follow(client: Client, job_id: str, console: Console, *, interval: float = 1.0, timeout: float | None = None,
+           show: bool = True) -> Job:
+    """Poll a job until it ends, with a live bar of its progress.json (none when not `show`);
+    returns the final job. Ctrl-C raises StoppedFollowing: the job itself goes on."""
+    try:
+        if not show:
+            return _poll_until_end(client, job_id, interval, timeout, lambda job: None)
+        return _follow_with_bar(client, job_id, console, interval, timeout)
+    except KeyboardInterrupt:
+        raise StoppedFollowing(job_id) from None
+
+
+def _poll_until_end(client: Client, job_id: str, interval: float, timeout: float | None,
+                    seen: Callable[[Job], None]) -> Job:
     deadline = time.monotonic() + timeout if timeout else None
-    columns = [TextColumn("{task.fields[status]:<10}"), BarColumn(bar_width=30),
+    while True:
+        job = client.call("GET", f"/jobs/{job_id}", Job)
+        seen(job)
+        if job.status in END_STATUSES:
+            return job
+        if deadline and time.monotonic() > deadline:
+            raise ApiError(f"job {job_id} is still {job.status} after {duration(timeout)}")
+        time.sleep(interval)
+
+
+def _follow_with_bar(client: Client, job_id: str, console: Console, interval: float, timeout: float | None) -> Job:
+    narrow = console.width < NARROW_COLUMNS
+    columns = [TextColumn("{task.fields[status]:<10}"), BarColumn(bar_width=12 if narrow else 30),
                TextColumn("{task.percentage:>3.0f}%"), TextColumn("{task.fields[detail]}"), TimeElapsedColumn()]
-    last_line, printed = "", ""
+    printed: tuple[int, int] | None = None
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(job_id, total=None, status="queued", detail="")
-        while True:
-            job = client.call("GET", f"/jobs/{job_id}", Job)
+
+        def seen(job: Job) -> None:
+            nonlocal printed
             p = job.progress
             if p and p.total_steps:
                 bar.update(task, total=p.total_steps, completed=p.step)
-                last_line = progress_line(p)
-            if job.status == "completed":
-                bar.update(task, total=bar.tasks[0].total or 1, completed=bar.tasks[0].total or 1)
-            bar.update(task, status=job.status, detail=last_line or _waiting(job.status))
-            if not console.is_terminal and p and (p.turn, p.cycle) != printed:
+            bar.update(task, status=job.status, detail=_detail(job, narrow))
+            if job.status == "completed":  # the last progress.json may predate the last steps
+                total = bar.tasks[0].total or 1
+                bar.update(task, total=total, completed=total)
+            if not console.is_terminal and p and (p.turn, p.cycle) != printed and job.status not in END_STATUSES:
                 printed = (p.turn, p.cycle)  # a log gets one line per cycle, not a redrawn bar
-                console.print(f"  {job.status}: {last_line}")
-            if job.status in END_STATUSES:
-                return job
-            if deadline and time.monotonic() > deadline:
-                raise ApiError(f"job {job_id} is still {job.status} after {duration(timeout)}")
-            time.sleep(interval)
+                console.print(f"  {job.status}: {progress_line(p)}")
+
+        return _poll_until_end(client, job_id, interval, timeout, seen)
+
+
+def _detail(job: Job, narrow: bool) -> str:
+    """The words beside the bar: where the run is, or, once it ended, what happened."""
+    p = job.progress
+    if job.status == "completed":
+        done = f"all {p.total_steps} steps" if p and p.total_steps else "done"
+        return done + (f" · loss {loss_words(p.loss)}" if p and p.loss is not None else "")
+    if job.status in ("cancelled", "failed"):
+        return f"{job.status} at step {p.step}/{p.total_steps}" if p and p.total_steps else job.status
+    return progress_line(p, narrow) if p else _waiting(job.status)
 
 
 def _waiting(status: str) -> str:
@@ -324,8 +326,10 @@ def _job_parsers(sub: argparse._SubParsersAction, name: str, help_text: str) -> 
     train.add_argument("--dataset", required=True, help="a ready dataset id (ds-...) or an s3:// URI under your prefix")
     _settings_flags(train, TrainSettings)
     contract = kinds.add_parser("contract", help="prune a trained model into a smaller one")
+    contract.add_argument("--model", "--source-model-id", dest="hp_source_model_id", required=True, metavar="MODEL",
+                          help="the trained model to contract, e.g. m-... (the API's source_model_id)")
     contract.add_argument("--dataset", help="calibration data (default: the source model's dataset)")
-    _settings_flags(contract, ContractSettings)
+    _settings_flags(contract, ContractSettings, skip=("source_model_id",))
     for p in (train, contract):
         if name == "create":
             p.add_argument("--wait", action="store_true", help="follow the job with a live progress bar until it ends")
@@ -349,13 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the Fusion HTTP API (env FUSION_API_URL; default %(default)s)")
     parser.add_argument("--token", default=os.environ.get("FUSION_TOKEN"),
                         help="bearer JWT for a deployed API (env FUSION_TOKEN); the local stack needs none")
-    parser.add_argument("--json", action="store_true", help="print the API's JSON instead of tables")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON document (the API's answer) instead of tables; may come anywhere")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the whole service on this machine (moto, local SageMaker, HTTP API)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--sizes", default="debug,tiny", help="base model sizes to provide (default %(default)s)")
+    serve.add_argument("--sizes", default="debug,tiny",
+                       help="the random base models to make and register, as base-<size> (of "
+                            f"{', '.join(SIZES)}; default %(default)s)")
     serve.add_argument("--verbose", action="store_true", help="log the functions and AWS calls")
 
     _job_parsers(sub, "estimate", "price a job without creating it")
@@ -373,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="the catalog").add_subparsers(dest="action", required=True)
     models.add_parser("list", help="base models and yours")
     models.add_parser("show", help="one model in detail").add_argument("model_id")
+    models.add_parser("delete", help="delete one of your models (its children keep their lineage)").add_argument("model_id")
     download = models.add_parser("download", help="write a model's transformers folder to a directory")
     download.add_argument("model_id")
     download.add_argument("--out", required=True, type=Path, help="a new or empty directory")
@@ -383,8 +391,6 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default %(default)s)")
     generate.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default %(default)s)")
     generate.add_argument("--seed", type=int, default=0)
-    from local.deploy import add_parsers as deploy_parsers  # here: local.deploy imports this module
-
     deploy_parsers(models)
     from local.admin import add_parsers as admin_parsers
 
@@ -394,10 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     upload = datasets.add_parser("upload", help="register, upload and check a dataset")
     upload.add_argument("file", type=Path)
     upload.add_argument("--name", help="dataset name (default: the file's name)")
-    upload.add_argument("--format", choices=("jsonl", "text"), help="default: jsonl for .jsonl files, text otherwise")
+    upload.add_argument("--format", choices=("jsonl", "text"),
+                        help="default: from the content (JSON lines or a JSON array are JSONL, else text)")
     upload.add_argument("--no-wait", action="store_true", help="return once uploaded, before the check")
     datasets.add_parser("list", help="your datasets")
     datasets.add_parser("get", help="one dataset").add_argument("dataset_id")
+    datasets.add_parser("delete", help="delete one of your datasets and its data").add_argument("dataset_id")
     return parser
 
 
@@ -409,11 +417,58 @@ def dataset_name(file: Path) -> str:
     return re.sub(f"[^{NAME_CHARACTERS}]", "-", file.stem)[:NAME_MAX_LENGTH] or "dataset"
 
 
+DETECT_BYTES = 1 << 16  # what format detection reads of a file's start
+
+
+def detect_format(file: Path) -> tuple[str, str]:
+    """(the API's format, why) from the file's content, the name only breaking a tie: a .json file
+    of JSON lines is JSONL, a JSON array is records, anything else is plain text."""
+    with file.open("rb") as handle:
+        head = handle.read(DETECT_BYTES).decode("utf-8", errors="replace")
+    start = head.lstrip()
+    if start.startswith("["):
+        return "array", "a JSON array: each element one record, uploaded as JSONL"
+    if start.startswith("{"):
+        first = start.split("\n", 1)[0]
+        try:
+            json.loads(first)
+        except ValueError:
+            if file.suffix in (".jsonl", ".json"):
+                return "jsonl", f"the name says JSON ({file.suffix}); the check reports a line that is not"
+            return "text", "plain text (its first line is not a JSON object)"
+        return "jsonl", "one JSON object a line"
+    if file.suffix == ".jsonl":
+        return "jsonl", "the name says JSONL, though it does not start with {"
+    return "text", "plain text"
+
+
+def _array_as_jsonl(file: Path, into: Path) -> Path:
+    """A JSON array's elements, one a line: objects as they are, strings as {"text": ...}."""
+    try:
+        records = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ApiError(f"{file} starts like a JSON array but is not one: {error}") from None
+    if not isinstance(records, list):
+        raise ApiError(f"{file} is not a JSON array")
+    target = into / (file.stem + ".jsonl")
+    with target.open("w", encoding="utf-8") as out:
+        for record in records:
+            out.write(json.dumps({"text": record} if isinstance(record, str) else record) + "\n")
+    return target
+
+
 def upload_dataset(client: Client, file: Path, *, name: str | None = None, fmt: str | None = None,
-                   wait: bool = True, timeout: float = 300) -> Dataset:
+                   wait: bool = True, timeout: float = 300, said: Callable[[str], None] = lambda line: None) -> Dataset:
+    """Register, upload and (with `wait`) check a dataset; `said` hears the format chosen and why."""
     if not file.is_file():
         raise ApiError(f"no such file: {file}")
-    fmt = fmt or ("jsonl" if file.suffix == ".jsonl" else "text")
+    if fmt is None:
+        fmt, why = detect_format(file)
+        said(f"format: {'jsonl' if fmt == 'array' else fmt} ({why}); --format overrides it")
+    if fmt == "array":
+        with tempfile.TemporaryDirectory(prefix="fusion-upload-") as work:
+            return upload_dataset(client, _array_as_jsonl(file, Path(work)), name=name or dataset_name(file),
+                                  fmt="jsonl", wait=wait, timeout=timeout)
     name = name or dataset_name(file)
     registered = client.call("POST", "/datasets", RegisteredDataset, {"name": name, "format": fmt})
     with file.open("rb") as body:
@@ -430,22 +485,6 @@ def upload_dataset(client: Client, file: Path, *, name: str | None = None, fmt: 
     return dataset
 
 
-class Output:
-    """Where a command's answer goes: a rendered table, or the API's JSON with --json."""
-
-    def __init__(self, console: Console, as_json: bool):
-        self.console, self.as_json = console, as_json
-
-    def show(self, data: BaseModel | list[BaseModel] | dict[str, Any], render: Callable[[Any], Any]) -> None:
-        """An API answer (a model or a list of them) or a command's own result (a plain dict)."""
-        if self.as_json:
-            plain = [d.model_dump(mode="json") for d in data] if isinstance(data, list) else (
-                data.model_dump(mode="json") if isinstance(data, BaseModel) else data)
-            self.console.print_json(json.dumps(plain))
-        else:
-            self.console.print(render(data))
-
-
 def estimate(args: argparse.Namespace, client: Client, out: Output) -> int:
     out.show(client.call("POST", "/jobs/estimate", Quote, _job_request(args)), estimate_table)
     return 0
@@ -453,14 +492,19 @@ def estimate(args: argparse.Namespace, client: Client, out: Output) -> int:
 
 def jobs_create(args: argparse.Namespace, client: Client, out: Output) -> int:
     job = client.call("POST", "/jobs", Job, _job_request(args))
-    if out.as_json and not args.wait:
+    if out.as_json:  # one document: the job as created, or as it ended
+        job = follow(client, job.job_id, out.console, show=False) if args.wait else job
         out.show(job, job_table)
-        return 0
+        return _exit_code(job) if args.wait else 0
     out.console.print(f"job [bold]{job.job_id}[/bold] {job.status}: estimate "
-                      f"{money(job.estimate.total)}, eta {duration(job.estimate.eta_seconds)}")
+                      f"{money(job.estimate.total)}, eta on AWS {duration(job.estimate.eta_seconds)}")
     for warning in job.warnings:
         out.console.print(f"[yellow]warning[/yellow]: {warning}")
     return report_end(follow(client, job.job_id, out.console), out.console) if args.wait else 0
+
+
+def _exit_code(job: Job) -> int:
+    return 0 if job.status == "completed" else 1
 
 
 Command = Callable[[argparse.Namespace, "Client", "Output"], int]
@@ -478,7 +522,30 @@ def _reader(path: str, answer: type[Answer], render: Callable[[Any], Any], items
 jobs_list = _reader("/jobs", JobList, jobs_table, items="jobs")
 jobs_get = _reader("/jobs/{job_id}", Job, job_table)
 models_list = _reader("/models", ModelList, models_table, items="models")
-models_show = _reader("/models/{model_id}", CatalogModel, model_table)
+
+
+def models_show(args: argparse.Namespace, client: Client, out: Output) -> int:
+    model = client.call("GET", f"/models/{args.model_id}", CatalogModel)
+    parent = None
+    if model.parent_id and not out.as_json:
+        try:
+            parent = client.call("GET", f"/models/{model.parent_id}", CatalogModel)
+        except ApiError:
+            pass
+    out.show(model, lambda m: model_table(m, parent))
+    return 0
+
+
+def models_delete(args: argparse.Namespace, client: Client, out: Output) -> int:
+    model = client.call("DELETE", f"/models/{args.model_id}", CatalogModel)
+    out.show(model, lambda m: f"model {m.model_id} deleted; models made from it still name it as their parent")
+    return 0
+
+
+def datasets_delete(args: argparse.Namespace, client: Client, out: Output) -> int:
+    dataset = client.call("DELETE", f"/datasets/{args.dataset_id}", Dataset)
+    out.show(dataset, lambda d: f"dataset {d.dataset_id} ({d.name}) deleted, with its data")
+    return 0
 
 
 def jobs_cancel(args: argparse.Namespace, client: Client, out: Output) -> int:
@@ -488,6 +555,10 @@ def jobs_cancel(args: argparse.Namespace, client: Client, out: Output) -> int:
 
 
 def jobs_wait(args: argparse.Namespace, client: Client, out: Output) -> int:
+    if out.as_json:
+        job = follow(client, args.job_id, out.console, timeout=args.timeout, show=False)
+        out.show(job, job_table)
+        return _exit_code(job)
     return report_end(follow(client, args.job_id, out.console, timeout=args.timeout), out.console)
 
 
@@ -495,7 +566,8 @@ def models_download(args: argparse.Namespace, client: Client, out: Output) -> in
     from local.models import download
 
     path = download(client, args.model_id, args.out)
-    out.console.print(f"model {args.model_id} written to {path} (load it with transformers' from_pretrained)")
+    out.show({"model_id": args.model_id, "path": str(path)},
+             lambda d: f"model {d['model_id']} written to {d['path']} (load it with transformers' from_pretrained)")
     return 0
 
 
@@ -506,12 +578,16 @@ def models_generate(args: argparse.Namespace, client: Client, out: Output) -> in
         raise ApiError("--max-tokens must be at least 1, --temperature at least 0, --top-p in (0, 1]")
     text = generate_text(client, args.model_id, args.prompt, max_tokens=args.max_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    out.console.print(args.prompt + text, markup=False)
+    if out.as_json:
+        out.show({"model_id": args.model_id, "prompt": args.prompt, "text": text}, str)
+    else:
+        out.console.print(args.prompt + text, markup=False)
     return 0
 
 
 def datasets_upload(args: argparse.Namespace, client: Client, out: Output) -> int:
-    dataset = upload_dataset(client, args.file, name=args.name, fmt=args.format, wait=not args.no_wait)
+    dataset = upload_dataset(client, args.file, name=args.name, fmt=args.format, wait=not args.no_wait,
+                             said=lambda line: None if out.as_json else out.console.print(line, markup=False))
     out.show(dataset, lambda d: datasets_table([d]))
     if dataset.status == "rejected":
         raise ApiError(f"dataset {dataset.dataset_id} was rejected: {dataset.reason}")
@@ -537,11 +613,13 @@ COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace, Client, Out
     ("jobs", "wait"): jobs_wait,
     ("models", "list"): models_list,
     ("models", "show"): models_show,
+    ("models", "delete"): models_delete,
     ("models", "download"): models_download,
     ("models", "generate"): models_generate,
     ("datasets", "upload"): datasets_upload,
     ("datasets", "list"): datasets_list,
     ("datasets", "get"): datasets_get,
+    ("datasets", "delete"): datasets_delete,
 }
 
 
@@ -549,10 +627,25 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.command == "serve":
         return _serve(args, console)
     from local.admin import COMMANDS as ADMIN_COMMANDS
-    from local.deploy import COMMANDS as DEPLOY_COMMANDS
 
     command = {**COMMANDS, **DEPLOY_COMMANDS, **ADMIN_COMMANDS}[(args.command, getattr(args, "action", None))]
     return command(args, Client(args.api_url, args.token), Output(console, args.json))
+
+
+def job_event_line(job: dict[str, Any]) -> str:
+    """One line for a job's new status, as `fusion serve` prints it (a job record of any tenant)."""
+    status = job.get("status", "?")
+    line = (f"{time.strftime('%H:%M:%S')} job {job['job_id']} ({job.get('type')} of {job.get('model') or '-'}, "
+            f"tenant {job.get('owner')}): {status}")
+    if status == "queued":
+        line += f", estimate {money((job.get('estimate') or {}).get('total'))}"
+    elif status == "completed":
+        line += f" -> model {job.get('output_model_id')}, billed {money(job.get('bill'))}"
+    elif status == "cancelled":
+        line += f", billed {money(job.get('bill'))}"
+    elif status == "failed":
+        line += f": {job.get('failure_reason') or 'no reason given'}"
+    return line
 
 
 def _serve(args: argparse.Namespace, console: Console) -> int:
@@ -568,21 +661,114 @@ def _serve(args: argparse.Namespace, console: Console) -> int:
                       f"  curl -s {stack.api_url}/models")
 
     try:
-        serve(args.host, args.port, base_sizes=sizes, on_ready=ready, verbose=args.verbose)
+        serve(args.host, args.port, base_sizes=sizes, on_ready=ready, verbose=args.verbose,
+              on_job=lambda job: console.print(job_event_line(job), markup=False))
     except OSError as error:  # typically the port is taken by another `fusion serve`
         raise ApiError(f"cannot serve on {args.host}:{args.port}: {error.strerror or error}") from None
     console.print("stopped")
     return 0
 
 
+# --- errors in the command line's words -----------------------------------------------------------
+
+
+def flag_of(field: str) -> str | None:
+    """The flag that sets an API field: hyperparams.seq_len -> --seq-len."""
+    name = field.removeprefix("hyperparams.")
+    if name == "source_model_id":
+        return "--model"
+    if field.startswith("hyperparams.") or name in ("model", "dataset", "name"):
+        return "--" + name.replace("_", "-")
+    return None
+
+
+def explain(error: ApiError, args: argparse.Namespace, client: Client | None) -> str:
+    """The API's refusal in the CLI's words: each field as the flag that sets it, and the fix."""
+    flagged = [(flag_of(d.get("field", "")), d.get("message", "")) for d in error.details]
+    if flagged and all(flag for flag, _ in flagged):
+        line = "; ".join(f"{flag}: {message}" for flag, message in flagged)
+    else:
+        line = error.line()
+    return line + "".join(f"\n  {hint}" for hint in _hints(error, args, client))
+
+
+def _hints(error: ApiError, args: argparse.Namespace, client: Client | None) -> list[str]:
+    fields = {d.get("field") for d in error.details}
+    if error.code == "model_not_found" and client is not None:
+        wanted = getattr(args, "model", None) or getattr(args, "hp_source_model_id", None) or getattr(args, "model_id", "")
+        try:
+            known = [m.model_id for m in client.call("GET", "/models", ModelList).models]
+        except ApiError:
+            known = []
+        close = difflib.get_close_matches(wanted, known, n=3, cutoff=0.5) or [k for k in known if k.endswith("-" + wanted)]
+        return [f"did you mean {' or '.join(close)}?" if close else "`fusion models list` shows the model ids"]
+    if error.code == "dataset_not_found" and "dataset" in fields:
+        given = getattr(args, "dataset", None) or ""
+        if Path(given).is_file() or not given.startswith(("ds-", "s3://")):
+            return [f"--dataset takes a dataset id: upload the file first with `fusion datasets upload {given}`, "
+                    "then pass the ds-... id it prints"]
+        return ["`fusion datasets list` shows your dataset ids"]
+    return []
+
+
+GLOBAL_FLAGS = {"--json": False, "--api-url": True, "--token": True}  # flag: takes a value
+
+
+def _globals_first(argv: list[str]) -> list[str]:
+    """The line with its global flags (--json, --api-url, --token) moved in front of the command,
+    so that they may come anywhere (before a `--`)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    front, rest, i = [], [], 0
+    while i < end:
+        name = argv[i].split("=", 1)[0]
+        if name in GLOBAL_FLAGS:
+            takes = GLOBAL_FLAGS[name] and "=" not in argv[i]
+            front += argv[i:i + 1 + takes]
+            i += 1 + takes
+        else:
+            rest.append(argv[i])
+            i += 1
+    return front + rest + argv[end:]
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command the line names, deepest first: its usage is the one to show."""
+    for key in ("command", "action", "job_type"):
+        chosen = getattr(args, key, None)
+        subparsers = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if chosen is None or subparsers is None or chosen not in subparsers.choices:
+            break
+        parser = subparsers.choices[chosen]
+    return parser
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments, or exit 2 with the usage of the command at fault and the flag it likely meant."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(_globals_first(argv))
+    if unknown:
+        command = _command_parser(parser, args)
+        flags = [o for a in command._actions for o in a.option_strings] + list(GLOBAL_FLAGS)
+        wrong = next((u for u in unknown if u.startswith("-")), unknown[0])
+        close = difflib.get_close_matches(wrong.split("=")[0], flags, n=1, cutoff=0.6)
+        command.error(f"unrecognized argument {wrong}" + (f": did you mean {close[0]}?" if close else
+                      f" (`{command.prog} --help` lists the flags)"))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(list(sys.argv[1:] if argv is None else argv))
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    errors = Console(stderr=True, highlight=False, width=200)
     try:
         return run(args, console)
     except ApiError as error:
-        Console(stderr=True, highlight=False, width=200).print(f"[red]error[/red]: {error.line()}", soft_wrap=True)
+        client = Client(args.api_url, args.token) if args.command != "serve" else None
+        errors.print(f"[red]error[/red]: {explain(error, args, client)}", soft_wrap=True)
         return 1
+    except StoppedFollowing as stopped:
+        errors.print(stopped.line(), soft_wrap=True, markup=False)
+        return 130
     except KeyboardInterrupt:
         return 130
 

@@ -30,7 +30,8 @@ import tempfile
 from pathlib import PurePosixPath
 from typing import Any
 
-from local.cli import ApiError, Client, Output, _pairs
+from local.client import ApiError, Client
+from local.output import Output, _pairs
 from shared.hf import EXPORT_DIR
 from shared.outputs import split_s3
 from shared.responses import CatalogModel

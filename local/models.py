@@ -15,7 +15,7 @@ from typing import Any
 
 import requests
 
-from local.cli import ApiError
+from local.client import ApiError
 from shared.hf import EXPORT_DIR
 from shared.responses import Download
 

@@ -32,6 +32,11 @@ from typing import Any
 from local.aws import LOCAL_ACCOUNT
 
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+GIB = 1 << 30
+# A job's host memory on a CPU, from the memory plan's bytes for one GPU: activations are fp32
+# here (no bf16 autocast), and the interpreter, torch, the tokenizer and the data add a fixed
+# part. Measured: grown `small` (145M parameters, 16 x 256 a step) peaked near 10 GB.
+CPU_MEMORY_FACTOR, CPU_MEMORY_BASE = 1.6, GIB // 2
 SYNC_SECONDS = 1.0
 END_STATES = ("Completed", "Failed", "Stopped")
 
@@ -142,6 +147,7 @@ class LocalSageMaker:
         region: str = "us-east-1",
         train_command: list[str] | None = None,
         stop_grace_seconds: float = 30.0,
+        memory_bytes: int | None = None,
     ):
         self._s3_factory = s3_client
         self._s3 = None
@@ -152,6 +158,12 @@ class LocalSageMaker:
         self.stop_grace_seconds = stop_grace_seconds
         self.jobs: dict[str, TrainingJob] = {}
         self.lock = threading.Lock()
+        # Jobs start only while the memory they need fits what was free when the stack started
+        # (one always may), and share the cores: two trainers each given every core thrash.
+        self.memory_bytes = memory_bytes if memory_bytes is not None else available_memory()
+        self.cores = max(1, (os.cpu_count() or 2) - 1)  # a core is left to the stack itself
+        self._running: dict[str, int] = {}  # job name -> the bytes it was admitted with
+        self._room = threading.Condition(self.lock)
         self.server: ThreadingHTTPServer | None = None
         self._server_thread: threading.Thread | None = None
 
@@ -289,12 +301,42 @@ class LocalSageMaker:
         return count
 
     def _train(self, job: TrainingJob, root: Path) -> None:
-        env = {**os.environ, **job.request.get("Environment", {}), "FUSION_ML_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+        need = job_memory_bytes(root)
+        if not self._admit(job, need):
+            return
+        try:
+            self._run_process(job, root, need)
+        finally:
+            with self._room:
+                self._running.pop(job.name, None)
+                self._room.notify_all()
+
+    def _admit(self, job: TrainingJob, need: int) -> bool:
+        """Wait until the job's memory fits beside the running jobs' (or none runs); False when
+        it was stopped while waiting."""
+        with self._room:
+            while self._running and sum(self._running.values()) + need > self.memory_bytes:
+                if job.stop_requested.is_set():
+                    return False
+                job.log_tail.append(f"waiting for memory: needs about {need / GIB:.1f} GiB, "
+                                    f"{len(self._running)} job(s) running")
+                self._room.wait(timeout=1.0)
+            if job.stop_requested.is_set():
+                return False
+            self._running[job.name] = need
+        return True
+
+    def _run_process(self, job: TrainingJob, root: Path, need: int) -> None:
+        env = {**os.environ, "FUSION_ML_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+        # The cores are shared among the jobs running now, whatever OMP_NUM_THREADS the stack
+        # inherited: torch's spinning worker threads otherwise fight each other and the stack's
+        # own threads, and a tiny model trains 10x slower.
+        with self.lock:
+            running = len(self._running)
+        env["OMP_NUM_THREADS"] = str(max(1, self.cores // running))
+        env.update(job.request.get("Environment", {}))
         if job.request.get("EnableNetworkIsolation"):  # as in SageMaker: no way to AWS from inside the job
             env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
-        # Leave a core to the stack itself (API, moto, pollers): on a small machine torch's
-        # spinning worker threads otherwise fight them and a tiny model trains 10x slower.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) - 1)))
         log = open(root / "train.log", "w", encoding="utf-8")
         with self.lock:
             if job.stop_requested.is_set():
@@ -325,6 +367,11 @@ class LocalSageMaker:
         if code != 0 and not job.stop_requested.is_set():
             failure = root / "output/failure"
             text = failure.read_text(errors="replace").strip() if failure.exists() else ""
+            if not text and code in (-signal.SIGKILL, 128 + signal.SIGKILL):
+                text = (f"OutOfMemory: the train entry point was killed (SIGKILL), on this machine by the kernel's "
+                        f"out-of-memory killer: the job needs about {need / GIB:.1f} GiB and "
+                        f"{available_memory() / GIB:.1f} GiB are free now; run fewer jobs at once, a smaller "
+                        "model or a shorter seq_len")
             if not text:
                 text = f"ExecuteUserScriptError: the train entry point exited with code {code}: " + " | ".join(
                     list(job.log_tail)[-5:])
@@ -464,6 +511,56 @@ class LocalSageMaker:
 
 class _JobFailure(Exception):
     pass
+
+
+def available_memory() -> int:
+    """The bytes the kernel could give a new process now (MemAvailable), else all of it."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def job_memory_bytes(root: Path) -> int:
+    """About the host memory a job laid out in `root` takes on a CPU: the memory plan's bytes for
+    its model (the base grown, for a train job), sequence length and micro-batch, scaled for the
+    CPU. The fixed part alone when the model's config cannot be read."""
+    from shared.memory import bytes_per_gpu
+    from shared.shapes import ModelConfig, batch_size_for, grown_config
+
+    try:
+        hyper = json.loads((root / "input/config/hyperparameters.json").read_text())
+        config = _model_config(root / "input/data/model")
+    except (OSError, ValueError, tarfile.TarError):
+        return CPU_MEMORY_BASE
+    if config is None:
+        return CPU_MEMORY_BASE
+    config = ModelConfig.model_validate_json(config) if hyper.get("job_type") != "train" else grown_config(
+        ModelConfig.model_validate_json(config))
+    seq_len = int(hyper.get("seq_len") or 256)
+    micro_batch = int(hyper.get("micro_batch") or batch_size_for(config.parameters()))
+    plan = bytes_per_gpu(config, seq_len=seq_len, micro_batch=micro_batch, strategy="ddp", world_size=1,
+                         checkpointing=hyper.get("activation_checkpointing") == "true")
+    return int(plan.total * CPU_MEMORY_FACTOR) + CPU_MEMORY_BASE
+
+
+def _model_config(channel: Path) -> str | None:
+    """config.json of the model channel: a model directory, or the model.tar.gz holding one."""
+    if (channel / "config.json").is_file():
+        text = (channel / "config.json").read_text()
+        return None if "model_type" in text else text  # a Hugging Face folder: not our config's shape
+    for archive in channel.glob("*.tar.gz"):
+        with tarfile.open(archive) as tar:
+            for name in ("config.json", "./config.json"):
+                try:
+                    member = tar.extractfile(name)
+                except KeyError:
+                    continue
+                return member.read().decode() if member else None
+    return None
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:

@@ -31,6 +31,7 @@ from local.aws import LOCAL_REGION, LambdaContext
 REPO = Path(__file__).resolve().parent.parent
 REGION = LOCAL_REGION
 UPLOADS_QUEUE = "fusion-local-dataset-uploads"
+JOB_WATCH_SECONDS = 1.0  # how often `fusion serve` looks for job events to print
 # Variables the stack sets for its lifetime and restores on close.
 _AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SAGEMAKER", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
             "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "POWERTOOLS_SERVICE_NAME",
@@ -220,6 +221,23 @@ class LocalStack:
         self.api_url = f"http://{self.host}:{self._api.server_address[1]}"
         return self
 
+    def changed_jobs(self, seen: dict[str, str]) -> list[dict[str, Any]]:
+        """The jobs (every tenant's) whose status is not the one `seen` holds, oldest change first;
+        `seen` is updated. A job that moved twice between two calls is seen once, as it is now."""
+        table = self._session.resource("dynamodb").Table(self.env["JOBS_TABLE"])
+        page, items = table.scan(), []
+        items += page["Items"]
+        while "LastEvaluatedKey" in page:
+            page = table.scan(ExclusiveStartKey=page["LastEvaluatedKey"])
+            items += page["Items"]
+        from shared.store import Jobs
+
+        jobs = Jobs(session=self._session)
+        changed = [jobs.get(item["job_id"]) for item in items if seen.get(item["job_id"]) != item.get("status")]
+        for job in changed:
+            seen[job["job_id"]] = job["status"]
+        return sorted(changed, key=lambda job: job.get("updated_at", ""))
+
     @property
     def console_url(self) -> str:
         """The Fusion Training Console, served by the same API (functions.api.console)."""
@@ -404,14 +422,18 @@ def interrupt_on_signals() -> None:
 
 
 def serve(host: str = "127.0.0.1", port: int = 8080, *, base_sizes: tuple[str, ...] = ("debug", "tiny"),
-          on_ready: Callable[[LocalStack], None] | None = None, verbose: bool = False) -> None:
-    """Run the local stack in the foreground until Ctrl-C."""
+          on_ready: Callable[[LocalStack], None] | None = None, verbose: bool = False,
+          on_job: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Run the local stack in the foreground until Ctrl-C; `on_job` hears each job's status changes."""
     interrupt_on_signals()
     with LocalStack(host=host, port=port, base_sizes=base_sizes, verbose=verbose) as stack:
         if on_ready:
             on_ready(stack)
+        seen: dict[str, str] = {}
         try:
             while True:
-                time.sleep(3600)
+                for job in stack.changed_jobs(seen) if on_job else ():
+                    on_job(job)
+                time.sleep(JOB_WATCH_SECONDS)
         except KeyboardInterrupt:
             pass

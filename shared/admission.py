@@ -55,7 +55,7 @@ def resolve(
         if base is None:
             raise not_found("model", "model", request.model)
         if base.get("status", "ready") != "ready":  # a registered folder that failed its check
-            raise invalid("model", f"{request.model} is {base['status']}: {base.get('reason')}")
+            raise invalid("model", f"{request.model} is {base['status']}" + (f": {base['reason']}" if base.get("reason") else ""))
         if not available(base, s3):
             raise invalid("model", not_available(request.model))
         config = ModelConfig.model_validate(base["config"])
@@ -72,6 +72,8 @@ def resolve(
         source = catalog.get(settings.source_model_id, owner)
         if source is None:
             raise not_found("model", "hyperparams.source_model_id", settings.source_model_id)
+        if source.get("status", "ready") != "ready":
+            raise invalid("hyperparams.source_model_id", f"{settings.source_model_id} is {source['status']}")
         if source["owner"] != owner:  # a public base model: untrained here, and not the caller's to shrink
             raise invalid(
                 "hyperparams.source_model_id",

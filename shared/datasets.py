@@ -53,7 +53,8 @@ class CreateDatasetRequest(BaseModel):
     )
     format: Literal["jsonl", "text"] = Field(
         default="jsonl",
-        description='"jsonl": one JSON object per line with a string "text" field; "text": UTF-8 text.',
+        description='"jsonl": one JSON object per line with a string "text" field; "text": UTF-8 text. '
+        f"The check needs at least {MIN_TOKENS:,} tokens.",
     )
 
 

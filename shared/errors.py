@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.settings import NAME_PATTERN, NAME_RULE
+
 
 @dataclass
 class JobError(Exception):
@@ -28,6 +30,9 @@ def invalid(field_name: str, message: str) -> JobError:
     return JobError(422, "invalid_request", message, [{"field": field_name, "message": message}])
 
 
+# Patterns said in words, not as a regex (shared.settings).
+_PATTERN_RULES = {NAME_PATTERN: NAME_RULE}
+
 # Tags pydantic puts in an error location for the branch of a discriminated union.
 _UNION_TAGS = {"train", "contract", "request"}
 
@@ -48,6 +53,8 @@ def describe_error(error: dict[str, Any]) -> dict[str, str]:
         message = f"'{loc[-1] if loc else field}' is not a known field"
     elif kind == "missing":
         message = "is required"
+    elif kind == "string_pattern_mismatch" and error.get("ctx", {}).get("pattern") in _PATTERN_RULES:
+        message = f"must be {_PATTERN_RULES[error['ctx']['pattern']]}"
     elif kind == "union_tag_invalid" or kind == "union_tag_not_found":
         field, message = "type", "type must be 'train' or 'contract'"
     else:

@@ -102,7 +102,7 @@ class Estimate(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     job_type: str
-    training_tokens: int
+    training_tokens: int  # the billed tokens: turns x steps x seq_len
     parameters: int  # of the model being trained (after growth) or of the contraction source
     tier: str
     usd_per_million_tokens: Decimal
@@ -117,6 +117,11 @@ class Estimate(BaseModel):
     instance_count: int
     eta_seconds: int
     max_runtime_seconds: int
+    # Each step trains on a batch of sequences: the tokens the model sees are the billed tokens
+    # times this. None on records priced before it was recorded.
+    sequences_per_step: int | None = None
+    trained_tokens: int | None = None
+    launch_seconds: int | None = None  # the part of eta_seconds that is starting the instance, not training
     # How the trainer runs it (the memory plan); defaults are what a record from before plans meant.
     strategy: memory.Strategy = "ddp"
     micro_batch: int | None = None  # None: the whole per-rank batch at once
@@ -249,6 +254,9 @@ def _estimate(
         instance_count=count,
         eta_seconds=round(eta),
         max_runtime_seconds=max(3600, round(eta * table.max_runtime_margin)),
+        sequences_per_step=batch_size_for(parameters),
+        trained_tokens=tokens * batch_size_for(parameters),
+        launch_seconds=round(table.startup_seconds),
         strategy=chosen.strategy,
         micro_batch=chosen.micro_batch,
         activation_checkpointing=chosen.activation_checkpointing,

@@ -23,7 +23,7 @@ from shared.lifecycle import STATUS_RANK
 
 JobStatus = Literal[tuple(STATUS_RANK)]
 JobType = Literal["train", "contract"]
-DatasetStatus = Literal["pending", "ready", "rejected", "failed", "replaced"]
+DatasetStatus = Literal["pending", "ready", "rejected", "failed", "replaced", "deleted"]
 ModelKind = Literal["base", "trained", "contracted", "imported"]
 
 
@@ -124,8 +124,10 @@ class CatalogModel(_Body):
     name: str | None
     owner: str
     kind: ModelKind
-    status: Literal["ready", "rejected"] = Field(
-        default="ready", description="A registered folder that failed its check is rejected; all others are ready.")
+    status: Literal["ready", "rejected", "deleted"] = Field(
+        default="ready", description="A registered folder that failed its check is rejected; a model its owner "
+                                     "deleted stays as deleted, for its children's lineage; all others are ready.")
+    deleted_at: str | None = None
     reason: str | None = None
     available: bool = Field(
         default=True, description="Whether its weights exist: a base model size whose weights this deployment "
@@ -170,6 +172,7 @@ class Dataset(_Body):
     bytes: int | None = None
     tokens: int | None = None
     created_at: str
+    deleted_at: str | None = None
 
 
 class RegisteredDataset(Dataset):

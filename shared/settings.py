@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from shared.lifecycle import JOB_ID_PATTERN
 
@@ -86,8 +86,18 @@ class TrainSettings(BaseModel):
         default=None,
         ge=1,
         le=MAX_STEPS_PER_TURN,
-        description="Overrides cycles x steps_per_cycle as the optimizer steps of each turn.",
+        description="Overrides cycles x steps_per_cycle as the optimizer steps of each turn: one "
+        "cycle of train_steps steps, or split into cycles when cycles is given too.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _train_steps_alone_are_one_cycle(cls, data: Any) -> Any:
+        """train_steps without cycles runs as one cycle (one warm-up, one decay, one evaluation),
+        not as the default cycles each a sliver of it; the settings then say so (cycles=1)."""
+        if isinstance(data, dict) and data.get("train_steps") is not None and "cycles" not in data:
+            return {**data, "cycles": 1}
+        return data
 
     def steps_per_turn(self) -> int:
         return self.train_steps if self.train_steps is not None else self.cycles * self.steps_per_cycle

@@ -92,6 +92,22 @@ class _Table:
         )
         return [_plain(item) for item in response.get("Items", [])]
 
+    def _mark_deleted(self, key: dict[str, str], owner: str) -> bool:
+        """Mark the owner's record deleted (deleted_at), keeping it for lineage; False when the
+        owner has no such record. Marking it again changes nothing."""
+        try:
+            self.client.update_item(
+                TableName=self.name,
+                Key=_ddb(key),
+                UpdateExpression="SET deleted_at = if_not_exists(deleted_at, :t)",
+                ConditionExpression="#o = :o",
+                ExpressionAttributeNames={"#o": "owner"},
+                ExpressionAttributeValues=_ddb({":t": now(), ":o": owner}),
+            )
+        except self.client.exceptions.ConditionalCheckFailedException:
+            return False
+        return True
+
     def _put_new(self, key_name: str, item: dict[str, Any]) -> None:
         try:
             self.client.put_item(
@@ -309,7 +325,13 @@ class Catalog(_Table):
         bucket = os.environ.get("ARTIFACTS_BUCKET", "")
         public += [base_model(f"{BASE_PREFIX}{size}", artifacts_bucket=bucket) for size in SIZES
                    if f"{BASE_PREFIX}{size}" not in listed]
-        return public + [_model_from_item(item) for item in self._query_owner(owner, limit)]
+        own = [_model_from_item(item) for item in self._query_owner(owner, limit)]
+        return public + [model for model in own if model["status"] != "deleted"]
+
+    def delete(self, model_id: str, owner: str) -> bool:
+        """Take the owner's model out of the catalog; its record stays, marked deleted, so that its
+        children still name their parent. False when the owner has no such model."""
+        return self._mark_deleted({"model_id": model_id}, owner)
 
 
 _MODEL_COLUMNS = ("model_id", "owner", "name", "kind", "created_at", "job_id")
@@ -324,6 +346,10 @@ def _model_item(model: dict[str, Any]) -> dict[str, Any]:
 def _model_from_item(item: dict[str, Any]) -> dict[str, Any]:
     model = {k: item.get(k) for k in _MODEL_COLUMNS}
     model.update(json.loads(item.get("doc", "{}")))
+    if item.get("deleted_at"):  # lineage only: what it was, not where its weights were
+        model.update(status="deleted", deleted_at=item["deleted_at"], artifact_uri=None)
+    else:
+        model.setdefault("status", "ready")
     return model
 
 
@@ -406,15 +432,22 @@ class Datasets(_Table):
         self._put_new("dataset_id", dataset)
 
     def get(self, dataset_id: str, owner: str) -> dict[str, Any] | None:
-        """The dataset if it is the caller's, else None."""
+        """The dataset if it is the caller's, else None; a deleted one has status "deleted"."""
         item = self._get({"dataset_id": dataset_id})
         if item is None or item.get("owner") != owner:
             return None
-        return item
+        return _dataset_from_item(item)
 
     def list(self, owner: str, limit: int = 100) -> list[dict[str, Any]]:
-        """The caller's datasets, newest first."""
-        return sorted(self._query_owner(owner, limit), key=lambda d: d.get("created_at", ""), reverse=True)
+        """The caller's datasets not deleted, newest first."""
+        items = [_dataset_from_item(item) for item in self._query_owner(owner, limit)]
+        return sorted((d for d in items if d["status"] != "deleted"), key=lambda d: d.get("created_at", ""),
+                      reverse=True)
+
+    def delete(self, dataset_id: str, owner: str) -> bool:
+        """Mark the owner's dataset deleted (its object is removed by the caller); the record stays
+        so that models trained on it still name it. False when the owner has no such dataset."""
+        return self._mark_deleted({"dataset_id": dataset_id}, owner)
 
     def record_check(self, dataset_id: str, owner: str, *, ok: bool, bytes_read: int, tokens: int,
                      reason: str | None, etag: str | None = None, version_id: str | None = None,
@@ -476,6 +509,12 @@ class Datasets(_Table):
 
 REPLACED_REASON = ("a later upload replaced the object its check admitted; register a new dataset "
                    "(POST /datasets) to train on the new bytes")
+
+
+def _dataset_from_item(item: dict[str, Any]) -> dict[str, Any]:
+    if item.get("deleted_at"):
+        return {**item, "status": "deleted"}
+    return item
 
 
 class Tenants(_Table):

@@ -13,6 +13,7 @@ config.json last.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from tokenizers import Tokenizer
 
 from shared.hf import INDEX, SINGLE, hf_names, shard_files, tensor_shapes
 from shared.shapes import ModelConfig
+from training_image.hf_folder import read_folder
 from training_image.model import Decoder
 from training_image.shards import SHARD_BYTES, write_shards
 from training_image.tokenizer import GENERATION_CONFIG, TOKENIZER_CONFIG, TextTokenizer, as_text_tokenizer, load_tokenizer
@@ -120,6 +122,26 @@ def load_weights(model: Decoder, directory: Path) -> None:
         raise ValueError(f"the weights in {directory} do not match its config.json: missing {missing}, unexpected {unexpected}")
 
 
+def load_renamed_weights(model: Decoder, files: list[Path], names: dict[str, str]) -> None:
+    """Weights stored under other names (our name -> theirs, e.g. a Hugging Face folder's) into
+    `model`, one file at a time; tensors the model has no use for (a tied duplicate lm_head) are
+    skipped."""
+    expected = set(model.state_dict())
+    if model.config.tie_embeddings:
+        expected.discard("lm_head.weight")
+    ours_by_theirs = {theirs: ours for ours, theirs in names.items() if ours in expected}
+    found: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as tensors:
+            state = {ours_by_theirs[name]: tensors.get_tensor(name) for name in tensors.keys() if name in ours_by_theirs}
+        found |= state.keys()
+        model.load_state_dict(state, strict=False)
+        del state
+    missing = sorted(expected - found)
+    if missing:
+        raise ValueError(f"the weights in {files[0].parent} lack {missing}")
+
+
 def _replace_file(source: Path, destination: Path) -> None:
     partial = destination.with_name(f".{destination.name}.partial")
     shutil.copyfile(source, partial)
@@ -129,10 +151,11 @@ def _replace_file(source: Path, destination: Path) -> None:
 def load_model_dir(path: str | Path) -> tuple[Decoder, Tokenizer]:
     """(model in fp32 on CPU, tokenizer) from a model directory or a directory holding model.tar.gz."""
     directory = find_model_dir(path)
-    if is_hf_folder(directory):  # a tenant's own checkpoint, registered as it is
-        from training_image.hf import import_hf
-
-        directory = import_hf(directory, Path(tempfile.mkdtemp(prefix="fusion-import-")) / "model")
+    if is_hf_folder(directory):  # a tenant's own checkpoint, registered as it is: read in place, renamed
+        config, files, tokenizer = read_folder(directory)
+        model = Decoder(config)
+        load_renamed_weights(model, files, hf_names(config))
+        return model, tokenizer
     config = ModelConfig.model_validate_json((directory / CONFIG).read_text())
     model = Decoder(config)
     load_weights(model, directory)
@@ -145,10 +168,7 @@ def open_model_dir(path: str | Path) -> tuple[ModelConfig, Tokenizer, list[Path]
     it is (its tensors are ours renamed), not imported into a directory first."""
     directory = find_model_dir(path)
     if is_hf_folder(directory):
-        from training_image.hf import read_folder_config, read_tokenizer
-
-        config, files = read_folder_config(directory)
-        tokenizer = read_tokenizer(directory, json.loads((directory / CONFIG).read_text()))
+        config, files, tokenizer = read_folder(directory)
         return config, tokenizer, files, hf_names(config)
     config = ModelConfig.model_validate_json((directory / CONFIG).read_text())
     names = {name: name for name in tensor_shapes(config)}
@@ -168,6 +188,7 @@ def find_model_dir(path: str | Path) -> Path:
     archive = root / ARCHIVE if root.is_dir() else root
     if archive.is_file() and archive.name.endswith(".tar.gz"):
         unpacked = Path(tempfile.mkdtemp(prefix="fusion-model-"))
+        atexit.register(shutil.rmtree, unpacked, True)  # a copy for this process only (0.5 GB at `small`)
         with tarfile.open(archive) as tar:
             tar.extractall(unpacked, filter="data")
         configs = sorted(unpacked.rglob(CONFIG), key=lambda p: len(p.parts))

@@ -8,6 +8,7 @@ number they show comes from the API's routes, which are not.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from functools import cache
@@ -38,15 +39,28 @@ def _files() -> dict[str, Path]:
     return {p.name: p for p in CONSOLE_DIR.iterdir() if p.is_file() and p.suffix in TYPES} if CONSOLE_DIR.is_dir() else {}
 
 
+@cache
+def _content(name: str) -> tuple[str, str]:
+    """(the file's text, its ETag): a file is read and hashed once per function instance."""
+    text = _files()[name].read_text(encoding="utf-8")
+    return text, '"' + hashlib.sha256(text.encode()).hexdigest()[:20] + '"'
+
+
 def _file(name: str) -> Response[str]:
+    """A console file: gzip-compressed when the browser accepts it, revalidated by its ETag on each
+    load (no-cache), so a new deploy is seen at once and an unchanged file costs a 304."""
     path = _files().get(name)
     if path is None:
         raise not_found("console file", "path", name)
-    headers = {"cache-control": "no-cache", "x-content-type-options": "nosniff"}
+    text, etag = _content(name)
+    headers = {"cache-control": "no-cache", "etag": etag, "x-content-type-options": "nosniff"}
     if name == "index.html":
         headers["content-security-policy"] = ("default-src 'self'; connect-src *; img-src 'self' data:; "
                                               "style-src 'self'; script-src 'self'; frame-ancestors 'none'")
-    return Response(200, TYPES[path.suffix], path.read_text(encoding="utf-8"), headers=headers)
+    asked = router.current_event.headers.get("if-none-match") or ""
+    if etag in (tag.strip() for tag in asked.split(",")):
+        return Response(304, TYPES[path.suffix], "", headers=headers)
+    return Response(200, TYPES[path.suffix], text, headers=headers, compress=True)
 
 
 def auth_config() -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""Dataset routes: register an upload, list and show the caller's datasets."""
+"""Dataset routes: register an upload, list, show and delete the caller's datasets."""
 
 from __future__ import annotations
 
@@ -52,3 +52,18 @@ def get_dataset(dataset_id: Annotated[str, Path(max_length=64)]) -> Dataset:
     if dataset is None:
         raise not_found("dataset", "dataset_id", dataset_id)
     return dataset
+
+
+@router.delete("/datasets/<dataset_id>", summary="Delete one of your datasets",
+               description="Deletes the dataset's data and takes it out of your list. Its record stays, as deleted, "
+                           "so that models trained on it still name it; jobs can no longer use it.",
+               responses=context.responses({200: ("The dataset, now deleted", Dataset)}))
+def delete_dataset(dataset_id: Annotated[str, Path(max_length=64)]) -> Dataset:
+    dataset = context.datasets().get(dataset_id, _tenant())
+    if dataset is None:
+        raise not_found("dataset", "dataset_id", dataset_id)
+    if dataset["status"] != "deleted":
+        context.datasets().delete(dataset_id, _tenant())
+        bucket, key = split_s3(dataset["s3_uri"])
+        _s3().delete_object(Bucket=bucket, Key=key)
+    return context.datasets().get(dataset_id, _tenant())

@@ -10,9 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from functions.api import context
 from functions.api.presigning import presigning_s3
-from shared.errors import invalid, not_found
+from shared.errors import JobError, invalid, not_found
 from shared.hf import EXPORT_DIR
 from shared.hf_check import folder_model
+from shared.lifecycle import END_STATUSES
 from shared.outputs import split_s3
 from shared.responses import CatalogModel, Download, ModelList
 from shared.store import available, not_available
@@ -86,6 +87,31 @@ def download_model(model_id: Annotated[str, Path(max_length=128)]) -> Download:
     bucket, key = split_s3(model["artifact_uri"])
     url = _s3().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=DOWNLOAD_URL_SECONDS)
     return {"model_id": model_id, "url": url, "expires_in": DOWNLOAD_URL_SECONDS, "export_dir": EXPORT_DIR}
+
+
+@router.delete("/models/<model_id>", summary="Delete one of your models",
+               description="Removes the model from your catalog and deletes its archive. Its record stays, as "
+                           "deleted, so that models made from it still name their parent. A model a job still "
+                           "reads is refused (409); base models cannot be deleted.",
+               responses=context.responses({200: ("The model, now deleted", CatalogModel)}, 409))
+def delete_model(model_id: Annotated[str, Path(max_length=128)]) -> CatalogModel:
+    tenant = context.tenant(router)
+    model = context.catalog().get(model_id, tenant)
+    if model is None:
+        raise not_found("model", "model_id", model_id)
+    if model["owner"] != tenant:
+        raise invalid("model_id", f"{model_id} is a public base model; only your own models can be deleted")
+    if model["status"] == "deleted":
+        return model
+    for job in context.jobs().list(tenant):
+        if job["status"] not in END_STATUSES and model_id in (job.get("model"), job.get("settings", {}).get("source_model_id")):
+            raise JobError(409, "in_use", f"job {job['job_id']} ({job['status']}) reads {model_id}: cancel it or "
+                                          "let it end first", [{"field": "model_id", "message": "in use by a job"}])
+    context.catalog().delete(model_id, tenant)
+    if model.get("kind") != "imported" and model.get("artifact_uri"):  # a registered folder is the tenant's own data
+        bucket, key = split_s3(model["artifact_uri"])
+        _s3().delete_object(Bucket=bucket, Key=key)
+    return context.catalog().get(model_id, tenant)
 
 
 def _s3() -> Any:

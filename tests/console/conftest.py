@@ -24,6 +24,11 @@ PHONE = {"width": 390, "height": 844}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
+    from local.sam import transformed
+
+    # The roles check reads the template after the SAM transform, made once per process (seconds on
+    # a busy machine): made here, not inside the first page's wait for the API.
+    transformed()
     with LocalStack(base_sizes=("debug",), runs_dir=tmp_path_factory.mktemp("runs"), stop_grace_seconds=10) as running:
         yield running
 

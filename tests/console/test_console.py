@@ -209,7 +209,7 @@ def test_jobs_list_filters_by_status_and_updates_live(tab, stack, dataset_id):
     job = call(stack, "POST", "/jobs", train_request(dataset_id))
     call(stack, "POST", f"/jobs/{job['job_id']}/cancel")
     row = page.locator(f'tr[data-job="{job["job_id"]}"]')
-    expect(row).to_contain_text("cancelled")  # appeared without a reload
+    expect(row).to_contain_text("cancelled", timeout=15_000)  # appeared without a reload (idle lists poll every 10 s)
     for status in page.locator("tbody .badge").all_inner_texts():
         assert status == "cancelled"
     page.get_by_role("link", name="completed").click()
@@ -369,3 +369,89 @@ def test_deployed_the_console_signs_in_with_the_authorization_code_and_pkce(tab,
         assert [e["good"] for e in provider.exchanges] == [True, True]
     finally:
         provider.close()
+
+
+def test_the_landing_leads_upload_train_contract_in_the_menu_order(tab, stack):
+    tab.open("#/")
+    page = tab.page
+    expect(page.locator("h1")).to_have_text("Train your own language model")
+    steps = page.get_by_role("list", name="Getting started").locator("li")
+    expect(steps).to_have_count(3)
+    expect(steps.nth(0)).to_contain_text("1. Upload a dataset")
+    expect(steps.nth(1)).to_contain_text("2. Train a model")
+    expect(steps.nth(2)).to_contain_text("3. Contract it")
+    assert page.locator("header nav a").all_inner_texts() == ["1. Datasets", "2. Train", "Jobs", "Models"]
+    tab.shot("home")
+    page.emulate_media(color_scheme="dark")
+    background = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+    channels = [int(x) for x in re.findall(r"\d+", background)[:3]]
+    assert max(channels) < 60, background  # dark mode follows the system's setting
+    tab.shot("home-dark")
+    page.emulate_media(color_scheme="light")
+
+
+def test_the_form_speaks_words_and_its_estimate_stays_in_view(tab, stack, dataset_id):
+    tab.open(f"#/jobs/new?model=base-debug&dataset={dataset_id}")
+    page = tab.page
+    expect(page.locator('label[for="f-turns"]')).to_have_text("Turns turns")
+    expect(page.locator("#f-turns")).to_have_attribute("placeholder", "default 1")
+    estimate = page.get_by_test_id("estimate")
+    expect(estimate.locator('[data-key="trained_tokens"]')).to_contain_text("each step trains on 8 sequences")
+    expect(estimate.locator('[data-key="minimum_charge"]')).to_contain_text("the least any job pays")
+    expect(estimate.locator('[data-key="eta"]')).to_contain_text("of it starting the instance")
+    page.locator("details.advanced summary").click()
+    for size in (None, PHONE):
+        if size:
+            page.set_viewport_size(size)
+        page.evaluate("() => window.scrollTo(0, document.body.scrollHeight)")
+        page.wait_for_timeout(200)
+        box = page.locator("section.estimate").bounding_box()
+        height = page.viewport_size["height"]
+        assert box and box["y"] < height and box["y"] + min(box["height"], 80) > 0, (size, box)
+        tab.shot("new-job-phone" if size else "new-job-scrolled")
+
+
+def test_start_training_waits_for_a_ready_dataset(tab, stack):
+    page = tab.page
+    page.route("**/datasets", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                          body='{"datasets": []}'))
+    tab.open("#/jobs/new?model=base-debug")
+    expect(page.get_by_role("button", name="Start training")).to_be_disabled()
+    expect(page.get_by_role("link", name="Upload one")).to_be_visible()
+    page.unroute("**/datasets")
+
+
+def test_deleting_a_parent_keeps_it_in_its_childs_lineage(tab, stack):
+    from shared.store import Catalog
+
+    catalog = Catalog(session=stack._session)
+    for model_id, parent, parameters, perplexity in (("m-console-parent", "base-debug", 1000, 20.0),
+                                                     ("m-console-child", "m-console-parent", 790, 21.0)):
+        catalog.register({"model_id": model_id, "owner": "local", "name": model_id, "kind": "trained",
+                          "parent_id": parent, "job_id": None, "parameters": parameters, "perplexity": perplexity,
+                          "created_at": "2026-01-02T00:00:00.000Z"})
+    tab.open("#/models/m-console-child")
+    page = tab.page
+    expect(page.locator('[data-change="parameters"]')).to_have_text("-21.0%")
+    expect(page.locator('[data-change="perplexity"]')).to_have_text("+5.0%")
+    tab.open("#/models/m-console-parent")
+    expect(page.get_by_role("list", name="Children")).to_contain_text("m-console-child")
+    page.get_by_role("button", name="Delete model").click()
+    page.get_by_role("dialog").get_by_role("button", name="Delete the model").click()
+    expect(page).to_have_url(re.compile(r"#/models$"))
+    expect(page.locator('tr[data-model="m-console-parent"]')).to_have_count(0)
+    tab.open("#/models/m-console-child")
+    expect(page.locator('[data-parent="deleted"]')).to_have_text(" (deleted)")
+
+
+def test_a_page_recovers_by_itself_after_an_outage(tab, stack):
+    tab.allow(r"status of 500|Failed to load resource")
+    page = tab.page
+    page.route("**/models", lambda route: route.fulfill(
+        status=500, content_type="application/json",
+        body='{"error": {"code": "internal_error", "message": "the request failed on our side; it is safe to retry", "details": []}}'))
+    tab.open("#/models")
+    expect(page.locator("h1")).to_have_text("Something went wrong")
+    expect(page.get_by_role("button", name="Retry")).to_be_visible()
+    page.unroute("**/models")
+    expect(page.locator("h1")).to_have_text("Models", timeout=12_000)  # no click

@@ -396,3 +396,50 @@ def test_the_operator_publishes_a_folder_every_tenant_lists_and_trains(world, ap
     assert publish([f"s3://{bucket}/base-models/tiny-llama3/", "--name", "other"]) == 1
     assert "rejected: no tokenizer.json" in capsys.readouterr().err
     assert "hf-other" not in {m["model_id"] for m in api("GET", "/models")[1]["models"]}
+
+
+def test_delete_a_model_keeps_its_lineage_and_removes_its_archive(world, api):
+    s3 = world.session.client("s3")
+    bucket, key = world.env["ARTIFACTS_BUCKET"], "jobs/j0/output/fusion-j0/output/model.tar.gz"
+    s3.put_object(Bucket=bucket, Key=key, Body=b"archive")
+    Catalog(session=world.session).register({
+        "model_id": "m-child", "owner": "alice", "name": "child", "kind": "contracted", "parent_id": "m-alice",
+        "job_id": "j1", "parameters": 1, "depth": 1, "created_at": "t2"})
+    assert api("DELETE", "/models/m-alice", tenant="bob")[0] == 404  # not bob's
+    assert api("DELETE", "/models/base-debug")[0] == 422  # public
+    status, gone = api("DELETE", "/models/m-alice")
+    assert status == 200 and gone["status"] == "deleted" and gone["artifact_uri"] is None and gone["deleted_at"]
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix=key)
+    assert api("DELETE", "/models/m-alice") == (200, gone)  # again: nothing changes
+    listed = {m["model_id"] for m in api("GET", "/models")[1]["models"]}
+    assert "m-alice" not in listed and "m-child" in listed
+    child = api("GET", "/models/m-child")[1]
+    assert child["parent_id"] == "m-alice" and api("GET", f"/models/{child['parent_id']}")[1]["status"] == "deleted"
+    assert api("GET", "/models/m-alice/download")[0] == 404
+    status, refused = api("POST", "/jobs/estimate", {"type": "contract", "hyperparams": {
+        "source_model_id": "m-alice", "num_layers_to_contract": 1}})
+    assert status == 422 and refused["error"]["details"][0]["message"] == "m-alice is deleted"
+
+
+def test_a_model_a_live_job_reads_cannot_be_deleted(world, api):
+    status, job = api("POST", "/jobs", {"type": "contract", "hyperparams": {
+        "source_model_id": "m-alice", "num_layers_to_contract": 1}})
+    assert status == 201
+    status, refused = api("DELETE", "/models/m-alice")
+    assert status == 409 and job["job_id"] in refused["error"]["message"]
+    assert api("POST", f"/jobs/{job['job_id']}/cancel")[0] == 200
+    assert api("DELETE", "/models/m-alice")[0] == 200
+
+
+def test_delete_a_dataset_removes_its_data_and_keeps_its_record(world, api):
+    s3 = world.session.client("s3")
+    bucket, key = world.env["DATA_BUCKET"], f"alice/datasets/{DATASET}/data.jsonl"
+    s3.put_object(Bucket=bucket, Key=key, Body=b'{"text": "x"}\n')
+    assert api("DELETE", f"/datasets/{DATASET}", tenant="bob")[0] == 404
+    status, gone = api("DELETE", f"/datasets/{DATASET}")
+    assert status == 200 and gone["status"] == "deleted" and gone["deleted_at"]
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix=key)
+    assert DATASET not in {d["dataset_id"] for d in api("GET", "/datasets")[1]["datasets"]}
+    assert api("GET", f"/datasets/{DATASET}")[1]["status"] == "deleted"
+    status, refused = api("POST", "/jobs", _train())
+    assert status == 422 and "deleted" in refused["error"]["message"]

@@ -39,6 +39,28 @@ def test_every_console_file_is_served_with_its_type_and_nothing_else(aws):
     assert _raw("GET", "/console/..%2Fpyproject.toml")["statusCode"] == 404
 
 
+def test_console_files_are_compressed_and_revalidated_by_etag(aws):
+    import base64
+    import gzip
+
+    from functions.api.app import lambda_handler
+
+    def get(headers):
+        return lambda_handler(api_event("GET", "/console/app.js", headers=headers, claims={"sub": "alice"}),
+                              LambdaContext())
+
+    plain = get({})
+    etag = plain["headers"]["etag"]
+    assert plain["statusCode"] == 200 and plain["headers"]["cache-control"] == "no-cache" and etag.startswith('"')
+    packed = get({"accept-encoding": "gzip, deflate, br"})
+    assert packed["headers"]["Content-Encoding"] == "gzip" and packed["isBase64Encoded"]
+    unpacked = gzip.decompress(base64.b64decode(packed["body"])).decode()
+    assert unpacked == plain["body"] and len(base64.b64decode(packed["body"])) < len(plain["body"]) / 2
+    again = get({"if-none-match": etag})
+    assert again["statusCode"] == 304 and again["body"] == "" and again["headers"]["etag"] == etag
+    assert get({"if-none-match": '"stale"'})["statusCode"] == 200
+
+
 def test_the_root_sends_browsers_to_the_console(aws):
     answer = _raw("GET", "/")
     assert answer["statusCode"] == 302 and answer["headers"]["location"] == console.CONSOLE_PATH

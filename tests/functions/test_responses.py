@@ -110,6 +110,8 @@ def test_real_answers_keep_to_the_documented_schema(aws, api, spec):
     dataset = call("POST", "/datasets", {"name": "notes", "format": "text"}, expect=201)
     call("GET", f"/datasets/{dataset['dataset_id']}", route="/datasets/{dataset_id}")
     call("GET", "/datasets")
+    call("DELETE", f"/datasets/{dataset['dataset_id']}", route="/datasets/{dataset_id}")
+    call("DELETE", f"/models/{model_id}", route="/models/{model_id}")
     call("POST", f"/jobs/{job_id}/cancel", route=route + "/cancel", expect=409)
     call("GET", "/jobs/nope", route=route, expect=404)
     call("POST", "/jobs", {"type": "train"}, expect=422)

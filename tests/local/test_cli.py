@@ -4,6 +4,7 @@ sends, and how it shows the API's answers and refusals."""
 from __future__ import annotations
 
 import json
+import re
 from decimal import Decimal
 
 import pytest
@@ -136,10 +137,22 @@ def test_json_output_is_the_api_answer(cli, api):
     assert Decimal(quote["estimate"]["total"]) == Decimal(job["estimate"]["total"])
 
 
-def test_refusals_are_one_line_with_the_field(cli):
+def test_refusals_name_the_flag_and_the_fix(cli, tmp_path, monkeypatch):
     code, _, err = cli("jobs", "create", "train", "--model", "base-debug", "--dataset", "ds-bbbbbbbbbbbb")
-    assert code == 1 and err.strip() == ("error: dataset 'ds-bbbbbbbbbbbb' was not found "
-                                     "(dataset: no dataset 'ds-bbbbbbbbbbbb' in your catalog)")
+    assert code == 1 and err.splitlines() == ["error: --dataset: no dataset 'ds-bbbbbbbbbbbb' in your catalog",
+                                              "  `fusion datasets list` shows your dataset ids"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.jsonl").write_text('{"text": "x"}\n')
+    code, _, err = cli("estimate", "train", "--model", "base-debug", "--dataset", "corpus.jsonl")
+    assert code == 1 and "upload the file first with `fusion datasets upload corpus.jsonl`" in err
+    code, _, err = cli("estimate", "train", "--model", "tiny", "--dataset", DATASET)
+    assert code == 1 and err.splitlines() == ["error: --model: no model 'tiny' in your catalog",
+                                              "  did you mean base-tiny?"]
+    code, _, err = cli("estimate", "contract", "--model", "base-debug", "--contraction-ratio", "0.95")
+    assert code == 1 and err.startswith("error: --contraction-ratio: Input should be less than or equal to 0.9")
+    assert "hyperparams." not in err
+    code, _, err = cli("estimate", "train", "--model", "base-debug", "--dataset", DATASET, "--output-name", "my model!")
+    assert code == 1 and err.strip() == "error: --output-name: must be 1-64 of A-Z a-z 0-9 . _ -"
     code, _, err = cli("jobs", "get", "j1", token="not-a-jwt")
     assert code == 1 and err.strip() == "error: the bearer token is not a JWT (authorization)"
 
@@ -183,3 +196,125 @@ def test_an_answer_not_of_its_model_is_one_clear_error(aws, server):
 
     with pytest.raises(ApiError, match=r"GET /console/config.json with a body that is not a Job \(job_id: Field required\)"):
         Client(server).call("GET", "/console/config.json", Job)
+
+
+def test_a_mistyped_flag_shows_its_command_and_the_flag_it_meant(cli, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["jobs", "create", "train", "--model", "base-debug", "--dataset", DATASET, "--seq-lne", "64"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("usage: fusion jobs create train")
+    assert err.strip().endswith("unrecognized argument --seq-lne: did you mean --seq-len?")
+
+
+def test_json_anywhere_gives_one_document(cli, api, aws):
+    job = _train(api)
+    code, out, _ = cli("jobs", "get", job["job_id"], "--json")
+    assert code == 0 and json.loads(out)["job_id"] == job["job_id"]
+    deliver(aws, job["job_id"], "Failed", reason="AlgorithmError: out of data")
+    code, out, err = cli("jobs", "wait", "--json", job["job_id"])
+    ended = json.loads(out)  # one document, no progress lines around it
+    assert code == 1 and ended["status"] == "failed" and err == ""
+    code, out, err = cli("estimate", "contract", "--model", "base-debug", "--json")  # a base: refused
+    assert code == 1 and out == "" and err.startswith("error: --model: base-debug is a base model")
+    assert cli.sent[-1][2] == {"type": "contract", "hyperparams": {"source_model_id": "base-debug"}}
+
+
+def test_ctrl_c_while_following_says_the_job_goes_on(cli, api, monkeypatch):
+    job_id = _train(api)["job_id"]
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("local.cli.time.sleep", interrupted)
+    code, _, err = cli("jobs", "wait", job_id)
+    assert code == 130
+    assert f"the job goes on" in err and f"fusion jobs wait {job_id}" in err and f"fusion jobs cancel {job_id}" in err
+    assert api("GET", f"/jobs/{job_id}")[1]["status"] == "queued"
+
+
+def test_the_estimate_adds_up_and_says_what_runs(cli):
+    code, out, _ = cli("estimate", "train", "--model", "base-debug", "--dataset", DATASET, "--train-steps", "12")
+    rows = {line[:16].strip(): line[16:].strip() for line in out.splitlines()}
+    assert code == 0
+    assert rows["runs"].startswith("1 turn x 1 cycle of 12 steps, seq_len 256")  # not 6 cycles of 2
+    assert rows["billed tokens"] == "3,072 (turns x steps x seq_len)"
+    assert rows["trained tokens"] == "24,576 (billed tokens x 8 sequences a step)"
+    parts = [Decimal(rows[k].split()[0].lstrip("$")) for k in ("training cost", "growth fee")]
+    assert Decimal(rows["sum"].lstrip("$")) == sum(parts)
+    assert rows["minimum charge"].startswith("$0.01")
+    assert rows["total"] in ("$0.01 (the minimum charge)", "$0.01 (the sum rounded to cents)")
+    assert rows["eta on AWS"].endswith("of it starting the instance") and "ml.g5" in rows["eta on AWS"]
+
+
+def test_small_losses_keep_their_digits_and_a_narrow_bar_fits_80_columns():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from local.cli import _follow_with_bar, loss_words
+
+    assert (loss_words(3.25), loss_words(2.1e-5), loss_words(0.0123)) == ("3.250", "2.1e-05", "0.0123")
+
+    class OneJob:
+        def __init__(self):
+            self.calls = 0
+
+        def call(self, method, path, answer):
+            self.calls += 1
+            progress = Progress(job_id="j1", job_type="contract", turn=1, turns=1, cycle=1, cycles=1, step=4,
+                                total_steps=10, loss=2.1e-5, perplexity=None, tokens_trained=4 * 256, tokens_per_second=10.0,
+                                eta_seconds=600.0, updated_at=now())
+            status = "running" if self.calls == 1 else "completed"
+            return answer.model_validate({**JOB_FIELDS, "status": status, "progress": progress.model_dump(mode="json")})
+
+    screen = StringIO()
+    console = Console(file=screen, width=80, force_terminal=True, color_system=None)
+    job = _follow_with_bar(OneJob(), "j1", console, 0, None)
+    assert job.status == "completed"
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "\n", screen.getvalue().replace("\r", "\n"))
+    lines = [line for line in plain.splitlines() if line.strip()]
+    final = lines[-1]
+    assert all(len(line) <= 80 for line in lines)
+    assert "100%" in final and "all 10 steps" in final and "step 4/10" not in final  # not the stale step
+
+
+JOB_FIELDS = {"job_id": "j1", "type": "contract", "owner": "alice", "model": "m-1", "dataset": None, "settings": {},
+              "estimate": {"job_type": "contract", "training_tokens": 2560, "parameters": 1000, "tier": "xs",
+                           "usd_per_million_tokens": "0.40", "training_cost": "0.001", "growth_parameters": 0,
+                           "growth_fee": "0", "contraction_fee": "1.00", "total": "1.00", "instance_type": "ml.g5.xlarge",
+                           "instance_count": 1, "eta_seconds": 600, "max_runtime_seconds": 3600},
+              "warnings": [], "training_job_name": None, "output_model_id": "m-2", "failure_reason": None,
+              "bill": None, "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"}
+
+
+def test_the_format_comes_from_the_content(tmp_path):
+    from local.cli import _array_as_jsonl, detect_format
+
+    (tmp_path / "lines.json").write_text('{"text": "a"}\n{"text": "b"}\n')
+    (tmp_path / "array.json").write_text('[{"text": "a"}, "b"]')
+    (tmp_path / "notes.json").write_text("plain words, not JSON\n")
+    (tmp_path / "code.txt").write_text('{ not: json }\n')
+    assert detect_format(tmp_path / "lines.json")[0] == "jsonl"
+    assert detect_format(tmp_path / "array.json")[0] == "array"
+    assert detect_format(tmp_path / "notes.json")[0] == "text"
+    assert detect_format(tmp_path / "code.txt")[0] == "text"
+    lines = _array_as_jsonl(tmp_path / "array.json", tmp_path).read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"text": "a"}, {"text": "b"}]
+
+
+def test_delete_a_model_and_its_child_shows_the_parent_deleted(cli, aws):
+    catalog = Catalog(session=aws.session)
+    for model_id, parent, parameters, perplexity in (("m-parent", "base-debug", 1000, 20.0), ("m-child", "m-parent", 790, 21.0)):
+        catalog.register({"model_id": model_id, "owner": "alice", "name": model_id, "kind": "trained",
+                          "parent_id": parent, "job_id": "j0", "parameters": parameters, "perplexity": perplexity,
+                          "created_at": "2026-01-02T00:00:00.000Z"})
+    code, out, _ = cli("models", "show", "m-child")
+    assert code == 0 and "m-parent, parameters -21%, perplexity +5.0%" in out
+    code, out, _ = cli("models", "delete", "m-parent")
+    assert code == 0 and out.strip() == "model m-parent deleted; models made from it still name it as their parent"
+    code, out, _ = cli("models", "show", "m-child")
+    assert code == 0 and "m-parent (deleted)" in out
+    code, out, _ = cli("models", "list")
+    assert "m-parent " not in out and "m-child" in out
+    code, out, _ = cli("datasets", "delete", DATASET, "--json")
+    assert code == 0 and json.loads(out)["status"] == "deleted"

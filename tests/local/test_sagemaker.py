@@ -23,6 +23,7 @@ TRAINER = textwrap.dedent('''
     root = pathlib.Path(os.environ["FUSION_ML_ROOT"])
     hp = json.loads((root / "input/config/hyperparameters.json").read_text())
     seen = sorted(p.relative_to(root).as_posix() for p in (root / "input").rglob("*") if p.is_file())
+    (root / "output/data/threads").write_text(os.environ.get("OMP_NUM_THREADS", ""))
     (root / "output/data/seen.json").write_text(json.dumps(seen))
     (root / "checkpoints/progress.json").write_text(json.dumps({"step": 1}))
     print("step=1 train_loss=2.5", flush=True)
@@ -31,6 +32,8 @@ TRAINER = textwrap.dedent('''
         sys.exit(1)
     if hp["mode"] == "crash":
         raise SystemExit("boom")
+    if hp["mode"] == "oom":  # what the kernel's out-of-memory killer does
+        os.kill(os.getpid(), signal.SIGKILL)
     if hp["mode"] == "hang":
         signal.signal(signal.SIGTERM, lambda *a: (print("checkpointed on SIGTERM", flush=True), sys.exit(0)))
         while True:
@@ -165,3 +168,64 @@ def test_stop_sends_sigterm_and_ends_stopped(local):
     assert service.wait("fusion-hang", 20) == "Stopped"
     assert [e["detail"]["TrainingJobStatus"] for e in events] == ["InProgress", "Stopping", "Stopped"]
     assert "checkpointed on SIGTERM" in (service.work_dir / "fusion-hang/train.log").read_text()
+
+
+def test_a_trainer_the_kernel_killed_is_named_out_of_memory(local):
+    client, _, bucket, events, service = local
+    client.create_training_job(**_request(bucket, "fusion-oom", "oom"))
+    assert service.wait("fusion-oom", 30) == "Failed"
+    reason = events[-1]["detail"]["FailureReason"]
+    assert reason.startswith("AlgorithmError: OutOfMemory: the train entry point was killed (SIGKILL)")
+    assert "out-of-memory killer" in reason and "GiB" in reason
+
+
+def _started(service, name: str, timeout: float = 20) -> str:
+    """The OMP_NUM_THREADS the job's trainer got, once it started."""
+    deadline = time.monotonic() + timeout
+    while not (service.work_dir / f"{name}/output/data/seen.json").exists():
+        assert time.monotonic() < deadline, f"{name} did not start"
+        time.sleep(0.05)
+    return (service.work_dir / f"{name}/output/data/threads").read_text()
+
+
+def test_jobs_start_only_while_memory_holds_them_and_share_the_cores(local, monkeypatch):
+    client, _, bucket, _, service = local
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # inherited by the stack: no job gets it
+    service.cores = 4
+    client.create_training_job(**_request(bucket, "fusion-first", "hang"))
+    client.create_training_job(**_request(bucket, "fusion-second", "hang"))
+    assert {_started(service, "fusion-first"), _started(service, "fusion-second")} == {"4", "2"}  # room for both
+    for name in ("fusion-first", "fusion-second"):
+        client.stop_training_job(TrainingJobName=name)
+        service.wait(name, 20)
+
+    service.memory_bytes = 1  # room for one job only (one always may run)
+    client.create_training_job(**_request(bucket, "fusion-alone", "hang"))
+    assert _started(service, "fusion-alone") == "4"
+    client.create_training_job(**_request(bucket, "fusion-waits", "hang"))
+    time.sleep(1.5)
+    assert not (service.work_dir / "fusion-waits/output/data/seen.json").exists()
+    assert client.describe_training_job(TrainingJobName="fusion-waits")["TrainingJobStatus"] == "InProgress"
+    client.stop_training_job(TrainingJobName="fusion-alone")
+    assert service.wait("fusion-alone", 20) == "Stopped"
+    assert _started(service, "fusion-waits") == "4"
+    client.stop_training_job(TrainingJobName="fusion-waits")
+    assert service.wait("fusion-waits", 20) == "Stopped"
+
+
+def test_a_job_needs_the_memory_its_model_trains_in(tmp_path):
+    from local.sagemaker import CPU_MEMORY_BASE, job_memory_bytes
+    from shared.memory import bytes_per_gpu
+    from shared.shapes import SIZES, grown_config
+
+    root = tmp_path / "run"
+    (root / "input/config").mkdir(parents=True)
+    (root / "input/data/model").mkdir(parents=True)
+    assert job_memory_bytes(root) == CPU_MEMORY_BASE  # nothing readable: the fixed part
+    (root / "input/config/hyperparameters.json").write_text(json.dumps(
+        {"job_type": "train", "seq_len": "256", "micro_batch": "16"}))
+    (root / "input/data/model/config.json").write_text(SIZES["small"].model_dump_json())
+    plan = bytes_per_gpu(grown_config(SIZES["small"]), seq_len=256, micro_batch=16, strategy="ddp", world_size=1,
+                         checkpointing=False)
+    need = job_memory_bytes(root)
+    assert need > plan.total and 8 << 30 < need < 12 << 30  # grown small peaked near 10 GB on a CPU

@@ -142,7 +142,7 @@ def test_bad_settings_are_one_line_with_the_field(stack, capsys, dataset_id):
     code, out, err = fusion(stack, capsys, "estimate", "train", "--model", "base-debug", "--dataset", dataset_id,
                             "--seq-len", "4096")
     assert code == 1 and out == ""
-    assert err.startswith("error: ") and "hyperparams.seq_len" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: --seq-len: ") and "hyperparams" not in err and len(err.strip().splitlines()) == 1
     code, _, err = fusion(stack, capsys, "jobs", "create", "train", "--model", "base-nope", "--dataset", dataset_id)
     assert code == 1 and "base-nope" in err
 
@@ -197,6 +197,27 @@ def test_cancel_stops_the_trainer_and_bills_what_it_trained(stack, capsys, datas
 
 
 @pytest.mark.slow
+def test_serve_prints_one_line_per_job_event(stack, dataset_id):
+    from local.cli import job_event_line
+
+    seen: dict[str, str] = {}
+    stack.changed_jobs(seen)  # the jobs of earlier tests
+    job = requests.post(f"{stack.api_url}/jobs", json={
+        "type": "train", "model": "base-debug", "dataset": dataset_id,
+        "hyperparams": {"train_steps": 5000, "seq_len": 64}}).json()
+    (changed,) = stack.changed_jobs(seen)
+    assert changed["job_id"] == job["job_id"] and stack.changed_jobs(seen) == []  # a status is said once
+    line = job_event_line(changed)
+    assert f"job {job['job_id']} (train of base-debug, tenant local): {changed['status']}" in line
+    requests.post(f"{stack.api_url}/jobs/{job['job_id']}/cancel").raise_for_status()
+    deadline = time.monotonic() + 60
+    lines = []
+    while not any(": cancelled, billed $" in line for line in lines):
+        assert time.monotonic() < deadline, lines
+        lines += [job_event_line(j) for j in stack.changed_jobs(seen)]
+        time.sleep(0.2)
+
+
 def test_fusion_serve_runs_in_the_foreground_and_stops_on_ctrl_c(tmp_path):
     import signal
     import subprocess

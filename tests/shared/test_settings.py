@@ -109,3 +109,14 @@ def test_the_container_takes_the_job_ids_the_service_makes_and_no_others():
     for job_id in ("Job-1", "x" * 41, "", "a/b"):
         with pytest.raises(ValueError, match="job_id must match"):
             from_hyperparameters({**hyper, "job_id": job_id})
+
+
+def test_train_steps_alone_run_as_one_cycle_and_the_settings_say_so():
+    """train_steps replaces cycles x steps_per_cycle: alone, it is one cycle of that many steps
+    (one warm-up, one decay, one held-out evaluation), not the default cycles each a sliver of it."""
+    alone = TrainSettings.model_validate_json('{"train_steps": 12}')
+    assert (alone.cycles, alone.cycle_steps(), alone.training_tokens()) == (1, [12], 12 * alone.seq_len)
+    split = TrainSettings(train_steps=12, cycles=3)
+    assert split.cycle_steps() == [4, 4, 4] and split.training_tokens() == alone.training_tokens()
+    assert TrainSettings().cycle_steps() == [1000] * 6  # without train_steps nothing changes
+    assert TrainSettings.model_validate(alone.model_dump()).cycle_steps() == [12]  # as stored, as run

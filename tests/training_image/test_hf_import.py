@@ -84,6 +84,25 @@ def test_an_untouched_bf16_model_round_trips_to_identical_tensors(tmp_path, corp
     assert type(again).__name__ == json.loads((tmp_path / "hf/config.json").read_text())["architectures"][0]
 
 
+@pytest.mark.parametrize("family", ["llama3", "qwen3"])
+def test_a_folder_loads_in_place_as_its_import_does_and_writes_nothing(tmp_path, corpus, family, monkeypatch):
+    """A tenant's own folder is read where it lies (renamed on the way in): the same fp32 weights
+    as importing it first, and no temporary copy left behind (tied embeddings in llama3)."""
+    hf_checkpoint(tmp_path / "hf", family, corpus, dtype=torch.bfloat16)
+    import_hf(tmp_path / "hf", tmp_path / "ours")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    in_place, tokenizer = load_model_dir(tmp_path / "hf")
+    imported, _ = load_model_dir(tmp_path / "ours")
+    assert list(scratch.iterdir()) == []
+    assert in_place.config == imported.config and in_place.config.dtype == "bfloat16"
+    for (name, a), (_, b) in zip(in_place.state_dict().items(), imported.state_dict().items(), strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b), name  # bf16 widened exactly, both ways
+    assert tokenizer.get_vocab_size() <= VOCAB
+
+
 def hf_greedy(hf, prompt: list[int], count: int) -> list[int]:
     """transformers' own greedy decoding (its KV cache), never stopping early."""
     hf.generation_config.eos_token_id = None

@@ -54,3 +54,23 @@ def test_saving_over_an_existing_directory_replaces_its_files(tmp_path, debug_mo
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model at"):
         load_model_dir(tmp_path)
+
+
+def test_an_unpacked_archive_is_removed_when_the_process_ends(tmp_path, debug_model, tokenizer):
+    """Loading a model.tar.gz unpacks it into a temporary folder that the process removes at exit."""
+    import os
+    import subprocess
+    import sys
+
+    save_model_dir(tmp_path / "m", debug_model, tokenizer)
+    with tarfile.open(tmp_path / "model.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "m", arcname=".")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    script = ("from training_image.modeldir import load_model_dir, find_model_dir\n"
+              f"print(find_model_dir({str(tmp_path / 'model.tar.gz')!r}))\n"
+              f"load_model_dir({str(tmp_path)!r})\n")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TMPDIR": str(scratch)},
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip().startswith(str(scratch / "fusion-model-"))
+    assert list(scratch.iterdir()) == []

@@ -228,4 +228,4 @@ def test_only_the_named_principals_may_request_jobs_on_the_bus():
     for branch in (named, nobody):
         assert branch["StringEquals"] == {"events:detail-type": JOB_REQUESTED}
     assert named["ArnNotLike"]["aws:PrincipalArn"].value == "JobRequesterArns" and "ArnNotLike" not in nobody
-    assert "JobRequesterArns" in (Path(__file__).parents[2] / "README.md").read_text()
+    assert "JobRequesterArns" in (Path(__file__).parents[2] / "docs/api.md").read_text()

@@ -149,6 +149,9 @@ def _walk(aws, api) -> None:
         event = api_event(method, path, headers={"content-type": "application/json"}, body=body, claims=operator)
         assert admin.lambda_handler(event, LambdaContext())["statusCode"] == 200
     admin._tenants.cache_clear()
+    made = stored(aws, completed)["output_model_id"]  # deleting removes its archive and keeps its record
+    assert api("DELETE", f"/models/{made}")[1]["status"] == "deleted"
+    assert api("DELETE", f"/datasets/{created['dataset_id']}")[1]["status"] == "deleted"
 
 
 @pytest.mark.slow
