@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from shared.budgets import budget_of, check_budget
+from shared.datasets import data_warnings
 from shared.errors import JobError, describe_error, invalid, not_found
 from shared.events import announce
 from shared.lifecycle import NO_CHARGE, new_job_id
@@ -82,6 +83,15 @@ def resolve(
         estimate = _planned(lambda: estimate_contract(settings, ModelConfig.model_validate(source["config"])),
                             "hyperparams.source_model_id")
     dataset_uri, pinned = resolve_dataset(dataset, owner, datasets=datasets, data_bucket=data_bucket)
+    warnings = settings.warnings()
+    validation: dict[str, Any] = {}
+    if isinstance(request, TrainJobRequest):
+        warnings += _data_warnings(dataset, owner, datasets, settings.seq_len)
+        if request.validation_dataset is not None:
+            uri, pin = resolve_dataset(request.validation_dataset, owner, datasets=datasets, data_bucket=data_bucket,
+                                       field="validation_dataset")
+            validation = {"validation_dataset": request.validation_dataset, "validation_dataset_uri": uri,
+                          "validation_dataset_pin": pin}
     if settings.output_name is None:
         settings = settings.model_copy(update={"output_name": default_output_name(job_id)})
     created = now()
@@ -94,7 +104,7 @@ def resolve(
         "dataset": dataset,
         "settings": settings.model_dump(mode="json"),
         "estimate": estimate.model_dump(mode="json"),
-        "warnings": settings.warnings(),
+        "warnings": warnings,
         "training_job_name": None,
         "output_model_id": None,
         "failure_reason": None,
@@ -105,7 +115,12 @@ def resolve(
         "dataset_uri": dataset_uri,
         "dataset_pin": pinned,
         "input_model_uri": base["artifact_uri"],
+        **validation,
     }
+
+
+def _data_warnings(dataset: str, owner: str, datasets: Datasets, seq_len: int) -> list[str]:
+    return [] if dataset.startswith("s3://") else data_warnings(datasets.get(dataset, owner), seq_len)
 
 
 def _planned(estimate: Any, field_name: str) -> Estimate:
@@ -117,20 +132,22 @@ def _planned(estimate: Any, field_name: str) -> Estimate:
         raise JobError(422, "does_not_fit", message, [{"field": field_name, "message": message}]) from None
 
 
-def resolve_dataset(dataset: str, owner: str, *, datasets: Datasets, data_bucket: str) -> tuple[str, dict | None]:
+def resolve_dataset(dataset: str, owner: str, *, datasets: Datasets, data_bucket: str,
+                    field: str = "dataset") -> tuple[str, dict | None]:
     """The S3 URI to train on, and the object its check admitted ({"etag", "version_id"}) when
-    it is a dataset id: a ready dataset id of the caller, or a URI under their data prefix."""
+    it is a dataset id: a ready dataset id of the caller, or a URI under their data prefix.
+    `field`: the request's field that named it (dataset, validation_dataset)."""
     if dataset.startswith("s3://"):
         prefix = f"s3://{data_bucket}/{encode_tenant(owner)}/"
         rest = dataset[len(prefix):]
         if not dataset.startswith(prefix) or not rest or ".." in rest.split("/"):
-            raise invalid("dataset", f"an S3 dataset must lie under {prefix}")
+            raise invalid(field, f"an S3 dataset must lie under {prefix}")
         return dataset, None
     record = datasets.get(dataset, owner)
     if record is None:
-        raise not_found("dataset", "dataset", dataset)
+        raise not_found("dataset", field, dataset)
     if record.get("status") != "ready":
-        raise invalid("dataset", f"dataset {dataset!r} is {record.get('status')}, not ready")
+        raise invalid(field, f"dataset {dataset!r} is {record.get('status')}, not ready")
     pin = {"etag": record["s3_etag"], "version_id": record.get("s3_version_id")} if record.get("s3_etag") else None
     return record["s3_uri"], pin
 

@@ -117,6 +117,20 @@ LogRecord = Annotated[Union[StepRecord, EvalRecord], Field(discriminator="kind")
 LOG_RECORD = TypeAdapter(LogRecord)
 
 
+class HeldOut(BaseModel):
+    """What a job's held-out figures were measured on: the validation set the job named, or the
+    split held out of its dataset; in windows of seq_len tokens; on every token, or on the
+    assistant's tokens of conversations."""
+
+    model_config = CONTRACT
+
+    source: Literal["validation", "split"]
+    dataset: str | None = None  # the dataset id or URI (filled in where the job is known)
+    windows: Count
+    seq_len: Count
+    tokens: Literal["all", "assistant"]
+
+
 class _Outcome(BaseModel):
     model_config = CONTRACT
 
@@ -132,6 +146,7 @@ class _Outcome(BaseModel):
     wall_time_s: float
     cycles: list[Cycle]
     final_perplexity: float | None
+    heldout: HeldOut | None = None
 
 
 class TrainMetrics(_Outcome):

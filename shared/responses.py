@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.contracts import EvalRecord, Progress, StepRecord
+from shared.contracts import EvalRecord, HeldOut, Progress, StepRecord
 from shared.pricing import Estimate
 from shared.shapes import ModelConfig
 from shared.lifecycle import STATUS_RANK
@@ -63,6 +63,8 @@ class Job(_Body):
     owner: str
     model: str = Field(description="The base model trained, or the model contracted.")
     dataset: str | None = Field(description="The dataset id or S3 URI it trains or calibrates on.")
+    validation_dataset: str | None = Field(
+        default=None, description="The validation set its held-out metrics are measured on; none: a split of dataset.")
     settings: dict[str, Any] = Field(description="The job's settings with every default filled in.")
     estimate: Estimate
     warnings: list[str]
@@ -135,6 +137,7 @@ class CatalogModel(_Body):
     context_length: int | None = None
     dtype: str | None = None
     perplexity: float | None = None
+    perplexity_on: HeldOut | None = Field(default=None, description="What the perplexity was measured on.")
     artifact_uri: str | None = None
     cost: Decimal | None = None
     config: ModelConfig | None = None
@@ -156,6 +159,16 @@ class Download(_Body):
 # --- datasets ----------------------------------------------------------------------------------
 
 
+class ChatFigures(_Body):
+    """What the check counted in a dataset of conversations (rendered with the default chat template)."""
+
+    examples: int = Field(description="Conversations.")
+    assistant_tokens: int = Field(description="Tokens of the assistant's turns: those the loss is on.")
+    assistant_share: float = Field(description="The assistant's tokens as a share of all tokens.")
+    lengths: dict[str, int] = Field(description="Conversations by length in tokens (one over the longest seq_len "
+                                                "counts every longer one).")
+
+
 class Dataset(_Body):
     """A dataset as the API shows it."""
 
@@ -166,6 +179,7 @@ class Dataset(_Body):
     s3_uri: str
     bytes: int | None = None
     tokens: int | None = None
+    chat: ChatFigures | None = Field(default=None, description="For conversations: what the check counted.")
     created_at: str
 
 

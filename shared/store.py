@@ -374,19 +374,24 @@ class Datasets(_Table):
         item = self._get({"dataset_id": dataset_id})
         if item is None or item.get("owner") != owner:
             return None
-        return item
+        return _dataset(item)
 
     def list(self, owner: str, limit: int = 100) -> list[dict[str, Any]]:
         """The caller's datasets, newest first."""
-        return sorted(self._query_owner(owner, limit), key=lambda d: d.get("created_at", ""), reverse=True)
+        return sorted(map(_dataset, self._query_owner(owner, limit)), key=lambda d: d.get("created_at", ""), reverse=True)
 
     def record_check(self, dataset_id: str, owner: str, *, ok: bool, bytes_read: int, tokens: int,
-                     reason: str | None, etag: str | None = None, version_id: str | None = None) -> bool:
-        """Store a check's verdict and the object it read (etag, version id); False when this owner
-        registered no such dataset (a stray upload) or it is already ready: a ready dataset is
-        pinned to the object it was checked on, so a later upload never replaces it."""
+                     reason: str | None, etag: str | None = None, version_id: str | None = None,
+                     chat: dict[str, Any] | None = None) -> bool:
+        """Store a check's verdict and the object it read (etag, version id), and a conversation
+        dataset's figures (chat, kept as JSON); False when this owner registered no such dataset
+        (a stray upload) or it is already ready: a ready dataset is pinned to the object it was
+        checked on, so a later upload never replaces it."""
         values = {":s": "ready" if ok else "rejected", ":b": bytes_read, ":t": tokens, ":o": owner, ":ready": "ready"}
         update = "SET #s = :s, #b = :b, tokens = :t"
+        if chat is not None:
+            update += ", chat = :chat"
+            values[":chat"] = json.dumps(chat, separators=(",", ":"))
         for name, value in (("s3_etag", etag), ("s3_version_id", version_id)):
             if value:
                 update += f", {name} = :{name}"
@@ -398,6 +403,8 @@ class Datasets(_Table):
             update += " REMOVE reason"
         if not version_id:
             update += (", " if " REMOVE " in update else " REMOVE ") + "s3_version_id"
+        if chat is None:
+            update += (", " if " REMOVE " in update else " REMOVE ") + "chat"
         try:
             self.client.update_item(
                 TableName=self.name,
@@ -410,6 +417,12 @@ class Datasets(_Table):
         except self.client.exceptions.ConditionalCheckFailedException:
             return False
         return True
+
+
+def _dataset(item: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(item.get("chat"), str):
+        item = {**item, "chat": json.loads(item["chat"])}
+    return item
 
 
 class Tenants(_Table):

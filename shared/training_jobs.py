@@ -16,6 +16,7 @@ from shared.tenancy import encode_tenant
 TRAINING_JOB_PREFIX = "fusion-"
 METRIC_NAMES = ("step", "turn", "cycle", "train_loss", "heldout_loss", "heldout_perplexity", "tokens_per_second")
 MAX_RUNTIME_LIMIT = 28 * 24 * 3600  # SageMaker's ceiling on MaxRuntimeInSeconds
+VALIDATION_CHANNEL = "validation"  # a train job's validation set, when it names one
 
 
 def training_job_name(job_id: str) -> str:
@@ -66,6 +67,7 @@ def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str,
         "InputDataConfig": [
             _channel("training", job["dataset_uri"]),
             _channel("model", job["input_model_uri"]),
+            *([_channel(VALIDATION_CHANNEL, job["validation_dataset_uri"])] if job.get("validation_dataset_uri") else []),
         ],
         "OutputDataConfig": {"S3OutputPath": f"{prefix}/output/"},
         "CheckpointConfig": {"S3Uri": f"{prefix}/checkpoints/", "LocalPath": "/opt/ml/checkpoints"},

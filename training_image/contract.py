@@ -39,6 +39,7 @@ from torch import nn
 
 from shared.settings import TrainSettings
 from shared.shapes import LayerShape, ModelConfig
+from training_image.data import TOKEN_MASK
 from training_image.model import Decoder
 from training_image.train import Trainer, TrainPlan, batch_size_for
 
@@ -52,8 +53,9 @@ RIDGE = 1e-3  # relative ridge of the least-squares refit, for rank-deficient ac
 
 
 def _inputs(windows: torch.Tensor) -> torch.Tensor:
-    """Token ids to feed: a window of seq_len+1 tokens gives seq_len inputs."""
-    return windows[:, :-1] if windows.shape[1] > 1 else windows
+    """Token ids to feed: a window of seq_len+1 tokens gives seq_len inputs (without the flags of
+    a conversation's tokens: data.split_windows)."""
+    return (windows[:, :-1] if windows.shape[1] > 1 else windows) & TOKEN_MASK
 
 
 def _share(calibration_windows: torch.Tensor) -> torch.Tensor:
@@ -622,14 +624,14 @@ class Distillation(nn.Module):
         self.loss = loss
         self._source = (source.eval().requires_grad_(False),)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, starts: torch.Tensor | None = None):
         if targets is None:
-            return self.student(idx)
-        logits, lm = self.student(idx, targets)
+            return self.student(idx, starts=starts)
+        logits, lm = self.student(idx, targets, starts=starts)
         if self.loss == "lm":
             return logits, lm
         with torch.no_grad():
-            teacher = self._source[0](idx).float()
+            teacher = self._source[0](idx, starts=starts).float()
         kl = F.kl_div(
             F.log_softmax(logits.float().reshape(-1, logits.size(-1)), dim=-1),
             F.log_softmax(teacher.reshape(-1, teacher.size(-1)), dim=-1),

@@ -1,4 +1,5 @@
-"""Held-out loss and perplexity: fp32, no gradients, mean over every target token."""
+"""Held-out loss and perplexity: fp32, no gradients, mean over every target token that counts
+(for conversations, the assistant's: data.split_windows)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from training_image.data import split_windows
+from training_image.model import IGNORE_INDEX
 
 
 @torch.no_grad()
@@ -35,19 +39,22 @@ def heldout_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, *
         with torch.autocast(device.type, enabled=False):
             for start in range(0, batches * batch_size, batch_size):
                 batch = windows[start : start + batch_size]
+                inputs, targets, starts = split_windows(batch if len(batch) else spare)
+                packed = {} if starts is None else {"starts": starts.to(device)}
                 if len(batch) == 0:
-                    model(spare[:, :-1].to(device))
+                    model(inputs.to(device), **packed)
                     continue
-                batch = batch.to(device)
-                logits = model(batch[:, :-1]).float()
-                targets = batch[:, 1:]
+                logits = model(inputs.to(device), **packed).float()
+                targets = targets.to(device)
                 sums[0] += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
-                sums[1] += targets.numel()
+                sums[1] += (targets != IGNORE_INDEX).sum()
     finally:
         model.train(was_training)
     if world > 1:
         dist.all_reduce(sums)
     total, count = sums.tolist()
+    if count == 0:
+        raise ValueError("the held-out windows hold no target to measure (no assistant tokens)")
     return total / count
 
 

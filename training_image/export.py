@@ -2,7 +2,8 @@
 
 The folder holds config.json of the family's class (LlamaForCausalLM, MistralForCausalLM,
 Qwen2ForCausalLM, Qwen3ForCausalLM), safetensors shards with their index, tokenizer.json,
-tokenizer_config.json and generation_config.json.
+tokenizer_config.json, generation_config.json, and chat_template.jinja where the model has a chat
+template (what apply_chat_template reads).
 
 A transformers config gives every layer the same sizes, but a contracted model has its own per
 layer. The export pads each narrower layer with zeros up to the widest: extra query heads (in
@@ -82,7 +83,11 @@ def export_hf(model: Decoder, tokenizer, out: str | Path, shard_bytes: int = SHA
     tensors = padded_state(config, model.state_dict())
     write_shards(tensors, target, shard_bytes)
     eos = text.generation.get("eos_token_id", text.eos_id) if text.generation else text.eos_id
-    (target / "config.json").write_text(json.dumps(hf_config(padded_config(config), text.bos_id, eos), indent=2))
+    hf = hf_config(padded_config(config), text.bos_id, eos)
+    for key in ("pad_token", "unk_token"):  # transformers pads and maps unknown text with these
+        if text.special_id(key) is not None:
+            hf[f"{key}_id"] = text.special_id(key)
+    (target / "config.json").write_text(json.dumps(hf, indent=2))
     text.save(target / "tokenizer.json")
     if text.generation is None:
         generation = {"bos_token_id": text.bos_id, "eos_token_id": text.eos_id}

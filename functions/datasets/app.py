@@ -45,7 +45,8 @@ def lambda_handler(event: S3Event, context: LambdaContext) -> dict:
         read = s3.get_object(Bucket=record.s3.bucket.name, Key=key, **({"VersionId": version} if version else {}))
         result = check_dataset(read["Body"].iter_chunks(CHUNK_BYTES), fmt)
         if store.record_check(dataset_id, owner, ok=result.ok, bytes_read=result.bytes, tokens=result.tokens,
-                              reason=result.reason, etag=read.get("ETag"), version_id=read.get("VersionId")):
+                              reason=result.reason, etag=read.get("ETag"), version_id=read.get("VersionId"),
+                              chat=result.chat):
             logger.info("dataset checked", dataset_id=dataset_id, ok=result.ok, reason=result.reason, tokens=result.tokens)
             checked.append(dataset_id)
         else:
