@@ -33,6 +33,7 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from shared import contracts
 from shared.responses import (
@@ -383,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default %(default)s)")
     generate.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default %(default)s)")
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--chat", action="store_true",
+                          help="answer --prompt as the user's turn of a conversation, rendered with the model's chat template")
+    generate.add_argument("--system", help="with --chat: a system message before the user's turn")
     from local.deploy import add_parsers as deploy_parsers  # here: local.deploy imports this module
 
     deploy_parsers(models)
@@ -501,9 +505,18 @@ def models_generate(args: argparse.Namespace, client: Client, out: Output) -> in
 
     if args.max_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ApiError("--max-tokens must be at least 1, --temperature at least 0, --top-p in (0, 1]")
+    if args.system is not None and not args.chat:
+        raise ApiError("--system goes with --chat")
+    chat = None
+    if args.chat:
+        chat = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
     text = generate_text(client, args.model_id, args.prompt, max_tokens=args.max_tokens,
-                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    out.console.print(args.prompt + text, markup=False)
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=chat)
+    if chat is None:
+        out.console.print(args.prompt + text, markup=False)
+        return 0
+    answer = {"role": "assistant", "content": text.strip()}
+    out.show({"messages": chat + [answer]}, lambda _: Text(f"assistant: {answer['content']}"))
     return 0
 
 

@@ -200,3 +200,67 @@ def test_the_chat_template_survives_the_model_directory_and_the_export(tmp_path,
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     endoftext = chat_tokenizer.token_to_id("<|endoftext|>")
     assert config["pad_token_id"] == endoftext and config["unk_token_id"] == endoftext
+    # The serving container (TGI) reads the template from tokenizer_config.json.
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"] == CHATML
+
+
+def test_a_model_without_a_template_exports_the_default_it_was_trained_with(tmp_path, tokenizer):
+    from transformers import AutoTokenizer
+
+    plain = TextTokenizer(tokenizer)
+    save_model_dir(tmp_path / "model", Decoder(SIZES["debug"]).init_weights(0), plain)
+    assert not (tmp_path / "model" / CHAT_TEMPLATE).exists()
+    model, loaded = load_model_dir(tmp_path / "model")
+    export_hf(model, loaded, tmp_path / "hf")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf.apply_chat_template(CONVERSATION[1:3], tokenize=True, return_dict=False) == plain.conversation_ids(CONVERSATION[1:3])[0]
+
+
+@pytest.mark.slow
+def test_a_train_job_on_conversations_measures_the_validation_set_it_was_given(tmp_path, monkeypatch, chat_tokenizer):
+    from training_image import entry
+
+    from .conftest import write_hyperparameters
+
+    root = tmp_path / "ml"
+    save_model_dir(root / "input/data/model", _model(chat_tokenizer), chat_tokenizer)
+    _chat_dataset(root / "input/data/training", 80)
+    _chat_dataset(root / "input/data/validation", 16)
+    write_hyperparameters(root, job_type="train", job_id="job-9", cycles="1", steps_per_cycle="4", seq_len="128", lr="0.003")
+    monkeypatch.setenv("FUSION_ML_ROOT", str(root))
+    assert entry.main() == 0, (root / "output/failure").read_text()
+    metrics = json.loads((root / "model/metrics.json").read_text())
+    validation = prepare(chat_tokenizer, root / "input/data/validation", tmp_path / "v", 128, hold_out=False)
+    assert metrics["heldout"] == {"source": "validation", "dataset": None, "windows": validation.count, "seq_len": 128,
+                                  "tokens": "assistant"}
+    # The held-out loss is the trained model's on the whole validation set, assistant tokens only.
+    model, _ = load_model_dir(root / "model")
+    assert metrics["cycles"][-1]["heldout_loss"] == pytest.approx(heldout_loss(model, validation.windows(range(validation.count))), rel=1e-4)
+    # All of the training data was trained on: no window held out of it.
+    assert json.loads((root / "tokens/manifest.json").read_text())["heldout"] == []
+    assert (root / "model" / CHAT_TEMPLATE).read_text() == CHATML
+
+
+def test_generate_chat_answers_as_transformers_does_from_the_export(tmp_path, chat_tokenizer, capsys):
+    """Greedy, fp32: `fusion models generate DIR --chat` writes the tokens transformers' generate
+    writes after apply_chat_template(add_generation_prompt=True) on the exported folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from local.cli import main
+
+    model = _model(chat_tokenizer)
+    save_model_dir(tmp_path / "model", model, chat_tokenizer)
+    export_hf(model, chat_tokenizer, tmp_path / "hf")
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    chat = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What does ls do?"}]
+    prompt = hf_tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    expected = hf.generate(**prompt, max_new_tokens=8, do_sample=False, eos_token_id=hf_tokenizer.eos_token_id)
+    answer = hf_tokenizer.decode(expected[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    capsys.readouterr()
+    code = main(["--json", "models", "generate", str(tmp_path / "model"), "--chat", "--system", "Answer briefly.",
+                 "--prompt", "What does ls do?", "--max-tokens", "8", "--temperature", "0"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out) == {"messages": chat + [{"role": "assistant", "content": answer}]}
+    assert main(["models", "generate", str(tmp_path / "model"), "--system", "x", "--prompt", "y"]) == 1
