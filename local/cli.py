@@ -10,6 +10,7 @@
     fusion models generate MODEL --prompt TEXT   sample from it on this machine
     fusion models deploy MODEL --instance-type ml.g5.xlarge   serve it from a SageMaker endpoint
     fusion models undeploy ENDPOINT      delete that endpoint, its config and its model
+    fusion models register DIR --name N  upload a Hugging Face folder here as a base model of yours
 
 Against a deployed stack: --api-url (or FUSION_API_URL) and --token (or FUSION_TOKEN, a JWT
 your identity provider issued). The job settings' flags are generated from the same pydantic
@@ -388,8 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="answer --prompt as the user's turn of a conversation, rendered with the model's chat template")
     generate.add_argument("--system", help="with --chat: a system message before the user's turn")
     from local.deploy import add_parsers as deploy_parsers  # here: local.deploy imports this module
+    from local.register import add_parsers as register_parsers  # here: local.register imports this module
 
     deploy_parsers(models)
+    register_parsers(models)
 
     datasets = sub.add_parser("datasets", help="training data").add_subparsers(dest="action", required=True)
     upload = datasets.add_parser("upload", help="register, upload and check a dataset")
@@ -559,8 +562,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.command == "serve":
         return _serve(args, console)
     from local.deploy import COMMANDS as DEPLOY_COMMANDS
+    from local.register import COMMANDS as REGISTER_COMMANDS
 
-    command = {**COMMANDS, **DEPLOY_COMMANDS}[(args.command, getattr(args, "action", None))]
+    command = {**COMMANDS, **DEPLOY_COMMANDS, **REGISTER_COMMANDS}[(args.command, getattr(args, "action", None))]
     return command(args, Client(args.api_url, args.token), Output(console, args.json))
 
 

@@ -149,6 +149,19 @@ class ModelList(_Body):
     models: list[CatalogModel]
 
 
+class UploadURL(_Body):
+    name: str = Field(description="The file's path in the folder.")
+    url: str = Field(description="A presigned PUT of the file's bytes.")
+
+
+class ModelUpload(_Body):
+    """Where a model folder of the caller's goes, and a presigned PUT for each of its files."""
+
+    uri: str = Field(description="The folder (s3://...): POST /models registers it once the files are in.")
+    files: list[UploadURL]
+    expires_in: int = Field(description="Seconds the URLs stay valid.")
+
+
 class Download(_Body):
     model_id: str
     url: str = Field(description="A presigned GET of the model's archive, model.tar.gz.")

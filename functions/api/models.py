@@ -11,9 +11,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from functions.api import context
 from shared.errors import invalid, not_found
 from shared.hf import EXPORT_DIR
-from shared.hf_check import folder_model
+from shared.hf_check import (
+    MAX_UPLOAD_BYTES,
+    MAX_UPLOAD_FILES,
+    UPLOAD_NAME,
+    UPLOAD_URL_SECONDS,
+    folder_model,
+    new_upload_folder,
+    tenant_prefix,
+)
 from shared.outputs import split_s3
-from shared.responses import CatalogModel, Download, ModelList
+from shared.responses import CatalogModel, Download, ModelList, ModelUpload
 
 DOWNLOAD_URL_SECONDS = 3600
 
@@ -35,6 +43,37 @@ class RegisterModelRequest(BaseModel):
     uri: Annotated[str, Field(min_length=6, max_length=1024, description="s3://<data bucket>/<tenant>/<folder>/")]
 
 
+class UploadFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Annotated[str, Field(pattern=UPLOAD_NAME.pattern, description="The file's path in the folder.")]
+    bytes: Annotated[int, Field(ge=0, le=MAX_UPLOAD_BYTES, description="Its size (one PUT carries at most 5 GiB).")]
+
+
+class ModelUploadRequest(BaseModel):
+    """The files of a Hugging Face folder on the caller's machine, to upload for `POST /models`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    files: Annotated[list[UploadFile], Field(min_length=1, max_length=MAX_UPLOAD_FILES)]
+
+
+@router.post("/models/uploads", summary="Get upload URLs for a model folder of your own",
+             description="A fresh folder under your data prefix and a presigned PUT for each file; once they are "
+                         "uploaded, register the folder with POST /models (its uri).",
+             responses=context.responses({201: ("The folder and the upload URLs", ModelUpload)}, 415))
+def upload_model(request: ModelUploadRequest) -> Response[ModelUpload]:
+    names = [f.name for f in request.files]
+    if len(set(names)) != len(names):
+        raise invalid("files", "a file is named twice")
+    uri = new_upload_folder(context.env("DATA_BUCKET"), context.tenant(router))
+    bucket, prefix = split_s3(uri)
+    urls = [{"name": name, "url": _s3().generate_presigned_url("put_object", Params={"Bucket": bucket, "Key": prefix + name},
+                                                               ExpiresIn=UPLOAD_URL_SECONDS)} for name in names]
+    return Response(status_code=201, content_type=content_types.APPLICATION_JSON,
+                    body={"uri": uri, "files": urls, "expires_in": UPLOAD_URL_SECONDS})
+
+
 @router.post("/models", summary="Register your own base model",
              description="Checks the folder's config.json and safetensors headers (nothing is downloaded) and "
                          "registers it as ready, with its family, parameters, depth and context, or as rejected "
@@ -42,7 +81,7 @@ class RegisterModelRequest(BaseModel):
              responses=context.responses({201: ("The registered model, ready or rejected", CatalogModel)}, 415))
 def register_model(request: RegisterModelRequest) -> Response[CatalogModel]:
     tenant = context.tenant(router)
-    prefix = f"s3://{context.env('DATA_BUCKET')}/{tenant}/"
+    prefix = tenant_prefix(context.env("DATA_BUCKET"), tenant)
     rest = request.uri[len(prefix):]
     if not request.uri.startswith(prefix) or not rest.strip("/") or ".." in rest.split("/"):
         raise invalid("uri", f"a model folder must lie under {prefix}")
