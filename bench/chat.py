@@ -82,7 +82,17 @@ def hf_folder() -> Path:
     model = AutoModelForCausalLM.from_pretrained(package, gguf_file=GGUF, dtype=torch.float32)
     if not tokenizer.chat_template:
         raise SystemExit(f"{GGUF} brought no chat template: the bench needs the model's own")
-    model.save_pretrained(out)
+    # transformers marks a model loaded from a GGUF as quantized and will not save it; its weights
+    # are plain fp32 tensors by now, so they are written as an ordinary checkpoint.
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(out)
     return out
 
