@@ -10,6 +10,7 @@
     fusion models generate MODEL --prompt TEXT   sample from it on this machine
     fusion models deploy MODEL --instance-type ml.g5.xlarge   serve it from a SageMaker endpoint
     fusion models undeploy ENDPOINT      delete that endpoint, its config and its model
+    fusion models register DIR --name N  upload a Hugging Face folder here as a base model of yours
 
 Against a deployed stack: --api-url (or FUSION_API_URL) and --token (or FUSION_TOKEN, a JWT
 your identity provider issued). The job settings' flags are generated from the same pydantic
@@ -35,6 +36,7 @@ import requests
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from local.client import DEFAULT_API_URL, Answer, ApiError, Client
 from local.deploy import COMMANDS as DEPLOY_COMMANDS, add_parsers as deploy_parsers
@@ -391,7 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default %(default)s)")
     generate.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default %(default)s)")
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--chat", action="store_true",
+                          help="answer --prompt as the user's turn of a conversation, rendered with the model's chat template")
+    generate.add_argument("--system", help="with --chat: a system message before the user's turn")
+    from local.register import add_parsers as register_parsers
+
     deploy_parsers(models)
+    register_parsers(models)
     from local.admin import add_parsers as admin_parsers
 
     admin_parsers(sub)
@@ -576,12 +584,21 @@ def models_generate(args: argparse.Namespace, client: Client, out: Output) -> in
 
     if args.max_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ApiError("--max-tokens must be at least 1, --temperature at least 0, --top-p in (0, 1]")
+    if args.system is not None and not args.chat:
+        raise ApiError("--system goes with --chat")
+    chat = None
+    if args.chat:
+        chat = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
     text = generate_text(client, args.model_id, args.prompt, max_tokens=args.max_tokens,
-                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    if out.as_json:
-        out.show({"model_id": args.model_id, "prompt": args.prompt, "text": text}, str)
-    else:
-        out.console.print(args.prompt + text, markup=False)
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=chat)
+    if chat is None:
+        if out.as_json:
+            out.show({"model_id": args.model_id, "prompt": args.prompt, "text": text}, str)
+        else:
+            out.console.print(args.prompt + text, markup=False)
+        return 0
+    answer = {"role": "assistant", "content": text.strip()}
+    out.show({"messages": chat + [answer]}, lambda _: Text(f"assistant: {answer['content']}"))
     return 0
 
 
@@ -627,8 +644,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.command == "serve":
         return _serve(args, console)
     from local.admin import COMMANDS as ADMIN_COMMANDS
+    from local.register import COMMANDS as REGISTER_COMMANDS
 
-    command = {**COMMANDS, **DEPLOY_COMMANDS, **ADMIN_COMMANDS}[(args.command, getattr(args, "action", None))]
+    command = {**COMMANDS, **DEPLOY_COMMANDS, **ADMIN_COMMANDS, **REGISTER_COMMANDS}[(args.command, getattr(args, "action", None))]
     return command(args, Client(args.api_url, args.token), Output(console, args.json))
 
 

@@ -386,7 +386,10 @@ def models_deploy(args: argparse.Namespace, client: Client, out: Output) -> int:
                    f"{m['environment']['MAX_TOTAL_TOKENS']}"),
         ("invoke", f"aws sagemaker-runtime invoke-endpoint --endpoint-name {m['endpoint_name']} --content-type "
                    "application/json --body '{\"inputs\": \"Hello\", \"parameters\": {\"max_new_tokens\": 64}}' "
-                   "--cli-binary-format raw-in-base64-out /dev/stdout")]))
+                   "--cli-binary-format raw-in-base64-out /dev/stdout"),
+        ("chat", f"aws sagemaker-runtime invoke-endpoint --endpoint-name {m['endpoint_name']} --content-type "
+                 "application/json --body '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}], "
+                 "\"max_tokens\": 64}' --cli-binary-format raw-in-base64-out /dev/stdout")]))
     return 0
 
 

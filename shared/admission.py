@@ -12,6 +12,7 @@ from typing import Any
 
 from shared.budgets import budget_of, check_budget
 from shared.datasets import parse_dataset_key
+from shared.datasets import data_warnings
 from shared.errors import JobError, describe_error, invalid, not_found
 from shared.events import announce
 from shared.launching import dataset_replaced
@@ -105,6 +106,17 @@ def resolve(
     replaced = dataset_replaced(s3, {"dataset": dataset, "dataset_uri": dataset_uri, "dataset_pin": pinned})
     if replaced:  # the upload's notification may not have been checked yet: the object says so at once
         raise invalid("dataset", replaced)
+    if isinstance(request, TrainJobRequest):
+        warnings += _data_warnings(dataset, owner, datasets, settings.seq_len)
+    validation: dict[str, Any] = {}
+    if isinstance(request, TrainJobRequest) and request.validation_dataset is not None:
+        uri, pin = resolve_dataset(request.validation_dataset, owner, datasets=datasets, data_bucket=data_bucket,
+                                   field="validation_dataset")
+        replaced = dataset_replaced(s3, {"dataset": request.validation_dataset, "dataset_uri": uri, "dataset_pin": pin})
+        if replaced:
+            raise invalid("validation_dataset", replaced)
+        validation = {"validation_dataset": request.validation_dataset, "validation_dataset_uri": uri,
+                      "validation_dataset_pin": pin}
     if settings.output_name is None:
         settings = settings.model_copy(update={"output_name": default_output_name(job_id)})
     created = now()
@@ -128,7 +140,12 @@ def resolve(
         "dataset_uri": dataset_uri,
         "dataset_pin": pinned,
         "input_model_uri": base["artifact_uri"],
+        **validation,
     }
+
+
+def _data_warnings(dataset: str, owner: str, datasets: Datasets, seq_len: int) -> list[str]:
+    return [] if dataset.startswith("s3://") else data_warnings(datasets.get(dataset, owner), seq_len)
 
 
 def _planned(estimate: Any, field_name: str) -> Estimate:
@@ -140,14 +157,16 @@ def _planned(estimate: Any, field_name: str) -> Estimate:
         raise JobError(422, "does_not_fit", message, [{"field": field_name, "message": message}]) from None
 
 
-def resolve_dataset(dataset: str, owner: str, *, datasets: Datasets, data_bucket: str) -> tuple[str, dict | None]:
+def resolve_dataset(dataset: str, owner: str, *, datasets: Datasets, data_bucket: str,
+                    field: str = "dataset") -> tuple[str, dict | None]:
     """The S3 URI to train on and the object its check admitted ({"etag", "version_id"}): a ready
     dataset of the caller, named by its id or by the s3:// URI of its upload. Any other S3 URI is
-    refused: its bytes were never checked, and nothing would pin them between admission and launch."""
+    refused: its bytes were never checked, and nothing would pin them between admission and launch.
+    `field`: the request's field that named it (dataset, validation_dataset)."""
     if dataset.startswith("s3://"):
         parsed = parse_dataset_key(dataset[len(f"s3://{data_bucket}/"):]) if owns_uri(dataset, data_bucket, owner) else None
         if parsed is None or parsed[0] != owner:
-            raise invalid("dataset", "a job trains on a checked dataset only: name a dataset id (ds-...) that "
+            raise invalid(field, "a job trains on a checked dataset only: name a dataset id (ds-...) that "
                                      "POST /datasets registered and its check made ready, or its s3:// URI; "
                                      f"other S3 URIs (even under {data_uri_prefix(data_bucket, owner)}) are "
                                      "neither checked nor pinned")
@@ -156,9 +175,9 @@ def resolve_dataset(dataset: str, owner: str, *, datasets: Datasets, data_bucket
         uri = None
     record = datasets.get(dataset, owner)
     if record is None or (uri is not None and record["s3_uri"] != uri):
-        raise not_found("dataset", "dataset", uri or dataset)
+        raise not_found("dataset", field, uri or dataset)
     if record.get("status") != "ready":
-        raise invalid("dataset", f"dataset {dataset!r} is {record.get('status')}, not ready"
+        raise invalid(field, f"dataset {dataset!r} is {record.get('status')}, not ready"
                                  + (f": {record['reason']}" if record.get("reason") else ""))
     pin = {"etag": record["s3_etag"], "version_id": record.get("s3_version_id")} if record.get("s3_etag") else None
     return record["s3_uri"], pin

@@ -126,6 +126,20 @@ LogRecord = Annotated[Union[StepRecord, EvalRecord], Field(discriminator="kind")
 LOG_RECORD = TypeAdapter(LogRecord)
 
 
+class HeldOut(BaseModel):
+    """What a job's held-out figures were measured on: the validation set the job named, or the
+    split held out of its dataset; in windows of seq_len tokens; on every token, or on the
+    assistant's tokens of conversations."""
+
+    model_config = CONTRACT
+
+    source: Literal["validation", "split"]
+    dataset: str | None = None  # the dataset id or URI (filled in where the job is known)
+    windows: Count
+    seq_len: Count
+    tokens: Literal["all", "assistant"]
+
+
 class _Outcome(BaseModel):
     model_config = CONTRACT
 
@@ -144,6 +158,7 @@ class _Outcome(BaseModel):
     # What the job's matmuls computed in (PRECISION_ENV resolved on its hardware); None in the
     # metrics of images from before it was recorded.
     precision: ComputePrecision | None = None
+    heldout: HeldOut | None = None
 
 
 class TrainMetrics(_Outcome):

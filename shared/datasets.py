@@ -4,6 +4,12 @@ A dataset is registered first (`POST /datasets` hands out an upload URL), then i
 at s3://DATA/<owner>/datasets/<dataset_id>/data.jsonl|data.txt and the check reads it once:
 JSONL whose every record has a string "text" field, or UTF-8 text, within the size limits. The
 check streams the object, so its memory does not grow with the dataset.
+
+A JSONL dataset is text records or conversations (shared.conversations), told apart by its
+records; one file holds one kind. A conversation is checked (roles, order, empty turns) and
+rendered with the default chat template, and the check's answer says how many examples there
+are, their tokens, the assistant tokens' share and how long the examples are (CHAT_STATS), so
+that a job's estimate can say how many would be cut at its seq_len.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.settings import NAME_PATTERN, NAME_RULE
+from shared.conversations import CHAT, DEFAULT_CHAT_TEMPLATE, TEXT, ConversationError, conversation, record_kind, rendered_turns
+from shared.settings import MAX_SEQ_LEN, NAME_PATTERN, NAME_RULE
 from shared.store import Datasets, now
 from shared.tenancy import data_prefix, owner_of_key
 
@@ -53,7 +60,8 @@ class CreateDatasetRequest(BaseModel):
     )
     format: Literal["jsonl", "text"] = Field(
         default="jsonl",
-        description='"jsonl": one JSON object per line with a string "text" field; "text": UTF-8 text. '
+        description='"jsonl": one JSON object per line, each with a string "text" field, or each a conversation '
+        '({"messages": [...]} or {"prompt", "completion"}); "text": UTF-8 text. '
         f"The check needs at least {MIN_TOKENS:,} tokens.",
     )
 
@@ -65,6 +73,7 @@ class CheckResult:
     tokens: int
     records: int
     reason: str | None = None
+    chat: dict[str, Any] | None = None  # a conversation dataset's statistics (chat_stats)
 
 
 def new_dataset_id() -> str:
@@ -98,7 +107,7 @@ def check_dataset(chunks: Iterable[bytes], fmt: str, *, limit: int | None = None
     It always ends with a verdict: whatever the bytes hold (numbers of any length, nesting of any
     depth, any encoding) they are either admitted or rejected with the first reason found."""
     limit = max_bytes() if limit is None else limit
-    state = {"bytes": 0, "tokens": 0, "records": 0}
+    state: dict[str, Any] = {"bytes": 0, "tokens": 0, "records": 0}
 
     def counted(stream: Iterable[bytes]) -> Iterator[bytes]:
         for chunk in stream:
@@ -119,7 +128,7 @@ def check_dataset(chunks: Iterable[bytes], fmt: str, *, limit: int | None = None
     except _Rejected as rejected:
         reason = str(rejected) if state["bytes"] else EMPTY_REASON
         return CheckResult(False, state["bytes"], state["tokens"], state["records"], reason)
-    return CheckResult(True, state["bytes"], state["tokens"], state["records"])
+    return CheckResult(True, state["bytes"], state["tokens"], state["records"], chat=chat_stats(state))
 
 
 class _Rejected(Exception):
@@ -184,13 +193,70 @@ def text_record(number: int, record: Any) -> str:
     return record["text"]
 
 
-def _check_jsonl(chunks: Iterable[bytes], state: dict[str, int]) -> None:
+def _check_jsonl(chunks: Iterable[bytes], state: dict[str, Any]) -> None:
+    """Every line decoded, parsed, then read as a record of the file's one kind (shared.conversations)."""
+    kind = None
     for number, text in decoded_lines(chunks):
-        body = text_record(number, parse_record(number, text))
+        record = parse_record(number, text)
+        try:
+            this = record_kind(record)
+            if kind is not None and this != kind:
+                raise ConversationError(f"is a {this} record in a dataset whose first record is {kind}: one kind a file")
+            kind = this
+            if kind == TEXT:
+                state["tokens"] += count_tokens(text_record(number, record))
+            else:
+                _count_conversation(conversation(record), state)
+        except ConversationError as error:
+            raise _Rejected(f"line {number} {error}") from None
         state["records"] += 1
-        state["tokens"] += count_tokens(body)
     if not state["records"]:
         raise _Rejected("the dataset has no records")
+
+
+# The default template's special tokens as the check renders them: a marker, counted as one piece.
+_CHECK_TOKENS = {"eos_token": "<eos>", "bos_token": "<bos>"}
+
+
+def _count_conversation(messages: list[dict[str, str]], state: dict[str, Any]) -> None:
+    """Render a conversation with the default chat template and count it into state["chat"]."""
+    text, spans = rendered_turns(DEFAULT_CHAT_TEMPLATE, messages, _CHECK_TOKENS)
+    tokens = count_tokens(text)
+    stats = state.setdefault("chat", {"assistant_tokens": 0, "lengths": {}})
+    stats["assistant_tokens"] += sum(count_tokens(text[start:end]) for start, end in spans)
+    length = min(tokens, MAX_SEQ_LEN + 1)  # any example past the longest seq_len is cut at every one
+    stats["lengths"][length] = stats["lengths"].get(length, 0) + 1
+    state["tokens"] += tokens
+
+
+def chat_stats(state: dict[str, Any]) -> dict[str, Any] | None:
+    """What the check records about a conversation dataset (None for text): its examples, the
+    assistant's tokens (those the loss is on) and their share of all tokens, and lengths,
+    {example tokens: examples} (every length above MAX_SEQ_LEN counted at MAX_SEQ_LEN + 1), with
+    keys as strings, as JSON keeps them."""
+    counted = state.get("chat")
+    if counted is None:
+        return None
+    return {"examples": state["records"], "assistant_tokens": counted["assistant_tokens"],
+            "assistant_share": round(counted["assistant_tokens"] / max(1, state["tokens"]), 4),
+            "lengths": {str(length): n for length, n in sorted(counted["lengths"].items())}}
+
+
+def examples_over(chat: dict[str, Any], seq_len: int) -> int:
+    """How many of a conversation dataset's examples are longer than a window of seq_len tokens."""
+    return sum(int(n) for length, n in chat["lengths"].items() if int(length) > seq_len + 1)
+
+
+def data_warnings(dataset: dict[str, Any] | None, seq_len: int) -> list[str]:
+    """What a job's estimate says about its dataset at its seq_len: conversations that would be cut."""
+    chat = (dataset or {}).get("chat")
+    if not chat:
+        return []
+    over = examples_over(chat, seq_len)
+    if not over:
+        return []
+    return [f"{over} of the {chat['examples']} conversations are longer than seq_len={seq_len} tokens and would be cut "
+            "to it (counted with the default chat template; the model's own may differ by a few tokens)"]
 
 
 def _check_text(chunks: Iterable[bytes], state: dict[str, int]) -> None:

@@ -9,6 +9,7 @@ it: the same tables (`shared.hf`) decide both.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from typing import Any
 
@@ -16,8 +17,20 @@ from shared.hf import INDEX, UnsupportedCheckpoint, check_tensors, model_config_
 from shared.pricing import price_table
 from shared.shapes import ModelConfig
 from shared.store import missing_object, now
+from shared.tenancy import data_uri_prefix
 
 CONFIG_LIMIT = 1024 * 1024  # bytes of config.json / the index read at most
+# A folder uploaded for registration: each file one presigned PUT (at most 5 GiB, S3's limit for
+# one), named by its path in the folder (a few levels deep at most, no "..").
+MAX_UPLOAD_FILES = 512
+MAX_UPLOAD_BYTES = 5 * 1024**3
+UPLOAD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9_][A-Za-z0-9._-]{0,127}){0,3}$")
+UPLOAD_URL_SECONDS = 3600
+
+
+def new_upload_folder(bucket: str, owner: str) -> str:
+    """A fresh folder under the tenant's data prefix (shared.tenancy) for a model folder's files."""
+    return f"{data_uri_prefix(bucket, owner)}models/up-{secrets.token_hex(8)}/"
 
 
 class FolderRejected(ValueError):

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.contracts import EvalRecord, Progress, StepRecord
+from shared.contracts import EvalRecord, HeldOut, Progress, StepRecord
 from shared.pricing import Estimate
 from shared.shapes import ModelConfig
 from shared.lifecycle import STATUS_RANK
@@ -63,6 +63,8 @@ class Job(_Body):
     owner: str
     model: str = Field(description="The base model trained, or the model contracted.")
     dataset: str | None = Field(description="The dataset id or S3 URI it trains or calibrates on.")
+    validation_dataset: str | None = Field(
+        default=None, description="The validation set its held-out metrics are measured on; none: a split of dataset.")
     settings: dict[str, Any] = Field(description="The job's settings with every default filled in.")
     estimate: Estimate
     warnings: list[str]
@@ -140,6 +142,7 @@ class CatalogModel(_Body):
     context_length: int | None = None
     dtype: str | None = None
     perplexity: float | None = None
+    perplexity_on: HeldOut | None = Field(default=None, description="What the perplexity was measured on.")
     artifact_uri: str | None = None
     cost: Decimal | None = None
     config: ModelConfig | None = None
@@ -149,6 +152,19 @@ class CatalogModel(_Body):
 
 class ModelList(_Body):
     models: list[CatalogModel]
+
+
+class UploadURL(_Body):
+    name: str = Field(description="The file's path in the folder.")
+    url: str = Field(description="A presigned PUT of the file's bytes.")
+
+
+class ModelUpload(_Body):
+    """Where a model folder of the caller's goes, and a presigned PUT for each of its files."""
+
+    uri: str = Field(description="The folder (s3://...): POST /models registers it once the files are in.")
+    files: list[UploadURL]
+    expires_in: int = Field(description="Seconds the URLs stay valid.")
 
 
 class Download(_Body):
@@ -161,6 +177,16 @@ class Download(_Body):
 # --- datasets ----------------------------------------------------------------------------------
 
 
+class ChatFigures(_Body):
+    """What the check counted in a dataset of conversations (rendered with the default chat template)."""
+
+    examples: int = Field(description="Conversations.")
+    assistant_tokens: int = Field(description="Tokens of the assistant's turns: those the loss is on.")
+    assistant_share: float = Field(description="The assistant's tokens as a share of all tokens.")
+    lengths: dict[str, int] = Field(description="Conversations by length in tokens (one over the longest seq_len "
+                                                "counts every longer one).")
+
+
 class Dataset(_Body):
     """A dataset as the API shows it."""
 
@@ -171,6 +197,7 @@ class Dataset(_Body):
     s3_uri: str
     bytes: int | None = None
     tokens: int | None = None
+    chat: ChatFigures | None = Field(default=None, description="For conversations: what the check counted.")
     created_at: str
     deleted_at: str | None = None
 

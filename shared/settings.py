@@ -171,6 +171,12 @@ class TrainJobRequest(BaseModel):
     type: Literal["train"]
     model: str = Field(min_length=1, max_length=128, description="Base model id (a catalog model).")
     dataset: str = Field(min_length=1, max_length=1024, description="Dataset id or S3 URI of the training data.")
+    validation_dataset: str | None = Field(
+        default=None, min_length=1, max_length=1024,
+        description="Dataset id or S3 URI of a validation set of the same kind (text or conversations): "
+        "held-out loss and perplexity are measured on it, and all of `dataset` is trained on. Default: a "
+        "held-out split of `dataset`.",
+    )
     hyperparams: TrainSettings = Field(default_factory=TrainSettings)
 
 

@@ -56,12 +56,21 @@ def catalog_entry(job: dict[str, Any], metrics: Metrics, artifact_uri: str, cost
         "family": config.family,
         "context_length": config.context_length,
         "perplexity": metrics.final_perplexity,
+        "perplexity_on": _perplexity_on(job, metrics),
         "artifact_uri": artifact_uri,
         "cost": str(cost),
         "config": config.model_dump(mode="json"),
         "dataset": job.get("dataset"),
         "created_at": now(),
     }
+
+
+def _perplexity_on(job: dict[str, Any], metrics: Metrics) -> dict[str, Any] | None:
+    """metrics.heldout, naming the dataset: the job's validation set or its training data."""
+    if metrics.heldout is None:
+        return None
+    dataset = job.get("validation_dataset") if metrics.heldout.source == "validation" else job.get("dataset")
+    return metrics.heldout.model_copy(update={"dataset": dataset}).model_dump(mode="json")
 
 
 @dataclass

@@ -451,14 +451,18 @@ class Datasets(_Table):
 
     def record_check(self, dataset_id: str, owner: str, *, ok: bool, bytes_read: int, tokens: int,
                      reason: str | None, etag: str | None = None, version_id: str | None = None,
-                     status: str | None = None) -> bool:
-        """Store a check's verdict (ready, rejected, or `status="failed"` when the check itself broke)
-        and the object it read (etag, version id); False when this owner registered no such dataset
+                     status: str | None = None, chat: dict[str, Any] | None = None) -> bool:
+        """Store a check's verdict (ready, rejected, or `status="failed"` when the check itself broke),
+        the object it read (etag, version id), and a conversation dataset's figures (chat, kept as
+        JSON); False when this owner registered no such dataset
         (a stray upload) or it is already ready or replaced: a ready dataset is pinned to the object
         it was checked on, so a later upload never makes it ready on other bytes (see mark_replaced)."""
         status = status or ("ready" if ok else "rejected")
         values = {":s": status, ":b": bytes_read, ":t": tokens, ":o": owner, ":ready": "ready", ":replaced": "replaced"}
         update = "SET #s = :s, #b = :b, tokens = :t"
+        if chat is not None:
+            update += ", chat = :chat"
+            values[":chat"] = json.dumps(chat, separators=(",", ":"))
         for name, value in (("s3_etag", etag), ("s3_version_id", version_id)):
             if value:
                 update += f", {name} = :{name}"
@@ -470,6 +474,8 @@ class Datasets(_Table):
             update += " REMOVE reason"
         if not version_id:
             update += (", " if " REMOVE " in update else " REMOVE ") + "s3_version_id"
+        if chat is None:
+            update += (", " if " REMOVE " in update else " REMOVE ") + "chat"
         try:
             self.client.update_item(
                 TableName=self.name,
@@ -513,7 +519,9 @@ REPLACED_REASON = ("a later upload replaced the object its check admitted; regis
 
 def _dataset_from_item(item: dict[str, Any]) -> dict[str, Any]:
     if item.get("deleted_at"):
-        return {**item, "status": "deleted"}
+        item = {**item, "status": "deleted"}
+    if isinstance(item.get("chat"), str):
+        item = {**item, "chat": json.loads(item["chat"])}
     return item
 
 

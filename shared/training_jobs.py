@@ -20,6 +20,7 @@ STACK_TAG = "fusion:stack"
 STACK_ENV = "FUSION_STACK"
 METRIC_NAMES = ("step", "turn", "cycle", "train_loss", "heldout_loss", "heldout_perplexity", "tokens_per_second")
 MAX_RUNTIME_LIMIT = 28 * 24 * 3600  # SageMaker's ceiling on MaxRuntimeInSeconds
+VALIDATION_CHANNEL = "validation"  # a train job's validation set, when it names one
 
 
 def training_job_name(job_id: str) -> str:
@@ -77,6 +78,7 @@ def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str,
         "InputDataConfig": [
             _channel("training", job["dataset_uri"]),
             _channel("model", job["input_model_uri"]),
+            *([_channel(VALIDATION_CHANNEL, job["validation_dataset_uri"])] if job.get("validation_dataset_uri") else []),
         ],
         "OutputDataConfig": {"S3OutputPath": f"{prefix}/output/"},
         # Outside jobs/: a lifecycle rule expires checkpoints (shared.outputs.CHECKPOINT_RETENTION_DAYS).

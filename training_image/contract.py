@@ -40,6 +40,7 @@ from torch import nn
 from shared.memory import IGNORE_INDEX
 from shared.settings import TrainSettings
 from shared.shapes import LayerShape, ModelConfig, heads_to_remove, units_to_remove
+from training_image.data import TOKEN_MASK
 from training_image.model import Decoder
 from training_image.train import Trainer, TrainPlan, batch_size_for
 
@@ -53,8 +54,9 @@ RIDGE = 1e-3  # relative ridge of the least-squares refit, for rank-deficient ac
 
 
 def _inputs(windows: torch.Tensor) -> torch.Tensor:
-    """Token ids to feed: a window of seq_len+1 tokens gives seq_len inputs."""
-    return windows[:, :-1] if windows.shape[1] > 1 else windows
+    """Token ids to feed: a window of seq_len+1 tokens gives seq_len inputs (without the flags of
+    a conversation's tokens: data.split_windows)."""
+    return (windows[:, :-1] if windows.shape[1] > 1 else windows) & TOKEN_MASK
 
 
 def _share(calibration_windows: torch.Tensor) -> torch.Tensor:
@@ -612,13 +614,14 @@ class Distillation(nn.Module):
         self.loss = loss
         self._source = (source.eval().requires_grad_(False),)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
+                starts: torch.Tensor | None = None):
         # Evaluated (eval mode), it is the student: held-out loss is the student's own.
         if targets is None or self.loss == "lm" or not self.training:
-            return self.student(idx, targets, reduction)
-        logits = self.student(idx)
+            return self.student(idx, targets, reduction, starts=starts)
+        logits = self.student(idx, starts=starts)
         with torch.no_grad():
-            teacher = self._source[0](idx).float()
+            teacher = self._source[0](idx, starts=starts).float()
         kl = F.kl_div(
             F.log_softmax(logits.float().reshape(-1, logits.size(-1)), dim=-1),
             F.log_softmax(teacher.reshape(-1, teacher.size(-1)), dim=-1),

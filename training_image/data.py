@@ -4,6 +4,12 @@ Datasets are JSONL files whose lines carry a "text" field, or plain .txt files, 
 a channel directory. Documents are tokenized (BOS first where the family has one, its EOS after
 each), joined and cut into windows of seq_len + 1 tokens (inputs are the first seq_len, targets
 the last seq_len); a seeded share of the windows is held out for perplexity.
+
+Conversations (shared.conversations) are rendered with the model's chat template and packed
+whole into windows; each token of such a window carries two flags above its id (bits 32 and 33
+of the int64): NOT_TARGET (no loss on predicting it: it is not the assistant's) and
+DOCUMENT_START (a conversation begins there: nothing before it is attended to). Plain text has
+no flags: every target counts and a window is one stream. split_windows takes them apart.
 """
 
 from __future__ import annotations
@@ -16,12 +22,30 @@ from typing import Callable
 import torch
 from tokenizers import Tokenizer
 
+from training_image.model import IGNORE_INDEX
 from training_image.tokenizer import document_ids
 
 TEXT_SUFFIXES = (".jsonl", ".txt")
 # Enough held-out tokens for a perplexity good to about a percent, few enough that evaluating
 # at every cycle's end stays a small share of the run.
 HELDOUT_MAX_TOKENS = 65_536
+
+
+FLAG_SHIFT = 32
+TOKEN_MASK = (1 << FLAG_SHIFT) - 1
+NOT_TARGET, DOCUMENT_START = 1, 2  # the flags, as stored (uint8) and shifted by FLAG_SHIFT in a window
+
+
+def split_windows(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(inputs (B, T), targets (B, T), starts (B, T) bool or None) of windows (B, T + 1): inputs
+    the first T tokens, targets the last T with IGNORE_INDEX where no loss is taken, starts where
+    a packed conversation begins among the inputs (None for plain text, which has no flags)."""
+    flags = windows >> FLAG_SHIFT
+    if not bool(flags.any()):
+        return windows[:, :-1], windows[:, 1:], None
+    tokens = windows & TOKEN_MASK
+    targets = tokens[:, 1:].masked_fill((flags[:, 1:] & NOT_TARGET).bool(), IGNORE_INDEX)
+    return tokens[:, :-1], targets, (flags[:, :-1] & DOCUMENT_START).bool()
 
 
 def dataset_files(path: str | Path) -> list[Path]:

@@ -1,4 +1,5 @@
-"""Held-out loss and perplexity: no gradients, mean over every scored target token.
+"""Held-out loss and perplexity: no gradients, mean over every target token that counts (for
+conversations, the assistant's: data.split_windows).
 
 Evaluation runs within the training job's memory plan: the trainer's micro-batch, its
 precision (bf16 autocast where it trains so), and the chunked loss, so no vocabulary-wide
@@ -17,6 +18,7 @@ from shared.memory import IGNORE_INDEX
 # Windows a forward pass when the caller has no plan of its own (tests, benches, contraction's
 # measurements on one process).
 DEFAULT_EVAL_BATCH = 8
+from training_image.data import split_windows
 
 
 @torch.no_grad()
@@ -49,13 +51,13 @@ def heldout_loss(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             for start in range(0, batches * batch_size, batch_size):
                 batch = windows[start : start + batch_size]
+                inputs, targets, starts = split_windows(batch if len(batch) else spare)
+                packed = {} if starts is None else {"starts": starts.to(device)}
                 if len(batch) == 0:
-                    spare_batch = spare.to(device)
-                    model(spare_batch[:, :-1], spare_batch[:, 1:], reduction="sum")
+                    model(inputs.to(device), targets.to(device), reduction="sum", **packed)
                     continue
-                batch = batch.to(device)
-                targets = batch[:, 1:]
-                sums[0] += model(batch[:, :-1], targets, reduction="sum")
+                targets = targets.to(device)
+                sums[0] += model(inputs.to(device), targets, reduction="sum", **packed)
                 sums[1] += (targets != IGNORE_INDEX).sum()
     finally:
         model.train(was_training)
@@ -63,7 +65,7 @@ def heldout_loss(
         dist.all_reduce(sums)
     total, count = sums.tolist()
     if count == 0:
-        raise ValueError("no held-out target is scored")
+        raise ValueError("the held-out windows hold no target to measure (no assistant tokens)")
     return total / count
 
 

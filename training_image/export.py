@@ -2,7 +2,10 @@
 
 The folder holds config.json of the family's class (LlamaForCausalLM, MistralForCausalLM,
 Qwen2ForCausalLM, Qwen3ForCausalLM), safetensors shards with their index, tokenizer.json,
-tokenizer_config.json and generation_config.json.
+tokenizer_config.json, generation_config.json, and the chat template conversations were rendered
+with (the model's own, or the default one: training_image.tokenizer) twice: as chat_template.jinja,
+which transformers 5 reads, and in tokenizer_config.json, where the LLM serving container (TGI)
+and older transformers read it.
 
 A transformers config gives every layer the same sizes, but a contracted model has its own per
 layer. The export pads each narrower layer with zeros up to the widest: extra query heads (in
@@ -25,7 +28,7 @@ from shared.hf import EXPORT_DIR, hf_config, hf_names, padded_config, tensor_sha
 from shared.shapes import ModelConfig
 from training_image.model import Decoder
 from training_image.shards import SHARD_BYTES, write_shards
-from training_image.tokenizer import GENERATION_CONFIG, TextTokenizer, as_text_tokenizer
+from training_image.tokenizer import CHAT_TEMPLATE, GENERATION_CONFIG, TOKENIZER_CONFIG, TextTokenizer, as_text_tokenizer
 
 
 def padded_state(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -82,8 +85,15 @@ def export_hf(model: Decoder, tokenizer, out: str | Path, shard_bytes: int = SHA
     tensors = padded_state(config, model.state_dict())
     write_shards(tensors, target, shard_bytes)
     eos = text.generation.get("eos_token_id", text.eos_id) if text.generation else text.eos_id
-    (target / "config.json").write_text(json.dumps(hf_config(padded_config(config), text.bos_id, eos), indent=2))
+    hf = hf_config(padded_config(config), text.bos_id, eos)
+    for key in ("pad_token", "unk_token"):  # transformers pads and maps unknown text with these
+        if text.special_id(key) is not None:
+            hf[f"{key}_id"] = text.special_id(key)
+    (target / "config.json").write_text(json.dumps(hf, indent=2))
     text.save(target / "tokenizer.json")
+    (target / CHAT_TEMPLATE).write_text(text.template, encoding="utf-8")
+    tokenizer_config = {**text.config, "chat_template": text.template}
+    (target / TOKENIZER_CONFIG).write_text(json.dumps(tokenizer_config, indent=2))
     if text.generation is None:
         generation = {"bos_token_id": text.bos_id, "eos_token_id": text.eos_id}
         (target / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2))

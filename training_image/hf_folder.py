@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from shared.hf import INDEX, SINGLE, UnsupportedCheckpoint, check_tensors, model_config_from_hf, parse_header, shard_files
 from shared.shapes import ModelConfig
-from training_image.tokenizer import END_OF_TEXT, GENERATION_CONFIG, TOKENIZER_CONFIG, TextTokenizer
+from training_image.tokenizer import END_OF_TEXT, GENERATION_CONFIG, TOKENIZER_CONFIG, TextTokenizer, read_chat_template
 
 
 def read_folder(source: Path) -> tuple[ModelConfig, list[Path], TextTokenizer]:
@@ -72,8 +72,11 @@ def read_tokenizer(source: Path, hf: dict[str, Any]) -> TextTokenizer:
             "bos_token": _token(tokenizer, hf.get("bos_token_id")),
             "eos_token": _token(tokenizer, hf.get("eos_token_id")) or END_OF_TEXT,
         }
+    for key in ("pad_token", "unk_token"):  # config.json may name them where tokenizer_config.json does not
+        if config.get(key) is None and _token(tokenizer, hf.get(f"{key}_id")) is not None:
+            config[key] = _token(tokenizer, hf.get(f"{key}_id"))
     generation = json.loads((source / GENERATION_CONFIG).read_text()) if (source / GENERATION_CONFIG).is_file() else None
-    return TextTokenizer(tokenizer, config, generation)
+    return TextTokenizer(tokenizer, config, generation, read_chat_template(source))
 
 
 def _token(tokenizer: Tokenizer, token_id: int | list[int] | None) -> str | None:

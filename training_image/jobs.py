@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from shared.contracts import ContractMetrics, Hyperparameters, Metrics, TrainMetrics
+from shared.contracts import ContractMetrics, HeldOut, Hyperparameters, Metrics, TrainMetrics
 from shared.memory import Layout
 from shared.settings import (
     CONTRACT_CALIBRATION_WINDOWS,
@@ -30,6 +30,7 @@ from shared.settings import (
     TrainSettings,
 )
 from shared.shapes import ModelConfig, grown_config
+from shared.training_jobs import VALIDATION_CHANNEL
 from training_image import parallel, runtime, stopping
 from training_image.contract import (
     HEAL_LR,
@@ -88,8 +89,20 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, la
         raise ValueError(f"seq_len={settings.seq_len} exceeds the base model's context length {base_config.context_length}")
     if tokenizer.get_vocab_size() > base_config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, the model only {base_config.vocab_size}")
-    data = runtime.prepare_tokens(root, tokenizer, settings.seq_len)
+    validation = runtime.has_channel(root, VALIDATION_CHANNEL)
+    data = runtime.prepare_tokens(root, tokenizer, settings.seq_len, hold_out=not validation)
     train_windows, heldout_windows = data.train_windows(), data.heldout_windows()
+    if validation:  # the user's validation set, of the same kind as the training data
+        held = runtime.prepare_tokens(root, tokenizer, settings.seq_len, VALIDATION_CHANNEL, hold_out=False)
+        if held.kind != data.kind:
+            raise ValueError(f"the validation set is {held.kind} and the training data {data.kind}: give one kind")
+        heldout_windows = held.sample_windows()
+    heldout = HeldOut(source="validation" if validation else "split", windows=len(heldout_windows),
+                      seq_len=settings.seq_len, tokens="assistant" if data.kind == "chat" else "all")
+    if data.chat is not None:
+        log(f"conversations: {data.chat['examples']} examples, {data.chat['examples_cut']} cut to {settings.seq_len + 1} "
+            f"tokens, {data.chat['assistant_tokens']} of {data.chat['tokens']} tokens the assistant's, "
+            f"{data.chat['padding_tokens']} padding")
     device = runtime.device()
     model.train()
     plan = TrainPlan(
@@ -138,6 +151,7 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, la
         precision=trainer.precision,
         cycles=state.cycles,
         final_perplexity=state.cycles[-1]["perplexity"] if state.cycles else None,
+        heldout=heldout,
     )
     _write_outputs(root, model, tokenizer, metrics)
     return metrics

@@ -7,6 +7,10 @@ count and MLP width, so contraction can shrink layers one by one. Blocks live in
 keyed by a stable id ("0", "1", ... and "3_1" for a block grown after block 3), so inserting or
 removing a block never renames the weights of the others.
 
+Packed conversations (`starts`, the positions where a conversation begins) never attend across
+each other: each attends causally within its own conversation, and its rotary positions count
+from its own first token, so a packed window computes what each conversation alone would.
+
 Shapes in comments: B batch, T time, C model dim, H query heads, K kv heads, D head dim.
 """
 
@@ -20,6 +24,8 @@ from torch import nn
 
 from shared.memory import IGNORE_INDEX, loss_chunk_tokens
 from shared.shapes import LayerShape, ModelConfig, RopeScaling
+
+IGNORE_INDEX = -100  # a target with no loss (PyTorch's cross_entropy default ignore_index)
 
 
 class RMSNorm(nn.Module):
@@ -87,9 +93,10 @@ def rope_tables(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, heads, T, D) by position. Halves layout (as Llama's HF checkpoints use)."""
+    """Rotate (B, heads, T, D) by position, with cos and sin (T, D/2), or (B, T, D/2) where each
+    sequence has its own positions. Halves layout (as Llama's HF checkpoints use)."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[None, None], sin[None, None]
+    cos, sin = (cos[None, None], sin[None, None]) if cos.dim() == 2 else (cos[:, None], sin[:, None])
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
@@ -107,8 +114,11 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, config.norm_eps) if config.qk_norm else None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None" = None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None" = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """mask: (B, 1, T, T) bool, True where a query may attend to a key (packed documents);
+        None for plain causal attention."""
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         # Three matmuls, not one over the concatenated weights: autograd would keep that
@@ -123,6 +133,9 @@ class Attention(nn.Module):
         q, k = qk.split((H, K), dim=1)  # (B, H, T, D), (B, K, T, D)
         v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         causal = True
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=K != H)  # (B, H, T, D)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
         if cache is not None:
             # Decoding: the new positions attend to every cached one and causally among themselves.
             k, v = cache.append(self, k, v)  # (B, K, S, D), S = cached + T
@@ -251,8 +264,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config.dim, shape.mlp_hidden)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None" = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache | None" = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -307,26 +321,49 @@ class Decoder(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
         return self
 
-    def forward_hidden(self, idx: torch.Tensor, cache: "KVCache | None" = None) -> torch.Tensor:
+    def forward_hidden(self, idx: torch.Tensor, cache: "KVCache | None" = None,
+                       starts: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, C) of token ids (B, T), before the output norm.
 
-        With a cache, idx continues the sequence the cache holds (positions start after it)."""
+        With a cache, idx continues the sequence the cache holds (positions start after it).
+        starts (B, T) bool: True where a packed document begins; each document then attends only
+        to itself, from position 0 (a window's first tokens, before any start, are one document)."""
         start = cache.length if cache is not None else 0
         end = start + idx.shape[1]
         if end > self.config.context_length:
             raise ValueError(f"sequence of {end} tokens exceeds the context length {self.config.context_length}")
         x = self.embed(idx)  # (B, T, C)
-        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        mask = None
+        if starts is not None:
+            if cache is not None:
+                raise ValueError("packed documents are for training and evaluation, not decoding")
+            cos, sin, mask = self._document_layout(starts)
+        else:
+            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         for block in self.blocks.values():
-            x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, cache, mask)
         if cache is not None:
             cache.length = end
         return x
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+    def _document_layout(self, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotary tables (B, T, D/2) counted from each document's first token, and the attention
+        mask (B, 1, T, T) that keeps each position within its document, causally."""
+        T = starts.shape[1]
+        index = torch.arange(T, device=starts.device)
+        first = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T): where each position's document begins
+        positions = index - first
+        document = starts.cumsum(dim=1)  # (B, T): which document each position is in
+        causal = torch.ones(T, T, dtype=torch.bool, device=starts.device).tril()
+        mask = (document[:, :, None] == document[:, None, :]) & causal  # (B, T, T)
+        return self.rope_cos[positions], self.rope_sin[positions], mask[:, None]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
+                starts: torch.Tensor | None = None):
         """Logits (B, T, vocab); with targets (B, T), the next-token cross-entropy instead (mean,
-        or sum, over the targets that are not IGNORE_INDEX), computed without the logits."""
-        return self.lm_head(self.norm(self.forward_hidden(idx)), targets, reduction)
+        or sum, over the targets that are not IGNORE_INDEX, -100; a batch with none that count has
+        loss 0), computed without the logits. starts: see forward_hidden."""
+        return self.lm_head(self.norm(self.forward_hidden(idx, starts=starts)), targets, reduction)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

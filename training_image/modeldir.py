@@ -1,5 +1,6 @@
 """Model directories: config.json (the exact ModelConfig), the weights, tokenizer.json,
-tokenizer_config.json, generation_config.json when the source had one, metrics.json.
+tokenizer_config.json, generation_config.json and chat_template.jinja when the source had them,
+metrics.json.
 
 Weights are stored in the config's dtype (bf16 stays bf16); a loaded model is fp32 for training.
 They are model.safetensors, or shards with their index once they exceed the shard size
@@ -30,7 +31,7 @@ from shared.shapes import ModelConfig
 from training_image.hf_folder import read_folder
 from training_image.model import Decoder
 from training_image.shards import SHARD_BYTES, write_shards
-from training_image.tokenizer import GENERATION_CONFIG, TOKENIZER_CONFIG, TextTokenizer, as_text_tokenizer, load_tokenizer
+from training_image.tokenizer import CHAT_TEMPLATE, GENERATION_CONFIG, TOKENIZER_CONFIG, TextTokenizer, as_text_tokenizer, load_tokenizer
 
 CONFIG, TOKENIZER, METRICS = "config.json", "tokenizer.json", "metrics.json"
 WEIGHTS = SINGLE  # the weights in one file; past SHARD_BYTES, shards listed in INDEX
@@ -68,9 +69,11 @@ def save_state_dir(
         # New shards first, then their index (or the single file), then the stale weights go:
         # until config.json is replaced last, the index found names a complete set of files.
         weights = sorted(p.name for p in staging.glob("*.safetensors"))
-        for name in [*weights, INDEX, TOKENIZER, TOKENIZER_CONFIG, GENERATION_CONFIG, METRICS]:
+        for name in [*weights, INDEX, TOKENIZER, TOKENIZER_CONFIG, GENERATION_CONFIG, CHAT_TEMPLATE, METRICS]:
             if (staging / name).exists():
                 _replace_file(staging / name, target / name)
+            elif name == CHAT_TEMPLATE:
+                (target / name).unlink(missing_ok=True)
         if not (staging / INDEX).exists():
             (target / INDEX).unlink(missing_ok=True)
         for stale in target.glob("*.safetensors"):

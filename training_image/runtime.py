@@ -58,12 +58,18 @@ def wait_for_all() -> None:
     dist.barrier(group=_slow_group)
 
 
-def prepare_tokens(root: Path, tokenizer, seq_len: int) -> tokens.TokenData:
-    """The training channel as token shards in /opt/ml/tokens, tokenized there by this host's
-    ranks together unless a run before did so already."""
+def prepare_tokens(root: Path, tokenizer, seq_len: int, channel: str = "training", *, hold_out: bool = True) -> tokens.TokenData:
+    """A data channel as token shards in /opt/ml/tokens (the training channel) or
+    /opt/ml/tokens-<channel>, tokenized there by this host's ranks together unless a run before
+    did so already. hold_out: keep the automatic held-out split out of the training windows."""
+    folder = root / ("tokens" if channel == "training" else f"tokens-{channel}")
     return tokens.prepare(
-        tokenizer, root / "input/data/training", root / "tokens", seq_len, share=local_share(), wait=wait_for_all
+        tokenizer, root / "input/data" / channel, folder, seq_len, share=local_share(), wait=wait_for_all, hold_out=hold_out
     )
+
+
+def has_channel(root: Path, channel: str) -> bool:
+    return (root / "input/data" / channel).exists()
 
 
 def device() -> torch.device:

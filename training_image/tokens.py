@@ -17,6 +17,13 @@ The held-out split is fixed when tokenizing: manifest.json, written last (a toke
 half-way is done again), lists the held-out windows, a seeded sample of them; every rank and
 every restart reads the same list. The manifest also records what the shards were made from, so
 a changed dataset, tokenizer or window length is tokenized afresh.
+
+A conversation dataset (JSONL of conversations, shared.conversations) is rendered with the
+model's chat template and packed whole into windows: a conversation that does not fit in what is
+left of a window starts the next one, the rest of the window is padding (no loss, a document of
+its own), and one longer than a window is cut to it (counted in the manifest's "chat" figures).
+Beside each shard a flags file holds a byte a token (data.NOT_TARGET, data.DOCUMENT_START), and
+every task's shard is a whole number of windows, so windows line up with the packing.
 """
 
 from __future__ import annotations
@@ -33,10 +40,19 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from training_image.data import HELDOUT_MAX_TOKENS, dataset_files, jsonl_text, no_text_error
+from shared.conversations import CHAT, TEXT, ConversationError, conversation, record_kind
+from training_image.data import (
+    DOCUMENT_START,
+    FLAG_SHIFT,
+    HELDOUT_MAX_TOKENS,
+    NOT_TARGET,
+    dataset_files,
+    jsonl_text,
+    no_text_error,
+)
 from training_image.tokenizer import as_text_tokenizer
 
-FORMAT = 1
+FORMAT = 2
 MANIFEST = "manifest.json"
 TASK_BYTES = 16 << 20  # text per task: enough tasks for every rank of a host, shards of a few MB
 BATCH_CHARS = 1 << 20  # text per tokenizer call: what bounds memory while tokenizing
@@ -146,18 +162,100 @@ def _shard(folder: Path, number: int) -> Path:
     return folder / f"shard-{number:06d}.bin"
 
 
-def _source_key(tokenizer: Tokenizer, files: list[Path], window: int, seed: int) -> dict:
+def _flags(folder: Path, number: int) -> Path:
+    return folder / f"flags-{number:06d}.bin"
+
+
+def _chat_figures(folder: Path, number: int) -> Path:
+    return folder / f"chat-{number:06d}.json"
+
+
+def dataset_kind(files: list[Path]) -> str:
+    """TEXT, or CHAT when the dataset's JSONL records are conversations (its first record says,
+    in every file; a dataset is one kind)."""
+    kinds = set()
+    for file in files:
+        if file.suffix != ".jsonl":
+            kinds.add(TEXT)
+            continue
+        with open(file, "rb") as lines:
+            first = next((line for line in lines if line.strip()), None)
+        if first is None:
+            continue
+        try:
+            kinds.add(record_kind(json.loads(first)))
+        except (json.JSONDecodeError, UnicodeDecodeError, ConversationError):
+            kinds.add(TEXT)  # the text reader words what is wrong with it
+    if len(kinds) > 1:
+        raise ValueError("the dataset mixes conversations with text: train on one kind at a time")
+    return kinds.pop() if kinds else TEXT
+
+
+def tokenize_chat_task(tokenizer: Tokenizer, task: Task, folder: Path, window: int) -> int:
+    """Render and tokenize one task's conversations, packed whole into windows (see the module's
+    doc), into its shard and flags file, and its figures beside them; the tokens written."""
+    text_tokenizer, dtype = as_text_tokenizer(tokenizer), token_dtype(tokenizer)
+    pad = text_tokenizer.special_id("pad_token")
+    pad = text_tokenizer.eos_id if pad is None else pad
+    ids: list[int] = []
+    flags: list[int] = []
+    figures = {"examples": 0, "examples_cut": 0, "tokens": 0, "assistant_tokens": 0, "padding_tokens": 0}
+
+    def fill() -> None:  # pad to the window's end: no loss there, attended to by nothing else
+        missing = -len(ids) % window
+        if missing:
+            ids.extend([pad] * missing)
+            flags.extend([NOT_TARGET | DOCUMENT_START] + [NOT_TARGET] * (missing - 1))
+            figures["padding_tokens"] += missing
+
+    for offset, line in _lines(task):
+        if not line.strip():
+            continue
+        try:
+            messages = conversation(json.loads(line))
+            tokens, assistant = text_tokenizer.conversation_ids(messages)
+        except (json.JSONDecodeError, UnicodeDecodeError, ConversationError) as error:
+            raise ValueError(f"{task.file.name} line {_line_number(task.file, offset)} {_worded(error)}") from None
+        if len(tokens) > window:
+            tokens, assistant = tokens[:window], assistant[:window]
+            figures["examples_cut"] += 1
+        if len(ids) % window + len(tokens) > window:
+            fill()
+        ids.extend(tokens)
+        flags.extend((0 if mine else NOT_TARGET) | (DOCUMENT_START if i == 0 else 0) for i, mine in enumerate(assistant))
+        figures["examples"] += 1
+        figures["tokens"] += len(tokens)
+        figures["assistant_tokens"] += sum(assistant)
+    fill()
+    for target, values, kind in ((_shard(folder, task.number), ids, dtype), (_flags(folder, task.number), flags, np.uint8)):
+        partial = target.with_name(target.name + ".partial")
+        np.asarray(values, dtype=kind).tofile(partial)
+        os.replace(partial, target)
+    _chat_figures(folder, task.number).write_text(json.dumps(figures))
+    return len(ids)
+
+
+def _worded(error: Exception) -> str:
+    if isinstance(error, json.JSONDecodeError):
+        return f"is not JSON: {error.msg}"
+    if isinstance(error, UnicodeDecodeError):
+        return "is not UTF-8"
+    return str(error)
+
+
+def _source_key(tokenizer: Tokenizer, files: list[Path], window: int, seed: int, hold_out: bool = True) -> dict:
     """What the shards and split are made from: a manifest with another key is out of date."""
     return {
         "format": FORMAT,
         # tokenizer.json and how the family places BOS/EOS (tokenizer_config.json)
         "tokenizer": hashlib.sha256(
-            (tokenizer.to_str() + json.dumps(as_text_tokenizer(tokenizer).config, sort_keys=True)).encode()
+            (tokenizer.to_str() + json.dumps(as_text_tokenizer(tokenizer).config, sort_keys=True)
+             + (as_text_tokenizer(tokenizer).chat_template or "")).encode()
         ).hexdigest(),
         "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
         "window": window,
         "seed": seed,
-        "heldout_fraction": HELDOUT_FRACTION,
+        "heldout_fraction": HELDOUT_FRACTION if hold_out else 0,
     }
 
 
@@ -179,15 +277,18 @@ def prepare(
     seed: int = 0,
     share: tuple[int, int] = (0, 1),
     wait: Callable[[], None] = lambda: None,
+    hold_out: bool = True,
 ) -> "TokenData":
     """Tokenize the dataset at source into folder (unless it holds it already) and open it.
 
     share = (this process's index, processes) among those preparing the same folder (the ranks
     of one host); all of them call prepare, and wait() returns once all have reached it.
+    hold_out=False holds no window out (a job with a validation set trains on all of its data,
+    and the validation set is all held out).
     """
     folder, window = Path(folder), seq_len + 1
     files = dataset_files(source)
-    key = _source_key(tokenizer, files, window, seed)
+    key = _source_key(tokenizer, files, window, seed, hold_out)
     index, processes = share
     if _manifest(folder) is None or _manifest(folder)["key"] != key:
         wait()  # nobody reads the folder any more
@@ -196,8 +297,12 @@ def prepare(
             folder.mkdir(parents=True)
         wait()
         work = tasks(files)
+        kind = dataset_kind(files)
         for task in work[index::processes]:
-            tokenize_task(tokenizer, task, _shard(folder, task.number))
+            if kind == CHAT:
+                tokenize_chat_task(tokenizer, task, folder, window)
+            else:
+                tokenize_task(tokenizer, task, _shard(folder, task.number))
         wait()
         if index == 0:
             shards = [int(_shard(folder, t.number).stat().st_size // token_dtype(tokenizer).itemsize) for t in work]
@@ -205,7 +310,7 @@ def prepare(
             if total == 0:
                 raise no_text_error(source)
             count = total // window
-            if count < 2:
+            if count < (2 if hold_out else 1):
                 raise ValueError(
                     f"the data holds {total} tokens: too few for two windows of seq_len+1={window} tokens "
                     "(one to train on, one held out); add data or lower seq_len"
@@ -214,8 +319,12 @@ def prepare(
                 "key": key,
                 "dtype": token_dtype(tokenizer).name,
                 "shards": shards,
-                "heldout": heldout_ids(count, window, seed),
+                "heldout": heldout_ids(count, window, seed) if hold_out else [],
+                "kind": kind,
             }
+            if kind == CHAT:
+                figures = [json.loads(_chat_figures(folder, t.number).read_text()) for t in work]
+                manifest["chat"] = {name: sum(f[name] for f in figures) for name in figures[0]}
             partial = folder / (MANIFEST + ".partial")
             partial.write_text(json.dumps(manifest))
             os.replace(partial, folder / MANIFEST)
@@ -244,6 +353,12 @@ class TokenData:
             np.memmap(_shard(self.folder, i), dtype=dtype, mode="r") if n else np.zeros(0, dtype)
             for i, n in enumerate(manifest["shards"])
         ]
+        self.kind = manifest.get("kind", TEXT)
+        self.chat: dict | None = manifest.get("chat")  # a conversation dataset's figures (tokenize_chat_task)
+        self._flags = [
+            np.memmap(_flags(self.folder, i), dtype=np.uint8, mode="r") if n else np.zeros(0, np.uint8)
+            for i, n in enumerate(manifest["shards"])
+        ] if self.kind == CHAT else None
         self._starts = np.concatenate(([0], np.cumsum(manifest["shards"], dtype=np.int64)))
         self.tokens = int(self._starts[-1])
         self.count = self.tokens // self.window
@@ -258,6 +373,8 @@ class TokenData:
             offset = start + done - int(self._starts[shard])
             piece = self._shards[shard][offset : offset + length - done]
             out[done : done + len(piece)] = piece
+            if self._flags is not None:
+                out[done : done + len(piece)] |= self._flags[shard][offset : offset + len(piece)].astype(np.int64) << FLAG_SHIFT
             done += len(piece)
             shard += 1
         return out
@@ -274,6 +391,12 @@ class TokenData:
 
     def heldout_windows(self) -> torch.Tensor:
         return self.windows(self.heldout)
+
+    def sample_windows(self, max_tokens: int = HELDOUT_MAX_TOKENS, seed: int = 0) -> torch.Tensor:
+        """All windows, or a seeded sample of them of about max_tokens (at least one window):
+        a validation set's held-out windows."""
+        n = min(self.count, max(1, max_tokens // self.window))
+        return self.windows(np.sort(np.random.default_rng(seed).choice(self.count, size=n, replace=False)))
 
 
 class TrainWindows:

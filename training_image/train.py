@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import math
 import os
 import shutil
@@ -36,6 +37,7 @@ from shared.contracts import LOG_RECORD, Progress
 from shared.memory import Strategy
 from shared.shapes import batch_size_for  # noqa: F401  (the trainer's batch rule; re-exported)
 from training_image import checkpoint as distributed_checkpoint, parallel
+from training_image.data import split_windows
 from training_image.evaluate import heldout_loss
 from training_image.model import Decoder
 from training_image.precision import autocast_dtype, computes_in_bf16  # noqa: F401  (autocast_dtype: re-exported)
@@ -254,18 +256,22 @@ class Trainer:
         lr = lr_at(state.cycle_step, cycle_len, plan.lr, state.step, plan.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = self.train_windows[self.batch_indices(state.turn, turn_step)]
-        if self.device.type == "cuda":
-            batch = batch.pin_memory()  # from pinned memory the copy below runs without the host waiting
-        batch = batch.to(self.device, non_blocking=True)
-        micro_batches = batch.split(self.micro_batch)
+        # Inputs, targets (IGNORE_INDEX where no loss is taken) and, for packed conversations,
+        # where each begins: taken apart on the host, before the copy.
+        parts = split_windows(self.train_windows[self.batch_indices(state.turn, turn_step)])
+        if self.device.type == "cuda":  # from pinned memory the copy below runs without the host waiting
+            parts = tuple(part.pin_memory() if part is not None else None for part in parts)
+        inputs, targets, starts = (part.to(self.device, non_blocking=True) if part is not None else None for part in parts)
+        micro_batches = list(zip(inputs.split(self.micro_batch), targets.split(self.micro_batch),
+                                 starts.split(self.micro_batch) if starts is not None else itertools.repeat(None)))
         loss_sum = torch.zeros((), device=self.device)
-        for i, micro in enumerate(micro_batches):
+        for i, (micro_inputs, micro_targets, micro_starts) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with parallel.accumulating(self.network, last), torch.autocast(
                 self.device.type, dtype=torch.bfloat16, enabled=self.autocast
             ):
-                loss = self.network(micro[:, :-1], micro[:, 1:])
+                packed = {} if micro_starts is None else {"starts": micro_starts}
+                loss = self.network(micro_inputs, micro_targets, **packed)
                 (loss / len(micro_batches)).backward()
             loss_sum += loss.detach().float()
         grad_norm = parallel.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)

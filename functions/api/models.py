@@ -12,10 +12,10 @@ from functions.api import context
 from functions.api.presigning import presigning_s3
 from shared.errors import JobError, invalid, not_found
 from shared.hf import EXPORT_DIR
-from shared.hf_check import folder_model
+from shared.hf_check import MAX_UPLOAD_BYTES, MAX_UPLOAD_FILES, UPLOAD_NAME, UPLOAD_URL_SECONDS, folder_model, new_upload_folder
 from shared.lifecycle import END_STATUSES
 from shared.outputs import split_s3
-from shared.responses import CatalogModel, Download, ModelList
+from shared.responses import CatalogModel, Download, ModelList, ModelUpload
 from shared.store import available, not_available
 from shared.tenancy import data_uri_prefix, owns_uri
 
@@ -43,6 +43,37 @@ class RegisterModelRequest(BaseModel):
     uri: Annotated[str, Field(min_length=6, max_length=1024, description=(
         "s3://<data bucket>/<owner>/<folder>/, where <owner> is your owner value (your sub, encoded): the "
         "first segment of your datasets' s3_uri"))]
+
+
+class UploadFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Annotated[str, Field(pattern=UPLOAD_NAME.pattern, description="The file's path in the folder.")]
+    bytes: Annotated[int, Field(ge=0, le=MAX_UPLOAD_BYTES, description="Its size (one PUT carries at most 5 GiB).")]
+
+
+class ModelUploadRequest(BaseModel):
+    """The files of a Hugging Face folder on the caller's machine, to upload for `POST /models`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    files: Annotated[list[UploadFile], Field(min_length=1, max_length=MAX_UPLOAD_FILES)]
+
+
+@router.post("/models/uploads", summary="Get upload URLs for a model folder of your own",
+             description="A fresh folder under your data prefix and a presigned PUT for each file; once they are "
+                         "uploaded, register the folder with POST /models (its uri).",
+             responses=context.responses({201: ("The folder and the upload URLs", ModelUpload)}, 415))
+def upload_model(request: ModelUploadRequest) -> Response[ModelUpload]:
+    names = [f.name for f in request.files]
+    if len(set(names)) != len(names):
+        raise invalid("files", "a file is named twice")
+    uri = new_upload_folder(context.env("DATA_BUCKET"), context.tenant(router))
+    bucket, prefix = split_s3(uri)
+    urls = [{"name": name, "url": _s3().generate_presigned_url("put_object", Params={"Bucket": bucket, "Key": prefix + name},
+                                                               ExpiresIn=UPLOAD_URL_SECONDS)} for name in names]
+    return Response(status_code=201, content_type=content_types.APPLICATION_JSON,
+                    body={"uri": uri, "files": urls, "expires_in": UPLOAD_URL_SECONDS})
 
 
 @router.post("/models", summary="Register your own base model",

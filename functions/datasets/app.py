@@ -61,7 +61,8 @@ def _check(s3, store: Datasets, bucket: str, key: str, version: str | None, owne
         result = check_dataset(read["Body"].iter_chunks(CHUNK_BYTES), fmt)
         # A rejection may stop reading early: the dataset's size is the object's, not how far the check read.
         size = read.get("ContentLength", result.bytes)
-        verdict = {"ok": result.ok, "bytes_read": size, "tokens": result.tokens, "reason": result.reason}
+        verdict = {"ok": result.ok, "bytes_read": size, "tokens": result.tokens, "reason": result.reason,
+                   "chat": result.chat}
     except Exception as error:  # whatever broke, the dataset must not stay pending
         logger.exception("dataset check failed", dataset_id=dataset_id, key=key)
         verdict = {"ok": False, "bytes_read": 0, "tokens": 0, "status": "failed",

@@ -102,6 +102,7 @@ def test_real_answers_keep_to_the_documented_schema(aws, api, spec):
     assert set(catalog.get(model_id, "alice")) <= set(call("GET", f"/models/{model_id}", route="/models/{model_id}"))
     call("GET", "/models/base-debug/download", route="/models/{model_id}/download")
     call("GET", "/models")
+    call("POST", "/models/uploads", {"files": [{"name": "config.json", "bytes": 2}]}, expect=201)
     folder = call("POST", "/models", {"name": "mine", "uri": f"s3://{bucket}/alice/folder/"}, expect=201)
     assert folder["status"] == "rejected" and set(catalog.get(folder["model_id"], "alice")) <= set(folder)
     other = call("POST", "/jobs", train, expect=201)

@@ -151,13 +151,17 @@ def test_the_source_tokenizer_files_travel_through_import_and_export(tmp_path, c
     (tmp_path / "hf/generation_config.json").write_text(json.dumps(generation))
     import_hf(tmp_path / "hf", tmp_path / "ours")
     loaded = load_tokenizer(tmp_path / "ours/tokenizer.json")
-    assert loaded.config == tokenizer_config and loaded.bos_id == 0 and loaded.eos_id == 1
+    # The template is kept as chat_template.jinja (as transformers 5 saves it) and exported in both places.
+    assert loaded.config == {k: v for k, v in tokenizer_config.items() if k != "chat_template"}
+    assert loaded.chat_template == tokenizer_config["chat_template"] and loaded.bos_id == 0 and loaded.eos_id == 1
+    assert (tmp_path / "ours/chat_template.jinja").read_text() == tokenizer_config["chat_template"]
     model, tokenizer = load_model_dir(tmp_path / "ours")
     export_hf(model, tokenizer, tmp_path / "out")
     assert json.loads((tmp_path / "out/tokenizer_config.json").read_text()) == tokenizer_config
     exported = json.loads((tmp_path / "out/config.json").read_text())
     assert (exported["bos_token_id"], exported["eos_token_id"]) == (0, [1, 2])
     assert json.loads((tmp_path / "out/generation_config.json").read_text()) == generation
+    assert (tmp_path / "out/chat_template.jinja").read_text() == tokenizer_config["chat_template"]
 
 
 def test_a_train_job_on_a_hugging_face_folder_writes_a_loadable_export(tmp_path, corpus, monkeypatch):

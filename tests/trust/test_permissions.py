@@ -80,6 +80,8 @@ def _walk(aws, api) -> None:
     assert api("GET", "/models")[0] == 200 and api("GET", "/models/m-alice")[0] == 200
     assert api("GET", "/models/m-alice/download")[0] == 200
     # A folder with nothing in it: read (each key answers as missing) and registered rejected.
+    status, upload = api("POST", "/models/uploads", {"files": [{"name": "config.json", "bytes": 2}]})
+    assert status == 201, upload
     status, registered = api("POST", "/models", {"name": "walk", "uri": f"s3://{aws.env['DATA_BUCKET']}/alice/models/none/"})
     assert status == 201 and registered["status"] == "rejected", registered
     assert api("POST", "/jobs/estimate", train())[0] == 200
