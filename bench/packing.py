@@ -74,7 +74,7 @@ def step_seconds(model: Decoder, windows: torch.Tensor, batch: int, r: int, mask
     rows = windows[(r * batch) % max(1, len(windows) - batch):][:batch]
     inputs, targets, starts = split_windows(rows)
     started = time.perf_counter()
-    _, loss = model(inputs, targets, starts=starts if mask else None)
+    loss = model(inputs, targets, starts=starts if mask else None)
     loss.backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - started
