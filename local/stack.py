@@ -292,6 +292,9 @@ class LocalStack:
         idempotency = sys.modules.get("functions.api.idempotency")  # imported on the first keyed request
         if idempotency is not None:
             idempotency._persistence.cache_clear()
+        admin = sys.modules.get("functions.admin.app")  # imported on the first /admin request
+        if admin is not None:
+            admin._tenants.cache_clear()
         for module in ("functions.launcher.app", "functions.events.app", "functions.datasets.app"):
             cached = getattr(__import__(module, fromlist=["_clients"]), "_clients", None)
             if cached is not None and hasattr(cached, "cache_clear"):

@@ -132,7 +132,8 @@ def test_a_measured_utilization_replaces_the_assumed_one_on_its_instance_type_on
     table = price_table()
     measured = table.model_copy(update={"measured_flops_utilization": {"ml.g5.xlarge": 0.5}})
     e = estimate_train(TrainSettings(), SIZES["small"], table=measured)
-    assert e.eta_seconds == round(300 + 6 * 144_727_296 * 1_536_000 * 16 / (50e12 * 0.5))
+    per_token = 6 * 144_727_296 + 3 * _attention(grown_config(SIZES["small"]), 256)
+    assert e.eta_seconds == round(300 + per_token * 1_536_000 * 16 / (50e12 * 0.5))
     other = estimate_train(TrainSettings(), SIZES["large"], table=measured)  # ml.g5.12xlarge: still assumed
     assert other.eta_seconds == estimate_train(TrainSettings(), SIZES["large"], table=table).eta_seconds
 

@@ -76,28 +76,22 @@ def test_the_model_returns_the_loss_alone_and_equals_the_logits_loss():
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
 
 
-class _Unmasked(torch.nn.Module):
-    """The model reading IGNORE_INDEX inputs as token 0: held-out windows whose targets carry
-    IGNORE_INDEX carry it among the inputs too (window[:, :-1] and window[:, 1:] overlap)."""
-
-    def __init__(self, inner: Decoder):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, idx, targets=None, reduction="mean"):
-        return self.inner(idx.clamp(min=0), targets, reduction)
-
-
 def test_evaluation_averages_over_scored_targets_at_any_micro_batch():
+    """Targets a window flags as not scored (data.NOT_TARGET, as conversations flag all but the
+    assistant's tokens) are left out of the mean, whatever the micro-batch."""
+    from training_image.data import FLAG_SHIFT, NOT_TARGET
+
     torch.manual_seed(0)
-    model = _Unmasked(Decoder(SIZES["debug"]).init_weights())
-    windows = torch.randint(0, model.inner.config.vocab_size, (5, 13))
-    windows[:, 4:8] = IGNORE_INDEX  # targets 3..6 of each window are not scored
+    model = Decoder(SIZES["debug"]).init_weights()
+    tokens = torch.randint(0, model.config.vocab_size, (5, 13))
+    flags = torch.zeros_like(tokens)
+    flags[:, 4:8] = NOT_TARGET  # targets 3..6 of each window are not scored
+    windows = tokens | (flags << FLAG_SHIFT)
     with torch.no_grad():
-        logits = model(windows[:, :-1])
-    targets = windows[:, 1:]
+        logits = model(tokens[:, :-1])
+    targets = tokens[:, 1:].masked_fill(flags[:, 1:].bool(), IGNORE_INDEX)
     want = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX).item()
-    unweighted = F.cross_entropy(logits.flatten(0, 1), targets.flatten().clamp(min=0)).item()
+    unweighted = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).item()
     for micro_batch in (1, 2, 8):
         assert heldout_loss(model, windows, micro_batch) == pytest.approx(want, rel=1e-5)
     assert want != pytest.approx(unweighted, rel=1e-3)
