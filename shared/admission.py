@@ -102,21 +102,15 @@ def resolve(
             raise invalid("dataset", f"{settings.source_model_id} records no dataset: give one for calibration")
         model_id, base = settings.source_model_id, source
         estimate = _planned(lambda: estimate_contract(settings, source_config), "hyperparams.source_model_id")
-    dataset_uri, pinned = resolve_dataset(dataset, owner, datasets=datasets, data_bucket=data_bucket)
-    replaced = dataset_replaced(s3, {"dataset": dataset, "dataset_uri": dataset_uri, "dataset_pin": pinned})
-    if replaced:  # the upload's notification may not have been checked yet: the object says so at once
-        raise invalid("dataset", replaced)
+    dataset_uri, pinned = _unreplaced(s3, dataset, owner, datasets=datasets, data_bucket=data_bucket)
+    validation: dict[str, Any] = {}
     if isinstance(request, TrainJobRequest):
         warnings += _data_warnings(dataset, owner, datasets, settings.seq_len)
-    validation: dict[str, Any] = {}
-    if isinstance(request, TrainJobRequest) and request.validation_dataset is not None:
-        uri, pin = resolve_dataset(request.validation_dataset, owner, datasets=datasets, data_bucket=data_bucket,
+        if request.validation_dataset is not None:
+            uri, pin = _unreplaced(s3, request.validation_dataset, owner, datasets=datasets, data_bucket=data_bucket,
                                    field="validation_dataset")
-        replaced = dataset_replaced(s3, {"dataset": request.validation_dataset, "dataset_uri": uri, "dataset_pin": pin})
-        if replaced:
-            raise invalid("validation_dataset", replaced)
-        validation = {"validation_dataset": request.validation_dataset, "validation_dataset_uri": uri,
-                      "validation_dataset_pin": pin}
+            validation = {"validation_dataset": request.validation_dataset, "validation_dataset_uri": uri,
+                          "validation_dataset_pin": pin}
     if settings.output_name is None:
         settings = settings.model_copy(update={"output_name": default_output_name(job_id)})
     created = now()
@@ -155,6 +149,17 @@ def _planned(estimate: Any, field_name: str) -> Estimate:
     except DoesNotFit as error:
         message = f"no instance this service trains on can hold this job: {error}"
         raise JobError(422, "does_not_fit", message, [{"field": field_name, "message": message}]) from None
+
+
+def _unreplaced(s3: Any, dataset: str, owner: str, *, datasets: Datasets, data_bucket: str,
+                field: str = "dataset") -> tuple[str, dict | None]:
+    """resolve_dataset, then the object itself: a dataset replaced since its check is refused at
+    once (the upload's notification may not have been checked yet)."""
+    uri, pin = resolve_dataset(dataset, owner, datasets=datasets, data_bucket=data_bucket, field=field)
+    replaced = dataset_replaced(s3, {"dataset": dataset, "dataset_uri": uri, "dataset_pin": pin})
+    if replaced:
+        raise invalid(field, replaced)
+    return uri, pin
 
 
 def resolve_dataset(dataset: str, owner: str, *, datasets: Datasets, data_bucket: str,

@@ -246,12 +246,17 @@ def test_datasets_upload_with_progress_then_ready_or_rejected(tab, stack, datase
     expect(page.get_by_role("table", name="Datasets")).to_contain_text(reason)
 
 
-def test_an_api_failure_or_outage_is_a_message_never_a_blank_page(tab, stack):
-    tab.allow(r"status of 500|ERR_FAILED|Failed to load resource|ERR_CONNECTION")
-    page = tab.page
+def _models_fail(page) -> None:
+    """GET /models answers the API's 500 until page.unroute("**/models")."""
     page.route("**/models", lambda route: route.fulfill(
         status=500, content_type="application/json",
         body='{"error": {"code": "internal_error", "message": "the request failed on our side; it is safe to retry", "details": []}}'))
+
+
+def test_an_api_failure_or_outage_is_a_message_never_a_blank_page(tab, stack):
+    tab.allow(r"status of 500|ERR_FAILED|Failed to load resource|ERR_CONNECTION")
+    page = tab.page
+    _models_fail(page)
     tab.open("#/models")
     expect(page.get_by_role("alert").first).to_contain_text("failed on our side")
     expect(page.locator("h1")).to_have_text("Something went wrong")
@@ -447,9 +452,7 @@ def test_deleting_a_parent_keeps_it_in_its_childs_lineage(tab, stack):
 def test_a_page_recovers_by_itself_after_an_outage(tab, stack):
     tab.allow(r"status of 500|Failed to load resource")
     page = tab.page
-    page.route("**/models", lambda route: route.fulfill(
-        status=500, content_type="application/json",
-        body='{"error": {"code": "internal_error", "message": "the request failed on our side; it is safe to retry", "details": []}}'))
+    _models_fail(page)
     tab.open("#/models")
     expect(page.locator("h1")).to_have_text("Something went wrong")
     expect(page.get_by_role("button", name="Retry")).to_be_visible()
