@@ -166,6 +166,7 @@ class LocalStack:
         self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._moto.start()
         moto_url = "http://127.0.0.1:%d" % self._moto.get_host_and_port()[1]
+        self._reset_moto(moto_url)  # moto's backends live per process: begin with none of an earlier stack's
         os.environ.pop("AWS_PROFILE", None)
         os.environ.pop("AWS_SESSION_TOKEN", None)
         os.environ.update({
@@ -259,6 +260,7 @@ class LocalStack:
             poller.stop()
         self._pollers = []
         if self._moto is not None:
+            self._reset_moto("http://127.0.0.1:%d" % self._moto.get_host_and_port()[1])
             self._moto.stop()
             if self._moto._server is not None:  # stop() leaves the listening socket open
                 self._moto._server.server_close()
@@ -270,6 +272,15 @@ class LocalStack:
                 os.environ[key] = value
         self._saved_env = {}
         self._forget_cached_clients()
+
+    @staticmethod
+    def _reset_moto(moto_url: str) -> None:
+        """Forget every resource moto holds. Its backends are global to the process, so a second
+        stack in the same process (a test session, a notebook) would otherwise find the first one's
+        tables and buckets."""
+        import requests
+
+        requests.post(f"{moto_url}/moto-api/reset", timeout=30).raise_for_status()
 
     def _powertools_env(self) -> dict[str, str]:
         """The template's Powertools settings, with this stack's: no X-Ray daemon here, and the

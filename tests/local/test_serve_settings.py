@@ -30,3 +30,14 @@ def test_without_it_the_templates_default_applies(monkeypatch):
     with mock_aws():
         env = create_resources(boto3.session.Session(region_name="us-east-1"))
     assert env[DEFAULT_BUDGET_ENV] == DEFAULT_BUDGET_USD
+
+
+def test_a_second_stack_in_the_same_process_starts_on_empty_resources(tmp_path):
+    """moto keeps its backends per process: the second stack must not find the first one's tables."""
+    import boto3
+
+    for run in ("first", "second"):
+        with LocalStack(base_sizes=(), runs_dir=tmp_path / run, home=tmp_path, stop_grace_seconds=5) as stack:
+            jobs = boto3.session.Session(region_name="us-east-1").resource("dynamodb").Table(stack.env["JOBS_TABLE"])
+            assert jobs.scan()["Items"] == []
+            jobs.put_item(Item={"job_id": f"j-{run}", "owner": "alice", "status": "pending"})
