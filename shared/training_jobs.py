@@ -15,6 +15,8 @@ from shared.tenancy import encode_tenant
 
 TRAINING_JOB_PREFIX = "fusion-"
 METRIC_NAMES = ("step", "turn", "cycle", "train_loss", "heldout_loss", "heldout_perplexity", "tokens_per_second")
+# The container's `name=value` lines, as SageMaker reads them from its log (training jobs and tuning trials).
+METRIC_DEFINITIONS = [{"Name": n, "Regex": f"{n}=([0-9.eE+-]+)"} for n in METRIC_NAMES]
 MAX_RUNTIME_LIMIT = 28 * 24 * 3600  # SageMaker's ceiling on MaxRuntimeInSeconds
 
 
@@ -59,13 +61,12 @@ def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str,
         "AlgorithmSpecification": {
             "TrainingImage": config.training_image_uri,
             "TrainingInputMode": "File",
-            "MetricDefinitions": [{"Name": n, "Regex": f"{n}=([0-9.eE+-]+)"} for n in METRIC_NAMES],
+            "MetricDefinitions": METRIC_DEFINITIONS,
             "EnableSageMakerMetricsTimeSeries": True,
         },
         "RoleArn": config.role_arn,
         "InputDataConfig": [
-            _channel("training", job["dataset_uri"]),
-            _channel("model", job["input_model_uri"]),
+            *input_channels(job),
         ],
         "OutputDataConfig": {"S3OutputPath": f"{prefix}/output/"},
         "CheckpointConfig": {"S3Uri": f"{prefix}/checkpoints/", "LocalPath": "/opt/ml/checkpoints"},
@@ -78,6 +79,11 @@ def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str,
         "EnableManagedSpotTraining": spot,
         "Tags": [{"Key": "fusion:job-id", "Value": job_id}, {"Key": "fusion:owner", "Value": encode_tenant(job["owner"])}],
     }
+
+
+def input_channels(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """The job's data and its base (or source) model, as the container's two input channels."""
+    return [_channel("training", job["dataset_uri"]), _channel("model", job["input_model_uri"])]
 
 
 def _channel(name: str, uri: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import (
     RequestValidationError,
 )
 
-from functions.api import body, console, datasets, jobs, models
+from functions.api import body, console, datasets, jobs, models, tunings
 from shared.errors import JobError, describe_error
 from shared.responses import ErrorResponse
 from shared.telemetry import metrics
@@ -34,6 +34,7 @@ app.include_router(jobs.router)
 app.include_router(models.router)
 app.include_router(datasets.router)
 app.include_router(console.router)
+app.include_router(tunings.router)
 
 OPENAPI = {"title": "Fusion", "version": "1.0.0",
            "description": "Grow, train and contract language models; every job priced before it runs."}
