@@ -386,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     from local.deploy import add_parsers as deploy_parsers  # here: local.deploy imports this module
 
     deploy_parsers(models)
+    from local.tune import add_parsers as tune_parsers  # here: local.tune imports this module
+
+    tune_parsers(sub)
 
     datasets = sub.add_parser("datasets", help="training data").add_subparsers(dest="action", required=True)
     upload = datasets.add_parser("upload", help="register, upload and check a dataset")
@@ -546,8 +549,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.command == "serve":
         return _serve(args, console)
     from local.deploy import COMMANDS as DEPLOY_COMMANDS
+    from local.tune import COMMANDS as TUNE_COMMANDS
 
-    command = {**COMMANDS, **DEPLOY_COMMANDS}[(args.command, getattr(args, "action", None))]
+    command = {**COMMANDS, **DEPLOY_COMMANDS, **TUNE_COMMANDS}[(args.command, getattr(args, "action", None))]
     return command(args, Client(args.api_url, args.token), Output(console, args.json))
 
 

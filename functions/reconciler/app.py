@@ -41,9 +41,9 @@ def reconcile() -> dict[str, Any]:
     c = _clients()
     summary = reconcile_in_flight(jobs=c["jobs"], catalog=c["catalog"], s3=c["s3"], sagemaker=c["sagemaker"],
                                   bus=c["bus"], artifacts_bucket=os.environ["ARTIFACTS_BUCKET"])
-    summary["tunings"] = reconcile_tunings(jobs=c["jobs"], sagemaker=c["sagemaker"], s3=c["s3"], bus=c["bus"],
-                                           artifacts_bucket=os.environ["ARTIFACTS_BUCKET"])
-    return summary
+    tunings = reconcile_tunings(jobs=c["jobs"], sagemaker=c["sagemaker"], s3=c["s3"], bus=c["bus"],
+                                artifacts_bucket=os.environ["ARTIFACTS_BUCKET"])
+    return {key: summary[key] + tunings[key] for key in summary}
 
 
 @logger.inject_lambda_context(clear_state=True)

@@ -272,7 +272,7 @@ def test_the_reconciler_ends_a_tuning_whose_event_was_lost(world, api, tuner, mo
     clients = {**reconciler._clients(), "sagemaker": tuner}
     monkeypatch.setattr(reconciler, "_clients", lambda: clients)
     summary = reconciler.reconcile()
-    assert summary["tunings"]["moved"] == [tuning["tuning_id"]] and summary["not_created"] == 0
+    assert summary["moved"] == [tuning["tuning_id"]] and summary["not_created"] == 0
     ended = Jobs(session=world.session).get(tuning["tuning_id"])
     assert ended["status"] == "completed" and Decimal(ended["bill"]) > 0
 
