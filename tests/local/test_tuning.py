@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 from decimal import Decimal
 
 import pytest
@@ -45,8 +46,12 @@ def _wait(url: str, statuses: tuple[str, ...], timeout: float = 600) -> dict:
 
 
 @pytest.mark.slow
-def test_a_small_tuning_runs_ranks_bills_and_promotes(stack, dataset_id, capsys):  # noqa: F811
+def test_a_small_tuning_runs_ranks_bills_and_promotes(stack, dataset_id, capsys, monkeypatch):  # noqa: F811
     from local.cli import main
+
+    # The trainer subprocesses run this checkout's container code, whichever checkout the
+    # interpreter's `train` script was installed from.
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
 
     capsys.readouterr()
     code = main(["--api-url", stack.api_url, "--json", "tune", "start", "--model", "base-debug", "--dataset", dataset_id,
@@ -55,7 +60,7 @@ def test_a_small_tuning_runs_ranks_bills_and_promotes(stack, dataset_id, capsys)
     assert code == 0
     tuning_id = __import__("json").loads(capsys.readouterr().out)["tuning_id"]
     ended = _wait(f"{stack.api_url}/tunings/{tuning_id}", ("completed", "failed", "cancelled"))
-    assert ended["status"] == "completed", ended
+    assert ended["status"] == "completed", [(j.name, j.failure_reason) for j in stack.sagemaker.jobs.values()]
     trials = ended["trials"]
     assert len(trials) == 4 and all(t["status"] in ("completed", "stopped") for t in trials), trials
     completed = [t for t in trials if t["status"] == "completed"]
