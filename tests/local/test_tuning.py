@@ -4,6 +4,7 @@ promoted to a train job whose model records the tuning."""
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from pathlib import Path
@@ -51,7 +52,8 @@ def test_a_small_tuning_runs_ranks_bills_and_promotes(stack, dataset_id, capsys,
 
     # The trainer subprocesses run this checkout's container code, whichever checkout the
     # interpreter's `train` script was installed from.
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
+    here = str(Path(__file__).resolve().parents[2])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p))
 
     capsys.readouterr()
     code = main(["--api-url", stack.api_url, "--json", "tune", "start", "--model", "base-debug", "--dataset", dataset_id,
