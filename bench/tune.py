@@ -20,7 +20,12 @@ The trials here run to their end: the tuner's early stopping would only lower th
     OMP_NUM_THREADS=2 nice .venv/bin/python bench/tune.py            # ~15 CPU minutes at 2 threads
     .venv/bin/python bench/tune.py --size debug --steps-per-cycle 40  # a quick look
 
-Measured (the default command, tiny grown to 3.0M parameters, 2 threads shared): see docs/tuning.md.
+Measured on a shared 2-core CPU with `--size debug --trials 4 --proxy-fraction 0.06 --steps-per-cycle 100
+--threads 1` (debug grown to 292,800 parameters, 200-step full runs, 12-step trials; 9 minutes): the
+winner (lr 4.26e-3) reaches held-out perplexity 74.86 against the default's (lr 1e-4) 330.30, the
+trials cost 20.4% of one full run (unrounded; both round up to the USD 0.01 minimum charge at this
+size), and the proxies rank the four trials as their full runs do (Spearman 1.00). The tiny size,
+the default, was not run here for lack of CPU time.
 """
 
 from __future__ import annotations
