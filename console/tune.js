@@ -1,6 +1,6 @@
 // The Tune page: start a tuning (priced live), follow it, see its trials ranked with each one's
 // full run, and promote the winner to a train job. Every figure comes from the Fusion API
-// (POST/GET /tunings, /tunings/{id}/promote); the page is given the console's helpers.
+// (POST/GET /tunings, /tunings/{id}/promote); the page is given the console's DOM and routing functions.
 
 import { api } from "/console/api.js";
 import { duration, fixed, money, when } from "/console/format.js";
