@@ -4,6 +4,7 @@
 import { api, ApiError, ready } from "/console/api.js";
 import { lineChart } from "/console/chart.js";
 import { duration, fixed, grouped, human, money, params, tokens, when } from "/console/format.js";
+import { tuneRoutes } from "/console/tune.js";
 
 const ESTIMATE_DEBOUNCE_MS = 350;
 const POLL_MS = 2000;
@@ -697,6 +698,7 @@ const ROUTES = [
   [/^#\/jobs\/([^/]+)$/, (m) => viewJob(decodeURIComponent(m[1]))],
   [/^#\/jobs$/, (m, q) => viewJobs(q)],
   [/^#\/datasets$/, () => viewDatasets()],
+  ...tuneRoutes({ h, link, badge, table, pairs, render, every, debounce, newKey, showError }),
 ];
 
 async function route() {

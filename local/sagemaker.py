@@ -6,7 +6,8 @@ the one it makes in AWS. Each job gets a directory laid out as SageMaker lays ou
 the training image's `train` entry point runs on it with FUSION_ML_ROOT pointing there,
 checkpoints/ is synced to the CheckpointConfig URI while it runs, and on exit model/ and
 output/data are uploaded as model.tar.gz and output.tar.gz. Each status change is handed to
-`deliver` as the EventBridge event "SageMaker Training Job State Change".
+`deliver` as the EventBridge event "SageMaker Training Job State Change". Hyperparameter tuning
+jobs run their trials as such training jobs (local.tuner).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class TrainingJob:
         self.modified = self.created
         self.model_uri: str | None = None
         self.metrics: dict[str, float] = {}
+        self.metric_history: dict[str, list[float]] = {}  # every value in log order (the tuner's early stopping)
         self.process: subprocess.Popen | None = None
         self.stop_requested = threading.Event()
         self.stop_reason = "Stopped"
@@ -157,6 +159,7 @@ class LocalSageMaker:
         self.train_command = train_command or default_train_command()
         self.stop_grace_seconds = stop_grace_seconds
         self.jobs: dict[str, TrainingJob] = {}
+        self.tunings: dict[str, Any] = {}  # local.tuner.TuningJob by name
         self.lock = threading.Lock()
         # Jobs start only while the memory they need fits what was free when the stack started
         # (one always may), and share the cores: two trainers each given every core thrash.
@@ -226,6 +229,28 @@ class LocalSageMaker:
         self._emit(job)
         threading.Thread(target=self._terminate, args=(job,), daemon=True).start()
         return {}
+
+    # The tuner's API (local.tuner): trials are this service's training jobs.
+
+    def create_hyper_parameter_tuning_job(self, request: dict[str, Any]) -> dict[str, Any]:
+        from local import tuner
+
+        return tuner.create(self, request)
+
+    def describe_hyper_parameter_tuning_job(self, request: dict[str, Any]) -> dict[str, Any]:
+        from local import tuner
+
+        return tuner.describe(self, request)
+
+    def list_training_jobs_for_hyper_parameter_tuning_job(self, request: dict[str, Any]) -> dict[str, Any]:
+        from local import tuner
+
+        return tuner.list_trials(self, request)
+
+    def stop_hyper_parameter_tuning_job(self, request: dict[str, Any]) -> dict[str, Any]:
+        from local import tuner
+
+        return tuner.stop(self, request)
 
     def _job(self, name: str) -> TrainingJob:
         with self.lock:
@@ -390,7 +415,8 @@ class LocalSageMaker:
                     try:
                         job.metrics[name] = float(match.group(1))
                     except (ValueError, IndexError):
-                        pass
+                        continue
+                    job.metric_history.setdefault(name, []).append(job.metrics[name])
 
     def _sync_checkpoints(self, job: TrainingJob, root: Path, synced: dict[str, tuple[float, int]]) -> None:
         config = job.request.get("CheckpointConfig")
@@ -485,6 +511,9 @@ class LocalSageMaker:
         self.stop_grace_seconds = min(self.stop_grace_seconds, grace_seconds)
         with self.lock:
             jobs = list(self.jobs.values())
+            tunings = list(self.tunings.values())
+        for tuning in tunings:  # starts no further trial
+            tuning.stop_requested.set()
         for job in jobs:
             if job.status in ("InProgress", "Stopping"):
                 job.stop_requested.set()
@@ -492,6 +521,9 @@ class LocalSageMaker:
         for job in jobs:
             if job.thread is not None:
                 job.thread.join(timeout=grace_seconds + 30)
+        for tuning in tunings:
+            if tuning.thread is not None:
+                tuning.thread.join(timeout=grace_seconds + 30)
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
@@ -583,6 +615,10 @@ OPERATIONS = {
     "DescribeTrainingJob": LocalSageMaker.describe_training_job,
     "ListTrainingJobs": LocalSageMaker.list_training_jobs,
     "StopTrainingJob": LocalSageMaker.stop_training_job,
+    "CreateHyperParameterTuningJob": LocalSageMaker.create_hyper_parameter_tuning_job,
+    "DescribeHyperParameterTuningJob": LocalSageMaker.describe_hyper_parameter_tuning_job,
+    "ListTrainingJobsForHyperParameterTuningJob": LocalSageMaker.list_training_jobs_for_hyper_parameter_tuning_job,
+    "StopHyperParameterTuningJob": LocalSageMaker.stop_hyper_parameter_tuning_job,
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from shared.errors import JobError, not_found
-from shared.lifecycle import JOB_ID_PATTERN, NO_CHARGE, STOPPABLE_STATUSES
+from shared.lifecycle import JOB_ID_PATTERN, NO_CHARGE, STOPPABLE_STATUSES, is_tuning
 from shared.store import ConditionFailed, Jobs
 from shared.telemetry import job_ended
 from shared.training_jobs import stop_training_job, training_job_name
@@ -33,7 +33,12 @@ def cancel(job_id: str, owner: str, *, jobs: Jobs, sagemaker: Any) -> dict[str, 
         except ConditionFailed:
             job = jobs.get(job_id, owner)
     if job["status"] == "cancelling":
-        stop_training_job(sagemaker, training_job_name(job_id))
+        if is_tuning(job_id):
+            from shared.tunings import stop_tuning_job
+
+            stop_tuning_job(sagemaker, training_job_name(job_id))
+        else:
+            stop_training_job(sagemaker, training_job_name(job_id))
         return job
     if job["status"] == "cancelled":
         return job

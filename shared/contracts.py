@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, Union, get_args
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from shared.memory import Layout
-from shared.settings import ContractSettings, TrainSettings, from_hyperparameters, to_hyperparameters
+from shared.settings import ContractSettings, TrainSettings, from_hyperparameters, proxy_settings, to_hyperparameters
 from shared.shapes import ModelConfig
 
 JobType = Literal["train", "contract"]
@@ -45,24 +45,44 @@ class Hyperparameters(BaseModel):
     job_id: str
     settings: TrainSettings | ContractSettings
     layout: Layout = Layout()
+    # A tuning's trial: train this fraction of the run `settings` describe (shared.settings.proxy_settings).
+    proxy_fraction: float | None = None
 
     @model_validator(mode="after")
     def _settings_of_the_type(self) -> "Hyperparameters":
         expected = TrainSettings if self.job_type == "train" else ContractSettings
         if not isinstance(self.settings, expected):
             raise ValueError(f"a {self.job_type} job takes {expected.__name__}")
+        if self.proxy_fraction is not None:
+            if not isinstance(self.settings, TrainSettings):
+                raise ValueError("only a train job has a proxy")
+            proxy_settings(self.settings, self.proxy_fraction)  # in range, else ValueError
         return self
+
+    def run_settings(self) -> TrainSettings | ContractSettings:
+        """What the container runs: the settings, or their proxy for a tuning's trial."""
+        if self.proxy_fraction is None:
+            return self.settings
+        return proxy_settings(self.settings, self.proxy_fraction)
 
     def strings(self) -> dict[str, str]:
         """SageMaker's HyperParameters map: the settings' and the layout's keys side by side."""
-        return {**to_hyperparameters(self.job_type, self.job_id, self.settings), **self.layout.hyperparameters()}
+        out = {**to_hyperparameters(self.job_type, self.job_id, self.settings), **self.layout.hyperparameters()}
+        if self.proxy_fraction is not None:
+            out[PROXY_FRACTION_KEY] = repr(self.proxy_fraction)
+        return out
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> "Hyperparameters":
         """hyperparameters.json back into the job (a job launched before layouts has the default one)."""
         layout, rest = Layout.split(raw)
+        fraction = rest.pop(PROXY_FRACTION_KEY, None)
         job_type, job_id, settings = from_hyperparameters(rest)
-        return cls(job_type=job_type, job_id=job_id, settings=settings, layout=layout)
+        return cls(job_type=job_type, job_id=job_id, settings=settings, layout=layout,
+                   proxy_fraction=float(fraction) if fraction is not None else None)
+
+
+PROXY_FRACTION_KEY = "proxy_fraction"
 
 
 class Progress(BaseModel):

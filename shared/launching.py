@@ -17,7 +17,7 @@ from typing import Any
 from aws_lambda_powertools import Logger
 
 from shared.events import announce
-from shared.lifecycle import NO_CHARGE, UNLAUNCHED_STATUSES
+from shared.lifecycle import NO_CHARGE, UNLAUNCHED_STATUSES, is_tuning
 from shared.outputs import split_s3
 from shared.store import ConditionFailed, Jobs, missing_object
 from shared.telemetry import job_ended, job_launched, launch_retried
@@ -91,11 +91,17 @@ def launch(job_id: str, attempt: int, *, jobs: Jobs, sagemaker: Any, bus: Any, s
     if replaced:
         _fail(job_id, replaced, jobs=jobs, bus=bus)
         return "failed"
+    exists, stop = _sagemaker_job(job_id)
     try:
-        sagemaker.create_training_job(**training_job_request(job, config))
+        if is_tuning(job_id):
+            from shared.tunings import tuning_job_request
+
+            sagemaker.create_hyper_parameter_tuning_job(**tuning_job_request(job, config))
+        else:
+            sagemaker.create_training_job(**training_job_request(job, config))
     except ClientError as exc:
         code, message = exc.response["Error"].get("Code", ""), exc.response["Error"].get("Message", "")
-        if code == "ResourceInUse" and training_job_exists(sagemaker, name):
+        if code == "ResourceInUse" and exists(sagemaker, name):
             return "existing"
         if code in RETRYABLE:
             return retry_or_fail(f"{code}: {message}")
@@ -106,16 +112,26 @@ def launch(job_id: str, attempt: int, *, jobs: Jobs, sagemaker: Any, bus: Any, s
     logger.info("training job started", extra={"job_id": job_id, "training_job_name": name})
     job_launched()
     if jobs.get(job_id)["status"] == "cancelling":  # cancelled while it was being created: stop it now
-        stop_training_job(sagemaker, name)
+        stop(sagemaker, name)
         return "stopped"
     return "started"
+
+
+def _sagemaker_job(job_id: str) -> tuple[Any, Any]:
+    """(exists, stop) of the SageMaker job a job runs as: a tuning's tuning job, else a training job."""
+    if is_tuning(job_id):
+        from shared.tunings import stop_tuning_job, tuning_job_exists
+
+        return tuning_job_exists, stop_tuning_job
+    return training_job_exists, stop_training_job
 
 
 def _cancel_unlaunched(job: dict[str, Any], *, jobs: Jobs, sagemaker: Any, bus: Any) -> str:
     """A job cancelled while launching: end it if its training job was never created, else stop it."""
     name = training_job_name(job["job_id"])
-    if training_job_exists(sagemaker, name):
-        stop_training_job(sagemaker, name)
+    exists, stop = _sagemaker_job(job["job_id"])
+    if exists(sagemaker, name):
+        stop(sagemaker, name)
         return "stopped"
     try:
         job = jobs.annotate(job["job_id"], ("cancelling",), status="cancelled", bill=NO_CHARGE,

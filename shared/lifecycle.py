@@ -23,8 +23,22 @@ UNLAUNCHED_STATUSES = ("queued", "launching")  # the launcher starts a training 
 STOPPABLE_STATUSES = ("launching", "running")  # a cancel moves these to cancelling and stops the training job
 
 
+# A tuning is a job of the jobs table too (budget, lifecycle, launch queue), told apart by its id:
+# no job id new_job_id makes starts with it. Its SageMaker tuning job is named like a training job
+# ("fusion-" + id), within the tuner's 32 characters.
+TUNING_ID_PREFIX = "tune-"
+
+
 def new_job_id() -> str:
     return os.urandom(10).hex()
+
+
+def new_tuning_id() -> str:
+    return TUNING_ID_PREFIX + os.urandom(8).hex()
+
+
+def is_tuning(job_id: str) -> bool:
+    return job_id.startswith(TUNING_ID_PREFIX)
 
 
 def is_active(job: dict[str, Any]) -> bool:

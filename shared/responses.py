@@ -22,7 +22,7 @@ from shared.shapes import ModelConfig
 from shared.lifecycle import STATUS_RANK
 
 JobStatus = Literal[tuple(STATUS_RANK)]
-JobType = Literal["train", "contract"]
+JobType = Literal["train", "contract", "tuning"]
 DatasetStatus = Literal["pending", "ready", "rejected", "failed", "replaced", "deleted"]
 ModelKind = Literal["base", "trained", "contracted", "imported"]
 
@@ -147,6 +147,7 @@ class CatalogModel(_Body):
     cost: Decimal | None = None
     config: ModelConfig | None = None
     dataset: str | None = None
+    tuning_id: str | None = Field(default=None, description="The tuning whose trial this model's job promoted.")
     created_at: str
 
 
@@ -208,3 +209,63 @@ class RegisteredDataset(Dataset):
 
 class DatasetList(_Body):
     datasets: list[Dataset]
+
+
+# --- tunings -----------------------------------------------------------------------------------
+
+
+class FullRun(_Body):
+    """What the full run with a trial's settings would cost and take (a dry-run POST /jobs's figures)."""
+
+    total: Decimal
+    eta_seconds: int
+    settings: dict[str, Any]
+
+
+class Trial(_Body):
+    """One trial of a tuning: a short proxy of the full run with these settings."""
+
+    name: str = Field(description="The trial's SageMaker training job.")
+    rank: int = Field(description="1 is the best: completed trials by held-out perplexity, then stopped, then failed.")
+    status: Literal["completed", "stopped", "failed", "running"]
+    early_stopped: bool = Field(description="The tuner stopped it early: it was doing worse than earlier trials.")
+    settings: dict[str, Any] = Field(description="The values the tuner chose for the searched settings.")
+    perplexity: float | None = Field(description="Held-out perplexity, the objective (the last the trial logged).")
+    curve: list[float] | None = Field(description="Held-out perplexity at each cycle's end (completed trials).")
+    tokens_trained: int
+    cost: Decimal = Field(description="What its tokens cost (unrounded: the tuning's bill rounds their sum once).")
+    full_run: FullRun | None
+
+
+class Tuning(_Body):
+    """A tuning as its owner sees it: priced before it ran, its trials ranked once it has ended."""
+
+    tuning_id: str
+    status: JobStatus
+    owner: str
+    model: str
+    dataset: str
+    settings: dict[str, Any] = Field(description="The settings every trial shares.")
+    ranges: dict[str, dict[str, float]] = Field(description="The searched settings, each {min, max}.")
+    max_trials: int
+    max_parallel_trials: int
+    proxy_fraction: float
+    strategy: str
+    objective: str
+    estimate: Estimate = Field(description="The price: max_trials of the dearest trial the ranges allow.")
+    bill: Decimal | None = Field(description="Once ended: what its trials' tokens cost (never more than the estimate).")
+    failure_reason: str | None
+    trials: list[Trial]
+    best_trial: str | None
+    created_at: str
+    updated_at: str
+
+
+class TuningList(_Body):
+    tunings: list[Tuning]
+
+
+class TuningQuote(Quote):
+    """A priced tuning not created."""
+
+    tuning: dict[str, Any] = Field(description="Ranges, trials, parallelism, proxy fraction, strategy, objective.")

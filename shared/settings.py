@@ -222,5 +222,20 @@ def from_hyperparameters(raw: dict[str, Any]) -> tuple[str, str, TrainSettings |
     return job_type, job_id, SETTINGS_BY_TYPE[job_type].model_validate(values, strict=False)
 
 
+# A tuning's trial is a short proxy of its full run: this fraction of the run's steps (shared.tunings).
+MIN_PROXY_FRACTION = 0.01
+MAX_PROXY_FRACTION = 0.5
+
+
+def proxy_settings(settings: TrainSettings, fraction: float) -> TrainSettings:
+    """The short proxy of a run: the same model, data, turns, cycles, lr and seq_len, each turn cut to
+    `fraction` of its steps (at least one a cycle), so it trains about `fraction` of the run's tokens
+    on a schedule of the same shape (a warm-up and a cosine decay a cycle, an evaluation at each end)."""
+    if not MIN_PROXY_FRACTION <= fraction <= MAX_PROXY_FRACTION:
+        raise ValueError(f"proxy_fraction must lie in [{MIN_PROXY_FRACTION}, {MAX_PROXY_FRACTION}], got {fraction}")
+    steps = max(settings.cycles, round(fraction * settings.steps_per_turn()))
+    return settings.model_copy(update={"train_steps": steps})
+
+
 def default_output_name(job_id: str) -> str:
     return f"model-{job_id}"

@@ -13,7 +13,7 @@ from aws_lambda_powertools import Logger
 
 from shared.contracts import Metrics
 from shared.events import announce
-from shared.lifecycle import END_STATUSES, NO_CHARGE, UNLAUNCHED_STATUSES
+from shared.lifecycle import END_STATUSES, NO_CHARGE, UNLAUNCHED_STATUSES, is_tuning
 from shared.outputs import keep_metrics_log, read_metrics, read_progress
 from shared.pricing import Estimate, bill
 from shared.store import Catalog, ConditionFailed, Jobs, missing_object, now
@@ -61,6 +61,7 @@ def catalog_entry(job: dict[str, Any], metrics: Metrics, artifact_uri: str, cost
         "cost": str(cost),
         "config": config.model_dump(mode="json"),
         "dataset": job.get("dataset"),
+        "tuning_id": job.get("tuning_id"),  # lineage of a promoted trial (shared.tunings)
         "created_at": now(),
     }
 
@@ -236,6 +237,8 @@ def reconcile_in_flight(*, jobs: Jobs, catalog: Catalog, s3: Any, sagemaker: Any
         if fail_unlaunched(job["job_id"], jobs=jobs, bus=bus, at=at) is not None:
             summary["unlaunched"].append(job["job_id"])
     for job in jobs.in_flight():
+        if is_tuning(job["job_id"]):
+            continue  # the tuner's own state: shared.tunings.reconcile_tunings
         summary["checked"] += 1
         name = training_job_name(job["job_id"])
         try:

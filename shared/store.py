@@ -279,6 +279,7 @@ def _update_parts(fields: dict[str, Any], allowed: list[str]) -> dict[str, Any]:
 _JOB_COLUMNS = (
     "job_id", "owner", "status", "type", "created_at", "updated_at", "training_job_name",
     "output_model_id", "failure_reason", "bill", "published_status", "artifact_uri",
+    "trials",  # a tuning's ranked trials (JSON), written as it ends (shared.tunings)
 )
 
 

@@ -19,6 +19,8 @@ TRAINING_JOB_PREFIX = "fusion-"
 STACK_TAG = "fusion:stack"
 STACK_ENV = "FUSION_STACK"
 METRIC_NAMES = ("step", "turn", "cycle", "train_loss", "heldout_loss", "heldout_perplexity", "tokens_per_second")
+# The container's `name=value` lines, as SageMaker reads them from its log (training jobs and tuning trials).
+METRIC_DEFINITIONS = [{"Name": n, "Regex": f"{n}=([0-9.eE+-]+)"} for n in METRIC_NAMES]
 MAX_RUNTIME_LIMIT = 28 * 24 * 3600  # SageMaker's ceiling on MaxRuntimeInSeconds
 VALIDATION_CHANNEL = "validation"  # a train job's validation set, when it names one
 
@@ -70,15 +72,13 @@ def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str,
         "AlgorithmSpecification": {
             "TrainingImage": config.training_image_uri,
             "TrainingInputMode": "File",
-            "MetricDefinitions": [{"Name": n, "Regex": f"{n}=([0-9.eE+-]+)"} for n in METRIC_NAMES],
+            "MetricDefinitions": METRIC_DEFINITIONS,
             "EnableSageMakerMetricsTimeSeries": True,
         },
         "RoleArn": config.role_arn,
         "Environment": {PRECISION_ENV: config.precision},
         "InputDataConfig": [
-            _channel("training", job["dataset_uri"]),
-            _channel("model", job["input_model_uri"]),
-            *([_channel(VALIDATION_CHANNEL, job["validation_dataset_uri"])] if job.get("validation_dataset_uri") else []),
+            *input_channels(job),
         ],
         "OutputDataConfig": {"S3OutputPath": f"{prefix}/output/"},
         # Outside jobs/: a lifecycle rule expires checkpoints (shared.outputs.CHECKPOINT_RETENTION_DAYS).
@@ -97,6 +97,13 @@ def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str,
         "Tags": [{"Key": "fusion:job-id", "Value": job_id}, {"Key": "fusion:owner", "Value": job["owner"]},
                  *([{"Key": STACK_TAG, "Value": config.stack}] if config.stack else [])],
     }
+
+
+def input_channels(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """The job's data, its base (or source) model and, when it names one, its validation set, as
+    the container's input channels."""
+    return [_channel("training", job["dataset_uri"]), _channel("model", job["input_model_uri"]),
+            *([_channel(VALIDATION_CHANNEL, job["validation_dataset_uri"])] if job.get("validation_dataset_uri") else [])]
 
 
 def _channel(name: str, uri: str) -> dict[str, Any]:

@@ -247,6 +247,10 @@ def _training_job(region: str, name: str) -> str:
     return f"arn:{PARTITION}:sagemaker:{region}:{LOCAL_ACCOUNT}:training-job/{name.lower()}"
 
 
+def _tuning_job(region: str, name: str) -> str:
+    return f"arn:{PARTITION}:sagemaker:{region}:{LOCAL_ACCOUNT}:hyper-parameter-tuning-job/{name.lower()}"
+
+
 _DYNAMODB_ITEM_CALLS = {"GetItem", "PutItem", "UpdateItem", "DeleteItem", "Query", "Scan", "DescribeTable"}
 _TRANSACT = {"Put": "PutItem", "Update": "UpdateItem", "Delete": "DeleteItem", "ConditionCheck": "ConditionCheckItem",
              "Get": "GetItem"}
@@ -302,6 +306,17 @@ def requests_of(service: str, operation: str, params: dict[str, Any], region: st
             return out
         if operation in ("DescribeTrainingJob", "StopTrainingJob"):
             return [Request(f"sagemaker:{operation}", _training_job(region, params["TrainingJobName"]))]
+        if operation == "CreateHyperParameterTuningJob":
+            tuning = _tuning_job(region, params["HyperParameterTuningJobName"])
+            role = params["TrainingJobDefinition"]["RoleArn"]
+            out = [Request("sagemaker:CreateHyperParameterTuningJob", tuning),
+                   Request("iam:PassRole", role, (("iam:PassedToService", "sagemaker.amazonaws.com"),))]
+            if params.get("Tags"):
+                out.append(Request("sagemaker:AddTags", tuning))
+            return out
+        if operation in ("DescribeHyperParameterTuningJob", "StopHyperParameterTuningJob",
+                         "ListTrainingJobsForHyperParameterTuningJob"):
+            return [Request(f"sagemaker:{operation}", _tuning_job(region, params["HyperParameterTuningJobName"]))]
         if operation == "ListTrainingJobs":
             return [Request("sagemaker:ListTrainingJobs", "*")]
     if service == "cloudwatch":

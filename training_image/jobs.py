@@ -57,7 +57,7 @@ def run(root: Path) -> int:
         runtime.init_distributed()
         job = Hyperparameters.parse(json.loads((root / "input/config/hyperparameters.json").read_text()))
         if job.job_type == "train":
-            run_train_job(job.settings, root, job.job_id, layout=job.layout)
+            run_train_job(job.run_settings(), root, job.job_id, layout=job.layout)
         else:
             run_contract_job(job.settings, root, job.job_id)
         return 0

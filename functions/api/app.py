@@ -13,7 +13,7 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import (
     RequestValidationError,
 )
 
-from functions.api import body, console, context, datasets, jobs, models
+from functions.api import body, console, context, datasets, jobs, models, tunings
 from shared.errors import JobError, describe_error
 from shared.responses import ErrorResponse
 from shared.snapstart import prepare_before_snapshot, renew_after_restore
@@ -35,6 +35,7 @@ app.include_router(jobs.router)
 app.include_router(models.router)
 app.include_router(datasets.router)
 app.include_router(console.router)
+app.include_router(tunings.router)
 
 # SnapStart: the clients a request uses are built before the snapshot (their service models parsed
 # into it) and built anew after each restore (connections and credentials of this environment).

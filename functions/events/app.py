@@ -3,6 +3,8 @@
 Two EventBridge rules invoke it:
 - "SageMaker Training Job State Change" for jobs named fusion-*: move the job forward, register
   the model, bill. Duplicates and late events change nothing (forward-only conditional writes).
+- "SageMaker HyperParameter Tuning Job State Change" for tunings (fusion-tune-*): move the tuning
+  forward; at its end read its trials, rank them and bill what they trained (shared.tunings).
 - "Fusion Job Requested" on the Fusion bus ({"owner", "request": <POST /jobs body>}): the same
   validation, tenancy (the owner's catalog and data prefix) and budget as POST /jobs, then queued
   for launch; a refused request is answered with "Fusion Job Rejected".
@@ -25,6 +27,7 @@ from shared.state_changes import follow
 from shared.store import Catalog, Datasets, Jobs, Tenants
 from shared.telemetry import metrics
 from shared.training_jobs import job_id_of
+from shared.tunings import TUNING_STATE_CHANGE, follow_tuning, tuning_id_of
 
 logger = Logger()
 tracer = Tracer()
@@ -34,7 +37,8 @@ tracer = Tracer()
 def _clients() -> dict[str, Any]:
     session = snapstart.session()
     return {"jobs": Jobs(session=session), "catalog": Catalog(session=session), "datasets": Datasets(session=session),
-            "tenants": Tenants(session=session), "s3": session.client("s3"), "sqs": session.client("sqs"), "bus": Bus(session=session)}
+            "tenants": Tenants(session=session), "s3": session.client("s3"), "sqs": session.client("sqs"), "bus": Bus(session=session),
+            "sagemaker": session.client("sagemaker")}
 
 
 # SnapStart: clients built before the snapshot, and anew after each restore.
@@ -51,7 +55,22 @@ def lambda_handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     if event.get("detail-type") == JOB_REQUESTED:
         event_id = event.get("id")
         return job_requested(detail, event_id if isinstance(event_id, str) else None)
+    if event.get("detail-type") == TUNING_STATE_CHANGE:
+        return tuning_changed(detail)
     return training_job_changed(detail)
+
+
+def tuning_changed(detail: dict[str, Any]) -> dict[str, Any]:
+    tuning_id = tuning_id_of(detail.get("HyperParameterTuningJobName"))
+    if tuning_id:
+        logger.append_keys(job_id=tuning_id)
+    c = _clients()
+    job = follow_tuning(detail, jobs=c["jobs"], sagemaker=c["sagemaker"], s3=c["s3"], bus=c["bus"],
+                        artifacts_bucket=os.environ["ARTIFACTS_BUCKET"])
+    if job is None:
+        return {"changed": False}
+    logger.info("tuning moved", extra={"job_id": job["job_id"], "status": job["status"]})
+    return {"changed": True, "job_id": job["job_id"], "status": job["status"]}
 
 
 def training_job_changed(detail: dict[str, Any]) -> dict[str, Any]:

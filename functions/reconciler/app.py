@@ -6,7 +6,8 @@ its job again: a job left running forever, unbilled, its model unregistered. Eve
 (shared.state_changes.reconcile_in_flight) compares each job in flight with DescribeTrainingJob
 and follows what SageMaker says now the way the events function follows an event; the
 forward-only writes make it a no-op for a job whose events did arrive, so the job, model and
-bill are those the events make.
+bill are those the events make. Tunings are compared with DescribeHyperParameterTuningJob the same
+way (shared.tunings.reconcile_tunings).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from shared.events import Bus
 from shared.state_changes import reconcile_in_flight
 from shared.store import Catalog, Jobs
 from shared.telemetry import metrics
+from shared.tunings import reconcile_tunings
 
 logger = Logger()
 tracer = Tracer()
@@ -37,8 +39,11 @@ def _clients() -> dict[str, Any]:
 
 def reconcile() -> dict[str, Any]:
     c = _clients()
-    return reconcile_in_flight(jobs=c["jobs"], catalog=c["catalog"], s3=c["s3"], sagemaker=c["sagemaker"],
-                               bus=c["bus"], artifacts_bucket=os.environ["ARTIFACTS_BUCKET"])
+    summary = reconcile_in_flight(jobs=c["jobs"], catalog=c["catalog"], s3=c["s3"], sagemaker=c["sagemaker"],
+                                  bus=c["bus"], artifacts_bucket=os.environ["ARTIFACTS_BUCKET"])
+    tunings = reconcile_tunings(jobs=c["jobs"], sagemaker=c["sagemaker"], s3=c["s3"], bus=c["bus"],
+                                artifacts_bucket=os.environ["ARTIFACTS_BUCKET"])
+    return {key: summary[key] + tunings[key] for key in summary}
 
 
 @logger.inject_lambda_context(clear_state=True)

@@ -80,7 +80,8 @@ def test_real_answers_keep_to_the_documented_schema(aws, api, spec):
     route = "/jobs/{job_id}"
     job_id = job["job_id"]
     stored = Jobs(session=aws.session).get(job_id)
-    internal = {"dataset_uri", "dataset_pin", "input_model_uri", "artifact_uri", "published_status"}  # for launching
+    internal = {"dataset_uri", "dataset_pin", "input_model_uri", "artifact_uri", "published_status",  # for launching
+                "trials"}  # a tuning's (GET /tunings/{id} shows them)
     assert set(stored) - set(job) <= internal
     Jobs(session=aws.session).transition(job_id, "running", training_job_name=training_job_name(job_id))
     s3 = aws.session.client("s3")
@@ -116,6 +117,21 @@ def test_real_answers_keep_to_the_documented_schema(aws, api, spec):
     call("POST", f"/jobs/{job_id}/cancel", route=route + "/cancel", expect=409)
     call("GET", "/jobs/nope", route=route, expect=404)
     call("POST", "/jobs", {"type": "train"}, expect=422)
+
+    tuning_body = {"model": "base-debug", "dataset": DATASET, "max_trials": 2,
+                   "settings": {"seq_len": 64, "steps_per_cycle": 100}, "ranges": {"lr": {"min": 1e-4, "max": 1e-3}}}
+    troute = "/tunings/{tuning_id}"
+    call("POST", "/tunings", tuning_body, query="dry_run=true")
+    tuning = call("POST", "/tunings", tuning_body, expect=201)
+    cancelled = call("POST", "/tunings", tuning_body, expect=201)
+    call("POST", f"/tunings/{cancelled['tuning_id']}/cancel", route=troute + "/cancel")
+    trial = {"name": f"fusion-{tuning['tuning_id']}-001-aaaaaaaa", "status": "completed", "early_stopped": False,
+             "settings": {"lr": 3e-4}, "perplexity": 30.0, "curve": [40.0, 30.0], "tokens_trained": 640, "cost": "0.000256"}
+    Jobs(session=aws.session).transition(tuning["tuning_id"], "completed", bill="0.01", trials=__import__("json").dumps([trial]))
+    assert call("GET", f"/tunings/{tuning['tuning_id']}", route=troute)["trials"][0]["full_run"]["total"]
+    call("GET", "/tunings")
+    call("POST", f"/tunings/{tuning['tuning_id']}/promote", {}, route=troute + "/promote", expect=201)
+    call("POST", "/tunings", {**tuning_body, "ranges": {"lr": {"min": 1e-3, "max": 1e-4}}}, expect=422)
 
     for method, path, status, answer in answers:
         schema = _schema(spec, method, path, status)

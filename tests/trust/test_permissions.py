@@ -135,10 +135,44 @@ def _walk(aws, api) -> None:
                                        "detail": {"owner": "alice", "request": train()}}, LambdaContext())
     assert requested["accepted"]
 
+    # Two tunings on the tuner: one cancelled (its Stopped event reads and bills its trials), one
+    # whose events were lost (the reconciler ends it).
+    tuning = {"model": "base-debug", "dataset": train()["dataset"], "max_trials": 2,
+              "settings": {"seq_len": 64, "steps_per_cycle": 100}, "ranges": {"lr": {"min": 1e-4, "max": 1e-3}}}
+    tunings = [api("POST", "/tunings", tuning)[1]["tuning_id"] for _ in range(2)]
+    assert api("GET", "/tunings")[0] == 200 and api("GET", f"/tunings/{tunings[0]}")[0] == 200
+    _answer(sagemaker, "CreateHyperParameterTuningJob", {"HyperParameterTuningJobArn": "arn:tuning"})
+    assert launch(*tunings) == []
+    _answer(context.client("sagemaker"), "StopHyperParameterTuningJob")
+    assert api("POST", f"/tunings/{tunings[0]}/cancel")[1]["status"] == "cancelling"
+    _answer(sagemaker, "DescribeHyperParameterTuningJob", {"HyperParameterTuningJobStatus": "InProgress"})
+    _answer(sagemaker, "StopHyperParameterTuningJob")
+    assert launch(tunings[0], receive_count=2) == []  # cancelled meanwhile: the launcher stops the tuner
+    trials = {"TrainingJobSummaries": [
+        {"TrainingJobName": f"fusion-{tunings[0]}-001-aaaaaaaa", "TrainingJobArn": "arn:t1", "CreationTime": 0,
+         "TrainingJobStatus": "Completed", "TunedHyperParameters": {"lr": "0.0003"},
+         "FinalHyperParameterTuningJobObjectiveMetric": {"MetricName": "heldout_perplexity", "Value": 30.0}},
+        {"TrainingJobName": f"fusion-{tunings[0]}-002-bbbbbbbb", "TrainingJobArn": "arn:t2", "CreationTime": 0,
+         "TrainingJobStatus": "Stopped", "TunedHyperParameters": {"lr": "0.0001"}}]}
+    follower = events._clients()["sagemaker"]
+    _answer(follower, "ListTrainingJobsForHyperParameterTuningJob", trials)
+    _answer(follower, "DescribeTrainingJob", {"FinalMetricDataList": [{"MetricName": "step", "Value": 3.0}]})
+    ended = events.lambda_handler({"id": "t-1", "detail-type": "SageMaker HyperParameter Tuning Job State Change",
+                                   "source": "aws.sagemaker", "detail": {
+                                       "HyperParameterTuningJobName": f"fusion-{tunings[0]}",
+                                       "HyperParameterTuningJobStatus": "Stopped"}}, LambdaContext())
+    assert ended["status"] == "cancelled"
+    assert api("POST", f"/tunings/{tunings[0]}/promote", {})[0] == 201
+
     reconciler._clients.cache_clear()
+    tuner = reconciler._clients()["sagemaker"]
+    _answer(tuner, "DescribeHyperParameterTuningJob", {"HyperParameterTuningJobName": f"fusion-{tunings[1]}",
+                                                      "HyperParameterTuningJobStatus": "Completed"})
+    _answer(tuner, "ListTrainingJobsForHyperParameterTuningJob", {"TrainingJobSummaries": []})
     write_metrics(aws, stored(aws, lost))
     summary = reconciler.lambda_handler({}, LambdaContext())
     assert lost in summary["moved"] and stored(aws, lost)["status"] == "completed"
+    assert tunings[1] in summary["moved"] and stored(aws, tunings[1])["status"] == "completed"
 
     # an operator: every tenant's spend, then a tenant's budget
     from functions.admin import app as admin
