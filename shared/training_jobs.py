@@ -91,12 +91,23 @@ def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str,
         },
         "StoppingCondition": stopping,
         "EnableManagedSpotTraining": spot,
-        # The container reads its channels and writes /opt/ml; SageMaker moves the data. It makes no
-        # network call of its own, so it gets no network (multi-instance jobs still reach each other).
-        "EnableNetworkIsolation": True,
-        "Tags": [{"Key": "fusion:job-id", "Value": job_id}, {"Key": "fusion:owner", "Value": job["owner"]},
-                 *([{"Key": STACK_TAG, "Value": config.stack}] if config.stack else [])],
+        "EnableNetworkIsolation": NETWORK_ISOLATION,
+        "Tags": job_tags(job_id, job["owner"], config),
     }
+
+
+# The container reads its channels and writes /opt/ml; SageMaker moves the data. It makes no network
+# call of its own, so it gets no network (multi-instance jobs still reach each other). Every training
+# job gets it: a job's own and a tuning's trials.
+NETWORK_ISOLATION = True
+
+
+def job_tags(job_id: str, owner: str, config: LaunchConfig) -> list[dict[str, str]]:
+    """The tags of a job's SageMaker resource (a training job, or a tuning job, whose tags its trials
+    inherit). The stack's tag is what this stack's roles may describe and stop (template.yaml's
+    aws:ResourceTag conditions), and what its rule matches."""
+    return [{"Key": "fusion:job-id", "Value": job_id}, {"Key": "fusion:owner", "Value": owner},
+            *([{"Key": STACK_TAG, "Value": config.stack}] if config.stack else [])]
 
 
 def input_channels(job: dict[str, Any]) -> list[dict[str, Any]]:

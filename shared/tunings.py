@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.contracts import Hyperparameters
+from shared.contracts import PRECISION_ENV, Hyperparameters
 from shared.errors import JobError, invalid, not_found
 from shared.lifecycle import END_STATUSES, JOB_ID_PATTERN, NO_CHARGE, is_tuning, new_tuning_id
 from shared.pricing import CENT, MILLION, Estimate, bill, estimate_train
@@ -47,10 +47,12 @@ from shared.shapes import ModelConfig
 from shared.store import Catalog, ConditionFailed, Datasets, Jobs
 from shared.training_jobs import (
     METRIC_DEFINITIONS,
+    NETWORK_ISOLATION,
     NO_SUCH_TRAINING_JOB,
     LaunchConfig,
     input_channels,
     job_id_of,
+    job_tags,
     training_job_name,
 )
 
@@ -270,8 +272,6 @@ def tuning_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str, A
         kind = "ContinuousParameterRanges" if TUNABLE[name] == "Logarithmic" else "IntegerParameterRanges"
         ranges.setdefault(kind, []).append({"Name": name, "MinValue": str(span["min"]), "MaxValue": str(span["max"]),
                                             "ScalingType": TUNABLE[name]})
-    from shared.tenancy import encode_tenant
-
     return {
         "HyperParameterTuningJobName": training_job_name(tuning_id),
         "HyperParameterTuningJobConfig": {
@@ -295,8 +295,10 @@ def tuning_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str, A
                                "VolumeSizeInGB": config.volume_size_gb},
             "StoppingCondition": {"MaxRuntimeInSeconds": estimate.max_runtime_seconds},
             "EnableManagedSpotTraining": False,
+            "EnableNetworkIsolation": NETWORK_ISOLATION,
+            "Environment": {PRECISION_ENV: config.precision},
         },
-        "Tags": [{"Key": "fusion:job-id", "Value": tuning_id}, {"Key": "fusion:owner", "Value": encode_tenant(job["owner"])}],
+        "Tags": job_tags(tuning_id, job["owner"], config),
     }
 
 

@@ -192,9 +192,13 @@ def _like(pattern: str, value: str, *, case: bool = True) -> bool:
 
 def _conditions_hold(condition: dict[str, Any], context: dict[str, str]) -> bool:
     for operator, tests in condition.items():
+        if_exists = operator.endswith("IfExists")  # a key the request lacks passes
+        operator = operator.removesuffix("IfExists")
         for key, expected in tests.items():
             actual = context.get(key)
             if actual is None:
+                if if_exists:
+                    continue
                 return False
             expected = [str(e) for e in _listed(expected)]
             if operator in ("StringEquals", "ArnEquals"):
@@ -251,6 +255,28 @@ def _tuning_job(region: str, name: str) -> str:
     return f"arn:{PARTITION}:sagemaker:{region}:{LOCAL_ACCOUNT}:hyper-parameter-tuning-job/{name.lower()}"
 
 
+# The tags SageMaker holds for each job created through a recorded call: what aws:ResourceTag/<key>
+# reads when a later call describes or stops it. A tuning's trials (<tuning>-NNN-<8 hex>) carry the
+# tuning's tags. A job never created here has no tags, as a job created without them.
+_SAGEMAKER_TAGS: dict[str, dict[str, str]] = {}
+_TRIAL = re.compile(r"^(?P<tuning>.+)-\d{3}-[0-9a-z]{8}$")
+
+
+def _request_tags(arn: str, params: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    tags = {t["Key"]: t["Value"] for t in params.get("Tags") or []}
+    _SAGEMAKER_TAGS[arn] = tags
+    return tuple((f"aws:RequestTag/{k}", v) for k, v in tags.items())
+
+
+def _resource_tags(arn: str) -> tuple[tuple[str, str], ...]:
+    tags = _SAGEMAKER_TAGS.get(arn)
+    trial = _TRIAL.match(arn.rsplit("/", 1)[-1])
+    if tags is None and trial and ":training-job/" in arn:
+        tags = _SAGEMAKER_TAGS.get(arn.replace(":training-job/", ":hyper-parameter-tuning-job/").rsplit("/", 1)[0]
+                                   + "/" + trial["tuning"])
+    return tuple((f"aws:ResourceTag/{k}", v) for k, v in (tags or {}).items())
+
+
 _DYNAMODB_ITEM_CALLS = {"GetItem", "PutItem", "UpdateItem", "DeleteItem", "Query", "Scan", "DescribeTable"}
 _TRANSACT = {"Put": "PutItem", "Update": "UpdateItem", "Delete": "DeleteItem", "ConditionCheck": "ConditionCheckItem",
              "Get": "GetItem"}
@@ -299,24 +325,28 @@ def requests_of(service: str, operation: str, params: dict[str, Any], region: st
     if service == "sagemaker":
         if operation == "CreateTrainingJob":
             job = _training_job(region, params["TrainingJobName"])
-            out = [Request("sagemaker:CreateTrainingJob", job),
+            tags = _request_tags(job, params)
+            out = [Request("sagemaker:CreateTrainingJob", job, tags),
                    Request("iam:PassRole", params["RoleArn"], (("iam:PassedToService", "sagemaker.amazonaws.com"),))]
             if params.get("Tags"):
-                out.append(Request("sagemaker:AddTags", job))
+                out.append(Request("sagemaker:AddTags", job, tags))
             return out
         if operation in ("DescribeTrainingJob", "StopTrainingJob"):
-            return [Request(f"sagemaker:{operation}", _training_job(region, params["TrainingJobName"]))]
+            job = _training_job(region, params["TrainingJobName"])
+            return [Request(f"sagemaker:{operation}", job, _resource_tags(job))]
         if operation == "CreateHyperParameterTuningJob":
             tuning = _tuning_job(region, params["HyperParameterTuningJobName"])
             role = params["TrainingJobDefinition"]["RoleArn"]
-            out = [Request("sagemaker:CreateHyperParameterTuningJob", tuning),
+            tags = _request_tags(tuning, params)
+            out = [Request("sagemaker:CreateHyperParameterTuningJob", tuning, tags),
                    Request("iam:PassRole", role, (("iam:PassedToService", "sagemaker.amazonaws.com"),))]
             if params.get("Tags"):
-                out.append(Request("sagemaker:AddTags", tuning))
+                out.append(Request("sagemaker:AddTags", tuning, tags))
             return out
         if operation in ("DescribeHyperParameterTuningJob", "StopHyperParameterTuningJob",
                          "ListTrainingJobsForHyperParameterTuningJob"):
-            return [Request(f"sagemaker:{operation}", _tuning_job(region, params["HyperParameterTuningJobName"]))]
+            tuning = _tuning_job(region, params["HyperParameterTuningJobName"])
+            return [Request(f"sagemaker:{operation}", tuning, _resource_tags(tuning))]
         if operation == "ListTrainingJobs":
             return [Request("sagemaker:ListTrainingJobs", "*")]
     if service == "cloudwatch":

@@ -194,25 +194,35 @@ def test_the_user_pool_that_keys_every_tenant_outlives_a_replacement_and_sam_del
     assert resources["TrainingImageRepository"]["Properties"]["EmptyOnDelete"] is True  # sam delete takes the images
 
 
-def test_training_jobs_have_no_network_and_only_this_stacks_jobs_reach_its_rule():
+def test_training_jobs_have_no_network_and_only_this_stacks_jobs_reach_its_rules():
     from shared.pricing import estimate_train
     from shared.settings import TrainSettings
     from shared.training_jobs import STACK_ENV, STACK_TAG, LaunchConfig, training_job_request
+    from shared.tunings import tuning_job_request
     from tests.conftest import GROWN
 
     template = transformed()
-    [rule] = [r["Properties"] for r in template["Resources"].values() if r["Type"] == "AWS::Events::Rule"
-              and r["Properties"]["EventPattern"].get("source") == ["aws.sagemaker"]]
-    assert rule["EventPattern"]["detail"]["Tags"] == {STACK_TAG: [{"Ref": "AWS::StackName"}]}
+    rules = {r["Properties"]["EventPattern"]["detail-type"][0]: r["Properties"] for r in template["Resources"].values()
+             if r["Type"] == "AWS::Events::Rule" and r["Properties"]["EventPattern"].get("source") == ["aws.sagemaker"]}
+    assert set(rules) == {"SageMaker Training Job State Change", "SageMaker HyperParameter Tuning Job State Change"}
+    for rule in rules.values():
+        assert rule["EventPattern"]["detail"]["Tags"] == {STACK_TAG: [{"Ref": "AWS::StackName"}]}
     variables = load_template()["Globals"]["Function"]["Environment"]["Variables"]
     assert variables[STACK_ENV].value == "AWS::StackName"
-    job = {"job_id": "j1", "type": "train", "owner": "o", "settings": TrainSettings().model_dump(mode="json"),
+    job = {"job_id": "j1", "type": "train", "owner": "o=2Fx", "settings": TrainSettings().model_dump(mode="json"),
            "estimate": estimate_train(TrainSettings(), GROWN).model_dump(mode="json"), "dataset_uri": "s3://d/o/x",
            "input_model_uri": "s3://a/m"}
-    request = training_job_request(job, LaunchConfig(artifacts_bucket="a", training_image_uri="i", role_arn="r",
-                                                     stack="fusion-b"))
+    config = LaunchConfig(artifacts_bucket="a", training_image_uri="i", role_arn="r", stack="fusion-b")
+    request = training_job_request(job, config)
     assert request["EnableNetworkIsolation"] is True
     assert {"Key": STACK_TAG, "Value": "fusion-b"} in request["Tags"]
+    assert {"Key": "fusion:owner", "Value": "o=2Fx"} in request["Tags"]  # the owner value as stored, once
+    tuning = {**job, "job_id": "tune-1", "tuning": {"ranges": {}, "proxy_fraction": 0.1, "strategy": "Bayesian",
+                                                  "early_stopping": "Auto", "objective": "heldout_perplexity",
+                                                  "max_trials": 2, "max_parallel_trials": 1}}
+    trials = tuning_job_request(tuning, config)
+    assert trials["TrainingJobDefinition"]["EnableNetworkIsolation"] is True  # every trial, as every job
+    assert trials["Tags"] == [{**t, "Value": "tune-1"} if t["Key"] == "fusion:job-id" else t for t in request["Tags"]]
 
 
 def test_every_dead_letter_queue_has_an_alarm_the_deploy_page_explains():

@@ -292,3 +292,36 @@ def test_a_missing_key_answered_access_denied_reads_as_missing(tenants):
     denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}, "GetObject")
     throttled = ClientError({"Error": {"Code": "SlowDown", "Message": "slow"}}, "GetObject")
     assert _definitive(denied) and not _definitive(throttled)
+
+
+def test_the_functions_reach_this_stacks_sagemaker_jobs_alone(tenants):
+    """Every grant on training and tuning jobs is conditioned on the stack's tag: created only with
+    it, described and stopped only when the job carries it or does not exist (ResourceNotFound, which
+    the launcher and the reconciler read), never another stack's job of the same name prefix."""
+    from shared.training_jobs import STACK_TAG
+
+    region, ours = "us-east-1", permissions.pseudo_parameters("us-east-1")["AWS::StackName"]
+    launcher = permissions.statements_of("LauncherFunction", region)
+    for function in ("ApiFunction", "LauncherFunction", "EventsFunction", "ReconcilerFunction"):
+        for statement in permissions.statements_of(function, region):
+            if any(":training-job/" in str(r) or ":hyper-parameter-tuning-job/" in str(r)
+                   for r in permissions._listed(statement["Resource"])):
+                (_, tests), = statement["Condition"].items()
+                assert set(tests) <= {f"aws:ResourceTag/{STACK_TAG}", f"aws:RequestTag/{STACK_TAG}"}, statement
+                assert set(tests.values()) == {ours}, statement
+
+    def allowed(operation: str, params: dict) -> bool:
+        requests = permissions.requests_of("sagemaker", operation, params, region)
+        return all(permissions.allowed(launcher, r) for r in requests if r.action.startswith("sagemaker:"))
+
+    def create(name: str, stack: str | None) -> dict:
+        tags = [{"Key": "fusion:job-id", "Value": name}] + ([{"Key": STACK_TAG, "Value": stack}] if stack else [])
+        return {"TrainingJobName": name, "RoleArn": "r", "Tags": tags}
+
+    assert allowed("CreateTrainingJob", create("fusion-j-ours", ours))
+    assert not allowed("CreateTrainingJob", create("fusion-j-untagged", None))
+    permissions.requests_of("sagemaker", "CreateTrainingJob", create("fusion-j-theirs", "fusion-other"), region)
+    for operation in ("DescribeTrainingJob", "StopTrainingJob"):
+        assert allowed(operation, {"TrainingJobName": "fusion-j-ours"})
+        assert allowed(operation, {"TrainingJobName": "fusion-j-never-created"})
+        assert not allowed(operation, {"TrainingJobName": "fusion-j-theirs"})
