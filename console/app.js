@@ -367,6 +367,14 @@ async function viewModel(id) {
       : h("p", { class: "empty" }, "None yet."));
 }
 
+// A model picker's options: the models a job may start from, those whose weights are not available
+// shown but disabled; `chosen` (or the first available one) selected.
+function modelOptions(models, chosen) {
+  chosen = chosen || models.find((m) => m.available !== false)?.model_id;
+  return models.map((m) => h("option", { value: m.model_id, selected: m.model_id === chosen, disabled: m.available === false },
+    `${m.model_id} · ${params(m.parameters)} · ${m.depth} layers${m.available === false ? " · not available" : ""}`));
+}
+
 async function viewNewJob(query) {
   const [{ models }, { datasets }, schema] = await Promise.all([api("GET", "/models"), api("GET", "/datasets"),
     schemaOf("TrainSettings")]);
@@ -374,10 +382,8 @@ async function viewNewJob(query) {
   const props = schema.properties;
   const form = h("form", { class: "job", novalidate: true, "aria-label": "New train job" });
   const general = h("p", { class: "error general", role: "alert" });
-  const chosen = query.get("model") || models.find((m) => m.available !== false)?.model_id;
   const modelSelect = h("select", { id: "f-model", name: "model", "aria-describedby": "f-model-error" },
-    models.map((m) => h("option", { value: m.model_id, selected: m.model_id === chosen, disabled: m.available === false },
-      `${m.model_id} · ${params(m.parameters)} · ${m.depth} layers${m.available === false ? " · not available" : ""}`)));
+    modelOptions(models, query.get("model")));
   const datasetSelect = h("select", { id: "f-dataset", name: "dataset", "aria-describedby": "f-dataset-error" },
     ready.map((d) => h("option", { value: d.dataset_id, selected: d.dataset_id === query.get("dataset") }, `${d.name} (${d.dataset_id}) · ${tokens(d.tokens)}`)));
   const contextOf = () => models.find((m) => m.model_id === modelSelect.value)?.config?.context_length;
@@ -698,7 +704,7 @@ const ROUTES = [
   [/^#\/jobs\/([^/]+)$/, (m) => viewJob(decodeURIComponent(m[1]))],
   [/^#\/jobs$/, (m, q) => viewJobs(q)],
   [/^#\/datasets$/, () => viewDatasets()],
-  ...tuneRoutes({ h, link, badge, table, pairs, render, every, debounce, newKey, showError }),
+  ...tuneRoutes({ h, link, badge, table, pairs, render, every, debounce, newKey, showError, modelOptions }),
 ];
 
 async function route() {

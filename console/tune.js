@@ -40,7 +40,7 @@ async function viewTunings(ui) {
   const field = (label, name, attrs = {}) => h("label", {}, label, h("input", { name, ...attrs }));
   const form = h("form", { class: "tune", novalidate: true },
     h("label", {}, "Base model", h("select", { name: "model", required: true },
-      models.filter((m) => m.kind === "base" || m.kind === "imported").map((m) => h("option", { value: m.model_id }, m.model_id)))),
+      ui.modelOptions(models.filter((m) => m.kind === "base" || m.kind === "imported")))),
     h("label", {}, "Dataset", h("select", { name: "dataset", required: true },
       datasets.filter((d) => d.status === "ready").map((d) => h("option", { value: d.dataset_id }, `${d.name} (${d.dataset_id})`)))),
     h("fieldset", {}, h("legend", {}, "Ranges to search (empty: lr 3e-5..1e-3 and turns 1..2)"),

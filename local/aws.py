@@ -24,3 +24,11 @@ class LambdaContext:
 
     def get_remaining_time_in_millis(self) -> int:
         return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+class ApiError(Exception):
+    """An error as a local service's JSON protocol (SageMaker's) returns it: HTTP 400 with the AWS error code."""
+
+    def __init__(self, code: str, message: str, status: int = 400):
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status

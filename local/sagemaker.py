@@ -30,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from local.aws import LOCAL_ACCOUNT
+from local.aws import LOCAL_ACCOUNT, ApiError
 
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 GIB = 1 << 30
@@ -40,14 +40,6 @@ GIB = 1 << 30
 CPU_MEMORY_FACTOR, CPU_MEMORY_BASE = 1.6, GIB // 2
 SYNC_SECONDS = 1.0
 END_STATES = ("Completed", "Failed", "Stopped")
-
-
-class ApiError(Exception):
-    """An error as SageMaker's JSON protocol returns it: HTTP 400 with the AWS error code."""
-
-    def __init__(self, code: str, message: str, status: int = 400):
-        super().__init__(message)
-        self.code, self.message, self.status = code, message, status
 
 
 def _split_s3(uri: str) -> tuple[str, str]:

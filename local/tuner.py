@@ -21,12 +21,13 @@ import threading
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from local.aws import LOCAL_ACCOUNT
+from local.aws import LOCAL_ACCOUNT, ApiError
 
-if TYPE_CHECKING:
-    from local.sagemaker import LocalSageMaker, TrainingJob
+# The service whose tuner this is: local.sagemaker.LocalSageMaker, which calls in here (so this
+# module names it only in words, and imports run one way).
+Service = Any
 
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,31}$")
 POLL_SECONDS = 0.2
@@ -69,9 +70,7 @@ class TuningJob:
         return self.config["HyperParameterTuningJobObjective"]["Type"] == "Minimize"
 
 
-def create(service: "LocalSageMaker", request: dict[str, Any]) -> dict[str, Any]:
-    from local.sagemaker import ApiError
-
+def create(service: Service, request: dict[str, Any]) -> dict[str, Any]:
     for required in ("HyperParameterTuningJobName", "HyperParameterTuningJobConfig", "TrainingJobDefinition"):
         if required not in request:
             raise ApiError("ValidationException", f"1 validation error detected: Value null at '{required}' "
@@ -97,9 +96,7 @@ def create(service: "LocalSageMaker", request: dict[str, Any]) -> dict[str, Any]
     return {"HyperParameterTuningJobArn": tuning.arn}
 
 
-def _tuning(service: "LocalSageMaker", name: str) -> TuningJob:
-    from local.sagemaker import ApiError
-
+def _tuning(service: Service, name: str) -> TuningJob:
     with service.lock:
         tuning = service.tunings.get(name)
     if tuning is None:
@@ -107,7 +104,7 @@ def _tuning(service: "LocalSageMaker", name: str) -> TuningJob:
     return tuning
 
 
-def describe(service: "LocalSageMaker", request: dict[str, Any]) -> dict[str, Any]:
+def describe(service: Service, request: dict[str, Any]) -> dict[str, Any]:
     tuning = _tuning(service, request.get("HyperParameterTuningJobName", ""))
     summaries = _summaries(service, tuning)
     counters = {"Completed": 0, "InProgress": 0, "RetryableError": 0, "NonRetryableError": 0, "Stopped": 0}
@@ -138,7 +135,7 @@ def describe(service: "LocalSageMaker", request: dict[str, Any]) -> dict[str, An
     return out
 
 
-def list_trials(service: "LocalSageMaker", request: dict[str, Any]) -> dict[str, Any]:
+def list_trials(service: Service, request: dict[str, Any]) -> dict[str, Any]:
     tuning = _tuning(service, request.get("HyperParameterTuningJobName", ""))
     summaries = _summaries(service, tuning)
     if "StatusEquals" in request:
@@ -151,9 +148,7 @@ def list_trials(service: "LocalSageMaker", request: dict[str, Any]) -> dict[str,
     return page
 
 
-def stop(service: "LocalSageMaker", request: dict[str, Any]) -> dict[str, Any]:
-    from local.sagemaker import ApiError
-
+def stop(service: Service, request: dict[str, Any]) -> dict[str, Any]:
     tuning = _tuning(service, request.get("HyperParameterTuningJobName", ""))
     with service.lock:
         if tuning.status != "InProgress":
@@ -165,7 +160,7 @@ def stop(service: "LocalSageMaker", request: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _summaries(service: "LocalSageMaker", tuning: TuningJob) -> list[dict[str, Any]]:
+def _summaries(service: Service, tuning: TuningJob) -> list[dict[str, Any]]:
     out = []
     for name in list(tuning.trials):
         job = service.jobs.get(name)
@@ -236,9 +231,7 @@ def should_stop(values: list[float], earlier: list[list[float]], minimize: bool)
     return mine > median if minimize else mine < median
 
 
-def _run(service: "LocalSageMaker", tuning: TuningJob) -> None:
-    from local.sagemaker import ApiError
-
+def _run(service: Service, tuning: TuningJob) -> None:
     config, definition = tuning.config, tuning.request["TrainingJobDefinition"]
     limits = config["ResourceLimits"]
     total = int(limits.get("MaxNumberOfTrainingJobs", 1))
@@ -247,7 +240,7 @@ def _run(service: "LocalSageMaker", tuning: TuningJob) -> None:
     plan = draws(config.get("ParameterRanges", {}), total, rng)
     early = config.get("TrainingJobEarlyStoppingType", "Off") == "Auto"
     _emit(service, tuning)
-    running: list[TrainingJob] = []
+    running: list[Any] = []  # local.sagemaker.TrainingJob
     started = 0
     try:
         while True:
@@ -300,14 +293,14 @@ def _run(service: "LocalSageMaker", tuning: TuningJob) -> None:
     _emit(service, tuning)
 
 
-def _stop_trial(service: "LocalSageMaker", name: str, api_error: type) -> None:
+def _stop_trial(service: Service, name: str, api_error: type) -> None:
     try:
         service.stop_training_job({"TrainingJobName": name})
     except api_error:  # already ending
         pass
 
 
-def _emit(service: "LocalSageMaker", tuning: TuningJob) -> None:
+def _emit(service: Service, tuning: TuningJob) -> None:
     import sys
 
     detail = describe(service, {"HyperParameterTuningJobName": tuning.name})

@@ -11,11 +11,9 @@ import json
 from typing import Any
 
 from shared.budgets import budget_of, check_budget
-from shared.datasets import parse_dataset_key
-from shared.datasets import data_warnings
+from shared.datasets import data_warnings, dataset_replaced, parse_dataset_key
 from shared.errors import JobError, describe_error, invalid, not_found
 from shared.events import announce
-from shared.launching import dataset_replaced
 from shared.lifecycle import NO_CHARGE, new_job_id
 from shared.memory import DoesNotFit
 from shared.pricing import Estimate, estimate_contract, estimate_train

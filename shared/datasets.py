@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.conversations import CHAT, DEFAULT_CHAT_TEMPLATE, TEXT, ConversationError, conversation, record_kind, rendered_turns
 from shared.settings import MAX_SEQ_LEN, NAME_PATTERN, NAME_RULE
-from shared.store import Datasets, now
+from shared.store import Datasets, missing_object, now
 from shared.tenancy import data_prefix, owner_of_key
 
 FILE_NAMES = {"jsonl": "data.jsonl", "text": "data.txt"}
@@ -293,3 +293,28 @@ def register(datasets: Datasets, owner: str, request: CreateDatasetRequest, buck
                "s3_uri": f"s3://{bucket}/{dataset_key(owner, dataset_id, request.format)}", "created_at": now()}
     datasets.register(dataset)
     return dataset
+
+
+def dataset_replaced(s3: Any, job: dict[str, Any]) -> str | None:
+    """Why the job's dataset is no longer the object its check admitted, or None when it still is
+    (or the job trains on an S3 URI, which no check pinned). A job never trains on bytes nobody
+    checked: the launcher refuses it instead."""
+    from botocore.exceptions import ClientError
+
+    from shared.outputs import split_s3
+
+    for field in ("dataset", "validation_dataset"):  # the training data, and the validation set if any
+        pin = job.get(f"{field}_pin")
+        if not pin:
+            continue
+        bucket, key = split_s3(job[f"{field}_uri"])
+        try:
+            head = s3.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if missing_object(exc):
+                return f"dataset {job[field]!r} was deleted after its check"
+            raise
+        if head.get("ETag") != pin["etag"] or (pin.get("version_id") and head.get("VersionId") != pin["version_id"]):
+            return (f"dataset {job[field]!r} was replaced after its check (a second upload); a job trains only "
+                    "on the data that was checked: register the dataset again and upload it once")
+    return None

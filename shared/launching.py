@@ -18,8 +18,8 @@ from aws_lambda_powertools import Logger
 
 from shared.events import announce
 from shared.lifecycle import NO_CHARGE, UNLAUNCHED_STATUSES, is_tuning
-from shared.outputs import split_s3
-from shared.store import ConditionFailed, Jobs, missing_object
+from shared.datasets import dataset_replaced
+from shared.store import ConditionFailed, Jobs
 from shared.telemetry import job_ended, job_launched, launch_retried
 from shared.training_jobs import (
     LaunchConfig,
@@ -151,26 +151,3 @@ def _fail(job_id: str, reason: str, *, jobs: Jobs, bus: Any) -> None:
     logger.error("launch failed", extra={"job_id": job_id, "reason": reason})
     job_ended(job)
     announce(job, jobs=jobs, bus=bus)
-
-
-def dataset_replaced(s3: Any, job: dict[str, Any]) -> str | None:
-    """Why the job's dataset is no longer the object its check admitted, or None when it still is
-    (or the job trains on an S3 URI, which no check pinned). A job never trains on bytes nobody
-    checked: the launcher refuses it instead."""
-    from botocore.exceptions import ClientError
-
-    for field in ("dataset", "validation_dataset"):  # the training data, and the validation set if any
-        pin = job.get(f"{field}_pin")
-        if not pin:
-            continue
-        bucket, key = split_s3(job[f"{field}_uri"])
-        try:
-            head = s3.head_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            if missing_object(exc):
-                return f"dataset {job[field]!r} was deleted after its check"
-            raise
-        if head.get("ETag") != pin["etag"] or (pin.get("version_id") and head.get("VersionId") != pin["version_id"]):
-            return (f"dataset {job[field]!r} was replaced after its check (a second upload); a job trains only "
-                    "on the data that was checked: register the dataset again and upload it once")
-    return None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import datetime, timezone
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Literal
 
@@ -210,7 +211,7 @@ def price(request: TuningRequest, base: ModelConfig, searched: dict[str, LogRang
 
 
 def resolve_tuning(request: TuningRequest, owner: str, *, catalog: Catalog, datasets: Datasets, data_bucket: str,
-                   tuning_id: str | None = None) -> dict[str, Any]:
+                   s3: Any, tuning_id: str | None = None) -> dict[str, Any]:
     """Check a tuning against the catalog, the caller's data and its budget_usd, and price it: the
     record, not yet stored. Raises JobError for anything the caller got wrong; nothing is written."""
     from shared.admission import resolve
@@ -220,7 +221,8 @@ def resolve_tuning(request: TuningRequest, owner: str, *, catalog: Catalog, data
     top = dearest(request.settings, searched)
     as_job = TrainJobRequest(type="train", model=request.model, dataset=request.dataset, hyperparams=top)
     try:  # the dearest trial's full run: the catalog, seq_len against the context, the dataset, the memory plan
-        job = resolve(as_job, owner, catalog=catalog, datasets=datasets, data_bucket=data_bucket, job_id=tuning_id)
+        job = resolve(as_job, owner, catalog=catalog, datasets=datasets, data_bucket=data_bucket, s3=s3,
+                      job_id=tuning_id)
     except JobError as error:
         for detail in error.details:
             detail["field"] = detail["field"].replace("hyperparams.", "settings.", 1)
@@ -467,12 +469,18 @@ def follow_tuning(detail: dict[str, Any], *, jobs: Jobs, sagemaker: Any, s3: Any
     return changed
 
 
-def reconcile_tunings(*, jobs: Jobs, sagemaker: Any, s3: Any, bus: Any, artifacts_bucket: str) -> dict[str, Any]:
+def reconcile_tunings(*, jobs: Jobs, sagemaker: Any, s3: Any, bus: Any, artifacts_bucket: str,
+                      at: datetime | None = None) -> dict[str, Any]:
     """The reconciler's pass over the tunings in flight: each compared with DescribeHyperParameterTuningJob
-    and, where the tuner says more than the tuning knows, followed as the event that state stands for."""
+    and, where the tuner says more than the tuning knows, followed as the event that state stands for.
+    A tuning launching for too long with no tuning job is failed, as a job is (fail_unlaunched); the
+    summary has the keys of shared.state_changes.reconcile_in_flight's."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    summary = {"checked": 0, "moved": [], "not_created": 0, "errors": 0}
+    from shared.state_changes import fail_unlaunched
+
+    at = at or datetime.now(timezone.utc)
+    summary = {"checked": 0, "moved": [], "not_created": 0, "errors": 0, "unlaunched": []}
     for item in jobs.in_flight():
         if not is_tuning(item["job_id"]):
             continue
@@ -488,7 +496,10 @@ def reconcile_tunings(*, jobs: Jobs, sagemaker: Any, s3: Any, bus: Any, artifact
                                     artifacts_bucket=artifacts_bucket)
         except ClientError as exc:
             if exc.response["Error"].get("Code") in NO_SUCH_TRAINING_JOB:
-                summary["not_created"] += 1
+                if item["status"] == "launching" and fail_unlaunched(item["job_id"], jobs=jobs, bus=bus, at=at):
+                    summary["unlaunched"].append(item["job_id"])
+                else:
+                    summary["not_created"] += 1  # still launching: the launch queue holds its message
             else:
                 summary["errors"] += 1
             continue

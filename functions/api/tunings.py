@@ -39,7 +39,7 @@ def public(job: dict[str, Any]) -> Tuning:
 def _resolve(request: TuningRequest) -> dict[str, Any]:
     try:
         return resolve_tuning(request, context.tenant(router), catalog=context.catalog(), datasets=context.datasets(),
-                              data_bucket=context.env("DATA_BUCKET"))
+                              data_bucket=context.env("DATA_BUCKET"), s3=context.objects())
     except JobError:
         job_refused()
         raise
@@ -127,7 +127,7 @@ def promote(
     def create() -> dict[str, Any]:
         try:
             job = resolve(as_job, owner, catalog=context.catalog(), datasets=context.datasets(),
-                          data_bucket=context.env("DATA_BUCKET"))
+                          data_bucket=context.env("DATA_BUCKET"), s3=context.objects())
         except JobError:
             job_refused()
             raise

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import boto3
+
 from playwright.sync_api import expect
 
 from shared.store import Catalog, Datasets, Jobs
@@ -31,7 +33,8 @@ def test_tune_page_prices_starts_and_promotes(tab, stack, dataset_id):
     # A tuning that has ended, its trials ranked: shown best first, the best promoted in one click.
     record = resolve_tuning(TuningRequest(model="base-debug", dataset=dataset_id, settings={"seq_len": 64},
                                           ranges={"lr": {"min": 1e-4, "max": 1e-2}}, max_trials=2),
-                            "local", catalog=Catalog(), datasets=Datasets(), data_bucket=stack.env["DATA_BUCKET"])
+                            "local", catalog=Catalog(), datasets=Datasets(), data_bucket=stack.env["DATA_BUCKET"],
+                            s3=boto3.client("s3"))
     name = f"fusion-{record['job_id']}"
     trials = [{"name": f"{name}-001-aaaaaaaa", "status": "completed", "early_stopped": False, "settings": {"lr": 3e-3},
                "perplexity": 41.5, "curve": [60.0, 41.5], "tokens_trained": 640, "cost": "0.000256"},

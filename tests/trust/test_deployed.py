@@ -324,7 +324,7 @@ def test_only_the_events_rules_may_dead_letter_and_failed_async_invocations_are_
     sources = statement["Condition"]["ArnEquals"]["aws:SourceArn"]
     rules = {name for name, r in resources.items() if r["Type"] == "AWS::Events::Rule"
              and any(t["Arn"] == {"Ref": "EventsFunctionAliaslive"} for t in r["Properties"]["Targets"])}
-    assert {s["Fn::GetAtt"][0] for s in sources} == rules and len(rules) == 2
+    assert {s["Fn::GetAtt"][0] for s in sources} == rules and len(rules) == 3  # training and tuning job state changes, jobs requested
     invoke = next(r["Properties"] for r in resources.values() if r["Type"] == "AWS::Lambda::EventInvokeConfig"
                   and r["Properties"]["FunctionName"] == {"Ref": "EventsFunction"})
     assert invoke["MaximumRetryAttempts"] == 2
