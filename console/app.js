@@ -304,7 +304,9 @@ async function viewModel(id) {
     ["Perplexity", "perplexity", fixed], ["Cost", "cost", money],
     ["Context length", "context_length", (x) => grouped(x)]].map(([label, key, show]) => {
     const mine = key === "context_length" ? model.config?.context_length : model[key];
-    const theirs = key === "context_length" ? parent?.config?.context_length : parent?.[key];
+    // A contracted model's parent was measured by its contract job on the same windows: that figure compares.
+    const theirs = key === "context_length" ? parent?.config?.context_length
+      : key === "perplexity" && model.parent_perplexity != null ? model.parent_perplexity : parent?.[key];
     return h("tr", {}, h("th", { scope: "row" }, label), h("td", { class: "num", "data-key": key }, show(mine)),
       parent ? h("td", { class: "num" }, show(theirs)) : null);
   });
@@ -313,7 +315,8 @@ async function viewModel(id) {
     model.kind !== "base" ? link(`#/models/${encodeURIComponent(model.model_id)}/contract`, "Contract this model", { class: "button secondary" }) : null);
   render(model.name || model.model_id,
     pairs([["Model", model.model_id], ["Kind", model.kind], ["Parent", modelLink(model.parent_id)],
-      ["Produced by job", jobLink(model.job_id)], ["Dataset", model.dataset || "–"], ["Created", when(model.created_at)],
+      ["Produced by job", jobLink(model.job_id)], ["Dataset", model.dataset || "–"],
+      ["Perplexity measured on", measuredOn(model)], ["Created", when(model.created_at)],
       await downloadLink(model)]),
     actions,
     h("h2", {}, parent ? "Metrics, next to its parent's" : "Metrics"),
@@ -431,6 +434,14 @@ function cancelDialog(job, onDone) {
   dialog.showModal();
 }
 
+// Which windows a catalog perplexity was measured on: its dataset, split, count and seq_len (from the API).
+function measuredOn(model) {
+  const on = model.perplexity_measured_on;
+  if (!on) return "–";
+  const which = on.split === "heldout" ? "held-out windows" : "windows sampled from all";
+  return `${grouped(on.windows)} ${which} of ${grouped(on.seq_len)} tokens of ${on.dataset || "–"}`;
+}
+
 async function contractResult(job) {
   if (job.type !== "contract" || job.status !== "completed" || !job.output_model_id) return null;
   const [before, after] = await Promise.all([api("GET", `/models/${encodeURIComponent(job.model)}`),
@@ -439,8 +450,9 @@ async function contractResult(job) {
     h("tr", {}, h("th", { scope: "row" }, "Model"), h("td", {}, modelLink(before.model_id)), h("td", {}, modelLink(after.model_id))),
     h("tr", {}, h("th", { scope: "row" }, "Parameters"), h("td", { class: "num" }, params(before.parameters)), h("td", { class: "num", "data-key": "after-parameters" }, params(after.parameters))),
     h("tr", {}, h("th", { scope: "row" }, "Depth"), h("td", { class: "num" }, before.depth), h("td", { class: "num" }, after.depth)),
-    h("tr", {}, h("th", { scope: "row" }, "Perplexity"), h("td", { class: "num" }, fixed(before.perplexity)), h("td", { class: "num", "data-key": "after-perplexity" }, fixed(after.perplexity))),
-  ], { "aria-label": "Before and after" })];
+    h("tr", {}, h("th", { scope: "row" }, "Perplexity"), h("td", { class: "num" }, fixed(after.parent_perplexity ?? before.perplexity)), h("td", { class: "num", "data-key": "after-perplexity" }, fixed(after.perplexity))),
+  ], { "aria-label": "Before and after" }),
+  after.perplexity_measured_on ? h("p", { class: "muted" }, `Both perplexities on ${measuredOn(after)}.`) : null];
 }
 
 async function viewJob(id) {

@@ -163,11 +163,12 @@ def _pairs(rows: list[tuple[str, str]]) -> Table:
 
 
 def models_table(models: list[CatalogModel]) -> Table:
-    table = _table("MODEL", "NAME", "KIND", "PARAMETERS", "DEPTH", "PERPLEXITY", "COST", "PARENT",
+    table = _table("MODEL", "NAME", "KIND", "PARAMETERS", "DEPTH", "PERPLEXITY", "MEASURED ON", "COST", "PARENT",
                    right=("PARAMETERS", "DEPTH", "PERPLEXITY", "COST"))
     for m in models:
+        on = m.perplexity_measured_on
         table.add_row(m.model_id, m.name or "-", m.kind, human(m.parameters), str(m.depth or "-"),
-                      number(m.perplexity), money(m.cost), m.parent_id or "-")
+                      number(m.perplexity), on.short() if on else "-", money(m.cost), m.parent_id or "-")
     return table
 
 
@@ -224,7 +225,7 @@ def model_table(model: CatalogModel) -> Table:
     rows = [("model", model.model_id), ("name", model.name or "-"), ("kind", model.kind), ("owner", model.owner),
             ("parent", model.parent_id or "-"), ("job", model.job_id or "-"),
             ("parameters", f"{human(model.parameters)} ({model.parameters or 0:,})"),
-            ("depth", str(model.depth or "-")), ("perplexity", number(model.perplexity)), ("cost", money(model.cost)),
+            ("depth", str(model.depth or "-")), ("perplexity", _perplexity(model)), ("cost", money(model.cost)),
             ("dataset", model.dataset or "-"), ("artifact", model.artifact_uri or "-"), ("created", model.created_at)]
     if model.status != "ready":
         rows.append((model.status, model.reason or "-"))
@@ -234,6 +235,16 @@ def model_table(model: CatalogModel) -> Table:
         rows.append(("shape", f"dim {config.dim}, vocab {config.vocab_size}, context {config.context_length}, "
                               "layers (heads/kv/mlp): " + ", ".join(f"{h}/{k}/{m}" for h, k, m in shapes)))
     return _pairs(rows)
+
+
+def _perplexity(model: CatalogModel) -> str:
+    """The model's perplexity with the windows it was measured on, and its parent's on the same ones."""
+    text = number(model.perplexity)
+    if model.perplexity_measured_on is not None:
+        text += f" on {model.perplexity_measured_on.describe()}"
+    if model.parent_perplexity is not None:
+        text += f"; its parent {number(model.parent_perplexity)} on the same windows"
+    return text
 
 
 def progress_line(p: contracts.Progress) -> str:

@@ -117,6 +117,18 @@ LogRecord = Annotated[Union[StepRecord, EvalRecord], Field(discriminator="kind")
 LOG_RECORD = TypeAdapter(LogRecord)
 
 
+class Windows(BaseModel):
+    """The token windows a perplexity was measured on. Two perplexities compare only when their
+    windows agree: the same dataset, tokenizer and seq_len give the same windows and the same digest."""
+
+    model_config = CONTRACT
+
+    split: Literal["heldout", "all"]  # the dataset's held-out windows, or a sample of all its windows
+    windows: Count
+    seq_len: Count
+    sha256: str  # of the windows' token ids, in order
+
+
 class _Outcome(BaseModel):
     model_config = CONTRACT
 
@@ -132,6 +144,7 @@ class _Outcome(BaseModel):
     wall_time_s: float
     cycles: list[Cycle]
     final_perplexity: float | None
+    heldout: Windows | None = None  # where final_perplexity was measured (None: a job from before it was said)
 
 
 class TrainMetrics(_Outcome):
@@ -148,7 +161,7 @@ class ContractMetrics(_Outcome):
     layers_contracted: list[str]
     contraction_ratio: float
     block_influence: dict[str, float]
-    perplexity_before: float
+    perplexity_before: float  # the source's, on the same windows as the pruned and healed model's
     perplexity_after_pruning: float
     perplexity_after_healing: float | None
     # Whether model/ holds the healed weights (final_perplexity is then perplexity_after_healing);

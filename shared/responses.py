@@ -117,6 +117,27 @@ class Curve(_Body):
 # --- models ------------------------------------------------------------------------------------
 
 
+class MeasuredOn(_Body):
+    """The windows a perplexity was measured on; two perplexities compare only on the same ones."""
+
+    dataset: str | None = Field(description="The dataset id or S3 URI the windows come from.")
+    split: Literal["heldout", "all"] = Field(
+        description="heldout: the dataset's held-out windows (a seeded 5% at this seq_len, the ones a train job "
+        "at this seq_len never trains on); all: a seeded sample of all its windows.")
+    windows: int = Field(description="How many windows.")
+    seq_len: int = Field(description="Tokens predicted per window (each window holds seq_len + 1 tokens).")
+    sha256: str = Field(description="Digest of the windows' token ids: equal digests, the very same tokens.")
+
+    def short(self) -> str:
+        """In a table cell: `<split> <windows>x<seq_len> <dataset>`."""
+        return f"{self.split} {self.windows}x{self.seq_len} {self.dataset or '-'}"
+
+    def describe(self) -> str:
+        """In a sentence: which windows, of which dataset, at which seq_len."""
+        which = "held-out windows" if self.split == "heldout" else "windows sampled from all"
+        return f"{self.windows} {which} of {self.seq_len} tokens of {self.dataset or '-'} (sha256 {self.sha256[:12]})"
+
+
 class CatalogModel(_Body):
     """A catalog entry: a public base model, a model a job made, or a folder the caller registered."""
 
@@ -134,7 +155,12 @@ class CatalogModel(_Body):
     family: str | None = None
     context_length: int | None = None
     dtype: str | None = None
-    perplexity: float | None = None
+    perplexity: float | None = Field(default=None, description="Held-out perplexity, on perplexity_measured_on.")
+    perplexity_measured_on: MeasuredOn | None = Field(
+        default=None, description="The dataset, windows and seq_len of perplexity (absent for models made before "
+        "it was recorded, and for base and registered models, which no job measured).")
+    parent_perplexity: float | None = Field(
+        default=None, description="A contracted model's parent, measured by the contract job on the same windows.")
     artifact_uri: str | None = None
     cost: Decimal | None = None
     config: ModelConfig | None = None

@@ -41,13 +41,21 @@ def model_id_for(job_id: str) -> str:
     return f"m-{job_id}"
 
 
+def measured_on(job: dict[str, Any], metrics: Metrics) -> dict[str, Any] | None:
+    """Where the job measured its perplexities: its dataset and the windows its metrics name."""
+    if metrics.heldout is None:
+        return None
+    return {"dataset": job.get("dataset"), **metrics.heldout.model_dump(mode="json")}
+
+
 def catalog_entry(job: dict[str, Any], metrics: Metrics, artifact_uri: str, cost: Decimal) -> dict[str, Any]:
     config = metrics.config
+    contracted = job["type"] == "contract"
     return {
         "model_id": model_id_for(job["job_id"]),
         "name": job["settings"]["output_name"],
         "owner": job["owner"],
-        "kind": "trained" if job["type"] == "train" else "contracted",
+        "kind": "contracted" if contracted else "trained",
         "parent_id": job["model"],
         "job_id": job["job_id"],
         "parameters": config.parameters(),
@@ -55,6 +63,9 @@ def catalog_entry(job: dict[str, Any], metrics: Metrics, artifact_uri: str, cost
         "family": config.family,
         "context_length": config.context_length,
         "perplexity": metrics.final_perplexity,
+        "perplexity_measured_on": measured_on(job, metrics),
+        # A contracted model's parent, measured by the same job on the same windows: the pair compares.
+        "parent_perplexity": metrics.perplexity_before if metrics.job_type == "contract" else None,
         "artifact_uri": artifact_uri,
         "cost": str(cost),
         "config": config.model_dump(mode="json"),

@@ -39,6 +39,7 @@ from training_image.contract import (
     contract_blocks,
 )
 from training_image.evaluate import heldout_loss
+from training_image.evaluation import measured_on
 from training_image.growth import grow, sources as growth_sources
 from training_image.model import Decoder
 from training_image.modeldir import load_model_dir, open_model_dir
@@ -134,6 +135,7 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, la
         sequences_per_step=plan.batch_size,
         cycles=state.cycles,
         final_perplexity=state.cycles[-1]["perplexity"] if state.cycles else None,
+        heldout=measured_on(heldout_windows, "heldout"),
     )
     _write_outputs(root, model, tokenizer, metrics)
     return metrics
@@ -196,6 +198,7 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
         wall_time_s=round(time.monotonic() - started, 2),
         cycles=cycles,
         final_perplexity=healed if kept else pruned,
+        heldout=measured_on(heldout_windows, "heldout"),
         layers_contracted=chosen,
         contraction_ratio=settings.contraction_ratio,
         block_influence=influence,
