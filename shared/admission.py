@@ -15,11 +15,12 @@ from shared.errors import JobError, describe_error, invalid, not_found
 from shared.events import announce
 from shared.lifecycle import NO_CHARGE, new_job_id
 from shared.memory import DoesNotFit
-from shared.pricing import Estimate, estimate_contract, estimate_train
+from shared.pricing import Estimate, estimate_contract, estimate_evaluate, estimate_train
 from shared.settings import (
     JOB_REQUEST,
     ContractJobRequest,
     ContractSettings,
+    EvaluateJobRequest,
     TrainJobRequest,
     TrainSettings,
     default_output_name,
@@ -31,7 +32,7 @@ from shared.tenancy import InvalidTenant, check_tenant, encode_tenant
 
 
 def resolve(
-    request: TrainJobRequest | ContractJobRequest,
+    request: TrainJobRequest | ContractJobRequest | EvaluateJobRequest,
     owner: str,
     *,
     catalog: Catalog,
@@ -44,6 +45,9 @@ def resolve(
     Raises JobError for anything the caller got wrong; nothing is written.
     """
     job_id = job_id or new_job_id()
+    if isinstance(request, EvaluateJobRequest):
+        return _resolve_evaluation(request, owner, catalog=catalog, datasets=datasets, data_bucket=data_bucket,
+                                   job_id=job_id)
     if isinstance(request, TrainJobRequest):
         base = catalog.get(request.model, owner)
         if base is None:
@@ -105,6 +109,51 @@ def resolve(
         "dataset_uri": dataset_uri,
         "dataset_pin": pinned,
         "input_model_uri": base["artifact_uri"],
+    }
+
+
+def _resolve_evaluation(request: EvaluateJobRequest, owner: str, *, catalog: Catalog, datasets: Datasets,
+                        data_bucket: str, job_id: str) -> dict[str, Any]:
+    """An evaluate job: every model the caller may see (theirs or a base model), ready, and with a
+    context at least seq_len long; each model's artifact is an input channel of the training job."""
+    settings = request.hyperparams
+    models = []
+    for index, model_id in enumerate(settings.model_ids):
+        field_name = f"hyperparams.model_ids.{index}"
+        model = catalog.get(model_id, owner)
+        if model is None:
+            raise not_found("model", field_name, model_id)
+        if model.get("status", "ready") != "ready" or not model.get("artifact_uri"):
+            raise invalid(field_name, f"{model_id} is {model.get('status', 'not ready')}: {model.get('reason')}")
+        config = ModelConfig.model_validate(model["config"])
+        if settings.seq_len > config.context_length:
+            raise invalid("hyperparams.seq_len", f"seq_len={settings.seq_len} exceeds the context length "
+                                                 f"{config.context_length} of {model_id}")
+        models.append((model, config))
+    estimate = _planned(lambda: estimate_evaluate(settings, [config for _, config in models]), "hyperparams.model_ids")
+    dataset_uri, pinned = resolve_dataset(request.dataset, owner, datasets=datasets, data_bucket=data_bucket)
+    created = now()
+    return {
+        "job_id": job_id,
+        "type": request.type,
+        "status": "queued",
+        "owner": owner,
+        "model": None,  # an evaluation has no one model: it measures `models`
+        "models": list(settings.model_ids),
+        "dataset": request.dataset,
+        "settings": settings.model_dump(mode="json"),
+        "estimate": estimate.model_dump(mode="json"),
+        "warnings": settings.warnings(),
+        "training_job_name": None,
+        "output_model_id": None,
+        "failure_reason": None,
+        "progress": None,
+        "bill": None,
+        "created_at": created,
+        "updated_at": created,
+        "dataset_uri": dataset_uri,
+        "dataset_pin": pinned,
+        "input_model_uris": [model["artifact_uri"] for model, _ in models],
     }
 
 
@@ -175,7 +224,7 @@ def admit(job: dict[str, Any], *, jobs: Jobs, tenants: Tenants, sqs: Any, queue_
     return job
 
 
-def accept(request: TrainJobRequest | ContractJobRequest, owner: str, *, catalog: Catalog, datasets: Datasets,
+def accept(request: TrainJobRequest | ContractJobRequest | EvaluateJobRequest, owner: str, *, catalog: Catalog, datasets: Datasets,
            data_bucket: str, jobs: Jobs, tenants: Tenants, sqs: Any, queue_url: str,
            job_id: str | None = None) -> dict[str, Any]:
     """A request to create a job, resolved and admitted: the accepted job, or JobError saying why not."""

@@ -18,10 +18,17 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from shared.memory import Layout
-from shared.settings import ContractSettings, TrainSettings, from_hyperparameters, to_hyperparameters
+from shared.settings import (
+    SETTINGS_BY_TYPE,
+    ContractSettings,
+    EvaluateSettings,
+    TrainSettings,
+    from_hyperparameters,
+    to_hyperparameters,
+)
 from shared.shapes import ModelConfig
 
-JobType = Literal["train", "contract"]
+JobType = Literal["train", "contract", "evaluate"]
 # Written by one side and read by the other: nothing unknown, nothing coerced (a JSON true is no count).
 CONTRACT = ConfigDict(extra="forbid", strict=True, frozen=True)
 Count = Annotated[int, Field(ge=0)]
@@ -34,12 +41,12 @@ class Hyperparameters(BaseModel):
 
     job_type: JobType
     job_id: str
-    settings: TrainSettings | ContractSettings
+    settings: TrainSettings | ContractSettings | EvaluateSettings
     layout: Layout = Layout()
 
     @model_validator(mode="after")
     def _settings_of_the_type(self) -> "Hyperparameters":
-        expected = TrainSettings if self.job_type == "train" else ContractSettings
+        expected = SETTINGS_BY_TYPE[self.job_type]
         if not isinstance(self.settings, expected):
             raise ValueError(f"a {self.job_type} job takes {expected.__name__}")
         return self
@@ -170,7 +177,39 @@ class ContractMetrics(_Outcome):
     healing_kept: bool | None
 
 
-Metrics = Annotated[Union[TrainMetrics, ContractMetrics], Field(discriminator="job_type")]
+class Evaluated(BaseModel):
+    """One model's row of an evaluation: its loss on the windows the row names."""
+
+    model_config = CONTRACT
+
+    model_id: str
+    parameters: Count
+    windows: Windows
+    target_tokens: Count  # the tokens scored: every predicted token, or only the assistant's on chat data
+    loss: float  # mean cross-entropy over target_tokens (nats)
+    perplexity: float  # exp(loss)
+    # Chat data: the loss on the assistant's tokens only (targets of the other roles are ignored); else None.
+    assistant_loss: float | None = None
+
+
+class EvaluateMetrics(BaseModel):
+    """metrics.json of an evaluate job: every model measured on the same windows of one dataset.
+    Models that share a tokenizer share the windows (equal windows.sha256); models with another
+    tokenizer cut the same text into other tokens, so their rows compare with each other only."""
+
+    model_config = CONTRACT
+
+    job_id: str
+    job_type: Literal["evaluate"]
+    seq_len: Count
+    split: Literal["heldout", "all"]
+    rows: list[Evaluated]
+    evaluated_tokens: Count  # forward tokens over all models: what the job is billed for
+    wall_time_s: float
+    training_tokens: Literal[0] = 0  # an evaluation trains nothing
+
+
+Metrics = Annotated[Union[TrainMetrics, ContractMetrics, EvaluateMetrics], Field(discriminator="job_type")]
 METRICS = TypeAdapter(Metrics)
 
 

@@ -16,13 +16,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.contracts import EvalRecord, Progress, StepRecord
+from shared.contracts import EvalRecord, Evaluated, Progress, StepRecord
 from shared.pricing import Estimate
 from shared.shapes import ModelConfig
 from shared.lifecycle import STATUS_RANK
 
 JobStatus = Literal[tuple(STATUS_RANK)]
-JobType = Literal["train", "contract"]
+JobType = Literal["train", "contract", "evaluate"]
 DatasetStatus = Literal["pending", "ready", "rejected"]
 ModelKind = Literal["base", "trained", "contracted", "imported"]
 
@@ -54,6 +54,17 @@ class ErrorResponse(_Body):
 # --- jobs --------------------------------------------------------------------------------------
 
 
+class EvaluationTable(_Body):
+    """An evaluate job's result: each model on the same windows of one dataset at one seq_len."""
+
+    dataset: str | None
+    split: Literal["heldout", "all"]
+    seq_len: int
+    evaluated_tokens: int = Field(description="Forward tokens over all models: what the job was billed for.")
+    rows: list[Evaluated] = Field(description="One row per model, in the order asked. Rows with the same "
+                                  "windows.sha256 were measured on the very same tokens and compare directly.")
+
+
 class Job(_Body):
     """A job as its owner sees it."""
 
@@ -61,7 +72,8 @@ class Job(_Body):
     type: JobType
     status: JobStatus
     owner: str
-    model: str = Field(description="The base model trained, or the model contracted.")
+    model: str | None = Field(description="The base model trained, or the model contracted (none for an evaluation).")
+    models: list[str] | None = Field(default=None, description="An evaluation's models, in order.")
     dataset: str | None = Field(description="The dataset id or S3 URI it trains or calibrates on.")
     settings: dict[str, Any] = Field(description="The job's settings with every default filled in.")
     estimate: Estimate
@@ -72,6 +84,7 @@ class Job(_Body):
     progress: Progress | None = Field(
         default=None, description="While it runs: the trainer's latest progress (turn, cycle, step, loss, eta).")
     bill: Decimal | None = Field(description="Once ended: what it cost (never more than the estimate's total).")
+    evaluation: EvaluationTable | None = Field(default=None, description="A completed evaluation's table.")
     created_at: str
     updated_at: str
 
@@ -95,7 +108,7 @@ class Quote(_Body):
     """A priced job not created: what it would run, cost and take, and whether the budget lets it."""
 
     type: JobType
-    model: str
+    model: str | None
     dataset: str | None
     settings: dict[str, Any]
     estimate: QuotedEstimate

@@ -10,12 +10,12 @@ from typing import Any
 
 from aws_lambda_powertools import Logger
 
-from shared.contracts import Metrics
+from shared.contracts import EvaluateMetrics, Metrics
 from shared.events import announce
 from shared.lifecycle import END_STATUSES, NO_CHARGE
 from shared.outputs import read_metrics, read_progress
 from shared.pricing import Estimate, bill
-from shared.store import Catalog, ConditionFailed, Jobs, missing_object, now
+from shared.store import Catalog, ConditionFailed, Jobs, evaluation_column, missing_object, now
 from shared.telemetry import job_ended
 from shared.training_jobs import NO_SUCH_TRAINING_JOB, job_id_of, training_job_name
 
@@ -72,6 +72,12 @@ def catalog_entry(job: dict[str, Any], metrics: Metrics, artifact_uri: str, cost
         "dataset": job.get("dataset"),
         "created_at": now(),
     }
+
+
+def evaluation_table(job: dict[str, Any], metrics: EvaluateMetrics) -> dict[str, Any]:
+    """An evaluate job's result as the job shows it: the dataset, the seq_len and a row per model."""
+    return {"dataset": job.get("dataset"), "split": metrics.split, "seq_len": metrics.seq_len,
+            "evaluated_tokens": metrics.evaluated_tokens, "rows": [row.model_dump(mode="json") for row in metrics.rows]}
 
 
 @dataclass
@@ -138,8 +144,13 @@ def record_state_change(
         unreadable = _unreadable_metrics()
         try:
             metrics = read_metrics(s3, artifact_uri)
-            cost = bill(estimate, metrics.training_tokens)
-            model = catalog_entry(job, metrics, artifact_uri, cost)
+            if metrics.job_type != job["type"]:
+                raise ValueError(f"metrics.json is a {metrics.job_type} job's, this job is a {job['type']} job")
+            if isinstance(metrics, EvaluateMetrics):  # no model: the table goes on the job
+                cost = bill(estimate, 0, metrics.evaluated_tokens)
+            else:
+                cost = bill(estimate, metrics.training_tokens)
+                model = catalog_entry(job, metrics, artifact_uri, cost)
         except unreadable as exc:
             if not _definitive(exc):
                 raise  # throttled or unreachable: the event is retried
@@ -149,8 +160,12 @@ def record_state_change(
                                         f"artifact is kept at {artifact_uri}",
                       "bill": NO_CHARGE, "artifact_uri": artifact_uri}
         else:
-            catalog.register(model)  # once: a second register of the same id is a no-op
-            fields = {"output_model_id": model["model_id"], "bill": str(cost), "artifact_uri": artifact_uri}
+            if model is None:
+                fields = {"evaluation": evaluation_column(evaluation_table(job, metrics)), "bill": str(cost),
+                          "artifact_uri": artifact_uri}
+            else:
+                catalog.register(model)  # once: a second register of the same id is a no-op
+                fields = {"output_model_id": model["model_id"], "bill": str(cost), "artifact_uri": artifact_uri}
     elif status == "cancelled":
         progress = read_progress(s3, artifacts_bucket, job_id)  # none readable: no token proven trained
         fields = {"bill": str(bill(estimate, progress.tokens_trained if progress else 0))}

@@ -256,10 +256,17 @@ def _update_parts(fields: dict[str, Any], allowed: list[str]) -> dict[str, Any]:
 # published_status: the last status announced on the bus. It trails `status` between a state
 # write and its event, so a retry that finds them apart publishes again (at least once).
 # artifact_uri: what SageMaker wrote, kept on the job even when no model could be registered.
+# evaluation: an evaluate job's table, written with its end state as JSON text (see evaluation_column).
 _JOB_COLUMNS = (
     "job_id", "owner", "status", "type", "created_at", "updated_at", "training_job_name",
-    "output_model_id", "failure_reason", "bill", "published_status", "artifact_uri",
+    "output_model_id", "failure_reason", "bill", "published_status", "artifact_uri", "evaluation",
 )
+_JSON_COLUMNS = ("evaluation",)
+
+
+def evaluation_column(table: dict[str, Any]) -> str:
+    """An evaluate job's table as the jobs table stores it (a string attribute)."""
+    return json.dumps(table, separators=(",", ":"))
 
 
 def _job_item(job: dict[str, Any]) -> dict[str, Any]:
@@ -270,6 +277,9 @@ def _job_item(job: dict[str, Any]) -> dict[str, Any]:
 
 def _job_from_item(item: dict[str, Any]) -> dict[str, Any]:
     job = {k: item.get(k) for k in _JOB_COLUMNS}
+    for k in _JSON_COLUMNS:
+        if isinstance(job[k], str):
+            job[k] = json.loads(job[k])
     job.update(json.loads(item.get("doc", "{}")))
     return job
 

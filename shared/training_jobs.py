@@ -10,7 +10,7 @@ from typing import Any
 from shared.contracts import Hyperparameters
 from shared.lifecycle import JOB_ID_PATTERN
 from shared.pricing import Estimate
-from shared.settings import SETTINGS_BY_TYPE, ContractSettings, TrainSettings
+from shared.settings import SETTINGS_BY_TYPE, JobSettings
 from shared.tenancy import encode_tenant
 
 TRAINING_JOB_PREFIX = "fusion-"
@@ -29,7 +29,7 @@ def job_id_of(training_job: str) -> str | None:
     return job_id if JOB_ID_PATTERN.fullmatch(job_id) else None
 
 
-def settings_of(job: dict[str, Any]) -> TrainSettings | ContractSettings:
+def settings_of(job: dict[str, Any]) -> JobSettings:
     return SETTINGS_BY_TYPE[job["type"]].model_validate(job["settings"])
 
 
@@ -63,10 +63,7 @@ def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str,
             "EnableSageMakerMetricsTimeSeries": True,
         },
         "RoleArn": config.role_arn,
-        "InputDataConfig": [
-            _channel("training", job["dataset_uri"]),
-            _channel("model", job["input_model_uri"]),
-        ],
+        "InputDataConfig": [_channel("training", job["dataset_uri"]), *_model_channels(job)],
         "OutputDataConfig": {"S3OutputPath": f"{prefix}/output/"},
         "CheckpointConfig": {"S3Uri": f"{prefix}/checkpoints/", "LocalPath": "/opt/ml/checkpoints"},
         "ResourceConfig": {
@@ -78,6 +75,18 @@ def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str,
         "EnableManagedSpotTraining": spot,
         "Tags": [{"Key": "fusion:job-id", "Value": job_id}, {"Key": "fusion:owner", "Value": encode_tenant(job["owner"])}],
     }
+
+
+def model_channel(index: int) -> str:
+    """The input channel of an evaluate job's index-th model (the container reads them in order)."""
+    return f"model-{index}"
+
+
+def _model_channels(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `model` channel (the base or source model), or an evaluate job's one channel per model."""
+    if job["type"] == "evaluate":
+        return [_channel(model_channel(i), uri) for i, uri in enumerate(job["input_model_uris"])]
+    return [_channel("model", job["input_model_uri"])]
 
 
 def _channel(name: str, uri: str) -> dict[str, Any]:

@@ -10,9 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+IGNORE_INDEX = -100  # a target not scored (chat data: every token but the assistant's), as in torch and transformers
+
+
 @torch.no_grad()
-def heldout_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, *, across_ranks: bool = False) -> float:
+def heldout_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, *, across_ranks: bool = False,
+                 targets: torch.Tensor | None = None) -> float:
     """Mean next-token cross-entropy over windows (N, seq_len + 1).
+
+    targets: (N, seq_len) tokens to score in place of windows[:, 1:], IGNORE_INDEX where a
+    position is not scored; the mean is over the scored ones.
 
     across_ranks: every rank calls this with the same windows and evaluates only its share of
     them; the sums are all-reduced, so each rank gets the loss of the whole set for 1/world of
@@ -24,8 +31,10 @@ def heldout_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, *
     world = dist.get_world_size() if across_ranks and dist.is_initialized() else 1
     batches = math.ceil(math.ceil(len(windows) / world) / batch_size)
     spare = windows[:1]
+    if targets is None:
+        targets = windows[:, 1:]
     if world > 1:
-        windows = windows[dist.get_rank() :: world]
+        windows, targets = windows[dist.get_rank() :: world], targets[dist.get_rank() :: world]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -40,9 +49,10 @@ def heldout_loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, *
                     continue
                 batch = batch.to(device)
                 logits = model(batch[:, :-1]).float()
-                targets = batch[:, 1:]
-                sums[0] += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
-                sums[1] += targets.numel()
+                scored = targets[start : start + batch_size].to(device)
+                sums[0] += F.cross_entropy(logits.reshape(-1, logits.size(-1)), scored.reshape(-1), reduction="sum",
+                                           ignore_index=IGNORE_INDEX)
+                sums[1] += (scored != IGNORE_INDEX).sum()
     finally:
         model.train(was_training)
     if world > 1:

@@ -1,4 +1,4 @@
-"""The container's jobs: read hyperparameters.json, run a train or a contract job, write its
+"""The container's jobs: read hyperparameters.json, run a train, contract or evaluate job, write its
 outputs, and turn every failure into SageMaker's failure text (docs/architecture.md §7).
 
 The algorithms live beside it: growth and training in training_image.growth and .train,
@@ -39,7 +39,7 @@ from training_image.contract import (
     contract_blocks,
 )
 from training_image.evaluate import heldout_loss
-from training_image.evaluation import measured_on
+from training_image.evaluation import measured_on, run_evaluate_job
 from training_image.growth import grow, sources as growth_sources
 from training_image.model import Decoder
 from training_image.modeldir import load_model_dir, open_model_dir
@@ -56,6 +56,8 @@ def run(root: Path) -> int:
         job = Hyperparameters.parse(json.loads((root / "input/config/hyperparameters.json").read_text()))
         if job.job_type == "train":
             run_train_job(job.settings, root, job.job_id, layout=job.layout)
+        elif job.job_type == "evaluate":
+            run_evaluate_job(job.settings, root, job.job_id)
         else:
             run_contract_job(job.settings, root, job.job_id)
         return 0
