@@ -6,6 +6,7 @@
     fusion jobs create train ... --wait  submit, then follow it with a live progress bar
     fusion jobs list|get|wait|cancel     follow and control jobs
     fusion models list|show              the catalog
+    fusion models evaluate M1 M2 --dataset ds-...   both on the same windows, side by side
     fusion models download MODEL --out DIR   its transformers folder (config.json, safetensors, tokenizer)
     fusion models generate MODEL --prompt TEXT   sample from it on this machine
     fusion models deploy MODEL --instance-type ml.g5.xlarge   serve it from a SageMaker endpoint
@@ -191,12 +192,18 @@ def datasets_table(datasets: list[Dataset]) -> Table:
 
 def estimate_table(quote: Quote) -> Table:
     e = quote.estimate
-    rows = [
-        ("job", f"{quote.type} of {quote.model} on {quote.dataset or '-'}"),
-        ("training tokens", f"{e.training_tokens:,}"),
-        ("parameters", f"{human(e.parameters)} (tier {e.tier}, ${e.usd_per_million_tokens} per 1M tokens)"),
-        ("training cost", money(e.training_cost)),
-    ]
+    if e.evaluated_tokens:  # an evaluation: forward tokens only, each model at its own tier's rate
+        models = ", ".join(quote.settings.get("model_ids", []))
+        rows = [("job", f"evaluate {models} on {quote.dataset or '-'}"),
+                ("evaluated tokens", f"{e.evaluated_tokens:,} (at most; billed for those evaluated)"),
+                ("evaluation cost", money(e.evaluation_cost))]
+    else:
+        rows = [
+            ("job", f"{quote.type} of {quote.model} on {quote.dataset or '-'}"),
+            ("training tokens", f"{e.training_tokens:,}"),
+            ("parameters", f"{human(e.parameters)} (tier {e.tier}, ${e.usd_per_million_tokens} per 1M tokens)"),
+            ("training cost", money(e.training_cost)),
+        ]
     if e.growth_parameters:
         rows.append(("growth fee", f"{money(e.growth_fee)} for {human(e.growth_parameters)} parameters added"))
     if e.contraction_fee:
@@ -216,6 +223,12 @@ def job_table(job: Job) -> Table:
         rows.append(("failure", job.failure_reason))
     if job.progress:
         rows.append(("progress", progress_line(job.progress)))
+    if job.models:
+        rows.append(("models", ", ".join(job.models)))
+    if job.evaluation:
+        rows += [(row.model_id, f"perplexity {number(row.perplexity)} on {job.evaluation.seq_len}-token windows "
+                                f"({row.windows.windows} {row.windows.split}, sha256 {row.windows.sha256[:12]})")
+                 for row in job.evaluation.rows]
     rows.append(("settings", json.dumps(job.settings, separators=(", ", "=")).strip("{}").replace('"', "")))
     rows += [("warning", w) for w in job.warnings]
     return _pairs(rows)
@@ -293,6 +306,10 @@ def _waiting(status: str) -> str:
 
 
 def report_end(job: Job, console: Console) -> int:
+    if job.status == "completed" and job.type == "evaluate":
+        console.print(f"[green]completed[/green]: {len(job.models or [])} models evaluated, billed {money(job.bill)} "
+                      f"(fusion jobs get {job.job_id})")
+        return 0
     if job.status == "completed":
         console.print(f"[green]completed[/green]: model [bold]{job.output_model_id}[/bold], billed {money(job.bill)}")
         return 0
@@ -397,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     from local.deploy import add_parsers as deploy_parsers  # here: local.deploy imports this module
 
     deploy_parsers(models)
+    from local.evaluate import add_parsers as evaluate_parsers  # here: local.evaluate imports this module
+
+    evaluate_parsers(models)
 
     datasets = sub.add_parser("datasets", help="training data").add_subparsers(dest="action", required=True)
     upload = datasets.add_parser("upload", help="register, upload and check a dataset")
@@ -557,8 +577,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.command == "serve":
         return _serve(args, console)
     from local.deploy import COMMANDS as DEPLOY_COMMANDS
+    from local.evaluate import COMMANDS as EVALUATE_COMMANDS
 
-    command = {**COMMANDS, **DEPLOY_COMMANDS}[(args.command, getattr(args, "action", None))]
+    command = {**COMMANDS, **DEPLOY_COMMANDS, **EVALUATE_COMMANDS}[(args.command, getattr(args, "action", None))]
     return command(args, Client(args.api_url, args.token), Output(console, args.json))
 
 
