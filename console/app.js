@@ -442,6 +442,24 @@ function measuredOn(model) {
   return `${grouped(on.windows)} ${which} of ${grouped(on.seq_len)} tokens of ${on.dataset || "–"}`;
 }
 
+// An evaluate job's table: its models side by side on the same windows, as the API recorded them.
+function evaluationResult(job) {
+  const table_ = job.type === "evaluate" ? job.evaluation : null;
+  if (!table_) return null;
+  const digests = table_.rows.map((r) => r.windows.sha256);
+  const common = digests.sort((a, b) => digests.filter((d) => d === b).length - digests.filter((d) => d === a).length)[0];
+  const rows = table_.rows.map((r) => h("tr", { "data-model": r.model_id },
+    h("td", {}, modelLink(r.model_id)), h("td", { class: "num" }, params(r.parameters)),
+    h("td", { class: "num", "data-key": "perplexity" }, fixed(r.perplexity)), h("td", { class: "num" }, fixed(r.loss, 4)),
+    h("td", { class: "num" }, fixed(r.assistant_loss, 4)), h("td", { class: "num" }, grouped(r.target_tokens)),
+    h("td", {}, h("code", {}, r.windows.sha256.slice(0, 12)), r.windows.sha256 === common ? "" : " (other tokenizer)")));
+  const first = table_.rows[0]?.windows;
+  const which = table_.split === "heldout" ? "held-out windows" : "windows sampled from all";
+  return [h("h2", {}, "Evaluation"),
+    h("p", {}, `Every model on the same ${grouped(first?.windows)} ${which} of ${grouped(table_.seq_len)} tokens of ${table_.dataset || "–"}; ${grouped(table_.evaluated_tokens)} tokens evaluated.`),
+    table(["Model", "Parameters", "Perplexity", "Loss", "Assistant loss", "Tokens scored", "Windows"], rows, { "aria-label": "Evaluation" })];
+}
+
 async function contractResult(job) {
   if (job.type !== "contract" || job.status !== "completed" || !job.output_model_id) return null;
   const [before, after] = await Promise.all([api("GET", `/models/${encodeURIComponent(job.model)}`),
@@ -473,7 +491,8 @@ async function viewJob(id) {
       api("GET", `/jobs/${encodeURIComponent(id)}/metrics`)]);
     job = latest;
     const p = job.progress;
-    status.replaceChildren(badge(job.status), ` ${job.type} of `, modelLink(job.model), " on ", job.dataset || "–",
+    status.replaceChildren(badge(job.status), ` ${job.type} of `,
+      ...(job.models ? job.models.flatMap((m, i) => [i ? ", " : "", modelLink(m)]) : [modelLink(job.model)]), " on ", job.dataset || "–",
       job.output_model_id ? h("span", {}, " → ", modelLink(job.output_model_id)) : "");
     if (p) { progress.max = p.total_steps || 1; progress.value = p.step || 0; }
     else if (job.status === "completed") { progress.max = 1; progress.value = 1; }
@@ -488,7 +507,7 @@ async function viewJob(id) {
     ] : [h("p", { class: "empty" }, "This job logged no training steps.")]));
     const e = job.estimate || {};
     details.replaceChildren(h("h2", {}, "Estimate and bill"), pairs([
-      ["Estimate", `${money(e.total)} for ${tokens(e.training_tokens)} (${params(e.parameters)}, tier ${e.tier})`, "estimate"],
+      ["Estimate", `${money(e.total)} for ${e.evaluated_tokens ? `${tokens(e.evaluated_tokens)} evaluated` : tokens(e.training_tokens)} (${params(e.parameters)}, tier ${e.tier})`, "estimate"],
       ["ETA when priced", `${duration(e.eta_seconds)} on ${e.instance_count} × ${e.instance_type}`],
       ["Bill", job.bill !== null && job.bill !== undefined ? h("strong", {}, money(job.bill)) : "when the job ends", "bill"],
       job.failure_reason ? ["Failure reason", h("span", { class: "failure" }, job.failure_reason), "failure"] : null,
@@ -498,7 +517,7 @@ async function viewJob(id) {
     ]));
     if (!ACTIVE.includes(job.status)) {
       ended = true;
-      result.replaceChildren(...((await contractResult(job)) || []));
+      result.replaceChildren(...((await contractResult(job)) || evaluationResult(job) || []));
     }
   }
   await refresh();

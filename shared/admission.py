@@ -25,7 +25,7 @@ from shared.settings import (
     TrainSettings,
     default_output_name,
 )
-from shared.shapes import ModelConfig
+from shared.shapes import ModelConfig, grown_block_ids
 from shared.store import Catalog, Datasets, Jobs, OverBudget, Tenants, cents, now
 from shared.telemetry import job_created, job_ended, job_refused
 from shared.tenancy import InvalidTenant, check_tenant, encode_tenant
@@ -45,6 +45,7 @@ def resolve(
     Raises JobError for anything the caller got wrong; nothing is written.
     """
     job_id = job_id or new_job_id()
+    warnings: list[str] = []
     if isinstance(request, EvaluateJobRequest):
         return _resolve_evaluation(request, owner, catalog=catalog, datasets=datasets, data_bucket=data_bucket,
                                    job_id=job_id)
@@ -83,8 +84,9 @@ def resolve(
         if not dataset:
             raise invalid("dataset", f"{settings.source_model_id} records no dataset: give one for calibration")
         model_id, base = settings.source_model_id, source
-        estimate = _planned(lambda: estimate_contract(settings, ModelConfig.model_validate(source["config"])),
-                            "hyperparams.source_model_id")
+        source_config = ModelConfig.model_validate(source["config"])
+        estimate = _planned(lambda: estimate_contract(settings, source_config), "hyperparams.source_model_id")
+        warnings += grown_blocks_warning(source_config, settings)
     dataset_uri, pinned = resolve_dataset(dataset, owner, datasets=datasets, data_bucket=data_bucket)
     if settings.output_name is None:
         settings = settings.model_copy(update={"output_name": default_output_name(job_id)})
@@ -98,7 +100,7 @@ def resolve(
         "dataset": dataset,
         "settings": settings.model_dump(mode="json"),
         "estimate": estimate.model_dump(mode="json"),
-        "warnings": settings.warnings(),
+        "warnings": settings.warnings() + warnings,
         "training_job_name": None,
         "output_model_id": None,
         "failure_reason": None,
@@ -110,6 +112,21 @@ def resolve(
         "dataset_pin": pinned,
         "input_model_uri": base["artifact_uri"],
     }
+
+
+def grown_blocks_warning(source: ModelConfig, settings: ContractSettings) -> list[str]:
+    """What contracting a model that still holds the blocks growth inserted removes.
+
+    A grown block starts as an identity function (its output projections are zero) and stays close
+    to one until trained at length; contraction picks the blocks of least influence first, so on a
+    freshly grown model it prunes mostly those inserted blocks, not the model's own."""
+    inserted = grown_block_ids(source)
+    if not inserted:
+        return []
+    return [f"{len(inserted)} of the {source.n_layers} blocks of {settings.source_model_id} were inserted by growth "
+            f"({', '.join(inserted)}); until trained at length they are near-identity, and contraction prunes the "
+            f"least influential blocks first: on a freshly grown model it removes mostly the inserted blocks' "
+            f"units, so the result stays above the size of the model it grew from"]
 
 
 def _resolve_evaluation(request: EvaluateJobRequest, owner: str, *, catalog: Catalog, datasets: Datasets,
