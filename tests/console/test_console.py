@@ -198,8 +198,33 @@ def test_contract_from_the_model_page_shows_before_and_after(tab, stack, trained
     after = call(stack, "GET", f"/models/{call(stack, 'GET', '/jobs/' + page.url.rsplit('/', 1)[-1])['output_model_id']}")
     expect(result).to_contain_text(trained["model_id"])
     expect(result.locator('[data-key="after-perplexity"]')).to_have_text(f"{after['perplexity']:.2f}")
+    # the parent as the contract job measured it, on the child's windows, and those windows named
+    expect(result).to_contain_text(f"{after['parent_perplexity']:.2f}")
+    expect(page.locator("main")).to_contain_text(f"Both perplexities on {after['perplexity_measured_on']['windows']} "
+                                                 "held-out windows of 256 tokens")
     assert after["parameters"] < trained["parameters"]
     tab.shot("contract-result")
+
+
+def test_an_evaluation_shows_the_models_side_by_side_on_the_same_windows(tab, stack, dataset_id, trained):
+    """An evaluate job through the whole local stack (the container measures both models), then its page."""
+    job = call(stack, "POST", "/jobs", {"type": "evaluate", "dataset": dataset_id, "hyperparams": {
+        "model_ids": [trained["model_id"], "base-debug"], "seq_len": 64, "max_windows": 8}})
+    job = wait_job(stack, job["job_id"])
+    assert job["status"] == "completed", job
+    rows = job["evaluation"]["rows"]
+    assert [r["model_id"] for r in rows] == [trained["model_id"], "base-debug"]
+    assert rows[0]["windows"] == rows[1]["windows"] and rows[0]["windows"]["seq_len"] == 64
+    assert rows[0]["perplexity"] < rows[1]["perplexity"]  # trained on this data, against the untrained base
+    tab.open(f"#/jobs/{job['job_id']}")
+    page = tab.page
+    table = page.get_by_role("table", name="Evaluation")
+    for row in rows:
+        expect(table.locator(f'tr[data-model="{row["model_id"]}"] [data-key="perplexity"]')).to_have_text(
+            f"{row['perplexity']:.2f}")
+    expect(page.locator("main")).to_contain_text(
+        f"on the same {rows[0]['windows']['windows']} held-out windows of 64 tokens of {dataset_id}")
+    tab.shot("evaluation")
 
 
 def test_jobs_list_filters_by_status_and_updates_live(tab, stack, dataset_id):

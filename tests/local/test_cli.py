@@ -110,12 +110,18 @@ def test_tables_are_aligned(cli, aws):
     Catalog(session=aws.session).register({
         "model_id": "m-123", "owner": "alice", "name": "support-bot", "kind": "trained", "parent_id": "base-debug",
         "job_id": "j0", "parameters": 3_290_000, "depth": 15, "perplexity": 191.28, "cost": "0.02",
-        "config": config.model_dump(mode="json"), "dataset": DATASET, "created_at": "2026-01-02T00:00:00.000Z"})
+        "config": config.model_dump(mode="json"), "dataset": DATASET, "created_at": "2026-01-02T00:00:00.000Z",
+        "perplexity_measured_on": {"dataset": DATASET, "split": "heldout", "windows": 64, "seq_len": 128,
+                                   "sha256": "ab" * 32}})
     code, out, _ = cli("models", "list")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["MODEL", "NAME", "KIND", "PARAMETERS", "DEPTH", "PERPLEXITY", "COST", "PARENT"]
-    assert lines[-1].split() == ["m-123", "support-bot", "trained", "3.29M", "15", "191.28", "$0.02", "base-debug"]
+    assert lines[0].split() == ["MODEL", "NAME", "KIND", "PARAMETERS", "DEPTH", "PERPLEXITY", "MEASURED", "ON", "COST",
+                                "PARENT"]
+    assert lines[-1].split() == ["m-123", "support-bot", "trained", "3.29M", "15", "191.28", "heldout", "64x128",
+                                 DATASET, "$0.02", "base-debug"]
+    code, out, _ = cli("models", "show", "m-123")
+    assert code == 0 and f"191.28 on 64 held-out windows of 128 tokens of {DATASET}" in " ".join(out.split())
     base = next(line for line in lines if line.startswith("base-debug "))
     # right-aligned numbers end in the same column
     ends = {line.index(word) + len(word) for line, word in ((lines[0], "PARAMETERS"), (lines[-1], "3.29M"),
