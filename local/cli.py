@@ -653,6 +653,9 @@ def flag_of(field: str) -> str | None:
     name = field.removeprefix("hyperparams.")
     if name == "source_model_id":
         return "--model"
+    if name.split(".")[0] == "model_ids":  # `fusion models evaluate`'s MODEL arguments, counted from 1
+        index = name.split(".")[1:]
+        return f"MODEL {int(index[0]) + 1}" if index and index[0].isdigit() else "MODEL"
     if field.startswith("hyperparams.") or name in ("model", "dataset", "name"):
         return "--" + name.replace("_", "-")
     return None

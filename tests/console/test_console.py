@@ -200,7 +200,7 @@ def test_contract_from_the_model_page_shows_before_and_after(tab, stack, trained
     expect(result.locator('[data-key="after-perplexity"]')).to_have_text(f"{after['perplexity']:.2f}")
     # the parent as the contract job measured it, on the child's windows, and those windows named
     expect(result).to_contain_text(f"{after['parent_perplexity']:.2f}")
-    expect(page.locator("main")).to_contain_text(f"Both perplexities on {after['perplexity_measured_on']['windows']} "
+    expect(page.locator("main")).to_contain_text(f"Both perplexities on {after['perplexity_on']['windows']} "
                                                  "held-out windows of 256 tokens")
     assert after["parameters"] < trained["parameters"]
     tab.shot("contract-result")
@@ -214,7 +214,8 @@ def test_an_evaluation_shows_the_models_side_by_side_on_the_same_windows(tab, st
     assert job["status"] == "completed", job
     rows = job["evaluation"]["rows"]
     assert [r["model_id"] for r in rows] == [trained["model_id"], "base-debug"]
-    assert rows[0]["windows"] == rows[1]["windows"] and rows[0]["windows"]["seq_len"] == 64
+    assert rows[0]["perplexity_on"] == rows[1]["perplexity_on"] and rows[0]["perplexity_on"]["seq_len"] == 64
+    assert rows[0]["perplexity_on"]["dataset"] == dataset_id and len(rows[0]["perplexity_on"]["sha256"]) == 64
     assert rows[0]["perplexity"] < rows[1]["perplexity"]  # trained on this data, against the untrained base
     tab.open(f"#/jobs/{job['job_id']}")
     page = tab.page
@@ -223,7 +224,7 @@ def test_an_evaluation_shows_the_models_side_by_side_on_the_same_windows(tab, st
         expect(table.locator(f'tr[data-model="{row["model_id"]}"] [data-key="perplexity"]')).to_have_text(
             f"{row['perplexity']:.2f}")
     expect(page.locator("main")).to_contain_text(
-        f"on the same {rows[0]['windows']['windows']} held-out windows of 64 tokens of {dataset_id}")
+        f"on the same {rows[0]['perplexity_on']['windows']} held-out windows of 64 tokens of {dataset_id}")
     tab.shot("evaluation")
 
 
@@ -455,15 +456,19 @@ def test_deleting_a_parent_keeps_it_in_its_childs_lineage(tab, stack):
     from shared.store import Catalog
 
     catalog = Catalog(session=stack._session)
-    for model_id, parent, parameters, perplexity in (("m-console-parent", "base-debug", 1000, 20.0),
-                                                     ("m-console-child", "m-console-parent", 790, 21.0)):
+    on = {"source": "split", "dataset": "ds-x", "windows": 8, "seq_len": 64, "tokens": "all"}
+    for model_id, parent, parameters, perplexity, digest in (("m-console-parent", "base-debug", 1000, 20.0, "ab"),
+                                                             ("m-console-child", "m-console-parent", 790, 21.0, "ab"),
+                                                             ("m-console-other", "m-console-parent", 790, 21.0, "cd")):
         catalog.register({"model_id": model_id, "owner": "local", "name": model_id, "kind": "trained",
                           "parent_id": parent, "job_id": None, "parameters": parameters, "perplexity": perplexity,
-                          "created_at": "2026-01-02T00:00:00.000Z"})
+                          "perplexity_on": {**on, "sha256": digest * 32}, "created_at": "2026-01-02T00:00:00.000Z"})
     tab.open("#/models/m-console-child")
     page = tab.page
     expect(page.locator('[data-change="parameters"]')).to_have_text("-21.0%")
     expect(page.locator('[data-change="perplexity"]')).to_have_text("+5.0%")
+    tab.open("#/models/m-console-other")  # measured on other windows: no change is claimed
+    expect(page.locator('[data-change="perplexity"]')).to_have_text("other windows")
     tab.open("#/models/m-console-parent")
     expect(page.get_by_role("list", name="Children")).to_contain_text("m-console-child")
     page.get_by_role("button", name="Delete model").click()

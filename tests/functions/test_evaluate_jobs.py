@@ -7,15 +7,14 @@ from decimal import Decimal
 import pytest
 
 from functions.launcher import app as launcher
-from shared.contracts import EvaluateMetrics, Evaluated, Windows
+from shared.contracts import EvaluateMetrics, Evaluated, HeldOut
 from shared.pricing import Estimate, bill, estimate_evaluate, price_table
 from shared.settings import MAX_EVALUATED_MODELS, EvaluateSettings
 from shared.shapes import SIZES, grown_config
 from shared.store import Catalog, Jobs
 from shared.training_jobs import training_job_name
-from tests.conftest import FakeSageMaker, LambdaContext, artifact, deliver, metrics_document, tar_gz
+from tests.conftest import FakeSageMaker, LambdaContext, artifact, deliver, metrics_document, ready_dataset, tar_gz
 
-DATASET_URI = "s3://{bucket}/alice/eval/"
 GROWN = grown_config(SIZES["debug"])
 
 
@@ -33,7 +32,7 @@ def world(aws):
 
 
 def _evaluate(aws, **hyper):
-    return {"type": "evaluate", "dataset": DATASET_URI.format(bucket=aws.env["DATA_BUCKET"]),
+    return {"type": "evaluate", "dataset": ready_dataset(aws, "alice"),
             "hyperparams": {"model_ids": ["m-alice", "base-debug"], **hyper}}
 
 
@@ -62,7 +61,7 @@ def test_an_evaluation_is_priced_by_its_forward_tokens(world, api):
     ({"model_ids": []}, "hyperparams.model_ids", 422),
     ({"model_ids": ["m-alice", "m-alice"]}, "hyperparams", 422),
     ({"model_ids": [f"m-{i}" for i in range(MAX_EVALUATED_MODELS + 1)]}, "hyperparams.model_ids", 422),
-    ({"split": "train"}, "hyperparams.split", 422),
+    ({"source": "validation"}, "hyperparams.source", 422),  # a train job's own: an evaluation names its dataset
     ({"max_windows": 0}, "hyperparams.max_windows", 422),
 ])
 def test_a_bad_evaluation_is_refused_with_its_field(world, api, hyper, field, code):
@@ -92,12 +91,14 @@ def test_the_launch_gives_each_model_its_channel(world, api, monkeypatch):
     assert (hyper["job_type"], json.loads(hyper["model_ids"]), hyper["seq_len"]) == ("evaluate", ["m-alice", "base-debug"], "64")
 
 
-def _metrics(job, windows=10):
-    on = Windows(split="heldout", windows=windows, seq_len=64, sha256="ab" * 32)
-    rows = [Evaluated(model_id=m, parameters=1000, windows=on, target_tokens=windows * 64, loss=3.0 + i,
+ON = HeldOut(source="split", windows=10, seq_len=64, tokens="assistant", sha256="ab" * 32)  # as the container writes it
+
+
+def _metrics(job):
+    rows = [Evaluated(model_id=m, parameters=1000, perplexity_on=ON, target_tokens=ON.windows * 20, loss=3.0 + i,
                       perplexity=20.0 + i) for i, m in enumerate(job["models"])]
-    return EvaluateMetrics(job_id=job["job_id"], job_type="evaluate", seq_len=64, split="heldout", rows=rows,
-                           evaluated_tokens=len(rows) * windows * 64, wall_time_s=1.0)
+    return EvaluateMetrics(job_id=job["job_id"], job_type="evaluate", rows=rows,
+                           evaluated_tokens=len(rows) * ON.windows * ON.seq_len, wall_time_s=1.0)
 
 
 def _complete(aws, job, metrics):
@@ -111,14 +112,17 @@ def _complete(aws, job, metrics):
 
 def test_a_completed_evaluation_records_its_table_and_registers_no_model(world, api):
     _, job = api("POST", "/jobs", _evaluate(world, seq_len=64, max_windows=20))
-    metrics = _metrics(job, windows=10)  # the dataset held 10 windows: half of what was priced
+    metrics = _metrics(job)  # the dataset held 10 windows: half of what was priced
     _complete(world, job, metrics)
     status, shown = api("GET", f"/jobs/{job['job_id']}")
     assert status == 200 and shown["status"] == "completed" and shown["output_model_id"] is None
     table = shown["evaluation"]
-    assert (table["dataset"], table["split"], table["seq_len"]) == (job["dataset"], "heldout", 64)
-    assert [(r["model_id"], r["perplexity"]) for r in table["rows"]] == [("m-alice", 20.0), ("base-debug", 21.0)]
-    assert table["rows"][0]["windows"] == {"split": "heldout", "windows": 10, "seq_len": 64, "sha256": "ab" * 32}
+    assert [(r["model_id"], r["perplexity"], r["target_tokens"]) for r in table["rows"]] == [
+        ("m-alice", 20.0, 200), ("base-debug", 21.0, 200)]
+    # Each row names its windows as the catalog names a perplexity's, the dataset filled in.
+    for row in table["rows"]:
+        assert row["perplexity_on"] == {**ON.model_dump(), "dataset": job["dataset"]}
+    assert table["evaluated_tokens"] == metrics.evaluated_tokens
     estimate = Estimate.model_validate(job["estimate"])
     assert Decimal(shown["bill"]) == bill(estimate, 0, metrics.evaluated_tokens) <= Decimal(job["estimate"]["total"])
     assert {m["model_id"] for m in Catalog(session=world.session).list("alice") if m["kind"] != "base"} == {"m-alice"}

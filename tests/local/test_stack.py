@@ -61,10 +61,10 @@ def test_train_then_contract_fills_the_catalog(stack, capsys, dataset_id):
     assert contracted["depth"] == grown["depth"] and contracted["parameters"] < grown["parameters"]
     for model in (grown, contracted):
         assert model["perplexity"] > 1 and model["cost"] is not None
-        assert model["perplexity_measured_on"]["dataset"] == model["dataset"]
+        assert model["perplexity_on"]["dataset"] == model["dataset"] and len(model["perplexity_on"]["sha256"]) == 64
         assert model["artifact_uri"].endswith("/output/model.tar.gz")
     # the contract job measured the parent on its own windows: the pair compares, the parent's catalog figure may not
-    assert contracted["parent_perplexity"] > 1 and contracted["perplexity_measured_on"]["seq_len"] == 256
+    assert contracted["parent_perplexity"] > 1 and contracted["perplexity_on"]["seq_len"] == 256
     assert train_job["bill"] == train_job["estimate"]["total"]
 
     code, out, _ = fusion(stack, capsys, "models", "list")

@@ -35,7 +35,7 @@ from training_image.model import Decoder
 from training_image.modeldir import load_model_dir, save_model_dir
 from training_image.train import train_steps
 from shared.settings import CONTRACT_EVALUATIONS, CONTRACT_HELDOUT_WINDOWS, CONTRACT_SEQ_LEN, ContractSettings
-from training_image.evaluation import measured_on
+from training_image.evaluation import held_out
 from training_image.tokens import TokenData
 
 from .conftest import small_config, write_hyperparameters
@@ -346,9 +346,10 @@ def test_container_contract_reads_a_tarball_and_leaves_it_unchanged(ml_root, tmp
     assert metrics.perplexity_after_healing is None
     assert metrics.final_perplexity == metrics.perplexity_after_pruning
     # source and pruned model on the same windows, which the metrics name
-    assert (metrics.heldout.split, metrics.heldout.seq_len) == ("heldout", CONTRACT_SEQ_LEN)
-    windows = TokenData(ml_root / "tokens").heldout_windows()[:CONTRACT_HELDOUT_WINDOWS]
-    assert metrics.heldout == measured_on(windows, "heldout")
+    assert (metrics.heldout.source, metrics.heldout.seq_len) == ("split", CONTRACT_SEQ_LEN)
+    data = TokenData(ml_root / "tokens")
+    windows = data.heldout_windows()[:CONTRACT_HELDOUT_WINDOWS]
+    assert metrics.heldout == held_out(windows, "split", data)
     source, _ = load_model_dir(ml_root / "input/data/model")
     assert metrics.perplexity_before == pytest.approx(perplexity(source, windows), rel=1e-6)
     assert len(metrics.layers_contracted) == 1 and metrics.layers_contracted[0] in ("1", "2")
