@@ -11,7 +11,7 @@ import torch
 from shared.contracts import METRICS
 from shared.settings import EvaluateSettings
 from shared.shapes import SIZES
-from training_image import entry
+from training_image import entry, runtime
 from training_image.evaluate import perplexity
 from training_image.evaluation import evaluation_windows, held_out, run_evaluate_job
 from training_image.model import Decoder
@@ -77,3 +77,16 @@ def test_a_seq_len_past_a_models_context_fails_with_its_name(ml_root, tokenizer,
     settings = EvaluateSettings(model_ids=["a", "b"], seq_len=too_long)
     with pytest.raises(ValueError, match="context length .* of a"):
         run_evaluate_job(settings, ml_root, "eval-3", log=lambda line: None)
+
+
+def test_an_evaluation_of_the_split_compares_with_a_train_jobs_perplexity(ml_root, tokenizer):
+    """With max_windows at least the held-out count, an evaluation at a train job's seq_len names the
+    windows the train job measured on (run_train_job: held_out(data.heldout_windows(), "split", data))."""
+    _two_models(ml_root, tokenizer)
+    settings = EvaluateSettings(model_ids=["a"], seq_len=32, source="split", max_windows=4096)
+    [row] = run_evaluate_job(settings, ml_root, "eval-4", log=lambda line: None).rows
+    train_data = runtime.prepare_tokens(ml_root, tokenizer, 32)
+    trained_on = held_out(train_data.heldout_windows(), "split", train_data)
+    assert row.perplexity_on == trained_on and row.perplexity_on.compares_with(trained_on)
+    other = runtime.prepare_tokens(ml_root, tokenizer, 48)  # another seq_len: other windows
+    assert not row.perplexity_on.compares_with(held_out(other.heldout_windows(), "split", other))
