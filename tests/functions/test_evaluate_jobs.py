@@ -71,6 +71,13 @@ def test_a_bad_evaluation_is_refused_with_its_field(world, api, hyper, field, co
     assert Jobs(session=world.session).list("alice") == []
 
 
+def test_a_model_an_evaluation_still_reads_cannot_be_deleted(world, api):
+    _, job = api("POST", "/jobs", _evaluate(world, seq_len=64))
+    status, body = api("DELETE", "/models/m-alice")
+    assert status == 409 and job["job_id"] in body["error"]["message"]
+    assert Catalog(session=world.session).get("m-alice", "alice")["status"] == "ready"
+
+
 def test_the_launch_gives_each_model_its_channel(world, api, monkeypatch):
     fake = FakeSageMaker()
     jobs, _, bus = launcher._clients()
