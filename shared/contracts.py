@@ -20,8 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from shared.memory import Layout
 from shared.settings import (
     SETTINGS_BY_TYPE,
-    ContractSettings,
-    EvaluateSettings,
     EvaluationSource,
     JobSettings,
     TrainSettings,
