@@ -340,10 +340,15 @@ async function viewModel(id) {
     ["Perplexity", "perplexity", fixed], ["Cost", "cost", money],
     ["Context length", "context_length", (x) => grouped(x)]].map(([label, key, show]) => {
     const mine = key === "context_length" ? model.config?.context_length : model[key];
-    const theirs = key === "context_length" ? parent?.config?.context_length : parent?.[key];
+    // A contracted model's parent was measured by its contract job on the same windows: that figure compares.
+    const theirs = key === "context_length" ? parent?.config?.context_length
+      : key === "perplexity" && model.parent_perplexity != null ? model.parent_perplexity : parent?.[key];
+    // The parent's own catalog perplexity compares only when measured on the same windows.
+    const apart = key === "perplexity" && model.parent_perplexity == null && mine != null && Number(theirs)
+      && !sameWindows(model.perplexity_on, parent?.perplexity_on);
     return h("tr", {}, h("th", { scope: "row" }, label), h("td", { class: "num", "data-key": key }, show(mine)),
       parent ? h("td", { class: "num" }, show(theirs)) : null,
-      parent ? h("td", { class: "num", "data-change": key }, change(mine, theirs)) : null);
+      parent ? h("td", { class: "num", "data-change": key }, apart ? "other windows" : change(mine, theirs)) : null);
   });
   const remove = model.kind !== "base" && model.status !== "deleted" ? h("button", { type: "button", class: "danger", onclick: () =>
     confirmDialog(`Delete ${model.model_id}?`, "Its archive is deleted. Models made from it keep it as their parent, shown as deleted.",
@@ -357,7 +362,8 @@ async function viewModel(id) {
     model.status === "deleted" ? h("p", { class: "failure", "data-status": "deleted" }, `Deleted ${when(model.deleted_at)}: kept for its children's lineage.`) : null,
     pairs([["Model", model.model_id], ["Kind", model.kind],
       ["Parent", h("span", {}, modelLink(model.parent_id), parent?.status === "deleted" ? h("span", { class: "muted", "data-parent": "deleted" }, " (deleted)") : "")],
-      ["Produced by job", jobLink(model.job_id)], ["Dataset", model.dataset || "–"], ["Created", when(model.created_at)],
+      ["Produced by job", jobLink(model.job_id)], ["Dataset", model.dataset || "–"],
+      ["Perplexity measured on", measuredOn(model.perplexity_on)], ["Created", when(model.created_at)],
       await downloadLink(model)]),
     actions,
     h("h2", {}, parent ? "Metrics, next to its parent's" : "Metrics"),
@@ -506,6 +512,37 @@ function confirmDialog(title, words, yes, action) {
   dialog.showModal();
 }
 
+// Which windows a perplexity was measured on, in words (the API's perplexity_on).
+function measuredOn(on) {
+  if (!on) return "–";
+  const which = { validation: "validation windows", split: "held-out windows", dataset: "windows sampled from all" }[on.source];
+  const scored = on.tokens === "assistant" ? ", the assistant's tokens scored" : "";
+  return `${grouped(on.windows)} ${which} of ${grouped(on.seq_len)} tokens of ${on.dataset || "–"}${scored}`;
+}
+
+// Two perplexities compare only when measured on the same windows: equal digests (from the API).
+function sameWindows(a, b) {
+  return Boolean(a?.sha256) && a.sha256 === b?.sha256;
+}
+
+// An evaluate job's table: its models side by side on the same windows, as the API recorded them.
+function evaluationResult(job) {
+  const table_ = job.type === "evaluate" ? job.evaluation : null;
+  if (!table_ || !table_.rows.length) return null;
+  const first = table_.rows[0].perplexity_on;
+  const chat = table_.rows.some((r) => r.perplexity_on.tokens === "assistant");
+  const rows = table_.rows.map((r) => h("tr", { "data-model": r.model_id },
+    h("td", {}, modelLink(r.model_id)), h("td", { class: "num" }, params(r.parameters)),
+    h("td", { class: "num", "data-key": "perplexity" }, fixed(r.perplexity)), h("td", { class: "num" }, fixed(r.loss, 4)),
+    h("td", { class: "num" }, grouped(r.target_tokens)),
+    h("td", {}, h("code", {}, (r.perplexity_on.sha256 || "–").slice(0, 12)),
+      sameWindows(r.perplexity_on, first) ? "" : " (other windows)")));
+  return [h("h2", {}, "Evaluation"),
+    h("p", {}, `Every model on the same ${measuredOn(first)}; ${grouped(table_.evaluated_tokens)} tokens evaluated.`),
+    table(["Model", "Parameters", "Perplexity", chat ? "Assistant loss" : "Loss", "Tokens scored", "Windows"], rows,
+      { "aria-label": "Evaluation" })];
+}
+
 async function contractResult(job) {
   if (job.type !== "contract" || job.status !== "completed" || !job.output_model_id) return null;
   const [before, after] = await Promise.all([api("GET", `/models/${encodeURIComponent(job.model)}`),
@@ -514,8 +551,9 @@ async function contractResult(job) {
     h("tr", {}, h("th", { scope: "row" }, "Model"), h("td", {}, modelLink(before.model_id)), h("td", {}, modelLink(after.model_id))),
     h("tr", {}, h("th", { scope: "row" }, "Parameters"), h("td", { class: "num" }, params(before.parameters)), h("td", { class: "num", "data-key": "after-parameters" }, params(after.parameters))),
     h("tr", {}, h("th", { scope: "row" }, "Depth"), h("td", { class: "num" }, before.depth), h("td", { class: "num" }, after.depth)),
-    h("tr", {}, h("th", { scope: "row" }, "Perplexity"), h("td", { class: "num" }, fixed(before.perplexity)), h("td", { class: "num", "data-key": "after-perplexity" }, fixed(after.perplexity))),
-  ], { "aria-label": "Before and after" })];
+    h("tr", {}, h("th", { scope: "row" }, "Perplexity"), h("td", { class: "num" }, fixed(after.parent_perplexity ?? before.perplexity)), h("td", { class: "num", "data-key": "after-perplexity" }, fixed(after.perplexity))),
+  ], { "aria-label": "Before and after" }),
+  after.perplexity_on ? h("p", { class: "muted" }, `Both perplexities on ${measuredOn(after.perplexity_on)}.`) : null];
 }
 
 async function viewJob(id) {
@@ -538,7 +576,8 @@ async function viewJob(id) {
     const p = job.progress;
     dataset = dataset || (job.dataset?.startsWith("ds-")
       ? await api("GET", `/datasets/${encodeURIComponent(job.dataset)}`).catch(() => null) : null);
-    status.replaceChildren(badge(job.status), ` ${job.type} of `, modelLink(job.model), " on ",
+    status.replaceChildren(badge(job.status), ` ${job.type} of `,
+      ...(job.models ? job.models.flatMap((m, i) => [i ? ", " : "", modelLink(m)]) : [modelLink(job.model)]), " on ",
       dataset ? link("#/datasets", `${dataset.name}${dataset.status === "deleted" ? " (deleted)" : ""}`) : job.dataset || "–",
       job.settings?.output_name ? ` → ${job.settings.output_name}` : "",
       job.output_model_id ? h("span", {}, " (", modelLink(job.output_model_id), ")") : "");
@@ -558,7 +597,9 @@ async function viewJob(id) {
     const e = job.estimate || {};
     details.replaceChildren(h("h2", {}, "Estimate and bill"), pairs([
       ["Job", h("span", {}, h("code", {}, job.job_id), " ", copyButton(job.job_id))],
-      ["Estimate", `${money(e.total)} for ${tokens(e.training_tokens)} billed (${params(e.parameters)}, tier ${e.tier})`, "estimate"],
+      e.evaluated_tokens
+        ? ["Estimate", `${money(e.total)} for ${tokens(e.evaluated_tokens)} evaluated, forward only (largest model ${params(e.parameters)}, tier ${e.tier})`, "estimate"]
+        : ["Estimate", `${money(e.total)} for ${tokens(e.training_tokens)} billed (${params(e.parameters)}, tier ${e.tier})`, "estimate"],
       e.trained_tokens ? ["Trained tokens", `${tokens(e.trained_tokens)}: ${e.sequences_per_step} sequences a step`] : null,
       ["ETA on AWS when priced", `${duration(e.eta_seconds)} on ${e.instance_count} × ${e.instance_type}`],
       ["Bill", job.bill !== null && job.bill !== undefined ? h("strong", {}, money(job.bill)) : "when the job ends", "bill"],
@@ -569,7 +610,7 @@ async function viewJob(id) {
     ]));
     if (!ACTIVE.includes(job.status)) {
       ended = true;
-      result.replaceChildren(...((await contractResult(job)) || []));
+      result.replaceChildren(...((await contractResult(job)) || evaluationResult(job) || []));
     }
   }
   await refresh();

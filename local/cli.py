@@ -6,6 +6,7 @@
     fusion jobs create train ... --wait  submit, then follow it with a live progress bar
     fusion jobs list|get|wait|cancel     follow and control jobs
     fusion models list|show|delete       the catalog (a deleted model stays in its children's lineage)
+    fusion models evaluate M1 M2 --dataset ds-...   both on the same windows, side by side
     fusion models download MODEL --out DIR   its transformers folder (config.json, safetensors, tokenizer)
     fusion models generate MODEL --prompt TEXT   sample from it on this machine
     fusion models deploy MODEL --instance-type ml.g5.xlarge   serve it from a SageMaker endpoint
@@ -40,6 +41,7 @@ from rich.text import Text
 
 from local.client import DEFAULT_API_URL, Answer, ApiError, Client
 from local.deploy import COMMANDS as DEPLOY_COMMANDS, add_parsers as deploy_parsers
+from local.evaluate import add_parsers as evaluate_parsers, evaluation_request, evaluation_table, windows_cell, windows_words
 from local.follow import (NARROW_COLUMNS, StoppedFollowing, _follow_with_bar, _waiting, follow, loss_words,  # noqa: F401
                           progress_line, report_end)
 from local.output import Output, _pairs, _table, duration, human, money, number
@@ -54,7 +56,7 @@ from shared.responses import (
     Quote,
     RegisteredDataset,
 )
-from shared.settings import NAME_CHARACTERS, NAME_MAX_LENGTH, ContractSettings, TrainSettings
+from shared.settings import NAME_CHARACTERS, NAME_MAX_LENGTH, ContractSettings, EvaluateSettings, TrainSettings
 from shared.lifecycle import END_STATUSES
 from shared.shapes import SIZES
 
@@ -63,11 +65,11 @@ from shared.shapes import SIZES
 
 
 def models_table(models: list[CatalogModel]) -> Table:
-    table = _table("MODEL", "NAME", "KIND", "PARAMETERS", "DEPTH", "PERPLEXITY", "COST", "PARENT",
+    table = _table("MODEL", "NAME", "KIND", "PARAMETERS", "DEPTH", "PERPLEXITY", "MEASURED ON", "COST", "PARENT",
                    right=("PARAMETERS", "DEPTH", "PERPLEXITY", "COST"))
     for m in models:
         table.add_row(m.model_id, m.name or "-", m.kind, human(m.parameters), str(m.depth or "-"),
-                      number(m.perplexity), money(m.cost), m.parent_id or "-")
+                      number(m.perplexity), windows_cell(m.perplexity_on), money(m.cost), m.parent_id or "-")
     return table
 
 
@@ -97,19 +99,27 @@ def what_runs(job_type: str, settings: dict[str, Any], estimate: Any = None) -> 
             steps = (f"{len(cycles)} cycle{'s' * (len(cycles) > 1)} of {cycles[0]:,} steps" if len(set(cycles)) == 1
                      else f"{len(cycles)} cycles of {min(cycles):,}-{max(cycles):,} steps")
             run = f"{train.turns} turn{'s' * (train.turns > 1)} x {steps}, seq_len {train.seq_len}, lr {train.lr:g}"
+        elif job_type == "evaluate":
+            evaluate = EvaluateSettings.model_validate(settings)
+            models = len(evaluate.model_ids)
+            run = (f"{models} model{'s' * (models > 1)} on at most {evaluate.max_windows:,} windows of "
+                   f"{evaluate.seq_len} tokens ({evaluate.source}), forward passes only")
         else:
             contract = ContractSettings.model_validate(settings)
             run = (f"prune {contract.contraction_ratio:g} of {contract.num_layers_to_contract} blocks, "
                    f"then {contract.train_steps:,} healing steps")
     except ValueError:  # settings of another shape (an older record): as they are
         return json.dumps(settings, separators=(", ", "=")).strip("{}").replace('"', "")
-    if estimate is not None and estimate.sequences_per_step:
+    if estimate is not None and estimate.sequences_per_step and job_type != "evaluate":
         run += f", {estimate.sequences_per_step} sequences a step"
     return run
 
 
 def tokens_rows(e: Any) -> list[tuple[str, str]]:
     """Billed tokens (the price's count) and trained tokens (what the model sees), named apart."""
+    if e.evaluated_tokens:
+        return [("evaluated tokens", f"{e.evaluated_tokens:,} at most (models x max_windows x seq_len; billed for "
+                                     "those evaluated)")]
     rows = [("billed tokens", f"{e.training_tokens:,} (turns x steps x seq_len)")]
     if e.trained_tokens is not None:
         rows.append(("trained tokens", f"{e.trained_tokens:,} (billed tokens x {e.sequences_per_step} sequences a step)"))
@@ -119,15 +129,20 @@ def tokens_rows(e: Any) -> list[tuple[str, str]]:
 def estimate_table(quote: Quote) -> Table:
     """The API's estimate, so that it adds up: exact parts, their sum, then the total charged."""
     e = quote.estimate
-    parts = [("training cost", e.training_cost,
-              f"{human(e.training_tokens)} billed tokens at ${e.usd_per_million_tokens} per 1M (tier {e.tier}, "
-              f"{human(e.parameters)} parameters)")]
+    if e.evaluated_tokens:  # an evaluation: forward tokens only, each model at its own tier's rate
+        parts = [("evaluation cost", e.evaluation_cost,
+                  f"{human(e.evaluated_tokens)} forward tokens, each model's at its tier's rate per 1M evaluated")]
+    else:
+        parts = [("training cost", e.training_cost,
+                  f"{human(e.training_tokens)} billed tokens at ${e.usd_per_million_tokens} per 1M (tier {e.tier}, "
+                  f"{human(e.parameters)} parameters)")]
     if e.growth_parameters:
         parts.append(("growth fee", e.growth_fee, f"{human(e.growth_parameters)} parameters added"))
     if e.contraction_fee:
         parts.append(("contraction fee", e.contraction_fee, f"flat, tier {e.tier}"))
     exact = sum((amount for _, amount, _ in parts), Decimal(0))
-    rows = [("job", f"{quote.type} of {quote.model} on {quote.dataset or '-'}"),
+    of = quote.model or ", ".join(quote.settings.get("model_ids", []))
+    rows = [("job", f"{quote.type} of {of} on {quote.dataset or '-'}"),
             ("runs", what_runs(quote.type, quote.settings, e)), *tokens_rows(e)]
     rows += [(name, f"{money(amount)}  {note}") for name, amount, note in parts]
     rows.append(("sum", money(exact)))
@@ -157,6 +172,13 @@ def job_table(job: Job) -> Table:
         rows.append(("failure", job.failure_reason))
     if job.progress:
         rows.append(("progress", progress_line(job.progress)))
+    if job.models:
+        rows.append(("models", ", ".join(job.models)))
+    if job.evaluation:
+        first = job.evaluation.rows[0].perplexity_on if job.evaluation.rows else None
+        rows += [(row.model_id, f"perplexity {number(row.perplexity)} on {windows_words(row.perplexity_on)}"
+                                + ("" if row.perplexity_on.compares_with(first) else " (other windows)"))
+                 for row in job.evaluation.rows]
     rows.append(("settings", json.dumps(job.settings, separators=(", ", "=")).strip("{}").replace('"', "")))
     rows += [("warning", w) for w in job.warnings]
     return _pairs(rows)
@@ -169,12 +191,19 @@ def model_table(model: CatalogModel, parent: CatalogModel | None = None) -> Tabl
         parent_words += " (deleted)" if parent.status == "deleted" else ""
         if parent.parameters and model.parameters:
             parent_words += f", parameters {(model.parameters / parent.parameters - 1):+.0%}"
-        if parent.perplexity and model.perplexity:
-            parent_words += f", perplexity {(model.perplexity / parent.perplexity - 1):+.1%}"
+        # A contracted model's parent measured on its own windows (parent_perplexity); else the parent's
+        # catalog figure, which compares only when measured on the same windows.
+        theirs = model.parent_perplexity
+        if theirs is None and model.perplexity_on is not None and model.perplexity_on.compares_with(parent.perplexity_on):
+            theirs = parent.perplexity
+        if theirs and model.perplexity:
+            parent_words += f", perplexity {(model.perplexity / theirs - 1):+.1%}"
+        elif parent.perplexity and model.perplexity:
+            parent_words += ", perplexity on other windows"
     rows = [("model", model.model_id), ("name", model.name or "-"), ("kind", model.kind), ("owner", model.owner),
             ("parent", parent_words), ("job", model.job_id or "-"),
             ("parameters", f"{human(model.parameters)} ({model.parameters or 0:,})"),
-            ("depth", str(model.depth or "-")), ("perplexity", number(model.perplexity)), ("cost", money(model.cost)),
+            ("depth", str(model.depth or "-")), ("perplexity", _perplexity(model)), ("cost", money(model.cost)),
             ("dataset", model.dataset or "-"), ("artifact", model.artifact_uri or "-"), ("created", model.created_at)]
     if model.status != "ready":
         rows.append((model.status, model.reason or model.deleted_at or "-"))
@@ -184,6 +213,16 @@ def model_table(model: CatalogModel, parent: CatalogModel | None = None) -> Tabl
         rows.append(("shape", f"dim {config.dim}, vocab {config.vocab_size}, context {config.context_length}, "
                               "layers (heads/kv/mlp): " + ", ".join(f"{h}/{k}/{m}" for h, k, m in shapes)))
     return _pairs(rows)
+
+
+def _perplexity(model: CatalogModel) -> str:
+    """The model's perplexity with the windows it was measured on, and its parent's on the same ones."""
+    text = number(model.perplexity)
+    if model.perplexity_on is not None:
+        text += f" on {windows_words(model.perplexity_on)}"
+    if model.parent_perplexity is not None:
+        text += f"; its parent {number(model.parent_perplexity)} on the same windows"
+    return text
 
 
 # --- arguments ---------------------------------------------------------------------------------
@@ -291,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     deploy_parsers(models)
     register_parsers(models)
+    evaluate_parsers(models)
     from local.admin import add_parsers as admin_parsers
 
     admin_parsers(sub)
@@ -403,6 +443,27 @@ def jobs_create(args: argparse.Namespace, client: Client, out: Output) -> int:
     for warning in job.warnings:
         out.console.print(f"[yellow]warning[/yellow]: {warning}")
     return report_end(follow(client, job.job_id, out.console), out.console) if args.wait else 0
+
+
+def models_evaluate(args: argparse.Namespace, client: Client, out: Output) -> int:
+    """Price, or submit and follow, an evaluate job; print its table."""
+    body = evaluation_request(args)
+    if args.estimate:
+        out.show(client.call("POST", "/jobs/estimate", Quote, body), estimate_table)
+        return 0
+    job = client.call("POST", "/jobs", Job, body)
+    if args.no_wait:
+        out.show(job, lambda j: f"job {j.job_id} {j.status}: estimate {money(j.estimate.total)}")
+        return 0
+    if not out.as_json:
+        out.console.print(f"job {job.job_id} queued: estimate {money(job.estimate.total)}")
+        for warning in job.warnings:
+            out.console.print(f"[yellow]warning[/yellow]: {warning}")
+    job = follow(client, job.job_id, out.console, show=not out.as_json)
+    if job.status != "completed":
+        return report_end(job, out.console)
+    out.show(job, evaluation_table)
+    return 0
 
 
 def _exit_code(job: Job) -> int:
@@ -524,6 +585,7 @@ COMMANDS: dict[tuple[str, str | None], Callable[[argparse.Namespace, Client, Out
     ("jobs", "wait"): jobs_wait,
     ("models", "list"): models_list,
     ("models", "show"): models_show,
+    ("models", "evaluate"): models_evaluate,
     ("models", "delete"): models_delete,
     ("models", "download"): models_download,
     ("models", "generate"): models_generate,
@@ -591,6 +653,9 @@ def flag_of(field: str) -> str | None:
     name = field.removeprefix("hyperparams.")
     if name == "source_model_id":
         return "--model"
+    if name.split(".")[0] == "model_ids":  # `fusion models evaluate`'s MODEL arguments, counted from 1
+        index = name.split(".")[1:]
+        return f"MODEL {int(index[0]) + 1}" if index and index[0].isdigit() else "MODEL"
     if field.startswith("hyperparams.") or name in ("model", "dataset", "name"):
         return "--" + name.replace("_", "-")
     return None

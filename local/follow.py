@@ -120,6 +120,10 @@ def _waiting(status: str) -> str:
 
 
 def report_end(job: Job, console: Console) -> int:
+    if job.status == "completed" and job.type == "evaluate":  # no model: its table is on the job
+        console.print(f"[green]completed[/green]: {len(job.models or [])} models evaluated, billed {money(job.bill)} "
+                      f"(fusion jobs get {job.job_id})")
+        return 0
     if job.status == "completed":
         console.print(f"[green]completed[/green]: model [bold]{job.output_model_id}[/bold], billed {money(job.bill)}")
         return 0

@@ -16,23 +16,24 @@ from shared.errors import JobError, describe_error, invalid, not_found
 from shared.events import announce
 from shared.lifecycle import NO_CHARGE, new_job_id
 from shared.memory import DoesNotFit
-from shared.pricing import Estimate, estimate_contract, estimate_train
+from shared.pricing import Estimate, estimate_contract, estimate_evaluate, estimate_train
 from shared.settings import (
     JOB_REQUEST,
     ContractJobRequest,
     ContractSettings,
+    EvaluateJobRequest,
     TrainJobRequest,
     TrainSettings,
     default_output_name,
 )
-from shared.shapes import ModelConfig, contraction_floor
+from shared.shapes import ModelConfig, contraction_floor, grown_block_ids
 from shared.store import Catalog, Datasets, Jobs, OverBudget, Tenants, available, cents, not_available, now
 from shared.telemetry import job_created, job_ended, job_refused
 from shared.tenancy import data_uri_prefix, is_owner, owns_uri
 
 
 def resolve(
-    request: TrainJobRequest | ContractJobRequest,
+    request: TrainJobRequest | ContractJobRequest | EvaluateJobRequest,
     owner: str,
     *,
     catalog: Catalog,
@@ -48,6 +49,9 @@ def resolve(
     object is still the one its check admitted.
     """
     job_id = job_id or new_job_id()
+    if isinstance(request, EvaluateJobRequest):
+        return _resolve_evaluation(request, owner, catalog=catalog, datasets=datasets, data_bucket=data_bucket,
+                                   s3=s3, job_id=job_id)
     warnings = request.hyperparams.warnings()
     if isinstance(request, TrainJobRequest):
         base = catalog.get(request.model, owner)
@@ -100,6 +104,7 @@ def resolve(
             raise invalid("dataset", f"{settings.source_model_id} records no dataset: give one for calibration")
         model_id, base = settings.source_model_id, source
         estimate = _planned(lambda: estimate_contract(settings, source_config), "hyperparams.source_model_id")
+        warnings += grown_blocks_warning(source_config, settings)
     dataset_uri, pinned = _unreplaced(s3, dataset, owner, datasets=datasets, data_bucket=data_bucket)
     validation: dict[str, Any] = {}
     if isinstance(request, TrainJobRequest):
@@ -138,6 +143,68 @@ def resolve(
 
 def _data_warnings(dataset: str, owner: str, datasets: Datasets, seq_len: int) -> list[str]:
     return [] if dataset.startswith("s3://") else data_warnings(datasets.get(dataset, owner), seq_len)
+def grown_blocks_warning(source: ModelConfig, settings: ContractSettings) -> list[str]:
+    """What contracting a model that still holds the blocks growth inserted removes.
+
+    A grown block starts as an identity function (its output projections are zero) and stays close
+    to one until trained at length; contraction picks the blocks of least influence first, so on a
+    freshly grown model it prunes mostly those inserted blocks, not the model's own."""
+    inserted = grown_block_ids(source)
+    if not inserted:
+        return []
+    return [f"{len(inserted)} of the {source.n_layers} blocks of {settings.source_model_id} were inserted by growth "
+            f"({', '.join(inserted)}); until trained at length they are near-identity, and contraction prunes the "
+            f"least influential blocks first: on a freshly grown model it removes mostly the inserted blocks' "
+            f"units, so the result stays above the size of the model it grew from"]
+
+
+def _resolve_evaluation(request: EvaluateJobRequest, owner: str, *, catalog: Catalog, datasets: Datasets,
+                        data_bucket: str, s3: Any, job_id: str) -> dict[str, Any]:
+    """An evaluate job: every model the caller may see (theirs or a base model), ready, its weights
+    stored, and with a context at least seq_len long; each model's artifact is an input channel of
+    the training job. The dataset is checked and pinned as a train job's is."""
+    settings = request.hyperparams
+    models = []
+    for index, model_id in enumerate(settings.model_ids):
+        field_name = f"hyperparams.model_ids.{index}"
+        model = catalog.get(model_id, owner)
+        if model is None:
+            raise not_found("model", field_name, model_id)
+        if model.get("status", "ready") != "ready" or not model.get("artifact_uri"):
+            raise invalid(field_name, f"{model_id} is {model.get('status', 'not ready')}: {model.get('reason')}")
+        if not available(model, s3):
+            raise invalid(field_name, not_available(model_id))
+        config = ModelConfig.model_validate(model["config"])
+        if settings.seq_len > config.context_length:
+            raise invalid("hyperparams.seq_len", f"seq_len={settings.seq_len} exceeds the context length "
+                                                 f"{config.context_length} of {model_id}")
+        models.append((model, config))
+    estimate = _planned(lambda: estimate_evaluate(settings, [config for _, config in models]), "hyperparams.model_ids")
+    dataset_uri, pinned = _unreplaced(s3, request.dataset, owner, datasets=datasets, data_bucket=data_bucket)
+    warnings = settings.warnings() + _data_warnings(request.dataset, owner, datasets, settings.seq_len)
+    created = now()
+    return {
+        "job_id": job_id,
+        "type": request.type,
+        "status": "queued",
+        "owner": owner,
+        "model": None,  # an evaluation has no one model: it measures `models`
+        "models": list(settings.model_ids),
+        "dataset": request.dataset,
+        "settings": settings.model_dump(mode="json"),
+        "estimate": estimate.model_dump(mode="json"),
+        "warnings": warnings,
+        "training_job_name": None,
+        "output_model_id": None,
+        "failure_reason": None,
+        "progress": None,
+        "bill": None,
+        "created_at": created,
+        "updated_at": created,
+        "dataset_uri": dataset_uri,
+        "dataset_pin": pinned,
+        "input_model_uris": [model["artifact_uri"] for model, _ in models],
+    }
 
 
 def _planned(estimate: Any, field_name: str) -> Estimate:
@@ -226,8 +293,8 @@ def admit(job: dict[str, Any], *, jobs: Jobs, tenants: Tenants, sqs: Any, queue_
     return job
 
 
-def accept(request: TrainJobRequest | ContractJobRequest, owner: str, *, catalog: Catalog, datasets: Datasets,
-           data_bucket: str, s3: Any, jobs: Jobs, tenants: Tenants, sqs: Any, queue_url: str,
+def accept(request: TrainJobRequest | ContractJobRequest | EvaluateJobRequest, owner: str, *, catalog: Catalog,
+           datasets: Datasets, data_bucket: str, s3: Any, jobs: Jobs, tenants: Tenants, sqs: Any, queue_url: str,
            job_id: str | None = None) -> dict[str, Any]:
     """A request to create a job, resolved and admitted: the accepted job, or JobError saying why not."""
     try:

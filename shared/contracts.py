@@ -18,10 +18,18 @@ from typing import Annotated, Any, Literal, Union, get_args
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from shared.memory import Layout
-from shared.settings import ContractSettings, TrainSettings, from_hyperparameters, proxy_settings, to_hyperparameters
+from shared.settings import (
+    SETTINGS_BY_TYPE,
+    EvaluationSource,
+    JobSettings,
+    TrainSettings,
+    from_hyperparameters,
+    proxy_settings,
+    to_hyperparameters,
+)
 from shared.shapes import ModelConfig
 
-JobType = Literal["train", "contract"]
+JobType = Literal["train", "contract", "evaluate"]
 # Written by one side and read by the other: nothing unknown, nothing coerced (a JSON true is no count).
 CONTRACT = ConfigDict(extra="forbid", strict=True, frozen=True)
 Count = Annotated[int, Field(ge=0)]
@@ -43,14 +51,14 @@ class Hyperparameters(BaseModel):
 
     job_type: JobType
     job_id: str
-    settings: TrainSettings | ContractSettings
+    settings: JobSettings
     layout: Layout = Layout()
     # A tuning's trial: train this fraction of the run `settings` describe (shared.settings.proxy_settings).
     proxy_fraction: float | None = None
 
     @model_validator(mode="after")
     def _settings_of_the_type(self) -> "Hyperparameters":
-        expected = TrainSettings if self.job_type == "train" else ContractSettings
+        expected = SETTINGS_BY_TYPE[self.job_type]
         if not isinstance(self.settings, expected):
             raise ValueError(f"a {self.job_type} job takes {expected.__name__}")
         if self.proxy_fraction is not None:
@@ -59,7 +67,7 @@ class Hyperparameters(BaseModel):
             proxy_settings(self.settings, self.proxy_fraction)  # in range, else ValueError
         return self
 
-    def run_settings(self) -> TrainSettings | ContractSettings:
+    def run_settings(self) -> JobSettings:
         """What the container runs: the settings, or their proxy for a tuning's trial."""
         if self.proxy_fraction is None:
             return self.settings
@@ -147,17 +155,32 @@ LOG_RECORD = TypeAdapter(LogRecord)
 
 
 class HeldOut(BaseModel):
-    """What a job's held-out figures were measured on: the validation set the job named, or the
-    split held out of its dataset; in windows of seq_len tokens; on every token, or on the
-    assistant's tokens of conversations."""
+    """What a perplexity was measured on: which windows of which dataset, of seq_len tokens, scored
+    on every token or on the assistant's tokens of conversations, and a digest of those windows.
+
+    A perplexity means something only with its windows: the same model scores differently on
+    another split, another tokenizer or chat template, or another seq_len (a window of 128 tokens
+    predicts its tokens with less context than one of 256). Two perplexities compare only when
+    their digests agree: the same tokens, the same targets scored."""
 
     model_config = CONTRACT
 
-    source: Literal["validation", "split"]
+    # validation: the validation set a train job named (a seeded sample of all its windows);
+    # split: the windows held out of the job's dataset at this seq_len (a seeded 5%, which a train
+    # job at this seq_len never trains on); dataset: a seeded sample of all the windows of the
+    # dataset an evaluate job names (drawn as a validation set's are).
+    source: Literal["validation", EvaluationSource]
     dataset: str | None = None  # the dataset id or URI (filled in where the job is known)
     windows: Count
     seq_len: Count
     tokens: Literal["all", "assistant"]
+    # sha256 of the windows as measured (their token ids and which targets count), in order; None in
+    # the metrics of images from before it was recorded, which then compare with nothing.
+    sha256: str | None = None
+
+    def compares_with(self, other: "HeldOut | None") -> bool:
+        """Whether a perplexity measured on these windows compares with one measured on `other`."""
+        return other is not None and self.sha256 is not None and self.sha256 == other.sha256
 
 
 class _Outcome(BaseModel):
@@ -178,7 +201,7 @@ class _Outcome(BaseModel):
     # What the job's matmuls computed in (PRECISION_ENV resolved on its hardware); None in the
     # metrics of images from before it was recorded.
     precision: ComputePrecision | None = None
-    heldout: HeldOut | None = None
+    heldout: HeldOut | None = None  # where final_perplexity was measured (None: a job from before it was said)
 
 
 class TrainMetrics(_Outcome):
@@ -195,7 +218,7 @@ class ContractMetrics(_Outcome):
     layers_contracted: list[str]
     contraction_ratio: float
     block_influence: dict[str, float]
-    perplexity_before: float
+    perplexity_before: float  # the source's, on the same windows as the pruned and healed model's
     perplexity_after_pruning: float
     perplexity_after_healing: float | None
     # Whether model/ holds the healed weights (final_perplexity is then perplexity_after_healing);
@@ -204,7 +227,36 @@ class ContractMetrics(_Outcome):
     healing_kept: bool | None
 
 
-Metrics = Annotated[Union[TrainMetrics, ContractMetrics], Field(discriminator="job_type")]
+class Evaluated(BaseModel):
+    """One model's row of an evaluation: its loss on the windows the row names."""
+
+    model_config = CONTRACT
+
+    model_id: str
+    parameters: Count
+    perplexity_on: HeldOut
+    target_tokens: Count  # the targets scored: every predicted token, or only the assistant's on chat data
+    loss: float  # mean cross-entropy over target_tokens (nats): on chat data, the assistant's tokens' loss
+    perplexity: float  # exp(loss)
+
+
+class EvaluateMetrics(BaseModel):
+    """metrics.json of an evaluate job: every model measured on the same windows of one dataset.
+    Models that share a tokenizer and chat template share the windows (equal perplexity_on.sha256);
+    models with another cut the same text into other tokens, so their rows compare with each
+    other only."""
+
+    model_config = CONTRACT
+
+    job_id: str
+    job_type: Literal["evaluate"]
+    rows: list[Evaluated]
+    evaluated_tokens: Count  # forward tokens over all models: what the job is billed for
+    wall_time_s: float
+    training_tokens: Literal[0] = 0  # an evaluation trains nothing
+
+
+Metrics = Annotated[Union[TrainMetrics, ContractMetrics, EvaluateMetrics], Field(discriminator="job_type")]
 METRICS = TypeAdapter(Metrics)
 
 

@@ -34,7 +34,7 @@ def invalid(field_name: str, message: str) -> JobError:
 _PATTERN_RULES = {NAME_PATTERN: NAME_RULE}
 
 # Tags pydantic puts in an error location for the branch of a discriminated union.
-_UNION_TAGS = {"train", "contract", "request"}
+_UNION_TAGS = {"train", "contract", "evaluate", "request"}
 
 
 def describe_error(error: dict[str, Any]) -> dict[str, str]:

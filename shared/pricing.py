@@ -26,6 +26,7 @@ from shared.settings import (
     CONTRACT_HELDOUT_WINDOWS,
     CONTRACT_SEQ_LEN,
     ContractSettings,
+    EvaluateSettings,
     TrainSettings,
 )
 from shared.shapes import ModelConfig, batch_size_for, grown_config, growth_parameters
@@ -41,6 +42,7 @@ class Tier(BaseModel):
     max_parameters: int | None
     usd_per_million_tokens: Decimal
     contraction_fee: Decimal
+    usd_per_million_evaluated_tokens: Decimal  # an evaluate job's forward tokens (per model, at its tier)
     instance_types: list[str] = Field(min_length=1)  # in order of preference
     max_instance_count: int = Field(ge=1)
     spot: bool = False  # managed spot capacity (checkpoints make an interruption a resume)
@@ -112,6 +114,10 @@ class Estimate(BaseModel):
     contraction_fee: Decimal
     # The least any job that reaches a GPU pays (prices.json): no job is free, however small.
     minimum_charge: Decimal = Decimal(0)
+    # An evaluate job: the forward tokens of every model (shared.settings.EvaluateSettings), each model's at
+    # its own tier's rate; evaluation_cost is billed pro rata to the tokens evaluated.
+    evaluated_tokens: int = 0
+    evaluation_cost: Decimal = Decimal(0)
     total: Decimal
     instance_type: str
     instance_count: int
@@ -283,6 +289,50 @@ def estimate_train(
     )
 
 
+def estimate_evaluate(
+    settings: EvaluateSettings,
+    models: list[ModelConfig],
+    *,
+    instance_type: str | None = None,
+    table: PriceTable | None = None,
+) -> Estimate:
+    """Price an evaluate job: each model's forward tokens (max_windows x seq_len) at its own tier's
+    evaluation rate. It runs where a training job of the largest model at that seq_len would (the
+    memory plan's answer for training holds a forward pass with room to spare)."""
+    table = table or price_table()
+    per_model = settings.max_windows * settings.seq_len
+    cost = sum((Decimal(per_model) / MILLION * table.tier_for(m.parameters()).usd_per_million_evaluated_tokens
+                for m in models), Decimal(0))
+    largest = max(models, key=lambda m: m.parameters())
+    tier = table.tier_for(largest.parameters())
+    chosen = memory_plan(largest, settings.seq_len, tier, table, instance_type)
+    flop_count = sum(2.0 * m.parameters() * per_model for m in models)
+    eta = table.startup_seconds + _seconds(table, flop_count, chosen.instance_type, chosen.instance_count)
+    return Estimate(
+        job_type="evaluate",
+        training_tokens=0,
+        parameters=largest.parameters(),
+        tier=tier.name,
+        usd_per_million_tokens=tier.usd_per_million_tokens,
+        training_cost=Decimal(0),
+        growth_parameters=0,
+        growth_fee=Decimal(0),
+        contraction_fee=Decimal(0),
+        minimum_charge=table.minimum_charge_usd,
+        evaluated_tokens=settings.evaluated_tokens(),
+        evaluation_cost=cost,
+        total=max(cost.quantize(CENT, rounding=ROUND_HALF_UP), table.minimum_charge_usd),
+        instance_type=chosen.instance_type,
+        instance_count=chosen.instance_count,
+        eta_seconds=round(eta),
+        max_runtime_seconds=max(3600, round(eta * table.max_runtime_margin)),
+        strategy=chosen.strategy,
+        micro_batch=chosen.micro_batch,
+        activation_checkpointing=chosen.activation_checkpointing,
+        spot=tier.spot,
+    )
+
+
 def estimate_contract(
     settings: ContractSettings,
     source: ModelConfig,
@@ -297,15 +347,20 @@ def estimate_contract(
     )
 
 
-def bill(estimate: Estimate, tokens_trained: int) -> Decimal:
+def bill(estimate: Estimate, tokens_trained: int, tokens_evaluated: int = 0) -> Decimal:
     """What a job pays for what actually ran: fees in full, training pro rata to tokens trained,
-    and never less than the minimum charge.
+    evaluation pro rata to tokens evaluated, and never less than the minimum charge.
 
-    A completed job trained every estimated token, so its bill equals the estimate's total.
+    A completed job trained every estimated token, so its bill equals the estimate's total; an
+    evaluation of a dataset with fewer windows than max_windows evaluated fewer and pays less.
     """
     tokens = min(max(tokens_trained, 0), estimate.training_tokens)
     training = Decimal(tokens) / MILLION * estimate.usd_per_million_tokens
-    total = (training + estimate.growth_fee + estimate.contraction_fee).quantize(CENT, rounding=ROUND_HALF_UP)
+    evaluation = Decimal(0)
+    if estimate.evaluated_tokens:
+        evaluated = min(max(tokens_evaluated, 0), estimate.evaluated_tokens)
+        evaluation = estimate.evaluation_cost * evaluated / estimate.evaluated_tokens
+    total = (training + evaluation + estimate.growth_fee + estimate.contraction_fee).quantize(CENT, rounding=ROUND_HALF_UP)
     return max(total, estimate.minimum_charge)
 
 

@@ -16,13 +16,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.contracts import EvalRecord, HeldOut, Progress, StepRecord
+from shared.contracts import EvalRecord, Evaluated, HeldOut, Progress, StepRecord
 from shared.pricing import Estimate
 from shared.shapes import ModelConfig
 from shared.lifecycle import STATUS_RANK
 
 JobStatus = Literal[tuple(STATUS_RANK)]
-JobType = Literal["train", "contract", "tuning"]
+JobType = Literal["train", "contract", "evaluate", "tuning"]
 DatasetStatus = Literal["pending", "ready", "rejected", "failed", "replaced", "deleted"]
 ModelKind = Literal["base", "trained", "contracted", "imported"]
 
@@ -54,6 +54,14 @@ class ErrorResponse(_Body):
 # --- jobs --------------------------------------------------------------------------------------
 
 
+class EvaluationTable(_Body):
+    """An evaluate job's result: each model on the same windows of one dataset at one seq_len."""
+
+    evaluated_tokens: int = Field(description="Forward tokens over all models: what the job was billed for.")
+    rows: list[Evaluated] = Field(description="One row per model, in the order asked. Rows whose perplexity_on "
+                                  "has the same sha256 were measured on the very same tokens and compare directly.")
+
+
 class Job(_Body):
     """A job as its owner sees it."""
 
@@ -61,8 +69,9 @@ class Job(_Body):
     type: JobType
     status: JobStatus
     owner: str
-    model: str = Field(description="The base model trained, or the model contracted.")
-    dataset: str | None = Field(description="The dataset id or S3 URI it trains or calibrates on.")
+    model: str | None = Field(description="The base model trained, or the model contracted (none for an evaluation).")
+    models: list[str] | None = Field(default=None, description="An evaluation's models, in order.")
+    dataset: str | None = Field(description="The dataset id or S3 URI it trains, calibrates or measures on.")
     validation_dataset: str | None = Field(
         default=None, description="The validation set its held-out metrics are measured on; none: a split of dataset.")
     settings: dict[str, Any] = Field(description="The job's settings with every default filled in.")
@@ -74,6 +83,7 @@ class Job(_Body):
     progress: Progress | None = Field(
         default=None, description="While it runs: the trainer's latest progress (turn, cycle, step, loss, eta).")
     bill: Decimal | None = Field(description="Once ended: what it cost (never more than the estimate's total).")
+    evaluation: EvaluationTable | None = Field(default=None, description="A completed evaluation's table.")
     created_at: str
     updated_at: str
 
@@ -97,7 +107,7 @@ class Quote(_Body):
     """A priced job not created: what it would run, cost and take, and whether the budget lets it."""
 
     type: JobType
-    model: str
+    model: str | None
     dataset: str | None
     settings: dict[str, Any]
     estimate: QuotedEstimate
@@ -141,8 +151,14 @@ class CatalogModel(_Body):
     family: str | None = None
     context_length: int | None = None
     dtype: str | None = None
-    perplexity: float | None = None
-    perplexity_on: HeldOut | None = Field(default=None, description="What the perplexity was measured on.")
+    perplexity: float | None = Field(default=None, description="Held-out perplexity, on perplexity_on.")
+    perplexity_on: HeldOut | None = Field(
+        default=None, description="The dataset, windows, seq_len and tokens scored of perplexity, and the windows' "
+        "digest: two perplexities compare only when their digests agree (absent for models made before it was "
+        "recorded, and for base and registered models, which no job measured).")
+    parent_perplexity: float | None = Field(
+        default=None, description="A contracted model's parent, measured by the contract job on the same windows "
+        "(perplexity_on).")
     artifact_uri: str | None = None
     cost: Decimal | None = None
     config: ModelConfig | None = None

@@ -163,6 +163,62 @@ class ContractSettings(BaseModel):
         return []
 
 
+# An evaluation job: every model on the same windows of one dataset, forward passes only.
+# Where its windows come from (shared.contracts.HeldOut.source names them with a train job's validation set).
+EvaluationSource = Literal["split", "dataset"]
+EVALUATION_WINDOWS = 256  # windows measured by default: 65,536 tokens at seq_len 256
+MAX_EVALUATION_WINDOWS = 4096
+MAX_EVALUATED_MODELS = 8  # each model is an input channel of the training job (SageMaker allows 20)
+
+
+class EvaluateSettings(BaseModel):
+    """Settings of an `evaluate` job: measure models side by side on the same windows of one dataset."""
+
+    model_config = STRICT
+
+    model_ids: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        min_length=1,
+        max_length=MAX_EVALUATED_MODELS,
+        description=f"The models to measure (yours or base models), 1-{MAX_EVALUATED_MODELS}, each once.",
+        examples=[["m-abc", "m-def"]],
+    )
+    seq_len: int = Field(
+        default=256,
+        ge=16,
+        le=MAX_SEQ_LEN,
+        description="Tokens predicted per window, the same for every model; at most each model's context length.",
+    )
+    source: EvaluationSource = Field(
+        default="split",
+        description="split: the windows held out of the dataset at this seq_len (those a train job on it at this "
+        "seq_len never trains on and measures its perplexity on); dataset: a seeded sample of all its windows (a "
+        "dataset kept for evaluation, drawn as a train job draws its validation set's).",
+    )
+    max_windows: int = Field(
+        default=EVALUATION_WINDOWS,
+        ge=1,
+        le=MAX_EVALUATION_WINDOWS,
+        description="At most this many windows are measured (the first of the split in order, or a sample of this "
+        "many); the price counts them all, the bill what ran.",
+    )
+
+    @model_validator(mode="after")
+    def _each_model_once(self) -> "EvaluateSettings":
+        if len(set(self.model_ids)) != len(self.model_ids):
+            raise ValueError("model_ids names a model twice")
+        return self
+
+    def training_tokens(self) -> int:
+        return 0
+
+    def evaluated_tokens(self) -> int:
+        """The forward tokens priced: every model on max_windows windows of seq_len predicted tokens."""
+        return len(self.model_ids) * self.max_windows * self.seq_len
+
+    def warnings(self) -> list[str]:
+        return []
+
+
 class TrainJobRequest(BaseModel):
     """Body of `POST /jobs` for a train job."""
 
@@ -194,15 +250,27 @@ class ContractJobRequest(BaseModel):
     )
 
 
-JobRequest = Annotated[Union[TrainJobRequest, ContractJobRequest], Field(discriminator="type")]
-JOB_REQUEST = TypeAdapter(JobRequest)
+class EvaluateJobRequest(BaseModel):
+    """Body of `POST /jobs` for an evaluation job."""
 
-SETTINGS_BY_TYPE: dict[str, type[TrainSettings] | type[ContractSettings]] = {
+    model_config = STRICT
+
+    type: Literal["evaluate"]
+    dataset: str = Field(min_length=1, max_length=1024, description="Dataset id or S3 URI of the text to measure on.")
+    hyperparams: EvaluateSettings
+
+
+JobRequest = Annotated[Union[TrainJobRequest, ContractJobRequest, EvaluateJobRequest], Field(discriminator="type")]
+JOB_REQUEST = TypeAdapter(JobRequest)
+JobSettings = TrainSettings | ContractSettings | EvaluateSettings
+
+SETTINGS_BY_TYPE: dict[str, type[TrainSettings] | type[ContractSettings] | type[EvaluateSettings]] = {
     "train": TrainSettings,
     "contract": ContractSettings,
+    "evaluate": EvaluateSettings,
 }
 
-def to_hyperparameters(job_type: str, job_id: str, settings: TrainSettings | ContractSettings) -> dict[str, str]:
+def to_hyperparameters(job_type: str, job_id: str, settings: JobSettings) -> dict[str, str]:
     """SageMaker's HyperParameters map: every value a string (None values are left out)."""
     out = {"job_type": job_type, "job_id": job_id}
     for key, value in settings.model_dump(exclude_none=True).items():
@@ -210,9 +278,10 @@ def to_hyperparameters(job_type: str, job_id: str, settings: TrainSettings | Con
     return out
 
 
-def from_hyperparameters(raw: dict[str, Any]) -> tuple[str, str, TrainSettings | ContractSettings]:
-    """Parse hyperparameters.json back into (job_type, job_id, settings) with the API's models."""
-    values = dict(raw)
+def from_hyperparameters(raw: dict[str, Any]) -> tuple[str, str, JobSettings]:
+    """Parse hyperparameters.json back into (job_type, job_id, settings) with the API's models
+    (a list travels as its JSON text: lax parsing reads numbers from strings, not lists)."""
+    values = {k: json.loads(v) if isinstance(v, str) and v.startswith("[") else v for k, v in raw.items()}
     job_type = str(values.pop("job_type", ""))
     job_id = str(values.pop("job_id", ""))
     if job_type not in SETTINGS_BY_TYPE:

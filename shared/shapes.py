@@ -183,6 +183,11 @@ def grown_config(config: ModelConfig) -> ModelConfig:
     return config.model_copy(update={"layers": layers, "block_ids": ids})
 
 
+def grown_block_ids(config: ModelConfig) -> list[str]:
+    """The blocks growth inserted (named after the block they follow: "3_1")."""
+    return [bid for bid in config.ids() if "_" in bid]
+
+
 def _next_free_id(bid: str, taken: set[str]) -> str:
     n = 1
     while f"{bid}_{n}" in taken:

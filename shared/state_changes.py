@@ -11,12 +11,12 @@ from typing import Any
 
 from aws_lambda_powertools import Logger
 
-from shared.contracts import Metrics
+from shared.contracts import EvaluateMetrics, HeldOut, Metrics
 from shared.events import announce
 from shared.lifecycle import END_STATUSES, NO_CHARGE, UNLAUNCHED_STATUSES, is_tuning
 from shared.outputs import keep_metrics_log, read_metrics, read_progress
 from shared.pricing import Estimate, bill
-from shared.store import Catalog, ConditionFailed, Jobs, missing_object, now
+from shared.store import Catalog, ConditionFailed, Jobs, json_column, missing_object, now
 from shared.telemetry import job_ended
 from shared.training_jobs import NO_SUCH_TRAINING_JOB, job_id_of, training_job_name
 
@@ -44,11 +44,12 @@ def model_id_for(job_id: str) -> str:
 
 def catalog_entry(job: dict[str, Any], metrics: Metrics, artifact_uri: str, cost: Decimal) -> dict[str, Any]:
     config = metrics.config
+    contracted = job["type"] == "contract"
     return {
         "model_id": model_id_for(job["job_id"]),
         "name": job["settings"]["output_name"],
         "owner": job["owner"],
-        "kind": "trained" if job["type"] == "train" else "contracted",
+        "kind": "contracted" if contracted else "trained",
         "parent_id": job["model"],
         "job_id": job["job_id"],
         "parameters": config.parameters(),
@@ -56,7 +57,9 @@ def catalog_entry(job: dict[str, Any], metrics: Metrics, artifact_uri: str, cost
         "family": config.family,
         "context_length": config.context_length,
         "perplexity": metrics.final_perplexity,
-        "perplexity_on": _perplexity_on(job, metrics),
+        "perplexity_on": perplexity_on(job, metrics.heldout),
+        # A contracted model's parent, measured by the same job on the same windows: the pair compares.
+        "parent_perplexity": metrics.perplexity_before if metrics.job_type == "contract" else None,
         "artifact_uri": artifact_uri,
         "cost": str(cost),
         "config": config.model_dump(mode="json"),
@@ -66,12 +69,20 @@ def catalog_entry(job: dict[str, Any], metrics: Metrics, artifact_uri: str, cost
     }
 
 
-def _perplexity_on(job: dict[str, Any], metrics: Metrics) -> dict[str, Any] | None:
-    """metrics.heldout, naming the dataset: the job's validation set or its training data."""
-    if metrics.heldout is None:
+def perplexity_on(job: dict[str, Any], heldout: HeldOut | None) -> dict[str, Any] | None:
+    """What a job measured on (its metrics' HeldOut), naming the dataset: the job's validation set,
+    or the dataset it trained on, calibrated on or evaluated."""
+    if heldout is None:
         return None
-    dataset = job.get("validation_dataset") if metrics.heldout.source == "validation" else job.get("dataset")
-    return metrics.heldout.model_copy(update={"dataset": dataset}).model_dump(mode="json")
+    dataset = job.get("validation_dataset") if heldout.source == "validation" else job.get("dataset")
+    return heldout.model_copy(update={"dataset": dataset}).model_dump(mode="json")
+
+
+def evaluation_table(job: dict[str, Any], metrics: EvaluateMetrics) -> dict[str, Any]:
+    """An evaluate job's result as the job shows it: a row per model, each naming its windows."""
+    rows = [{**row.model_dump(mode="json"), "perplexity_on": perplexity_on(job, row.perplexity_on)}
+            for row in metrics.rows]
+    return {"evaluated_tokens": metrics.evaluated_tokens, "rows": rows}
 
 
 @dataclass
@@ -138,8 +149,13 @@ def record_state_change(
         unreadable = _unreadable_metrics()
         try:
             metrics = read_metrics(s3, artifact_uri)
-            cost = bill(estimate, metrics.training_tokens)
-            model = catalog_entry(job, metrics, artifact_uri, cost)
+            if metrics.job_type != job["type"]:
+                raise ValueError(f"metrics.json is a {metrics.job_type} job's, this job is a {job['type']} job")
+            if isinstance(metrics, EvaluateMetrics):  # no model: the table goes on the job
+                cost = bill(estimate, 0, metrics.evaluated_tokens)
+            else:
+                cost = bill(estimate, metrics.training_tokens)
+                model = catalog_entry(job, metrics, artifact_uri, cost)
         except unreadable as exc:
             if not _definitive(exc):
                 raise  # throttled or unreachable: the event is retried
@@ -149,8 +165,12 @@ def record_state_change(
                                         f"artifact is kept at {artifact_uri}",
                       "bill": NO_CHARGE, "artifact_uri": artifact_uri}
         else:
-            catalog.register(model)  # once: a second register of the same id is a no-op
-            fields = {"output_model_id": model["model_id"], "bill": str(cost), "artifact_uri": artifact_uri}
+            if model is None:
+                fields = {"evaluation": json_column(evaluation_table(job, metrics)), "bill": str(cost),
+                          "artifact_uri": artifact_uri}
+            else:
+                catalog.register(model)  # once: a second register of the same id is a no-op
+                fields = {"output_model_id": model["model_id"], "bill": str(cost), "artifact_uri": artifact_uri}
     elif status == "cancelled":
         progress = read_progress(s3, artifacts_bucket, job_id)  # none readable: no token proven trained
         fields = {"bill": str(bill(estimate, progress.tokens_trained if progress else 0))}

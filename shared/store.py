@@ -276,11 +276,19 @@ def _update_parts(fields: dict[str, Any], allowed: list[str]) -> dict[str, Any]:
 # published_status: the last status announced on the bus. It trails `status` between a state
 # write and its event, so a retry that finds them apart publishes again (at least once).
 # artifact_uri: what SageMaker wrote, kept on the job even when no model could be registered.
+# trials: a tuning's ranked trials, written as it ends (shared.tunings); evaluation: an evaluate
+# job's table, written with its end state (shared.state_changes). Both are documents, stored as
+# JSON text (json_column) and read back parsed.
 _JOB_COLUMNS = (
     "job_id", "owner", "status", "type", "created_at", "updated_at", "training_job_name",
-    "output_model_id", "failure_reason", "bill", "published_status", "artifact_uri",
-    "trials",  # a tuning's ranked trials (JSON), written as it ends (shared.tunings)
+    "output_model_id", "failure_reason", "bill", "published_status", "artifact_uri", "trials", "evaluation",
 )
+_JSON_COLUMNS = ("trials", "evaluation")
+
+
+def json_column(document: Any) -> str:
+    """A document as a job's JSON column stores it (a string attribute)."""
+    return json.dumps(document, separators=(",", ":"))
 
 
 def _job_item(job: dict[str, Any]) -> dict[str, Any]:
@@ -291,6 +299,9 @@ def _job_item(job: dict[str, Any]) -> dict[str, Any]:
 
 def _job_from_item(item: dict[str, Any]) -> dict[str, Any]:
     job = {k: item.get(k) for k in _JOB_COLUMNS}
+    for k in _JSON_COLUMNS:
+        if isinstance(job[k], str):
+            job[k] = json.loads(job[k])
     job.update(json.loads(item.get("doc", "{}")))
     return job
 

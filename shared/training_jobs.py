@@ -11,7 +11,7 @@ from shared.contracts import PRECISION_ENV, PRECISIONS, Hyperparameters, Precisi
 from shared.lifecycle import JOB_ID_PATTERN
 from shared.outputs import checkpoint_prefix
 from shared.pricing import Estimate
-from shared.settings import SETTINGS_BY_TYPE, ContractSettings, TrainSettings
+from shared.settings import SETTINGS_BY_TYPE, JobSettings
 
 TRAINING_JOB_PREFIX = "fusion-"
 # The training job's tag that names the stack which launched it: that stack's rule matches it, and
@@ -36,7 +36,7 @@ def job_id_of(training_job: str) -> str | None:
     return job_id if JOB_ID_PATTERN.fullmatch(job_id) else None
 
 
-def settings_of(job: dict[str, Any]) -> TrainSettings | ContractSettings:
+def settings_of(job: dict[str, Any]) -> JobSettings:
     return SETTINGS_BY_TYPE[job["type"]].model_validate(job["settings"])
 
 
@@ -77,9 +77,7 @@ def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str,
         },
         "RoleArn": config.role_arn,
         "Environment": {PRECISION_ENV: config.precision},
-        "InputDataConfig": [
-            *input_channels(job),
-        ],
+        "InputDataConfig": input_channels(job),
         "OutputDataConfig": {"S3OutputPath": f"{prefix}/output/"},
         # Outside jobs/: a lifecycle rule expires checkpoints (shared.outputs.CHECKPOINT_RETENTION_DAYS).
         "CheckpointConfig": {"S3Uri": f"s3://{config.artifacts_bucket}/{checkpoint_prefix(job_id)}",
@@ -111,10 +109,19 @@ def job_tags(job_id: str, owner: str, config: LaunchConfig) -> list[dict[str, st
 
 
 def input_channels(job: dict[str, Any]) -> list[dict[str, Any]]:
-    """The job's data, its base (or source) model and, when it names one, its validation set, as
-    the container's input channels."""
-    return [_channel("training", job["dataset_uri"]), _channel("model", job["input_model_uri"]),
+    """The job's data, its base (or source) model, or an evaluate job's one channel per model, and,
+    when it names one, its validation set, as the container's input channels."""
+    if job["type"] == "evaluate":
+        models = [_channel(model_channel(i), uri) for i, uri in enumerate(job["input_model_uris"])]
+    else:
+        models = [_channel("model", job["input_model_uri"])]
+    return [_channel("training", job["dataset_uri"]), *models,
             *([_channel(VALIDATION_CHANNEL, job["validation_dataset_uri"])] if job.get("validation_dataset_uri") else [])]
+
+
+def model_channel(index: int) -> str:
+    """The input channel of an evaluate job's index-th model (the container reads them in order)."""
+    return f"model-{index}"
 
 
 def _channel(name: str, uri: str) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from shared.settings import (
     proxy_settings,
 )
 from shared.shapes import ModelConfig
-from shared.store import Catalog, ConditionFailed, Datasets, Jobs
+from shared.store import Catalog, ConditionFailed, Datasets, Jobs, json_column
 from shared.training_jobs import (
     METRIC_DEFINITIONS,
     NETWORK_ISOLATION,
@@ -442,7 +442,7 @@ def record_tuning_change(detail: dict[str, Any], *, jobs: Jobs, sagemaker: Any, 
         trials = read_trials(job, sagemaker=sagemaker, s3=s3, artifacts_bucket=artifacts_bucket)
         tokens = sum(t["tokens_trained"] for t in trials)
         estimate = Estimate.model_validate(job["estimate"])
-        fields = {"trials": json.dumps(trials), "bill": str(bill(estimate, tokens)) if tokens else NO_CHARGE}
+        fields = {"trials": json_column(trials), "bill": str(bill(estimate, tokens)) if tokens else NO_CHARGE}
         if status == "failed":
             reason = detail.get("FailureReason")
             fields["failure_reason"] = reason if isinstance(reason, str) and reason else "the tuner reported the tuning failed"

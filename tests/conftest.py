@@ -24,7 +24,7 @@ from moto import mock_aws
 from local.aws import LOCAL_ACCOUNT, LOCAL_REGION, LambdaContext  # noqa: F401 (the tests' context)
 from local.resources import create_resources, function_environment, load_template
 from local.server import api_event, make_server
-from shared.contracts import ContractMetrics, Progress, TrainMetrics
+from shared.contracts import ContractMetrics, HeldOut, Progress, TrainMetrics
 from shared.shapes import SIZES, grown_config
 from shared.store import Catalog, seed_base_models
 from shared.training_jobs import training_job_name
@@ -210,18 +210,21 @@ def artifact(aws, job_id: str) -> str:
     return f"s3://{aws.env['ARTIFACTS_BUCKET']}/jobs/{job_id}/output/{name}/output/model.tar.gz"
 
 
-def metrics_document(job: dict, *, config=GROWN, tokens=None, perplexity=17.5) -> dict:
+HELDOUT = HeldOut(source="split", windows=4, seq_len=64, tokens="all", sha256="5e" * 32)  # what metrics_document measured on
+
+
+def metrics_document(job: dict, *, config=GROWN, tokens=None, perplexity=17.5, parent_perplexity=None) -> dict:
     """metrics.json as the container writes it for the job (tokens: any JSON value, to break it)."""
     source = SIZES["debug"]
     sizes = dict(job_id=job["job_id"], config=config, parameters_before=source.parameters(),
                  parameters_after=config.parameters(), depth_before=source.n_layers, depth_after=config.n_layers,
                  training_tokens=0, tokens_processed=0, tokens_per_second=0.0, wall_time_s=1.0, cycles=[],
-                 final_perplexity=perplexity)
+                 final_perplexity=perplexity, heldout=HELDOUT)
     if job["type"] == "train":
         metrics = TrainMetrics(job_type="train", sequences_per_step=8, **sizes)
     else:
         metrics = ContractMetrics(job_type="contract", layers_contracted=[], contraction_ratio=0.5, block_influence={},
-                                  perplexity_before=perplexity, perplexity_after_pruning=perplexity,
+                                  perplexity_before=parent_perplexity or perplexity, perplexity_after_pruning=perplexity,
                                   perplexity_after_healing=None, healing_kept=None, **sizes)
     training_tokens = job["estimate"]["training_tokens"] if tokens is None else tokens
     return {**metrics.model_dump(mode="json"), "training_tokens": training_tokens}
@@ -234,10 +237,12 @@ def progress_document(job_id: str, tokens_trained: int, step: int = 1) -> str:
                     eta_seconds=0.0, updated_at="2026-01-01T00:00:00+00:00").model_dump_json()
 
 
-def write_metrics(aws, job: dict, *, config=GROWN, tokens=None, perplexity=17.5, document=None) -> None:
+def write_metrics(aws, job: dict, *, config=GROWN, tokens=None, perplexity=17.5, parent_perplexity=None,
+                  document=None) -> None:
     """The job's metrics.json in the small output.tar.gz next to its model, where SageMaker puts it."""
     metrics = document if document is not None else metrics_document(job, config=config, tokens=tokens,
-                                                                      perplexity=perplexity)
+                                                                      perplexity=perplexity,
+                                                                      parent_perplexity=parent_perplexity)
     key = artifact(aws, job["job_id"]).split("/", 3)[3].replace("model.tar.gz", "output.tar.gz")
     aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=key,
                                         Body=tar_gz({"metrics.json": json.dumps(metrics).encode()}))

@@ -44,7 +44,7 @@ from training_image.data import TOKEN_MASK
 from training_image.model import Decoder
 from training_image.train import Trainer, TrainPlan, batch_size_for
 
-Method = Literal["activation", "magnitude", "random"]
+Method = Literal["activation", "magnitude", "random", "wanda-sp"]
 CALIBRATION_BATCH = 8
 EXHAUSTIVE_HEAD_SETS = 256  # a layer's head shape with at most this many ways to keep its heads tries them all
 RIDGE = 1e-3  # relative ridge of the least-squares refit, for rank-deficient activation Grams
@@ -307,21 +307,38 @@ def _obs_heads(weight: torch.Tensor, gram: torch.Tensor, shape: LayerShape, head
 # ----------------------------------------------------------------------------- what to remove: baselines
 
 
-def _unit_scores(block, method: Method, generator: torch.Generator) -> torch.Tensor:
+def _wanda_sp(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Wanda-sp's score of each input column j of an output projection W (out x n): the mean over
+    its rows of |W_ij| x ||X_j||_2, X_j the column's calibration activations (from the Gram's
+    diagonal). Wanda scores a weight by |W| times the norm of its input (Sun et al., "A Simple and
+    Effective Pruning Approach for Large Language Models", ICLR 2024, arXiv:2306.11695); Wanda-sp
+    is its structured form as An et al. define and measure it ("Fluctuation-based Adaptive
+    Structured Pruning for Large Language Models", AAAI 2024, arXiv:2312.11983): a head scores
+    the sum of its columns, an MLP unit its column, and every layer loses the same share."""
+    return weight.double().abs().mean(0) * gram.diagonal().clamp_min(0).sqrt()
+
+
+def _unit_scores(block, method: Method, generator: torch.Generator, stats: "LayerStats | None" = None) -> torch.Tensor:
     mlp = block.mlp
+    if method == "wanda-sp":
+        return _wanda_sp(mlp.down_proj.weight, stats.mlp_gram).cpu()
     if method == "magnitude":
         return (mlp.gate_proj.weight.double().pow(2).sum(1) + mlp.up_proj.weight.double().pow(2).sum(1)
                 + mlp.down_proj.weight.double().pow(2).sum(0)).sqrt()
     return torch.rand(mlp.down_proj.in_features, generator=generator, dtype=torch.float64)
 
 
-def _scored_heads(block, shape: LayerShape, method: Method, generator: torch.Generator) -> dict[tuple[int, int], tuple[float, list[list[int]]]]:
+def _scored_heads(block, shape: LayerShape, method: Method, generator: torch.Generator,
+                  stats: "LayerStats | None" = None) -> dict[tuple[int, int], tuple[float, list[list[int]]]]:
     """head_shapes() options chosen by a per-head score: the best heads of each group, then the
     groups whose kept heads (with their k and v) score best. The error slot is 0: unknown."""
     attn = block.attn
     H, K, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
     per_group = H // K
-    if method == "magnitude":
+    if method == "wanda-sp":  # a head: the sum of its o_proj columns' scores; a KV group: its heads'
+        head = _wanda_sp(attn.o_proj.weight, stats.attn_gram).view(H, D).sum(1).cpu()
+        kv = torch.zeros(K, dtype=torch.float64)
+    elif method == "magnitude":
         head = attn.q_proj.weight.double().pow(2).view(H, -1).sum(1) + attn.o_proj.weight.double().pow(2).view(-1, H, D).sum((0, 2))
         kv = attn.k_proj.weight.double().pow(2).view(K, -1).sum(1) + attn.v_proj.weight.double().pow(2).view(K, -1).sum(1)
     else:
@@ -462,8 +479,8 @@ def plan_cuts(model: Decoder, chosen: list[str], ratio: float, stats: dict[str, 
             unit_orders[bid] = (order, [0.0] + [e / stats[bid].residual for e in errors])
             head_options[bid] = _obs_heads(block.attn.o_proj.weight, stats[bid].attn_gram, shape, block.attn.head_dim)
         else:
-            unit_orders[bid] = (_unit_scores(block, method, generator).argsort().tolist(), None)
-            head_options[bid] = _scored_heads(block, shape, method, generator)
+            unit_orders[bid] = (_unit_scores(block, method, generator, stats.get(bid)).argsort().tolist(), None)
+            head_options[bid] = _scored_heads(block, shape, method, generator, stats.get(bid))
 
     if method == "activation" and not even:
         target = sum(3 * config.dim * n + head_parameters(shapes[b], k, s) for b, n, (k, s) in zip(chosen, even_units, even_heads))
@@ -556,7 +573,7 @@ def contract_blocks(
     `even`: see plan_cuts.
     """
     if stats is None:
-        stats = layer_stats(model, calibration, chosen) if method == "activation" or refit else {}
+        stats = layer_stats(model, calibration, chosen) if method in ("activation", "wanda-sp") or refit else {}
     cuts = plan_cuts(model, chosen, ratio, stats, method, seed, even)
     layers = [cuts[bid].shape() if bid in cuts else layer for layer, bid in zip(config.layers, config.ids())]
     new_config = config.model_copy(update={"layers": layers})

@@ -21,13 +21,23 @@ DEFAULT_EVAL_BATCH = 8
 from training_image.data import split_windows
 
 
-@torch.no_grad()
 def heldout_loss(
     model: nn.Module, windows: torch.Tensor, batch_size: int = DEFAULT_EVAL_BATCH, *, across_ranks: bool = False,
     autocast: bool = False,
 ) -> float:
     """Mean next-token cross-entropy over windows (N, seq_len + 1), the targets equal to
-    IGNORE_INDEX left out. `batch_size`: windows a forward pass (the trainer passes its
+    IGNORE_INDEX left out (heldout_totals)."""
+    loss, _ = heldout_totals(model, windows, batch_size, across_ranks=across_ranks, autocast=autocast)
+    return loss
+
+
+@torch.no_grad()
+def heldout_totals(
+    model: nn.Module, windows: torch.Tensor, batch_size: int = DEFAULT_EVAL_BATCH, *, across_ranks: bool = False,
+    autocast: bool = False,
+) -> tuple[float, int]:
+    """(mean next-token cross-entropy, targets scored) over windows (N, seq_len + 1), the targets
+    equal to IGNORE_INDEX left out. `batch_size`: windows a forward pass (the trainer passes its
     micro-batch); `autocast`: in bf16 autocast, as the trainer computes.
 
     across_ranks: every rank calls this with the same windows and evaluates only its share of
@@ -66,7 +76,7 @@ def heldout_loss(
     total, count = sums.tolist()
     if count == 0:
         raise ValueError("the held-out windows hold no target to measure (no assistant tokens)")
-    return total / count
+    return total / count, int(count)
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = DEFAULT_EVAL_BATCH) -> float:

@@ -1,8 +1,9 @@
-"""The container's jobs: read hyperparameters.json, run a train or a contract job, write its
+"""The container's jobs: read hyperparameters.json, run a train, contract or evaluate job, write its
 outputs, and turn every failure into SageMaker's failure text (docs/architecture.md §7).
 
 The algorithms live beside it: growth and training in training_image.growth and .train,
-contraction in training_image.contract; this module is what the two job types share around them.
+contraction in training_image.contract, evaluation in training_image.evaluation; this module is
+what the job types share around them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from shared.contracts import ContractMetrics, HeldOut, Hyperparameters, Metrics, TrainMetrics
+from shared.contracts import ContractMetrics, Hyperparameters, Metrics, TrainMetrics
 from shared.memory import Layout
 from shared.settings import (
     CONTRACT_CALIBRATION_WINDOWS,
@@ -40,6 +41,7 @@ from training_image.contract import (
     contract_blocks,
 )
 from training_image.evaluate import heldout_loss
+from training_image.evaluation import held_out, run_evaluate_job
 from training_image.growth import grow, sources as growth_sources
 from training_image.model import Decoder
 from training_image.precision import computes_in_bf16, precision_setting
@@ -58,6 +60,8 @@ def run(root: Path) -> int:
         job = Hyperparameters.parse(json.loads((root / "input/config/hyperparameters.json").read_text()))
         if job.job_type == "train":
             run_train_job(job.run_settings(), root, job.job_id, layout=job.layout)
+        elif job.job_type == "evaluate":
+            run_evaluate_job(job.settings, root, job.job_id)
         else:
             run_contract_job(job.settings, root, job.job_id)
         return 0
@@ -91,14 +95,13 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, la
         raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, the model only {base_config.vocab_size}")
     validation = runtime.has_channel(root, VALIDATION_CHANNEL)
     data = runtime.prepare_tokens(root, tokenizer, settings.seq_len, hold_out=not validation)
-    train_windows, heldout_windows = data.train_windows(), data.heldout_windows()
+    train_windows, heldout_windows, held = data.train_windows(), data.heldout_windows(), data
     if validation:  # the user's validation set, of the same kind as the training data
         held = runtime.prepare_tokens(root, tokenizer, settings.seq_len, VALIDATION_CHANNEL, hold_out=False)
         if held.kind != data.kind:
             raise ValueError(f"the validation set is {held.kind} and the training data {data.kind}: give one kind")
         heldout_windows = held.sample_windows()
-    heldout = HeldOut(source="validation" if validation else "split", windows=len(heldout_windows),
-                      seq_len=settings.seq_len, tokens="assistant" if data.kind == "chat" else "all")
+    heldout = held_out(heldout_windows, "validation" if validation else "split", held)
     if data.chat is not None:
         log(f"conversations: {data.chat['examples']} examples, {data.chat['examples_cut']} cut to {settings.seq_len + 1} "
             f"tokens, {data.chat['assistant_tokens']} of {data.chat['tokens']} tokens the assistant's, "
@@ -216,6 +219,7 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
         wall_time_s=round(time.monotonic() - started, 2),
         cycles=cycles,
         final_perplexity=healed if kept else pruned,
+        heldout=held_out(heldout_windows, "split", data),
         layers_contracted=chosen,
         contraction_ratio=settings.contraction_ratio,
         block_influence=influence,

@@ -113,6 +113,15 @@ def write_outputs(root: Path, model, tokenizer, metrics: Metrics, shard_bytes: i
     (output / METRICS).write_text(json.dumps(document, indent=2))
 
 
+def write_metrics(root: Path, metrics: Metrics) -> None:
+    """metrics.json alone, for a job that makes no model: in output/data/ (output.tar.gz, which the
+    events function reads) and in model/ (model.tar.gz), as a model-making job writes it."""
+    text = json.dumps(metrics.model_dump(mode="json"), indent=2)
+    for folder in (root / "output/data", root / "model"):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / METRICS).write_text(text)
+
+
 def write_failure(root: Path, error: BaseException) -> None:
     """output/failure, SageMaker's FailureReason. Under DDP any rank writes it, naming itself, and
     the first to fail wins: the others' errors (a peer gone from a collective) follow from it."""

@@ -243,15 +243,21 @@ def _worded(error: Exception) -> str:
     return str(error)
 
 
+def tokenizer_digest(tokenizer: Tokenizer) -> str:
+    """What a tokenizer does to a dataset: tokenizer.json, how the family places BOS/EOS
+    (tokenizer_config.json) and the chat template. Tokenizers with one digest make one dataset's
+    windows alike."""
+    text = as_text_tokenizer(tokenizer)
+    return hashlib.sha256(
+        (tokenizer.to_str() + json.dumps(text.config, sort_keys=True) + (text.chat_template or "")).encode()
+    ).hexdigest()
+
+
 def _source_key(tokenizer: Tokenizer, files: list[Path], window: int, seed: int, hold_out: bool = True) -> dict:
     """What the shards and split are made from: a manifest with another key is out of date."""
     return {
         "format": FORMAT,
-        # tokenizer.json and how the family places BOS/EOS (tokenizer_config.json)
-        "tokenizer": hashlib.sha256(
-            (tokenizer.to_str() + json.dumps(as_text_tokenizer(tokenizer).config, sort_keys=True)
-             + (as_text_tokenizer(tokenizer).chat_template or "")).encode()
-        ).hexdigest(),
+        "tokenizer": tokenizer_digest(tokenizer),
         "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
         "window": window,
         "seed": seed,

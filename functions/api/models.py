@@ -135,7 +135,8 @@ def delete_model(model_id: Annotated[str, Path(max_length=128)]) -> CatalogModel
     if model["status"] == "deleted":
         return model
     for job in context.jobs().list(tenant):
-        if job["status"] not in END_STATUSES and model_id in (job.get("model"), job.get("settings", {}).get("source_model_id")):
+        reads = (job.get("model"), job.get("settings", {}).get("source_model_id"), *(job.get("models") or []))
+        if job["status"] not in END_STATUSES and model_id in reads:  # an evaluate job reads each of its models
             raise JobError(409, "in_use", f"job {job['job_id']} ({job['status']}) reads {model_id}: cancel it or "
                                           "let it end first", [{"field": "model_id", "message": "in use by a job"}])
     context.catalog().delete(model_id, tenant)

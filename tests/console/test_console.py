@@ -198,8 +198,34 @@ def test_contract_from_the_model_page_shows_before_and_after(tab, stack, trained
     after = call(stack, "GET", f"/models/{call(stack, 'GET', '/jobs/' + page.url.rsplit('/', 1)[-1])['output_model_id']}")
     expect(result).to_contain_text(trained["model_id"])
     expect(result.locator('[data-key="after-perplexity"]')).to_have_text(f"{after['perplexity']:.2f}")
+    # the parent as the contract job measured it, on the child's windows, and those windows named
+    expect(result).to_contain_text(f"{after['parent_perplexity']:.2f}")
+    expect(page.locator("main")).to_contain_text(f"Both perplexities on {after['perplexity_on']['windows']} "
+                                                 "held-out windows of 256 tokens")
     assert after["parameters"] < trained["parameters"]
     tab.shot("contract-result")
+
+
+def test_an_evaluation_shows_the_models_side_by_side_on_the_same_windows(tab, stack, dataset_id, trained):
+    """An evaluate job through the whole local stack (the container measures both models), then its page."""
+    job = call(stack, "POST", "/jobs", {"type": "evaluate", "dataset": dataset_id, "hyperparams": {
+        "model_ids": [trained["model_id"], "base-debug"], "seq_len": 64, "max_windows": 8}})
+    job = wait_job(stack, job["job_id"])
+    assert job["status"] == "completed", job
+    rows = job["evaluation"]["rows"]
+    assert [r["model_id"] for r in rows] == [trained["model_id"], "base-debug"]
+    assert rows[0]["perplexity_on"] == rows[1]["perplexity_on"] and rows[0]["perplexity_on"]["seq_len"] == 64
+    assert rows[0]["perplexity_on"]["dataset"] == dataset_id and len(rows[0]["perplexity_on"]["sha256"]) == 64
+    assert rows[0]["perplexity"] < rows[1]["perplexity"]  # trained on this data, against the untrained base
+    tab.open(f"#/jobs/{job['job_id']}")
+    page = tab.page
+    table = page.get_by_role("table", name="Evaluation")
+    for row in rows:
+        expect(table.locator(f'tr[data-model="{row["model_id"]}"] [data-key="perplexity"]')).to_have_text(
+            f"{row['perplexity']:.2f}")
+    expect(page.locator("main")).to_contain_text(
+        f"on the same {rows[0]['perplexity_on']['windows']} held-out windows of 64 tokens of {dataset_id}")
+    tab.shot("evaluation")
 
 
 def test_jobs_list_filters_by_status_and_updates_live(tab, stack, dataset_id):
@@ -430,15 +456,19 @@ def test_deleting_a_parent_keeps_it_in_its_childs_lineage(tab, stack):
     from shared.store import Catalog
 
     catalog = Catalog(session=stack._session)
-    for model_id, parent, parameters, perplexity in (("m-console-parent", "base-debug", 1000, 20.0),
-                                                     ("m-console-child", "m-console-parent", 790, 21.0)):
+    on = {"source": "split", "dataset": "ds-x", "windows": 8, "seq_len": 64, "tokens": "all"}
+    for model_id, parent, parameters, perplexity, digest in (("m-console-parent", "base-debug", 1000, 20.0, "ab"),
+                                                             ("m-console-child", "m-console-parent", 790, 21.0, "ab"),
+                                                             ("m-console-other", "m-console-parent", 790, 21.0, "cd")):
         catalog.register({"model_id": model_id, "owner": "local", "name": model_id, "kind": "trained",
                           "parent_id": parent, "job_id": None, "parameters": parameters, "perplexity": perplexity,
-                          "created_at": "2026-01-02T00:00:00.000Z"})
+                          "perplexity_on": {**on, "sha256": digest * 32}, "created_at": "2026-01-02T00:00:00.000Z"})
     tab.open("#/models/m-console-child")
     page = tab.page
     expect(page.locator('[data-change="parameters"]')).to_have_text("-21.0%")
     expect(page.locator('[data-change="perplexity"]')).to_have_text("+5.0%")
+    tab.open("#/models/m-console-other")  # measured on other windows: no change is claimed
+    expect(page.locator('[data-change="perplexity"]')).to_have_text("other windows")
     tab.open("#/models/m-console-parent")
     expect(page.get_by_role("list", name="Children")).to_contain_text("m-console-child")
     page.get_by_role("button", name="Delete model").click()

@@ -89,6 +89,9 @@ def test_create_contract_job(world, api):
                                  grown_config(SIZES["debug"]))
     assert Decimal(job["estimate"]["total"]) == expected.total
     assert Jobs(session=world.session).get(job["job_id"])["input_model_uri"].endswith("fusion-j0/output/model.tar.gz")
+    # m-alice is base-debug grown and still holds the block growth inserted: the estimate says what that means
+    [warning] = job["warnings"]
+    assert "1 of the 5 blocks of m-alice were inserted by growth (3_1)" in warning and "near-identity" in warning
 
 
 @pytest.mark.parametrize("path, query", [("/jobs", "dry_run=true"), ("/jobs/estimate", "")])

@@ -16,8 +16,8 @@ from shared.settings import JOB_REQUEST
 from shared.state_changes import model_id_for
 from shared.store import Catalog, Datasets, Jobs
 from shared.training_jobs import training_job_name
-from tests.conftest import (GROWN, LambdaContext, artifact, deliver, metrics_document, progress_document, ready_dataset,
-                            sagemaker_event, write_metrics)
+from tests.conftest import (GROWN, HELDOUT, LambdaContext, artifact, deliver, metrics_document, progress_document,
+                            ready_dataset, sagemaker_event, write_metrics)
 
 
 def _submit(aws, body):
@@ -53,6 +53,9 @@ def test_a_completed_job_registers_its_model(aws, job, observer):
     assert model["perplexity"] == 17.5 and model["cost"] == billed
     assert model["artifact_uri"] == artifact(aws, job["job_id"])
     assert model["config"] == GROWN.model_dump(mode="json") and model["dataset"] == job["dataset"]
+    # The perplexity names its dataset, windows and seq_len; a trained model has no parent figure.
+    assert model["perplexity_on"] == {**HELDOUT.model_dump(), "dataset": job["dataset"]}
+    assert model["parent_perplexity"] is None
     published = observer()
     assert [(t, d.get("status")) for t, d in published] == [
         ("Fusion Job State Change", "running"), ("Fusion Job State Change", "completed"),
@@ -106,11 +109,14 @@ def test_a_contract_job_registers_a_contracted_model(aws, job):
     contract = _submit(aws, {"type": "contract", "hyperparams": {"source_model_id": source_id,
                                                                 "num_layers_to_contract": 2}})
     smaller = GROWN.model_copy(update={"layers": GROWN.layers[:3], "block_ids": GROWN.ids()[:3]})
-    write_metrics(aws, contract, config=smaller, tokens=0, perplexity=25.0)
+    write_metrics(aws, contract, config=smaller, tokens=0, perplexity=25.0, parent_perplexity=21.0)
     deliver(aws, contract["job_id"], "Completed")
     model = Catalog(session=aws.session).get(model_id_for(contract["job_id"]), "alice")
     assert model["kind"] == "contracted" and model["parent_id"] == source_id and model["depth"] == 3
     assert model["cost"] == contract["estimate"]["total"] and model["dataset"] == job["dataset"]
+    # Parent and child on the contract job's own windows, side by side (not the parent's catalog figure).
+    assert (model["parent_perplexity"], model["perplexity"]) == (21.0, 25.0)
+    assert model["perplexity_on"]["seq_len"] == HELDOUT.seq_len
 
 
 def test_missing_metrics_fail_the_job_and_keep_theartifact(aws, job, observer):

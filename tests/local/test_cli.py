@@ -110,12 +110,18 @@ def test_tables_are_aligned(cli, aws):
     Catalog(session=aws.session).register({
         "model_id": "m-123", "owner": "alice", "name": "support-bot", "kind": "trained", "parent_id": "base-debug",
         "job_id": "j0", "parameters": 3_290_000, "depth": 15, "perplexity": 191.28, "cost": "0.02",
-        "config": config.model_dump(mode="json"), "dataset": DATASET, "created_at": "2026-01-02T00:00:00.000Z"})
+        "config": config.model_dump(mode="json"), "dataset": DATASET, "created_at": "2026-01-02T00:00:00.000Z",
+        "perplexity_on": {"source": "split", "dataset": DATASET, "windows": 64, "seq_len": 128, "tokens": "all",
+                          "sha256": "ab" * 32}})
     code, out, _ = cli("models", "list")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["MODEL", "NAME", "KIND", "PARAMETERS", "DEPTH", "PERPLEXITY", "COST", "PARENT"]
-    assert lines[-1].split() == ["m-123", "support-bot", "trained", "3.29M", "15", "191.28", "$0.02", "base-debug"]
+    assert lines[0].split() == ["MODEL", "NAME", "KIND", "PARAMETERS", "DEPTH", "PERPLEXITY", "MEASURED", "ON", "COST",
+                                "PARENT"]
+    assert lines[-1].split() == ["m-123", "support-bot", "trained", "3.29M", "15", "191.28", "split", "64x128",
+                                 DATASET, "$0.02", "base-debug"]
+    code, out, _ = cli("models", "show", "m-123")
+    assert code == 0 and f"191.28 on 64 held-out windows of 128 tokens of {DATASET}" in " ".join(out.split())
     base = next(line for line in lines if line.startswith("base-debug "))
     # right-aligned numbers end in the same column
     ends = {line.index(word) + len(word) for line, word in ((lines[0], "PARAMETERS"), (lines[-1], "3.29M"),
@@ -304,12 +310,18 @@ def test_the_format_comes_from_the_content(tmp_path):
 
 def test_delete_a_model_and_its_child_shows_the_parent_deleted(cli, aws):
     catalog = Catalog(session=aws.session)
-    for model_id, parent, parameters, perplexity in (("m-parent", "base-debug", 1000, 20.0), ("m-child", "m-parent", 790, 21.0)):
+    on = {"source": "split", "dataset": DATASET, "windows": 8, "seq_len": 64, "tokens": "all", "sha256": "ab" * 32}
+    for model_id, parent, parameters, perplexity, digest in (("m-parent", "base-debug", 1000, 20.0, "ab"),
+                                                             ("m-child", "m-parent", 790, 21.0, "ab"),
+                                                             ("m-elsewhere", "m-parent", 790, 21.0, "cd")):
         catalog.register({"model_id": model_id, "owner": "alice", "name": model_id, "kind": "trained",
                           "parent_id": parent, "job_id": "j0", "parameters": parameters, "perplexity": perplexity,
-                          "created_at": "2026-01-02T00:00:00.000Z"})
+                          "perplexity_on": {**on, "sha256": digest * 32}, "created_at": "2026-01-02T00:00:00.000Z"})
     code, out, _ = cli("models", "show", "m-child")
     assert code == 0 and "m-parent, parameters -21%, perplexity +5.0%" in out
+    # Perplexities on other windows (another seq_len, split or tokenizer) are not compared.
+    code, out, _ = cli("models", "show", "m-elsewhere")
+    assert code == 0 and "m-parent, parameters -21%, perplexity on other windows" in out
     code, out, _ = cli("models", "delete", "m-parent")
     assert code == 0 and out.strip() == "model m-parent deleted; models made from it still name it as their parent"
     code, out, _ = cli("models", "show", "m-child")

@@ -61,14 +61,18 @@ def test_train_then_contract_fills_the_catalog(stack, capsys, dataset_id):
     assert contracted["depth"] == grown["depth"] and contracted["parameters"] < grown["parameters"]
     for model in (grown, contracted):
         assert model["perplexity"] > 1 and model["cost"] is not None
+        assert model["perplexity_on"]["dataset"] == model["dataset"] and len(model["perplexity_on"]["sha256"]) == 64
         assert model["artifact_uri"].endswith("/output/model.tar.gz")
+    # the contract job measured the parent on its own windows: the pair compares, the parent's catalog figure may not
+    assert contracted["parent_perplexity"] > 1 and contracted["perplexity_on"]["seq_len"] == 256
     assert train_job["bill"] == train_job["estimate"]["total"]
 
     code, out, _ = fusion(stack, capsys, "models", "list")
     assert code == 0
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
     assert rows[trained][-1] == "base-debug" and rows[contract_job["output_model_id"]][-1] == trained
-    assert out.splitlines()[0].split() == ["MODEL", "NAME", "KIND", "PARAMETERS", "DEPTH", "PERPLEXITY", "COST", "PARENT"]
+    assert out.splitlines()[0].split() == ["MODEL", "NAME", "KIND", "PARAMETERS", "DEPTH", "PERPLEXITY", "MEASURED", "ON",
+                                           "COST", "PARENT"]
 
     code, out, _ = fusion(stack, capsys, "models", "show", trained)
     assert code == 0 and "parent" in out and "base-debug" in out and f"{grown['parameters']:,}" in out

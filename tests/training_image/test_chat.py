@@ -14,6 +14,7 @@ from shared.conversations import ConversationError
 from shared.shapes import SIZES
 from training_image.data import DOCUMENT_START, FLAG_SHIFT, NOT_TARGET, split_windows
 from training_image.evaluate import heldout_loss
+from training_image.evaluation import held_out, run_evaluate_job
 from training_image.export import export_hf
 from training_image.model import IGNORE_INDEX, Decoder
 from training_image.modeldir import load_model_dir, save_model_dir
@@ -231,14 +232,45 @@ def test_a_train_job_on_conversations_measures_the_validation_set_it_was_given(t
     assert entry.main() == 0, (root / "output/failure").read_text()
     metrics = json.loads((root / "model/metrics.json").read_text())
     validation = prepare(chat_tokenizer, root / "input/data/validation", tmp_path / "v", 128, hold_out=False)
-    assert metrics["heldout"] == {"source": "validation", "dataset": None, "windows": validation.count, "seq_len": 128,
-                                  "tokens": "assistant"}
+    measured = validation.windows(range(validation.count))
+    assert metrics["heldout"] == held_out(measured, "validation", validation).model_dump()
+    assert (metrics["heldout"]["source"], metrics["heldout"]["windows"], metrics["heldout"]["seq_len"],
+            metrics["heldout"]["tokens"]) == ("validation", validation.count, 128, "assistant")
     # The held-out loss is the trained model's on the whole validation set, assistant tokens only.
     model, _ = load_model_dir(root / "model")
     assert metrics["cycles"][-1]["heldout_loss"] == pytest.approx(heldout_loss(model, validation.windows(range(validation.count))), rel=1e-4)
     # All of the training data was trained on: no window held out of it.
     assert json.loads((root / "tokens/manifest.json").read_text())["heldout"] == []
     assert (root / "model" / CHAT_TEMPLATE).read_text() == CHATML
+
+
+def test_an_evaluate_job_on_conversations_scores_the_assistants_tokens_only(tmp_path, chat_tokenizer):
+    """fp32: an evaluate job on chat data takes the loss over the targets that are not IGNORE_INDEX (the
+    assistant's tokens), counts only those, and says so in the windows it names."""
+    from shared.settings import EvaluateSettings
+
+    root = tmp_path / "ml"
+    model = _model(chat_tokenizer)
+    save_model_dir(root / "input/data/model-0", model, chat_tokenizer)
+    _chat_dataset(root / "input/data/training", 40)
+    settings = EvaluateSettings(model_ids=["m-chat"], seq_len=128, source="dataset", max_windows=8)
+
+    [row] = run_evaluate_job(settings, root, "eval-chat", log=lambda line: None).rows
+
+    data = prepare(chat_tokenizer, root / "input/data/training", tmp_path / "again", 128, hold_out=False)
+    windows = data.sample_windows(max_tokens=8 * 129)
+    _, targets, _ = split_windows(windows)
+    scored = int((targets != IGNORE_INDEX).sum())
+    assert 0 < scored < targets.numel()  # the other roles' tokens and the padding are not scored
+    assert row.target_tokens == scored and row.perplexity_on.tokens == "assistant"
+    assert row.perplexity_on == held_out(windows, "dataset", data)
+    assert row.loss == pytest.approx(heldout_loss(model, windows), rel=1e-5)
+    with torch.no_grad():  # the mean over the assistant's targets, by hand
+        inputs, _, starts = split_windows(windows)
+        logits = model(inputs, starts=starts).float()
+        by_hand = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                                    ignore_index=IGNORE_INDEX)
+    assert row.loss == pytest.approx(by_hand.item(), rel=1e-4)
 
 
 def test_generate_chat_answers_as_transformers_does_from_the_export(tmp_path, chat_tokenizer, capsys):

