@@ -32,7 +32,7 @@ from typing import Any
 
 from local.client import ApiError, Client
 from local.output import Output, _pairs
-from shared.hf import EXPORT_DIR
+from shared.hf import EXPORT_DIR, export_manifest, export_prefix as archive_export_prefix
 from shared.outputs import split_s3
 from shared.responses import CatalogModel
 from shared.store import missing_object
@@ -45,7 +45,6 @@ HEALTH_CHECK_TIMEOUT_S = 1200
 ROLE_ENV = "FUSION_ENDPOINT_ROLE_ARN"
 MODEL_TAG = "fusion:model"
 ENDPOINT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker's rule for all three names
-MANIFEST_SUFFIX = ".manifest.json"
 SPOOL_BYTES = 64 << 20  # a file of the archive is held in memory up to this size, on disk beyond
 HINTS = {
     "ResourceLimitExceeded": "request more 'for endpoint usage' instances of this type in Service Quotas (Amazon SageMaker)",
@@ -91,7 +90,7 @@ def export_prefix(s3: Any, model: dict[str, Any]) -> str:
         if not _exists(s3, bucket, key + "config.json"):
             raise DeployError(f"model {model['model_id']} has no config.json at {model['artifact_uri']}")
         return model["artifact_uri"]
-    prefix = (key.rsplit("/", 1)[0] + "/" if "/" in key else "") + EXPORT_DIR + "/"
+    prefix = archive_export_prefix(key)
     stage_export(s3, bucket, key, prefix, model["model_id"])
     return f"s3://{bucket}/{prefix}"
 
@@ -99,7 +98,7 @@ def export_prefix(s3: Any, model: dict[str, Any]) -> str:
 def stage_export(s3: Any, bucket: str, archive: str, prefix: str, model_id: str) -> list[dict[str, Any]]:
     """The files of hf/ in the archive, under `prefix`: read from the manifest when every file it
     lists is there at its size, else unpacked from the archive (streamed, one file at a time)."""
-    manifest_key = prefix.rstrip("/") + MANIFEST_SUFFIX
+    manifest_key = export_manifest(prefix)
     manifest = _read_json(s3, bucket, manifest_key)
     if manifest and _complete(s3, bucket, prefix, manifest.get("files") or []):
         return manifest["files"]

@@ -286,7 +286,8 @@ def requests_of(service: str, operation: str, params: dict[str, Any], region: st
             return [Request("s3:GetObject", f"arn:{PARTITION}:s3:::{bucket}/{key}"),
                     Request("s3:PutObject", f"arn:{PARTITION}:s3:::{params['Bucket']}/{params['Key']}")]
         if operation in _S3_BUCKET_CALLS:
-            return [Request(f"s3:{_S3_BUCKET_CALLS[operation]}", f"arn:{PARTITION}:s3:::{params['Bucket']}")]
+            listed = (("s3:prefix", params["Prefix"]),) if "Prefix" in params else ()
+            return [Request(f"s3:{_S3_BUCKET_CALLS[operation]}", f"arn:{PARTITION}:s3:::{params['Bucket']}", listed)]
     if service == "sqs":
         if operation in ("SendMessage", "SendMessageBatch"):
             return [Request("sqs:SendMessage", _queue(region, params["QueueUrl"]))]

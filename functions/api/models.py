@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from functions.api import context
 from functions.api.presigning import presigning_s3
 from shared.errors import JobError, invalid, not_found
-from shared.hf import EXPORT_DIR
+from shared.hf import EXPORT_DIR, export_manifest, export_prefix
 from shared.hf_check import MAX_UPLOAD_BYTES, MAX_UPLOAD_FILES, UPLOAD_NAME, UPLOAD_URL_SECONDS, folder_model, new_upload_folder
 from shared.lifecycle import END_STATUSES
 from shared.outputs import split_s3
@@ -121,7 +121,8 @@ def download_model(model_id: Annotated[str, Path(max_length=128)]) -> Download:
 
 
 @router.delete("/models/<model_id>", summary="Delete one of your models",
-               description="Removes the model from your catalog and deletes its archive. Its record stays, as "
+               description="Removes the model from your catalog and deletes its archive and the transformers folder a "
+                           "deploy unpacked beside it. Its record stays, as "
                            "deleted, so that models made from it still name their parent. A model a job still "
                            "reads is refused (409); base models cannot be deleted.",
                responses=context.responses({200: ("The model, now deleted", CatalogModel)}, 409))
@@ -141,8 +142,20 @@ def delete_model(model_id: Annotated[str, Path(max_length=128)]) -> CatalogModel
     context.catalog().delete(model_id, tenant)
     if model.get("kind") != "imported" and model.get("artifact_uri"):  # a registered folder is the tenant's own data
         bucket, key = split_s3(model["artifact_uri"])
+        _delete_export(bucket, export_prefix(key))
         _s3().delete_object(Bucket=bucket, Key=key)
     return context.catalog().get(model_id, tenant)
+
+
+def _delete_export(bucket: str, prefix: str) -> None:
+    """The transformers folder `fusion models deploy` unpacked beside the archive, if any: its
+    manifest first (a deploy then unpacks afresh rather than trust a half-deleted folder), then
+    every file, found by listing (a deploy cut short wrote files without a manifest)."""
+    s3 = _s3()
+    s3.delete_object(Bucket=bucket, Key=export_manifest(prefix))
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            s3.delete_object(Bucket=bucket, Key=item["Key"])
 
 
 def _s3() -> Any:

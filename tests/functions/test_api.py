@@ -402,6 +402,13 @@ def test_delete_a_model_keeps_its_lineage_and_removes_its_archive(world, api):
     s3 = world.session.client("s3")
     bucket, key = world.env["ARTIFACTS_BUCKET"], "jobs/j0/output/fusion-j0/output/model.tar.gz"
     s3.put_object(Bucket=bucket, Key=key, Body=b"archive")
+    # What `fusion models deploy` unpacked beside it (shared.hf names the folder and its manifest),
+    # and another job's folder, which stays.
+    export = "jobs/j0/output/fusion-j0/output/hf/"
+    unpacked = [export + "config.json", export + "model.safetensors", export + "sub/tokenizer.json",
+                "jobs/j0/output/fusion-j0/output/hf.manifest.json"]
+    for name in unpacked + ["jobs/j9/output/fusion-j9/output/hf/config.json"]:
+        s3.put_object(Bucket=bucket, Key=name, Body=b"{}")
     Catalog(session=world.session).register({
         "model_id": "m-child", "owner": "alice", "name": "child", "kind": "contracted", "parent_id": "m-alice",
         "job_id": "j1", "parameters": 1, "depth": 1, "created_at": "t2"})
@@ -410,6 +417,8 @@ def test_delete_a_model_keeps_its_lineage_and_removes_its_archive(world, api):
     status, gone = api("DELETE", "/models/m-alice")
     assert status == 200 and gone["status"] == "deleted" and gone["artifact_uri"] is None and gone["deleted_at"]
     assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix=key)
+    left = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="jobs/").get("Contents", [])}
+    assert left == {"jobs/j9/output/fusion-j9/output/hf/config.json"}, left
     assert api("DELETE", "/models/m-alice") == (200, gone)  # again: nothing changes
     listed = {m["model_id"] for m in api("GET", "/models")[1]["models"]}
     assert "m-alice" not in listed and "m-child" in listed
