@@ -175,6 +175,22 @@ class Download(_Body):
     export_dir: str = Field(description="The archive's folder holding the transformers export.")
 
 
+class Message(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Generation(_Body):
+    """A model's answer to POST /models/{id}/generate."""
+
+    model_id: str
+    text: str = Field(description="What the model wrote (after the prompt, or as the assistant's turn).")
+    messages: list[Message] | None = Field(default=None, description="For a conversation: it, with the answer as "
+                                                                     "the last turn.")
+    endpoint: str = Field(description="The endpoint that answered (locally: the model itself, on this machine).")
+    latency_ms: int = Field(description="How long the endpoint took to answer, in milliseconds.")
+
+
 # --- datasets ----------------------------------------------------------------------------------
 
 

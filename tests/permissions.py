@@ -320,12 +320,34 @@ def requests_of(service: str, operation: str, params: dict[str, Any], region: st
             return [Request(f"sagemaker:{operation}", _tuning_job(region, params["HyperParameterTuningJobName"]))]
         if operation == "ListTrainingJobs":
             return [Request("sagemaker:ListTrainingJobs", "*")]
+    if service == "sagemaker-runtime" and operation == "InvokeEndpoint":
+        endpoint = f"arn:{PARTITION}:sagemaker:{region}:{LOCAL_ACCOUNT}:endpoint/{params['EndpointName'].lower()}"
+        tags = tuple((f"aws:ResourceTag/{k}", v) for k, v in _resource_tags(endpoint, region).items())
+        return [Request("sagemaker:InvokeEndpoint", endpoint, tags)]
     if service == "cloudwatch":
         if operation == "PutMetricData":
             return [Request("cloudwatch:PutMetricData", "*", (("cloudwatch:namespace", params["Namespace"]),))]
         if operation in ("GetMetricData", "GetMetricStatistics", "ListMetrics"):
             return [Request(f"cloudwatch:{operation}", "*")]
     raise NotImplementedError(f"no IAM mapping for {service}:{operation}: add it to tests/permissions.py")
+
+
+_LOOKUP = threading.local()
+
+
+def _resource_tags(arn: str, region: str) -> dict[str, str]:
+    """The tags AWS evaluates with a request on `arn` (aws:ResourceTag/...), asked of the service
+    that holds it (moto, or the local stack's SageMaker), unchecked; none for a missing resource."""
+    import boto3
+
+    _LOOKUP.active = True
+    try:
+        tags = boto3.session.Session(region_name=region).client("sagemaker").list_tags(ResourceArn=arn)["Tags"]
+        return {t["Key"]: t["Value"] for t in tags}
+    except Exception:
+        return {}
+    finally:
+        _LOOKUP.active = False
 
 
 # --- recording --------------------------------------------------------------------------------
@@ -406,7 +428,7 @@ def calling_function() -> str | None:
 
 
 def _before_parameter_build(params: dict[str, Any], model: Any, context: dict[str, Any], **_: Any) -> None:
-    if not RECORDER.enabled:
+    if not RECORDER.enabled or getattr(_LOOKUP, "active", False):
         return
     function = calling_function()
     if function is None:
