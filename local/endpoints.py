@@ -3,7 +3,7 @@
 
 The API invokes `fusion-<model id>` with the body the serving container (Text Generation
 Inference) takes, as it does in AWS (shared.serving); here the answer is sampled from the model's
-archive with the CLI's own generation (`local.models.sample`), on the CPU. Each model's archive
+archive with the CLI's own generation (`local.sampling.sample`), on the CPU. Each model's archive
 is unpacked once, under the runs directory, for the life of the stack.
 """
 
@@ -48,7 +48,7 @@ class LocalEndpoints:
 
     def invoke(self, name: str, body: bytes) -> Any:
         """InvokeEndpoint: TGI's answer to TGI's request, from the model the endpoint serves."""
-        from local.models import sample
+        from local.sampling import sample
 
         model = self.served(name)
         if model is None:
