@@ -364,7 +364,67 @@ async function viewModel(id) {
     table(["", model.model_id, parent ? `${parent.model_id} (parent)` : null, parent ? "Change" : null].filter((x) => x !== null), rows, { "aria-label": "Metrics" }),
     h("h2", {}, "Models made from it"),
     children.length ? h("ul", { "aria-label": "Children" }, children.map((c) => h("li", {}, modelLink(c.model_id), ` · ${c.kind} · ${params(c.parameters)} · perplexity ${fixed(c.perplexity)}`)))
-      : h("p", { class: "empty" }, "None yet."));
+      : h("p", { class: "empty" }, "None yet."),
+    ...(model.status === "deleted" ? [] : await playground(model)));
+}
+
+// Try the model: POST /models/{id}/generate, answered by the model's endpoint (locally, by the
+// model itself). A conversation keeps its turns until it is cleared.
+async function playground(model) {
+  const props = (await schemaOf("GenerateRequest")).properties;
+  const tokensField = fieldSchema(props.max_tokens), heat = fieldSchema(props.temperature);
+  const prompt = h("textarea", { id: "f-prompt", name: "prompt", rows: 3, required: true, "aria-describedby": "f-prompt-hint" });
+  const chat = h("input", { id: "f-chat", name: "chat", type: "checkbox" });
+  const maxTokens = h("input", { id: "f-max_tokens", name: "max_tokens", type: "number", min: tokensField.minimum,
+    max: tokensField.maximum, step: 1, value: tokensField.default, inputmode: "numeric" });
+  const temperature = h("input", { id: "f-temperature", name: "temperature", type: "number", min: heat.minimum,
+    max: heat.maximum, step: 0.1, value: heat.default });
+  const answer = h("div", { class: "answer", "aria-live": "polite", "data-testid": "answer" });
+  const button = h("button", { type: "submit" }, "Generate");
+  const clear = h("button", { type: "button", class: "secondary", hidden: true }, "New conversation");
+  let turns = [];
+  const showTurns = () => answer.replaceChildren(h("ol", { class: "turns", "aria-label": "Conversation" },
+    turns.map((t) => h("li", { "data-role": t.role }, h("strong", {}, `${t.role}: `), t.content))));
+  clear.addEventListener("click", () => { turns = []; answer.replaceChildren(); clear.hidden = true; });
+  chat.addEventListener("change", () => { turns = []; answer.replaceChildren(); clear.hidden = true; });
+  const form = h("form", { class: "playground", "aria-label": "Try the model" },
+    h("div", { class: "field" }, h("label", { for: "f-prompt" }, "Prompt"), prompt,
+      h("p", { class: "hint", id: "f-prompt-hint" }, "The model continues it; as a conversation, it answers it as the user's turn.")),
+    h("div", { class: "field inline" }, chat, h("label", { for: "f-chat" }, "As a conversation (the model's chat template)")),
+    h("div", { class: "field" }, h("label", { for: "f-max_tokens" }, "Most new tokens ", h("code", { class: "key" }, "max_tokens")), maxTokens,
+      h("p", { class: "hint" }, `default ${tokensField.default} · ${rangeText(tokensField)}`)),
+    h("div", { class: "field" }, h("label", { for: "f-temperature" }, "Temperature ", h("code", { class: "key" }, "temperature")), temperature,
+      h("p", { class: "hint" }, `default ${heat.default} · ${rangeText(heat)} · ${heat.description || ""}`)),
+    h("p", { class: "actions" }, button, clear), answer);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    if (!prompt.value.trim() || button.hasAttribute("aria-busy")) return;
+    const sent = { max_tokens: Number(maxTokens.value), temperature: Number(temperature.value) };
+    if (chat.checked) sent.messages = [...turns, { role: "user", content: prompt.value }];
+    else sent.prompt = prompt.value;
+    button.setAttribute("aria-busy", "true");
+    try {
+      const got = await api("POST", `/models/${encodeURIComponent(model.model_id)}/generate`, sent);
+      const took = h("p", { class: "muted", "data-testid": "latency" }, `Answered in ${grouped(got.latency_ms)} ms by ${got.endpoint}.`);
+      if (got.messages) {
+        turns = got.messages;
+        showTurns();
+        answer.append(took);
+        clear.hidden = false;
+        prompt.value = "";
+      } else {
+        answer.replaceChildren(h("p", { class: "generated" }, h("span", { class: "muted" }, sent.prompt), got.text), took);
+      }
+    } catch (error) {
+      const command = error.code === "not_deployed" ? error.message.match(/`([^`]+)`/)?.[1] : null;
+      answer.replaceChildren(h("p", { class: "failure", "data-code": error.code || "error" },
+        command ? error.message.replace(/ Deploy it with `[^`]+`$/, "") : error.message),
+      command ? h("p", {}, "Deploy it with ", h("code", {}, command), " ", copyButton(command)) : null);
+    } finally {
+      button.removeAttribute("aria-busy");
+    }
+  });
+  return [h("h2", {}, "Try it"), form];
 }
 
 async function viewNewJob(query) {
