@@ -118,7 +118,7 @@ const LABELS = {
   turns: "Turns", cycles: "Learning-rate cycles per turn", steps_per_cycle: "Steps per cycle",
   lr: "Peak learning rate", seq_len: "Sequence length (tokens)", train_steps: "Steps per turn, replacing cycles × steps",
   output_name: "Name of the new model", num_layers_to_contract: "Blocks to prune",
-  contraction_ratio: "Share of each pruned block removed",
+  contraction_ratio: "Share of each pruned block removed", source_model_id: "Source model",
 };
 const labelFor = (name, words) => [words || LABELS[name] || name, " ", h("code", { class: "key" }, name)];
 
@@ -197,6 +197,7 @@ function estimatePanel(quote) {
   const e = quote.estimate;
   const launch = e.launch_seconds ? `, ${duration(e.launch_seconds)} of it starting the instance` : "";
   const rows = [
+    quote.schedule ? ["What runs", quote.schedule, "schedule"] : null,
     ["Billed tokens", h("span", {}, `${tokens(e.training_tokens)} `, h("code", { class: "formula" }, formula(quote))), "tokens"],
     e.trained_tokens ? ["Trained tokens", `${tokens(e.trained_tokens)}: each step trains on ${e.sequences_per_step} sequences`, "trained_tokens"] : null,
     ["Parameters", `${params(e.parameters)} · tier ${e.tier} at ${money(e.usd_per_million_tokens)} per 1M billed tokens`, "tier"],
@@ -512,6 +513,14 @@ async function viewContract(id) {
   estimate.now();
 }
 
+// The settings beside "What runs" (which says turns, cycles and steps): each in words, its key after it.
+const SCHEDULED = ["turns", "cycles", "steps_per_cycle", "train_steps", "num_layers_to_contract", "contraction_ratio"];
+function settingsSummary(settings) {
+  const shown = Object.entries(settings).filter(([k, v]) => v !== null && v !== undefined && !SCHEDULED.includes(k));
+  return h("ul", { class: "settings" }, shown.map(([k, v]) =>
+    h("li", { "data-setting": k }, `${LABELS[k] || k}: `, h("strong", {}, k === "source_model_id" ? modelLink(v) : String(v)), " ", h("code", { class: "key" }, k))));
+}
+
 function progressLine(p) {
   if (!p) return "Waiting for the trainer's first report…";
   const parts = [`turn ${p.turn}/${p.turns}`, `cycle ${p.cycle}/${p.cycles}`, `step ${grouped(p.step)}/${grouped(p.total_steps)}`];
@@ -596,11 +605,14 @@ async function viewJob(id) {
       dataset ? link("#/datasets", `${dataset.name}${dataset.status === "deleted" ? " (deleted)" : ""}`) : job.dataset || "–",
       job.settings?.output_name ? ` → ${job.settings.output_name}` : "",
       job.output_model_id ? h("span", {}, " (", modelLink(job.output_model_id), ")") : "");
-    if (p) { progress.max = p.total_steps || 1; progress.value = p.step || 0; }
+    // Where the job is, or where it stopped: a cancelled job keeps its last reported step.
+    const at = p || (job.status === "completed" ? null : job.stopped);
+    if (at) { progress.max = at.total_steps || 1; progress.value = at.step || 0; }
     else if (job.status === "completed") { progress.max = 1; progress.value = 1; }
+    const took = `${when(job.updated_at)}, after ${duration((Date.parse(job.updated_at) - Date.parse(job.created_at)) / 1000)}.`;
     line.textContent = ACTIVE.includes(job.status) ? progressLine(p)
-      : `Ended ${job.status}${p && job.status !== "completed" ? ` at step ${grouped(p.step)} of ${grouped(p.total_steps)}` : ""}, `
-        + `${when(job.updated_at)}, after ${duration((Date.parse(job.updated_at) - Date.parse(job.created_at)) / 1000)}.`;
+      : at ? `${job.status === "cancelled" ? "Cancelled" : `Ended ${job.status}`} at step ${grouped(at.step)} of ${grouped(at.total_steps)}, ${took}`
+        : `Ended ${job.status}, ${took}`;
     cancel.hidden = !ACTIVE.includes(job.status) || job.status === "cancelling";
     const logged = curve.steps.length || curve.evals.length;
     charts.replaceChildren(...(logged || ACTIVE.includes(job.status) ? [
@@ -617,7 +629,8 @@ async function viewJob(id) {
       ["ETA on AWS when priced", `${duration(e.eta_seconds)} on ${e.instance_count} × ${e.instance_type}`],
       ["Bill", job.bill !== null && job.bill !== undefined ? h("strong", {}, money(job.bill)) : "when the job ends", "bill"],
       job.failure_reason ? ["Failure reason", h("span", { class: "failure" }, job.failure_reason), "failure"] : null,
-      ["Settings", h("code", {}, Object.entries(job.settings || {}).filter(([, v]) => v !== null).map(([k, v]) => `${k}=${v}`).join(", "))],
+      ["What runs", h("span", { "data-key": "schedule" }, job.schedule || "–"), "schedule"],
+      ["Settings", settingsSummary(job.settings || {}), "settings"],
       ...(job.warnings || []).map((w) => ["Warning", w]),
       ["Created", when(job.created_at)],
     ]));

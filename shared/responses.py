@@ -14,7 +14,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from shared.contracts import EvalRecord, HeldOut, Progress, StepRecord
 from shared.pricing import Estimate
@@ -29,6 +29,16 @@ ModelKind = Literal["base", "trained", "contracted", "imported"]
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+def _schedule(job_type: str, settings: dict[str, Any]) -> str | None:
+    """What a job's settings run, in words (shared.settings); None for settings no model reads."""
+    from shared.settings import SETTINGS_BY_TYPE
+
+    try:
+        return SETTINGS_BY_TYPE[job_type].model_validate(settings, strict=False).schedule()
+    except (KeyError, ValueError):
+        return None
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -54,6 +64,11 @@ class ErrorResponse(_Body):
 # --- jobs --------------------------------------------------------------------------------------
 
 
+class Stopped(_Body):
+    step: int
+    total_steps: int
+
+
 class Job(_Body):
     """A job as its owner sees it."""
 
@@ -74,8 +89,16 @@ class Job(_Body):
     progress: Progress | None = Field(
         default=None, description="While it runs: the trainer's latest progress (turn, cycle, step, loss, eta).")
     bill: Decimal | None = Field(description="Once ended: what it cost (never more than the estimate's total).")
+    stopped: Stopped | None = Field(default=None, description="A cancelled job: the step it had reached when it "
+                                                              "stopped (none when it had not reported one).")
     created_at: str
     updated_at: str
+
+    @computed_field(description="What the settings run, in words: turns, cycles and steps (or the pruning and "
+                                "healing of a contraction).")
+    @property
+    def schedule(self) -> str | None:
+        return _schedule(self.type, self.settings)
 
 
 class JobList(_Body):
@@ -104,6 +127,12 @@ class Quote(_Body):
     warnings: list[str]
     allowed_to_proceed: bool
     budget: Budget
+
+    @computed_field(description="What the settings run, in words: turns, cycles and steps (or the pruning and "
+                                "healing of a contraction).")
+    @property
+    def schedule(self) -> str | None:
+        return _schedule(self.type, self.settings)
 
 
 class Curve(_Body):

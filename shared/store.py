@@ -280,6 +280,7 @@ _JOB_COLUMNS = (
     "job_id", "owner", "status", "type", "created_at", "updated_at", "training_job_name",
     "output_model_id", "failure_reason", "bill", "published_status", "artifact_uri",
     "trials",  # a tuning's ranked trials (JSON), written as it ends (shared.tunings)
+    "stopped",  # a cancelled job's last reported step of its total (JSON; shared.state_changes)
 )
 
 
@@ -292,6 +293,8 @@ def _job_item(job: dict[str, Any]) -> dict[str, Any]:
 def _job_from_item(item: dict[str, Any]) -> dict[str, Any]:
     job = {k: item.get(k) for k in _JOB_COLUMNS}
     job.update(json.loads(item.get("doc", "{}")))
+    if isinstance(job.get("stopped"), str):  # written as JSON, like trials
+        job["stopped"] = json.loads(job["stopped"])
     return job
 
 
