@@ -39,10 +39,21 @@ const modelLink = (id) => (id ? link(`#/models/${encodeURIComponent(id)}`, id) :
 const jobLink = (id) => (id ? link(`#/jobs/${encodeURIComponent(id)}`, id) : "–");
 const badge = (status) => h("span", { class: `badge ${status}`, "data-status": status }, status);
 
+// A table in a box that scrolls sideways; when its columns overflow the box, a line above it and a
+// shadow on the hidden side say so (a phone, or a wide catalog at desktop width).
 function table(headers, rows, attrs = {}) {
-  return h("div", { class: "scroll" }, h("table", attrs,
-    h("thead", {}, h("tr", {}, headers.map((x) => h("th", { scope: "col" }, x)))),
-    h("tbody", {}, rows)));
+  const cue = h("p", { class: "scroll-cue", hidden: true, "aria-hidden": "true" }, "More columns: scroll sideways →");
+  const box = h("div", { class: "scroll", tabindex: 0, role: "region", "aria-label": attrs["aria-label"] ? `${attrs["aria-label"]} (scrolls sideways)` : undefined },
+    h("table", attrs, h("thead", {}, h("tr", {}, headers.map((x) => h("th", { scope: "col" }, x)))), h("tbody", {}, rows)));
+  const check = () => {
+    const hidden = box.scrollWidth - box.clientWidth - box.scrollLeft;
+    box.toggleAttribute("data-overflow", box.scrollWidth > box.clientWidth + 1);
+    box.toggleAttribute("data-more-right", hidden > 1);
+    cue.hidden = !(box.scrollWidth > box.clientWidth + 1);
+  };
+  new ResizeObserver(check).observe(box);
+  box.addEventListener("scroll", check, { passive: true });
+  return h("div", { class: "table" }, cue, box);
 }
 
 function pairs(items, attrs = {}) {
@@ -123,7 +134,7 @@ const LABELS = {
 const labelFor = (name, words) => [words || LABELS[name] || name, " ", h("code", { class: "key" }, name)];
 
 // A labelled input for one setting, with its default, range and guidance on one line.
-function settingField(name, property, { max, value, label } = {}) {
+function settingField(name, property, { max, value, label, maxWhy } = {}) {
   const f = fieldSchema(property);
   const id = `f-${name}`;
   const numeric = f.type === "integer" || f.type === "number";
@@ -137,7 +148,9 @@ function settingField(name, property, { max, value, label } = {}) {
     "aria-describedby": `${id}-hint ${id}-error`, inputmode: f.type === "integer" ? "numeric" : undefined,
   });
   if (value !== undefined && value !== null) input.value = value;
-  const range = max !== undefined && f.maximum === undefined ? `range ${f.minimum ?? 1}–${hi}` : rangeText({ ...f, maximum: hi });
+  let range = max !== undefined && f.maximum === undefined ? `range ${f.minimum ?? 1}–${hi}` : rangeText({ ...f, maximum: hi });
+  // A bound tighter than the API's own (a model's context, depth) says where it comes from, and the API's.
+  if (maxWhy && max !== undefined && f.maximum !== undefined && max < f.maximum) range += ` (${maxWhy}; the API's most is ${grouped(f.maximum)})`;
   const hint = [defaultText(name, f), range, f.description].filter(Boolean).join(" · ");
   return h("div", { class: "field", "data-field": name },
     h("label", { for: id }, ...labelFor(name, label)),
@@ -283,7 +296,8 @@ function lineage(models) {
 }
 
 async function viewModels() {
-  const { models } = await api("GET", "/models");
+  const listed = (await api("GET", "/models")).models;
+  const models = [...listed.filter((m) => m.kind !== "base"), ...listed.filter((m) => m.kind === "base")]; // yours first
   const { family, tree } = lineage(models);
   const rows = models.map((m) => h("tr", { "data-model": m.model_id },
     h("td", {}, modelLink(m.model_id)), h("td", {}, m.name), h("td", {}, m.kind), h("td", {}, family(m)),
@@ -292,7 +306,7 @@ async function viewModels() {
     h("td", {}, modelLink(m.parent_id)), h("td", {}, jobLink(m.job_id))));
   const own = models.filter((m) => m.kind !== "base");
   render("Models",
-    h("p", {}, "Base models are public; yours are the ones you trained or contracted. ", link("#/jobs/new", "Train a model")),
+    h("p", {}, "Your models first, then the public base models. ", link("#/jobs/new", "Train a model")),
     table(["Model", "Name", "Kind", "Family", "Parameters", "Depth", "Perplexity", "Cost", "Parent", "Job"], rows, { "aria-label": "Catalog" }),
     h("h2", {}, "Lineage"),
     own.length ? tree : h("p", { class: "empty" }, "No models of your own yet. ", link("#/datasets", "Upload a dataset"), ", then ", link("#/jobs/new", "train a base model"), "."));
@@ -442,10 +456,11 @@ async function viewNewJob(query) {
   const datasetSelect = h("select", { id: "f-dataset", name: "dataset", "aria-describedby": "f-dataset-error" },
     ready.map((d) => h("option", { value: d.dataset_id, selected: d.dataset_id === query.get("dataset") }, `${d.name} (${d.dataset_id}) · ${tokens(d.tokens)}`)));
   const contextOf = () => models.find((m) => m.model_id === modelSelect.value)?.config?.context_length;
+  const seqLimit = () => ({ max: contextOf(), maxWhy: `the context length of ${modelSelect.value}` });
   const advancedNames = ["cycles", "steps_per_cycle", "lr", "seq_len", "train_steps", "output_name"];
   const names = ["turns", ...advancedNames];
   const advanced = h("details", { class: "advanced" }, h("summary", {}, "Advanced tuning (optional)"),
-    advancedNames.map((n) => settingField(n, props[n], n === "seq_len" ? { max: contextOf() } : {})));
+    advancedNames.map((n) => settingField(n, props[n], n === "seq_len" ? seqLimit() : {})));
   const panel = h("section", { class: "estimate", "aria-live": "polite", "aria-label": "Estimate" }, h("h2", {}, "Estimate"),
     h("p", { class: "muted" }, "Choose a model and a dataset to see the price."));
   const button = h("button", { type: "submit", disabled: !ready.length }, "Start training");
@@ -464,7 +479,7 @@ async function viewNewJob(query) {
   const estimate = estimator(form, body, panel, general);
   modelSelect.addEventListener("change", () => {  // seq_len's range follows the model's context length
     const seq = form.querySelector("#f-seq_len");
-    advanced.querySelector('[data-field="seq_len"]').replaceWith(settingField("seq_len", props.seq_len, { max: contextOf(), value: seq.value }));
+    advanced.querySelector('[data-field="seq_len"]').replaceWith(settingField("seq_len", props.seq_len, { ...seqLimit(), value: seq.value }));
   });
   form.addEventListener("input", estimate.soon);
   form.addEventListener("change", estimate.soon);
@@ -498,7 +513,7 @@ async function viewContract(id) {
       h("p", { class: "hint", id: "f-contraction_ratio-hint" },
         `default ${ratio.default} · range ${ratio.minimum}–${ratio.maximum} · ${ratio.description}`),
       h("p", { class: "error", role: "alert" })),
-    settingField("num_layers_to_contract", props.num_layers_to_contract, { max: model.depth, value: Math.min(fieldSchema(props.num_layers_to_contract).default, model.depth) }),
+    settingField("num_layers_to_contract", props.num_layers_to_contract, { max: model.depth, maxWhy: `the depth of ${model.model_id}`, value: Math.min(fieldSchema(props.num_layers_to_contract).default, model.depth) }),
     settingField("train_steps", props.train_steps),
     settingField("output_name", props.output_name),
     h("p", { class: "actions" }, button));
