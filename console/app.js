@@ -214,6 +214,7 @@ function estimatePanel(quote) {
     ["Billed tokens", h("span", {}, `${tokens(e.training_tokens)} `, h("code", { class: "formula" }, formula(quote))), "tokens"],
     e.trained_tokens ? ["Trained tokens", `${tokens(e.trained_tokens)}: each step trains on ${e.sequences_per_step} sequences`, "trained_tokens"] : null,
     ["Parameters", `${params(e.parameters)} · tier ${e.tier} at ${money(e.usd_per_million_tokens)} per 1M billed tokens`, "tier"],
+    e.contraction ? ["After contraction", forecastText(e.parameters, e.contraction), "contraction"] : null,
     ["Training cost", money(e.training_cost), "training_cost"],
     e.growth_parameters ? ["Growth fee", `${money(e.growth_fee)} for ${params(e.growth_parameters)} added`, "growth_fee"] : null,
     Number(e.contraction_fee) ? ["Contraction fee", money(e.contraction_fee), "contraction_fee"] : null,
@@ -226,6 +227,16 @@ function estimatePanel(quote) {
   if (!quote.allowed_to_proceed) warnings.push(h("li", {}, `Over budget: ${money(e.total)} exceeds the ${money(e.remaining_budget)} left.`));
   return [pairs(rows, { "data-testid": "estimate" }),
     warnings.length ? h("ul", { class: "warnings", "aria-label": "Warnings" }, warnings) : null];
+}
+
+// The API's forecast of a contraction: parameters (a range when the blocks it may pick differ),
+// depth, and what the pruned blocks keep.
+function forecastText(before, f) {
+  const size = f.parameters_min === f.parameters_max ? params(f.parameters_min)
+    : `${params(f.parameters_min)} to ${params(f.parameters_max)}, as the calibration picks the blocks`;
+  const shape = (l) => `${l.n_heads} heads (${l.n_kv_heads} kv), ${grouped(l.mlp_hidden)} MLP units`;
+  return h("span", {}, h("strong", { "data-key": "after-parameters" }, size), ` (${change(f.parameters_max, before)}) · depth ${f.depth}`,
+    h("ul", { class: "settings" }, f.layers.map((c) => h("li", {}, `${c.count} block${c.count === 1 ? "" : "s"}: ${shape(c.before)} → ${shape(c.after)}`))));
 }
 
 function estimator(form, body, panel, general) {

@@ -529,3 +529,21 @@ def test_the_generation_body_is_what_tgi_takes_and_reads_back():
     assert serving.answer_text(serving.chat_answer("y", "m")) == "y"
     with pytest.raises(ValueError):
         serving.answer_text({"error": "overloaded"})
+
+
+def test_a_contract_estimate_forecasts_the_size_after_contraction(world, api):
+    from shared.shapes import forecast_contraction
+
+    config = grown_config(SIZES["debug"])
+    sizes = []
+    for ratio in (0.25, 0.5, 0.75):
+        status, quote = api("POST", "/jobs/estimate", {"type": "contract", "hyperparams": {
+            "source_model_id": "m-alice", "num_layers_to_contract": 2, "contraction_ratio": ratio}})
+        assert status == 200, quote
+        forecast = quote["estimate"]["contraction"]
+        assert forecast == forecast_contraction(config, ratio, 2).model_dump(mode="json")
+        assert forecast["depth"] == config.n_layers and forecast["parameters_min"] == forecast["parameters_max"]
+        sizes.append(forecast["parameters_min"])
+    assert config.parameters() > sizes[0] > sizes[1] > sizes[2]  # the ratio moves the size
+    status, quote = api("POST", "/jobs/estimate", _train())
+    assert status == 200 and quote["estimate"]["contraction"] is None
