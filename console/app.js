@@ -655,7 +655,7 @@ async function viewJob(id) {
       ["ETA on AWS when priced", `${duration(e.eta_seconds)} on ${e.instance_count} × ${e.instance_type}`],
       ["Bill", job.bill !== null && job.bill !== undefined ? h("strong", {}, money(job.bill)) : "when the job ends", "bill"],
       job.failure_reason ? ["Failure reason", h("span", { class: "failure" }, job.failure_reason), "failure"] : null,
-      ["What runs", h("span", { "data-key": "schedule" }, job.schedule || "–"), "schedule"],
+      ["What runs", job.schedule || "–", "schedule"],
       ["Settings", settingsSummary(job.settings || {}), "settings"],
       ...(job.warnings || []).map((w) => ["Warning", w]),
       ["Created", when(job.created_at)],
