@@ -234,7 +234,7 @@ function estimatePanel(quote) {
 function forecastText(before, f) {
   const size = f.parameters_min === f.parameters_max ? params(f.parameters_min)
     : `${params(f.parameters_min)} to ${params(f.parameters_max)}, as the calibration picks the blocks`;
-  const shape = (l) => `${l.n_heads} heads (${l.n_kv_heads} kv), ${grouped(l.mlp_hidden)} MLP units`;
+  const shape = (l) => `${l.n_heads} head${l.n_heads === 1 ? "" : "s"} (${l.n_kv_heads} kv), ${grouped(l.mlp_hidden)} MLP unit${l.mlp_hidden === 1 ? "" : "s"}`;
   return h("span", {}, h("strong", { "data-key": "after-parameters" }, size), ` (${change(f.parameters_max, before)}) · depth ${f.depth}`,
     h("ul", { class: "settings" }, f.layers.map((c) => h("li", {}, `${c.count} block${c.count === 1 ? "" : "s"}: ${shape(c.before)} → ${shape(c.after)}`))));
 }
