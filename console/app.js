@@ -339,7 +339,8 @@ function viewHome() {
 async function downloadLink(model) {
   spec = spec || await api("GET", "/openapi.json");
   const path = Object.keys(spec.paths || {}).find((p) => /^\/models\/\{[^}]+\}\/download$/.test(p));
-  if (!path || model.kind === "base") return ["Artifact", h("code", {}, model.artifact_uri || "–")];
+  const uri = model.artifact_uri ? [" ", copyButton(model.artifact_uri)] : [];
+  if (!path || model.kind === "base") return ["Artifact", h("span", {}, h("code", {}, model.artifact_uri || "–"), ...uri)];
   const button = h("button", { type: "button", class: "secondary", onclick: async () => {
     try {
       const answer = await api("GET", path.replace(/\{[^}]+\}/, encodeURIComponent(model.model_id)));
@@ -348,7 +349,7 @@ async function downloadLink(model) {
       else showError("The API gave no download URL for this model.");
     } catch (error) { showError(error); }
   } }, "Download model.tar.gz");
-  return ["Download", h("span", {}, button, " ", h("code", {}, model.artifact_uri || ""))];
+  return ["Download", h("span", {}, button, " ", h("code", {}, model.artifact_uri || ""), ...uri)];
 }
 
 // "+5.0%": a model's figure against its parent's (display of two API figures side by side).
@@ -381,7 +382,7 @@ async function viewModel(id) {
     remove);
   render(model.name || model.model_id,
     model.status === "deleted" ? h("p", { class: "failure", "data-status": "deleted" }, `Deleted ${when(model.deleted_at)}: kept for its children's lineage.`) : null,
-    pairs([["Model", model.model_id], ["Kind", model.kind],
+    pairs([["Model", h("span", {}, h("code", {}, model.model_id), " ", copyButton(model.model_id))], ["Kind", model.kind],
       ["Parent", h("span", {}, modelLink(model.parent_id), parent?.status === "deleted" ? h("span", { class: "muted", "data-parent": "deleted" }, " (deleted)") : "")],
       ["Produced by job", jobLink(model.job_id)], ["Dataset", model.dataset || "–"], ["Created", when(model.created_at)],
       await downloadLink(model)]),
