@@ -690,7 +690,8 @@ async function viewJobs(query) {
       shown.map((j) => h("tr", { "data-job": j.job_id }, h("td", {}, jobLink(j.job_id)), h("td", {}, j.settings?.output_name || "–"),
         h("td", {}, j.type), h("td", {}, badge(j.status)),
         h("td", {}, modelLink(j.model)), h("td", {}, j.dataset || "–"),
-        h("td", {}, j.progress ? `step ${grouped(j.progress.step)}/${grouped(j.progress.total_steps)}` : "–"),
+        h("td", {}, j.progress ? `step ${grouped(j.progress.step)}/${grouped(j.progress.total_steps)}`
+          : j.stopped ? `stopped at ${grouped(j.stopped.step)}/${grouped(j.stopped.total_steps)}` : "–"),
         h("td", { class: "num" }, money(j.estimate?.total)), h("td", { class: "num" }, money(j.bill)),
         h("td", {}, modelLink(j.output_model_id)), h("td", {}, when(j.created_at)),
         h("td", { class: "num" }, ACTIVE.includes(j.status) ? "–" : duration((Date.parse(j.updated_at) - Date.parse(j.created_at)) / 1000)))),
