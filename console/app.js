@@ -39,10 +39,21 @@ const modelLink = (id) => (id ? link(`#/models/${encodeURIComponent(id)}`, id) :
 const jobLink = (id) => (id ? link(`#/jobs/${encodeURIComponent(id)}`, id) : "–");
 const badge = (status) => h("span", { class: `badge ${status}`, "data-status": status }, status);
 
+// A table in a box that scrolls sideways; when its columns overflow the box, a line above it and a
+// shadow on the hidden side say so (a phone, or a wide catalog at desktop width).
 function table(headers, rows, attrs = {}) {
-  return h("div", { class: "scroll" }, h("table", attrs,
-    h("thead", {}, h("tr", {}, headers.map((x) => h("th", { scope: "col" }, x)))),
-    h("tbody", {}, rows)));
+  const cue = h("p", { class: "scroll-cue", hidden: true, "aria-hidden": "true" }, "More columns: scroll sideways →");
+  const box = h("div", { class: "scroll", tabindex: 0, role: "region", "aria-label": attrs["aria-label"] ? `${attrs["aria-label"]} (scrolls sideways)` : undefined },
+    h("table", attrs, h("thead", {}, h("tr", {}, headers.map((x) => h("th", { scope: "col" }, x)))), h("tbody", {}, rows)));
+  const check = () => {
+    const hidden = box.scrollWidth - box.clientWidth - box.scrollLeft;
+    box.toggleAttribute("data-overflow", box.scrollWidth > box.clientWidth + 1);
+    box.toggleAttribute("data-more-right", hidden > 1);
+    cue.hidden = !(box.scrollWidth > box.clientWidth + 1);
+  };
+  new ResizeObserver(check).observe(box);
+  box.addEventListener("scroll", check, { passive: true });
+  return h("div", { class: "table" }, cue, box);
 }
 
 function pairs(items, attrs = {}) {
@@ -118,12 +129,12 @@ const LABELS = {
   turns: "Turns", cycles: "Learning-rate cycles per turn", steps_per_cycle: "Steps per cycle",
   lr: "Peak learning rate", seq_len: "Sequence length (tokens)", train_steps: "Steps per turn, replacing cycles × steps",
   output_name: "Name of the new model", num_layers_to_contract: "Blocks to prune",
-  contraction_ratio: "Share of each pruned block removed",
+  contraction_ratio: "Share of each pruned block removed", source_model_id: "Source model",
 };
 const labelFor = (name, words) => [words || LABELS[name] || name, " ", h("code", { class: "key" }, name)];
 
 // A labelled input for one setting, with its default, range and guidance on one line.
-function settingField(name, property, { max, value, label } = {}) {
+function settingField(name, property, { max, value, label, maxWhy } = {}) {
   const f = fieldSchema(property);
   const id = `f-${name}`;
   const numeric = f.type === "integer" || f.type === "number";
@@ -137,7 +148,9 @@ function settingField(name, property, { max, value, label } = {}) {
     "aria-describedby": `${id}-hint ${id}-error`, inputmode: f.type === "integer" ? "numeric" : undefined,
   });
   if (value !== undefined && value !== null) input.value = value;
-  const range = max !== undefined && f.maximum === undefined ? `range ${f.minimum ?? 1}–${hi}` : rangeText({ ...f, maximum: hi });
+  let range = max !== undefined && f.maximum === undefined ? `range ${f.minimum ?? 1}–${hi}` : rangeText({ ...f, maximum: hi });
+  // A bound tighter than the API's own (a model's context, depth) says where it comes from, and the API's.
+  if (maxWhy && max !== undefined && f.maximum !== undefined && max < f.maximum) range += ` (${maxWhy}; the API's most is ${grouped(f.maximum)})`;
   const hint = [defaultText(name, f), range, f.description].filter(Boolean).join(" · ");
   return h("div", { class: "field", "data-field": name },
     h("label", { for: id }, ...labelFor(name, label)),
@@ -197,9 +210,11 @@ function estimatePanel(quote) {
   const e = quote.estimate;
   const launch = e.launch_seconds ? `, ${duration(e.launch_seconds)} of it starting the instance` : "";
   const rows = [
+    quote.schedule ? ["What runs", quote.schedule, "schedule"] : null,
     ["Billed tokens", h("span", {}, `${tokens(e.training_tokens)} `, h("code", { class: "formula" }, formula(quote))), "tokens"],
     e.trained_tokens ? ["Trained tokens", `${tokens(e.trained_tokens)}: each step trains on ${e.sequences_per_step} sequences`, "trained_tokens"] : null,
     ["Parameters", `${params(e.parameters)} · tier ${e.tier} at ${money(e.usd_per_million_tokens)} per 1M billed tokens`, "tier"],
+    e.contraction ? ["After contraction", forecastText(e.parameters, e.contraction), "contraction"] : null,
     ["Training cost", money(e.training_cost), "training_cost"],
     e.growth_parameters ? ["Growth fee", `${money(e.growth_fee)} for ${params(e.growth_parameters)} added`, "growth_fee"] : null,
     Number(e.contraction_fee) ? ["Contraction fee", money(e.contraction_fee), "contraction_fee"] : null,
@@ -212,6 +227,16 @@ function estimatePanel(quote) {
   if (!quote.allowed_to_proceed) warnings.push(h("li", {}, `Over budget: ${money(e.total)} exceeds the ${money(e.remaining_budget)} left.`));
   return [pairs(rows, { "data-testid": "estimate" }),
     warnings.length ? h("ul", { class: "warnings", "aria-label": "Warnings" }, warnings) : null];
+}
+
+// The API's forecast of a contraction: parameters (a range when the blocks it may pick differ),
+// depth, and what the pruned blocks keep.
+function forecastText(before, f) {
+  const size = f.parameters_min === f.parameters_max ? params(f.parameters_min)
+    : `${params(f.parameters_min)} to ${params(f.parameters_max)}, as the calibration picks the blocks`;
+  const shape = (l) => `${l.n_heads} head${l.n_heads === 1 ? "" : "s"} (${l.n_kv_heads} kv), ${grouped(l.mlp_hidden)} MLP unit${l.mlp_hidden === 1 ? "" : "s"}`;
+  return h("span", {}, h("strong", { "data-key": "after-parameters" }, size), ` (${change(f.parameters_max, before)}) · depth ${f.depth}`,
+    h("ul", { class: "settings" }, f.layers.map((c) => h("li", {}, `${c.count} block${c.count === 1 ? "" : "s"}: ${shape(c.before)} → ${shape(c.after)}`))));
 }
 
 function estimator(form, body, panel, general) {
@@ -282,7 +307,8 @@ function lineage(models) {
 }
 
 async function viewModels() {
-  const { models } = await api("GET", "/models");
+  const listed = (await api("GET", "/models")).models;
+  const models = [...listed.filter((m) => m.kind !== "base"), ...listed.filter((m) => m.kind === "base")]; // yours first
   const { family, tree } = lineage(models);
   const rows = models.map((m) => h("tr", { "data-model": m.model_id },
     h("td", {}, modelLink(m.model_id)), h("td", {}, m.name), h("td", {}, m.kind), h("td", {}, family(m)),
@@ -291,7 +317,7 @@ async function viewModels() {
     h("td", {}, modelLink(m.parent_id)), h("td", {}, jobLink(m.job_id))));
   const own = models.filter((m) => m.kind !== "base");
   render("Models",
-    h("p", {}, "Base models are public; yours are the ones you trained or contracted. ", link("#/jobs/new", "Train a model")),
+    h("p", {}, "Your models first, then the public base models. ", link("#/jobs/new", "Train a model")),
     table(["Model", "Name", "Kind", "Family", "Parameters", "Depth", "Perplexity", "Cost", "Parent", "Job"], rows, { "aria-label": "Catalog" }),
     h("h2", {}, "Lineage"),
     own.length ? tree : h("p", { class: "empty" }, "No models of your own yet. ", link("#/datasets", "Upload a dataset"), ", then ", link("#/jobs/new", "train a base model"), "."));
@@ -313,7 +339,8 @@ function viewHome() {
 async function downloadLink(model) {
   spec = spec || await api("GET", "/openapi.json");
   const path = Object.keys(spec.paths || {}).find((p) => /^\/models\/\{[^}]+\}\/download$/.test(p));
-  if (!path || model.kind === "base") return ["Artifact", h("code", {}, model.artifact_uri || "–")];
+  const uri = model.artifact_uri ? [" ", copyButton(model.artifact_uri)] : [];
+  if (!path || model.kind === "base") return ["Artifact", h("span", {}, h("code", {}, model.artifact_uri || "–"), ...uri)];
   const button = h("button", { type: "button", class: "secondary", onclick: async () => {
     try {
       const answer = await api("GET", path.replace(/\{[^}]+\}/, encodeURIComponent(model.model_id)));
@@ -322,7 +349,7 @@ async function downloadLink(model) {
       else showError("The API gave no download URL for this model.");
     } catch (error) { showError(error); }
   } }, "Download model.tar.gz");
-  return ["Download", h("span", {}, button, " ", h("code", {}, model.artifact_uri || ""))];
+  return ["Download", h("span", {}, button, " ", h("code", {}, model.artifact_uri || ""), ...uri)];
 }
 
 // "+5.0%": a model's figure against its parent's (display of two API figures side by side).
@@ -360,7 +387,7 @@ async function viewModel(id) {
     remove);
   render(model.name || model.model_id,
     model.status === "deleted" ? h("p", { class: "failure", "data-status": "deleted" }, `Deleted ${when(model.deleted_at)}: kept for its children's lineage.`) : null,
-    pairs([["Model", model.model_id], ["Kind", model.kind],
+    pairs([["Model", h("span", {}, h("code", {}, model.model_id), " ", copyButton(model.model_id))], ["Kind", model.kind],
       ["Parent", h("span", {}, modelLink(model.parent_id), parent?.status === "deleted" ? h("span", { class: "muted", "data-parent": "deleted" }, " (deleted)") : "")],
       ["Produced by job", jobLink(model.job_id)], ["Dataset", model.dataset || "–"],
       ["Perplexity measured on", measuredOn(model.perplexity_on)], ["Created", when(model.created_at)],
@@ -370,7 +397,67 @@ async function viewModel(id) {
     table(["", model.model_id, parent ? `${parent.model_id} (parent)` : null, parent ? "Change" : null].filter((x) => x !== null), rows, { "aria-label": "Metrics" }),
     h("h2", {}, "Models made from it"),
     children.length ? h("ul", { "aria-label": "Children" }, children.map((c) => h("li", {}, modelLink(c.model_id), ` · ${c.kind} · ${params(c.parameters)} · perplexity ${fixed(c.perplexity)}`)))
-      : h("p", { class: "empty" }, "None yet."));
+      : h("p", { class: "empty" }, "None yet."),
+    ...(model.status === "deleted" ? [] : await playground(model)));
+}
+
+// Try the model: POST /models/{id}/generate, answered by the model's endpoint (locally, by the
+// model itself). A conversation keeps its turns until it is cleared.
+async function playground(model) {
+  const props = (await schemaOf("GenerateRequest")).properties;
+  const tokensField = fieldSchema(props.max_tokens), heat = fieldSchema(props.temperature);
+  const prompt = h("textarea", { id: "f-prompt", name: "prompt", rows: 3, required: true, "aria-describedby": "f-prompt-hint" });
+  const chat = h("input", { id: "f-chat", name: "chat", type: "checkbox" });
+  const maxTokens = h("input", { id: "f-max_tokens", name: "max_tokens", type: "number", min: tokensField.minimum,
+    max: tokensField.maximum, step: 1, value: tokensField.default, inputmode: "numeric" });
+  const temperature = h("input", { id: "f-temperature", name: "temperature", type: "number", min: heat.minimum,
+    max: heat.maximum, step: 0.1, value: heat.default });
+  const answer = h("div", { class: "answer", "aria-live": "polite", "data-testid": "answer" });
+  const button = h("button", { type: "submit" }, "Generate");
+  const clear = h("button", { type: "button", class: "secondary", hidden: true }, "New conversation");
+  let turns = [];
+  const showTurns = () => answer.replaceChildren(h("ol", { class: "turns", "aria-label": "Conversation" },
+    turns.map((t) => h("li", { "data-role": t.role }, h("strong", {}, `${t.role}: `), t.content))));
+  clear.addEventListener("click", () => { turns = []; answer.replaceChildren(); clear.hidden = true; });
+  chat.addEventListener("change", () => { turns = []; answer.replaceChildren(); clear.hidden = true; });
+  const form = h("form", { class: "playground", "aria-label": "Try the model" },
+    h("div", { class: "field" }, h("label", { for: "f-prompt" }, "Prompt"), prompt,
+      h("p", { class: "hint", id: "f-prompt-hint" }, "The model continues it; as a conversation, it answers it as the user's turn.")),
+    h("div", { class: "field inline" }, chat, h("label", { for: "f-chat" }, "As a conversation (the model's chat template)")),
+    h("div", { class: "field" }, h("label", { for: "f-max_tokens" }, "Most new tokens ", h("code", { class: "key" }, "max_tokens")), maxTokens,
+      h("p", { class: "hint" }, `default ${tokensField.default} · ${rangeText(tokensField)}`)),
+    h("div", { class: "field" }, h("label", { for: "f-temperature" }, "Temperature ", h("code", { class: "key" }, "temperature")), temperature,
+      h("p", { class: "hint" }, `default ${heat.default} · ${rangeText(heat)} · ${heat.description || ""}`)),
+    h("p", { class: "actions" }, button, clear), answer);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    if (!prompt.value.trim() || button.hasAttribute("aria-busy")) return;
+    const sent = { max_tokens: Number(maxTokens.value), temperature: Number(temperature.value) };
+    if (chat.checked) sent.messages = [...turns, { role: "user", content: prompt.value }];
+    else sent.prompt = prompt.value;
+    button.setAttribute("aria-busy", "true");
+    try {
+      const got = await api("POST", `/models/${encodeURIComponent(model.model_id)}/generate`, sent);
+      const took = h("p", { class: "muted", "data-testid": "latency" }, `Answered in ${grouped(got.latency_ms)} ms by ${got.endpoint}.`);
+      if (got.messages) {
+        turns = got.messages;
+        showTurns();
+        answer.append(took);
+        clear.hidden = false;
+        prompt.value = "";
+      } else {
+        answer.replaceChildren(h("p", { class: "generated" }, h("span", { class: "muted" }, sent.prompt), got.text), took);
+      }
+    } catch (error) {
+      const command = error.code === "not_deployed" ? error.message.match(/`([^`]+)`/)?.[1] : null;
+      answer.replaceChildren(h("p", { class: "failure", "data-code": error.code || "error" },
+        command ? error.message.replace(/ Deploy it with `[^`]+`$/, "") : error.message),
+      command ? h("p", {}, "Deploy it with ", h("code", {}, command), " ", copyButton(command)) : null);
+    } finally {
+      button.removeAttribute("aria-busy");
+    }
+  });
+  return [h("h2", {}, "Try it"), form];
 }
 
 // A model picker's options: the models a job may start from, those whose weights are not available
@@ -393,10 +480,11 @@ async function viewNewJob(query) {
   const datasetSelect = h("select", { id: "f-dataset", name: "dataset", "aria-describedby": "f-dataset-error" },
     ready.map((d) => h("option", { value: d.dataset_id, selected: d.dataset_id === query.get("dataset") }, `${d.name} (${d.dataset_id}) · ${tokens(d.tokens)}`)));
   const contextOf = () => models.find((m) => m.model_id === modelSelect.value)?.config?.context_length;
+  const seqLimit = () => ({ max: contextOf(), maxWhy: `the context length of ${modelSelect.value}` });
   const advancedNames = ["cycles", "steps_per_cycle", "lr", "seq_len", "train_steps", "output_name"];
   const names = ["turns", ...advancedNames];
   const advanced = h("details", { class: "advanced" }, h("summary", {}, "Advanced tuning (optional)"),
-    advancedNames.map((n) => settingField(n, props[n], n === "seq_len" ? { max: contextOf() } : {})));
+    advancedNames.map((n) => settingField(n, props[n], n === "seq_len" ? seqLimit() : {})));
   const panel = h("section", { class: "estimate", "aria-live": "polite", "aria-label": "Estimate" }, h("h2", {}, "Estimate"),
     h("p", { class: "muted" }, "Choose a model and a dataset to see the price."));
   const button = h("button", { type: "submit", disabled: !ready.length }, "Start training");
@@ -415,7 +503,7 @@ async function viewNewJob(query) {
   const estimate = estimator(form, body, panel, general);
   modelSelect.addEventListener("change", () => {  // seq_len's range follows the model's context length
     const seq = form.querySelector("#f-seq_len");
-    advanced.querySelector('[data-field="seq_len"]').replaceWith(settingField("seq_len", props.seq_len, { max: contextOf(), value: seq.value }));
+    advanced.querySelector('[data-field="seq_len"]').replaceWith(settingField("seq_len", props.seq_len, { ...seqLimit(), value: seq.value }));
   });
   form.addEventListener("input", estimate.soon);
   form.addEventListener("change", estimate.soon);
@@ -449,7 +537,7 @@ async function viewContract(id) {
       h("p", { class: "hint", id: "f-contraction_ratio-hint" },
         `default ${ratio.default} · range ${ratio.minimum}–${ratio.maximum} · ${ratio.description}`),
       h("p", { class: "error", role: "alert" })),
-    settingField("num_layers_to_contract", props.num_layers_to_contract, { max: model.depth, value: Math.min(fieldSchema(props.num_layers_to_contract).default, model.depth) }),
+    settingField("num_layers_to_contract", props.num_layers_to_contract, { max: model.depth, maxWhy: `the depth of ${model.model_id}`, value: Math.min(fieldSchema(props.num_layers_to_contract).default, model.depth) }),
     settingField("train_steps", props.train_steps),
     settingField("output_name", props.output_name),
     h("p", { class: "actions" }, button));
@@ -462,6 +550,14 @@ async function viewContract(id) {
     h("p", {}, `${params(model.parameters)}, ${model.depth} layers, perplexity ${fixed(model.perplexity)}. The source is never modified.`),
     h("div", { class: "columns" }, form, panel));
   estimate.now();
+}
+
+// The settings beside "What runs" (which says turns, cycles and steps): each in words, its key after it.
+const SCHEDULED = ["turns", "cycles", "steps_per_cycle", "train_steps", "num_layers_to_contract", "contraction_ratio"];
+function settingsSummary(settings) {
+  const shown = Object.entries(settings).filter(([k, v]) => v !== null && v !== undefined && !SCHEDULED.includes(k));
+  return h("ul", { class: "settings" }, shown.map(([k, v]) =>
+    h("li", { "data-setting": k }, `${LABELS[k] || k}: `, h("strong", {}, k === "source_model_id" ? modelLink(v) : String(v)), " ", h("code", { class: "key" }, k))));
 }
 
 function progressLine(p) {
@@ -581,11 +677,14 @@ async function viewJob(id) {
       dataset ? link("#/datasets", `${dataset.name}${dataset.status === "deleted" ? " (deleted)" : ""}`) : job.dataset || "–",
       job.settings?.output_name ? ` → ${job.settings.output_name}` : "",
       job.output_model_id ? h("span", {}, " (", modelLink(job.output_model_id), ")") : "");
-    if (p) { progress.max = p.total_steps || 1; progress.value = p.step || 0; }
+    // Where the job is, or where it stopped: a cancelled job keeps its last reported step.
+    const at = p || (job.status === "completed" ? null : job.stopped);
+    if (at) { progress.max = at.total_steps || 1; progress.value = at.step || 0; }
     else if (job.status === "completed") { progress.max = 1; progress.value = 1; }
+    const took = `${when(job.updated_at)}, after ${duration((Date.parse(job.updated_at) - Date.parse(job.created_at)) / 1000)}.`;
     line.textContent = ACTIVE.includes(job.status) ? progressLine(p)
-      : `Ended ${job.status}${p && job.status !== "completed" ? ` at step ${grouped(p.step)} of ${grouped(p.total_steps)}` : ""}, `
-        + `${when(job.updated_at)}, after ${duration((Date.parse(job.updated_at) - Date.parse(job.created_at)) / 1000)}.`;
+      : at ? `${job.status === "cancelled" ? "Cancelled" : `Ended ${job.status}`} at step ${grouped(at.step)} of ${grouped(at.total_steps)}, ${took}`
+        : `Ended ${job.status}, ${took}`;
     cancel.hidden = !ACTIVE.includes(job.status) || job.status === "cancelling";
     const logged = curve.steps.length || curve.evals.length;
     charts.replaceChildren(...(logged || ACTIVE.includes(job.status) ? [
@@ -604,7 +703,8 @@ async function viewJob(id) {
       ["ETA on AWS when priced", `${duration(e.eta_seconds)} on ${e.instance_count} × ${e.instance_type}`],
       ["Bill", job.bill !== null && job.bill !== undefined ? h("strong", {}, money(job.bill)) : "when the job ends", "bill"],
       job.failure_reason ? ["Failure reason", h("span", { class: "failure" }, job.failure_reason), "failure"] : null,
-      ["Settings", h("code", {}, Object.entries(job.settings || {}).filter(([, v]) => v !== null).map(([k, v]) => `${k}=${v}`).join(", "))],
+      ["What runs", job.schedule || "–", "schedule"],
+      ["Settings", settingsSummary(job.settings || {}), "settings"],
       ...(job.warnings || []).map((w) => ["Warning", w]),
       ["Created", when(job.created_at)],
     ]));
@@ -637,7 +737,8 @@ async function viewJobs(query) {
       shown.map((j) => h("tr", { "data-job": j.job_id }, h("td", {}, jobLink(j.job_id)), h("td", {}, j.settings?.output_name || "–"),
         h("td", {}, j.type), h("td", {}, badge(j.status)),
         h("td", {}, modelLink(j.model)), h("td", {}, j.dataset || "–"),
-        h("td", {}, j.progress ? `step ${grouped(j.progress.step)}/${grouped(j.progress.total_steps)}` : "–"),
+        h("td", {}, j.progress ? `step ${grouped(j.progress.step)}/${grouped(j.progress.total_steps)}`
+          : j.stopped ? `stopped at ${grouped(j.stopped.step)}/${grouped(j.stopped.total_steps)}` : "–"),
         h("td", { class: "num" }, money(j.estimate?.total)), h("td", { class: "num" }, money(j.bill)),
         h("td", {}, modelLink(j.output_model_id)), h("td", {}, when(j.created_at)),
         h("td", { class: "num" }, ACTIVE.includes(j.status) ? "–" : duration((Date.parse(j.updated_at) - Date.parse(j.created_at)) / 1000)))),

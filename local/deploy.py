@@ -32,9 +32,11 @@ from typing import Any
 
 from local.client import ApiError, Client
 from local.output import Output, _pairs
-from shared.hf import EXPORT_DIR
+from shared.hf import EXPORT_DIR, export_manifest, export_prefix as archive_export_prefix
 from shared.outputs import split_s3
 from shared.responses import CatalogModel
+from shared.serving import MODEL_TAG, STACK_TAG, endpoint_name as default_endpoint_name
+from shared.training_jobs import STACK_ENV
 from shared.store import missing_object
 
 # TGI 3.3 serves every family Fusion imports and exports (Llama 1-3, Mistral, Qwen2, Qwen3).
@@ -43,9 +45,7 @@ MODEL_DIR = "/opt/ml/model"  # where SageMaker puts the model data in the contai
 # Loading a multi-GB model onto the GPUs takes minutes; SageMaker's default gives up sooner.
 HEALTH_CHECK_TIMEOUT_S = 1200
 ROLE_ENV = "FUSION_ENDPOINT_ROLE_ARN"
-MODEL_TAG = "fusion:model"
 ENDPOINT_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker's rule for all three names
-MANIFEST_SUFFIX = ".manifest.json"
 SPOOL_BYTES = 64 << 20  # a file of the archive is held in memory up to this size, on disk beyond
 HINTS = {
     "ResourceLimitExceeded": "request more 'for endpoint usage' instances of this type in Service Quotas (Amazon SageMaker)",
@@ -91,7 +91,7 @@ def export_prefix(s3: Any, model: dict[str, Any]) -> str:
         if not _exists(s3, bucket, key + "config.json"):
             raise DeployError(f"model {model['model_id']} has no config.json at {model['artifact_uri']}")
         return model["artifact_uri"]
-    prefix = (key.rsplit("/", 1)[0] + "/" if "/" in key else "") + EXPORT_DIR + "/"
+    prefix = archive_export_prefix(key)
     stage_export(s3, bucket, key, prefix, model["model_id"])
     return f"s3://{bucket}/{prefix}"
 
@@ -99,7 +99,7 @@ def export_prefix(s3: Any, model: dict[str, Any]) -> str:
 def stage_export(s3: Any, bucket: str, archive: str, prefix: str, model_id: str) -> list[dict[str, Any]]:
     """The files of hf/ in the archive, under `prefix`: read from the manifest when every file it
     lists is there at its size, else unpacked from the archive (streamed, one file at a time)."""
-    manifest_key = prefix.rstrip("/") + MANIFEST_SUFFIX
+    manifest_key = export_manifest(prefix)
     manifest = _read_json(s3, bucket, manifest_key)
     if manifest and _complete(s3, bucket, prefix, manifest.get("files") or []):
         return manifest["files"]
@@ -217,10 +217,6 @@ def serving_environment(context: int, gpus: int) -> dict[str, str]:
             "MAX_INPUT_LENGTH": str(context - answer), "MAX_TOTAL_TOKENS": str(context)}
 
 
-def default_endpoint_name(model_id: str) -> str:
-    return re.sub(r"-+", "-", re.sub(r"[^a-zA-Z0-9]", "-", f"fusion-{model_id}"))[:63].strip("-")
-
-
 def _taken(client: Any, name: str) -> list[str]:
     """Which of the model, endpoint config and endpoint named `name` exist already: the SDK would
     silently reuse a model of that name, and a failed deploy removes only what it created."""
@@ -244,7 +240,7 @@ def _not_found(error: BaseException) -> bool:
 
 def deploy(client: Client, model_id: str, *, instance_type: str, endpoint_name: str | None = None,
            role: str | None = None, region: str | None = None, gpus: int | None = None,
-           wait: bool = True) -> dict[str, Any]:
+           wait: bool = True, stack: str | None = None) -> dict[str, Any]:
     """Create the model, endpoint config and endpoint (all named `endpoint_name`); what was made."""
     name = endpoint_name or default_endpoint_name(model_id)
     if not ENDPOINT_NAME.match(name):
@@ -268,7 +264,8 @@ def deploy(client: Client, model_id: str, *, instance_type: str, endpoint_name: 
 
     served = Model(image_uri=image, role=role, env=environment, name=name, sagemaker_session=sm,
                    model_data={"S3DataSource": {"S3Uri": data, "S3DataType": "S3Prefix", "CompressionType": "None"}})
-    tags = [{"Key": MODEL_TAG, "Value": model_id}]
+    # The stack's tag lets that stack's API invoke the endpoint (the console's playground), and no other's.
+    tags = [{"Key": MODEL_TAG, "Value": model_id}] + ([{"Key": STACK_TAG, "Value": stack}] if stack else [])
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the SDK's wait prints a character per poll
                 served.deploy(initial_instance_count=1, instance_type=instance_type, endpoint_name=name, tags=tags,
@@ -363,6 +360,9 @@ def add_parsers(models: argparse._SubParsersAction) -> None:
     deploy_parser.add_argument("--endpoint-name", help="default fusion-<model id>; also names its model and config")
     deploy_parser.add_argument("--role", default=os.environ.get(ROLE_ENV),
                                help=f"the endpoint's execution role, stack output EndpointRoleArn (env {ROLE_ENV})")
+    deploy_parser.add_argument("--stack", default=os.environ.get(STACK_ENV),
+                               help=f"the stack whose API (and console) may answer from the endpoint; its name "
+                                    f"is tagged on it (env {STACK_ENV})")
     deploy_parser.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
                                help="wait until the endpoint is in service (default: wait)")
     undeploy_parser = models.add_parser("undeploy", help="delete an endpoint, its endpoint config and its model")
@@ -377,7 +377,7 @@ def models_deploy(args: argparse.Namespace, client: Client, out: Output) -> int:
                           + (" (an endpoint takes minutes to come in service) ..." if args.wait else " ..."))
     made = _guarded(lambda: deploy(client, args.model_id, instance_type=args.instance_type,
                                    endpoint_name=args.endpoint_name, role=args.role, region=args.region,
-                                   gpus=args.gpus, wait=args.wait))
+                                   gpus=args.gpus, wait=args.wait, stack=args.stack))
     out.show(made, lambda m: _pairs([
         ("endpoint", m["endpoint_name"]), ("status", m["status"]), ("model", m["model_id"]),
         ("instance", f"{m['instance_type']} ({m['environment']['SM_NUM_GPUS']} GPU)"), ("image", m["image_uri"]),

@@ -161,6 +161,7 @@ class LocalSageMaker:
         self._room = threading.Condition(self.lock)
         self.server: ThreadingHTTPServer | None = None
         self._server_thread: threading.Thread | None = None
+        self.endpoints: Any = None  # local.endpoints.LocalEndpoints: the runtime's InvokeEndpoint, and ListTags
 
     @property
     def s3(self) -> Any:
@@ -243,6 +244,16 @@ class LocalSageMaker:
         from local import tuner
 
         return tuner.stop(self, request)
+
+    def list_tags(self, request: dict[str, Any]) -> dict[str, Any]:
+        from local.endpoints import EndpointError
+
+        if self.endpoints is None or ":endpoint/" not in request.get("ResourceArn", ""):
+            raise ApiError("ValidationException", f"tags of {request.get('ResourceArn')!r} are not served locally")
+        try:
+            return {"Tags": self.endpoints.tags(request["ResourceArn"])}
+        except EndpointError as error:
+            raise ApiError(error.code, error.message, error.status) from None
 
     def _job(self, name: str) -> TrainingJob:
         with self.lock:
@@ -611,12 +622,18 @@ OPERATIONS = {
     "DescribeHyperParameterTuningJob": LocalSageMaker.describe_hyper_parameter_tuning_job,
     "ListTrainingJobsForHyperParameterTuningJob": LocalSageMaker.list_training_jobs_for_hyper_parameter_tuning_job,
     "StopHyperParameterTuningJob": LocalSageMaker.stop_hyper_parameter_tuning_job,
+    "ListTags": LocalSageMaker.list_tags,
 }
+INVOCATIONS = re.compile(r"^/endpoints/([^/]+)/invocations$")  # SageMaker runtime's InvokeEndpoint (REST)
 
 
 def _handler_for(service: LocalSageMaker) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            invocation = INVOCATIONS.match(self.path.split("?")[0])
+            if invocation:
+                self._invoke(invocation.group(1))
+                return
             target = self.headers.get("X-Amz-Target", "")
             operation = target.rpartition(".")[2]
             try:
@@ -629,10 +646,30 @@ def _handler_for(service: LocalSageMaker) -> type[BaseHTTPRequestHandler]:
             except Exception as error:  # a bug here must reach the caller as a 500, not hang it
                 self._send(500, {"__type": "InternalFailure", "message": repr(error)})
 
-        def _send(self, status: int, payload: dict[str, Any]) -> None:
+        def _invoke(self, name: str) -> None:
+            from urllib.parse import unquote
+
+            from local.endpoints import EndpointError
+
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            try:
+                if service.endpoints is None:
+                    raise EndpointError(400, "ValidationException", f"Endpoint {unquote(name)} not found.")
+                self._send(200, service.endpoints.invoke(unquote(name), body), "application/json")
+            except EndpointError as error:
+                self._send(error.status, {"__type": error.code, "message": error.message},
+                           extra={"x-amzn-ErrorType": error.code})
+            except Exception as error:  # a bug here must reach the caller as a 500, not hang it
+                self._send(500, {"__type": "InternalFailure", "message": repr(error)},
+                           extra={"x-amzn-ErrorType": "InternalFailure"})
+
+        def _send(self, status: int, payload: Any, content_type: str = "application/x-amz-json-1.1",
+                  extra: dict[str, str] | None = None) -> None:
             data = json.dumps(payload).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/x-amz-json-1.1")
+            self.send_header("Content-Type", content_type)
+            for key, value in (extra or {}).items():
+                self.send_header(key, value)
             self.send_header("Content-Length", str(len(data)))
             self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
             self.end_headers()

@@ -33,8 +33,8 @@ REGION = LOCAL_REGION
 UPLOADS_QUEUE = "fusion-local-dataset-uploads"
 JOB_WATCH_SECONDS = 1.0  # how often `fusion serve` looks for job events to print
 # Variables the stack sets for its lifetime and restores on close.
-_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SAGEMAKER", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-            "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "POWERTOOLS_SERVICE_NAME",
+_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SAGEMAKER", "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME",
+            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "POWERTOOLS_SERVICE_NAME",
             "POWERTOOLS_LOG_LEVEL", "POWERTOOLS_TRACE_DISABLED", "POWERTOOLS_METRICS_NAMESPACE",
             "POWERTOOLS_METRICS_DISABLED")
 
@@ -205,7 +205,15 @@ class LocalStack:
             lambda: self._session.client("s3"), self.runs_dir, self._deliver_training_event,
             region=REGION, train_command=self.train_command, stop_grace_seconds=self.stop_grace_seconds,
         )
-        os.environ["AWS_ENDPOINT_URL_SAGEMAKER"] = self.sagemaker.start()
+        from local.endpoints import LocalEndpoints
+        from local.resources import pseudo_parameters
+        from shared.training_jobs import STACK_ENV
+
+        stack = self.env.get(STACK_ENV) or pseudo_parameters(REGION)["AWS::StackName"]
+        self.sagemaker.endpoints = LocalEndpoints(lambda: self._session.client("s3"), self.runs_dir, self._served_model,
+                                                  stack)
+        os.environ["AWS_ENDPOINT_URL_SAGEMAKER"] = os.environ["AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME"] = \
+            self.sagemaker.start()
 
         self._watch_uploads()
         self._route_bus_rules()
@@ -221,6 +229,25 @@ class LocalStack:
         self._api_thread.start()
         self.api_url = f"http://{self.host}:{self._api.server_address[1]}"
         return self
+
+    def _served_model(self, endpoint: str) -> dict[str, Any] | None:
+        """The model a local endpoint of this name serves: each ready model of the catalog, as if
+        deployed (a base model from its archive, a tenant's model from its job's)."""
+        from shared.serving import endpoint_name
+        from shared.shapes import SIZES
+        from shared.store import BASE_PREFIX, PUBLIC_OWNER, Catalog
+
+        catalog = Catalog(session=self._session)
+        for size in SIZES:
+            if endpoint_name(BASE_PREFIX + size).lower() == endpoint.lower():  # an ARN holds the name in lower case
+                return catalog.get(BASE_PREFIX + size, PUBLIC_OWNER)
+        items = self._session.client("dynamodb").scan(TableName=self.env["MODELS_TABLE"],
+                                                      ProjectionExpression="model_id, #o", ExpressionAttributeNames={"#o": "owner"})
+        for item in items["Items"]:
+            if endpoint_name(item["model_id"]["S"]).lower() == endpoint.lower():
+                model = catalog.get(item["model_id"]["S"], item["owner"]["S"])
+                return model if model and model.get("status", "ready") == "ready" and model.get("artifact_uri") else None
+        return None
 
     def changed_jobs(self, seen: dict[str, str]) -> list[dict[str, Any]]:
         """The jobs (every tenant's) whose status is not the one `seen` holds, oldest change first;

@@ -20,6 +20,8 @@ from typing import Any
 from shared.shapes import DTYPES, FAMILIES, LayerShape, ModelConfig, RopeScaling
 
 EXPORT_DIR = "hf"  # the transformers folder inside a job's model directory (and its model.tar.gz)
+# A deploy unpacks EXPORT_DIR of an archive into this prefix beside it, and writes the manifest last.
+EXPORT_MANIFEST_SUFFIX = ".manifest.json"
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 HEADER_LIMIT = 100 * 1024 * 1024
@@ -27,6 +29,16 @@ MAX_LAYERS = 1024  # far above any open-weight family; bounds the work a claimed
 
 # safetensors dtype names <-> ours; a checkpoint in any other dtype is refused.
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def export_prefix(archive_key: str) -> str:
+    """Key prefix of the transformers folder a deploy unpacks beside the archive `archive_key`."""
+    return (archive_key.rsplit("/", 1)[0] + "/" if "/" in archive_key else "") + EXPORT_DIR + "/"
+
+
+def export_manifest(prefix: str) -> str:
+    """Key of the manifest of the unpacked folder at `prefix`: its files and sizes, written last."""
+    return prefix.rstrip("/") + EXPORT_MANIFEST_SUFFIX
 
 
 @dataclass(frozen=True)

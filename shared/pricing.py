@@ -29,7 +29,7 @@ from shared.settings import (
     EvaluateSettings,
     TrainSettings,
 )
-from shared.shapes import ModelConfig, batch_size_for, grown_config, growth_parameters
+from shared.shapes import ContractionForecast, ModelConfig, batch_size_for, forecast_contraction, grown_config, growth_parameters
 
 CENT = Decimal("0.01")
 MILLION = Decimal(1_000_000)
@@ -133,6 +133,8 @@ class Estimate(BaseModel):
     micro_batch: int | None = None  # None: the whole per-rank batch at once
     activation_checkpointing: bool = False
     spot: bool = False
+    # A contract job: the size the contracted model is forecast to have (shared.shapes).
+    contraction: ContractionForecast | None = None
 
     def layout(self) -> memory.Layout:
         return memory.Layout(
@@ -342,9 +344,11 @@ def estimate_contract(
 ) -> Estimate:
     """Price a contract job: the flat fee of the source's tier plus any healing tokens."""
     table = table or price_table()
-    return _estimate(
+    estimate = _estimate(
         "contract", settings.training_tokens(), source, CONTRACT_SEQ_LEN, 0, True, instance_type, table
     )
+    forecast = forecast_contraction(source, settings.contraction_ratio, settings.num_layers_to_contract)
+    return estimate.model_copy(update={"contraction": forecast})
 
 
 def bill(estimate: Estimate, tokens_trained: int, tokens_evaluated: int = 0) -> Decimal:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from shared.contracts import EvalRecord, Evaluated, HeldOut, Progress, StepRecord
 from shared.pricing import Estimate
@@ -29,6 +29,16 @@ ModelKind = Literal["base", "trained", "contracted", "imported"]
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+def _schedule(job_type: str, settings: dict[str, Any]) -> str | None:
+    """What a job's settings run, in words (shared.settings); None for settings no model reads."""
+    from shared.settings import SETTINGS_BY_TYPE
+
+    try:
+        return SETTINGS_BY_TYPE[job_type].model_validate(settings, strict=False).schedule()
+    except (KeyError, ValueError):
+        return None
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -62,6 +72,11 @@ class EvaluationTable(_Body):
                                   "has the same sha256 were measured on the very same tokens and compare directly.")
 
 
+class Stopped(_Body):
+    step: int
+    total_steps: int
+
+
 class Job(_Body):
     """A job as its owner sees it."""
 
@@ -84,8 +99,16 @@ class Job(_Body):
         default=None, description="While it runs: the trainer's latest progress (turn, cycle, step, loss, eta).")
     bill: Decimal | None = Field(description="Once ended: what it cost (never more than the estimate's total).")
     evaluation: EvaluationTable | None = Field(default=None, description="A completed evaluation's table.")
+    stopped: Stopped | None = Field(default=None, description="A cancelled job: the step it had reached when it "
+                                                              "stopped (none when it had not reported one).")
     created_at: str
     updated_at: str
+
+    @computed_field(description="What the settings run, in words: turns, cycles and steps (or the pruning and "
+                                "healing of a contraction).")
+    @property
+    def schedule(self) -> str | None:
+        return _schedule(self.type, self.settings)
 
 
 class JobList(_Body):
@@ -114,6 +137,12 @@ class Quote(_Body):
     warnings: list[str]
     allowed_to_proceed: bool
     budget: Budget
+
+    @computed_field(description="What the settings run, in words: turns, cycles and steps (or the pruning and "
+                                "healing of a contraction).")
+    @property
+    def schedule(self) -> str | None:
+        return _schedule(self.type, self.settings)
 
 
 class Curve(_Body):
@@ -189,6 +218,22 @@ class Download(_Body):
     url: str = Field(description="A presigned GET of the model's archive, model.tar.gz.")
     expires_in: int = Field(description="Seconds the URL stays valid.")
     export_dir: str = Field(description="The archive's folder holding the transformers export.")
+
+
+class Message(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Generation(_Body):
+    """A model's answer to POST /models/{id}/generate."""
+
+    model_id: str
+    text: str = Field(description="What the model wrote (after the prompt, or as the assistant's turn).")
+    messages: list[Message] | None = Field(default=None, description="For a conversation: it, with the answer as "
+                                                                     "the last turn.")
+    endpoint: str = Field(description="The endpoint that answered (locally: the model itself, on this machine).")
+    latency_ms: int = Field(description="How long the endpoint took to answer, in milliseconds.")
 
 
 # --- datasets ----------------------------------------------------------------------------------

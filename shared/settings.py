@@ -118,6 +118,15 @@ class TrainSettings(BaseModel):
         """The billed token count: turns x steps per turn x seq_len (docs/architecture.md §5)."""
         return self.turns * self.steps_per_turn() * self.seq_len
 
+    def schedule(self) -> str:
+        """What runs, in words: turns, cycles and the steps of each ("1 turn × 1 cycle × 12 steps")."""
+        steps = self.cycle_steps()
+        turns = f"{self.turns} turn{'s' * (self.turns != 1)}"
+        cycles = f"{len(steps)} cycle{'s' * (len(steps) != 1)}"
+        if len(set(steps)) == 1:
+            return f"{turns} × {cycles} × {steps[0]:,} step{'s' * (steps[0] != 1)}"
+        return f"{turns} × {cycles} of {max(steps):,} or {min(steps):,} steps ({sum(steps):,} a turn)"
+
     def warnings(self) -> list[str]:
         if self.train_steps is None and self.steps_per_cycle < UNDER_TRAINING_STEPS:
             return [
@@ -158,6 +167,12 @@ class ContractSettings(BaseModel):
 
     def training_tokens(self) -> int:
         return self.train_steps * CONTRACT_SEQ_LEN
+
+    def schedule(self) -> str:
+        """What runs, in words: the pruning, then the healing steps if any."""
+        layers = f"{self.num_layers_to_contract} layer{'s' * (self.num_layers_to_contract != 1)}"
+        healing = f"{self.train_steps:,} healing step{'s' * (self.train_steps != 1)}" if self.train_steps else "no healing"
+        return f"prune {self.contraction_ratio:g} of {layers}, then {healing}"
 
     def warnings(self) -> list[str]:
         return []

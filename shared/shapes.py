@@ -158,6 +158,98 @@ def contraction_floor(config: ModelConfig, ratio: float, num_layers: int) -> tup
     return can_lose, full
 
 
+def head_shapes(shape: LayerShape) -> list[tuple[int, int]]:
+    """Every (kv groups kept, query heads kept in each) a layer can shrink to.
+
+    A query head goes alone, and a KV group only with the last of its query heads; the kept
+    groups keep equal numbers of heads, which grouped-query attention needs. Of the shapes that
+    keep the same number of query heads, contraction uses the one keeping the most groups.
+    """
+    per_group = shape.n_heads // shape.n_kv_heads
+    return [(k, s) for k in range(1, shape.n_kv_heads + 1) for s in range(1, per_group + 1)]
+
+
+def allot(options: list[dict[int, float]], target: int) -> list[int]:
+    """One choice per layer among its {removed count: cost}, totalling `target` (or the nearest
+    total the choices reach) at the least summed cost; exact, by dynamic programming."""
+    best: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}
+    for layer in options:
+        step: dict[int, tuple[float, list[int]]] = {}
+        for total, (cost, picks) in best.items():
+            for removed, c in sorted(layer.items()):
+                key, value = total + removed, cost + c
+                if key not in step or value < step[key][0]:
+                    step[key] = (value, picks + [removed])
+        best = step
+    total = min(best, key=lambda t: (abs(t - target), best[t][0]))
+    return best[total][1]
+
+
+def even_cuts(layers: list[LayerShape], ratio: float) -> tuple[list[tuple[int, int]], list[int]]:
+    """The size a contraction of these layers at `ratio` reaches: each loses round(ratio x F) MLP
+    units, and together they lose round(ratio x H) query heads each, spread as evenly as their
+    head shapes allow. ((kv groups, heads per group) kept, MLP units removed) per layer."""
+    target = sum(heads_to_remove(layer.n_heads, ratio) for layer in layers)
+    by_removed = [{layer.n_heads - k * s: (k, s) for k, s in head_shapes(layer)} for layer in layers]  # by k: most groups kept wins
+    removed = allot([{r: float(r * r) for r in options} for options in by_removed], target)
+    return [options[r] for options, r in zip(by_removed, removed)], [units_to_remove(l.mlp_hidden, ratio) for l in layers]
+
+
+def contracted_layers(layers: list[LayerShape], ratio: float) -> list[LayerShape]:
+    """What even_cuts leaves of each layer."""
+    heads, units = even_cuts(layers, ratio)
+    return [LayerShape(n_heads=k * s, n_kv_heads=k, mlp_hidden=layer.mlp_hidden - n)
+            for layer, (k, s), n in zip(layers, heads, units)]
+
+
+class LayerChange(BaseModel):
+    """Blocks of one shape and what a contraction leaves of them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    count: int
+    before: LayerShape
+    after: LayerShape
+
+
+class ContractionForecast(BaseModel):
+    """The size a contraction reaches before it runs (the training image's contraction removes the
+    same parameters, to within half an MLP unit). Which blocks it prunes depends on the data
+    (their influence on a calibration sample): for blocks of different sizes the parameters lie
+    between a minimum and a maximum; for equal blocks the two are the same."""
+
+    model_config = ConfigDict(frozen=True)
+
+    parameters_min: int
+    parameters_max: int
+    depth: int = Field(description="Blocks after contraction: it narrows blocks, it removes none.")
+    layers: list[LayerChange] = Field(description="The pruned blocks, by shape, in the smallest outcome.")
+
+
+def forecast_contraction(config: ModelConfig, ratio: float, num_layers: int) -> ContractionForecast:
+    """The outcome of pruning `ratio` of `num_layers` blocks of `config` (the first and last are
+    spared while depth allows, as the contraction does)."""
+    n = max(1, min(num_layers, config.n_layers))
+    interior, ends = config.layers[1:-1], [config.layers[0], config.layers[-1]] if config.n_layers > 1 else config.layers[:1]
+    removed = lambda layer: config.layer_parameters(layer) - config.layer_parameters(contracted_layers([layer], ratio)[0])  # noqa: E731
+    pool = sorted(interior, key=removed)
+    sets = [pool[:n], pool[::-1][:n]]
+    if n > len(interior):  # depth forces the ends in
+        sets = [interior + ends[: n - len(interior)]] * 2
+    outcomes = []
+    for chosen in sets:
+        after = contracted_layers(chosen, ratio)
+        kept = config.parameters() - sum(config.layer_parameters(b) - config.layer_parameters(a) for b, a in zip(chosen, after))
+        outcomes.append((kept, chosen, after))
+    smallest = min(outcomes, key=lambda o: o[0])
+    changes: dict[tuple[LayerShape, LayerShape], int] = {}
+    for before, after in zip(smallest[1], smallest[2]):
+        changes[(before, after)] = changes.get((before, after), 0) + 1
+    return ContractionForecast(
+        parameters_min=min(o[0] for o in outcomes), parameters_max=max(o[0] for o in outcomes), depth=config.n_layers,
+        layers=[LayerChange(count=c, before=b, after=a) for (b, a), c in changes.items()])
+
+
 def growth_positions(n_layers: int) -> list[int]:
     """Indices (in the base model) of the blocks that each get a copy inserted right after them.
 

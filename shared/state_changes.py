@@ -4,6 +4,8 @@ reconciler reads with DescribeTrainingJob) moves the job forward once, registers
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -174,6 +176,8 @@ def record_state_change(
     elif status == "cancelled":
         progress = read_progress(s3, artifacts_bucket, job_id)  # none readable: no token proven trained
         fields = {"bill": str(bill(estimate, progress.tokens_trained if progress else 0))}
+        if progress:  # where it stopped, kept with the job (the progress file expires with its checkpoints)
+            fields["stopped"] = json_column({"step": progress.step, "total_steps": progress.total_steps})
     elif status == "failed":
         reason, secondary = detail.get("FailureReason"), detail.get("SecondaryStatus")
         if not isinstance(reason, str) or not reason:

@@ -277,13 +277,15 @@ def _update_parts(fields: dict[str, Any], allowed: list[str]) -> dict[str, Any]:
 # write and its event, so a retry that finds them apart publishes again (at least once).
 # artifact_uri: what SageMaker wrote, kept on the job even when no model could be registered.
 # trials: a tuning's ranked trials, written as it ends (shared.tunings); evaluation: an evaluate
-# job's table, written with its end state (shared.state_changes). Both are documents, stored as
-# JSON text (json_column) and read back parsed.
+# job's table, written with its end state (shared.state_changes); stopped: a cancelled job's last
+# reported step of its total (shared.state_changes). All are documents, stored as JSON text
+# (json_column) and read back parsed.
 _JOB_COLUMNS = (
     "job_id", "owner", "status", "type", "created_at", "updated_at", "training_job_name",
     "output_model_id", "failure_reason", "bill", "published_status", "artifact_uri", "trials", "evaluation",
+    "stopped",
 )
-_JSON_COLUMNS = ("trials", "evaluation")
+_JSON_COLUMNS = ("trials", "evaluation", "stopped")
 
 
 def json_column(document: Any) -> str:

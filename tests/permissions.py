@@ -257,7 +257,7 @@ def _tuning_job(region: str, name: str) -> str:
 
 # The tags SageMaker holds for each job created through a recorded call: what aws:ResourceTag/<key>
 # reads when a later call describes or stops it. A tuning's trials (<tuning>-NNN-<8 hex>) carry the
-# tuning's tags. A job never created here has no tags, as a job created without them.
+# tuning's tags. Other resources (endpoints, jobs created elsewhere) are asked of the service.
 _SAGEMAKER_TAGS: dict[str, dict[str, str]] = {}
 _TRIAL = re.compile(r"^(?P<tuning>.+)-\d{3}-[0-9a-z]{8}$")
 
@@ -268,13 +268,8 @@ def _request_tags(arn: str, params: dict[str, Any]) -> tuple[tuple[str, str], ..
     return tuple((f"aws:RequestTag/{k}", v) for k, v in tags.items())
 
 
-def _resource_tags(arn: str) -> tuple[tuple[str, str], ...]:
-    tags = _SAGEMAKER_TAGS.get(arn)
-    trial = _TRIAL.match(arn.rsplit("/", 1)[-1])
-    if tags is None and trial and ":training-job/" in arn:
-        tags = _SAGEMAKER_TAGS.get(arn.replace(":training-job/", ":hyper-parameter-tuning-job/").rsplit("/", 1)[0]
-                                   + "/" + trial["tuning"])
-    return tuple((f"aws:ResourceTag/{k}", v) for k, v in (tags or {}).items())
+def _tag_context(arn: str, region: str) -> tuple[tuple[str, str], ...]:
+    return tuple((f"aws:ResourceTag/{k}", v) for k, v in _resource_tags(arn, region).items())
 
 
 _DYNAMODB_ITEM_CALLS = {"GetItem", "PutItem", "UpdateItem", "DeleteItem", "Query", "Scan", "DescribeTable"}
@@ -312,7 +307,8 @@ def requests_of(service: str, operation: str, params: dict[str, Any], region: st
             return [Request("s3:GetObject", f"arn:{PARTITION}:s3:::{bucket}/{key}"),
                     Request("s3:PutObject", f"arn:{PARTITION}:s3:::{params['Bucket']}/{params['Key']}")]
         if operation in _S3_BUCKET_CALLS:
-            return [Request(f"s3:{_S3_BUCKET_CALLS[operation]}", f"arn:{PARTITION}:s3:::{params['Bucket']}")]
+            listed = (("s3:prefix", params["Prefix"]),) if "Prefix" in params else ()
+            return [Request(f"s3:{_S3_BUCKET_CALLS[operation]}", f"arn:{PARTITION}:s3:::{params['Bucket']}", listed)]
     if service == "sqs":
         if operation in ("SendMessage", "SendMessageBatch"):
             return [Request("sqs:SendMessage", _queue(region, params["QueueUrl"]))]
@@ -333,7 +329,7 @@ def requests_of(service: str, operation: str, params: dict[str, Any], region: st
             return out
         if operation in ("DescribeTrainingJob", "StopTrainingJob"):
             job = _training_job(region, params["TrainingJobName"])
-            return [Request(f"sagemaker:{operation}", job, _resource_tags(job))]
+            return [Request(f"sagemaker:{operation}", job, _tag_context(job, region))]
         if operation == "CreateHyperParameterTuningJob":
             tuning = _tuning_job(region, params["HyperParameterTuningJobName"])
             role = params["TrainingJobDefinition"]["RoleArn"]
@@ -346,15 +342,45 @@ def requests_of(service: str, operation: str, params: dict[str, Any], region: st
         if operation in ("DescribeHyperParameterTuningJob", "StopHyperParameterTuningJob",
                          "ListTrainingJobsForHyperParameterTuningJob"):
             tuning = _tuning_job(region, params["HyperParameterTuningJobName"])
-            return [Request(f"sagemaker:{operation}", tuning, _resource_tags(tuning))]
+            return [Request(f"sagemaker:{operation}", tuning, _tag_context(tuning, region))]
         if operation == "ListTrainingJobs":
             return [Request("sagemaker:ListTrainingJobs", "*")]
+    if service == "sagemaker-runtime" and operation == "InvokeEndpoint":
+        endpoint = f"arn:{PARTITION}:sagemaker:{region}:{LOCAL_ACCOUNT}:endpoint/{params['EndpointName'].lower()}"
+        return [Request("sagemaker:InvokeEndpoint", endpoint, _tag_context(endpoint, region))]
     if service == "cloudwatch":
         if operation == "PutMetricData":
             return [Request("cloudwatch:PutMetricData", "*", (("cloudwatch:namespace", params["Namespace"]),))]
         if operation in ("GetMetricData", "GetMetricStatistics", "ListMetrics"):
             return [Request(f"cloudwatch:{operation}", "*")]
     raise NotImplementedError(f"no IAM mapping for {service}:{operation}: add it to tests/permissions.py")
+
+
+_LOOKUP = threading.local()
+
+
+def _resource_tags(arn: str, region: str) -> dict[str, str]:
+    """The tags AWS evaluates with a request on `arn` (aws:ResourceTag/...): those it was created
+    with through a recorded call (a trial: its tuning's), else asked of the service that holds it
+    (moto, or the local stack's SageMaker), unchecked; none for a missing resource."""
+    import boto3
+
+    if arn in _SAGEMAKER_TAGS:
+        return _SAGEMAKER_TAGS[arn]
+    trial = _TRIAL.match(arn.rsplit("/", 1)[-1])
+    if trial and ":training-job/" in arn:
+        tuning = arn.split(":training-job/")[0] + ":hyper-parameter-tuning-job/" + trial["tuning"]
+        if tuning in _SAGEMAKER_TAGS:
+            return _SAGEMAKER_TAGS[tuning]
+
+    _LOOKUP.active = True
+    try:
+        tags = boto3.session.Session(region_name=region).client("sagemaker").list_tags(ResourceArn=arn)["Tags"]
+        return {t["Key"]: t["Value"] for t in tags}
+    except Exception:
+        return {}
+    finally:
+        _LOOKUP.active = False
 
 
 # --- recording --------------------------------------------------------------------------------
@@ -435,7 +461,7 @@ def calling_function() -> str | None:
 
 
 def _before_parameter_build(params: dict[str, Any], model: Any, context: dict[str, Any], **_: Any) -> None:
-    if not RECORDER.enabled:
+    if not RECORDER.enabled or getattr(_LOOKUP, "active", False):
         return
     function = calling_function()
     if function is None:

@@ -39,7 +39,7 @@ from torch import nn
 
 from shared.memory import IGNORE_INDEX
 from shared.settings import TrainSettings
-from shared.shapes import LayerShape, ModelConfig, heads_to_remove, units_to_remove
+from shared.shapes import LayerShape, ModelConfig, even_cuts, head_shapes, heads_to_remove, units_to_remove  # noqa: F401 (the tests read the two rules here)
 from training_image.data import TOKEN_MASK
 from training_image.model import Decoder
 from training_image.train import Trainer, TrainPlan, batch_size_for
@@ -133,17 +133,6 @@ def choose_blocks(influence: dict[str, float], n: int, block_ids: list[str]) -> 
 
 
 # ----------------------------------------------------------------------------- how much to remove
-
-
-def head_shapes(shape: LayerShape) -> list[tuple[int, int]]:
-    """Every (kv groups kept, query heads kept in each) a layer can shrink to.
-
-    A query head goes alone, and a KV group only with the last of its query heads; the kept
-    groups keep equal numbers of heads, which grouped-query attention needs. Of the shapes that
-    keep the same number of query heads, contraction uses the one keeping the most groups.
-    """
-    per_group = shape.n_heads // shape.n_kv_heads
-    return [(k, s) for k in range(1, shape.n_kv_heads + 1) for s in range(1, per_group + 1)]
 
 
 @dataclass
@@ -368,22 +357,6 @@ class LayerCut:
         return LayerShape(n_heads=sum(len(h) for h in self.heads), n_kv_heads=len(self.groups), mlp_hidden=len(self.units))
 
 
-def _allot(options: list[dict[int, float]], target: int) -> list[int]:
-    """One choice per layer among its {removed count: cost}, totalling `target` (or the nearest
-    total the choices reach) at the least summed cost; exact, by dynamic programming."""
-    best: dict[int, tuple[float, list[int]]] = {0: (0.0, [])}
-    for layer in options:
-        step: dict[int, tuple[float, list[int]]] = {}
-        for total, (cost, picks) in best.items():
-            for removed, c in sorted(layer.items()):
-                key, value = total + removed, cost + c
-                if key not in step or value < step[key][0]:
-                    step[key] = (value, picks + [removed])
-        best = step
-    total = min(best, key=lambda t: (abs(t - target), best[t][0]))
-    return best[total][1]
-
-
 def _greedy_sequence(curves: list[list[float]]) -> list[int]:
     """The order in which units leave the layers: each next unit comes from the layer whose error
     it raises least. curves[l][n] is layer l's normalised error with n units removed (curves[l][0]
@@ -456,20 +429,14 @@ def plan_cuts(model: Decoder, chosen: list[str], ratio: float, stats: dict[str, 
     generator = torch.Generator().manual_seed(seed)
     config = model.config
     shapes = {bid: config.layers[config.ids().index(bid)] for bid in chosen}
-    head_target = sum(heads_to_remove(shapes[b].n_heads, ratio) for b in chosen)
     most = lambda n: min(n - 1, math.ceil(n * (1 + ratio) / 2))  # noqa: E731  (ours: no layer loses more than this)
 
     def head_parameters(shape: LayerShape, k: int, s: int) -> int:
         return config.layer_parameters(shape) - config.layer_parameters(shape.model_copy(update={"n_heads": k * s, "n_kv_heads": k}))
 
-    # The baselines' plan, which is also the size ours must reach: even counts in every layer.
-    even_shapes = []
-    for bid in chosen:
-        by_removed = {shapes[bid].n_heads - k * s: (k, s) for k, s in head_shapes(shapes[bid])}  # by k: most groups kept wins
-        even_shapes.append(by_removed)
-    even_removed = _allot([{r: float(r * r) for r in by_removed} for by_removed in even_shapes], head_target)
-    even_heads = [by_removed[r] for by_removed, r in zip(even_shapes, even_removed)]
-    even_units = [units_to_remove(shapes[b].mlp_hidden, ratio) for b in chosen]
+    # The baselines' plan, which is also the size ours must reach (and the size the API forecasts):
+    # even counts in every layer.
+    even_heads, even_units = even_cuts([shapes[b] for b in chosen], ratio)
 
     unit_orders, head_options = {}, {}
     for bid in chosen:

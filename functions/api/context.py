@@ -78,13 +78,23 @@ def client(service: str) -> Any:
     return session().client(service)
 
 
+@cache
+def runtime() -> Any:
+    """SageMaker's runtime, for a model's endpoint: one try, and our answer (a 503) before API
+    Gateway's 30 s run out."""
+    from botocore.config import Config
+
+    return session().client("sagemaker-runtime", config=Config(connect_timeout=2, read_timeout=25,
+                                                                 retries={"max_attempts": 1}))
+
+
 def env(name: str) -> str:
     return os.environ[name]
 
 
 def reset() -> None:
     """Forget cached clients (tests switch AWS backends between cases)."""
-    for cached in (session, jobs, catalog, datasets, tenants, bus, client, objects):
+    for cached in (session, jobs, catalog, datasets, tenants, bus, client, objects, runtime):
         cached.cache_clear()
 
 

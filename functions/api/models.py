@@ -1,21 +1,24 @@
 """Model routes: the caller's catalog (their models and the public base models)."""
 
 
+import json
+import time
 from typing import Annotated, Any
 
 from aws_lambda_powertools.event_handler import Response, content_types
 from aws_lambda_powertools.event_handler.api_gateway import Router
 from aws_lambda_powertools.event_handler.openapi.params import Path
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from functions.api import context
 from functions.api.presigning import presigning_s3
 from shared.errors import JobError, invalid, not_found
-from shared.hf import EXPORT_DIR
+from shared.hf import EXPORT_DIR, export_manifest, export_prefix
 from shared.hf_check import MAX_UPLOAD_BYTES, MAX_UPLOAD_FILES, UPLOAD_NAME, UPLOAD_URL_SECONDS, folder_model, new_upload_folder
 from shared.lifecycle import END_STATUSES
 from shared.outputs import split_s3
-from shared.responses import CatalogModel, Download, ModelList, ModelUpload
+from shared.responses import CatalogModel, Download, Generation, Message, ModelList, ModelUpload
+from shared import serving
 from shared.store import available, not_available
 from shared.tenancy import data_uri_prefix, owns_uri
 
@@ -121,7 +124,8 @@ def download_model(model_id: Annotated[str, Path(max_length=128)]) -> Download:
 
 
 @router.delete("/models/<model_id>", summary="Delete one of your models",
-               description="Removes the model from your catalog and deletes its archive. Its record stays, as "
+               description="Removes the model from your catalog and deletes its archive and the transformers folder a "
+                           "deploy unpacked beside it. Its record stays, as "
                            "deleted, so that models made from it still name their parent. A model a job still "
                            "reads is refused (409); base models cannot be deleted.",
                responses=context.responses({200: ("The model, now deleted", CatalogModel)}, 409))
@@ -142,8 +146,85 @@ def delete_model(model_id: Annotated[str, Path(max_length=128)]) -> CatalogModel
     context.catalog().delete(model_id, tenant)
     if model.get("kind") != "imported" and model.get("artifact_uri"):  # a registered folder is the tenant's own data
         bucket, key = split_s3(model["artifact_uri"])
+        _delete_export(bucket, export_prefix(key))
         _s3().delete_object(Bucket=bucket, Key=key)
     return context.catalog().get(model_id, tenant)
+
+
+def _delete_export(bucket: str, prefix: str) -> None:
+    """The transformers folder `fusion models deploy` unpacked beside the archive, if any: its
+    manifest first (a deploy then unpacks afresh rather than trust a half-deleted folder), then
+    every file, found by listing (a deploy cut short wrote files without a manifest)."""
+    s3 = _s3()
+    s3.delete_object(Bucket=bucket, Key=export_manifest(prefix))
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            s3.delete_object(Bucket=bucket, Key=item["Key"])
+
+
+class GenerateRequest(BaseModel):
+    """A prompt to continue, or a conversation (ending with the user's turn) to answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Annotated[str | None, Field(default=None, min_length=1, max_length=20_000)]
+    messages: Annotated[list[Message] | None, Field(default=None, min_length=1, max_length=64, description=(
+        "A conversation, rendered with the model's chat template; the answer is the assistant's next turn."))]
+    max_tokens: Annotated[int, Field(ge=1, le=serving.MAX_NEW_TOKENS, description="New tokens at most.")] = \
+        serving.DEFAULT_NEW_TOKENS
+    temperature: Annotated[float, Field(ge=0, le=serving.MAX_TEMPERATURE, description="0 is greedy.")] = \
+        serving.DEFAULT_TEMPERATURE
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "GenerateRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give a prompt or messages, not both")
+        if self.messages is not None and self.messages[-1].role != "user":
+            raise ValueError("messages must end with the user's turn")
+        return self
+
+
+# SageMaker's answers that mean "no endpoint of this stack serves the model": none of that name
+# (ValidationException), or one this role may not invoke: another stack's, or not tagged as ours.
+NOT_SERVED = ("AccessDeniedException", "AccessDenied", "ValidationException")
+
+
+@router.post("/models/<model_id>/generate", summary="Try a model",
+             description="Answers from the model's SageMaker endpoint (`fusion models deploy`), with its latency; "
+                         "409 with the command to deploy it when no endpoint of this stack serves it.",
+             responses=context.responses({200: ("The answer", Generation)}, 409, 503))
+def generate(model_id: Annotated[str, Path(max_length=128)], request: GenerateRequest) -> Generation:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    model = context.catalog().get(model_id, context.tenant(router))
+    if model is None:
+        raise not_found("model", "model_id", model_id)
+    if model.get("status", "ready") != "ready":
+        raise invalid("model_id", f"{model_id} is {model['status']}")
+    name = serving.endpoint_name(model_id)
+    messages = [m.model_dump() for m in request.messages] if request.messages is not None else None
+    body = serving.invocation(prompt=request.prompt, messages=messages, max_tokens=request.max_tokens,
+                              temperature=request.temperature)
+    started = time.perf_counter()
+    try:
+        answer = context.runtime().invoke_endpoint(EndpointName=name, ContentType=content_types.APPLICATION_JSON,
+                                            Accept=content_types.APPLICATION_JSON, Body=json.dumps(body).encode())
+        text = serving.answer_text(json.loads(answer["Body"].read()))
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        if code in NOT_SERVED:
+            deploy = f"fusion models deploy {model_id} --instance-type ml.g5.xlarge --role <EndpointRoleArn> --stack <stack>"
+            raise JobError(409, "not_deployed", f"{model_id} is not deployed: no endpoint {name} of this stack serves "
+                                                f"it. Deploy it with `{deploy}`",
+                           [{"field": "model_id", "message": "not deployed"}]) from None
+        raise JobError(503, "endpoint_unavailable", f"endpoint {name} did not answer: {code}: "
+                                                    f"{error.response.get('Error', {}).get('Message', '')}") from None
+    except (BotoCoreError, ValueError) as error:
+        raise JobError(503, "endpoint_unavailable", f"endpoint {name} did not answer: {error}") from None
+    latency = round(1000 * (time.perf_counter() - started))
+    text = text.strip() if messages is not None else text
+    shown = messages + [{"role": "assistant", "content": text}] if messages is not None else None
+    return {"model_id": model_id, "text": text, "messages": shown, "endpoint": name, "latency_ms": latency}
 
 
 def _s3() -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -58,6 +59,8 @@ def test_new_job_form_estimates_live_shows_field_errors_and_submits_once(tab, st
     expect(page.locator("#f-steps_per_cycle-hint")).to_contain_text("default 1000")
     expect(page.locator("#f-steps_per_cycle-hint")).to_contain_text("below 500 under-trains")
     expect(page.locator("#f-seq_len")).to_have_attribute("max", "512")  # the base model's context length
+    expect(page.locator("#f-seq_len-hint")).to_contain_text(
+        "range 16–512 (the context length of base-debug; the API's most is 8,192)")  # both bounds the API checks
     page.get_by_label("steps_per_cycle").fill("100")
     expect(page.get_by_role("list", name="Warnings")).to_contain_text("under-trains")
 
@@ -411,7 +414,7 @@ def test_the_landing_leads_upload_train_contract_in_the_menu_order(tab, stack):
     expect(steps.nth(0)).to_contain_text("1. Upload a dataset")
     expect(steps.nth(1)).to_contain_text("2. Train a model")
     expect(steps.nth(2)).to_contain_text("3. Contract it")
-    assert page.locator("header nav a").all_inner_texts() == ["1. Datasets", "2. Train", "Jobs", "Models"]
+    assert page.locator("header nav a").all_inner_texts() == ["1. Datasets", "2. Train", "Jobs", "Models", "Tune"]
     tab.shot("home")
     page.emulate_media(color_scheme="dark")
     background = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
@@ -488,3 +491,120 @@ def test_a_page_recovers_by_itself_after_an_outage(tab, stack):
     expect(page.get_by_role("button", name="Retry")).to_be_visible()
     page.unroute("**/models")
     expect(page.locator("h1")).to_have_text("Models", timeout=12_000)  # no click
+
+
+def test_the_playground_answers_a_prompt_and_a_conversation_with_their_latency(tab, stack, trained):
+    """The local stack answers as the model's endpoint would (greedy here: the text is the API's)."""
+    model_id = trained["model_id"]
+    expected = call(stack, "POST", f"/models/{model_id}/generate", {"prompt": "def ", "max_tokens": 4, "temperature": 0})
+    tab.open(f"#/models/{model_id}")
+    page = tab.page
+    form = page.get_by_role("form", name="Try the model")
+    expect(page.locator("#f-max_tokens")).to_have_attribute("max", "512")  # the API's own bound (OpenAPI)
+    page.get_by_label("Prompt").fill("def ")
+    page.locator("#f-max_tokens").fill("4")
+    page.locator("#f-temperature").fill("0")
+    form.get_by_role("button", name="Generate").click()
+    expect(page.get_by_test_id("latency")).to_contain_text(re.compile(r"Answered in [\d,]+ ms by fusion-"))
+    expect(page.locator(".generated")).to_have_text("def " + expected["text"])
+    tab.shot("playground")
+
+    page.get_by_label("As a conversation (the model's chat template)").check()
+    page.get_by_label("Prompt").fill("Hello")
+    form.get_by_role("button", name="Generate").click()
+    turns = page.get_by_role("list", name="Conversation").locator("li")
+    expect(turns).to_have_count(2)
+    expect(turns.nth(0)).to_have_attribute("data-role", "user")
+    expect(turns.nth(1)).to_have_attribute("data-role", "assistant")
+    expect(page.get_by_label("Prompt")).to_have_value("")  # ready for the next turn
+    page.get_by_label("Prompt").fill("And then?")
+    form.get_by_role("button", name="Generate").click()
+    expect(turns).to_have_count(4)  # the conversation goes on
+    page.get_by_role("button", name="New conversation").click()
+    expect(turns).to_have_count(0)
+
+    page.set_viewport_size(PHONE)
+    page.reload()
+    expect(page.get_by_role("form", name="Try the model")).to_be_visible()
+    overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"the model page scrolls sideways by {overflow}px on a phone"
+    tab.shot("playground-phone")
+
+
+def test_a_model_without_an_endpoint_says_how_to_deploy_it(tab, stack, trained):
+    tab.allow(r"status of 409")
+    page = tab.page
+    refusal = {"error": {"code": "not_deployed", "message": f"{trained['model_id']} is not deployed: no endpoint of "
+               "this stack serves it. Deploy it with `fusion models deploy X --instance-type ml.g5.xlarge`", "details": []}}
+    page.route("**/generate", lambda route: route.fulfill(status=409, content_type="application/json",
+                                                          body=json.dumps(refusal)))
+    tab.open(f"#/models/{trained['model_id']}")
+    page.get_by_label("Prompt").fill("Hi")
+    page.get_by_role("form", name="Try the model").get_by_role("button", name="Generate").click()
+    expect(page.locator('[data-code="not_deployed"]')).to_contain_text("is not deployed")
+    expect(page.get_by_test_id("answer").locator("code")).to_have_text("fusion models deploy X --instance-type ml.g5.xlarge")
+    expect(page.get_by_role("button", name="Copy fusion models deploy X --instance-type ml.g5.xlarge")).to_be_visible()
+
+
+def test_the_contract_form_forecasts_the_size_as_the_slider_moves(tab, stack, trained):
+    tab.open(f"#/models/{trained['model_id']}/contract")
+    page = tab.page
+    page.get_by_label("num_layers_to_contract").fill("2")
+    forecast = page.get_by_test_id("estimate").locator('[data-key="contraction"]')
+    expect(forecast).to_contain_text(f"depth {trained['depth']}")
+    expect(forecast).to_contain_text("2 blocks:")
+    size = forecast.locator('[data-key="after-parameters"]')
+    quote = call(stack, "POST", "/jobs/estimate", {"type": "contract", "hyperparams": {
+        "source_model_id": trained["model_id"], "num_layers_to_contract": 2, "contraction_ratio": 0.5}})
+    expect(size).to_have_text(re.compile(r"\d+\.\d\d[KM] params"))
+    before = size.inner_text()
+    expect(forecast).to_contain_text(re.compile(r"\(-\d+\.\d%\)"))
+    page.get_by_label("contraction_ratio").focus()
+    for _ in range(5):
+        page.keyboard.press("ArrowRight")  # 0.5 -> 0.75
+    expect(page.locator("#ratio-value")).to_have_text("0.75")
+    expect(size).not_to_have_text(before)  # a smaller model: the forecast follows the slider
+    later = call(stack, "POST", "/jobs/estimate", {"type": "contract", "hyperparams": {
+        "source_model_id": trained["model_id"], "num_layers_to_contract": 2, "contraction_ratio": 0.75}})
+    assert later["estimate"]["contraction"]["parameters_min"] < quote["estimate"]["contraction"]["parameters_min"]
+    tab.shot("contract-forecast")
+
+
+def test_the_job_page_says_what_runs_and_where_a_cancelled_job_stopped(tab, stack, dataset_id):
+    job = call(stack, "POST", "/jobs", {"type": "train", "model": "base-debug", "dataset": dataset_id,
+                                        "hyperparams": {"train_steps": 4000, "seq_len": 64, "lr": 1e-3}})
+    tab.open(f"#/jobs/{job['job_id']}")
+    page = tab.page
+    expect(page.locator('[data-key="schedule"]')).to_have_text("1 turn × 1 cycle × 4,000 steps")  # not cycles=6
+    expect(page.locator('[data-setting="seq_len"]')).to_contain_text("Sequence length (tokens): 64")
+    expect(page.locator(".progress-line")).to_contain_text("step", timeout=60_000)
+    call(stack, "POST", f"/jobs/{job['job_id']}/cancel")
+    ended = wait_job(stack, job["job_id"])
+    assert ended["status"] == "cancelled" and ended["stopped"], ended
+    step, total = ended["stopped"]["step"], ended["stopped"]["total_steps"]
+    assert 0 < step < total == 4000
+    expect(page.locator(".progress-line")).to_contain_text(f"Cancelled at step {step:,} of {total:,}")
+    bar = page.get_by_label("Progress")
+    expect(bar).to_have_attribute("value", str(step))
+    expect(bar).to_have_attribute("max", str(total))
+    tab.open(f"#/jobs/{job['job_id']}")  # opened afresh, it shows the same
+    expect(page.locator(".progress-line")).to_contain_text(f"Cancelled at step {step:,} of {total:,}")
+
+
+def test_the_catalog_lists_yours_first_and_says_when_it_scrolls_sideways(tab, stack, trained):
+    tab.open("#/models")
+    page = tab.page
+    kinds_column = page.get_by_role("table", name="Catalog").locator("tbody td:nth-child(3)")
+    expect(kinds_column.first).not_to_have_text("base")
+    kinds = kinds_column.all_inner_texts()
+    first_base = kinds.index("base")
+    assert first_base > 0 and set(kinds[first_base:]) == {"base"}, kinds  # yours, then the base models
+    box = page.locator(".scroll").first
+    wide = page.evaluate("(box) => box.scrollWidth > box.clientWidth + 1", box.element_handle())
+    cue = page.locator(".scroll-cue").first
+    (expect(cue).to_be_visible() if wide else expect(cue).to_be_hidden())  # at 1280 px: a cue, or no overflow
+    page.set_viewport_size(PHONE)
+    expect(cue).to_be_visible()  # a phone is narrower than the catalog
+    expect(box).to_have_attribute("data-more-right", "")
+    box.evaluate("(box) => box.scrollTo(box.scrollWidth, 0)")
+    expect(box).not_to_have_attribute("data-more-right", "")  # scrolled to the end: nothing more on the right

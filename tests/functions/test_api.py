@@ -405,6 +405,13 @@ def test_delete_a_model_keeps_its_lineage_and_removes_its_archive(world, api):
     s3 = world.session.client("s3")
     bucket, key = world.env["ARTIFACTS_BUCKET"], "jobs/j0/output/fusion-j0/output/model.tar.gz"
     s3.put_object(Bucket=bucket, Key=key, Body=b"archive")
+    # What `fusion models deploy` unpacked beside it (shared.hf names the folder and its manifest),
+    # and another job's folder, which stays.
+    export = "jobs/j0/output/fusion-j0/output/hf/"
+    unpacked = [export + "config.json", export + "model.safetensors", export + "sub/tokenizer.json",
+                "jobs/j0/output/fusion-j0/output/hf.manifest.json"]
+    for name in unpacked + ["jobs/j9/output/fusion-j9/output/hf/config.json"]:
+        s3.put_object(Bucket=bucket, Key=name, Body=b"{}")
     Catalog(session=world.session).register({
         "model_id": "m-child", "owner": "alice", "name": "child", "kind": "contracted", "parent_id": "m-alice",
         "job_id": "j1", "parameters": 1, "depth": 1, "created_at": "t2"})
@@ -413,6 +420,8 @@ def test_delete_a_model_keeps_its_lineage_and_removes_its_archive(world, api):
     status, gone = api("DELETE", "/models/m-alice")
     assert status == 200 and gone["status"] == "deleted" and gone["artifact_uri"] is None and gone["deleted_at"]
     assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix=key)
+    left = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="jobs/").get("Contents", [])}
+    assert left == {"jobs/j9/output/fusion-j9/output/hf/config.json"}, left
     assert api("DELETE", "/models/m-alice") == (200, gone)  # again: nothing changes
     listed = {m["model_id"] for m in api("GET", "/models")[1]["models"]}
     assert "m-alice" not in listed and "m-child" in listed
@@ -446,3 +455,98 @@ def test_delete_a_dataset_removes_its_data_and_keeps_its_record(world, api):
     assert api("GET", f"/datasets/{DATASET}")[1]["status"] == "deleted"
     status, refused = api("POST", "/jobs", _train())
     assert status == 422 and "deleted" in refused["error"]["message"]
+
+
+def _endpoint(aws, name: str, tags: list[dict]) -> None:
+    """An endpoint in moto, as `fusion models deploy` leaves it (its tags are what IAM evaluates)."""
+    sm = aws.session.client("sagemaker")
+    sm.create_model(ModelName=name, ExecutionRoleArn="arn:aws:iam::123456789012:role/endpoint",
+                    PrimaryContainer={"Image": "tgi"})
+    sm.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[{
+        "VariantName": "AllTraffic", "ModelName": name, "InitialInstanceCount": 1, "InstanceType": "ml.g4dn.xlarge"}])
+    sm.create_endpoint(EndpointName=name, EndpointConfigName=name, Tags=tags)
+
+
+def _endpoint_answers(*bodies) -> None:
+    """What the serving container answers next (moto answers whatever it is told to)."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.sagemakerruntime.models import sagemakerruntime_backends
+
+    queue = sagemakerruntime_backends[DEFAULT_ACCOUNT_ID]["us-east-1"].results_queue
+    queue.extend((json.dumps(body), "application/json", "AllTraffic", "") for body in bodies)
+
+
+def test_generate_answers_from_this_stacks_endpoint_of_the_model(world, api, roles):
+    from local.resources import pseudo_parameters
+    from shared import serving
+
+    stack = pseudo_parameters("us-east-1")["AWS::StackName"]
+    name = serving.endpoint_name("m-alice")
+    # Not deployed: a 409 that says how to deploy it (under the role, AWS answers AccessDenied).
+    status, refused = api("POST", "/models/m-alice/generate", {"prompt": "Hello"})
+    assert status == 409 and refused["error"]["code"] == "not_deployed"
+    assert "fusion models deploy m-alice" in refused["error"]["message"] and "--stack" in refused["error"]["message"]
+    # Another stack's endpoint of the same name: the role may not invoke it.
+    _endpoint(world, name, [{"Key": serving.STACK_TAG, "Value": "another-stack"}])
+    assert api("POST", "/models/m-alice/generate", {"prompt": "Hello"})[0] == 409
+
+    sm = world.session.client("sagemaker")
+    arn = sm.describe_endpoint(EndpointName=name)["EndpointArn"]
+    sm.add_tags(ResourceArn=arn, Tags=[{"Key": serving.STACK_TAG, "Value": stack}])
+    _endpoint_answers([{"generated_text": " world"}],
+                      {"choices": [{"message": {"role": "assistant", "content": " Hi there. "}}]})
+    status, answer = api("POST", "/models/m-alice/generate", {"prompt": "Hello", "max_tokens": 8, "temperature": 0})
+    assert status == 200, answer
+    assert answer["text"] == " world" and answer["messages"] is None and answer["endpoint"] == name
+    assert isinstance(answer["latency_ms"], int) and answer["latency_ms"] >= 0
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    status, answer = api("POST", "/models/m-alice/generate", {"messages": chat})
+    assert status == 200 and answer["text"] == "Hi there."
+    assert answer["messages"] == chat + [{"role": "assistant", "content": "Hi there."}]
+
+    assert api("POST", "/models/m-bob/generate", {"prompt": "Hello"})[0] == 404  # not alice's
+    for bad in ({}, {"prompt": "a", "messages": chat}, {"messages": chat[:1]}, {"prompt": "a", "max_tokens": 10_000},
+                {"prompt": "a", "temperature": -1}):
+        status, body = api("POST", "/models/m-alice/generate", bad)
+        assert status == 422, (bad, body)
+    # The refusals above were the role's, as AWS evaluates them: no endpoint, then another stack's.
+    denied = roles.denied()
+    assert [(c.operation, c.requests[0].context) for c in denied] == [
+        ("sagemaker-runtime:InvokeEndpoint", ()),
+        ("sagemaker-runtime:InvokeEndpoint", (("aws:ResourceTag/fusion:stack", "another-stack"),))]
+    with roles.lock:
+        roles.calls = [c for c in roles.calls if c not in denied]
+
+
+def test_the_generation_body_is_what_tgi_takes_and_reads_back():
+    from shared import serving
+
+    chat = [{"role": "user", "content": "Hi"}]
+    for prompt, messages, temperature in (("Hello", None, 0.0), ("Hello", None, 0.7), (None, chat, 0.7), (None, chat, 0.0)):
+        body = serving.invocation(prompt=prompt, messages=messages, max_tokens=12, temperature=temperature)
+        assert serving.read_invocation(body) == {"prompt": prompt, "messages": messages, "max_tokens": 12,
+                                                 "temperature": temperature}
+    greedy = serving.invocation(prompt="Hello", messages=None, max_tokens=3, temperature=0)
+    assert greedy["parameters"]["do_sample"] is False and "temperature" not in greedy["parameters"]  # TGI refuses 0
+    assert serving.answer_text(serving.prompt_answer("x")) == "x"
+    assert serving.answer_text(serving.chat_answer("y", "m")) == "y"
+    with pytest.raises(ValueError):
+        serving.answer_text({"error": "overloaded"})
+
+
+def test_a_contract_estimate_forecasts_the_size_after_contraction(world, api):
+    from shared.shapes import forecast_contraction
+
+    config = grown_config(SIZES["debug"])
+    sizes = []
+    for ratio in (0.25, 0.5, 0.75):
+        status, quote = api("POST", "/jobs/estimate", {"type": "contract", "hyperparams": {
+            "source_model_id": "m-alice", "num_layers_to_contract": 2, "contraction_ratio": ratio}})
+        assert status == 200, quote
+        forecast = quote["estimate"]["contraction"]
+        assert forecast == forecast_contraction(config, ratio, 2).model_dump(mode="json")
+        assert forecast["depth"] == config.n_layers and forecast["parameters_min"] == forecast["parameters_max"]
+        sizes.append(forecast["parameters_min"])
+    assert config.parameters() > sizes[0] > sizes[1] > sizes[2]  # the ratio moves the size
+    status, quote = api("POST", "/jobs/estimate", _train())
+    assert status == 200 and quote["estimate"]["contraction"] is None

@@ -86,6 +86,7 @@ def test_a_stopped_job_is_billed_for_the_tokens_it_trained(aws, job):
     expected = bill(Estimate.model_validate(job["estimate"]), tokens)
     assert status == "cancelled" and Decimal(billed) == expected and expected < Decimal(job["estimate"]["total"])
     assert model_id is None and models == []
+    assert Jobs(session=aws.session).get(job["job_id"])["stopped"] == {"step": 200, "total_steps": 200}
 
 
 def test_a_stopped_job_without_progress_pays_only_its_fees(aws, job):

@@ -72,7 +72,7 @@ def test_deploy_creates_model_config_and_endpoint_as_asked_and_undeploy_removes_
     model = trained(aws)
     name = deploy.default_endpoint_name(model["model_id"])
     assert fusion(server, "deploy", model["model_id"], "--instance-type", "ml.g4dn.12xlarge", "--role", ROLE,
-                  as_json=True) == 0
+                  "--stack", "fusion-prod", as_json=True) == 0
     shown = json.loads(capsys.readouterr().out)
     sm, s3 = aws.session.client("sagemaker"), aws.session.client("s3")
     bucket = aws.env["ARTIFACTS_BUCKET"]
@@ -92,7 +92,9 @@ def test_deploy_creates_model_config_and_endpoint_as_asked_and_undeploy_removes_
     assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == deploy.HEALTH_CHECK_TIMEOUT_S
     assert sm.describe_endpoint(EndpointName=name)["EndpointStatus"] == shown["status"] == "InService"
     endpoint_arn = sm.describe_endpoint(EndpointName=name)["EndpointArn"]
-    assert {"Key": deploy.MODEL_TAG, "Value": model["model_id"]} in sm.list_tags(ResourceArn=endpoint_arn)["Tags"]
+    tags = sm.list_tags(ResourceArn=endpoint_arn)["Tags"]
+    assert {"Key": deploy.MODEL_TAG, "Value": model["model_id"]} in tags
+    assert {"Key": deploy.STACK_TAG, "Value": "fusion-prod"} in tags  # that stack's API may invoke it
     # The export, unpacked beside the archive byte for byte, and nothing of the compact model.
     listed = {o["Key"]: o["Size"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
     assert listed == {prefix + n: len(d) for n, d in EXPORT.items()}

@@ -293,3 +293,27 @@ def _client(stack):
     from local.cli import Client
 
     return Client(stack.api_url)
+
+
+def test_the_api_generates_locally_as_the_cli_does(stack, capsys):
+    """The local stack serves every ready model as if deployed: POST /models/{id}/generate answers
+    with what `fusion models generate` samples from the same archive (greedy, so the same text)."""
+    url = f"{stack.api_url}/models/base-debug/generate"
+    answer = requests.post(url, json={"prompt": "def ", "max_tokens": 6, "temperature": 0}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    code, out, err = fusion(stack, capsys, "models", "generate", "base-debug", "--prompt", "def ", "--max-tokens", "6",
+                            "--temperature", "0")
+    assert code == 0, err
+    assert "def " + body["text"] == out.rstrip("\n")
+    assert body["endpoint"] == "fusion-base-debug" and body["latency_ms"] >= 0 and body["messages"] is None
+
+    chat = [{"role": "user", "content": "Hello"}]
+    answer = requests.post(url, json={"messages": chat, "max_tokens": 4, "temperature": 0}, timeout=60).json()
+    code, out, err = fusion(stack, capsys, "--json", "models", "generate", "base-debug", "--chat", "--prompt", "Hello",
+                            "--max-tokens", "4", "--temperature", "0")
+    assert code == 0, err
+    assert answer["messages"] == json.loads(out)["messages"]  # the conversation, with the assistant's turn
+
+    missing = requests.post(f"{stack.api_url}/models/m-missing/generate", json={"prompt": "x"}, timeout=30)
+    assert missing.status_code == 404

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.shapes import SIZES, LayerShape
+from shared.shapes import SIZES, LayerShape, contracted_layers, forecast_contraction
 from training_image import entry
 from training_image.contract import (
     Distillation,
@@ -84,6 +84,29 @@ def test_ours_removes_the_parameters_the_baselines_do_and_ratios_give_distinct_s
     assert contract_blocks(debug_model, debug_model.config, train[:8], ratio, chosen, even=True)[1] == even
     smaller, _ = contract_blocks(debug_model, debug_model.config, train[:8], ratio + 0.2, chosen, method="magnitude")
     assert smaller.parameter_count() < even.parameters() < debug_model.config.parameters()
+    # The size the API forecasts (and the console shows) before the job runs is this size.
+    forecast = forecast_contraction(debug_model.config, ratio, len(chosen))
+    assert forecast.parameters_min == forecast.parameters_max == even.parameters()  # equal blocks: one outcome
+    assert abs(forecast.parameters_min - config.parameters()) <= 3 * debug_model.config.dim / 2
+    assert forecast.depth == config.n_layers
+    after = sorted((c.after.model_dump_json() for c in forecast.layers for _ in range(c.count)))
+    assert after == sorted(layer.model_dump_json() for layer in even.layers[1:3])  # the pruned blocks' shapes
+
+
+def test_the_forecast_of_blocks_of_different_sizes_spans_the_choices():
+    """A model contracted before has blocks of different widths: which ones the calibration picks
+    decides the size, so the forecast gives the least and the most of the choices."""
+    base = SIZES["tiny"]
+    narrow = LayerShape(n_heads=2, n_kv_heads=1, mlp_hidden=100)
+    config = base.model_copy(update={"layers": [base.layers[0], narrow, *base.layers[2:]]})
+    forecast = forecast_contraction(config, 0.5, 1)
+    removed = lambda layer: config.layer_parameters(layer) - config.layer_parameters(contracted_layers([layer], 0.5)[0])  # noqa: E731
+    assert forecast.parameters_max == config.parameters() - removed(narrow)  # the narrow block chosen
+    assert forecast.parameters_min == config.parameters() - removed(base.layers[1])  # a wide one
+    assert forecast.parameters_min < forecast.parameters_max
+    assert forecast_contraction(config, 0.5, config.n_layers).parameters_min == \
+        config.parameters() - sum(config.layer_parameters(l) for l in config.layers) + \
+        sum(config.layer_parameters(l) for l in contracted_layers(config.layers, 0.5))  # every block
 
 
 def test_joint_allotment_is_the_least_error_way_to_remove_the_parameters():
