@@ -230,6 +230,11 @@ class EvaluateSettings(BaseModel):
         """The forward tokens priced: every model on max_windows windows of seq_len predicted tokens."""
         return len(self.model_ids) * self.max_windows * self.seq_len
 
+    def schedule(self) -> str:
+        """What runs, in words: forward passes only, the same windows for every model."""
+        models = f"{len(self.model_ids)} model{'s' * (len(self.model_ids) != 1)}"
+        return f"{models} x at most {self.max_windows:,} windows of {self.seq_len:,} tokens ({self.source}), no training"
+
     def warnings(self) -> list[str]:
         return []
 

@@ -113,6 +113,15 @@ def test_real_answers_keep_to_the_documented_schema(aws, api, spec):
     call("GET", f"/datasets/{dataset['dataset_id']}", route="/datasets/{dataset_id}")
     call("GET", "/datasets")
     call("DELETE", f"/datasets/{dataset['dataset_id']}", route="/datasets/{dataset_id}")
+    generate = "/models/{model_id}/generate"
+    from local.resources import pseudo_parameters
+    from shared import serving
+    from tests.functions.test_api import _endpoint, _endpoint_answers
+
+    stack = pseudo_parameters("us-east-1")["AWS::StackName"]
+    _endpoint(aws, serving.endpoint_name(model_id), [{"Key": serving.STACK_TAG, "Value": stack}])
+    _endpoint_answers([{"generated_text": " there"}])
+    call("POST", f"/models/{model_id}/generate", {"prompt": "Hi"}, route=generate)
     call("DELETE", f"/models/{model_id}", route="/models/{model_id}")
     call("POST", f"/jobs/{job_id}/cancel", route=route + "/cancel", expect=409)
     call("GET", "/jobs/nope", route=route, expect=404)

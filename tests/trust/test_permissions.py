@@ -186,6 +186,13 @@ def _walk(aws, api) -> None:
         assert admin.lambda_handler(event, LambdaContext())["statusCode"] == 200
     admin._tenants.cache_clear()
     made = stored(aws, completed)["output_model_id"]  # deleting removes its archive and keeps its record
+    from shared.hf import export_manifest, export_prefix
+    from shared.outputs import split_s3
+
+    bucket, key = split_s3(stored(aws, completed)["artifact_uri"])  # ... and the folder a deploy unpacked
+    unpacked = export_prefix(key)
+    for name in (unpacked + "config.json", export_manifest(unpacked)):
+        aws.session.client("s3").put_object(Bucket=bucket, Key=name, Body=b"{}")
     assert api("DELETE", f"/models/{made}")[1]["status"] == "deleted"
     assert api("DELETE", f"/datasets/{created['dataset_id']}")[1]["status"] == "deleted"
 
