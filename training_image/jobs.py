@@ -110,7 +110,7 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, la
         cycle_steps=settings.cycle_steps(),
         lr=settings.lr,
         seq_len=settings.seq_len,
-        batch_size=runtime.batch_size(config.parameters()),
+        batch_size=runtime.batch_size(config.parameters(), settings.seq_len),
     )
     trainer = Trainer(
         model,
@@ -124,6 +124,7 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, la
         micro_batch=layout.micro_batch,
         strategy=layout.strategy,
         activation_checkpointing=layout.activation_checkpointing,
+        defer_gradient_sync=layout.defer_gradient_sync,
         device=device,
         log=log if runtime.rank() == 0 else None,
         materialize=materialize,
@@ -277,7 +278,7 @@ def _measure(log: Callable[[str], None], stage: str, model: Decoder, heldout_win
 
 def _healer(model, source, config, train_windows, heldout_windows, steps, seq_len, root, job_id, log) -> Trainer:
     plan = TrainPlan(turns=1, cycle_steps=[steps], lr=HEAL_LR, seq_len=seq_len,
-                     batch_size=runtime.batch_size(config.parameters()))
+                     batch_size=runtime.batch_size(config.parameters(), seq_len))
     model.train()
     return Trainer(
         Distillation(model, source),

@@ -89,10 +89,10 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def batch_size(parameters: int) -> int:
-    """Sequences per optimizer step over all ranks: shapes.batch_size_for, rounded up so that
-    every rank takes an equal share."""
-    batch = batch_size_for(parameters)
+def batch_size(parameters: int, seq_len: int) -> int:
+    """Sequences of seq_len per optimizer step over all ranks: shapes.batch_size_for, rounded up
+    so that every rank takes an equal share."""
+    batch = batch_size_for(parameters, seq_len)
     world = dist.get_world_size() if dist.is_initialized() else 1
     return batch + (-batch) % world
 

@@ -141,6 +141,7 @@ class Trainer:
         micro_batch: int | None = None,
         strategy: Strategy = "ddp",
         activation_checkpointing: bool = False,
+        defer_gradient_sync: bool = False,
         device: torch.device | None = None,
         autocast: bool | None = None,
         log: Callable[[str], None] | None = print,
@@ -154,7 +155,9 @@ class Trainer:
         `materialize`: `model` is on the meta device, and this fills its parameters once they are
         laid out on the ranks (parallel.wrap).
         `compile`: each block compiled (parallel.compile_blocks); by default on a GPU, where the
-        compilation's minutes pay for themselves, not on a CPU."""
+        compilation's minutes pay for themselves, not on a CPU.
+        `defer_gradient_sync`: a sharded model synchronises its gradients on a step's last
+        micro-batch only, as a replicated one always does (parallel.accumulating)."""
         if train_windows.shape[1] != plan.seq_len + 1:
             raise ValueError(f"windows hold {train_windows.shape[1]} tokens, expected seq_len+1={plan.seq_len + 1}")
         self.model = model
@@ -189,6 +192,7 @@ class Trainer:
             compile=self.device.type == "cuda" if compile is None else compile,
         )
         self.sharded = parallel.is_sharded(self.network)
+        self.defer_gradient_sync = defer_gradient_sync
         self.sharded_checkpoints = self.sharded  # also once resumed from one (another world size)
         # FSDP's policy computes in bf16 already (its weights arrive in bf16): autocast would only add casts.
         self.autocast = self.bf16 and not self.sharded
@@ -267,7 +271,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for i, (micro_inputs, micro_targets, micro_starts) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            with parallel.accumulating(self.network, last), torch.autocast(
+            with parallel.accumulating(self.network, last, self.defer_gradient_sync), torch.autocast(
                 self.device.type, dtype=torch.bfloat16, enabled=self.autocast
             ):
                 packed = {} if micro_starts is None else {"starts": micro_starts}
@@ -498,7 +502,7 @@ def train_steps(
         cycle_steps=[steps],
         lr=lr,
         seq_len=windows.shape[1] - 1,
-        batch_size=batch_size or batch_size_for(model.parameter_count()),
+        batch_size=batch_size or batch_size_for(model.parameter_count(), windows.shape[1] - 1),
         seed=seed,
     )
     trainer = Trainer(model, windows, None, plan, log=log)
