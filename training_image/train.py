@@ -198,6 +198,7 @@ class Trainer:
         self.autocast = self.bf16 and not self.sharded
         self.optimizer = _adamw(model, plan.lr)
         self._orders: dict[tuple[int, int], torch.Tensor] = {}
+        self._prefetched: dict[tuple[int, int], tuple] | None = None  # the next step's batch, read ahead
 
     # ---- data order -------------------------------------------------------------------------
 
@@ -260,12 +261,9 @@ class Trainer:
         lr = lr_at(state.cycle_step, cycle_len, plan.lr, state.step, plan.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        # Inputs, targets (IGNORE_INDEX where no loss is taken) and, for packed conversations,
-        # where each begins: taken apart on the host, before the copy.
-        parts = split_windows(self.train_windows[self.batch_indices(state.turn, turn_step)])
-        if self.device.type == "cuda":  # from pinned memory the copy below runs without the host waiting
-            parts = tuple(part.pin_memory() if part is not None else None for part in parts)
-        inputs, targets, starts = (part.to(self.device, non_blocking=True) if part is not None else None for part in parts)
+        batch = self._prefetched.pop((state.turn, turn_step), None) if self._prefetched else None
+        self._prefetched = None
+        inputs, targets, starts = batch or self._load_batch(state.turn, turn_step)
         micro_batches = list(zip(inputs.split(self.micro_batch), targets.split(self.micro_batch),
                                  starts.split(self.micro_batch) if starts is not None else itertools.repeat(None)))
         loss_sum = torch.zeros((), device=self.device)
@@ -289,6 +287,8 @@ class Trainer:
             flags = torch.tensor([float(self.stop_requested), float(due)], device=self.device)
         shared = torch.cat([(loss_sum / len(micro_batches)).reshape(1), flags])
         self._exchange(shared)
+        # The next step's batch is read while the device still runs this one (the wait is below).
+        self._prefetch_next(state.turn, turn_step)
         # The step's one wait for the device: loss, flags and gradient norm come back together.
         loss_value, stop, due_anywhere, norm = torch.cat((shared, grad_norm.reshape(1).to(shared.dtype))).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm)):
@@ -315,6 +315,24 @@ class Trainer:
             self.write_progress(loss=loss_value)
             self.log_metrics({"kind": "step", "step": state.step, "turn": state.turn + 1, "cycle": state.cycle + 1,
                               "loss": loss_value, "lr": lr})
+
+    def _load_batch(self, turn: int, turn_step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """This rank's inputs, targets (IGNORE_INDEX where no loss is taken) and, for packed
+        conversations, where each begins, on the device: taken apart on the host, then copied."""
+        parts = split_windows(self.train_windows[self.batch_indices(turn, turn_step)])
+        if self.device.type == "cuda":  # from pinned memory the copy runs without the host waiting
+            parts = tuple(part.pin_memory() if part is not None else None for part in parts)
+        inputs, targets, starts = (part.to(self.device, non_blocking=True) if part is not None else None for part in parts)
+        return inputs, targets, starts
+
+    def _prefetch_next(self, turn: int, turn_step: int) -> None:
+        """Load the batch of the step after (turn, turn_step), if the plan has one. The host
+        gathers, splits and pins it while the device works through the step queued before it."""
+        turn_step += 1
+        if turn_step == self.plan.steps_per_turn:
+            turn, turn_step = turn + 1, 0
+        if turn < self.plan.turns:
+            self._prefetched = {(turn, turn_step): self._load_batch(turn, turn_step)}
 
     def _exchange(self, shared: torch.Tensor) -> None:
         """[mean loss, stop flag, checkpoint-due flag] of this rank -> the mean loss and the flags
