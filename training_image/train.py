@@ -136,7 +136,7 @@ class Trainer:
         job_type: str = "train",
         checkpoint_dir: str | Path | None = None,
         checkpoint_every: int = 0,
-        checkpoint_interval_s: float = 600.0,
+        checkpoint_interval_s: float | None = None,
         progress_every: int = 10,
         micro_batch: int | None = None,
         strategy: Strategy = "ddp",
@@ -156,6 +156,8 @@ class Trainer:
         laid out on the ranks (parallel.wrap).
         `compile`: each block compiled (parallel.compile_blocks); by default on a GPU, where the
         compilation's minutes pay for themselves, not on a CPU.
+        `checkpoint_interval_s`: seconds between periodic saves; by default scaled to what a
+        save writes (checkpoint.interval_seconds).
         `defer_gradient_sync`: a sharded model synchronises its gradients on a step's last
         micro-batch only, as a replicated one always does (parallel.accumulating)."""
         if train_windows.shape[1] != plan.seq_len + 1:
@@ -167,7 +169,6 @@ class Trainer:
         self.job_id, self.job_type = job_id, job_type
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.checkpoint_every = checkpoint_every
-        self.checkpoint_interval_s = checkpoint_interval_s
         self.progress_every = progress_every
         self.log = log or (lambda line: None)
         self.state = TrainerState()
@@ -192,6 +193,12 @@ class Trainer:
             compile=self.device.type == "cuda" if compile is None else compile,
         )
         self.sharded = parallel.is_sharded(self.network)
+        local_world = min(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), self.world_size)  # ranks on this node
+        self.checkpoint_bytes = distributed_checkpoint.bytes_per_node(
+            sum(p.numel() for p in model.parameters() if p.requires_grad), self.world_size, local_world, self.sharded)
+        self.checkpoint_interval_s = (distributed_checkpoint.interval_seconds(self.checkpoint_bytes)
+                                      if checkpoint_interval_s is None else checkpoint_interval_s)
+        self._pending_save: distributed_checkpoint.Pending | None = None
         self.defer_gradient_sync = defer_gradient_sync
         self.sharded_checkpoints = self.sharded  # also once resumed from one (another world size)
         # FSDP's policy computes in bf16 already (its weights arrive in bf16): autocast would only add casts.
@@ -235,18 +242,21 @@ class Trainer:
             cycle_len = plan.cycle_steps[state.cycle]
             while state.cycle_step < cycle_len:
                 if state.step >= last_step:
+                    self.finish_checkpoint()
                     self._update_wall_time()
                     return state
                 self._step(cycle_len)
                 # One process acts on its own flag at once; ranks act on the exchanged flag, so
                 # that all of them stop after the same step.
                 if self.stop_agreed or (self.world_size == 1 and self.stop_requested):
-                    self.save_checkpoint()
-                    raise TrainingStopped(f"stopped at step {state.step}; checkpoint written")
+                    written = self.save_checkpoint(stopping=True)
+                    raise TrainingStopped(f"stopped at step {state.step}; "
+                                          + ("checkpoint written" if written else "resumes from the last checkpoint"))
                 # Agreed in the step's exchange: a save is collective, and every rank decides alike.
                 if (self.checkpoint_every and state.step % self.checkpoint_every == 0) or self.checkpoint_due:
-                    self.save_checkpoint()
+                    self.save_checkpoint(background=True)
             self._end_cycle(cycle_len)
+        self.finish_checkpoint()
         self._update_wall_time()
         return state
 
@@ -367,7 +377,7 @@ class Trainer:
         state.cycle, state.cycle_step, state.cycle_loss_sum = state.cycle + 1, 0, 0.0
         if state.cycle == len(self.plan.cycle_steps):
             state.turn, state.cycle = state.turn + 1, 0
-        self.save_checkpoint()
+        self.save_checkpoint(background=True)
         self.write_progress(loss=record["loss"], perplexity=record["perplexity"])
 
     # ---- figures ------------------------------------------------------------------------------
@@ -425,15 +435,30 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------
 
-    def save_checkpoint(self) -> None:
-        """Weights, optimizer and trainer state, written to a temporary file then renamed into place."""
+    def save_checkpoint(self, *, background: bool = False, stopping: bool = False) -> bool:
+        """Weights, optimizer and trainer state, written to a temporary file then renamed into
+        place; collective. True when a checkpoint of this step is written (or being written).
+
+        `background`: a sharded checkpoint is written by a thread while training goes on, and
+        renamed in at the next save or at the end of run() (finish_checkpoint). Any save first
+        waits for the one in flight.
+        `stopping` (SIGTERM): the save in flight is awaited; a new one is written only where it
+        fits the stop grace (checkpoint.fits_stop_grace), else the run resumes from the last."""
         self._update_wall_time()
         self._last_checkpoint = time.monotonic()
         if self.sharded_checkpoints and self.checkpoint_dir is not None:
-            distributed_checkpoint.save(self.checkpoint_dir, self.state.step, self.model, self.optimizer, self._meta())
-            return
+            self.finish_checkpoint()
+            if stopping and not distributed_checkpoint.fits_stop_grace(self.checkpoint_bytes):
+                self.log(f"stopping without a checkpoint of step {self.state.step}: "
+                         f"{self.checkpoint_bytes / 1e9:.0f} GB a node do not fit the stop grace")
+                return False
+            saved = distributed_checkpoint.save(self.checkpoint_dir, self.state.step, self.model, self.optimizer,
+                                                self._meta(), asynchronous=background)
+            if isinstance(saved, distributed_checkpoint.Pending):
+                self._pending_save = saved
+            return True
         if self.rank != 0 or self.checkpoint_dir is None:
-            return
+            return self.checkpoint_dir is not None
         checkpoint = {
             "format": CHECKPOINT_FORMAT,
             "job_id": self.job_id,
@@ -444,6 +469,13 @@ class Trainer:
             "state": asdict(self.state),
         }
         _write_beside(self.checkpoint_dir / CHECKPOINT, lambda file: torch.save(checkpoint, file))
+        return True
+
+    def finish_checkpoint(self) -> None:
+        """Wait for the save in flight, if any, and rename it in (collective)."""
+        pending, self._pending_save = self._pending_save, None
+        if pending is not None:
+            distributed_checkpoint.finish(pending)
 
     def resume(self) -> bool:
         """Load the last checkpoint of this job if there is one; True when it did."""

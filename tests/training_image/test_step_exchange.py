@@ -41,10 +41,10 @@ def _worker(rank: int, world_size: int, port: int, checkpoint_dir, out: str) -> 
         saved: list[int] = []
         save = trainer.save_checkpoint
 
-        def recording() -> None:
+        def recording(**kwargs) -> bool:
             saved.append(trainer.state.step)
             trainer.checkpoint_interval_s = 1e9
-            save()
+            return save(**kwargs)
 
         def log(line: str) -> None:
             if rank == 1 and trainer.state.step == DUE_AFTER:

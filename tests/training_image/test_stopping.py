@@ -28,7 +28,7 @@ SIGNAL_STEP = 2  # SIGTERM lands during this step (1-based)
 # flag is read after the step. Ranks stop on the flag they exchanged, which is sampled just
 # before the exchange: a signal after that point is carried by the next step's exchange.
 PHASES = {
-    "data": (SIGNAL_STEP, SIGNAL_STEP),
+    "data": (SIGNAL_STEP, SIGNAL_STEP + 1),  # the next step's batch, read ahead after the exchange
     "forward": (SIGNAL_STEP, SIGNAL_STEP),
     "backward": (SIGNAL_STEP, SIGNAL_STEP),
     "all-reduce": (SIGNAL_STEP, SIGNAL_STEP + 1),
