@@ -374,5 +374,38 @@ def plan_table(table: PriceTable | None = None) -> str:
     return "\n".join(lines)
 
 
+def tier_table(table: PriceTable | None = None) -> str:
+    """Each named size and Llama shape (after growth, default settings) on the instances of every
+    tier, whichever tier its price falls in: where it fits, and a step's compute and
+    communication seconds there (the price's own tier is marked *)."""
+    from shared.shapes import SIZES
+
+    table = table or price_table()
+    seq_len = TrainSettings().seq_len
+    lines = [
+        "| base | " + " | ".join(f"{tier.name}: {' / '.join(tier.instance_types)}, at most {tier.max_instance_count}"
+                                 for tier in table.tiers) + " |",
+        "|---|" + "---|" * len(table.tiers),
+    ]
+    for name, base in {**SIZES, **LLAMA_SHAPES}.items():
+        grown = grown_config(base)
+        priced = table.tier_for(grown.parameters()).name
+        cells = []
+        for tier in table.tiers:
+            try:
+                chosen = memory_plan(grown, seq_len, tier, table)
+            except memory.DoesNotFit:
+                cells.append("does not fit")
+                continue
+            compute, communication = step_seconds(grown, seq_len, chosen, table)
+            cells.append(f"{'*' if tier.name == priced else ''}{chosen.instance_count} x, {chosen.strategy}"
+                         f"{', recompute' if chosen.activation_checkpointing else ''}: "
+                         f"{compute:.3f} / {communication:.3f} s")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(plan_table())
+    print()
+    print(tier_table())

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.pricing import LLAMA_SHAPES, bill, estimate_contract, estimate_train, plan_table, price_table
+from shared.pricing import LLAMA_SHAPES, bill, estimate_contract, estimate_train, plan_table, price_table, tier_table
 from shared.settings import ContractSettings, TrainSettings
 from shared.shapes import SIZES, ModelConfig, batch_size_for, grown_config
 
@@ -214,3 +214,4 @@ def test_every_tier_plans_on_instances_the_table_describes():
 def test_the_memory_plan_document_shows_the_plan_the_code_makes():
     document = (Path(__file__).parents[2] / "docs" / "memory-plan.md").read_text()
     assert plan_table() in document
+    assert tier_table() in document
