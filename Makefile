@@ -9,7 +9,7 @@ SAM_STAMP := $(SAM_VENV)/.installed
 # The console's browser tests drive the operating system's Chromium (Playwright cannot download one here).
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: venv test test-fast demo bench lint clean prereqs gpu-wheels
+.PHONY: venv test test-fast demo bench lint clean prereqs gpu-wheels image-pin image-check
 
 # What this machine lacks for the goal asked (local/prereqs.sh), in one line, before anything installs.
 prereqs:
@@ -67,6 +67,15 @@ lint: $(STAMP) $(SAM_STAMP)
 	$(VENV)/bin/cfn-lint template.yaml
 	$(SAM_VENV)/bin/python -m local.sam build/template.json
 	$(SAM_VENV)/bin/cfn-lint --ignore-checks W2001 -- build/template.json
+
+# The training image's base by digest (local/base_image.py; docker and the network): pin writes the
+# tag's digest into training_image/Dockerfile, check fails when that digest is gone from the
+# registry or the tag has moved.
+image-pin: $(STAMP)
+	$(VENV)/bin/python -m local.base_image pin
+
+image-check: $(STAMP)
+	$(VENV)/bin/python -m local.base_image check
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) $(SAM_VENV) .pytest_cache

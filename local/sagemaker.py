@@ -576,7 +576,7 @@ def job_memory_bytes(root: Path) -> int:
     config = ModelConfig.model_validate_json(config) if hyper.get("job_type") != "train" else grown_config(
         ModelConfig.model_validate_json(config))
     seq_len = int(hyper.get("seq_len") or 256)
-    micro_batch = int(hyper.get("micro_batch") or batch_size_for(config.parameters()))
+    micro_batch = int(hyper.get("micro_batch") or batch_size_for(config.parameters(), seq_len))
     plan = bytes_per_gpu(config, seq_len=seq_len, micro_batch=micro_batch, strategy="ddp", world_size=1,
                          checkpointing=hyper.get("activation_checkpointing") == "true")
     return int(plan.total * CPU_MEMORY_FACTOR) + CPU_MEMORY_BASE

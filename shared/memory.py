@@ -21,7 +21,7 @@ the ranks and gathers one unit (a block, or the embeddings and head) at a time i
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -76,12 +76,15 @@ class MemoryBreakdown(BaseModel):
     activations: int  # saved for the backward pass, over all blocks
     recompute: int  # one block's activations rebuilt in the backward pass (checkpointing)
     logits: int  # the loss's transient peak: one chunk of logits and the head's weight gradient
+    # FSDP with its gradient sync deferred to a step's last micro-batch: every unit's whole fp32
+    # gradient, held across the micro-batches (FSDP2 accumulates them unsharded).
+    whole_gradients: int = 0
 
     @property
     def total(self) -> int:
         return (
             self.weights + self.gradients + self.optimizer + self.autocast_weights + self.working
-            + self.activations + self.recompute + self.logits
+            + self.activations + self.recompute + self.logits + self.whole_gradients
         )
 
 
@@ -98,11 +101,19 @@ class MemoryPlan(BaseModel):
     activation_checkpointing: bool
     per_gpu: MemoryBreakdown
     gpu_usable_bytes: int
+    defer_gradient_sync: bool = False
+    batch_size: int | None = None  # sequences per step over all ranks, as planned
 
     def layout(self) -> Layout:
         return Layout(
-            strategy=self.strategy, micro_batch=self.micro_batch, activation_checkpointing=self.activation_checkpointing
+            strategy=self.strategy, micro_batch=self.micro_batch, activation_checkpointing=self.activation_checkpointing,
+            defer_gradient_sync=self.defer_gradient_sync,
         )
+
+    @property
+    def micro_batches(self) -> int:
+        """Forward and backward passes a rank runs per optimizer step."""
+        return max(1, (self.batch_size or self.world_size * self.micro_batch) // self.world_size // self.micro_batch)
 
 
 class Layout(BaseModel):
@@ -114,6 +125,10 @@ class Layout(BaseModel):
     strategy: Strategy = "ddp"
     micro_batch: int | None = Field(default=None, ge=1)  # None: a rank's whole share at once
     activation_checkpointing: bool = False
+    # Gradients synchronised once a step, on its last micro-batch. DDP always does (its
+    # gradients are whole anyway); FSDP does when this is set, at the cost of whole gradients
+    # (MemoryBreakdown.whole_gradients), and otherwise reduce-scatters every micro-batch.
+    defer_gradient_sync: bool = False
 
     def hyperparameters(self) -> dict[str, str]:
         return {key: value if isinstance(value, str) else json.dumps(value)
@@ -205,8 +220,10 @@ def bytes_per_gpu(
     strategy: Strategy,
     world_size: int,
     checkpointing: bool,
+    defer_gradient_sync: bool = False,
 ) -> MemoryBreakdown:
-    """The peak bytes one GPU holds training `config` this way."""
+    """The peak bytes one GPU holds training `config` this way (defer_gradient_sync: FSDP keeps
+    whole gradients until a step's last micro-batch)."""
     parameters = config.parameters()
     saved, recompute, logits = activation_bytes(config, micro_batch * seq_len, checkpointing)
     if strategy == "ddp":
@@ -227,6 +244,7 @@ def bytes_per_gpu(
         activations=saved,
         recompute=recompute,
         logits=logits,
+        whole_gradients=parameters * 4 if strategy == "fsdp" and defer_gradient_sync else 0,
     )
 
 
@@ -241,16 +259,24 @@ def plan(
     batch_size: int,
     instances: list[Instance],
     max_instance_count: int = 1,
+    step_seconds: Callable[[MemoryPlan], float] | None = None,
 ) -> MemoryPlan:
-    """The first way, in order of preference, that holds the job.
+    """The first instance type and count, in order of preference, that holds the job, and how.
 
     Instances are tried in the order given, each at 1..max_instance_count (more than one only
-    under FSDP: a replica that does not fit one node does not fit two). On each, in order: a
+    under FSDP: a replica that does not fit one node does not fit two). On each, the ways are: a
     replica per GPU (DDP), FSDP, a replica with activation checkpointing, FSDP with it — each with
     the largest micro-batch that fits (a divisor of the sequences a rank runs per step, as the
-    trainer accumulates). Sharding comes before recomputation: it costs communication that
-    overlaps the compute, where checkpointing costs a third more compute. FSDP needs two GPUs or
+    trainer accumulates), and under FSDP with more than one micro-batch also with its gradient
+    sync deferred to the last micro-batch where the whole gradients fit. FSDP needs two GPUs or
     more. The world size must divide the batch.
+
+    Without `step_seconds` the first way that fits is taken, in that order: sharding before
+    recomputation, as sharding's communication overlaps the compute where checkpointing costs a
+    third more compute. With it (a plan's seconds per optimizer step: shared.pricing's time
+    model) the fastest of the ways that fit on the first instance type and count that holds
+    the job: at a large batch, a micro-batch recomputation lets grow can cost less than the
+    weights FSDP gathers again for every one of many small micro-batches.
     """
     if not instances:
         raise DoesNotFit("no instance types to plan on")
@@ -270,24 +296,36 @@ def plan(
                 ways.append(("ddp", True))
             if world > 1:
                 ways.append(("fsdp", True))
+            fitting: list[MemoryPlan] = []
             for strategy, checkpointing in ways:
-                for micro in _divisors_descending(batch_size // world):
-                    need = bytes_per_gpu(
-                        config, seq_len=seq_len, micro_batch=micro, strategy=strategy,
-                        world_size=world, checkpointing=checkpointing,
-                    )
-                    if need.total <= usable:
-                        return MemoryPlan(
-                            instance_type=instance.type,
-                            instance_count=count,
-                            world_size=world,
-                            strategy=strategy,
-                            micro_batch=micro,
-                            activation_checkpointing=checkpointing,
-                            per_gpu=need,
-                            gpu_usable_bytes=usable,
+                for defer in ((True, False) if strategy == "fsdp" and step_seconds is not None else (False,)):
+                    for micro in _divisors_descending(batch_size // world):
+                        if defer and micro == batch_size // world:
+                            continue  # one micro-batch: nothing to defer
+                        need = bytes_per_gpu(
+                            config, seq_len=seq_len, micro_batch=micro, strategy=strategy,
+                            world_size=world, checkpointing=checkpointing, defer_gradient_sync=defer,
                         )
-                    tried.append((need.total, instance.type))
+                        if need.total <= usable:
+                            fitting.append(MemoryPlan(
+                                instance_type=instance.type,
+                                instance_count=count,
+                                world_size=world,
+                                strategy=strategy,
+                                micro_batch=micro,
+                                activation_checkpointing=checkpointing,
+                                per_gpu=need,
+                                gpu_usable_bytes=usable,
+                                defer_gradient_sync=defer,
+                                batch_size=batch_size,
+                            ))
+                            break
+                        tried.append((need.total, instance.type))
+                    if fitting and step_seconds is None:
+                        return fitting[0]
+            if fitting:
+                # min keeps the earliest of equally fast ways: the order above breaks ties.
+                return min(fitting, key=step_seconds)
     smallest = min(tried)[0] if tried else 0
     largest = max(i.usable_bytes for i in instances)
     raise DoesNotFit(

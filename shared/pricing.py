@@ -132,13 +132,15 @@ class Estimate(BaseModel):
     strategy: memory.Strategy = "ddp"
     micro_batch: int | None = None  # None: the whole per-rank batch at once
     activation_checkpointing: bool = False
+    defer_gradient_sync: bool = False
     spot: bool = False
     # A contract job: the size the contracted model is forecast to have (shared.shapes).
     contraction: ContractionForecast | None = None
 
     def layout(self) -> memory.Layout:
         return memory.Layout(
-            strategy=self.strategy, micro_batch=self.micro_batch, activation_checkpointing=self.activation_checkpointing
+            strategy=self.strategy, micro_batch=self.micro_batch, activation_checkpointing=self.activation_checkpointing,
+            defer_gradient_sync=self.defer_gradient_sync,
         )
 
 
@@ -167,25 +169,28 @@ def flops_per_token(config: ModelConfig, seq_len: int, recompute: bool = False) 
     return passes * (2.0 * config.parameters() + 2.0 * attention)
 
 
-# Bytes each GPU's collectives move, per parameter, under FSDP on a GPU for each micro-batch:
+# Bytes each GPU's collectives move, per parameter, under FSDP on a GPU: for each micro-batch
 # the bf16 weights gathered for the forward and again for the backward (each unit is freed in
-# between), and the gradients reduce-scattered in fp32.
-FSDP_BYTES_PER_PARAMETER = 2 + 2 + 4
+# between); the fp32 gradients reduce-scattered for each micro-batch, or once a step when the
+# plan defers the sync to the last one.
+FSDP_GATHER_BYTES_PER_PARAMETER = 2 + 2
+FSDP_REDUCE_BYTES_PER_PARAMETER = 4
 # DDP all-reduces fp32 gradients once a step (the micro-batches before the last skip it): a ring
 # all-reduce is a reduce-scatter and an all-gather, each of them the gradients once.
 DDP_BYTES_PER_PARAMETER = 2 * 4
 
 
-def communication_bytes(plan: memory.MemoryPlan, parameters: int, batch_size: int) -> float:
+def communication_bytes(plan: memory.MemoryPlan, parameters: int) -> float:
     """Bytes a step's collectives move through each GPU's link (ring algorithms: (W-1)/W of the
-    data), for the plan's strategy, world size and micro-batches."""
+    data), for the plan's strategy, world size, micro-batches and gradient sync."""
     world = plan.world_size
     if world == 1:
         return 0.0
     share = (world - 1) / world
     if plan.strategy == "fsdp":
-        micro_batches = batch_size // world // plan.micro_batch
-        return share * parameters * FSDP_BYTES_PER_PARAMETER * micro_batches
+        syncs = 1 if plan.defer_gradient_sync else plan.micro_batches
+        per_parameter = FSDP_GATHER_BYTES_PER_PARAMETER * plan.micro_batches + FSDP_REDUCE_BYTES_PER_PARAMETER * syncs
+        return share * parameters * per_parameter
     return share * parameters * DDP_BYTES_PER_PARAMETER
 
 
@@ -198,26 +203,28 @@ def step_seconds(
     bandwidth between instances (NCCL spreads each ring over the instance's NICs, so a step's
     bytes cross each instance's network once). The two overlap (DDP's buckets, FSDP's
     prefetch): a step takes the longer of them."""
-    batch = batch_size_for(config.parameters())
+    batch = plan.batch_size or batch_size_for(config.parameters(), seq_len)
     flop_count = flops_per_token(config, seq_len, plan.activation_checkpointing) * batch * seq_len
     compute = _seconds(table, flop_count, plan.instance_type, plan.instance_count)
     gpus = table.gpus[plan.instance_type]
     bandwidth = (gpus.network_gb_per_s if plan.instance_count > 1 else gpus.interconnect_gb_per_s) * 1e9
-    return compute, communication_bytes(plan, config.parameters(), batch) / bandwidth
+    return compute, communication_bytes(plan, config.parameters()) / bandwidth
 
 
 def memory_plan(
     config: ModelConfig, seq_len: int, tier: Tier, table: PriceTable, instance_type: str | None = None
 ) -> memory.MemoryPlan:
     """Where and how `config` trains at `seq_len`: the memory plan over the tier's instance types
-    (or the one given). Raises memory.DoesNotFit when none of them holds it."""
+    (or the one given), the fastest way on the first that holds it. Raises memory.DoesNotFit
+    when none of them holds it."""
     types = [instance_type] if instance_type else tier.instance_types
     return memory.plan(
         config,
         seq_len=seq_len,
-        batch_size=batch_size_for(config.parameters()),
+        batch_size=batch_size_for(config.parameters(), seq_len),
         instances=[table.instance(t) for t in types],
         max_instance_count=1 if instance_type else tier.max_instance_count,
+        step_seconds=lambda chosen: max(step_seconds(config, seq_len, chosen, table)),
     )
 
 
@@ -262,12 +269,13 @@ def _estimate(
         instance_count=count,
         eta_seconds=round(eta),
         max_runtime_seconds=max(3600, round(eta * table.max_runtime_margin)),
-        sequences_per_step=batch_size_for(parameters),
-        trained_tokens=tokens * batch_size_for(parameters),
+        sequences_per_step=batch_size_for(parameters, seq_len),
+        trained_tokens=tokens * batch_size_for(parameters, seq_len),
         launch_seconds=round(table.startup_seconds),
         strategy=chosen.strategy,
         micro_batch=chosen.micro_batch,
         activation_checkpointing=chosen.activation_checkpointing,
+        defer_gradient_sync=chosen.defer_gradient_sync,
         spot=tier.spot,
     )
 
@@ -395,29 +403,68 @@ def plan_table(table: PriceTable | None = None) -> str:
     table = table or price_table()
     settings = TrainSettings()
     lines = [
-        "| base | trained parameters | tier | instances | strategy | micro-batch of a rank's share | recompute "
-        "| GiB per GPU (usable) | step s: compute / communication | ETA |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| base | trained parameters | tier | tokens a step | instances | strategy | micro-batch of a rank's share "
+        "| gradient sync | recompute | GiB per GPU (usable) | step s: compute / communication | ETA |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, base in {**SIZES, **LLAMA_SHAPES}.items():
         grown = grown_config(base)
         tier = table.tier_for(grown.parameters())
+        batch = batch_size_for(grown.parameters(), settings.seq_len)
         try:
             chosen = memory_plan(grown, settings.seq_len, tier, table)
         except memory.DoesNotFit as error:
-            lines.append(f"| {name} | {grown.parameters():,} | {tier.name} | does not fit: {error} ||||||")
+            lines.append(f"| {name} | {grown.parameters():,} | {tier.name} | {batch * settings.seq_len:,} "
+                         f"| does not fit: {error} ||||||||")
             continue
         eta = estimate_train(settings, base, table=table).eta_seconds
         per_gpu, usable = chosen.per_gpu.total / memory.GIB, chosen.gpu_usable_bytes / memory.GIB
         compute, communication = step_seconds(grown, settings.seq_len, chosen, table)
+        once = chosen.strategy == "ddp" or chosen.defer_gradient_sync or chosen.micro_batches == 1
         lines.append(
-            f"| {name} | {grown.parameters():,} | {tier.name} | {chosen.instance_count} x {chosen.instance_type} "
-            f"({chosen.world_size} GPU{'s' if chosen.world_size > 1 else ''}) | {chosen.strategy} | {chosen.micro_batch} of {batch_size_for(grown.parameters()) // chosen.world_size} "
+            f"| {name} | {grown.parameters():,} | {tier.name} | {batch * settings.seq_len:,} "
+            f"| {chosen.instance_count} x {chosen.instance_type} "
+            f"({chosen.world_size} GPU{'s' if chosen.world_size > 1 else ''}) | {chosen.strategy} "
+            f"| {chosen.micro_batch} of {batch // chosen.world_size} "
+            f"| {'once a step' if once else 'each micro-batch'} "
             f"| {'yes' if chosen.activation_checkpointing else 'no'} | {per_gpu:.1f} ({usable:.1f}) "
             f"| {compute:.3f} / {communication:.3f} | {eta / 3600:.1f} h |"
         )
     return "\n".join(lines)
 
 
+def tier_table(table: PriceTable | None = None) -> str:
+    """Each named size and Llama shape (after growth, default settings) on the instances of every
+    tier, whichever tier its price falls in: where it fits, and a step's compute and
+    communication seconds there (the price's own tier is marked *)."""
+    from shared.shapes import SIZES
+
+    table = table or price_table()
+    seq_len = TrainSettings().seq_len
+    lines = [
+        "| base | " + " | ".join(f"{tier.name}: {' / '.join(tier.instance_types)}, at most {tier.max_instance_count}"
+                                 for tier in table.tiers) + " |",
+        "|---|" + "---|" * len(table.tiers),
+    ]
+    for name, base in {**SIZES, **LLAMA_SHAPES}.items():
+        grown = grown_config(base)
+        priced = table.tier_for(grown.parameters()).name
+        cells = []
+        for tier in table.tiers:
+            try:
+                chosen = memory_plan(grown, seq_len, tier, table)
+            except memory.DoesNotFit:
+                cells.append("does not fit")
+                continue
+            compute, communication = step_seconds(grown, seq_len, chosen, table)
+            cells.append(f"{'*' if tier.name == priced else ''}{chosen.instance_count} x, {chosen.strategy}"
+                         f"{', recompute' if chosen.activation_checkpointing else ''}: "
+                         f"{compute:.3f} / {communication:.3f} s")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(plan_table())
+    print()
+    print(tier_table())

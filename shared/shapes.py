@@ -292,14 +292,36 @@ def growth_parameters(config: ModelConfig) -> int:
     return grown_config(config).parameters() - config.parameters()
 
 
-def batch_size_for(parameters: int) -> int:
-    """Sequences per optimizer step: 8 up to 80M parameters, doubling with size up to 64 at 640M+.
+# A step's batch is sized in tokens, by the model's size: REFERENCE_SEQ_LEN tokens for each 10M
+# parameters, in powers of two (16,384 at 640M parameters, 2,097,152 at 70B), as the batches of
+# published recipes grow with the model (about 0.5M tokens at 125M to 2-4M at 7-70B when
+# pretraining from scratch; a job here continues from a trained base on the customer's data,
+# and starts lower). Capped at BATCH_TOKENS_CAP: past the critical batch size a larger batch
+# buys no quality for its compute. At least MIN_BATCH_SEQUENCES sequences a step, however long:
+# fewer, and a step's gradient is one or two documents' noise.
+REFERENCE_SEQ_LEN = 256
+MIN_BATCH_SEQUENCES = 8
+BATCH_TOKENS_CAP = 4 * 1024 * 1024
+
+
+def batch_tokens_for(parameters: int) -> float:
+    """Tokens per optimizer step the model's size asks for, before MIN_BATCH_SEQUENCES: a power of
+    two times REFERENCE_SEQ_LEN, at most BATCH_TOKENS_CAP (below 1 x REFERENCE_SEQ_LEN for models
+    under 7M parameters, which the minimum of sequences then sets)."""
+    return min(BATCH_TOKENS_CAP, REFERENCE_SEQ_LEN * 2.0 ** round(math.log2(max(parameters, 1) / 1e7)))
+
+
+def batch_size_for(parameters: int, seq_len: int = REFERENCE_SEQ_LEN) -> int:
+    """Sequences per optimizer step: batch_tokens_for's tokens in sequences of seq_len, a power
+    of two (so that it splits over 1, 2, 4 or 8 GPUs a node), at least MIN_BATCH_SEQUENCES. At
+    seq_len 256: 8 up to 80M parameters, doubling with size, 8,192 at 70B.
 
     A rule rather than a setting: the public settings fix steps and seq_len only, and the billed
-    token count is steps x seq_len (docs/architecture.md §5) whatever this batch is. The trainer runs this batch
-    and the ETA prices its compute, so both read it from here.
+    token count is steps x seq_len (docs/architecture.md §5) whatever this batch is. The trainer
+    runs this batch and the ETA prices its compute, so both read it from here.
     """
-    return int(min(64, max(8, 2 ** round(math.log2(max(parameters, 1) / 1e7)))))
+    sequences = 2 ** round(math.log2(batch_tokens_for(parameters) / max(seq_len, 1)))
+    return int(max(MIN_BATCH_SEQUENCES, sequences))
 
 
 # Named sizes. `debug` trains in seconds on a CPU; `tiny` is the local demo's base (deep enough

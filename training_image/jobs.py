@@ -45,7 +45,7 @@ from training_image.evaluation import held_out, run_evaluate_job
 from training_image.growth import grow, sources as growth_sources
 from training_image.model import Decoder
 from training_image.precision import computes_in_bf16, precision_setting
-from training_image.modeldir import load_model_dir, open_model_dir
+from training_image.modeldir import archive_of, load_model_dir, open_model_dir, unpack
 from training_image.stopping import TrainingStopped
 from training_image.train import Trainer, TrainPlan
 
@@ -87,7 +87,7 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, la
     layout = layout or Layout()
     started = time.monotonic()
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    base_config, tokenizer, model, materialize = grown_model(root / INPUT_MODEL, layout, world_size)
+    base_config, tokenizer, model, materialize = grown_model(model_source(root), layout, world_size)
     config = model.config
     if settings.seq_len > base_config.context_length:
         raise ValueError(f"seq_len={settings.seq_len} exceeds the base model's context length {base_config.context_length}")
@@ -113,7 +113,7 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, la
         cycle_steps=settings.cycle_steps(),
         lr=settings.lr,
         seq_len=settings.seq_len,
-        batch_size=runtime.batch_size(config.parameters()),
+        batch_size=runtime.batch_size(config.parameters(), settings.seq_len),
     )
     trainer = Trainer(
         model,
@@ -127,6 +127,7 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, la
         micro_batch=layout.micro_batch,
         strategy=layout.strategy,
         activation_checkpointing=layout.activation_checkpointing,
+        defer_gradient_sync=layout.defer_gradient_sync,
         device=device,
         log=log if runtime.rank() == 0 else None,
         materialize=materialize,
@@ -236,9 +237,26 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
 INPUT_MODEL = "input/data/model"  # the `model` channel: a model directory or the model.tar.gz the catalog stores
 
 
+UNPACKED_MODEL = "model-source"  # where a node extracts a model.tar.gz given as the channel, once
+
+
+def model_source(root: Path) -> Path:
+    """The `model` channel as a folder every rank reads: the channel itself, or where it holds a
+    model.tar.gz, that archive extracted once per node (its first rank extracts, all wait)."""
+    channel = root / INPUT_MODEL
+    archive = archive_of(channel)
+    if archive is None:
+        return channel
+    into = root / UNPACKED_MODEL
+    if runtime.local_share()[0] == 0:
+        unpack(archive, into)
+    runtime.wait_for_all()
+    return into
+
+
 def _input_model(root: Path):
     """The `model` channel's model: (model, tokenizer)."""
-    return load_model_dir(root / INPUT_MODEL)
+    return load_model_dir(model_source(root))
 
 
 def grown_model(source: Path, layout: Layout, world_size: int):
@@ -281,7 +299,7 @@ def _measure(log: Callable[[str], None], stage: str, model: Decoder, heldout_win
 
 def _healer(model, source, config, train_windows, heldout_windows, steps, seq_len, root, job_id, log) -> Trainer:
     plan = TrainPlan(turns=1, cycle_steps=[steps], lr=HEAL_LR, seq_len=seq_len,
-                     batch_size=runtime.batch_size(config.parameters()))
+                     batch_size=runtime.batch_size(config.parameters(), seq_len))
     model.train()
     return Trainer(
         Distillation(model, source),

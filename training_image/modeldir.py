@@ -4,7 +4,14 @@ metrics.json.
 
 Weights are stored in the config's dtype (bf16 stays bf16); a loaded model is fp32 for training.
 They are model.safetensors, or shards with their index once they exceed the shard size
-(training_image.shards); every reader takes both.
+(training_image.shards); every reader takes both. A job's output holds them once: where its
+transformers export (hf/, training_image.export) needs no padding, the export's tensors are the
+model's own under their transformers names, and the directory keeps no copy: readers take the
+weights from hf/ then (`stored_weights`). A contracted model, padded in its export, keeps its
+compact weights beside it.
+
+A job given a model.tar.gz (a catalog model from before uncompressed outputs) extracts it once
+per node (`unpack`), not once per rank.
 
 A directory is written whole into a temporary sibling and then renamed into place, so a crash
 mid-write never leaves a directory that loads wrong. Where the target already exists (SageMaker
@@ -26,7 +33,7 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from shared.hf import INDEX, SINGLE, hf_names, shard_files, tensor_shapes
+from shared.hf import EXPORT_DIR, INDEX, SINGLE, hf_names, padded_config, shard_files, tensor_shapes
 from shared.shapes import ModelConfig
 from training_image.hf_folder import read_folder
 from training_image.model import Decoder
@@ -40,9 +47,16 @@ ARCHIVE = "model.tar.gz"
 
 def save_model_dir(
     path: str | Path, model: Decoder, tokenizer: Tokenizer | TextTokenizer, metrics: dict | None = None,
-    shard_bytes: int = SHARD_BYTES,
+    shard_bytes: int = SHARD_BYTES, weights: bool = True,
 ) -> Path:
-    return save_state_dir(path, model.config, model.state_dict(), tokenizer, metrics, shard_bytes)
+    """`weights` False: the directory's weights are its export's, in hf/ (shares_export_weights)."""
+    return save_state_dir(path, model.config, model.state_dict(), tokenizer, metrics, shard_bytes, weights)
+
+
+def shares_export_weights(config: ModelConfig) -> bool:
+    """Whether the transformers export of `config` holds exactly its tensors (renamed): every layer
+    as wide as the export's, so nothing is padded."""
+    return all(layer == padded_config(config).layers[0] for layer in config.layers)
 
 
 def save_state_dir(
@@ -52,13 +66,16 @@ def save_state_dir(
     tokenizer: Tokenizer | TextTokenizer,
     metrics: dict | None = None,
     shard_bytes: int = SHARD_BYTES,
+    weights: bool = True,
 ) -> Path:
-    """A model directory from a state dict of our names (what a Decoder of `config` holds)."""
+    """A model directory from a state dict of our names (what a Decoder of `config` holds);
+    without its weights when `weights` is False (they are its export's, in hf/)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        save_weights(state, config, staging, shard_bytes)
+        if weights:
+            save_weights(state, config, staging, shard_bytes)
         as_text_tokenizer(tokenizer).save(staging / TOKENIZER)
         if metrics is not None:
             (staging / METRICS).write_text(json.dumps(metrics, indent=2))
@@ -107,14 +124,28 @@ def weight_files(directory: Path) -> list[Path]:
     return files
 
 
+def stored_weights(directory: Path, config: ModelConfig) -> tuple[list[Path], dict[str, str]]:
+    """(the safetensors files holding the directory's weights, our tensor name -> its name in
+    them): its own, or where it keeps none, its export's in hf/ under the transformers names."""
+    export = directory / EXPORT_DIR
+    own = (directory / SINGLE).is_file() or (directory / INDEX).is_file()
+    if not own and ((export / SINGLE).is_file() or (export / INDEX).is_file()):
+        return weight_files(export), hf_names(config)
+    return weight_files(directory), {name: name for name in tensor_shapes(config)}
+
+
 def load_weights(model: Decoder, directory: Path) -> None:
     """The directory's weights into `model` (converted to its dtype), one shard at a time, so the
     host holds the model and at most one shard's tensors besides."""
+    files, names = stored_weights(directory, model.config)
+    if any(ours != theirs for ours, theirs in names.items()):
+        load_renamed_weights(model, files, names)
+        return
     expected = set(model.state_dict())
     if model.config.tie_embeddings:
         expected.discard("lm_head.weight")
     found: set[str] = set()
-    for file in weight_files(directory):
+    for file in files:
         with safe_open(str(file), framework="pt") as tensors:
             state = {name: tensors.get_tensor(name) for name in tensors.keys()}
         found |= state.keys()
@@ -174,13 +205,44 @@ def open_model_dir(path: str | Path) -> tuple[ModelConfig, Tokenizer, list[Path]
         config, files, tokenizer = read_folder(directory)
         return config, tokenizer, files, hf_names(config)
     config = ModelConfig.model_validate_json((directory / CONFIG).read_text())
-    names = {name: name for name in tensor_shapes(config)}
-    return config, load_tokenizer(directory / TOKENIZER), weight_files(directory), names
+    files, names = stored_weights(directory, config)
+    return config, load_tokenizer(directory / TOKENIZER), files, names
 
 
 def is_hf_folder(directory: Path) -> bool:
     """A Hugging Face config.json names its model_type; ours never does."""
     return "model_type" in json.loads((directory / CONFIG).read_text())
+
+
+def archive_of(path: str | Path) -> Path | None:
+    """The model.tar.gz that `path` is or holds, where it is no model directory itself."""
+    root = Path(path)
+    if (root / CONFIG).is_file():
+        return None
+    archive = root / ARCHIVE if root.is_dir() else root
+    return archive if archive.is_file() and archive.name.endswith(".tar.gz") else None
+
+
+def unpack(archive: Path, into: Path) -> Path:
+    """Extract `archive` into `into` whole (into a hidden sibling, then renamed), or nothing when a
+    previous call did: one process per node calls it, the others wait for it and read `into`."""
+    if not into.is_dir():
+        staging = Path(tempfile.mkdtemp(prefix=f".{into.name}.", dir=into.parent))
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(staging, filter="data")
+            os.rename(staging, into)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return _holding_config(into, archive)
+
+
+def _holding_config(unpacked: Path, archive: Path) -> Path:
+    """The shallowest folder of an unpacked archive that holds config.json."""
+    configs = sorted(unpacked.rglob(CONFIG), key=lambda p: len(p.parts))
+    if configs:
+        return configs[0].parent
+    raise ValueError(f"{archive} holds no {CONFIG}")
 
 
 def find_model_dir(path: str | Path) -> Path:
@@ -194,8 +256,5 @@ def find_model_dir(path: str | Path) -> Path:
         atexit.register(shutil.rmtree, unpacked, True)  # a copy for this process only (0.5 GB at `small`)
         with tarfile.open(archive) as tar:
             tar.extractall(unpacked, filter="data")
-        configs = sorted(unpacked.rglob(CONFIG), key=lambda p: len(p.parts))
-        if configs:
-            return configs[0].parent
-        raise ValueError(f"{archive} holds no {CONFIG}")
+        return _holding_config(unpacked, archive)
     raise FileNotFoundError(f"no model at {root}: expected {CONFIG} + {WEIGHTS} + {TOKENIZER}, or {ARCHIVE}")

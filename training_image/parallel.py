@@ -193,12 +193,26 @@ def is_sharded(network: nn.Module) -> bool:
     return isinstance(network, FSDPModule)
 
 
-def accumulating(network: nn.Module, last: bool):
-    """The context of one micro-batch's backward: DDP skips its all-reduce until the last one.
-    FSDP reduce-scatters every micro-batch, so gradients accumulate in shards, not whole."""
-    if not last and isinstance(network, nn.parallel.DistributedDataParallel):
-        return network.no_sync()
+def accumulating(network: nn.Module, last: bool, defer_gradient_sync: bool = False):
+    """The context of one micro-batch's forward and backward: DDP skips its all-reduce until the
+    last one. FSDP, with defer_gradient_sync, skips its reduce-scatter until the last one too,
+    accumulating each unit's whole gradient in between (the memory plan counts them:
+    whole_gradients); without it, it reduce-scatters every micro-batch and gradients accumulate
+    in shards."""
+    if isinstance(network, nn.parallel.DistributedDataParallel):
+        return network.no_sync() if not last else contextlib.nullcontext()
+    if isinstance(network, FSDPModule) and defer_gradient_sync:
+        return _fsdp_sync(network, last)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_sync(network: FSDPModule, sync: bool):
+    network.set_requires_gradient_sync(sync)  # every unit below the root too
+    try:
+        yield
+    finally:
+        network.set_requires_gradient_sync(True)
 
 
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:

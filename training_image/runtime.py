@@ -15,7 +15,7 @@ from shared.contracts import Metrics
 from shared.shapes import batch_size_for
 from training_image import tokens
 from training_image.export import EXPORT_DIR, export_hf
-from training_image.modeldir import METRICS, save_model_dir
+from training_image.modeldir import METRICS, save_model_dir, shares_export_weights
 from training_image.shards import SHARD_BYTES
 
 FAILURE_LIMIT = 1024  # SageMaker keeps about this much of output/failure as FailureReason
@@ -89,10 +89,10 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def batch_size(parameters: int) -> int:
-    """Sequences per optimizer step over all ranks: shapes.batch_size_for, rounded up so that
-    every rank takes an equal share."""
-    batch = batch_size_for(parameters)
+def batch_size(parameters: int, seq_len: int) -> int:
+    """Sequences of seq_len per optimizer step over all ranks: shapes.batch_size_for, rounded up
+    so that every rank takes an equal share."""
+    batch = batch_size_for(parameters, seq_len)
     world = dist.get_world_size() if dist.is_initialized() else 1
     return batch + (-batch) % world
 
@@ -104,10 +104,14 @@ def log(line: str) -> None:
 def write_outputs(root: Path, model, tokenizer, metrics: Metrics, shard_bytes: int = SHARD_BYTES) -> None:
     """The model directory in model/ with its transformers export in model/hf/, and metrics.json
     again in output/data/ (SageMaker packs that folder into the small output.tar.gz the events
-    function reads). The weights of both are safetensors shards of shard_bytes at most."""
+    function reads). The weights are safetensors shards of shard_bytes at most, written once:
+    in hf/ alone where the export needs no padding (modeldir.shares_export_weights), the model
+    directory reading them from there; a contracted model's compact weights beside its padded
+    export."""
     document = metrics.model_dump(mode="json")
-    save_model_dir(root / "model", model, tokenizer, document, shard_bytes)
     export_hf(model, tokenizer, root / "model" / EXPORT_DIR, shard_bytes)
+    own = not shares_export_weights(model.config)
+    save_model_dir(root / "model", model, tokenizer, document, shard_bytes, weights=own)
     output = root / "output/data"
     output.mkdir(parents=True, exist_ok=True)
     (output / METRICS).write_text(json.dumps(document, indent=2))

@@ -136,11 +136,12 @@ class Trainer:
         job_type: str = "train",
         checkpoint_dir: str | Path | None = None,
         checkpoint_every: int = 0,
-        checkpoint_interval_s: float = 600.0,
+        checkpoint_interval_s: float | None = None,
         progress_every: int = 10,
         micro_batch: int | None = None,
         strategy: Strategy = "ddp",
         activation_checkpointing: bool = False,
+        defer_gradient_sync: bool = False,
         device: torch.device | None = None,
         autocast: bool | None = None,
         log: Callable[[str], None] | None = print,
@@ -154,7 +155,11 @@ class Trainer:
         `materialize`: `model` is on the meta device, and this fills its parameters once they are
         laid out on the ranks (parallel.wrap).
         `compile`: each block compiled (parallel.compile_blocks); by default on a GPU, where the
-        compilation's minutes pay for themselves, not on a CPU."""
+        compilation's minutes pay for themselves, not on a CPU.
+        `checkpoint_interval_s`: seconds between periodic saves; by default scaled to what a
+        save writes (checkpoint.interval_seconds).
+        `defer_gradient_sync`: a sharded model synchronises its gradients on a step's last
+        micro-batch only, as a replicated one always does (parallel.accumulating)."""
         if train_windows.shape[1] != plan.seq_len + 1:
             raise ValueError(f"windows hold {train_windows.shape[1]} tokens, expected seq_len+1={plan.seq_len + 1}")
         self.model = model
@@ -164,7 +169,6 @@ class Trainer:
         self.job_id, self.job_type = job_id, job_type
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.checkpoint_every = checkpoint_every
-        self.checkpoint_interval_s = checkpoint_interval_s
         self.progress_every = progress_every
         self.log = log or (lambda line: None)
         self.state = TrainerState()
@@ -189,11 +193,19 @@ class Trainer:
             compile=self.device.type == "cuda" if compile is None else compile,
         )
         self.sharded = parallel.is_sharded(self.network)
+        local_world = min(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), self.world_size)  # ranks on this node
+        self.checkpoint_bytes = distributed_checkpoint.bytes_per_node(
+            sum(p.numel() for p in model.parameters() if p.requires_grad), self.world_size, local_world, self.sharded)
+        self.checkpoint_interval_s = (distributed_checkpoint.interval_seconds(self.checkpoint_bytes)
+                                      if checkpoint_interval_s is None else checkpoint_interval_s)
+        self._pending_save: distributed_checkpoint.Pending | None = None
+        self.defer_gradient_sync = defer_gradient_sync
         self.sharded_checkpoints = self.sharded  # also once resumed from one (another world size)
         # FSDP's policy computes in bf16 already (its weights arrive in bf16): autocast would only add casts.
         self.autocast = self.bf16 and not self.sharded
         self.optimizer = _adamw(model, plan.lr)
         self._orders: dict[tuple[int, int], torch.Tensor] = {}
+        self._prefetched: dict[tuple[int, int], tuple] | None = None  # the next step's batch, read ahead
 
     # ---- data order -------------------------------------------------------------------------
 
@@ -230,18 +242,21 @@ class Trainer:
             cycle_len = plan.cycle_steps[state.cycle]
             while state.cycle_step < cycle_len:
                 if state.step >= last_step:
+                    self.finish_checkpoint()
                     self._update_wall_time()
                     return state
                 self._step(cycle_len)
                 # One process acts on its own flag at once; ranks act on the exchanged flag, so
                 # that all of them stop after the same step.
                 if self.stop_agreed or (self.world_size == 1 and self.stop_requested):
-                    self.save_checkpoint()
-                    raise TrainingStopped(f"stopped at step {state.step}; checkpoint written")
+                    written = self.save_checkpoint(stopping=True)
+                    raise TrainingStopped(f"stopped at step {state.step}; "
+                                          + ("checkpoint written" if written else "resumes from the last checkpoint"))
                 # Agreed in the step's exchange: a save is collective, and every rank decides alike.
                 if (self.checkpoint_every and state.step % self.checkpoint_every == 0) or self.checkpoint_due:
-                    self.save_checkpoint()
+                    self.save_checkpoint(background=True)
             self._end_cycle(cycle_len)
+        self.finish_checkpoint()
         self._update_wall_time()
         return state
 
@@ -256,18 +271,15 @@ class Trainer:
         lr = lr_at(state.cycle_step, cycle_len, plan.lr, state.step, plan.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        # Inputs, targets (IGNORE_INDEX where no loss is taken) and, for packed conversations,
-        # where each begins: taken apart on the host, before the copy.
-        parts = split_windows(self.train_windows[self.batch_indices(state.turn, turn_step)])
-        if self.device.type == "cuda":  # from pinned memory the copy below runs without the host waiting
-            parts = tuple(part.pin_memory() if part is not None else None for part in parts)
-        inputs, targets, starts = (part.to(self.device, non_blocking=True) if part is not None else None for part in parts)
+        batch = self._prefetched.pop((state.turn, turn_step), None) if self._prefetched else None
+        self._prefetched = None
+        inputs, targets, starts = batch or self._load_batch(state.turn, turn_step)
         micro_batches = list(zip(inputs.split(self.micro_batch), targets.split(self.micro_batch),
                                  starts.split(self.micro_batch) if starts is not None else itertools.repeat(None)))
         loss_sum = torch.zeros((), device=self.device)
         for i, (micro_inputs, micro_targets, micro_starts) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            with parallel.accumulating(self.network, last), torch.autocast(
+            with parallel.accumulating(self.network, last, self.defer_gradient_sync), torch.autocast(
                 self.device.type, dtype=torch.bfloat16, enabled=self.autocast
             ):
                 packed = {} if micro_starts is None else {"starts": micro_starts}
@@ -285,6 +297,8 @@ class Trainer:
             flags = torch.tensor([float(self.stop_requested), float(due)], device=self.device)
         shared = torch.cat([(loss_sum / len(micro_batches)).reshape(1), flags])
         self._exchange(shared)
+        # The next step's batch is read while the device still runs this one (the wait is below).
+        self._prefetch_next(state.turn, turn_step)
         # The step's one wait for the device: loss, flags and gradient norm come back together.
         loss_value, stop, due_anywhere, norm = torch.cat((shared, grad_norm.reshape(1).to(shared.dtype))).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm)):
@@ -311,6 +325,24 @@ class Trainer:
             self.write_progress(loss=loss_value)
             self.log_metrics({"kind": "step", "step": state.step, "turn": state.turn + 1, "cycle": state.cycle + 1,
                               "loss": loss_value, "lr": lr})
+
+    def _load_batch(self, turn: int, turn_step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """This rank's inputs, targets (IGNORE_INDEX where no loss is taken) and, for packed
+        conversations, where each begins, on the device: taken apart on the host, then copied."""
+        parts = split_windows(self.train_windows[self.batch_indices(turn, turn_step)])
+        if self.device.type == "cuda":  # from pinned memory the copy runs without the host waiting
+            parts = tuple(part.pin_memory() if part is not None else None for part in parts)
+        inputs, targets, starts = (part.to(self.device, non_blocking=True) if part is not None else None for part in parts)
+        return inputs, targets, starts
+
+    def _prefetch_next(self, turn: int, turn_step: int) -> None:
+        """Load the batch of the step after (turn, turn_step), if the plan has one. The host
+        gathers, splits and pins it while the device works through the step queued before it."""
+        turn_step += 1
+        if turn_step == self.plan.steps_per_turn:
+            turn, turn_step = turn + 1, 0
+        if turn < self.plan.turns:
+            self._prefetched = {(turn, turn_step): self._load_batch(turn, turn_step)}
 
     def _exchange(self, shared: torch.Tensor) -> None:
         """[mean loss, stop flag, checkpoint-due flag] of this rank -> the mean loss and the flags
@@ -345,7 +377,7 @@ class Trainer:
         state.cycle, state.cycle_step, state.cycle_loss_sum = state.cycle + 1, 0, 0.0
         if state.cycle == len(self.plan.cycle_steps):
             state.turn, state.cycle = state.turn + 1, 0
-        self.save_checkpoint()
+        self.save_checkpoint(background=True)
         self.write_progress(loss=record["loss"], perplexity=record["perplexity"])
 
     # ---- figures ------------------------------------------------------------------------------
@@ -403,15 +435,30 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------
 
-    def save_checkpoint(self) -> None:
-        """Weights, optimizer and trainer state, written to a temporary file then renamed into place."""
+    def save_checkpoint(self, *, background: bool = False, stopping: bool = False) -> bool:
+        """Weights, optimizer and trainer state, written to a temporary file then renamed into
+        place; collective. True when a checkpoint of this step is written (or being written).
+
+        `background`: a sharded checkpoint is written by a thread while training goes on, and
+        renamed in at the next save or at the end of run() (finish_checkpoint). Any save first
+        waits for the one in flight.
+        `stopping` (SIGTERM): the save in flight is awaited; a new one is written only where it
+        fits the stop grace (checkpoint.fits_stop_grace), else the run resumes from the last."""
         self._update_wall_time()
         self._last_checkpoint = time.monotonic()
         if self.sharded_checkpoints and self.checkpoint_dir is not None:
-            distributed_checkpoint.save(self.checkpoint_dir, self.state.step, self.model, self.optimizer, self._meta())
-            return
+            self.finish_checkpoint()
+            if stopping and not distributed_checkpoint.fits_stop_grace(self.checkpoint_bytes):
+                self.log(f"stopping without a checkpoint of step {self.state.step}: "
+                         f"{self.checkpoint_bytes / 1e9:.0f} GB a node do not fit the stop grace")
+                return False
+            saved = distributed_checkpoint.save(self.checkpoint_dir, self.state.step, self.model, self.optimizer,
+                                                self._meta(), asynchronous=background)
+            if isinstance(saved, distributed_checkpoint.Pending):
+                self._pending_save = saved
+            return True
         if self.rank != 0 or self.checkpoint_dir is None:
-            return
+            return self.checkpoint_dir is not None
         checkpoint = {
             "format": CHECKPOINT_FORMAT,
             "job_id": self.job_id,
@@ -422,6 +469,13 @@ class Trainer:
             "state": asdict(self.state),
         }
         _write_beside(self.checkpoint_dir / CHECKPOINT, lambda file: torch.save(checkpoint, file))
+        return True
+
+    def finish_checkpoint(self) -> None:
+        """Wait for the save in flight, if any, and rename it in (collective)."""
+        pending, self._pending_save = self._pending_save, None
+        if pending is not None:
+            distributed_checkpoint.finish(pending)
 
     def resume(self) -> bool:
         """Load the last checkpoint of this job if there is one; True when it did."""
@@ -498,7 +552,7 @@ def train_steps(
         cycle_steps=[steps],
         lr=lr,
         seq_len=windows.shape[1] - 1,
-        batch_size=batch_size or batch_size_for(model.parameter_count()),
+        batch_size=batch_size or batch_size_for(model.parameter_count(), windows.shape[1] - 1),
         seed=seed,
     )
     trainer = Trainer(model, windows, None, plan, log=log)

@@ -93,7 +93,7 @@ def test_the_training_job_runs_the_memory_plan_and_hands_it_to_the_container():
     assert request["ResourceConfig"]["InstanceCount"] == estimate.instance_count == 4
     assert Hyperparameters.parse(request["HyperParameters"]) == Hyperparameters(
         job_type="train", job_id="j", settings=TrainSettings(),
-        layout=Layout(strategy="fsdp", micro_batch=estimate.micro_batch, activation_checkpointing=False))
+        layout=Layout(strategy="fsdp", micro_batch=estimate.micro_batch, activation_checkpointing=True))
 
 
 def test_spot_where_the_tier_says_so():

@@ -96,3 +96,26 @@ def test_more_instances_only_when_one_node_cannot_hold_the_shards():
     assert p.strategy == "fsdp" and p.instance_count > 1
     assert 16 * llama_70b.parameters() / p.world_size < p.per_gpu.total <= h100_node.usable_bytes
     assert p.per_gpu.total / GIB < 80
+
+
+def test_a_deferred_fsdp_sync_holds_whole_fp32_gradients_and_the_plan_counts_them():
+    each = bytes_per_gpu(LLAMA_8B, seq_len=256, micro_batch=1, strategy="fsdp", world_size=8, checkpointing=False)
+    deferred = bytes_per_gpu(LLAMA_8B, seq_len=256, micro_batch=1, strategy="fsdp", world_size=8, checkpointing=False,
+                             defer_gradient_sync=True)
+    assert deferred.whole_gradients == 4 * 8_030_261_248 and each.whole_gradients == 0
+    assert deferred.total - each.total == deferred.whole_gradients
+    # DDP's gradients are whole anyway: deferring its all-reduce costs nothing.
+    ddp = bytes_per_gpu(LLAMA_8B, seq_len=256, micro_batch=1, strategy="ddp", world_size=1, checkpointing=False,
+                        defer_gradient_sync=True)
+    assert ddp.whole_gradients == 0
+
+
+def test_with_a_time_model_the_plan_takes_the_fastest_way_that_fits():
+    # 8 A100s, 64 sequences of 256: FSDP fits without recomputation; a time model that makes
+    # recomputation cheaper than sharding's micro-batches picks it instead, at a larger micro-batch.
+    first = plan(LLAMA_8B, seq_len=256, batch_size=64, instances=[A100_NODE])
+    timed = plan(LLAMA_8B, seq_len=256, batch_size=64, instances=[A100_NODE],
+                 step_seconds=lambda p: (p.micro_batches * 10.0) + (1.0 if p.activation_checkpointing else 0.0))
+    assert not first.activation_checkpointing and first.micro_batches > 1
+    assert timed.micro_batches < first.micro_batches and timed.activation_checkpointing
+    assert timed.batch_size == 64 and timed.micro_batch * timed.micro_batches * timed.world_size == 64

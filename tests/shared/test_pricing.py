@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.pricing import LLAMA_SHAPES, bill, estimate_contract, estimate_train, plan_table, price_table
+from shared.pricing import LLAMA_SHAPES, bill, estimate_contract, estimate_train, plan_table, price_table, tier_table
 from shared.settings import ContractSettings, TrainSettings
 from shared.shapes import SIZES, ModelConfig, batch_size_for, grown_config
 
@@ -111,9 +111,12 @@ def test_attention_flops_grow_with_the_sequence():
 
 
 def test_a_multi_node_fsdp_step_is_priced_by_its_communication():
-    # llama-70b (grown to 87.7B) on 4 p5 instances, 2 sequences a rank in 2 micro-batches: each
-    # micro-batch gathers the bf16 weights twice and reduce-scatters fp32 gradients, 8 bytes a
-    # parameter x 31/32, over 400 GB/s of EFA per instance: 3.4 s, five times the compute.
+    # llama-70b (grown to 87.7B) on 4 p5 instances: 2,097,152 tokens a step, 256 sequences a
+    # rank. Its whole fp32 gradients (351 GB) fit no GPU, so FSDP reduce-scatters every
+    # micro-batch: each gathers the bf16 weights twice and reduce-scatters fp32 gradients, 8
+    # bytes a parameter x 31/32, over 400 GB/s of EFA per instance. Recomputing activations buys
+    # micro-batches of 8 sequences (one a rank without): 32 micro-batches, not 256, and a step
+    # that is compute-bound.
     from shared.pricing import step_seconds, memory_plan
 
     table = price_table()
@@ -121,11 +124,31 @@ def test_a_multi_node_fsdp_step_is_priced_by_its_communication():
     grown = grown_config(LLAMA_SHAPES["llama-70b"])
     chosen = memory_plan(grown, 256, table.tier_for(grown.parameters()), table)
     compute, communication = step_seconds(grown, 256, chosen, table)
-    assert (chosen.world_size, chosen.micro_batch) == (32, 1)
-    assert communication == pytest.approx(2 * 8 * grown.parameters() * 31 / 32 / 400e9)
-    assert communication > 4 * compute
+    assert batch_size_for(grown.parameters(), 256) * 256 == 2_097_152
+    assert (chosen.world_size, chosen.micro_batch, chosen.micro_batches) == (32, 8, 32)
+    assert chosen.activation_checkpointing and not chosen.defer_gradient_sync
+    assert communication == pytest.approx(32 * 8 * grown.parameters() * 31 / 32 / 400e9)
+    assert compute > communication
     steps = TrainSettings().training_tokens() / 256
-    assert e.eta_seconds == round(300 + steps * communication)
+    assert e.eta_seconds == round(300 + steps * compute)
+    # Without recomputation the same batch would take 256 micro-batches of one sequence.
+    eager = chosen.model_copy(update={"activation_checkpointing": False, "micro_batch": 1})
+    assert step_seconds(grown, 256, eager, table)[1] == pytest.approx(8 * communication)
+
+
+def test_a_deferred_gradient_sync_reduce_scatters_once_a_step():
+    from shared.pricing import communication_bytes, memory_plan
+
+    table = price_table()
+    large = grown_config(SIZES["large"])
+    chosen = memory_plan(large, 256, table.tier_for(large.parameters()), table)
+    # 128 sequences over 4 A10Gs, 4 micro-batches of 8: gathers for each, one reduce-scatter.
+    assert (chosen.strategy, chosen.world_size, chosen.micro_batches, chosen.defer_gradient_sync) == ("fsdp", 4, 4, True)
+    assert chosen.per_gpu.whole_gradients == 4 * large.parameters()
+    assert communication_bytes(chosen, large.parameters()) == pytest.approx(
+        3 / 4 * large.parameters() * (4 * 4 + 4))
+    each = chosen.model_copy(update={"defer_gradient_sync": False})
+    assert communication_bytes(each, large.parameters()) == pytest.approx(3 / 4 * large.parameters() * 8 * 4)
 
 
 def test_a_measured_utilization_replaces_the_assumed_one_on_its_instance_type_only():
@@ -139,16 +162,17 @@ def test_a_measured_utilization_replaces_the_assumed_one_on_its_instance_type_on
 
 
 def test_the_estimate_runs_where_the_memory_plan_puts_it():
-    # large grows to 1,323,415,552 parameters, 64 sequences a step: a replica does not fit one
-    # 24 GB A10G (16 bytes a parameter is 19.7 GiB before activations), so tier s's second type,
-    # 4 A10Gs, shards it; the ETA is that instance's throughput.
+    # large grows to 1,323,415,552 parameters, 128 sequences (32,768 tokens) a step: a replica
+    # does not fit one 24 GB A10G (16 bytes a parameter is 19.7 GiB before activations), so tier
+    # s's second type, 4 A10Gs, shards it; the ETA is that instance's throughput.
     e = estimate_train(TrainSettings(), SIZES["large"])
     assert (e.instance_type, e.instance_count, e.strategy, e.activation_checkpointing) == (
         "ml.g5.12xlarge", 1, "fsdp", False)
-    assert e.micro_batch == 16 and not e.spot
+    assert e.micro_batch == 8 and e.defer_gradient_sync and not e.spot
+    assert e.sequences_per_step == 128
     large = grown_config(SIZES["large"])
     per_token = 6 * 1_323_415_552 + 3 * _attention(large, 256)
-    assert e.eta_seconds == round(300 + per_token * 1_536_000 * 64 / (200e12 * 0.4))
+    assert e.eta_seconds == round(300 + per_token * 1_536_000 * 128 / (200e12 * 0.4))
 
 
 def test_recomputing_activations_costs_a_forward_pass_more_in_the_eta():
@@ -164,7 +188,7 @@ def test_recomputing_activations_costs_a_forward_pass_more_in_the_eta():
     e = estimate_train(settings, long, table=one_gpu)
     assert e.instance_type == "ml.g5.xlarge" and e.activation_checkpointing and e.strategy == "ddp"
     per_token = 8 * e.parameters + 4 * _attention(grown_config(long), 8192)
-    flops = per_token * settings.training_tokens() * batch_size_for(e.parameters)
+    flops = per_token * settings.training_tokens() * batch_size_for(e.parameters, 8192)
     assert e.eta_seconds == round(300 + flops / (50e12 * 0.4))
 
 
@@ -190,3 +214,4 @@ def test_every_tier_plans_on_instances_the_table_describes():
 def test_the_memory_plan_document_shows_the_plan_the_code_makes():
     document = (Path(__file__).parents[2] / "docs" / "memory-plan.md").read_text()
     assert plan_table() in document
+    assert tier_table() in document

@@ -97,13 +97,16 @@ def test_a_sharded_run_at_two_ranks_writes_the_tensors_of_one_process(tmp_path, 
     tokenizer.save(tokenizer_file)
     _outputs(tmp_path / "one", tokenizer_file)
     mp.spawn(_worker, args=(2, free_port(), tmp_path / "two", tokenizer_file), nprocs=2, join=True)
-    for folder in ("model", "model/hf"):
-        one, two = _tensors(tmp_path / "one" / folder), _tensors(tmp_path / "two" / folder)
-        assert len(list((tmp_path / "two" / folder).glob("*.safetensors"))) > 2
-        assert sorted(two) == sorted(one)
-        for name, tensor in one.items():  # 3 AdamW steps apart by fp32 rounding only (as in test_fsdp)
-            torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    one, two = _tensors(tmp_path / "one/model/hf"), _tensors(tmp_path / "two/model/hf")
+    assert len(list((tmp_path / "two/model/hf").glob("*.safetensors"))) > 2
+    assert sorted(two) == sorted(one)
+    for name, tensor in one.items():  # 3 AdamW steps apart by fp32 rounding only (as in test_fsdp)
+        torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     assert json.loads((tmp_path / "two/model/metrics.json").read_text())["job_id"] == "ranks-2"  # rank 0 wrote it
+    # The weights are written once, in the export; the model directory reads them from there.
+    assert not list((tmp_path / "two/model").glob("*.safetensors"))
     # The export, in shards, imports back to the model directory's tensors.
     imported = _tensors(import_hf(tmp_path / "two/model/hf", tmp_path / "imported"))
-    assert all(torch.equal(imported[name], t) for name, t in _tensors(tmp_path / "two/model").items())
+    loaded = load_model_dir(tmp_path / "two/model")[0].state_dict()
+    assert sorted(imported) == sorted(loaded)
+    assert all(torch.equal(imported[name], t) for name, t in loaded.items())

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from shared.shapes import SIZES
-from training_image import entry, jobs, modeldir, stopping, tokens
+from training_image import entry, jobs, runtime, stopping, tokens
 from training_image.evaluate import heldout_loss
 from training_image.model import Decoder
 from training_image.train import CHECKPOINT, METRICS_LOG, Trainer, TrainingStopped, TrainPlan
@@ -28,7 +28,7 @@ SIGNAL_STEP = 2  # SIGTERM lands during this step (1-based)
 # flag is read after the step. Ranks stop on the flag they exchanged, which is sampled just
 # before the exchange: a signal after that point is carried by the next step's exchange.
 PHASES = {
-    "data": (SIGNAL_STEP, SIGNAL_STEP),
+    "data": (SIGNAL_STEP, SIGNAL_STEP + 1),  # the next step's batch, read ahead after the exchange
     "forward": (SIGNAL_STEP, SIGNAL_STEP),
     "backward": (SIGNAL_STEP, SIGNAL_STEP),
     "all-reduce": (SIGNAL_STEP, SIGNAL_STEP + 1),
@@ -200,12 +200,13 @@ def test_sigterm_outside_the_loop_ends_the_job_at_once_and_a_rerun_completes(whe
     write_hyperparameters(ml_root, **TRAIN)
     monkeypatch.setenv("FUSION_ML_ROOT", str(ml_root))
     # Each lands after a piece of the work: the model loaded, the first tokenizing task written,
-    # the model grown, the weights of the final model directory written (the rest of it not yet).
+    # the model grown, the weights of the final model written (in its export, hf/; the model
+    # directory beside it not yet).
     module, name = {
         "load_model_dir": (jobs, "load_model_dir"),
         "tokenize": (tokens, "tokenize_task"),
         "grow": (jobs, "grow"),
-        "write_outputs": (modeldir, "save_weights"),
+        "write_outputs": (runtime, "export_hf"),
     }[where]
     with monkeypatch.context() as patch:
         patch.setattr(module, name, _signal_after(getattr(module, name)))

@@ -181,9 +181,23 @@ def test_a_precision_setting_outside_its_values_is_refused_by_name(windows, unfo
 
 def test_batch_rule_grows_with_model_size():
     assert batch_size_for(SIZES["debug"].parameters()) == 8
-    assert batch_size_for(SIZES["large"].parameters()) == 64
+    assert batch_size_for(SIZES["large"].parameters()) == 128
     sizes = [batch_size_for(c.parameters()) for c in SIZES.values()]
     assert sizes == sorted(sizes)
+
+
+def test_the_batch_is_sized_in_tokens_up_to_the_cap():
+    from shared.pricing import LLAMA_SHAPES
+    from shared.shapes import BATCH_TOKENS_CAP, MIN_BATCH_SEQUENCES, batch_tokens_for
+
+    llama_70b = LLAMA_SHAPES["llama-70b"].parameters()
+    # A 70B model steps on 2M tokens, whatever the sequence length carries them.
+    assert batch_tokens_for(llama_70b) == 2 * 1024 * 1024
+    assert [batch_size_for(llama_70b, n) * n for n in (256, 2048, 8192)] == [2 * 1024 * 1024] * 3
+    assert batch_tokens_for(10**13) == BATCH_TOKENS_CAP
+    # A small model keeps its few sequences, however long or short they are.
+    assert batch_size_for(SIZES["debug"].parameters(), 2048) == MIN_BATCH_SEQUENCES
+    assert batch_size_for(SIZES["debug"].parameters(), 32) == MIN_BATCH_SEQUENCES
 
 
 @pytest.mark.slow
