@@ -57,6 +57,7 @@ class Gpus(BaseModel):
     memory_gb: float = Field(gt=0)
     interconnect_gb_per_s: float = Field(gt=0)
     network_gb_per_s: float = Field(gt=0)
+    host_memory_gib: float | None = Field(default=None, gt=0)  # the instance's RAM (GiB, as AWS lists it)
 
 
 class PriceTable(BaseModel):
@@ -84,7 +85,9 @@ class PriceTable(BaseModel):
         gpus = self.gpus.get(instance_type)
         if gpus is None:
             raise KeyError(f"no GPU figures for instance type {instance_type!r} in the price table")
-        return memory.Instance(type=instance_type, gpus=gpus.count, gpu_memory_bytes=int(gpus.memory_gb * 1e9))
+        host = int(gpus.host_memory_gib * memory.GIB) if gpus.host_memory_gib is not None else None
+        return memory.Instance(type=instance_type, gpus=gpus.count, gpu_memory_bytes=int(gpus.memory_gb * 1e9),
+                               host_memory_bytes=host)
 
 
 @lru_cache(maxsize=4)
@@ -213,6 +216,22 @@ def memory_plan(
     )
 
 
+def contract_plan(
+    settings: ContractSettings, source: ModelConfig, tier: Tier, table: PriceTable, instance_type: str | None = None
+) -> memory.MemoryPlan:
+    """Where and how a contract job runs: memory.plan_contract over the tier's instance types (or
+    the one given), the source's shape standing for the contracted one. Raises memory.DoesNotFit."""
+    types = [instance_type] if instance_type else tier.instance_types
+    return memory.plan_contract(
+        source,
+        seq_len=CONTRACT_SEQ_LEN,
+        batch_size=batch_size_for(source.parameters()),
+        instances=[table.instance(t) for t in types],
+        chosen_layers=settings.num_layers_to_contract,
+        max_instance_count=1 if instance_type else tier.max_instance_count,
+    )
+
+
 def _estimate(
     job_type: str,
     tokens: int,
@@ -222,10 +241,11 @@ def _estimate(
     with_contraction_fee: bool,
     instance_type: str | None,
     table: PriceTable,
+    plan_for=None,
 ) -> Estimate:
     parameters = config.parameters()
     tier = table.tier_for(parameters)
-    chosen = memory_plan(config, seq_len, tier, table, instance_type)
+    chosen = plan_for(tier, instance_type) if plan_for else memory_plan(config, seq_len, tier, table, instance_type)
     training_cost = Decimal(tokens) / MILLION * tier.usd_per_million_tokens
     growth_fee = Decimal(growth_parameters) / MILLION * table.growth_fee_per_million_parameters
     contraction_fee = tier.contraction_fee if with_contraction_fee else Decimal(0)
@@ -293,7 +313,8 @@ def estimate_contract(
     """Price a contract job: the flat fee of the source's tier plus any healing tokens."""
     table = table or price_table()
     return _estimate(
-        "contract", settings.training_tokens(), source, CONTRACT_SEQ_LEN, 0, True, instance_type, table
+        "contract", settings.training_tokens(), source, CONTRACT_SEQ_LEN, 0, True, instance_type, table,
+        plan_for=lambda tier, instance: contract_plan(settings, source, tier, table, instance),
     )
 
 
