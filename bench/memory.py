@@ -177,9 +177,10 @@ def part_eval(seq_len: int, vocab: int, micro_batch: int) -> None:
 
 
 def part_contract(size: str, layers: int, micro_batch: int, corpus_bytes: int) -> None:
-    import json
+    import os
     import tempfile
 
+    from shared.contracts import PRECISION_ENV
     from shared.memory import contract_host_bytes, healing_bytes
     from shared.memory import Layout
     from shared.settings import CONTRACT_SEQ_LEN, ContractSettings
@@ -189,6 +190,7 @@ def part_contract(size: str, layers: int, micro_batch: int, corpus_bytes: int) -
     from training_image.modeldir import save_model_dir
     from training_image.tokenizer import train_tokenizer
 
+    os.environ[PRECISION_ENV] = "fp32"  # the plan below is the fp32 one, whatever the CPU
     source_config = SIZES[size]
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "ml"

@@ -449,18 +449,20 @@ def _first_fit(need, *, batch_size: int, instances: list[Instance], max_instance
                         )
                     tried.append((peak, instance.type))
     allowed = f"{', '.join(i.type for i in instances)}; at most {max_instance_count} of a type"
-    if not tried and host_short:
-        needed, instance = min(host_short, key=lambda item: item[0])
-        raise DoesNotFit(
-            f"{what} needs {needed / GIB:.1f} GiB of host memory on each instance ({host_per_rank / GIB:.1f} GiB "
-            f"for each of its {instance.gpus} ranks), more than the {instance.host_usable_bytes / GIB:.1f} GiB usable "
-            f"on the instances allowed ({allowed})"
-        )
-    smallest = min(tried)[0] if tried else 0
     largest = max(i.usable_bytes for i in instances)
     reason = ""
     if choosing is not None and choosing > largest:
-        reason = f" (choosing what to remove holds the whole fp32 source on each GPU: {choosing / GIB:.1f} GiB)"
+        reason = (f" (choosing what to remove holds the whole fp32 source and the chosen layers' statistics "
+                  f"on each GPU: {choosing / GIB:.1f} GiB)")
+    if not tried and host_short:
+        needed, instance = min(host_short, key=lambda item: item[0])
+        also = f"; and {reason[2:-1]}, more than the {largest / GIB:.1f} GiB usable on a GPU" if reason else ""
+        raise DoesNotFit(
+            f"{what} needs {needed / GIB:.1f} GiB of host memory on each instance ({host_per_rank / GIB:.1f} GiB "
+            f"for each of its {instance.gpus} ranks), more than the {instance.host_usable_bytes / GIB:.1f} GiB usable "
+            f"on the instances allowed ({allowed}){also}"
+        )
+    smallest = min(tried)[0] if tried else 0
     raise DoesNotFit(
         f"{what} needs at least {smallest / GIB:.1f} GiB per GPU{reason}, more than the {largest / GIB:.1f} GiB "
         f"usable on the instances allowed ({allowed})"

@@ -381,5 +381,44 @@ def plan_table(table: PriceTable | None = None) -> str:
     return "\n".join(lines)
 
 
+def contract_plan_table(table: PriceTable | None = None) -> str:
+    """The contract table of docs/memory-plan.md: where a contract job with the default settings
+    runs for each named size and Llama shape as its source (the source's shape standing for the
+    contracted one, as priced), with its peaks per GPU and per instance's host."""
+    from shared.shapes import SIZES
+
+    table = table or price_table()
+    defaults = ContractSettings.model_fields
+    lines = [
+        "| source | parameters | tier | instances | student | micro-batch of a rank's share | recompute "
+        "| GiB per GPU: choosing / healing (usable) | host GiB per instance (usable) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, source in {**SIZES, **LLAMA_SHAPES}.items():
+        layers = min(defaults["num_layers_to_contract"].default, source.n_layers)
+        settings = ContractSettings(source_model_id="model", num_layers_to_contract=layers)
+        tier = table.tier_for(source.parameters())
+        try:
+            chosen = contract_plan(settings, source, tier, table)
+        except memory.DoesNotFit as error:
+            lines.append(f"| {name} | {source.parameters():,} | {tier.name} | does not fit: {error} ||||||")
+            continue
+        instance = table.instance(chosen.instance_type)
+        host_usable = instance.host_usable_bytes
+        host = chosen.host_per_rank * instance.gpus / memory.GIB
+        share = batch_size_for(source.parameters()) // chosen.world_size
+        host_text = f"{host:.1f} ({host_usable / memory.GIB:.1f})" if host_usable is not None else f"{host:.1f}"
+        lines.append(
+            f"| {name} | {source.parameters():,} | {tier.name} | {chosen.instance_count} x {chosen.instance_type} "
+            f"({chosen.world_size} GPU{'s' if chosen.world_size > 1 else ''}) | {chosen.strategy} "
+            f"| {chosen.micro_batch} of {share} | {'yes' if chosen.activation_checkpointing else 'no'} "
+            f"| {chosen.choosing_per_gpu / memory.GIB:.1f} / {chosen.per_gpu.total / memory.GIB:.1f} "
+            f"({chosen.gpu_usable_bytes / memory.GIB:.1f}) | {host_text} |"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(plan_table())
+    print()
+    print(contract_plan_table())

@@ -98,3 +98,12 @@ def test_on_a_cpu_the_host_holds_both_phases_and_the_kept_copy():
     assert heal.autocast_weights == 0  # fp32: no bf16 copies
     assert host >= heal.total + 4 * student.parameters()
     assert contract_host_bytes(source, student, True) == 4 * source.parameters()
+
+
+def test_the_documented_contract_table_is_the_codes():
+    from pathlib import Path
+
+    from shared.pricing import contract_plan_table
+
+    document = (Path(__file__).parents[2] / "docs/memory-plan.md").read_text()
+    assert contract_plan_table() in document
