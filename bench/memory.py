@@ -9,7 +9,10 @@
 3. The held-out evaluation's peak at a 128k vocabulary: 8 windows a forward with fp32 logits
    of the whole batch (the old evaluation, reproduced here) against the evaluation the trainer
    runs (its micro-batch, the chunked loss).
-4. A contract job's host peak (`--part contract`): the product's own contract job
+4. The distillation loss's peak at a 128k vocabulary (`--part distill`): both models' logits
+   materialised (the old healing loss, reproduced here) against the chunked one, forward and
+   backward.
+5. A contract job's host peak (`--part contract`): the product's own contract job
    (training_image.jobs.run_contract_job) on a `small` source, on the CPU (so the host is the
    device, in fp32), against the plan's host peak for one rank (shared.memory.contract_host_bytes),
    both with the source's shape standing for the contracted model (as the price is fixed) and
@@ -32,11 +35,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from shared.memory import GIB, block_activation_bytes, logits_peak_bytes
+from shared.memory import GIB, block_activation_bytes, distillation_peak_bytes, logits_peak_bytes
 from shared.pricing import LLAMA_SHAPES
 from shared.shapes import ModelConfig
 from training_image.evaluate import heldout_loss
-from training_image.model import Attention, Block, Decoder, apply_rope, chunked_cross_entropy, rope_tables
+from training_image.model import (
+    Attention,
+    Block,
+    Decoder,
+    apply_rope,
+    chunked_cross_entropy,
+    chunked_kl_divergence,
+    rope_tables,
+)
 
 MIB = 1 << 20
 
@@ -176,6 +187,44 @@ def part_eval(seq_len: int, vocab: int, micro_batch: int) -> None:
     print(f"ratio before/after: {before / after:.1f}x")
 
 
+def _materialised_distillation(hidden, weight, teacher_hidden, teacher_weight):
+    """The old distillation loss: both models' logits whole, fp32 copies, two log-softmaxes."""
+    logits = F.linear(hidden, weight)
+    with torch.no_grad():
+        teacher = F.linear(teacher_hidden, teacher_weight).float()
+    return F.kl_div(F.log_softmax(logits.float(), dim=-1), F.log_softmax(teacher, dim=-1), log_target=True,
+                    reduction="batchmean")
+
+
+def part_distill(tokens: int, dim: int, vocab: int) -> None:
+    torch.manual_seed(0)
+    weight = (torch.randn(vocab, dim) * 0.02).requires_grad_()
+    teacher_weight, teacher_hidden = torch.randn(vocab, dim) * 0.02, torch.randn(tokens, dim)
+    config = ModelConfig.uniform(vocab_size=vocab, dim=dim, n_layers=1, n_heads=1, n_kv_heads=1, mlp_hidden=dim,
+                                 context_length=tokens)
+    print(f"\n## The distillation loss's peak, {tokens} tokens, dim {dim}, vocabulary {vocab:,}, fp32 (MiB above the inputs)")
+    print("| loss | forward + backward peak | loss |")
+    print("|---|---|---|")
+    results = {}
+    start = torch.randn(tokens, dim)
+    for name, fn in (("logits materialised (before)", _materialised_distillation),
+                     ("chunked (after)", chunked_kl_divergence)):
+        hidden = start.clone().requires_grad_()
+        weight.grad = torch.zeros_like(weight)
+        out = {}
+
+        def run():
+            loss = fn(hidden, weight, teacher_hidden, teacher_weight)
+            loss.backward()
+            out["loss"] = loss.item()
+
+        results[name] = peak_bytes(run)
+        print(f"| {name} | {results[name] / MIB:.0f} | {out['loss']:.6f} |")
+    before, after = results.values()
+    print(f"ratio before/after: {before / after:.1f}x; the plan's distillation peak for it (fp32): "
+          f"{distillation_peak_bytes(config, tokens, compute_bytes=4) / MIB:.0f} MiB")
+
+
 def part_contract(size: str, layers: int, micro_batch: int, corpus_bytes: int) -> None:
     import os
     import tempfile
@@ -242,6 +291,8 @@ def main() -> None:
         part_loss(args.tokens, args.dim, args.vocab)
     if "eval" in parts:
         part_eval(args.seq_len, args.vocab, args.micro_batch)
+    if "distill" in parts:
+        part_distill(args.tokens, args.dim, args.vocab)
     if "contract" in parts:
         part_contract(args.contract_size, args.contract_layers, args.contract_micro_batch, args.corpus_bytes)
 

@@ -300,13 +300,17 @@ def choosing_bytes(source: ModelConfig, student: ModelConfig, chosen_layers: int
 
 
 def distillation_peak_bytes(config: ModelConfig, tokens: int, compute_bytes: int = COMPUTE_BYTES) -> int:
-    """The distillation loss's transient peak (chunked_kl_divergence): for one chunk of tokens,
-    the student's and the source's logits each in the compute dtype, an fp32 copy and one more
-    fp32 tensor of that size; and the student head's weight gradient (as logits_peak_bytes)."""
+    """The distillation loss's transient peak (model.chunked_kl_divergence) for a micro-batch of
+    `tokens` tokens, over one chunk of tokens: forward, both models' fp32 log-probabilities and
+    the teacher's probabilities; backward, the student's fp32 probabilities and the teacher's
+    (with its logits in the compute dtype as they are cast), beside the student head's weight
+    gradient (as logits_peak_bytes counts it). Bounded whatever the micro-batch."""
     V, C, a = config.vocab_size, config.dim, compute_bytes
     chunk = min(tokens, loss_chunk_tokens(V))
     weight_gradient = V * C * 4 + (V * C * a if a != 4 else 0)
-    return 2 * chunk * V * (a + 4 + 4) + weight_gradient
+    forward = chunk * V * 3 * 4
+    backward = chunk * V * (4 + 4 + (a if a != 4 else 0)) + weight_gradient
+    return max(forward, backward)
 
 
 def healing_bytes(

@@ -192,7 +192,7 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
     model, config = _agree_across_ranks(model, config)
     bf16 = computes_in_bf16(device)
     if bf16:  # the teacher from here on: forward passes only, in the precision healing computes in
-        source.to(torch.bfloat16)
+        source.to(torch.bfloat16).reset_buffers(device)  # its weights; the rotary tables stay fp32
     model.to(device)
     pruned = _measure(log, "pruned", model, heldout_windows)
 

@@ -39,7 +39,7 @@ def test_healing_holds_the_students_training_state_and_the_teacher_in_bf16():
         train.weights, train.gradients, train.optimizer, train.activations)
     assert heal.teacher > 2 * source.parameters() and heal.teacher < 2 * source.parameters() + GIB
     # The loss: two models' chunks of logits, never a micro-batch's whole logits.
-    assert heal.logits == distillation_peak_bytes(student, 512) > logits_peak_bytes(student, 512)
+    assert heal.logits == distillation_peak_bytes(student, 512) >= logits_peak_bytes(student, 512)
     tokens = 64 * 8192
     assert distillation_peak_bytes(LLAMA_8B, tokens) == distillation_peak_bytes(LLAMA_8B, 4 * tokens)
     assert heal.total == train.total - train.logits + heal.logits + heal.teacher
