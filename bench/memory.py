@@ -9,11 +9,20 @@
 3. The held-out evaluation's peak at a 128k vocabulary: 8 windows a forward with fp32 logits
    of the whole batch (the old evaluation, reproduced here) against the evaluation the trainer
    runs (its micro-batch, the chunked loss).
+4. The distillation loss's peak at a 128k vocabulary (`--part distill`): both models' logits
+   materialised (the old healing loss, reproduced here) against the chunked one, forward and
+   backward.
+5. A contract job's host peak (`--part contract`): the product's own contract job
+   (training_image.jobs.run_contract_job) on a `small` source, on the CPU (so the host is the
+   device, in fp32), against the plan's host peak for one rank (shared.memory.contract_host_bytes),
+   both with the source's shape standing for the contracted model (as the price is fixed) and
+   with the shape the job made.
 
 Peaks are the process's resident-set high-water mark above what it held before the measured
 call (Linux: /proc/self/clear_refs resets it), so they count every allocation, torch's or not.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/memory.py [--part blocks,loss,eval] [--tokens 1024]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/memory.py --part contract   # ~5 CPU minutes, ~3 GiB
 """
 
 from __future__ import annotations
@@ -26,11 +35,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from shared.memory import GIB, block_activation_bytes, logits_peak_bytes
+from shared.memory import GIB, block_activation_bytes, distillation_peak_bytes, logits_peak_bytes
 from shared.pricing import LLAMA_SHAPES
 from shared.shapes import ModelConfig
 from training_image.evaluate import heldout_loss
-from training_image.model import Attention, Block, Decoder, apply_rope, chunked_cross_entropy, rope_tables
+from training_image.model import (
+    Attention,
+    Block,
+    Decoder,
+    apply_rope,
+    chunked_cross_entropy,
+    chunked_kl_divergence,
+    rope_tables,
+)
 
 MIB = 1 << 20
 
@@ -170,6 +187,88 @@ def part_eval(seq_len: int, vocab: int, micro_batch: int) -> None:
     print(f"ratio before/after: {before / after:.1f}x")
 
 
+def _materialised_distillation(hidden, weight, teacher_hidden, teacher_weight):
+    """The old distillation loss: both models' logits whole, fp32 copies, two log-softmaxes."""
+    logits = F.linear(hidden, weight)
+    with torch.no_grad():
+        teacher = F.linear(teacher_hidden, teacher_weight).float()
+    return F.kl_div(F.log_softmax(logits.float(), dim=-1), F.log_softmax(teacher, dim=-1), log_target=True,
+                    reduction="batchmean")
+
+
+def part_distill(tokens: int, dim: int, vocab: int) -> None:
+    torch.manual_seed(0)
+    weight = (torch.randn(vocab, dim) * 0.02).requires_grad_()
+    teacher_weight, teacher_hidden = torch.randn(vocab, dim) * 0.02, torch.randn(tokens, dim)
+    config = ModelConfig.uniform(vocab_size=vocab, dim=dim, n_layers=1, n_heads=1, n_kv_heads=1, mlp_hidden=dim,
+                                 context_length=tokens)
+    print(f"\n## The distillation loss's peak, {tokens} tokens, dim {dim}, vocabulary {vocab:,}, fp32 (MiB above the inputs)")
+    print("| loss | forward + backward peak | loss |")
+    print("|---|---|---|")
+    results = {}
+    start = torch.randn(tokens, dim)
+    for name, fn in (("logits materialised (before)", _materialised_distillation),
+                     ("chunked (after)", chunked_kl_divergence)):
+        hidden = start.clone().requires_grad_()
+        weight.grad = torch.zeros_like(weight)
+        out = {}
+
+        def run():
+            loss = fn(hidden, weight, teacher_hidden, teacher_weight)
+            loss.backward()
+            out["loss"] = loss.item()
+
+        results[name] = peak_bytes(run)
+        print(f"| {name} | {results[name] / MIB:.0f} | {out['loss']:.6f} |")
+    before, after = results.values()
+    print(f"ratio before/after: {before / after:.1f}x; the plan's distillation peak for it (fp32): "
+          f"{distillation_peak_bytes(config, tokens, compute_bytes=4) / MIB:.0f} MiB")
+
+
+def part_contract(size: str, layers: int, micro_batch: int, corpus_bytes: int) -> None:
+    import os
+    import tempfile
+
+    from shared.contracts import PRECISION_ENV
+    from shared.memory import contract_host_bytes, healing_bytes
+    from shared.memory import Layout
+    from shared.settings import CONTRACT_SEQ_LEN, ContractSettings
+    from shared.shapes import SIZES
+    from training_image.data import stdlib_corpus
+    from training_image.jobs import run_contract_job
+    from training_image.modeldir import save_model_dir
+    from training_image.tokenizer import train_tokenizer
+
+    os.environ[PRECISION_ENV] = "fp32"  # the plan below is the fp32 one, whatever the CPU
+    source_config = SIZES[size]
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder) / "ml"
+        corpus = stdlib_corpus(corpus_bytes)
+        tokenizer = train_tokenizer(corpus, 2048)  # fewer tokens than the model's vocabulary: allowed
+        save_model_dir(root / "input/data/model", Decoder(source_config).init_weights(0), tokenizer)
+        (root / "input/data/training").mkdir(parents=True)
+        (root / "input/data/training/part.txt").write_text("\n".join(corpus))
+        settings = ContractSettings(source_model_id="model-bench", contraction_ratio=0.5,
+                                    num_layers_to_contract=layers, train_steps=1)
+        layout = Layout(micro_batch=micro_batch)
+        metrics = {}
+
+        def run() -> None:
+            metrics["m"] = run_contract_job(settings, root, "contract-bench", log=lambda line: None, layout=layout)
+
+        measured = peak_bytes(run)
+    student = metrics["m"].config
+    print(f"contract job, {size} source ({source_config.parameters():,} parameters -> {student.parameters():,}), "
+          f"{layers} layers at 0.5, 1 healing step in micro-batches of {micro_batch}, fp32 on the CPU:")
+    for label, shape in (("planned (source shape, as priced)", source_config), ("planned (the shape made)", student)):
+        healing = healing_bytes(source_config, shape, seq_len=CONTRACT_SEQ_LEN, micro_batch=micro_batch, strategy="ddp",
+                                world_size=1, checkpointing=False, compute_bytes=4)
+        planned = contract_host_bytes(source_config, shape, False, chosen_layers=layers, seq_len=CONTRACT_SEQ_LEN,
+                                      healing=healing)
+        print(f"  {label}: host peak {planned / MIB:.0f} MiB; measured {measured / MIB:.0f} MiB; "
+              f"measured / planned {measured / planned:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--part", default="blocks,loss,eval")
@@ -180,6 +279,10 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--contract-size", default="small")
+    parser.add_argument("--contract-layers", type=int, default=4)
+    parser.add_argument("--contract-micro-batch", type=int, default=1)
+    parser.add_argument("--corpus-bytes", type=int, default=400_000)
     args = parser.parse_args()
     parts = args.part.split(",")
     if "blocks" in parts:
@@ -188,6 +291,10 @@ def main() -> None:
         part_loss(args.tokens, args.dim, args.vocab)
     if "eval" in parts:
         part_eval(args.seq_len, args.vocab, args.micro_batch)
+    if "distill" in parts:
+        part_distill(args.tokens, args.dim, args.vocab)
+    if "contract" in parts:
+        part_contract(args.contract_size, args.contract_layers, args.contract_micro_batch, args.corpus_bytes)
 
 
 if __name__ == "__main__":

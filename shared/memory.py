@@ -43,6 +43,7 @@ LOSS_CHUNK_BYTES = 256 << 20
 # the caching allocator loses to fragmentation. An assumption, not a measurement.
 RESERVE_BYTES = 2 * GIB
 USABLE_FRACTION = 0.92
+HOST_RESERVE_BYTES = 4 * GIB
 # FSDP prefetches the next unit while the current one computes: two gathered units at a time.
 FSDP_UNITS_IN_FLIGHT = 2
 
@@ -57,10 +58,19 @@ class Instance(BaseModel):
     type: str
     gpus: int
     gpu_memory_bytes: int
+    host_memory_bytes: int | None = None  # the instance's RAM, shared by its ranks (None: not planned)
 
     @property
     def usable_bytes(self) -> int:
         return int(self.gpu_memory_bytes * USABLE_FRACTION) - RESERVE_BYTES
+
+    @property
+    def host_usable_bytes(self) -> int | None:
+        """RAM the ranks may use: the operating system, SageMaker's agents and the data loaders'
+        files keep the rest (HOST_RESERVE_BYTES, USABLE_FRACTION: assumed, like the GPU's)."""
+        if self.host_memory_bytes is None:
+            return None
+        return int(self.host_memory_bytes * USABLE_FRACTION) - HOST_RESERVE_BYTES
 
 
 class MemoryBreakdown(BaseModel):
@@ -79,12 +89,14 @@ class MemoryBreakdown(BaseModel):
     # FSDP with its gradient sync deferred to a step's last micro-batch: every unit's whole fp32
     # gradient, held across the micro-batches (FSDP2 accumulates them unsharded).
     whole_gradients: int = 0
+    # A contract job's healing: the frozen source's weights and what its forward pass keeps.
+    teacher: int = 0
 
     @property
     def total(self) -> int:
         return (
             self.weights + self.gradients + self.optimizer + self.autocast_weights + self.working
-            + self.activations + self.recompute + self.logits + self.whole_gradients
+            + self.activations + self.recompute + self.logits + self.whole_gradients + self.teacher
         )
 
 
@@ -103,6 +115,10 @@ class MemoryPlan(BaseModel):
     gpu_usable_bytes: int
     defer_gradient_sync: bool = False
     batch_size: int | None = None  # sequences per step over all ranks, as planned
+    # A contract job's other peaks: per GPU while it chooses and cuts (before healing), and per
+    # rank on the host (ContractFootprint).
+    choosing_per_gpu: int | None = None
+    host_per_rank: int | None = None
 
     def layout(self) -> Layout:
         return Layout(
@@ -188,7 +204,8 @@ def logits_peak_bytes(config: ModelConfig, tokens: int, compute_bytes: int = COM
     return chunk * V * (a + 4 + 4) + weight_gradient
 
 
-def activation_bytes(config: ModelConfig, tokens: int, checkpointing: bool) -> tuple[int, int, int]:
+def activation_bytes(config: ModelConfig, tokens: int, checkpointing: bool,
+                     compute_bytes: int = COMPUTE_BYTES) -> tuple[int, int, int]:
     """(saved activations, recompute peak, logits peak) for `tokens` tokens in one micro-batch.
 
     Checkpointing keeps only each block's fp32 input and rebuilds one block at a time in the
@@ -196,12 +213,12 @@ def activation_bytes(config: ModelConfig, tokens: int, checkpointing: bool) -> t
     """
     if checkpointing:
         blocks = config.n_layers * config.dim * RESIDUAL_BYTES
-        recompute = max(block_activation_bytes(config, layer) for layer in config.layers)
+        recompute = max(block_activation_bytes(config, layer, compute_bytes) for layer in config.layers)
     else:
-        blocks = sum(block_activation_bytes(config, layer) for layer in config.layers)
+        blocks = sum(block_activation_bytes(config, layer, compute_bytes) for layer in config.layers)
         recompute = 0
-    saved = blocks + head_activation_bytes(config)
-    return saved * tokens, recompute * tokens, logits_peak_bytes(config, tokens)
+    saved = blocks + head_activation_bytes(config, compute_bytes)
+    return saved * tokens, recompute * tokens, logits_peak_bytes(config, tokens, compute_bytes)
 
 
 def _unit_parameters(config: ModelConfig) -> list[int]:
@@ -221,20 +238,23 @@ def bytes_per_gpu(
     world_size: int,
     checkpointing: bool,
     defer_gradient_sync: bool = False,
+    compute_bytes: int = COMPUTE_BYTES,
 ) -> MemoryBreakdown:
     """The peak bytes one GPU holds training `config` this way (defer_gradient_sync: FSDP keeps
-    whole gradients until a step's last micro-batch)."""
+    whole gradients until a step's last micro-batch; `compute_bytes` 4: in fp32, as on a CPU: no
+    bf16 copies)."""
     parameters = config.parameters()
-    saved, recompute, logits = activation_bytes(config, micro_batch * seq_len, checkpointing)
+    saved, recompute, logits = activation_bytes(config, micro_batch * seq_len, checkpointing, compute_bytes)
     if strategy == "ddp":
-        shard, autocast, working = parameters, parameters * AUTOCAST_WEIGHT_BYTES, 0
+        copies = AUTOCAST_WEIGHT_BYTES if compute_bytes != 4 else 0
+        shard, autocast, working = parameters, parameters * copies, 0
     else:
         shard = -(-parameters // world_size)  # ceil: the last rank's shard is padded
         autocast = 0
         largest_unit = max(_unit_parameters(config))
         # Each unit in flight: gathered bf16 weights; the one in its backward also its bf16
         # gradient and the fp32 copy reduce-scattered (fp32 reduction).
-        working = largest_unit * (FSDP_UNITS_IN_FLIGHT * COMPUTE_BYTES + COMPUTE_BYTES + 4)
+        working = largest_unit * (FSDP_UNITS_IN_FLIGHT * compute_bytes + compute_bytes + 4)
     return MemoryBreakdown(
         weights=shard * 4,
         gradients=shard * 4,
@@ -250,6 +270,132 @@ def bytes_per_gpu(
 
 def _divisors_descending(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+# ----------------------------------------------------------------------------- contract jobs
+
+# Windows a contract job's forward-only passes (calibration) run at once.
+CALIBRATION_BATCH = 8
+GRAM_BYTES = 8  # the calibration statistics accumulate in fp64
+
+
+def forward_transient_bytes(config: ModelConfig, tokens: int, compute_bytes: int = COMPUTE_BYTES) -> int:
+    """A forward pass without gradients at `tokens` tokens: the fp32 residual stream in and out of
+    a block, and the largest MLP's gate, up and their product (nothing is kept between blocks).
+    An estimate, not a count: no test measures it."""
+    widest = max(layer.mlp_hidden for layer in config.layers)
+    return tokens * (2 * config.dim * RESIDUAL_BYTES + 3 * widest * compute_bytes)
+
+
+def _eval_logits_bytes(config: ModelConfig, tokens: int, compute_bytes: int) -> int:
+    """The chunked loss without gradients: one chunk's logits, their fp32 copy and exponentials."""
+    return min(tokens, loss_chunk_tokens(config.vocab_size)) * config.vocab_size * (compute_bytes + 4 + 4)
+
+
+def choosing_bytes(source: ModelConfig, student: ModelConfig, chosen_layers: int, seq_len: int) -> int:
+    """Peak bytes on a GPU while a contract job chooses and cuts, before it heals.
+
+    Every rank holds the whole fp32 source (calibration and surgery read every weight) and runs
+    CALIBRATION_BATCH windows forward at a time; the chosen layers' fp64 activation Grams
+    (MLP width squared and attention width squared each) stay until the cuts are made, and the
+    surgery works on one layer at a time (its Gram's inverse, a damped copy and the downdated
+    one, with the fp64 output projection; heads: three such for the twin searches). The
+    contracted model is built on the host (contract_host_bytes), then moved here once the
+    source is cast to the teacher's precision, and measured: the second peak.
+    """
+    tokens = CALIBRATION_BATCH * seq_len
+    forward = forward_transient_bytes(source, tokens, 4) + _eval_logits_bytes(source, tokens, 4)
+    grams = sorted(((layer.mlp_hidden ** 2 + (layer.n_heads * source.head_dim) ** 2) * GRAM_BYTES
+                    for layer in source.layers), reverse=True)[:chosen_layers]
+    surgery = max(
+        (3 * max(layer.mlp_hidden ** 2, (layer.n_heads * source.head_dim) ** 2)
+         + 2 * source.dim * max(layer.mlp_hidden, layer.n_heads * source.head_dim)) * GRAM_BYTES
+        for layer in source.layers
+    )
+    cutting = source.parameters() * 4 + sum(grams) + surgery + forward
+    measuring = source.parameters() * COMPUTE_BYTES + student.parameters() * 4 + forward
+    return max(cutting, measuring)
+
+
+def distillation_peak_bytes(config: ModelConfig, tokens: int, compute_bytes: int = COMPUTE_BYTES) -> int:
+    """The distillation loss's transient peak (model.chunked_kl_divergence) for a micro-batch of
+    `tokens` tokens, over one chunk of tokens: forward, both models' fp32 log-probabilities and
+    the teacher's probabilities; backward, the student's fp32 probabilities and the teacher's
+    (with its logits in the compute dtype as they are cast), beside the student head's weight
+    gradient (as logits_peak_bytes counts it). Bounded whatever the micro-batch."""
+    V, C, a = config.vocab_size, config.dim, compute_bytes
+    chunk = min(tokens, loss_chunk_tokens(V))
+    weight_gradient = V * C * 4 + (V * C * a if a != 4 else 0)
+    forward = chunk * V * 3 * 4
+    backward = chunk * V * (4 + 4 + (a if a != 4 else 0)) + weight_gradient
+    return max(forward, backward)
+
+
+def healing_bytes(
+    source: ModelConfig, student: ModelConfig, *, seq_len: int, micro_batch: int, strategy: Strategy,
+    world_size: int, checkpointing: bool, compute_bytes: int = COMPUTE_BYTES,
+) -> MemoryBreakdown:
+    """Peak bytes on a GPU while a contract job heals: the student as a train job holds it
+    (bytes_per_gpu), the distillation loss in place of the language-model loss, and the frozen
+    source (the teacher), replicated in the compute precision, with what its forward pass keeps
+    for the loss: its final hidden states and each token's log-sum-exp, and the transient of
+    its forward pass."""
+    tokens = micro_batch * seq_len
+    student_need = bytes_per_gpu(student, seq_len=seq_len, micro_batch=micro_batch, strategy=strategy,
+                                 world_size=world_size, checkpointing=checkpointing, compute_bytes=compute_bytes)
+    teacher = (source.parameters() * compute_bytes + tokens * (source.dim * compute_bytes + 4)
+               + forward_transient_bytes(source, tokens, compute_bytes))
+    return student_need.model_copy(update={
+        "logits": distillation_peak_bytes(student, tokens, compute_bytes), "teacher": teacher,
+    })
+
+
+def contract_host_bytes(source: ModelConfig, student: ModelConfig, on_gpu: bool, *, chosen_layers: int = 0,
+                        seq_len: int = 0, healing: MemoryBreakdown | None = None) -> int:
+    """Peak bytes on the host for one rank of a contract job.
+
+    With a GPU: the fp32 source as it is read, then the contracted model as it is built and, once
+    it has moved to the GPU, its copy kept in case healing makes it worse. Without one, the host
+    is the device: the larger of the choosing phase (the source, the Grams and the surgery, and
+    the contracted model built beside them) and the healing phase (healing_bytes, computed in
+    fp32) plus that kept copy."""
+    if on_gpu:
+        return max(source.parameters(), student.parameters()) * 4
+    tokens = CALIBRATION_BATCH * seq_len
+    choosing = (choosing_bytes(source, student, chosen_layers, seq_len) - source.parameters() * COMPUTE_BYTES
+                + source.parameters() * 4 + student.parameters() * 4)
+    choosing = max(choosing, source.parameters() * 4 + student.parameters() * 4
+                   + forward_transient_bytes(source, tokens, 4) + _eval_logits_bytes(source, tokens, 4))
+    return max(choosing, (healing.total if healing else 0) + student.parameters() * 4)
+
+
+def plan_contract(
+    source: ModelConfig,
+    *,
+    seq_len: int,
+    batch_size: int,
+    instances: list[Instance],
+    chosen_layers: int,
+    student: ModelConfig | None = None,
+    max_instance_count: int = 1,
+) -> MemoryPlan:
+    """Where and how a contract job runs: as plan() does for a train job, over the same ways
+    (the student replicated or sharded, its activations recomputed or not), with the contract
+    job's footprint on each: a GPU must hold both phases (choosing_bytes, healing_bytes) and an
+    instance's RAM its ranks' host peaks (contract_host_bytes). The teacher stays replicated.
+
+    `student`: the contracted model's shape; by default the source's own, an upper bound
+    (contraction only removes), as the price is fixed before the job chooses what goes."""
+    student = student or source
+    choosing = choosing_bytes(source, student, chosen_layers, seq_len)
+    host = contract_host_bytes(source, student, True)
+
+    def need(micro: int, strategy: Strategy, world: int, checkpointing: bool, defer: bool) -> MemoryBreakdown:
+        return healing_bytes(source, student, seq_len=seq_len, micro_batch=micro, strategy=strategy,
+                             world_size=world, checkpointing=checkpointing)
+
+    return _first_fit(need, batch_size=batch_size, instances=instances, max_instance_count=max_instance_count,
+                      choosing=choosing, host_per_rank=host, what="the contract job")
 
 
 def plan(
@@ -278,11 +424,31 @@ def plan(
     the job: at a large batch, a micro-batch recomputation lets grow can cost less than the
     weights FSDP gathers again for every one of many small micro-batches.
     """
+
+    def need(micro: int, strategy: Strategy, world: int, checkpointing: bool, defer: bool) -> MemoryBreakdown:
+        return bytes_per_gpu(config, seq_len=seq_len, micro_batch=micro, strategy=strategy,
+                             world_size=world, checkpointing=checkpointing, defer_gradient_sync=defer)
+
+    return _first_fit(need, batch_size=batch_size, instances=instances, max_instance_count=max_instance_count,
+                      what="the job", step_seconds=step_seconds)
+
+
+def _first_fit(need, *, batch_size: int, instances: list[Instance], max_instance_count: int, what: str,
+               choosing: int | None = None, host_per_rank: int | None = None,
+               step_seconds: Callable[[MemoryPlan], float] | None = None) -> MemoryPlan:
+    """plan()'s search, for a footprint `need(micro_batch, strategy, world, checkpointing, defer)`;
+    a contract job adds its choosing phase (per GPU, whatever the layout) and its host peak per
+    rank. Deferring the gradient sync is tried only with `step_seconds` (which chooses by speed)."""
     if not instances:
         raise DoesNotFit("no instance types to plan on")
     tried: list[tuple[int, str]] = []
+    host_short: list[tuple[int, Instance]] = []
     for instance in instances:
         usable = instance.usable_bytes
+        host_usable = instance.host_usable_bytes
+        if host_per_rank is not None and host_usable is not None and host_per_rank * instance.gpus > host_usable:
+            host_short.append((host_per_rank * instance.gpus, instance))
+            continue
         for count in range(1, max_instance_count + 1):
             world = instance.gpus * count
             if batch_size % world:
@@ -302,11 +468,9 @@ def plan(
                     for micro in _divisors_descending(batch_size // world):
                         if defer and micro == batch_size // world:
                             continue  # one micro-batch: nothing to defer
-                        need = bytes_per_gpu(
-                            config, seq_len=seq_len, micro_batch=micro, strategy=strategy,
-                            world_size=world, checkpointing=checkpointing, defer_gradient_sync=defer,
-                        )
-                        if need.total <= usable:
+                        per_gpu = need(micro, strategy, world, checkpointing, defer)
+                        peak = max(per_gpu.total, choosing or 0)
+                        if peak <= usable:
                             fitting.append(MemoryPlan(
                                 instance_type=instance.type,
                                 instance_count=count,
@@ -314,22 +478,36 @@ def plan(
                                 strategy=strategy,
                                 micro_batch=micro,
                                 activation_checkpointing=checkpointing,
-                                per_gpu=need,
+                                per_gpu=per_gpu,
                                 gpu_usable_bytes=usable,
                                 defer_gradient_sync=defer,
                                 batch_size=batch_size,
+                                choosing_per_gpu=choosing,
+                                host_per_rank=host_per_rank,
                             ))
                             break
-                        tried.append((need.total, instance.type))
+                        tried.append((peak, instance.type))
                     if fitting and step_seconds is None:
                         return fitting[0]
             if fitting:
                 # min keeps the earliest of equally fast ways: the order above breaks ties.
                 return min(fitting, key=step_seconds)
-    smallest = min(tried)[0] if tried else 0
+    allowed = f"{', '.join(i.type for i in instances)}; at most {max_instance_count} of a type"
     largest = max(i.usable_bytes for i in instances)
+    reason = ""
+    if choosing is not None and choosing > largest:
+        reason = (f" (choosing what to remove holds the whole fp32 source and the chosen layers' statistics "
+                  f"on each GPU: {choosing / GIB:.1f} GiB)")
+    if not tried and host_short:
+        needed, instance = min(host_short, key=lambda item: item[0])
+        also = f"; and {reason[2:-1]}, more than the {largest / GIB:.1f} GiB usable on a GPU" if reason else ""
+        raise DoesNotFit(
+            f"{what} needs {needed / GIB:.1f} GiB of host memory on each instance ({host_per_rank / GIB:.1f} GiB "
+            f"for each of its {instance.gpus} ranks), more than the {instance.host_usable_bytes / GIB:.1f} GiB usable "
+            f"on the instances allowed ({allowed}){also}"
+        )
+    smallest = min(tried)[0] if tried else 0
     raise DoesNotFit(
-        f"the job needs at least {smallest / GIB:.1f} GiB per GPU, more than the {largest / GIB:.1f} GiB "
-        f"usable on the instances allowed ({', '.join(i.type for i in instances)}; "
-        f"at most {max_instance_count} of a type)"
+        f"{what} needs at least {smallest / GIB:.1f} GiB per GPU{reason}, more than the {largest / GIB:.1f} GiB "
+        f"usable on the instances allowed ({allowed})"
     )

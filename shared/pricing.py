@@ -59,6 +59,7 @@ class Gpus(BaseModel):
     memory_gb: float = Field(gt=0)
     interconnect_gb_per_s: float = Field(gt=0)
     network_gb_per_s: float = Field(gt=0)
+    host_memory_gib: float | None = Field(default=None, gt=0)  # the instance's RAM (GiB, as AWS lists it)
 
 
 class PriceTable(BaseModel):
@@ -86,7 +87,9 @@ class PriceTable(BaseModel):
         gpus = self.gpus.get(instance_type)
         if gpus is None:
             raise KeyError(f"no GPU figures for instance type {instance_type!r} in the price table")
-        return memory.Instance(type=instance_type, gpus=gpus.count, gpu_memory_bytes=int(gpus.memory_gb * 1e9))
+        host = int(gpus.host_memory_gib * memory.GIB) if gpus.host_memory_gib is not None else None
+        return memory.Instance(type=instance_type, gpus=gpus.count, gpu_memory_bytes=int(gpus.memory_gb * 1e9),
+                               host_memory_bytes=host)
 
 
 @lru_cache(maxsize=4)
@@ -228,6 +231,22 @@ def memory_plan(
     )
 
 
+def contract_plan(
+    settings: ContractSettings, source: ModelConfig, tier: Tier, table: PriceTable, instance_type: str | None = None
+) -> memory.MemoryPlan:
+    """Where and how a contract job runs: memory.plan_contract over the tier's instance types (or
+    the one given), the source's shape standing for the contracted one. Raises memory.DoesNotFit."""
+    types = [instance_type] if instance_type else tier.instance_types
+    return memory.plan_contract(
+        source,
+        seq_len=CONTRACT_SEQ_LEN,
+        batch_size=batch_size_for(source.parameters()),
+        instances=[table.instance(t) for t in types],
+        chosen_layers=settings.num_layers_to_contract,
+        max_instance_count=1 if instance_type else tier.max_instance_count,
+    )
+
+
 def _estimate(
     job_type: str,
     tokens: int,
@@ -237,10 +256,11 @@ def _estimate(
     with_contraction_fee: bool,
     instance_type: str | None,
     table: PriceTable,
+    plan_for=None,
 ) -> Estimate:
     parameters = config.parameters()
     tier = table.tier_for(parameters)
-    chosen = memory_plan(config, seq_len, tier, table, instance_type)
+    chosen = plan_for(tier, instance_type) if plan_for else memory_plan(config, seq_len, tier, table, instance_type)
     training_cost = Decimal(tokens) / MILLION * tier.usd_per_million_tokens
     growth_fee = Decimal(growth_parameters) / MILLION * table.growth_fee_per_million_parameters
     contraction_fee = tier.contraction_fee if with_contraction_fee else Decimal(0)
@@ -353,7 +373,8 @@ def estimate_contract(
     """Price a contract job: the flat fee of the source's tier plus any healing tokens."""
     table = table or price_table()
     estimate = _estimate(
-        "contract", settings.training_tokens(), source, CONTRACT_SEQ_LEN, 0, True, instance_type, table
+        "contract", settings.training_tokens(), source, CONTRACT_SEQ_LEN, 0, True, instance_type, table,
+        plan_for=lambda tier, instance: contract_plan(settings, source, tier, table, instance),
     )
     forecast = forecast_contraction(source, settings.contraction_ratio, settings.num_layers_to_contract)
     return estimate.model_copy(update={"contraction": forecast})
@@ -464,7 +485,46 @@ def tier_table(table: PriceTable | None = None) -> str:
     return "\n".join(lines)
 
 
+def contract_plan_table(table: PriceTable | None = None) -> str:
+    """The contract table of docs/memory-plan.md: where a contract job with the default settings
+    runs for each named size and Llama shape as its source (the source's shape standing for the
+    contracted one, as priced), with its peaks per GPU and per instance's host."""
+    from shared.shapes import SIZES
+
+    table = table or price_table()
+    defaults = ContractSettings.model_fields
+    lines = [
+        "| source | parameters | tier | instances | student | micro-batch of a rank's share | recompute "
+        "| GiB per GPU: choosing / healing (usable) | host GiB per instance (usable) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, source in {**SIZES, **LLAMA_SHAPES}.items():
+        layers = min(defaults["num_layers_to_contract"].default, source.n_layers)
+        settings = ContractSettings(source_model_id="model", num_layers_to_contract=layers)
+        tier = table.tier_for(source.parameters())
+        try:
+            chosen = contract_plan(settings, source, tier, table)
+        except memory.DoesNotFit as error:
+            lines.append(f"| {name} | {source.parameters():,} | {tier.name} | does not fit: {error} ||||||")
+            continue
+        instance = table.instance(chosen.instance_type)
+        host_usable = instance.host_usable_bytes
+        host = chosen.host_per_rank * instance.gpus / memory.GIB
+        share = batch_size_for(source.parameters()) // chosen.world_size
+        host_text = f"{host:.1f} ({host_usable / memory.GIB:.1f})" if host_usable is not None else f"{host:.1f}"
+        lines.append(
+            f"| {name} | {source.parameters():,} | {tier.name} | {chosen.instance_count} x {chosen.instance_type} "
+            f"({chosen.world_size} GPU{'s' if chosen.world_size > 1 else ''}) | {chosen.strategy} "
+            f"| {chosen.micro_batch} of {share} | {'yes' if chosen.activation_checkpointing else 'no'} "
+            f"| {chosen.choosing_per_gpu / memory.GIB:.1f} / {chosen.per_gpu.total / memory.GIB:.1f} "
+            f"({chosen.gpu_usable_bytes / memory.GIB:.1f}) | {host_text} |"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(plan_table())
     print()
     print(tier_table())
+    print()
+    print(contract_plan_table())

@@ -34,10 +34,9 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from shared.memory import IGNORE_INDEX
+from shared.memory import CALIBRATION_BATCH
 from shared.settings import TrainSettings
 from shared.shapes import LayerShape, ModelConfig, even_cuts, head_shapes, heads_to_remove, units_to_remove  # noqa: F401 (the tests read the two rules here)
 from training_image.data import TOKEN_MASK
@@ -45,7 +44,6 @@ from training_image.model import Decoder
 from training_image.train import Trainer, TrainPlan, batch_size_for
 
 Method = Literal["activation", "magnitude", "random", "wanda-sp"]
-CALIBRATION_BATCH = 8
 EXHAUSTIVE_HEAD_SETS = 256  # a layer's head shape with at most this many ways to keep its heads tries them all
 RIDGE = 1e-3  # relative ridge of the least-squares refit, for rank-deficient activation Grams
 
@@ -532,19 +530,21 @@ def contract_blocks(
     seed: int = 0,
     stats: dict[str, LayerStats] | None = None,
     even: bool = False,
+    device: torch.device | str | None = None,
 ) -> tuple[Decoder, ModelConfig]:
     """Shrink the given blocks by `ratio` with the given method; a new model, the source untouched.
 
     `refit` (every method) refits the kept output-projection columns by least squares on the
     calibration activations. `stats`: layer_stats(model, calibration, chosen) when already at hand.
-    `even`: see plan_cuts.
+    `even`: see plan_cuts. `device`: where the new model is built (by default the source's; a
+    contract job builds it on the host, beside a source that fills the GPU).
     """
     if stats is None:
         stats = layer_stats(model, calibration, chosen) if method in ("activation", "wanda-sp") or refit else {}
     cuts = plan_cuts(model, chosen, ratio, stats, method, seed, even)
     layers = [cuts[bid].shape() if bid in cuts else layer for layer, bid in zip(config.layers, config.ids())]
     new_config = config.model_copy(update={"layers": layers})
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     new = Decoder(new_config).to(device)
     new.embed.weight.copy_(model.embed.weight)
     new.norm.weight.copy_(model.norm.weight)
@@ -587,7 +587,11 @@ class Distillation(nn.Module):
     the mean over tokens of KL(source || student) of the next-token distributions ("kl"), that
     plus the language-model loss ("kl+lm"), or the language-model loss alone ("lm"), as the
     Decoder returns its loss. The source is held outside the module tree: it is neither trained
-    nor saved."""
+    nor saved, and a sharded healing (parallel.wrap) shards the student alone.
+
+    Neither model's logits are ever held whole: the source runs to its final hidden states, and
+    the student's head computes the loss from both in chunks (model.chunked_kl_divergence), as
+    the language-model loss is computed."""
 
     def __init__(self, student: Decoder, source: Decoder, loss: HealLoss = HEAL_LOSS):
         super().__init__()
@@ -603,18 +607,12 @@ class Distillation(nn.Module):
         # Evaluated (eval mode), it is the student: held-out loss is the student's own.
         if targets is None or self.loss == "lm" or not self.training:
             return self.student(idx, targets, reduction, starts=starts)
-        logits = self.student(idx, starts=starts)
+        source = self._source[0]
         with torch.no_grad():
-            teacher = self._source[0](idx, starts=starts).float()
-        kl = F.kl_div(
-            F.log_softmax(logits.float().reshape(-1, logits.size(-1)), dim=-1),
-            F.log_softmax(teacher.reshape(-1, teacher.size(-1)), dim=-1),
-            log_target=True,
-            reduction="batchmean",
-        )
-        if self.loss == "kl":
-            return kl
-        return kl + F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+            teacher_hidden = source.norm(source.forward_hidden(idx, starts=starts))  # (B, T, C)
+        # Through the student's own forward: sharded, it is the root that gathers its weights.
+        return self.student(idx, targets if self.loss == "kl+lm" else None, starts=starts,
+                            teacher=(teacher_hidden, source.lm_head.weight))
 
     def parameter_count(self) -> int:
         return self.student.parameter_count()

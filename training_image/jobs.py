@@ -8,7 +8,6 @@ what the job types share around them.
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import math
@@ -63,7 +62,7 @@ def run(root: Path) -> int:
         elif job.job_type == "evaluate":
             run_evaluate_job(job.settings, root, job.job_id)
         else:
-            run_contract_job(job.settings, root, job.job_id)
+            run_contract_job(job.settings, root, job.job_id, layout=job.layout)
         return 0
     except TrainingStopped as stop:
         runtime.log(str(stop))
@@ -162,10 +161,17 @@ def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, la
 
 
 def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
-                     log: Callable[[str], None] | None = None) -> ContractMetrics:
-    """Contract the model of the `model` channel on the `training` channel's text; write model/ and metrics."""
+                     log: Callable[[str], None] | None = None, layout: Layout | None = None) -> ContractMetrics:
+    """Contract the model of the `model` channel on the `training` channel's text; write model/ and metrics.
+
+    As the memory plan counts it (shared.memory.plan_contract): every rank holds the fp32 source
+    on its device to choose and cut, and builds the contracted model on the host; the source
+    then becomes the teacher, in the precision healing computes in, and the contracted model
+    (the student) heals as the layout says: replicated (DDP) or sharded (FSDP2), its micro-batch,
+    its activations recomputed or not."""
     # Metric lines from rank 0 only: SageMaker would count every rank's.
     log = log or (runtime.log if runtime.rank() == 0 else lambda line: None)
+    layout = layout or Layout()
     started = time.monotonic()
     source, tokenizer = _input_model(root)
     source_config = source.config
@@ -186,19 +192,24 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
     chosen = choose_blocks(influence, n_layers, source_config.ids())
     log("block influence: " + " ".join(f"{b}={influence[b]:.4f}" for b in source_config.ids()))
     log(f"contracting blocks {chosen} by {settings.contraction_ratio:g}")
-    model, config = contract_blocks(source, source_config, calibration, settings.contraction_ratio, chosen)
+    model, config = contract_blocks(source, source_config, calibration, settings.contraction_ratio, chosen, device="cpu")
     model, config = _agree_across_ranks(model, config)
+    bf16 = computes_in_bf16(device)
+    if bf16:  # the teacher from here on: forward passes only, in the precision healing computes in
+        source.to(torch.bfloat16).reset_buffers(device)  # its weights; the rotary tables stay fp32
+    model.to(device)
     pruned = _measure(log, "pruned", model, heldout_windows)
 
     healed, kept, cycles, tokens_processed, tokens_per_second = None, None, [], 0, 0.0
-    precision = "bf16" if computes_in_bf16(device) else "fp32"  # the healing's (the rest is fp32 forward passes)
+    precision = "bf16" if bf16 else "fp32"  # the healing's (the rest is fp32 forward passes)
     delivered = model
     if settings.train_steps > 0:
         # Healing with few tokens can do more harm than the pruning did (its noise outweighs a
         # small loss of fit); the pruned weights are delivered then. They are the same on a
-        # rerun, so a resumed job makes the same choice.
-        pruned_model = copy.deepcopy(model).cpu()
-        trainer = _healer(model, source, config, train_windows, heldout_windows, settings.train_steps, seq_len, root, job_id, log)
+        # rerun, so a resumed job makes the same choice. Kept on the host.
+        pruned_model = _host_copy(model)
+        trainer = _healer(model, source, config, train_windows, heldout_windows, settings.train_steps, seq_len, root,
+                          job_id, log, layout, device)
         trainer.resume()
         with trainer.stop_on_sigterm():
             state = trainer.run()
@@ -297,7 +308,8 @@ def _measure(log: Callable[[str], None], stage: str, model: Decoder, heldout_win
     return math.exp(loss)
 
 
-def _healer(model, source, config, train_windows, heldout_windows, steps, seq_len, root, job_id, log) -> Trainer:
+def _healer(model, source, config, train_windows, heldout_windows, steps, seq_len, root, job_id, log,
+            layout: Layout, device: torch.device) -> Trainer:
     plan = TrainPlan(turns=1, cycle_steps=[steps], lr=HEAL_LR, seq_len=seq_len,
                      batch_size=runtime.batch_size(config.parameters(), seq_len))
     model.train()
@@ -310,8 +322,23 @@ def _healer(model, source, config, train_windows, heldout_windows, steps, seq_le
         job_type="contract",
         checkpoint_dir=root / "checkpoints",
         progress_every=max(1, min(10, steps // 10)),
+        micro_batch=layout.micro_batch,
+        strategy=layout.strategy,
+        activation_checkpointing=layout.activation_checkpointing,
+        device=device,
         log=log if runtime.rank() == 0 else None,
     )
+
+
+def _host_copy(model: Decoder) -> Decoder:
+    """A copy of `model` in host memory, read from wherever it lies (never a second copy on the GPU)."""
+    with torch.device("meta"):
+        copy_ = Decoder(model.config)
+    copy_.load_state_dict({name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()},
+                          assign=True)
+    if model.config.tie_embeddings:
+        copy_.lm_head.weight = copy_.embed.weight
+    return copy_.reset_buffers()
 
 
 def _agree_across_ranks(model: Decoder, config: ModelConfig) -> tuple[Decoder, ModelConfig]:

@@ -246,11 +246,97 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         )
 
 
+def chunked_kl_divergence(
+    hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) of the next-token distributions: the student's
+    head `weight` (V, C) on `hidden` (..., C) against the teacher's `teacher_weight` on
+    `teacher_hidden` (no gradient to the teacher). F.kl_div(log_softmax(student logits),
+    log_softmax(teacher logits), log_target=True, reduction="batchmean") over the tokens, without
+    ever holding either model's logits of more than `chunk_tokens` tokens (by default the loss's
+    chunk, shared.memory.loss_chunk_tokens). Logits in the compute dtype, softmax in fp32."""
+    device = hidden.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else hidden.dtype
+    chunk = chunk_tokens or loss_chunk_tokens(weight.shape[0])
+    return _ChunkedKLDivergence.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach(),
+        teacher_weight.detach(), dtype, chunk,
+    )
+
+
+class _ChunkedKLDivergence(torch.autograd.Function):
+    """Keeps for the backward pass both models' hidden states and each token's two fp32
+    log-sum-exps, and computes both logits again there, chunk by chunk: d KL / d student logits
+    is softmax(student) - softmax(teacher), over the tokens."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, dtype, chunk):
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            ht, wt = teacher_hidden.to(dtype), teacher_weight.to(dtype)
+            lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+            teacher_lse = torch.empty_like(lse)
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            for start in range(0, h.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                s = (h[rows] @ w.t()).float()  # (chunk, V)
+                lse[rows] = torch.logsumexp(s, dim=-1)
+                s.sub_(lse[rows, None])  # log p_student
+                t = (ht[rows] @ wt.t()).float()
+                teacher_lse[rows] = torch.logsumexp(t, dim=-1)
+                t.sub_(teacher_lse[rows, None])  # log p_teacher
+                p = t.exp()
+                total += p.mul_(t.sub_(s)).sum()  # sum p_t (log p_t - log p_s)
+                del s, t, p
+        ctx.save_for_backward(hidden, weight, teacher_hidden, teacher_weight, lse, teacher_lse)
+        ctx.dtype, ctx.chunk = dtype, chunk
+        return total / max(1, h.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, teacher_hidden, teacher_weight, lse, teacher_lse = ctx.saved_tensors
+        dtype, chunk = ctx.dtype, ctx.chunk
+        scale = grad.float() / max(1, hidden.shape[0])
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            ht, wt = teacher_hidden.to(dtype), teacher_weight.to(dtype)
+            grad_h = torch.empty_like(h) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            for start in range(0, h.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                g = (h[rows] @ w.t()).float().sub_(lse[rows, None]).exp_()  # p_student
+                t = (ht[rows] @ wt.t()).float().sub_(teacher_lse[rows, None]).exp_()  # p_teacher
+                g = g.sub_(t).mul_(scale).to(dtype)
+                del t
+                if need_h:
+                    grad_h[rows] = g @ w
+                if need_w:
+                    if dtype == torch.float32:
+                        grad_w.addmm_(g.t(), h[rows])
+                    else:
+                        grad_w.add_(g.t() @ h[rows])
+                del g
+        return (
+            grad_h.to(hidden.dtype) if need_h else None,
+            grad_w.to(weight.dtype) if need_w else None,
+            None, None, None, None,
+        )
+
+
 class LMHead(nn.Linear):
     """The output head: the logits of hidden states or, given targets, the loss alone
-    (chunked_cross_entropy). A module's forward, so that FSDP gathers its weight around it."""
+    (chunked_cross_entropy); given a teacher's (final hidden states, head weight), the
+    distillation loss toward it (chunked_kl_divergence), plus the loss of any targets given. A
+    module's forward, so that FSDP gathers its weight around it."""
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
+                teacher: tuple[torch.Tensor, torch.Tensor] | None = None):
+        if teacher is not None:
+            kl = chunked_kl_divergence(hidden, self.weight, *teacher)
+            return kl if targets is None else kl + chunked_cross_entropy(hidden, self.weight, targets, reduction)
         if targets is None:
             return super().forward(hidden)
         return chunked_cross_entropy(hidden, self.weight, targets, reduction)
@@ -359,11 +445,12 @@ class Decoder(nn.Module):
         return self.rope_cos[positions], self.rope_sin[positions], mask[:, None]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
-                starts: torch.Tensor | None = None):
+                starts: torch.Tensor | None = None, teacher: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Logits (B, T, vocab); with targets (B, T), the next-token cross-entropy instead (mean,
         or sum, over the targets that are not IGNORE_INDEX, -100; a batch with none that count has
-        loss 0), computed without the logits. starts: see forward_hidden."""
-        return self.lm_head(self.norm(self.forward_hidden(idx, starts=starts)), targets, reduction)
+        loss 0), computed without the logits. starts: see forward_hidden. teacher: (its final
+        hidden states, its head's weight): the distillation loss toward it (LMHead)."""
+        return self.lm_head(self.norm(self.forward_hidden(idx, starts=starts)), targets, reduction, teacher=teacher)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -56,11 +56,16 @@ def wrap(
     rank then never holds more of the model than its shard, on the host or on the device.
     `bf16`: a sharded model's compute precision (mixed_precision).
 
-    `compile`: each block compiled (compile_blocks), before it is sharded."""
+    `compile`: each block compiled (compile_blocks), before it is sharded.
+
+    `model` may also be a module that trains a Decoder it holds as `student` (a contract job's
+    distillation): its blocks are the ones recomputed, compiled and sharded; its frozen teacher
+    lies outside the module tree and stays as it is."""
+    decoder = trained_decoder(model)
     if activation_checkpointing:
-        checkpoint_blocks(model)
+        checkpoint_blocks(decoder)
     if compile:
-        compile_blocks(model)
+        compile_blocks(decoder)
     if shards(strategy, world_size):
         network = shard(model, device, bf16)
         if materialize is not None:
@@ -171,26 +176,33 @@ def mixed_precision(device: torch.device, bf16: bool | None = None) -> MixedPrec
     return MixedPrecisionPolicy()
 
 
+def trained_decoder(model: nn.Module) -> Decoder:
+    """The Decoder `model` trains: itself, or the `student` of a distillation."""
+    return getattr(model, "student", model)
+
+
 def shard(model: Decoder, device: torch.device, bf16: bool | None = None) -> nn.Module:
-    """FSDP2 over all ranks, unit by unit (blocks, embeddings, norm and head), then the root."""
+    """FSDP2 over all ranks, unit by unit (blocks, embeddings, norm and head), then the root: the
+    Decoder (a distillation's student: the module around it is no unit and holds no weight)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = mixed_precision(device, bf16)
-    for block in model.blocks.values():
+    decoder = trained_decoder(model)
+    for block in decoder.blocks.values():
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    if not model.config.tie_embeddings:  # a tied weight must live in one unit: the root's
-        fully_shard(model.embed, mesh=mesh, mp_policy=policy)
+    if not decoder.config.tie_embeddings:  # a tied weight must live in one unit: the root's
+        fully_shard(decoder.embed, mesh=mesh, mp_policy=policy)
         # The head runs last in the forward and first in the backward: gathering it again at
         # once would be wasted, so it stays gathered between the two.
-        fully_shard([model.norm, model.lm_head], mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard([decoder.norm, decoder.lm_head], mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(decoder, mesh=mesh, mp_policy=policy)
     # Non-persistent buffers (the rotary tables) are the root's; fully_shard moved them.
     return model
 
 
 def is_sharded(network: nn.Module) -> bool:
-    return isinstance(network, FSDPModule)
+    return isinstance(trained_decoder(network), FSDPModule)
 
 
 def accumulating(network: nn.Module, last: bool, defer_gradient_sync: bool = False):

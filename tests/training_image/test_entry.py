@@ -131,12 +131,16 @@ def test_nan_loss_fails_the_job_with_a_clear_reason(ml_root, monkeypatch, tokeni
 
 def test_contract_jobs_go_to_the_contract_job(ml_root, monkeypatch):
     calls = []
-    monkeypatch.setattr(jobs, "run_contract_job", lambda settings, root, job_id: calls.append((settings, root, job_id)))
-    write_hyperparameters(ml_root, job_type="contract", job_id="job-9", source_model_id="m-1", contraction_ratio="0.25")
+    monkeypatch.setattr(jobs, "run_contract_job",
+                        lambda settings, root, job_id, layout: calls.append((settings, root, job_id, layout)))
+    # The layout the memory plan chose for the contract job reaches it, as a train job's does.
+    write_hyperparameters(ml_root, job_type="contract", job_id="job-9", source_model_id="m-1", contraction_ratio="0.25",
+                          strategy="fsdp", micro_batch="2")
     assert _run(ml_root, monkeypatch) == 0
-    [(settings, root, job_id)] = calls
+    [(settings, root, job_id, layout)] = calls
     assert settings == ContractSettings(source_model_id="m-1", contraction_ratio=0.25)
     assert (root, job_id) == (ml_root, "job-9")
+    assert layout == Layout(strategy="fsdp", micro_batch=2)
 
 
 def test_torchrun_ranks_come_from_resourceconfig(tmp_path, monkeypatch):
