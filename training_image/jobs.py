@@ -53,6 +53,7 @@ EXIT_STOPPED = 128 + 15
 
 def run(root: Path) -> int:
     """Run the job hyperparameters.json describes; the process's exit status."""
+    completed = False
     try:
         precision_setting()  # a bad FUSION_PRECISION fails the job before any work, naming itself
         runtime.init_distributed()
@@ -63,6 +64,7 @@ def run(root: Path) -> int:
             run_evaluate_job(job.settings, root, job.job_id)
         else:
             run_contract_job(job.settings, root, job.job_id, layout=job.layout)
+        completed = True
         return 0
     except TrainingStopped as stop:
         runtime.log(str(stop))
@@ -76,8 +78,7 @@ def run(root: Path) -> int:
         runtime.write_failure(root, error)
         return 1
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        parallel.leave(completed)
 
 
 def run_train_job(settings: TrainSettings, root: Path, job_id: str, log=None, layout: Layout | None = None) -> TrainMetrics:

@@ -254,3 +254,15 @@ def full_model(model: Decoder) -> Decoder | None:
     if model.config.tie_embeddings:
         whole.lm_head.weight = whole.embed.weight
     return whole.reset_buffers()
+
+
+def leave(completed: bool) -> None:
+    """Leave the process group. After a completed job every rank first waits for the others (rank 0
+    may still be writing the outputs): a rank that tore its group down alone, with its peers' gloo
+    connections and the store still open, was seen to abort at exit. After a failure the ranks
+    leave as they are: a peer may be gone, and waiting for it would hang."""
+    if not dist.is_initialized():
+        return
+    if completed:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -86,10 +86,12 @@ def _worker(rank: int, world_size: int, port: int, root, tokenizer_file: str) ->
     torch.set_num_threads(1)
     os.environ["LOCAL_RANK"] = str(rank)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    completed = False
     try:
         _outputs(root, tokenizer_file)
+        completed = True
     finally:
-        dist.destroy_process_group()
+        parallel.leave(completed)
 
 
 def test_a_sharded_run_at_two_ranks_writes_the_tensors_of_one_process(tmp_path, tokenizer):
