@@ -137,12 +137,12 @@ def _channel(name: str, uri: str) -> dict[str, Any]:
 NO_SUCH_TRAINING_JOB = ("ResourceNotFound", "ValidationException")
 
 
-def _training_job_call(call: Any, name: str) -> bool:
-    """Make one SageMaker call on a training job; False when SageMaker has no such job."""
+def sagemaker_call(call: Any, **params: str) -> bool:
+    """Make one SageMaker call on a training or tuning job; False when SageMaker has no such job."""
     from botocore.exceptions import ClientError
 
     try:
-        call(TrainingJobName=name)
+        call(**params)
     except ClientError as exc:
         if exc.response["Error"].get("Code") in NO_SUCH_TRAINING_JOB:
             return False
@@ -151,10 +151,10 @@ def _training_job_call(call: Any, name: str) -> bool:
 
 
 def training_job_exists(sagemaker: Any, name: str) -> bool:
-    return _training_job_call(sagemaker.describe_training_job, name)
+    return sagemaker_call(sagemaker.describe_training_job, TrainingJobName=name)
 
 
 def stop_training_job(sagemaker: Any, name: str) -> bool:
     """Ask SageMaker to stop a training job; False when there is none running to stop (not yet
     created, or already ended: its own end event settles the job)."""
-    return _training_job_call(sagemaker.stop_training_job, name)
+    return sagemaker_call(sagemaker.stop_training_job, TrainingJobName=name)

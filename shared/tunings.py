@@ -54,6 +54,7 @@ from shared.training_jobs import (
     input_channels,
     job_id_of,
     job_tags,
+    sagemaker_call,
     training_job_name,
 )
 
@@ -308,25 +309,13 @@ def trials_prefix(artifacts_bucket: str, tuning_id: str) -> str:
     return f"s3://{artifacts_bucket}/jobs/{tuning_id}/trials/"
 
 
-def _tuning_call(call: Any, name: str) -> bool:
-    from botocore.exceptions import ClientError
-
-    try:
-        call(HyperParameterTuningJobName=name)
-    except ClientError as exc:
-        if exc.response["Error"].get("Code") in NO_SUCH_TRAINING_JOB:
-            return False
-        raise
-    return True
-
-
 def tuning_job_exists(sagemaker: Any, name: str) -> bool:
-    return _tuning_call(sagemaker.describe_hyper_parameter_tuning_job, name)
+    return sagemaker_call(sagemaker.describe_hyper_parameter_tuning_job, HyperParameterTuningJobName=name)
 
 
 def stop_tuning_job(sagemaker: Any, name: str) -> bool:
     """Ask the tuner to stop (its running trials stop with it); False when there is none to stop."""
-    return _tuning_call(sagemaker.stop_hyper_parameter_tuning_job, name)
+    return sagemaker_call(sagemaker.stop_hyper_parameter_tuning_job, HyperParameterTuningJobName=name)
 
 
 # --- following the tuner ------------------------------------------------------------------------
