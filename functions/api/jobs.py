@@ -31,10 +31,11 @@ def public(job: dict[str, Any]) -> Job:
     return Job.model_validate(job)
 
 
-def _resolve(request: Any) -> dict[str, Any]:
+def resolve_request(request: Any, owner: str) -> dict[str, Any]:
+    """Admission's check and price of `owner`'s job request (nothing stored)."""
     return resolve(
         request,
-        context.tenant(router),
+        owner,
         catalog=context.catalog(),
         datasets=context.datasets(),
         data_bucket=context.env("DATA_BUCKET"),
@@ -51,7 +52,7 @@ def _quote(job: dict[str, Any]) -> dict[str, Any]:
              "whether the caller's remaining budget lets it run (allowed_to_proceed).",
              responses=context.responses({200: ("The estimate", Quote)}, 415))
 def estimate_job(request: Annotated[JobRequest, Body()]) -> Quote:
-    return _quote(_resolve(request))
+    return _quote(resolve_request(request, context.tenant(router)))
 
 
 @router.post("/jobs", summary="Create a job",
@@ -70,7 +71,7 @@ def create_job(
         description="Any unique string (e.g. a UUID): retries with it never create a second job.")] = None,
 ) -> Response[Job | Quote]:
     if dry_run:
-        return _json(200, _quote(_resolve(request)))
+        return _json(200, _quote(resolve_request(request, context.tenant(router))))
     if idempotency_key is None:
         return _json(201, _create(request))
     from functions.api import idempotency
@@ -113,12 +114,17 @@ def get_job(job_id: Annotated[str, Path(max_length=64)]) -> Job:
              "the tokens it trained. Repeating it is harmless; a job that already ended is a 409.",
              responses=context.responses({200: ("The job, cancelled or cancelling", Job)}, 409, 503))
 def cancel_job(job_id: Annotated[str, Path(max_length=64)]) -> Job:
-    job = cancel(job_id, context.tenant(router), jobs=context.jobs(), sagemaker=context.client("sagemaker"))
+    return public(cancel_and_announce(job_id, context.tenant(router)))
+
+
+def cancel_and_announce(job_id: str, owner: str) -> dict[str, Any]:
+    """Cancel a job or a tuning of `owner` and publish its new state; the stored record."""
+    job = cancel(job_id, owner, jobs=context.jobs(), sagemaker=context.client("sagemaker"))
     try:
         job = announce(job, jobs=context.jobs(), bus=context.bus())
     except Exception:  # the cancel stands; the next state change publishes what this could not
         logger.warning("cancel not published", extra={"job_id": job_id}, exc_info=True)
-    return public(job)
+    return job
 
 
 @router.get("/jobs/<job_id>/metrics", summary="A job's training curve",

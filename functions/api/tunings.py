@@ -12,11 +12,10 @@ from aws_lambda_powertools.event_handler.api_gateway import Router
 from aws_lambda_powertools.event_handler.openapi.params import Body, Header, Path, Query
 
 from functions.api import context
-from shared.admission import admit, resolve
+from functions.api.jobs import cancel_and_announce, resolve_request
+from shared.admission import admit
 from shared.budgets import budget_of, quote
-from shared.cancelling import cancel
 from shared.errors import JobError
-from shared.events import announce
 from shared.responses import Job, Tuning, TuningList, TuningQuote
 from shared.telemetry import job_refused
 from shared.tunings import PromoteRequest, TuningRequest, get_tuning, promotion, ranked_table, resolve_tuning
@@ -102,12 +101,7 @@ def get(tuning_id: Annotated[str, Path(max_length=64)]) -> Tuning:
 def cancel_tuning(tuning_id: Annotated[str, Path(max_length=64)]) -> Tuning:
     owner = context.tenant(router)
     get_tuning(context.jobs(), tuning_id, owner)
-    job = cancel(tuning_id, owner, jobs=context.jobs(), sagemaker=context.client("sagemaker"))
-    try:
-        job = announce(job, jobs=context.jobs(), bus=context.bus())
-    except Exception:  # the cancel stands; the next state change publishes what this could not
-        logger.warning("cancel not published", extra={"job_id": tuning_id}, exc_info=True)
-    return public(job)
+    return public(cancel_and_announce(tuning_id, owner))
 
 
 @router.post("/tunings/<tuning_id>/promote", summary="Promote a trial to a train job",
@@ -126,8 +120,7 @@ def promote(
 
     def create() -> dict[str, Any]:
         try:
-            job = resolve(as_job, owner, catalog=context.catalog(), datasets=context.datasets(),
-                          data_bucket=context.env("DATA_BUCKET"), s3=context.objects())
+            job = resolve_request(as_job, owner)
         except JobError:
             job_refused()
             raise
