@@ -66,3 +66,15 @@ def english_windows(tokenizer: Tokenizer, seq_len: int, train: list[str], heldou
     train_windows, _ = token_windows(tokenizer, train, seq_len, heldout_fraction=0)
     heldout_windows, _ = token_windows(tokenizer, heldout, seq_len, heldout_fraction=0)
     return train_windows, heldout_windows
+
+
+def english_corpus(vocab_size: int, seq_len: int, heldout_windows: int) -> tuple[Tokenizer, torch.Tensor, torch.Tensor]:
+    """A tokenizer trained on the training files, their windows, and a seeded sample of
+    `heldout_windows` held-out windows: the same data for every run of a bench."""
+    from training_image.tokenizer import train_tokenizer
+
+    train_texts, heldout_texts = english_texts()
+    tokenizer = train_tokenizer(train_texts, vocab_size)
+    train, heldout = english_windows(tokenizer, seq_len, train_texts, heldout_texts)
+    sample = torch.randperm(len(heldout), generator=torch.Generator().manual_seed(0))[:heldout_windows]
+    return tokenizer, train, heldout[sample]

@@ -28,12 +28,11 @@ import time
 
 import torch
 
-from corpus import english_texts, english_windows
+from corpus import english_corpus
 from shared.shapes import SIZES
 from training_image.evaluate import perplexity
 from training_image.growth import grow
 from training_image.model import Decoder
-from training_image.tokenizer import train_tokenizer
 from training_image.train import ADAM_BETAS, GRAD_CLIP, MIN_LR_RATIO, Trainer, TrainPlan, autocast_dtype
 
 GOAL_RATIO, GOAL_PRECISION = 1.02, 0.01
@@ -87,10 +86,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     config = SIZES[args.size]
-    train_texts, heldout_texts = english_texts()
-    tokenizer = train_tokenizer(train_texts, config.vocab_size)
-    train, heldout = english_windows(tokenizer, args.seq_len, train_texts, heldout_texts)
-    heldout = heldout[torch.randperm(len(heldout), generator=torch.Generator().manual_seed(0))[: args.heldout]]
+    tokenizer, train, heldout = english_corpus(config.vocab_size, args.seq_len, args.heldout)
     base = Decoder(config).init_weights(0)
     grown, _ = grow(base, config)
     print(f"corpus: {len(train_texts)} train files ({len(train):,} windows), {len(heldout_texts)} held-out files "

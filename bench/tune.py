@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from corpus import english_texts, english_windows  # noqa: E402
+from corpus import english_corpus  # noqa: E402
 
 from local.tuner import draws  # noqa: E402
 from shared.pricing import bill, estimate_train  # noqa: E402
@@ -51,7 +51,6 @@ from shared.shapes import SIZES  # noqa: E402
 from shared.tunings import IntRange, LogRange, TuningRequest, price, trial_settings  # noqa: E402
 from training_image.growth import grow  # noqa: E402
 from training_image.model import Decoder  # noqa: E402
-from training_image.tokenizer import train_tokenizer  # noqa: E402
 from training_image.train import Trainer, TrainPlan  # noqa: E402
 
 GOAL_SHARE = Decimal("0.25")
@@ -89,10 +88,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     config = SIZES[args.size]
-    train_texts, heldout_texts = english_texts()
-    tokenizer = train_tokenizer(train_texts, config.vocab_size)
-    train, heldout = english_windows(tokenizer, args.seq_len, train_texts, heldout_texts)
-    heldout = heldout[torch.randperm(len(heldout), generator=torch.Generator().manual_seed(0))[: args.heldout]]
+    tokenizer, train, heldout = english_corpus(config.vocab_size, args.seq_len, args.heldout)
     base = Decoder(config).init_weights(args.seed)
     low, high = (float(x) for x in args.lr.split(":"))
     default = TrainSettings(cycles=args.cycles, steps_per_cycle=args.steps_per_cycle, seq_len=args.seq_len)
