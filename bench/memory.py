@@ -128,6 +128,25 @@ def _materialised_loss(hidden, weight, targets):
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 
+def _loss_peaks(cases, start: torch.Tensor, weight: torch.Tensor, *rest: torch.Tensor) -> list[int]:
+    """Each (name, loss(hidden, weight, *rest)) case's forward + backward peak from the same
+    hidden states, printed as a table row with its loss; the peaks in order."""
+    peaks = []
+    for name, fn in cases:
+        hidden = start.clone().requires_grad_()
+        weight.grad = torch.zeros_like(weight)  # the gradient's own storage is not the loss's
+        out = {}
+
+        def run():
+            loss = fn(hidden, weight, *rest)
+            loss.backward()
+            out["loss"] = loss.item()
+
+        peaks.append(peak_bytes(run))
+        print(f"| {name} | {peaks[-1] / MIB:.0f} | {out['loss']:.6f} |")
+    return peaks
+
+
 def part_loss(tokens: int, dim: int, vocab: int) -> None:
     torch.manual_seed(0)
     weight = (torch.randn(vocab, dim) * 0.02).requires_grad_()
@@ -136,21 +155,8 @@ def part_loss(tokens: int, dim: int, vocab: int) -> None:
     print(f"\n## The loss's peak, {tokens} tokens, dim {dim}, vocabulary {vocab:,}, fp32 (MiB above the inputs)")
     print("| loss | forward + backward peak | loss |")
     print("|---|---|---|")
-    results = {}
-    start = torch.randn(tokens, dim)
-    for name, fn in (("logits materialised (before)", _materialised_loss), ("chunked (after)", chunked_cross_entropy)):
-        hidden = start.clone().requires_grad_()
-        weight.grad = torch.zeros_like(weight)  # the gradient's own storage is not the loss's
-        out = {}
-
-        def run():
-            loss = fn(hidden, weight, targets)
-            loss.backward()
-            out["loss"] = loss.item()
-
-        results[name] = peak_bytes(run)
-        print(f"| {name} | {results[name] / MIB:.0f} | {out['loss']:.6f} |")
-    before, after = results.values()
+    before, after = _loss_peaks((("logits materialised (before)", _materialised_loss),
+                                 ("chunked (after)", chunked_cross_entropy)), torch.randn(tokens, dim), weight, targets)
     print(f"ratio before/after: {before / after:.1f}x; the plan's loss peak for it (fp32): "
           f"{logits_peak_bytes(config, tokens, compute_bytes=4) / MIB:.0f} MiB (the weight gradient's "
           f"fp32 sum included; here it lands in weight.grad's transient)")
@@ -205,22 +211,9 @@ def part_distill(tokens: int, dim: int, vocab: int) -> None:
     print(f"\n## The distillation loss's peak, {tokens} tokens, dim {dim}, vocabulary {vocab:,}, fp32 (MiB above the inputs)")
     print("| loss | forward + backward peak | loss |")
     print("|---|---|---|")
-    results = {}
-    start = torch.randn(tokens, dim)
-    for name, fn in (("logits materialised (before)", _materialised_distillation),
-                     ("chunked (after)", chunked_kl_divergence)):
-        hidden = start.clone().requires_grad_()
-        weight.grad = torch.zeros_like(weight)
-        out = {}
-
-        def run():
-            loss = fn(hidden, weight, teacher_hidden, teacher_weight)
-            loss.backward()
-            out["loss"] = loss.item()
-
-        results[name] = peak_bytes(run)
-        print(f"| {name} | {results[name] / MIB:.0f} | {out['loss']:.6f} |")
-    before, after = results.values()
+    before, after = _loss_peaks((("logits materialised (before)", _materialised_distillation),
+                                 ("chunked (after)", chunked_kl_divergence)),
+                                torch.randn(tokens, dim), weight, teacher_hidden, teacher_weight)
     print(f"ratio before/after: {before / after:.1f}x; the plan's distillation peak for it (fp32): "
           f"{distillation_peak_bytes(config, tokens, compute_bytes=4) / MIB:.0f} MiB")
 
