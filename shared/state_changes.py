@@ -246,6 +246,15 @@ def fail_unlaunched(job_id: str, *, jobs: Jobs, bus: Any, at: datetime) -> dict[
     return job
 
 
+def not_in_sagemaker(job: dict[str, Any], summary: dict[str, Any], *, jobs: Jobs, bus: Any, at: datetime) -> None:
+    """A reconciler pass's answer to a job (or tuning) SageMaker has no record of: failed when it
+    has been launching too long (fail_unlaunched), else counted as not created yet."""
+    if job["status"] == "launching" and fail_unlaunched(job["job_id"], jobs=jobs, bus=bus, at=at):
+        summary["unlaunched"].append(job["job_id"])
+    else:
+        summary["not_created"] += 1  # still launching: the launch queue holds its message
+
+
 def reconcile_in_flight(*, jobs: Jobs, catalog: Catalog, s3: Any, sagemaker: Any, bus: Any,
                         artifacts_bucket: str, at: datetime | None = None) -> dict[str, Any]:
     """One pass of the reconciler over the jobs in flight: each compared with DescribeTrainingJob and,
@@ -273,10 +282,7 @@ def reconcile_in_flight(*, jobs: Jobs, catalog: Catalog, s3: Any, sagemaker: Any
             outcome = follow(detail, jobs=jobs, catalog=catalog, s3=s3, bus=bus, artifacts_bucket=artifacts_bucket)
         except ClientError as exc:
             if exc.response["Error"].get("Code") in NO_SUCH_TRAINING_JOB:
-                if job["status"] == "launching" and fail_unlaunched(job["job_id"], jobs=jobs, bus=bus, at=at):
-                    summary["unlaunched"].append(job["job_id"])
-                else:
-                    summary["not_created"] += 1  # still launching: the launch queue holds its message
+                not_in_sagemaker(job, summary, jobs=jobs, bus=bus, at=at)
                 continue
             summary["errors"] += 1
             logger.warning("job not reconciled", extra={"job_id": job["job_id"]}, exc_info=True)

@@ -466,7 +466,7 @@ def reconcile_tunings(*, jobs: Jobs, sagemaker: Any, s3: Any, bus: Any, artifact
     summary has the keys of shared.state_changes.reconcile_in_flight's."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from shared.state_changes import fail_unlaunched
+    from shared.state_changes import not_in_sagemaker
 
     at = at or datetime.now(timezone.utc)
     summary = {"checked": 0, "moved": [], "not_created": 0, "errors": 0, "unlaunched": []}
@@ -485,10 +485,7 @@ def reconcile_tunings(*, jobs: Jobs, sagemaker: Any, s3: Any, bus: Any, artifact
                                     artifacts_bucket=artifacts_bucket)
         except ClientError as exc:
             if exc.response["Error"].get("Code") in NO_SUCH_TRAINING_JOB:
-                if item["status"] == "launching" and fail_unlaunched(item["job_id"], jobs=jobs, bus=bus, at=at):
-                    summary["unlaunched"].append(item["job_id"])
-                else:
-                    summary["not_created"] += 1  # still launching: the launch queue holds its message
+                not_in_sagemaker(item, summary, jobs=jobs, bus=bus, at=at)
             else:
                 summary["errors"] += 1
             continue
