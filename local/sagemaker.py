@@ -5,7 +5,9 @@ the one it makes in AWS. Each job gets a directory laid out as SageMaker lays ou
 (hyperparameters.json, resourceconfig.json, input/data/<channel> pulled from S3, checkpoints/),
 the training image's `train` entry point runs on it with FUSION_ML_ROOT pointing there,
 checkpoints/ is synced to the CheckpointConfig URI while it runs, and on exit model/ and
-output/data are uploaded as model.tar.gz and output.tar.gz. Each status change is handed to
+output/data are uploaded as SageMaker does under OutputDataConfig.CompressionType: with NONE, file
+by file under <output>/model/ and <output>/data/ (the model artifact is the prefix model/); with
+GZIP (the default), as model.tar.gz and output.tar.gz. Each status change is handed to
 `deliver` as the EventBridge event "SageMaker Training Job State Change". Hyperparameter tuning
 jobs run their trials as such training jobs (local.tuner).
 """
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from local.aws import LOCAL_ACCOUNT, ApiError
+from shared.outputs import job_output_uri, model_uri
 
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 GIB = 1 << 30
@@ -39,6 +42,7 @@ GIB = 1 << 30
 # part. Measured: grown `small` (145M parameters, 16 x 256 a step) peaked near 10 GB.
 CPU_MEMORY_FACTOR, CPU_MEMORY_BASE = 1.6, GIB // 2
 SYNC_SECONDS = 1.0
+COMPRESSION_TYPES = ("GZIP", "NONE")  # OutputDataConfig.CompressionType
 END_STATES = ("Completed", "Failed", "Stopped")
 
 
@@ -77,7 +81,10 @@ class TrainingJob:
         self.thread: threading.Thread | None = None
 
     def output_prefix(self) -> str:
-        return self.request["OutputDataConfig"]["S3OutputPath"].rstrip("/") + f"/{self.name}/output/"
+        return job_output_uri(self.request["OutputDataConfig"]["S3OutputPath"], self.name)
+
+    def compression(self) -> str:
+        return self.request["OutputDataConfig"].get("CompressionType", "GZIP")
 
     def describe(self) -> dict[str, Any]:
         r = self.request
@@ -95,7 +102,8 @@ class TrainingJob:
             "StoppingCondition": r["StoppingCondition"],
             "CreationTime": _epoch(self.created),
             "LastModifiedTime": _epoch(self.modified),
-            "ModelArtifacts": {"S3ModelArtifacts": self.model_uri or self.output_prefix() + "model.tar.gz"},
+            "ModelArtifacts": {"S3ModelArtifacts": self.model_uri or model_uri(
+                self.request["OutputDataConfig"]["S3OutputPath"], self.name, self.compression())},
         }
         for key in ("CheckpointConfig", "Environment", "EnableManagedSpotTraining", "EnableNetworkIsolation",
                     "RetryStrategy"):
@@ -177,6 +185,10 @@ class LocalSageMaker:
             if required not in request:
                 raise ApiError("ValidationException", f"1 validation error detected: Value null at '{required}' "
                                "failed to satisfy constraint: Member must not be null")
+        compression = request["OutputDataConfig"].get("CompressionType", "GZIP")
+        if compression not in COMPRESSION_TYPES:
+            raise ApiError("ValidationException", f"Value '{compression}' at 'outputDataConfig.compressionType' failed "
+                           f"to satisfy constraint: Member must satisfy enum value set: [{', '.join(COMPRESSION_TYPES)}]")
         name = request["TrainingJobName"]
         if not NAME_PATTERN.match(name):
             raise ApiError("ValidationException", f"Value '{name}' at 'trainingJobName' failed to satisfy constraint: "
@@ -442,10 +454,24 @@ class LocalSageMaker:
 
     def _upload_outputs(self, job: TrainingJob, root: Path, *, with_model: bool) -> None:
         bucket, prefix = _split_s3(job.output_prefix())
+        packed = job.compression() != "NONE"
         if with_model and any((root / "model").iterdir()):
-            self._upload_tar(root / "model", bucket, prefix + "model.tar.gz")
-            job.model_uri = f"s3://{bucket}/{prefix}model.tar.gz"
-        self._upload_tar(root / "output/data", bucket, prefix + "output.tar.gz")
+            uri = model_uri(job.request["OutputDataConfig"]["S3OutputPath"], job.name, job.compression())
+            if packed:
+                self._upload_tar(root / "model", bucket, _split_s3(uri)[1])
+            else:
+                self._upload_files(root / "model", bucket, _split_s3(uri)[1])
+            job.model_uri = uri
+        if packed:
+            self._upload_tar(root / "output/data", bucket, prefix + "output.tar.gz")
+        else:
+            self._upload_files(root / "output/data", bucket, prefix + "data/")
+
+    def _upload_files(self, folder: Path, bucket: str, prefix: str) -> None:
+        """Every file under `folder` as an object under `prefix`, its relative path kept."""
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                self.s3.upload_file(str(path), bucket, prefix + path.relative_to(folder).as_posix())
 
     def _upload_tar(self, folder: Path, bucket: str, key: str) -> None:
         archive = folder.parent / (key.rsplit("/", 1)[-1])
@@ -573,8 +599,11 @@ def job_memory_bytes(root: Path) -> int:
         return CPU_MEMORY_BASE
     if config is None:
         return CPU_MEMORY_BASE
-    config = ModelConfig.model_validate_json(config) if hyper.get("job_type") != "train" else grown_config(
-        ModelConfig.model_validate_json(config))
+    try:
+        config = ModelConfig.model_validate_json(config)
+    except ValueError:  # not our config's shape: the trainer says what is wrong with it
+        return CPU_MEMORY_BASE
+    config = config if hyper.get("job_type") != "train" else grown_config(config)
     seq_len = int(hyper.get("seq_len") or 256)
     micro_batch = int(hyper.get("micro_batch") or batch_size_for(config.parameters(), seq_len))
     plan = bytes_per_gpu(config, seq_len=seq_len, micro_batch=micro_batch, strategy="ddp", world_size=1,

@@ -4,7 +4,7 @@
   container reads back from hyperparameters.json (every value a string in transit).
 - `Progress`: checkpoints/progress.json, the trainer's latest point, rewritten as it trains.
 - `LogRecord`: one line of checkpoints/metrics.jsonl, the trainer's curve, appended as it trains.
-- `Metrics`: metrics.json, the outcome of a finished job (in model/ and in output.tar.gz).
+- `Metrics`: metrics.json (METRICS_FILE), the outcome of a finished job (in model/ and in output/data/).
 
 The container writes each through its model and the functions read each through the same one,
 so a field the writer drops or retypes fails the reader's validation, by name, instead of
@@ -28,6 +28,8 @@ from shared.settings import (
     to_hyperparameters,
 )
 from shared.shapes import ModelConfig
+
+METRICS_FILE = "metrics.json"  # a finished job's Metrics, in its model directory and output/data/
 
 JobType = Literal["train", "contract", "evaluate"]
 # Written by one side and read by the other: nothing unknown, nothing coerced (a JSON true is no count).

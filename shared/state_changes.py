@@ -16,7 +16,7 @@ from aws_lambda_powertools import Logger
 from shared.contracts import EvaluateMetrics, HeldOut, Metrics
 from shared.events import announce
 from shared.lifecycle import END_STATUSES, NO_CHARGE, UNLAUNCHED_STATUSES, is_tuning
-from shared.outputs import keep_metrics_log, read_metrics, read_progress
+from shared.outputs import keep_metrics_log, model_prefix, model_uri, read_metrics, read_progress
 from shared.pricing import Estimate, bill
 from shared.store import Catalog, ConditionFailed, Jobs, json_column, missing_object, now
 from shared.telemetry import job_ended
@@ -145,8 +145,8 @@ def record_state_change(
         # Read only where the launch told SageMaker to write: an artifact named anywhere else (another
         # bucket, another job's prefix) is not this job's, and its metrics are not to be trusted.
         own = f"s3://{artifacts_bucket}/jobs/{job_id}/"
-        artifact_uri = given if isinstance(given, str) and given.startswith(own) else (
-            f"{own}output/{training_job_name(job_id)}/output/model.tar.gz"
+        artifact_uri = model_prefix(given) if isinstance(given, str) and given.startswith(own) else (
+            model_uri(f"{own}output/", training_job_name(job_id))
         )
         unreadable = _unreadable_metrics()
         try:

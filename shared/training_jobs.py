@@ -9,7 +9,7 @@ from typing import Any
 
 from shared.contracts import PRECISION_ENV, PRECISIONS, Hyperparameters, Precision
 from shared.lifecycle import JOB_ID_PATTERN
-from shared.outputs import checkpoint_prefix
+from shared.outputs import OUTPUT_COMPRESSION, checkpoint_prefix
 from shared.pricing import Estimate
 from shared.settings import SETTINGS_BY_TYPE, JobSettings
 
@@ -78,7 +78,7 @@ def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str,
         "RoleArn": config.role_arn,
         "Environment": {PRECISION_ENV: config.precision},
         "InputDataConfig": input_channels(job),
-        "OutputDataConfig": {"S3OutputPath": f"{prefix}/output/"},
+        "OutputDataConfig": output_config(f"{prefix}/output/"),
         # Outside jobs/: a lifecycle rule expires checkpoints (shared.outputs.CHECKPOINT_RETENTION_DAYS).
         "CheckpointConfig": {"S3Uri": f"s3://{config.artifacts_bucket}/{checkpoint_prefix(job_id)}",
                              "LocalPath": "/opt/ml/checkpoints"},
@@ -92,6 +92,12 @@ def training_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str,
         "EnableNetworkIsolation": NETWORK_ISOLATION,
         "Tags": job_tags(job_id, job["owner"], config),
     }
+
+
+def output_config(output_path: str) -> dict[str, str]:
+    """OutputDataConfig of a job or a tuning's trials: the model uploaded uncompressed, file by file
+    (shared.outputs.model_uri says where)."""
+    return {"S3OutputPath": output_path, "CompressionType": OUTPUT_COMPRESSION}
 
 
 # The container reads its channels and writes /opt/ml; SageMaker moves the data. It makes no network

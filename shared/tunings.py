@@ -54,6 +54,7 @@ from shared.training_jobs import (
     input_channels,
     job_id_of,
     job_tags,
+    output_config,
     sagemaker_call,
     training_job_name,
 )
@@ -293,7 +294,7 @@ def tuning_job_request(job: dict[str, Any], config: LaunchConfig) -> dict[str, A
             "InputDataConfig": input_channels(job),
             # Each trial writes under <path>/<its training job name>/output/. No CheckpointConfig: trials
             # sharing one would resume from each other's checkpoints; a short proxy restarts instead.
-            "OutputDataConfig": {"S3OutputPath": trials_prefix(config.artifacts_bucket, tuning_id)},
+            "OutputDataConfig": output_config(trials_prefix(config.artifacts_bucket, tuning_id)),
             "ResourceConfig": {"InstanceType": estimate.instance_type, "InstanceCount": estimate.instance_count,
                                "VolumeSizeInGB": config.volume_size_gb},
             "StoppingCondition": {"MaxRuntimeInSeconds": estimate.max_runtime_seconds},
@@ -381,10 +382,10 @@ def rank(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _curve(s3: Any, bucket: str, tuning_id: str, trial: str) -> list[float] | None:
     """A completed trial's held-out perplexity at each cycle's end, from its metrics.json."""
-    from shared.outputs import read_metrics
+    from shared.outputs import model_uri, read_metrics
 
     try:
-        metrics = read_metrics(s3, f"{trials_prefix(bucket, tuning_id)}{trial}/output/model.tar.gz")
+        metrics = read_metrics(s3, model_uri(trials_prefix(bucket, tuning_id), trial))
     except Exception:  # a curve is shown when it can be read; the ranking and the bill do not need it
         return None
     return [c.perplexity for c in metrics.cycles if c.perplexity is not None]

@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
+from shared.contracts import METRICS_FILE
 from shared.hf import EXPORT_DIR, INDEX, SINGLE, hf_names, padded_config, shard_files, tensor_shapes
 from shared.shapes import ModelConfig
 from training_image.hf_folder import read_folder
@@ -40,7 +41,7 @@ from training_image.model import Decoder
 from training_image.shards import SHARD_BYTES, write_shards
 from training_image.tokenizer import CHAT_TEMPLATE, GENERATION_CONFIG, TOKENIZER_CONFIG, TextTokenizer, as_text_tokenizer, load_tokenizer
 
-CONFIG, TOKENIZER, METRICS = "config.json", "tokenizer.json", "metrics.json"
+CONFIG, TOKENIZER, METRICS = "config.json", "tokenizer.json", METRICS_FILE
 WEIGHTS = SINGLE  # the weights in one file; past SHARD_BYTES, shards listed in INDEX
 ARCHIVE = "model.tar.gz"
 

@@ -40,6 +40,8 @@ TRAINER = textwrap.dedent('''
             time.sleep(0.1)
     (root / "checkpoints/progress.json").write_text(json.dumps({"step": 2}))
     (root / "model/config.json").write_text("{}")
+    (root / "model/hf").mkdir()
+    (root / "model/hf/model.safetensors").write_bytes(b"weights")
     print("step=2 train_loss=1.5", flush=True)
 ''')
 
@@ -106,7 +108,8 @@ def test_completed_job_lays_out_opt_ml_and_uploads(local):
     job = client.describe_training_job(TrainingJobName="fusion-ok")
     assert job["ModelArtifacts"]["S3ModelArtifacts"] == f"s3://{bucket}/jobs/j/output/fusion-ok/output/model.tar.gz"
     assert {m["MetricName"]: m["Value"] for m in job["FinalMetricDataList"]} == {"train_loss": 1.5}
-    assert _untar(s3, bucket, "jobs/j/output/fusion-ok/output/model.tar.gz") == {"config.json": b"{}"}
+    assert _untar(s3, bucket, "jobs/j/output/fusion-ok/output/model.tar.gz") == {
+        "config.json": b"{}", "hf/model.safetensors": b"weights"}
     seen = json.loads(_untar(s3, bucket, "jobs/j/output/fusion-ok/output/output.tar.gz")["seen.json"])
     assert seen == ["input/config/hyperparameters.json", "input/config/inputdataconfig.json",
                     "input/config/resourceconfig.json", "input/data/model/model.tar.gz",
@@ -115,6 +118,41 @@ def test_completed_job_lays_out_opt_ml_and_uploads(local):
     assert json.loads(progress) == {"step": 2}
     assert [e["detail"]["TrainingJobStatus"] for e in events] == ["InProgress", "Completed"]
     assert events[0]["detail-type"] == "SageMaker Training Job State Change" and events[0]["source"] == "aws.sagemaker"
+
+
+def test_uncompressed_output_is_files_under_the_model_prefix(local):
+    """CompressionType NONE, as SageMaker does it: /opt/ml/model and /opt/ml/output/data land file by
+    file (paths kept), no archive is made, and the model artifact is the prefix output/model/. A
+    later job given that prefix as its model channel gets the files as they were."""
+    client, s3, bucket, events, service = local
+    request = _request(bucket, "fusion-flat", "ok")
+    request["OutputDataConfig"]["CompressionType"] = "NONE"
+    client.create_training_job(**request)
+    assert service.wait("fusion-flat", 30) == "Completed"
+    prefix = "jobs/j/output/fusion-flat/output/"
+    model = f"s3://{bucket}/{prefix}model/"
+    assert client.describe_training_job(TrainingJobName="fusion-flat")["ModelArtifacts"]["S3ModelArtifacts"] == model
+    assert events[-1]["detail"]["ModelArtifacts"]["S3ModelArtifacts"] == model
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"])
+    assert keys == [f"{prefix}data/seen.json", f"{prefix}data/threads", f"{prefix}model/config.json",
+                    f"{prefix}model/hf/model.safetensors"]
+    assert s3.get_object(Bucket=bucket, Key=f"{prefix}model/hf/model.safetensors")["Body"].read() == b"weights"
+
+    later = _request(bucket, "fusion-later", "ok")
+    later["InputDataConfig"][1]["DataSource"]["S3DataSource"]["S3Uri"] = model
+    client.create_training_job(**later)
+    assert service.wait("fusion-later", 30) == "Completed", events[-1]["detail"].get("FailureReason")
+    seen = json.loads(_untar(s3, bucket, "jobs/j/output/fusion-later/output/output.tar.gz")["seen.json"])
+    assert "input/data/model/config.json" in seen and "input/data/model/hf/model.safetensors" in seen
+
+
+def test_unknown_compression_type_is_refused(local):
+    client, _, bucket, _, _ = local
+    request = _request(bucket, "fusion-zip", "ok")
+    request["OutputDataConfig"]["CompressionType"] = "ZIP"
+    with pytest.raises(ClientError) as refused:
+        client.create_training_job(**request)
+    assert refused.value.response["Error"]["Code"] == "ValidationException"
 
 
 def test_duplicate_name_is_resource_in_use_and_unknown_is_validation(local):
