@@ -25,6 +25,7 @@ from local.aws import LOCAL_ACCOUNT, LOCAL_REGION, LambdaContext  # noqa: F401 (
 from local.resources import create_resources, function_environment, load_template
 from local.server import api_event, make_server
 from shared.contracts import ContractMetrics, HeldOut, Progress, TrainMetrics
+from shared.outputs import metrics_key, model_uri
 from shared.shapes import SIZES, grown_config
 from shared.store import Catalog, seed_base_models
 from shared.training_jobs import training_job_name
@@ -206,8 +207,14 @@ def observer(aws):
 
 
 def artifact(aws, job_id: str) -> str:
-    name = training_job_name(job_id)
-    return f"s3://{aws.env['ARTIFACTS_BUCKET']}/jobs/{job_id}/output/{name}/output/model.tar.gz"
+    """The job's model prefix, where SageMaker uploads /opt/ml/model uncompressed."""
+    return model_uri(f"s3://{aws.env['ARTIFACTS_BUCKET']}/jobs/{job_id}/output/", training_job_name(job_id))
+
+
+def put_metrics(aws, job_id: str, body: bytes) -> None:
+    """metrics.json of the job where SageMaker uploads it: in its model prefix (any bytes, to break it)."""
+    bucket, key, _ = metrics_key(artifact(aws, job_id))
+    aws.session.client("s3").put_object(Bucket=bucket, Key=key, Body=body)
 
 
 HELDOUT = HeldOut(source="split", windows=4, seq_len=64, tokens="all", sha256="5e" * 32)  # what metrics_document measured on
@@ -239,13 +246,11 @@ def progress_document(job_id: str, tokens_trained: int, step: int = 1) -> str:
 
 def write_metrics(aws, job: dict, *, config=GROWN, tokens=None, perplexity=17.5, parent_perplexity=None,
                   document=None) -> None:
-    """The job's metrics.json in the small output.tar.gz next to its model, where SageMaker puts it."""
+    """The job's metrics.json in its model prefix, where SageMaker uploads it."""
     metrics = document if document is not None else metrics_document(job, config=config, tokens=tokens,
                                                                       perplexity=perplexity,
                                                                       parent_perplexity=parent_perplexity)
-    key = artifact(aws, job["job_id"]).split("/", 3)[3].replace("model.tar.gz", "output.tar.gz")
-    aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=key,
-                                        Body=tar_gz({"metrics.json": json.dumps(metrics).encode()}))
+    put_metrics(aws, job["job_id"], json.dumps(metrics).encode())
 
 
 def tar_gz(members: dict[str, bytes]) -> bytes:

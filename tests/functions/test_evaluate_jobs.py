@@ -13,7 +13,7 @@ from shared.settings import MAX_EVALUATED_MODELS, EvaluateSettings
 from shared.shapes import SIZES, grown_config
 from shared.store import Catalog, Jobs
 from shared.training_jobs import training_job_name
-from tests.conftest import FakeSageMaker, LambdaContext, artifact, deliver, metrics_document, ready_dataset, tar_gz
+from tests.conftest import FakeSageMaker, LambdaContext, deliver, metrics_document, put_metrics, ready_dataset
 
 GROWN = grown_config(SIZES["debug"])
 
@@ -111,9 +111,7 @@ def _metrics(job):
 def _complete(aws, job, metrics):
     jobs = Jobs(session=aws.session)
     jobs.transition(job["job_id"], "launching", training_job_name=training_job_name(job["job_id"]))
-    key = artifact(aws, job["job_id"]).split("/", 3)[3].replace("model.tar.gz", "output.tar.gz")
-    aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=key,
-                                        Body=tar_gz({"metrics.json": metrics.model_dump_json().encode()}))
+    put_metrics(aws, job["job_id"], metrics.model_dump_json().encode())
     deliver(aws, job["job_id"], "InProgress", "Completed", "Completed")
 
 
@@ -140,9 +138,7 @@ def test_metrics_of_another_job_type_fail_the_evaluation(world, api):
     document = metrics_document({**job, "type": "train", "estimate": {"training_tokens": 0}})
     jobs = Jobs(session=world.session)
     jobs.transition(job["job_id"], "launching", training_job_name=training_job_name(job["job_id"]))
-    key = artifact(world, job["job_id"]).split("/", 3)[3].replace("model.tar.gz", "output.tar.gz")
-    world.session.client("s3").put_object(Bucket=world.env["ARTIFACTS_BUCKET"], Key=key,
-                                          Body=tar_gz({"metrics.json": json.dumps(document).encode()}))
+    put_metrics(world, job["job_id"], json.dumps(document).encode())
     deliver(world, job["job_id"], "Completed")
     stored = jobs.get(job["job_id"])
     assert stored["status"] == "failed" and "a train job's" in stored["failure_reason"] and stored["bill"] == "0.00"

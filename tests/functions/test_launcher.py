@@ -67,6 +67,7 @@ def test_launch_builds_the_training_job(aws, queued, sagemaker):
     assert channels == {"training": f"s3://{env['DATA_BUCKET']}/alice/datasets/ds-corpus000000/data.jsonl",
                         "model": f"s3://{env['ARTIFACTS_BUCKET']}/base-models/debug/model.tar.gz"}
     assert request["OutputDataConfig"]["S3OutputPath"] == f"s3://{env['ARTIFACTS_BUCKET']}/jobs/{queued}/output/"
+    assert request["OutputDataConfig"]["CompressionType"] == "NONE"  # the model uploaded file by file, not gzipped
     assert request["CheckpointConfig"]["S3Uri"] == f"s3://{env['ARTIFACTS_BUCKET']}/checkpoints/{queued}/"
     assert request["ResourceConfig"]["InstanceType"] == "ml.g5.xlarge"
     estimate = _job(aws, queued)["estimate"]

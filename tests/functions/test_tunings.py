@@ -13,7 +13,7 @@ from shared.pricing import bill, estimate_train
 from shared.settings import TrainSettings, proxy_settings
 from shared.shapes import SIZES
 from shared.store import Jobs, Tenants
-from tests.conftest import LambdaContext, client_error, tar_gz
+from tests.conftest import LambdaContext, client_error
 
 DATASET = "ds-aaaaaaaaaaaa"
 
@@ -196,6 +196,7 @@ def test_a_tuning_launches_ends_ranked_billed_and_promotes(world, api, tuner):
     definition = request["TrainingJobDefinition"]
     assert {"Name": "heldout_perplexity", "Regex": "heldout_perplexity=([0-9.eE+-]+)"} in \
         definition["AlgorithmSpecification"]["MetricDefinitions"]
+    assert definition["OutputDataConfig"]["CompressionType"] == "NONE"  # trials upload their model uncompressed
     assert "CheckpointConfig" not in definition  # trials must not resume from each other's checkpoints
     # What a trial's container reads: the fixed settings, the tuner's values, and the proxy.
     trial_run = Hyperparameters.parse({**definition["StaticHyperParameters"], "lr": "0.0005", "turns": "2"})
@@ -209,11 +210,11 @@ def test_a_tuning_launches_ends_ranked_billed_and_promotes(world, api, tuner):
                     _trial(f"{name}-003-cccccccc", "Completed", 5e-4, 2, 25.25),
                     _trial(f"{name}-004-dddddddd", "Failed", 3e-3, 1, None)]
     tuner.steps[f"{name}-002-bbbbbbbb"] = 15
-    key = f"jobs/{tuning_id}/trials/{name}-003-cccccccc/output/output.tar.gz"
+    key = f"jobs/{tuning_id}/trials/{name}-003-cccccccc/output/model/metrics.json"
     cycles = [{"turn": 1, "cycle": c, "steps": 20, "loss": 3.0, "heldout_loss": 3.3, "perplexity": p, "tokens": 1}
               for c, p in [(1, 40.0), (2, 25.25)]]
-    world.session.client("s3").put_object(Bucket=world.env["ARTIFACTS_BUCKET"], Key=key, Body=tar_gz(
-        {"metrics.json": json.dumps(_metrics(tuning_id, cycles)).encode()}))
+    world.session.client("s3").put_object(Bucket=world.env["ARTIFACTS_BUCKET"], Key=key,
+                                          Body=json.dumps(_metrics(tuning_id, cycles)).encode())
     assert events.lambda_handler(_event(name, "Completed"), LambdaContext())["status"] == "completed"
     assert events.lambda_handler(_event(name, "Completed"), LambdaContext()) == {"changed": False}
 

@@ -7,12 +7,12 @@ from shared.contracts import EvaluateMetrics, Evaluated, HeldOut
 from shared.shapes import SIZES
 from shared.store import Catalog, Jobs
 from shared.training_jobs import training_job_name
-from tests.conftest import artifact, deliver, tar_gz
+from tests.conftest import deliver, put_metrics
 from tests.local.test_cli import DATASET, cli  # noqa: F401 (the fixture)
 
 
 def _complete(aws, job_id: str) -> None:
-    """What the container and SageMaker would do: the table in output.tar.gz, then Completed."""
+    """What the container and SageMaker would do: the table in metrics.json of the model prefix, then Completed."""
     job = Jobs(session=aws.session).get(job_id)
     same = HeldOut(source="split", windows=12, seq_len=64, tokens="all", sha256="ab" * 32)
     other = same.model_copy(update={"sha256": "cd" * 32})  # another tokenizer's windows of the same text
@@ -23,9 +23,7 @@ def _complete(aws, job_id: str) -> None:
     metrics = EvaluateMetrics(job_id=job_id, job_type="evaluate", rows=rows,
                               evaluated_tokens=3 * 12 * 64, wall_time_s=2.0)
     Jobs(session=aws.session).transition(job_id, "launching", training_job_name=training_job_name(job_id))
-    key = artifact(aws, job_id).split("/", 3)[3].replace("model.tar.gz", "output.tar.gz")
-    aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=key,
-                                        Body=tar_gz({"metrics.json": metrics.model_dump_json().encode()}))
+    put_metrics(aws, job_id, metrics.model_dump_json().encode())
     deliver(aws, job_id, "InProgress", "Completed")
 
 

@@ -8,7 +8,7 @@ import pytest
 from shared.contracts import PRECISION_ENV, Hyperparameters, TrainMetrics
 from shared.lifecycle import JOB_ID_PATTERN, new_job_id
 from shared.memory import Layout
-from shared.outputs import read_metrics
+from shared.outputs import model_prefix, model_uri, read_metrics
 from shared.pricing import LLAMA_SHAPES, Estimate, estimate_train
 from shared.settings import TrainSettings
 from shared.shapes import SIZES
@@ -41,8 +41,19 @@ class FakeS3:
 JOB = {"job_id": "j", "type": "train", "estimate": {"training_tokens": 7}}
 
 
+def test_metrics_are_read_from_the_uncompressed_model_prefix():
+    """CompressionType NONE: metrics.json is a file of the model prefix, whether or not SageMaker's
+    reported artifact ends in "/"."""
+    s3 = FakeS3({("b", "jobs/j/output/fusion-j/output/model/metrics.json"): json.dumps(metrics_document(JOB)).encode()})
+    for reported in ("s3://b/jobs/j/output/fusion-j/output/model/", "s3://b/jobs/j/output/fusion-j/output/model"):
+        metrics = read_metrics(s3, reported)
+        assert isinstance(metrics, TrainMetrics) and metrics.training_tokens == 7
+    assert model_uri("s3://b/jobs/j/output/", "fusion-j") == "s3://b/jobs/j/output/fusion-j/output/model/"
+    assert model_prefix("s3://b/p/model") == "s3://b/p/model/" and model_prefix("s3://b/p/model.tar.gz") == "s3://b/p/model.tar.gz"
+
+
 @pytest.mark.parametrize("member", ["metrics.json", "./metrics.json", "data/metrics.json"])
-def test_metrics_are_read_from_output_tar_beside_the_model(member):
+def test_metrics_of_an_archived_model_are_read_from_output_tar_beside_it(member):
     s3 = FakeS3({("b", "jobs/j/output/fusion-j/output/output.tar.gz"):
                  tar_gz({"failure": b"", member: json.dumps(metrics_document(JOB)).encode()})})
     metrics = read_metrics(s3, "s3://b/jobs/j/output/fusion-j/output/model.tar.gz")
@@ -56,9 +67,9 @@ def test_metrics_are_read_from_output_tar_beside_the_model(member):
 ])
 def test_metrics_missing_a_field_or_of_a_wrong_type_are_refused_naming_it(change, named):
     document = {k: v for k, v in {**metrics_document(JOB), **change}.items() if v is not None}
-    s3 = FakeS3({("b", "k/output.tar.gz"): tar_gz({"metrics.json": json.dumps(document).encode()})})
+    s3 = FakeS3({("b", "k/model/metrics.json"): json.dumps(document).encode()})
     with pytest.raises(ValueError, match="metrics.json does not hold to the container's metrics") as refused:
-        read_metrics(s3, "s3://b/k/model.tar.gz")
+        read_metrics(s3, "s3://b/k/model/")
     assert named in str(refused.value) and "\n" not in str(refused.value)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,14 +35,13 @@ def _outputs(root: Path, job_id: str) -> tuple:
     progress = Progress.model_validate_json((root / "checkpoints/progress.json").read_bytes())
     log = [LOG_RECORD.validate_json(line) for line in (root / "checkpoints/metrics.jsonl").read_text().splitlines()]
 
-    packed = io.BytesIO()
-    with tarfile.open(fileobj=packed, mode="w:gz") as archive:  # SageMaker's output.tar.gz of output/data
-        archive.add(root / "output/data", arcname=".")
-    objects = {f"jobs/{job_id}/output/output.tar.gz": packed.getvalue(),
-               progress_key(job_id): (root / "checkpoints/progress.json").read_bytes(),
-               metrics_log_key(job_id): (root / "checkpoints/metrics.jsonl").read_bytes()}
+    # SageMaker's upload of model/ under CompressionType NONE: each file under the model prefix
+    objects = {f"jobs/{job_id}/output/model/{path.relative_to(root / 'model').as_posix()}": path.read_bytes()
+               for path in (root / "model").rglob("*") if path.is_file()}
+    objects |= {progress_key(job_id): (root / "checkpoints/progress.json").read_bytes(),
+                metrics_log_key(job_id): (root / "checkpoints/metrics.jsonl").read_bytes()}
     s3 = SimpleNamespace(get_object=lambda Bucket, Key: {"Body": io.BytesIO(objects[Key])})
-    assert read_metrics(s3, f"s3://b/jobs/{job_id}/output/model.tar.gz") == metrics
+    assert read_metrics(s3, f"s3://b/jobs/{job_id}/output/model/") == metrics
     assert read_progress(s3, "b", job_id) == progress
     curve = read_metrics_log(s3, "b", job_id)
     for kind, records in (("step", StepRecord), ("eval", EvalRecord)):

@@ -4,12 +4,10 @@ defined state with a clear reason, and no job or model record is lost."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from shared.state_changes import model_id_for
 from shared.store import Catalog, ConditionFailed, Jobs
 from shared.training_jobs import training_job_name
 
-from tests.conftest import artifact, client_error, deliver, write_metrics
+from tests.conftest import artifact, client_error, deliver, put_metrics, write_metrics
 
 from .conftest import launch, stored, train
 
@@ -147,13 +145,12 @@ def test_dynamodb_conditional_and_throttling_failures_on_events_change_nothing_t
     assert Catalog(session=tenants.session).get(model_id_for(job["job_id"]), "alice") is not None
 
 
-def test_completed_without_metrics_or_with_a_corrupt_archive_fails_with_the_artifact_kept(
+def test_completed_without_metrics_or_with_corrupt_metrics_fails_with_the_artifact_kept(
         faults, tenants, api, sagemaker):
     missing, corrupt = _create(api), _create(api)
     launch(missing["job_id"], corrupt["job_id"])
-    key = artifact(tenants, corrupt["job_id"]).split("/", 3)[3].replace("model.tar.gz", "output.tar.gz")
-    tenants.session.client("s3").put_object(Bucket=tenants.env["ARTIFACTS_BUCKET"], Key=key, Body=b"not a tarball")
-    faults.extend(["metrics.json missing", "output.tar.gz corrupt"])
+    put_metrics(tenants, corrupt["job_id"], b"\x1f\x8b not metrics")
+    faults.extend(["metrics.json missing", "metrics.json corrupt"])
     for job in (missing, corrupt):
         deliver(tenants, job["job_id"], "Completed", "Completed")
         ended = stored(tenants, job["job_id"])
@@ -217,12 +214,13 @@ def _failure_event_reason(root: Path) -> str:
 
 
 def _upload_outputs(aws, job: dict, root: Path) -> None:
-    """What SageMaker does at the end: output/data packed into output.tar.gz beside model.tar.gz."""
-    blob = io.BytesIO()
-    with tarfile.open(fileobj=blob, mode="w:gz") as archive:
-        archive.add(root / "output/data", arcname=".")
-    key = artifact(aws, job["job_id"]).split("/", 3)[3].replace("model.tar.gz", "output.tar.gz")
-    aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=key, Body=blob.getvalue())
+    """What SageMaker does at the end (CompressionType NONE): model/ uploaded file by file under the
+    job's model prefix."""
+    bucket, prefix = artifact(aws, job["job_id"]).removeprefix("s3://").split("/", 1)
+    s3 = aws.session.client("s3")
+    for path in sorted((root / "model").rglob("*")):
+        if path.is_file():
+            s3.put_object(Bucket=bucket, Key=prefix + path.relative_to(root / "model").as_posix(), Body=path.read_bytes())
 
 
 def _wait_for_step(root: Path, process: subprocess.Popen, step: int) -> dict:
