@@ -213,11 +213,24 @@ class ModelUpload(_Body):
     expires_in: int = Field(description="Seconds the URLs stay valid.")
 
 
+class DownloadFile(_Body):
+    path: str = Field(description="The file's path in the model folder (hf/config.json, ...).")
+    url: str = Field(description="A presigned GET of the file.")
+    size: int = Field(description="Bytes.")
+
+
 class Download(_Body):
+    """How to fetch a model: its files, each with a presigned GET and its path in the model folder
+    (a model a job made), or one presigned GET of its archive, model.tar.gz (a published base
+    model, or a model made before outputs were uploaded uncompressed)."""
+
     model_id: str
-    url: str = Field(description="A presigned GET of the model's archive, model.tar.gz.")
-    expires_in: int = Field(description="Seconds the URL stays valid.")
-    export_dir: str = Field(description="The archive's folder holding the transformers export.")
+    files: list[DownloadFile] = Field(default_factory=list, description=(
+        "The model folder's files: write each at its path to have the folder. Empty for an archive."))
+    url: str | None = Field(default=None, description="A presigned GET of the model's archive, model.tar.gz; "
+                                                       "null when the model is its files.")
+    expires_in: int = Field(description="Seconds the URLs stay valid.")
+    export_dir: str = Field(description="The folder (of the files, or in the archive) holding the transformers export.")
 
 
 class Message(_Body):

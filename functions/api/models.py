@@ -16,7 +16,7 @@ from shared.errors import JobError, invalid, not_found
 from shared.hf import EXPORT_DIR, export_manifest, export_prefix
 from shared.hf_check import MAX_UPLOAD_BYTES, MAX_UPLOAD_FILES, UPLOAD_NAME, UPLOAD_URL_SECONDS, folder_model, new_upload_folder
 from shared.lifecycle import END_STATUSES
-from shared.outputs import split_s3
+from shared.outputs import is_archive, split_s3
 from shared.responses import CatalogModel, Download, Generation, Message, ModelList, ModelUpload
 from shared import serving
 from shared.store import available, not_available
@@ -104,28 +104,45 @@ def get_model(model_id: Annotated[str, Path(max_length=128)]) -> CatalogModel:
 
 
 @router.get("/models/<model_id>/download", summary="Download a model",
-            description=f"A presigned URL (valid {DOWNLOAD_URL_SECONDS} s) of the model's archive, model.tar.gz: the "
-                        f"compact model directory at its root, the transformers folder under {EXPORT_DIR}/.",
-            responses=context.responses({200: ("The download URL", Download)}))
+            description=f"Presigned URLs (valid {DOWNLOAD_URL_SECONDS} s) of the model folder's files, each with its "
+                        f"path in the folder (`files`): the compact model directory at its root, the transformers "
+                        f"folder under {EXPORT_DIR}/. A published base model, or a model made before outputs were "
+                        "uploaded uncompressed, is one archive, model.tar.gz, laid out the same (`url`).",
+            responses=context.responses({200: ("The download URLs", Download)}))
 def download_model(model_id: Annotated[str, Path(max_length=128)]) -> Download:
     model = context.catalog().get(model_id, context.tenant(router))
     if model is None or not model.get("artifact_uri"):
         raise not_found("model", "model_id", model_id)
     if model.get("kind") == "imported":
         raise invalid("model_id", f"{model_id} is your own folder, at {model['artifact_uri']}; download its trained models")
-    if model["artifact_uri"].endswith("/"):  # a published Hugging Face folder: no archive to sign
-        raise invalid("model_id", f"{model_id} is a published Hugging Face folder, not an archive; download the "
-                                  "models trained from it")
+    if not is_archive(model["artifact_uri"]) and model.get("kind") == "base":  # no job's output: nothing to sign
+        raise invalid("model_id", f"{model_id} is a published Hugging Face folder, not a model a job made; download "
+                                  "the models trained from it")
     if not available(model, context.objects()):
         raise invalid("model_id", not_available(model_id))
     bucket, key = split_s3(model["artifact_uri"])
-    url = _s3().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=DOWNLOAD_URL_SECONDS)
-    return {"model_id": model_id, "url": url, "expires_in": DOWNLOAD_URL_SECONDS, "export_dir": EXPORT_DIR}
+    s3 = _s3()
+    if is_archive(key):
+        url = s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=DOWNLOAD_URL_SECONDS)
+        return {"model_id": model_id, "url": url, "expires_in": DOWNLOAD_URL_SECONDS, "export_dir": EXPORT_DIR}
+    files = [{"path": item["Key"][len(key):], "size": item["Size"],
+              "url": s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": item["Key"]},
+                                               ExpiresIn=DOWNLOAD_URL_SECONDS)}
+             for item in _listed(bucket, key) if not item["Key"].endswith("/")]
+    if not files:
+        raise invalid("model_id", f"{model_id} has no files at {model['artifact_uri']}")
+    return {"model_id": model_id, "files": files, "expires_in": DOWNLOAD_URL_SECONDS, "export_dir": EXPORT_DIR}
+
+
+def _listed(bucket: str, prefix: str) -> list[dict[str, Any]]:
+    """Every object under `prefix`."""
+    return [item for page in _s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for item in page.get("Contents", [])]
 
 
 @router.delete("/models/<model_id>", summary="Delete one of your models",
-               description="Removes the model from your catalog and deletes its archive and the transformers folder a "
-                           "deploy unpacked beside it. Its record stays, as "
+               description="Removes the model from your catalog and deletes its files (or its archive and the "
+                           "transformers folder a deploy unpacked beside it). Its record stays, as "
                            "deleted, so that models made from it still name their parent. A model a job still "
                            "reads is refused (409); base models cannot be deleted.",
                responses=context.responses({200: ("The model, now deleted", CatalogModel)}, 409))
@@ -146,8 +163,12 @@ def delete_model(model_id: Annotated[str, Path(max_length=128)]) -> CatalogModel
     context.catalog().delete(model_id, tenant)
     if model.get("kind") != "imported" and model.get("artifact_uri"):  # a registered folder is the tenant's own data
         bucket, key = split_s3(model["artifact_uri"])
-        _delete_export(bucket, export_prefix(key))
-        _s3().delete_object(Bucket=bucket, Key=key)
+        if is_archive(key):
+            _delete_export(bucket, export_prefix(key))
+            _s3().delete_object(Bucket=bucket, Key=key)
+        else:  # the model's files, uploaded uncompressed
+            for item in _listed(bucket, key):
+                _s3().delete_object(Bucket=bucket, Key=item["Key"])
     return context.catalog().get(model_id, tenant)
 
 

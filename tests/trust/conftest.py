@@ -25,7 +25,7 @@ def tenants(aws, api):
         catalog.register({
             "model_id": f"m-{owner}", "owner": owner, "name": f"m-{owner}", "kind": "trained",
             "parent_id": "base-debug", "job_id": "j0", "parameters": GROWN.parameters(), "depth": GROWN.n_layers,
-            "perplexity": 20.0, "artifact_uri": f"s3://{aws.env['ARTIFACTS_BUCKET']}/jobs/j0/model.tar.gz",
+            "perplexity": 20.0, "artifact_uri": f"s3://{aws.env['ARTIFACTS_BUCKET']}/jobs/j0/output/fusion-j0/output/model/",
             "cost": "0.62", "config": GROWN.model_dump(mode="json"), "dataset": ds, "created_at": "t"})
     return aws
 

@@ -17,11 +17,12 @@ from botocore.awsrequest import AWSResponse
 
 from functions.api import context
 from shared.events import JOB_REQUESTED
-from shared.outputs import read_progress, split_s3
+from shared.outputs import metrics_key, model_uri, read_progress, split_s3
 from shared.state_changes import _definitive
+from shared.store import Catalog
 from shared.training_jobs import LaunchConfig, training_job_request
 from tests import permissions
-from tests.conftest import LambdaContext, deliver, write_metrics
+from tests.conftest import LambdaContext, deliver, metrics_document, tar_gz, write_metrics
 from tests.trust.conftest import dataset_id, launch, stored, train, write_progress
 
 # Grants a role may hold although no call of the walk makes them.
@@ -61,6 +62,10 @@ def _s3_event(bucket: str, key: str) -> dict:
                          "s3": {"bucket": {"name": bucket}, "object": {"key": key, "size": 1}}}]}
 
 
+def sagemaker_client_description(aws, job_id: str) -> dict:
+    return aws.session.client("sagemaker").describe_training_job(TrainingJobName=stored(aws, job_id)["training_job_name"])
+
+
 def _walk(aws, api) -> None:
     """Every route, the dataset check, launches that start and fail, each end of a job, a requested
     job, and a reconciler pass over a job whose events were all lost."""
@@ -78,7 +83,11 @@ def _walk(aws, api) -> None:
     assert check.lambda_handler(_s3_event(aws.env["DATA_BUCKET"], key), LambdaContext())["checked"]
     assert api("GET", "/datasets")[0] == 200 and api("GET", f"/datasets/{created['dataset_id']}")[0] == 200
     assert api("GET", "/models")[0] == 200 and api("GET", "/models/m-alice")[0] == 200
-    assert api("GET", "/models/m-alice/download")[0] == 200
+    for name in ("config.json", "hf/model.safetensors"):  # m-alice's files, as its job's upload left them
+        aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"],
+                                            Key=f"jobs/j0/output/fusion-j0/output/model/{name}", Body=b"{}")
+    status, download = api("GET", "/models/m-alice/download")
+    assert status == 200 and [f["path"] for f in download["files"]] == ["config.json", "hf/model.safetensors"]
     # A folder with nothing in it: read (each key answers as missing) and registered rejected.
     status, upload = api("POST", "/models/uploads", {"files": [{"name": "config.json", "bytes": 2}]})
     assert status == 201, upload
@@ -169,7 +178,15 @@ def _walk(aws, api) -> None:
     _answer(tuner, "DescribeHyperParameterTuningJob", {"HyperParameterTuningJobName": f"fusion-{tunings[1]}",
                                                       "HyperParameterTuningJobStatus": "Completed"})
     _answer(tuner, "ListTrainingJobsForHyperParameterTuningJob", {"TrainingJobSummaries": []})
-    write_metrics(aws, stored(aws, lost))
+    # moto's DescribeTrainingJob names model.tar.gz whatever the CompressionType (AWS names the
+    # prefix output/model/): the reconciler reads metrics.json where the description says, here
+    # the output.tar.gz beside that archive, as for a job that packed its outputs.
+    reported = sagemaker_client_description(aws, lost)["ModelArtifacts"]["S3ModelArtifacts"]
+    assert reported.endswith("/output/model.tar.gz")
+    bucket, key, packed = metrics_key(reported)
+    assert packed
+    aws.session.client("s3").put_object(Bucket=bucket, Key=key, Body=tar_gz(
+        {"metrics.json": json.dumps(metrics_document(stored(aws, lost))).encode()}))
     summary = reconciler.lambda_handler({}, LambdaContext())
     assert lost in summary["moved"] and stored(aws, lost)["status"] == "completed"
     assert tunings[1] in summary["moved"] and stored(aws, tunings[1])["status"] == "completed"
@@ -185,15 +202,28 @@ def _walk(aws, api) -> None:
         event = api_event(method, path, headers={"content-type": "application/json"}, body=body, claims=operator)
         assert admin.lambda_handler(event, LambdaContext())["statusCode"] == 200
     admin._tenants.cache_clear()
-    made = stored(aws, completed)["output_model_id"]  # deleting removes its archive and keeps its record
+    made = stored(aws, completed)["output_model_id"]  # deleting removes its files and keeps its record
     from shared.hf import export_manifest, export_prefix
     from shared.outputs import split_s3
 
-    bucket, key = split_s3(stored(aws, completed)["artifact_uri"])  # ... and the folder a deploy unpacked
-    unpacked = export_prefix(key)
-    for name in (unpacked + "config.json", export_manifest(unpacked)):
-        aws.session.client("s3").put_object(Bucket=bucket, Key=name, Body=b"{}")
+    s3 = aws.session.client("s3")
+    bucket, key = split_s3(stored(aws, completed)["artifact_uri"])
+    for name in ("config.json", "hf/config.json", "metrics.json"):
+        s3.put_object(Bucket=bucket, Key=key + name, Body=b"{}")
     assert api("DELETE", f"/models/{made}")[1]["status"] == "deleted"
+    assert s3.list_objects_v2(Bucket=bucket, Prefix=key)["KeyCount"] == 0
+    # A model archived before outputs were uncompressed: its archive and the folder a deploy unpacked.
+    archived = {**Catalog(session=aws.session).get(made, "alice"), "model_id": "m-archived", "status": "ready",
+                "artifact_uri": f"s3://{bucket}/jobs/j9/output/fusion-j9/output/model.tar.gz"}
+    archived.pop("deleted_at", None)
+    Catalog(session=aws.session).register(archived)
+    key = split_s3(archived["artifact_uri"])[1]
+    unpacked = export_prefix(key)
+    for name in (key, unpacked + "config.json", export_manifest(unpacked)):
+        s3.put_object(Bucket=bucket, Key=name, Body=b"{}")
+    assert api("GET", "/models/m-archived/download")[1]["url"].split("?")[0].endswith(key)
+    assert api("DELETE", "/models/m-archived")[1]["status"] == "deleted"
+    assert s3.list_objects_v2(Bucket=bucket, Prefix="jobs/j9/")["KeyCount"] == 0
     assert api("DELETE", f"/datasets/{created['dataset_id']}")[1]["status"] == "deleted"
 
 
@@ -229,7 +259,7 @@ def test_every_call_of_every_function_is_allowed_and_the_unused_grants_are_liste
 
 def _training_requests(aws, job: dict) -> list[permissions.Request]:
     """What SageMaker does with the training role for one job: pull the image, read each input
-    channel (list its prefix, get its objects), write the model and output archives and the
+    channel (list its prefix, get its objects), write the model and output files (uncompressed) and the
     checkpoints (and read them back on a spot restart), log and publish metrics."""
     request = training_job_request(job, LaunchConfig(
         artifacts_bucket=aws.env["ARTIFACTS_BUCKET"], training_image_uri=aws.env["TRAINING_IMAGE_URI"],
@@ -240,9 +270,12 @@ def _training_requests(aws, job: dict) -> list[permissions.Request]:
         bucket, key = split_s3(channel["DataSource"]["S3DataSource"]["S3Uri"])
         out += [permissions.Request("s3:ListBucket", s3 + bucket, (("s3:prefix", key),)),
                 permissions.Request("s3:GetObject", f"{s3}{bucket}/{key}")]
-    bucket, prefix = split_s3(request["OutputDataConfig"]["S3OutputPath"])
-    for name in ("model.tar.gz", "output.tar.gz"):
-        out.append(permissions.Request("s3:PutObject", f"{s3}{bucket}/{prefix}{request['TrainingJobName']}/output/{name}"))
+    # CompressionType NONE: /opt/ml/model and /opt/ml/output/data uploaded file by file
+    assert request["OutputDataConfig"]["CompressionType"] == "NONE"
+    bucket, prefix = split_s3(model_uri(request["OutputDataConfig"]["S3OutputPath"], request["TrainingJobName"]))
+    for name in ("config.json", "hf/model.safetensors", "metrics.json"):
+        out.append(permissions.Request("s3:PutObject", f"{s3}{bucket}/{prefix}{name}"))
+    out.append(permissions.Request("s3:PutObject", f"{s3}{bucket}/{prefix.removesuffix('model/')}data/metrics.json"))
     bucket, prefix = split_s3(request["CheckpointConfig"]["S3Uri"])
     for action in ("s3:PutObject", "s3:GetObject"):
         out.append(permissions.Request(action, f"{s3}{bucket}/{prefix}progress.json"))
