@@ -6,8 +6,10 @@ GPUs of the instance type, from tables it ships (nothing is looked up online). T
 reads the model's transformers folder uncompressed from an S3 prefix:
 
 - a published base model (`fusion-publish`) is such a folder already;
-- a trained model's folder lies in hf/ of its model.tar.gz, beside the compact model the archive
-  also holds. The first deploy unpacks hf/ into the prefix hf/ beside the archive (with a
+- a model a job made is its files, uploaded uncompressed: its folder is hf/ of its prefix,
+  beside the compact model, served as it is;
+- a model made before outputs were uploaded uncompressed has its folder in hf/ of its
+  model.tar.gz. The first deploy unpacks hf/ into the prefix hf/ beside the archive (with a
   manifest, hf.manifest.json, written last: a deploy interrupted while unpacking unpacks again),
   so an endpoint never waits on decompressing an archive twice the size of what it serves.
 
@@ -33,7 +35,7 @@ from typing import Any
 from local.client import ApiError, Client
 from local.output import Output, _pairs
 from shared.hf import EXPORT_DIR, export_manifest, export_prefix as archive_export_prefix
-from shared.outputs import split_s3
+from shared.outputs import is_archive, model_prefix, split_s3
 from shared.responses import CatalogModel
 from shared.serving import MODEL_TAG, STACK_TAG, endpoint_name as default_endpoint_name
 from shared.training_jobs import STACK_ENV
@@ -85,12 +87,16 @@ def context_length(model: dict[str, Any]) -> int:
 
 
 def export_prefix(s3: Any, model: dict[str, Any]) -> str:
-    """s3:// prefix of the model's transformers folder, unpacked from its archive the first time."""
+    """s3:// prefix of the model's transformers folder: hf/ of the files a job uploaded, a published
+    folder itself, or unpacked from an archive the first time."""
     bucket, key = split_s3(model["artifact_uri"])
-    if key.endswith("/"):
-        if not _exists(s3, bucket, key + "config.json"):
+    if not is_archive(key):
+        folder = model_prefix(key)
+        if _exists(s3, bucket, f"{folder}{EXPORT_DIR}/config.json"):  # a model a job made: its export in hf/
+            return f"s3://{bucket}/{folder}{EXPORT_DIR}/"
+        if not _exists(s3, bucket, folder + "config.json"):
             raise DeployError(f"model {model['model_id']} has no config.json at {model['artifact_uri']}")
-        return model["artifact_uri"]
+        return f"s3://{bucket}/{folder}"
     prefix = archive_export_prefix(key)
     stage_export(s3, bucket, key, prefix, model["model_id"])
     return f"s3://{bucket}/{prefix}"

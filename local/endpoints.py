@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from shared.outputs import is_archive
 from shared.serving import MODEL_TAG, STACK_TAG, TOP_P, chat_answer, prompt_answer, read_invocation
 
 SEED = 0
@@ -62,7 +63,8 @@ class LocalEndpoints:
         return chat_answer(text, model["model_id"]) if asked["messages"] is not None else prompt_answer(text)
 
     def _unpacked(self, model: dict[str, Any]) -> Path:
-        """The model's archive, unpacked once (a second request waits for the first to finish it)."""
+        """The model's files (or its archive, unpacked) on this machine, fetched once (a second
+        request waits for the first to finish it)."""
         with self._lock:
             lock = self._locks.setdefault(model["model_id"], threading.Lock())
         folder = self.work_dir / "endpoints" / model["model_id"]
@@ -70,8 +72,16 @@ class LocalEndpoints:
             if not (folder / "model" / "config.json").is_file():
                 folder.mkdir(parents=True, exist_ok=True)
                 bucket, _, key = model["artifact_uri"].removeprefix("s3://").partition("/")
+                s3 = self._s3_factory()
+                if not is_archive(key):  # the files a job uploaded uncompressed, config.json last
+                    listed = [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
+                        Bucket=bucket, Prefix=key) for item in page.get("Contents", []) if not item["Key"].endswith("/")]
+                    for name in sorted(listed, key=lambda k: k == key + "config.json"):
+                        (folder / "model" / name[len(key):]).parent.mkdir(parents=True, exist_ok=True)
+                        s3.download_file(bucket, name, str(folder / "model" / name[len(key):]))
+                    return folder / "model"
                 archive = folder / "model.tar.gz"
-                self._s3_factory().download_file(bucket, key, str(archive))
+                s3.download_file(bucket, key, str(archive))
                 with tarfile.open(archive) as tar:
                     tar.extractall(folder / "model", filter="data")
                 archive.unlink()

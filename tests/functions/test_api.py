@@ -299,11 +299,55 @@ def test_a_job_no_instance_can_hold_is_refused_with_the_figures(world, api):
     assert _stored(world) == [] and _queued(world) == []
 
 
-def test_download_gives_a_presigned_url_of_the_callers_model_archive_only(world, api):
+def _flat_model(world, model_id: str, job_id: str, files: dict[str, bytes]) -> str:
+    """alice's model as a job made it: its files uploaded uncompressed under the job's model prefix."""
+    prefix = f"jobs/{job_id}/output/fusion-{job_id}/output/model/"
+    bucket = world.env["ARTIFACTS_BUCKET"]
+    for name, body in files.items():
+        world.session.client("s3").put_object(Bucket=bucket, Key=prefix + name, Body=body)
+    config = grown_config(SIZES["debug"])
+    Catalog(session=world.session).register({
+        "model_id": model_id, "owner": "alice", "name": model_id, "kind": "trained", "parent_id": "base-debug",
+        "job_id": job_id, "parameters": config.parameters(), "depth": config.n_layers, "perplexity": 20.0,
+        "artifact_uri": f"s3://{bucket}/{prefix}", "cost": "0.62", "config": config.model_dump(mode="json"),
+        "dataset": DATASET, "created_at": "t"})
+    return prefix
+
+
+def test_download_of_a_model_a_job_made_is_each_file_with_its_path_and_a_usable_url(world, api):
+    import requests
+
+    files = {"config.json": b'{"dim": 64}', "metrics.json": b"{}", "hf/config.json": b'{"model_type": "llama"}',
+             "hf/model.safetensors": b"\x00weights"}
+    _flat_model(world, "m-flat", "j5", files)
+    _flat_model(world, "m-empty", "j6", {})
+    status, body = api("GET", "/models/m-flat/download")
+    assert status == 200 and body["url"] is None and body["export_dir"] == "hf" and body["expires_in"] > 0
+    assert sorted(f["path"] for f in body["files"]) == sorted(files)
+    for entry in body["files"]:
+        assert entry["size"] == len(files[entry["path"]]) and "X-Amz-Signature" in entry["url"]
+        assert requests.get(entry["url"], timeout=10).content == files[entry["path"]]
+    assert api("GET", "/models/m-flat/download", tenant="bob")[0] == 404
+    status, error = api("GET", "/models/m-empty/download")
+    assert status == 422 and "has no files" in error["error"]["message"]
+
+
+def test_delete_a_model_a_job_made_removes_its_files_only(world, api):
+    s3 = world.session.client("s3")
+    bucket = world.env["ARTIFACTS_BUCKET"]
+    mine = _flat_model(world, "m-flat", "j5", {"config.json": b"{}", "hf/model.safetensors": b"w"})
+    other = _flat_model(world, "m-other", "j7", {"config.json": b"{}"})
+    status, gone = api("DELETE", "/models/m-flat")
+    assert status == 200 and gone["status"] == "deleted"
+    left = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="jobs/").get("Contents", [])}
+    assert not any(k.startswith(mine) for k in left) and other + "config.json" in left
+
+
+def test_download_of_an_archived_model_is_one_presigned_url_of_the_callers_archive_only(world, api):
     from urllib.parse import urlparse
 
     status, body = api("GET", "/models/m-alice/download")
-    assert status == 200 and body["export_dir"] == "hf" and body["expires_in"] > 0
+    assert status == 200 and body["export_dir"] == "hf" and body["expires_in"] > 0 and body["files"] == []
     url = urlparse(body["url"])
     assert url.path.endswith("/jobs/j0/output/fusion-j0/output/model.tar.gz") and "X-Amz-Signature" in url.query
     assert api("GET", "/models/m-bob/download")[0] == 404

@@ -17,6 +17,7 @@ from local import deploy
 from local.cli import main
 from local.server import LOCAL_TENANT
 from shared.contracts import METRICS
+from shared.outputs import model_uri
 from shared.state_changes import catalog_entry
 from shared.training_jobs import training_job_name
 from shared.store import PUBLIC_OWNER, Catalog
@@ -44,6 +45,47 @@ def trained(aws, job_id: str = "j-deploy", *, export: bool = True) -> dict:
     aws.session.client("s3").put_object(Bucket=bucket, Key=key, Body=tar_gz(files))
     Catalog(session=aws.session).register(model)
     return model
+
+
+def made(aws, job_id: str = "j-flat") -> dict:
+    """A trained model in the catalog as a job makes it now: its files uploaded uncompressed under
+    the job's model prefix (the compact model at the root, the export in hf/)."""
+    job = {"job_id": job_id, "owner": LOCAL_TENANT, "type": "train", "model": "base-debug", "dataset": None,
+           "settings": {"output_name": "served"}}
+    bucket = aws.env["ARTIFACTS_BUCKET"]
+    uri = model_uri(f"s3://{bucket}/jobs/{job_id}/output/", training_job_name(job_id))
+    metrics = METRICS.validate_python(metrics_document(job, config=GROWN, tokens=0))
+    model = catalog_entry(job, metrics, uri, Decimal("1"))
+    prefix = uri.removeprefix(f"s3://{bucket}/")
+    for name, data in {"config.json": b"{}", "model.safetensors": b"compact",
+                       **{f"hf/{n}": d for n, d in EXPORT.items()}}.items():
+        aws.session.client("s3").put_object(Bucket=bucket, Key=prefix + name, Body=data)
+    Catalog(session=aws.session).register(model)
+    return model
+
+
+def test_a_model_a_job_made_is_served_from_hf_of_its_prefix_as_it_is(aws, server, capsys):
+    """Uploaded uncompressed, the export is already a folder: the endpoint reads hf/ of the model's
+    prefix (S3Prefix, CompressionType None), nothing is unpacked or copied, and the endpoint role
+    reads that folder and not the compact model beside it."""
+    model = made(aws)
+    bucket = aws.env["ARTIFACTS_BUCKET"]
+    s3, sm = aws.session.client("s3"), aws.session.client("sagemaker")
+    before = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="jobs/")["Contents"])
+    assert fusion(server, "deploy", model["model_id"], "--instance-type", "ml.g4dn.xlarge", "--role", ROLE,
+                  "--no-wait") == 0
+    folder = model["artifact_uri"] + "hf/"
+    name = deploy.default_endpoint_name(model["model_id"])
+    assert sm.describe_model(ModelName=name)["PrimaryContainer"]["ModelDataSource"] == {"S3DataSource": {
+        "S3Uri": folder, "S3DataType": "S3Prefix", "CompressionType": "None"}}
+    assert sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="jobs/")["Contents"]) == before
+    statements = permissions.resolved_role("EndpointRole")
+    arn, key = f"arn:aws:s3:::{bucket}", folder.removeprefix(f"s3://{bucket}/")
+    needs = [permissions.Request("s3:ListBucket", arn, (("s3:prefix", key),)),
+             *[permissions.Request("s3:GetObject", f"{arn}/{key}{n}") for n in EXPORT]]
+    assert [r for r in needs if not permissions.allowed(statements, r)] == []
+    compact = model["artifact_uri"].removeprefix(f"s3://{bucket}/") + "model.safetensors"
+    assert not permissions.allowed(statements, permissions.Request("s3:GetObject", f"{arn}/{compact}"))
 
 
 @pytest.fixture(autouse=True)
@@ -114,7 +156,8 @@ def test_deploy_creates_model_config_and_endpoint_as_asked_and_undeploy_removes_
     assert [r for r in needs if not permissions.allowed(statements, r)] == []
     group = f"arn:aws:logs:{REGION}:123456789012:log-group:/aws/sagemaker/Endpoints/*"
     assert permissions.unused_grants_of(statements, needs) == [
-        ("s3:GetObject", f"{arn}/base-models/*"), ("logs:CreateLogGroup", group), ("logs:PutLogEvents", group)]
+        ("s3:GetObject", f"{arn}/base-models/*"), ("s3:GetObject", f"{arn}/jobs/*/output/model/hf/*"),
+        ("logs:CreateLogGroup", group), ("logs:PutLogEvents", group)]
     for denied in (permissions.Request("s3:GetObject", arn + "/" + model["artifact_uri"].split(bucket + "/")[1]),
                    permissions.Request("s3:GetObject", f"arn:aws:s3:::{aws.env['DATA_BUCKET']}/{LOCAL_TENANT}/x"),
                    permissions.Request("s3:ListBucket", arn, (("s3:prefix", "jobs/"),)),

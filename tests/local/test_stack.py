@@ -62,7 +62,17 @@ def test_train_then_contract_fills_the_catalog(stack, capsys, dataset_id):
     for model in (grown, contracted):
         assert model["perplexity"] > 1 and model["cost"] is not None
         assert model["perplexity_on"]["dataset"] == model["dataset"] and len(model["perplexity_on"]["sha256"]) == 64
-        assert model["artifact_uri"].endswith("/output/model.tar.gz")
+        # uploaded uncompressed (CompressionType NONE): the model is the files under the job's prefix output/model/
+        assert model["artifact_uri"].endswith("/output/model/")
+        bucket, prefix = model["artifact_uri"].removeprefix("s3://").split("/", 1)
+        output = [o["Key"] for o in boto3.client("s3").list_objects_v2(
+            Bucket=bucket, Prefix=prefix.removesuffix("model/"))["Contents"]]
+        assert f"{prefix}config.json" in output and f"{prefix}hf/config.json" in output
+        assert f"{prefix}metrics.json" in output and not any(k.endswith(".tar.gz") for k in output)
+    # the contract job's model channel was the trained model's prefix, its files copied as they are
+    channel = stack.runs_dir / contract_job["training_job_name"] / "input/data/model"
+    assert (channel / "config.json").is_file() and (channel / "hf/config.json").is_file()
+    assert not list(channel.glob("*.tar.gz"))
     # the contract job measured the parent on its own windows: the pair compares, the parent's catalog figure may not
     assert contracted["parent_perplexity"] > 1 and contracted["perplexity_on"]["seq_len"] == 256
     assert train_job["bill"] == train_job["estimate"]["total"]
@@ -88,12 +98,14 @@ def test_train_then_contract_fills_the_catalog(stack, capsys, dataset_id):
 
 
 def _catalog_record_and_artifact(stack, model_id: str) -> tuple[dict, str]:
-    """The model's raw catalog item and the digest of its artifact's bytes."""
+    """The model's raw catalog item and the digest of its files (each key and its bytes)."""
     item = boto3.client("dynamodb").get_item(TableName=stack.env["MODELS_TABLE"], Key={"model_id": {"S": model_id}})["Item"]
     artifact = requests.get(f"{stack.api_url}/models/{model_id}").json()["artifact_uri"]
-    bucket, key = artifact.removeprefix("s3://").split("/", 1)
-    body = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
-    return item, hashlib.sha256(body).hexdigest()
+    bucket, prefix = artifact.removeprefix("s3://").split("/", 1)
+    s3, digest = boto3.client("s3"), hashlib.sha256()
+    for listed in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]:
+        digest.update(listed["Key"].encode() + s3.get_object(Bucket=bucket, Key=listed["Key"])["Body"].read())
+    return item, digest.hexdigest()
 
 
 @pytest.mark.slow
@@ -255,7 +267,7 @@ def test_models_download_to_a_folder_transformers_loads_and_generate_samples(sta
     import torch
     from transformers import AutoModelForCausalLM
 
-    from local.models import fetch_archive
+    from local.models import fetch_model
     from training_image.generate import generate
     from training_image.modeldir import load_model_dir
 
@@ -272,7 +284,7 @@ def test_models_download_to_a_folder_transformers_loads_and_generate_samples(sta
     for model_id in ("base-debug", trained, contracted):  # the base has no export in its archive: written here
         code, out, err = fusion(stack, capsys, "models", "download", model_id, "--out", str(tmp_path / model_id))
         assert code == 0, err
-        ours, _ = load_model_dir(fetch_archive(_client(stack), model_id, tmp_path / f"{model_id}-archive"))
+        ours, _ = load_model_dir(fetch_model(_client(stack), model_id, tmp_path / f"{model_id}-archive"))
         hf = AutoModelForCausalLM.from_pretrained(tmp_path / model_id).eval()
         with torch.no_grad():
             assert (hf(tokens).logits - ours(tokens)).abs().max() < 1e-4, model_id
