@@ -346,9 +346,10 @@ async function downloadLink(model) {
       const answer = await api("GET", path.replace(/\{[^}]+\}/, encodeURIComponent(model.model_id)));
       const url = answer?.url || answer?.download_url;
       if (url) location.assign(url);
+      else if (answer?.files?.length) filesDialog(model, answer.files);
       else showError("The API gave no download URL for this model.");
     } catch (error) { showError(error); }
-  } }, "Download model.tar.gz");
+  } }, "Download");
   return ["Download", h("span", {}, button, " ", h("code", {}, model.artifact_uri || ""), ...uri)];
 }
 
@@ -583,6 +584,20 @@ function cancelDialog(job, onDone) {
     if (dialog.returnValue !== "yes") return;
     try { await api("POST", `/jobs/${encodeURIComponent(job.job_id)}/cancel`); onDone(); } catch (error) { showError(error); }
   });
+  document.body.append(dialog);
+  dialog.showModal();
+}
+
+// A model a job made is its files: a link for each, named by its path in the model folder.
+function filesDialog(model, files) {
+  const dialog = h("dialog", { "aria-labelledby": "files-title" },
+    h("h2", { id: "files-title" }, `Files of ${model.model_id}`),
+    h("p", {}, "Save each file at its path to have the model folder (the transformers folder is hf/), or run ",
+      h("code", {}, `fusion models download ${model.model_id} --out DIR`), "."),
+    h("ul", { "data-testid": "model-files" }, ...files.map((file) =>
+      h("li", {}, h("a", { href: file.url, download: file.path.split("/").pop() }, file.path), ` ${human(file.size)}B`))),
+    h("form", { method: "dialog", class: "actions" }, h("button", { value: "close", class: "secondary" }, "Close")));
+  dialog.addEventListener("close", () => dialog.remove());
   document.body.append(dialog);
   dialog.showModal();
 }

@@ -19,7 +19,7 @@ from typing import Any
 
 from shared.shapes import DTYPES, FAMILIES, LayerShape, ModelConfig, RopeScaling
 
-EXPORT_DIR = "hf"  # the transformers folder inside a job's model directory (and its model.tar.gz)
+EXPORT_DIR = "hf"  # the transformers folder inside a job's model directory (its S3 prefix, or an archive)
 # A deploy unpacks EXPORT_DIR of an archive into this prefix beside it, and writes the manifest last.
 EXPORT_MANIFEST_SUFFIX = ".manifest.json"
 INDEX = "model.safetensors.index.json"

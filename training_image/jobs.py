@@ -246,7 +246,7 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
     return metrics
 
 
-INPUT_MODEL = "input/data/model"  # the `model` channel: a model directory or the model.tar.gz the catalog stores
+INPUT_MODEL = "input/data/model"  # the `model` channel: a model directory (a job's uncompressed output) or a model.tar.gz
 
 
 UNPACKED_MODEL = "model-source"  # where a node extracts a model.tar.gz given as the channel, once

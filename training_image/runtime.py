@@ -103,8 +103,7 @@ def log(line: str) -> None:
 
 def write_outputs(root: Path, model, tokenizer, metrics: Metrics, shard_bytes: int = SHARD_BYTES) -> None:
     """The model directory in model/ with its transformers export in model/hf/, and metrics.json
-    again in output/data/ (SageMaker packs that folder into the small output.tar.gz the events
-    function reads). The weights are safetensors shards of shard_bytes at most, written once:
+    again in output/data/ (the events function reads it from model/, as SageMaker uploads it). The weights are safetensors shards of shard_bytes at most, written once:
     in hf/ alone where the export needs no padding (modeldir.shares_export_weights), the model
     directory reading them from there; a contracted model's compact weights beside its padded
     export."""
@@ -118,8 +117,8 @@ def write_outputs(root: Path, model, tokenizer, metrics: Metrics, shard_bytes: i
 
 
 def write_metrics(root: Path, metrics: Metrics) -> None:
-    """metrics.json alone, for a job that makes no model: in output/data/ (output.tar.gz, which the
-    events function reads) and in model/ (model.tar.gz), as a model-making job writes it."""
+    """metrics.json alone, for a job that makes no model: in model/ (which the events function
+    reads, uploaded uncompressed) and in output/data/, as a model-making job writes it."""
     text = json.dumps(metrics.model_dump(mode="json"), indent=2)
     for folder in (root / "output/data", root / "model"):
         folder.mkdir(parents=True, exist_ok=True)
