@@ -63,6 +63,27 @@ def test_a_completed_job_registers_its_model(aws, job, observer):
     assert published[2][1]["model_id"] == model_id
 
 
+@pytest.mark.parametrize("reported", ["as it is", "without its final slash", "missing"])
+def test_a_completed_job_records_its_uncompressed_model_prefix_and_reads_metrics_there(aws, job, reported):
+    """SageMaker uploads the model uncompressed: the catalog and the job keep the prefix output/model/
+    (ending in "/", whatever SageMaker's answer ends in, or where it names none), and metrics.json is
+    read from that prefix, no archive being there."""
+    prefix = artifact(aws, job["job_id"])
+    assert prefix.endswith(f"/jobs/{job['job_id']}/output/{training_job_name(job['job_id'])}/output/model/")
+    write_metrics(aws, job, perplexity=12.25)
+    event = sagemaker_event(aws, job["job_id"], "Completed")
+    if reported == "missing":
+        del event["detail"]["ModelArtifacts"]
+    elif reported == "without its final slash":
+        event["detail"]["ModelArtifacts"]["S3ModelArtifacts"] = prefix.rstrip("/")
+    events.lambda_handler(event, LambdaContext())
+    status, _, _, _, [model] = _state(aws, job["job_id"])
+    assert status == "completed" and model["perplexity"] == 12.25
+    assert model["artifact_uri"] == prefix == Jobs(session=aws.session).get(job["job_id"])["artifact_uri"]
+    listed = aws.session.client("s3").list_objects_v2(Bucket=aws.env["ARTIFACTS_BUCKET"], Prefix=f"jobs/{job['job_id']}/")
+    assert not any(o["Key"].endswith(".tar.gz") for o in listed["Contents"])
+
+
 ORDERS = sorted(set(itertools.permutations(["InProgress", "Completed", "Completed", "InProgress"])))
 
 
