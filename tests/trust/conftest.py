@@ -61,6 +61,16 @@ def launch(*job_ids: str, receive_count: int = 1) -> list[str]:
     return [f["itemIdentifier"] for f in result["batchItemFailures"]]
 
 
+def reports_uncompressed_model(training_job) -> None:
+    """Have a moto training job report its model as SageMaker does for CompressionType NONE: the
+    prefix output/model/ of the files it uploaded (moto names model.tar.gz whatever the type).
+    Without the final slash, as the SageMaker Python SDK allows for (it adds one)."""
+    config = training_job.output_data_config
+    assert config.get("CompressionType") == "NONE", config
+    training_job.model_artifacts = {
+        "S3ModelArtifacts": f"{config['S3OutputPath'].rstrip('/')}/{training_job.training_job_name}/output/model"}
+
+
 def write_progress(aws, job_id: str, tokens_trained: int) -> None:
     aws.session.client("s3").put_object(Bucket=aws.env["ARTIFACTS_BUCKET"], Key=progress_key(job_id),
                                         Body=progress_document(job_id, tokens_trained))

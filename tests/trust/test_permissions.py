@@ -17,13 +17,13 @@ from botocore.awsrequest import AWSResponse
 
 from functions.api import context
 from shared.events import JOB_REQUESTED
-from shared.outputs import metrics_key, model_uri, read_progress, split_s3
+from shared.outputs import model_uri, read_progress, split_s3
 from shared.state_changes import _definitive
 from shared.store import Catalog
 from shared.training_jobs import LaunchConfig, training_job_request
 from tests import permissions
-from tests.conftest import LambdaContext, deliver, metrics_document, tar_gz, write_metrics
-from tests.trust.conftest import dataset_id, launch, stored, train, write_progress
+from tests.conftest import REGION, LambdaContext, deliver, write_metrics
+from tests.trust.conftest import dataset_id, launch, reports_uncompressed_model, stored, train, write_progress
 
 # Grants a role may hold although no call of the walk makes them.
 WRITES = re.compile(r":(Put|Update|Delete|Create|Stop|Send|Add|Pass|Transact|BatchWrite)", re.I)
@@ -60,10 +60,6 @@ def _with_key(key: str, body: dict) -> tuple[int, dict]:
 def _s3_event(bucket: str, key: str) -> dict:
     return {"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
                          "s3": {"bucket": {"name": bucket}, "object": {"key": key, "size": 1}}}]}
-
-
-def sagemaker_client_description(aws, job_id: str) -> dict:
-    return aws.session.client("sagemaker").describe_training_job(TrainingJobName=stored(aws, job_id)["training_job_name"])
 
 
 def _walk(aws, api) -> None:
@@ -178,15 +174,10 @@ def _walk(aws, api) -> None:
     _answer(tuner, "DescribeHyperParameterTuningJob", {"HyperParameterTuningJobName": f"fusion-{tunings[1]}",
                                                       "HyperParameterTuningJobStatus": "Completed"})
     _answer(tuner, "ListTrainingJobsForHyperParameterTuningJob", {"TrainingJobSummaries": []})
-    # moto's DescribeTrainingJob names model.tar.gz whatever the CompressionType (AWS names the
-    # prefix output/model/): the reconciler reads metrics.json where the description says, here
-    # the output.tar.gz beside that archive, as for a job that packed its outputs.
-    reported = sagemaker_client_description(aws, lost)["ModelArtifacts"]["S3ModelArtifacts"]
-    assert reported.endswith("/output/model.tar.gz")
-    bucket, key, packed = metrics_key(reported)
-    assert packed
-    aws.session.client("s3").put_object(Bucket=bucket, Key=key, Body=tar_gz(
-        {"metrics.json": json.dumps(metrics_document(stored(aws, lost))).encode()}))
+    from moto.sagemaker.models import sagemaker_backends
+
+    reports_uncompressed_model(sagemaker_backends["123456789012"][REGION].training_jobs[stored(aws, lost)["training_job_name"]])
+    write_metrics(aws, stored(aws, lost))
     summary = reconciler.lambda_handler({}, LambdaContext())
     assert lost in summary["moved"] and stored(aws, lost)["status"] == "completed"
     assert tunings[1] in summary["moved"] and stored(aws, tunings[1])["status"] == "completed"

@@ -10,7 +10,7 @@ from shared.state_changes import model_id_for
 from shared.store import Catalog, Tenants, cents
 from shared.training_jobs import training_job_name
 from tests.conftest import REGION, LambdaContext, deliver, write_metrics
-from tests.trust.conftest import launch, stored, train, write_progress
+from tests.trust.conftest import launch, reports_uncompressed_model, stored, train, write_progress
 
 # What differs between two jobs however alike: their ids, times, and the names derived from the id.
 PER_JOB = {"job_id", "created_at", "updated_at", "training_job_name", "output_model_id", "artifact_uri",
@@ -33,6 +33,7 @@ def moto_sagemaker(aws):
 def _set(backend, job_id: str, status: str, reason: str | None = None) -> None:
     training_job = backend.training_jobs[training_job_name(job_id)]
     training_job.training_job_status = training_job.secondary_status = status
+    reports_uncompressed_model(training_job)
     if reason:
         training_job.failure_reason = reason
 
