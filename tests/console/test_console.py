@@ -38,6 +38,14 @@ def test_catalog_shows_lineage_and_the_model_page_compares_with_the_parent(tab, 
     expect(page.get_by_role("link", name="Contract this model")).to_be_visible()
     expect(page.locator("dd", has_text=trained["artifact_uri"])).to_be_visible()  # or its download button
     tab.shot("model")
+    # A model a job made is its files (uploaded uncompressed): a presigned link for each, named by its path.
+    page.get_by_role("button", name="Download", exact=True).click()
+    files = page.get_by_test_id("model-files")
+    expect(files).to_contain_text("hf/config.json")
+    expect(files.get_by_role("link", name="config.json", exact=True)).to_have_attribute(
+        "href", re.compile(r"/output/model/config\.json\?.*X-Amz-Signature"))
+    page.get_by_role("button", name="Close").click()
+    expect(files).to_have_count(0)
 
 
 def test_new_job_form_estimates_live_shows_field_errors_and_submits_once(tab, stack, dataset_id):
