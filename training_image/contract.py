@@ -684,7 +684,8 @@ class StreamedSource:
             block = self.unit(f"blocks.{bid}")
             hooks = watch(bid, block)
             try:
-                hidden = [block(x, cos, sin) for x in hidden]
+                for i, x in enumerate(hidden):  # in place: one batch's old states freed as its new ones come
+                    hidden[i] = block(x, cos, sin)
             finally:
                 for h in hooks:
                     h.remove()
@@ -712,7 +713,8 @@ class StreamedSource:
         del embed
         for bid in self.block_ids:
             block = self.unit(f"blocks.{bid}")
-            hidden = [block(x, cos, sin, None, mask) for x, (cos, sin, mask) in zip(hidden, layouts)]
+            for i, (cos, sin, mask) in enumerate(layouts):
+                hidden[i] = block(hidden[i], cos, sin, None, mask)
             del block
         norm, head = self.unit("norm"), self.unit("lm_head")
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss sum, scored targets]

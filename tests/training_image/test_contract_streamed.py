@@ -110,3 +110,66 @@ def test_the_streamed_held_out_loss_is_the_whole_models_fp32(saved, packed):
     expected = heldout_loss(whole, windows, batch_size=4)
     assert streamed.heldout_loss(windows, batch_size=4) == pytest.approx(expected, rel=1e-6)
     assert expected > 1
+
+
+CHOOSE = """
+import sys
+import torch
+from bench.memory import peak_bytes
+from training_image.contract import StreamedSource, block_influence, contract_streamed
+from training_image.modeldir import open_model_dir
+
+torch.set_num_threads(1)
+calibration = torch.load(sys.argv[1])
+
+
+def choose(folder):
+    def run():
+        config, _, files, names = open_model_dir(folder)
+        streamed = StreamedSource(config, files, names, "cpu")
+        assert len(block_influence(streamed, calibration)) == config.n_layers
+        contract_streamed(streamed, calibration, 0.5, ["1", "2"])
+
+    return run
+
+
+choose(sys.argv[2])()  # the code and libraries the pass runs, paged in
+print(peak_bytes(choose(sys.argv[3])))
+"""
+
+
+@pytest.mark.slow
+def test_choosing_from_a_streamed_source_holds_no_whole_copy_and_stays_within_the_plan(tmp_path, tokenizer):
+    """The host's peak (resident set, every allocation counted) while a CPU rank chooses and cuts
+    from a source whose weights dominate (32 blocks, 135 MB in fp32): under half the source, and
+    under the plan's figure for that phase on a CPU (the device's, choosing_bytes, with the chosen
+    layers' Grams and cut blocks the host keeps). Measured in a process of its own whose
+    allocator gives back what is freed (glibc's mmap threshold fixed), after a first pass over a
+    4-block model of another width has loaded the code and libraries the pass runs."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from shared.memory import LayerShape, choosing_bytes, chosen_host_bytes
+
+    config = SIZES["debug"].model_copy(update={
+        "vocab_size": 2048, "dim": 512, "head_dim": 64,
+        "layers": [LayerShape(n_heads=8, n_kv_heads=2, mlp_hidden=256)] * 32})
+    warm = config.model_copy(update={"dim": 256, "layers": config.layers[:4]})
+    save_model_dir(tmp_path / "warm", Decoder(warm).init_weights(0), tokenizer)
+    save_model_dir(tmp_path / "source", Decoder(config).init_weights(0), tokenizer)
+    calibration = _windows(8, 4)
+    torch.save(calibration, tmp_path / "calibration.pt")
+    root = Path(__file__).parents[2]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 16), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", CHOOSE, str(tmp_path / "calibration.pt"), str(tmp_path / "warm"),
+                          str(tmp_path / "source")], env=env, cwd=root, capture_output=True, text=True, check=True)
+    measured = int(run.stdout.split()[-1])
+    source_bytes = 4 * config.parameters()
+    planned = choosing_bytes(config, config, 2, calibration.shape[1] - 1) + chosen_host_bytes(config, 2)
+    print(f"choosing from a {source_bytes / 2**20:.0f} MiB source: host peak {measured / 2**20:.1f} MiB, "
+          f"planned {planned / 2**20:.1f} MiB")
+    assert measured < source_bytes / 2
+    assert measured < planned
