@@ -26,7 +26,6 @@ random and removing ratio of every layer's units and heads (as evenly as head sh
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import heapq
 import itertools

@@ -203,10 +203,6 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     sharded = parallel.shards(layout.strategy, world_size)
     bf16 = computes_in_bf16(device)
-    # The teacher: forward passes only, in the precision healing computes in, sharded with the student.
-    teacher = parallel.frozen_model(
-        source_config, device, functools.partial(parallel.load_shards, files=files, sources=source.source_names()),
-        dtype=torch.bfloat16 if bf16 else torch.float32, sharded=sharded)
     with torch.device("meta"):
         model = Decoder(config)
     materialize = functools.partial(parallel.load_shards, files=files, sources=student_sources(source, config, cut))
@@ -214,6 +210,10 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
     healed, kept, cycles, tokens_processed, tokens_per_second = None, None, [], 0, 0.0
     precision = "bf16" if bf16 else "fp32"  # the healing's (the rest is fp32 forward passes)
     if settings.train_steps > 0:
+        # The teacher: forward passes only, in the precision healing computes in, sharded with the student.
+        teacher = parallel.frozen_model(
+            source_config, device, functools.partial(parallel.load_shards, files=files, sources=source.source_names()),
+            dtype=torch.bfloat16 if bf16 else torch.float32, sharded=sharded)
         trainer = _healer(model, teacher, config, train_windows, heldout_windows, settings.train_steps, seq_len, root,
                           job_id, log, layout, device, materialize)
     else:
@@ -280,11 +280,6 @@ def model_source(root: Path) -> Path:
         unpack(archive, into)
     runtime.wait_for_all()
     return into
-
-
-def _input_model(root: Path):
-    """The `model` channel's model: (model, tokenizer)."""
-    return load_model_dir(model_source(root))
 
 
 def grown_model(source: Path, layout: Layout, world_size: int):
