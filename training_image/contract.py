@@ -792,7 +792,9 @@ class Distillation(nn.Module):
     the mean over tokens of KL(source || student) of the next-token distributions ("kl"), that
     plus the language-model loss ("kl+lm"), or the language-model loss alone ("lm"), as the
     Decoder returns its loss. The source is held outside the module tree: it is neither trained
-    nor saved, and a sharded healing (parallel.wrap) shards the student alone.
+    nor saved, and a sharded healing (parallel.wrap) shards the student alone; the source comes
+    as it was built, whole or itself sharded over the same ranks (a contract job's teacher:
+    parallel.frozen_model), and its head, which the loss reads, whole either way.
 
     Neither model's logits are ever held whole: the source runs to its final hidden states, and
     the student's head computes the loss from both in chunks (model.chunked_kl_divergence), as
