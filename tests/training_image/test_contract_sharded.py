@@ -56,10 +56,14 @@ def _heal(strategy: str, loss: str) -> dict:
     teacher = parallel.frozen_model(
         source.config, torch.device("cpu"),
         functools.partial(parallel.load_shards, files=[], sources=dict(source.named_parameters())), sharded=sharded)
-    held = sum(_local(p).numel() for name, p in teacher.named_parameters() if not name.startswith(("norm", "lm_head")))
     trainer = Trainer(Distillation(student, teacher, loss), _windows(), None, PLAN, strategy=strategy, log=None,
                       autocast=False)
     trainer.run()
+    # After the steps' forward passes: what stays of the teacher's blocks and embeddings on this rank
+    # (sharded, each unit gathered to run and freed after: every one of them a shard again).
+    parts = [p for name, p in teacher.named_parameters() if not name.startswith(("norm", "lm_head"))]
+    assert all(isinstance(p, DTensor) for p in parts) == sharded
+    held = sum(_local(p).numel() for p in parts)
     whole = parallel.full_model(student)
     return {"losses": trainer.losses, "sharded": trainer.sharded, "teacher_share": held / source.parameter_count(),
             "state": whole.state_dict() if whole is not None else None}
