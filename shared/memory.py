@@ -119,6 +119,7 @@ class MemoryPlan(BaseModel):
     # rank on the host (ContractFootprint).
     choosing_per_gpu: int | None = None
     host_per_rank: int | None = None
+    host_per_instance: int | None = None  # its ranks' peaks and what one rank holds beside (the delivered model)
 
     def layout(self) -> Layout:
         return Layout(
@@ -292,29 +293,52 @@ def _eval_logits_bytes(config: ModelConfig, tokens: int, compute_bytes: int) -> 
     return min(tokens, loss_chunk_tokens(config.vocab_size)) * config.vocab_size * (compute_bytes + 4 + 4)
 
 
+def _grams_bytes(source: ModelConfig, layer: LayerShape) -> int:
+    """A layer's two fp64 activation Grams: MLP width squared and attention width squared."""
+    return (layer.mlp_hidden ** 2 + (layer.n_heads * source.head_dim) ** 2) * GRAM_BYTES
+
+
+def _largest_layers(source: ModelConfig, chosen_layers: int, size: Callable[[LayerShape], int]) -> int:
+    """The sum of `size` over the `chosen_layers` layers where it is largest (the job chooses
+    which after it is priced)."""
+    return sum(sorted((size(layer) for layer in source.layers), reverse=True)[:chosen_layers])
+
+
 def choosing_bytes(source: ModelConfig, student: ModelConfig, chosen_layers: int, seq_len: int) -> int:
     """Peak bytes on a GPU while a contract job chooses and cuts, before it heals.
 
-    Every rank holds the whole fp32 source (calibration and surgery read every weight) and runs
-    CALIBRATION_BATCH windows forward at a time; the chosen layers' fp64 activation Grams
-    (MLP width squared and attention width squared each) stay until the cuts are made, and the
-    surgery works on one layer at a time (its Gram's inverse, a damped copy and the downdated
-    one, with the fp64 output projection; heads: three such for the twin searches). The
-    contracted model is built on the host (contract_host_bytes), then moved here once the
-    source is cast to the teacher's precision, and measured: the second peak.
-    """
+    The source is read from its files one unit at a time (a block, the embeddings, or the final
+    norm with the head, in fp32) and the windows of a pass go through one block before the next
+    is read: the device holds one unit, the hidden states (fp32) of the largest pass's windows
+    (the held-out windows, CONTRACT_HELDOUT_WINDOWS, as if one rank ran them all), one batch's
+    new ones, the forward pass's transient at CALIBRATION_BATCH windows with the chunked loss's
+    logits, and the Grams of the block being calibrated (summed over the ranks, then sent to the
+    host). Then the chosen blocks are cut one at a time: one block, its Grams brought back, and
+    the surgery's working matrices (its Gram's inverse, a damped copy and the downdated one, with
+    the fp64 output projection; heads: three such for the twin searches). The cut blocks are
+    built on the host (contract_host_bytes)."""
+    from shared.settings import CONTRACT_CALIBRATION_WINDOWS, CONTRACT_HELDOUT_WINDOWS
+
     tokens = CALIBRATION_BATCH * seq_len
+    block = max(source.layer_parameters(layer) for layer in source.layers) * 4
+    unit = max(block, (source.vocab_size * source.dim + source.dim) * 4)
+    held = max(CONTRACT_HELDOUT_WINDOWS, CONTRACT_CALIBRATION_WINDOWS) * seq_len * source.dim * RESIDUAL_BYTES
+    batch = tokens * source.dim * RESIDUAL_BYTES
     forward = forward_transient_bytes(source, tokens, 4) + _eval_logits_bytes(source, tokens, 4)
-    grams = sorted(((layer.mlp_hidden ** 2 + (layer.n_heads * source.head_dim) ** 2) * GRAM_BYTES
-                    for layer in source.layers), reverse=True)[:chosen_layers]
+    grams = max(_grams_bytes(source, layer) for layer in source.layers)
     surgery = max(
         (3 * max(layer.mlp_hidden ** 2, (layer.n_heads * source.head_dim) ** 2)
          + 2 * source.dim * max(layer.mlp_hidden, layer.n_heads * source.head_dim)) * GRAM_BYTES
         for layer in source.layers
     )
-    cutting = source.parameters() * 4 + sum(grams) + surgery + forward
-    measuring = source.parameters() * COMPUTE_BYTES + student.parameters() * 4 + forward
-    return max(cutting, measuring)
+    streaming = unit + held + batch + forward + grams
+    cutting = block + grams + surgery
+    return max(streaming, cutting)
+
+
+def _teacher_sharded(strategy: Strategy, world_size: int) -> bool:
+    """The teacher is sharded with the student (training_image.parallel.frozen_model)."""
+    return strategy == "fsdp" and world_size > 1
 
 
 def distillation_peak_bytes(config: ModelConfig, tokens: int, compute_bytes: int = COMPUTE_BYTES) -> int:
@@ -337,36 +361,65 @@ def healing_bytes(
 ) -> MemoryBreakdown:
     """Peak bytes on a GPU while a contract job heals: the student as a train job holds it
     (bytes_per_gpu), the distillation loss in place of the language-model loss, and the frozen
-    source (the teacher), replicated in the compute precision, with what its forward pass keeps
-    for the loss: its final hidden states and each token's log-sum-exp, and the transient of
-    its forward pass."""
+    source (the teacher) in the compute precision: replicated, or where the student is sharded,
+    sharded over the same ranks (its blocks and embeddings; FSDP_UNITS_IN_FLIGHT of them
+    gathered; its head and final norm whole), with what its forward pass keeps for the loss:
+    its final hidden states and each token's log-sum-exp, and the transient of its forward
+    pass."""
     tokens = micro_batch * seq_len
     student_need = bytes_per_gpu(student, seq_len=seq_len, micro_batch=micro_batch, strategy=strategy,
                                  world_size=world_size, checkpointing=checkpointing, compute_bytes=compute_bytes)
-    teacher = (source.parameters() * compute_bytes + tokens * (source.dim * compute_bytes + 4)
-               + forward_transient_bytes(source, tokens, compute_bytes))
+    if _teacher_sharded(strategy, world_size):
+        # Its blocks and embeddings sharded, each gathered whole to run; the head and final norm
+        # whole on every rank (the distillation loss reads the head's weight).
+        whole = source.vocab_size * source.dim + source.dim
+        units = [source.layer_parameters(layer) for layer in source.layers]
+        if not source.tie_embeddings:
+            units.append(source.vocab_size * source.dim)
+        weights = (-(-(source.parameters() - whole) // world_size) + whole) * compute_bytes
+        weights += FSDP_UNITS_IN_FLIGHT * max(units) * compute_bytes
+    else:
+        weights = source.parameters() * compute_bytes
+    teacher = weights + tokens * (source.dim * compute_bytes + 4) + forward_transient_bytes(source, tokens, compute_bytes)
     return student_need.model_copy(update={
         "logits": distillation_peak_bytes(student, tokens, compute_bytes), "teacher": teacher,
     })
 
 
-def contract_host_bytes(source: ModelConfig, student: ModelConfig, on_gpu: bool, *, chosen_layers: int = 0,
-                        seq_len: int = 0, healing: MemoryBreakdown | None = None) -> int:
+def contract_host_bytes(source: ModelConfig, student: ModelConfig, on_gpu: bool, *, chosen_layers: int,
+                        seq_len: int = 0, strategy: Strategy = "ddp", world_size: int = 1,
+                        healing: MemoryBreakdown | None = None) -> int:
     """Peak bytes on the host for one rank of a contract job.
 
-    With a GPU: the fp32 source as it is read, then the contracted model as it is built and, once
-    it has moved to the GPU, its copy kept in case healing makes it worse. Without one, the host
-    is the device: the larger of the choosing phase (the source, the Grams and the surgery, and
-    the contracted model built beside them) and the healing phase (healing_bytes, computed in
-    fp32) plus that kept copy."""
+    With a GPU, the source never is on the host whole: its files are read in place, one tensor
+    at a time (the largest, in fp32, counted). While it chooses and cuts, a rank holds the
+    chosen layers' Grams (fp64) and the cut blocks (fp32, counted at the source's size of the
+    largest layers); then, once the student is on the GPU, its part of the pruned weights (a
+    shard when the student is sharded, else the whole) is kept in case healing makes the model
+    worse. Without one, the host is the device: the larger of the choosing phase (choosing_bytes
+    with those Grams and cut blocks) and the healing phase (healing_bytes, computed in fp32)
+    with that kept copy. Rank 0's gathering of the delivered model is contract_output_host_bytes."""
+    chosen = chosen_host_bytes(source, chosen_layers)
+    kept = -(-student.parameters() // world_size) * 4 if _teacher_sharded(strategy, world_size) else student.parameters() * 4
     if on_gpu:
-        return max(source.parameters(), student.parameters()) * 4
-    tokens = CALIBRATION_BATCH * seq_len
-    choosing = (choosing_bytes(source, student, chosen_layers, seq_len) - source.parameters() * COMPUTE_BYTES
-                + source.parameters() * 4 + student.parameters() * 4)
-    choosing = max(choosing, source.parameters() * 4 + student.parameters() * 4
-                   + forward_transient_bytes(source, tokens, 4) + _eval_logits_bytes(source, tokens, 4))
-    return max(choosing, (healing.total if healing else 0) + student.parameters() * 4)
+        tensor = max(source.vocab_size, 3 * max(layer.mlp_hidden for layer in source.layers)) * source.dim * 4
+        return max(chosen, kept) + tensor
+    choosing = choosing_bytes(source, student, chosen_layers, seq_len) + chosen
+    return max(choosing, (healing.total if healing else 0) + kept)
+
+
+def chosen_host_bytes(source: ModelConfig, chosen_layers: int) -> int:
+    """What the host keeps of the chosen layers while a contract job cuts them: their Grams
+    (fp64, summed over the ranks) and the cut blocks (fp32, counted at the source's size), of
+    the layers where they are largest."""
+    grams = _largest_layers(source, chosen_layers, lambda layer: _grams_bytes(source, layer))
+    return grams + _largest_layers(source, chosen_layers, source.layer_parameters) * 4
+
+
+def contract_output_host_bytes(student: ModelConfig) -> int:
+    """What rank 0 holds on the host, beyond its own peak, to write the delivered model: the whole
+    student in fp32, gathered from the ranks (training_image.parallel.full_model)."""
+    return student.parameters() * 4
 
 
 def plan_contract(
@@ -382,20 +435,25 @@ def plan_contract(
     """Where and how a contract job runs: as plan() does for a train job, over the same ways
     (the student replicated or sharded, its activations recomputed or not), with the contract
     job's footprint on each: a GPU must hold both phases (choosing_bytes, healing_bytes) and an
-    instance's RAM its ranks' host peaks (contract_host_bytes). The teacher stays replicated.
+    instance's RAM its ranks' host peaks (contract_host_bytes) and rank 0's gathered output
+    (contract_output_host_bytes). The teacher is sharded where the student is.
 
     `student`: the contracted model's shape; by default the source's own, an upper bound
     (contraction only removes), as the price is fixed before the job chooses what goes."""
     student = student or source
     choosing = choosing_bytes(source, student, chosen_layers, seq_len)
-    host = contract_host_bytes(source, student, True)
+
+    def host(strategy: Strategy, world: int) -> int:
+        return contract_host_bytes(source, student, True, chosen_layers=chosen_layers, strategy=strategy,
+                                   world_size=world)
 
     def need(micro: int, strategy: Strategy, world: int, checkpointing: bool, defer: bool) -> MemoryBreakdown:
         return healing_bytes(source, student, seq_len=seq_len, micro_batch=micro, strategy=strategy,
                              world_size=world, checkpointing=checkpointing)
 
     return _first_fit(need, batch_size=batch_size, instances=instances, max_instance_count=max_instance_count,
-                      choosing=choosing, host_per_rank=host, what="the contract job")
+                      choosing=choosing, host=host, host_once=contract_output_host_bytes(student),
+                      what="the contract job")
 
 
 def plan(
@@ -434,21 +492,20 @@ def plan(
 
 
 def _first_fit(need, *, batch_size: int, instances: list[Instance], max_instance_count: int, what: str,
-               choosing: int | None = None, host_per_rank: int | None = None,
+               choosing: int | None = None, host: Callable[[Strategy, int], int] | None = None, host_once: int = 0,
                step_seconds: Callable[[MemoryPlan], float] | None = None) -> MemoryPlan:
     """plan()'s search, for a footprint `need(micro_batch, strategy, world, checkpointing, defer)`;
-    a contract job adds its choosing phase (per GPU, whatever the layout) and its host peak per
-    rank. Deferring the gradient sync is tried only with `step_seconds` (which chooses by speed)."""
+    a contract job adds its choosing phase (per GPU, whatever the layout), its host peak per rank
+    (`host(strategy, world)`) and what one rank of the job holds beside it (`host_once`): an
+    instance's RAM holds its ranks' peaks and that. Deferring the gradient sync is tried only
+    with `step_seconds` (which chooses by speed)."""
     if not instances:
         raise DoesNotFit("no instance types to plan on")
     tried: list[tuple[int, str]] = []
-    host_short: list[tuple[int, Instance]] = []
+    host_short: list[tuple[int, int, Instance]] = []
     for instance in instances:
         usable = instance.usable_bytes
         host_usable = instance.host_usable_bytes
-        if host_per_rank is not None and host_usable is not None and host_per_rank * instance.gpus > host_usable:
-            host_short.append((host_per_rank * instance.gpus, instance))
-            continue
         for count in range(1, max_instance_count + 1):
             world = instance.gpus * count
             if batch_size % world:
@@ -464,6 +521,10 @@ def _first_fit(need, *, batch_size: int, instances: list[Instance], max_instance
                 ways.append(("fsdp", True))
             fitting: list[MemoryPlan] = []
             for strategy, checkpointing in ways:
+                per_rank = host(strategy, world) if host is not None else None
+                if per_rank is not None and host_usable is not None and per_rank * instance.gpus + host_once > host_usable:
+                    host_short.append((per_rank * instance.gpus + host_once, per_rank, instance))
+                    continue
                 for defer in ((True, False) if strategy == "fsdp" and step_seconds is not None else (False,)):
                     for micro in _divisors_descending(batch_size // world):
                         if defer and micro == batch_size // world:
@@ -483,7 +544,8 @@ def _first_fit(need, *, batch_size: int, instances: list[Instance], max_instance
                                 defer_gradient_sync=defer,
                                 batch_size=batch_size,
                                 choosing_per_gpu=choosing,
-                                host_per_rank=host_per_rank,
+                                host_per_rank=per_rank,
+                                host_per_instance=None if per_rank is None else per_rank * instance.gpus + host_once,
                             ))
                             break
                         tried.append((peak, instance.type))
@@ -496,15 +558,15 @@ def _first_fit(need, *, batch_size: int, instances: list[Instance], max_instance
     largest = max(i.usable_bytes for i in instances)
     reason = ""
     if choosing is not None and choosing > largest:
-        reason = (f" (choosing what to remove holds the whole fp32 source and the chosen layers' statistics "
-                  f"on each GPU: {choosing / GIB:.1f} GiB)")
+        reason = (f" (choosing what to remove holds one source block, the windows' hidden states and a block's "
+                  f"statistics on each GPU: {choosing / GIB:.1f} GiB)")
     if not tried and host_short:
-        needed, instance = min(host_short, key=lambda item: item[0])
+        needed, per_rank, instance = min(host_short, key=lambda item: item[0])
         also = f"; and {reason[2:-1]}, more than the {largest / GIB:.1f} GiB usable on a GPU" if reason else ""
         raise DoesNotFit(
-            f"{what} needs {needed / GIB:.1f} GiB of host memory on each instance ({host_per_rank / GIB:.1f} GiB "
-            f"for each of its {instance.gpus} ranks), more than the {instance.host_usable_bytes / GIB:.1f} GiB usable "
-            f"on the instances allowed ({allowed}){also}"
+            f"{what} needs {needed / GIB:.1f} GiB of host memory on each instance ({per_rank / GIB:.1f} GiB "
+            f"for each of its {instance.gpus} ranks and {host_once / GIB:.1f} GiB for the delivered model), more "
+            f"than the {instance.host_usable_bytes / GIB:.1f} GiB usable on the instances allowed ({allowed}){also}"
         )
     smallest = min(tried)[0] if tried else 0
     raise DoesNotFit(

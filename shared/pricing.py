@@ -509,7 +509,7 @@ def contract_plan_table(table: PriceTable | None = None) -> str:
             continue
         instance = table.instance(chosen.instance_type)
         host_usable = instance.host_usable_bytes
-        host = chosen.host_per_rank * instance.gpus / memory.GIB
+        host = chosen.host_per_instance / memory.GIB
         share = batch_size_for(source.parameters()) // chosen.world_size
         host_text = f"{host:.1f} ({host_usable / memory.GIB:.1f})" if host_usable is not None else f"{host:.1f}"
         lines.append(

@@ -26,21 +26,24 @@ random and removing ratio of every layer's units and heads (as evenly as head sh
 
 from __future__ import annotations
 
+import copy
 import heapq
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Callable, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from shared.memory import CALIBRATION_BATCH
+from shared.memory import CALIBRATION_BATCH, IGNORE_INDEX
 from shared.settings import TrainSettings
 from shared.shapes import LayerShape, ModelConfig, even_cuts, head_shapes, heads_to_remove, units_to_remove  # noqa: F401 (the tests read the two rules here)
-from training_image.data import TOKEN_MASK
-from training_image.model import Decoder
+from training_image.data import TOKEN_MASK, split_windows
+from training_image.evaluate import DEFAULT_EVAL_BATCH
+from training_image.model import Block, Decoder, chunked_cross_entropy
 from training_image.train import Trainer, TrainPlan, batch_size_for
 
 Method = Literal["activation", "magnitude", "random", "wanda-sp"]
@@ -75,14 +78,32 @@ def _sum_over_ranks(*tensors: torch.Tensor) -> None:
             dist.all_reduce(tensor)
 
 
-def _calibrate(model: Decoder, hooks: list, calibration_windows: torch.Tensor, batch_size: int) -> int:
-    """Run this rank's share of the calibration windows through the blocks in eval mode with the
-    hooks attached; the hooks are removed and the model's mode restored even if a batch fails.
-    Returns the input tokens fed (by this rank)."""
+Watch = Callable[[str, nn.Module], list]  # (block id, the block) -> the hooks put on it
+Finish = Callable[[str], None]  # a block's windows all seen: its statistics are complete
+
+
+def _device(model: "Decoder | StreamedSource") -> torch.device:
+    return model.device if isinstance(model, StreamedSource) else next(model.parameters()).device
+
+
+def _calibrate(model: "Decoder | StreamedSource", watch: Watch, calibration_windows: torch.Tensor, batch_size: int,
+               finish: Finish = lambda bid: None) -> int:
+    """Run this rank's share of the calibration windows through the blocks in eval mode, each block
+    with the hooks `watch` puts on it (removed even if a batch fails), and `finish` each block
+    once every window has gone through it. Returns the input tokens fed (by this rank).
+
+    A StreamedSource runs all the windows through one block before it reads the next
+    (StreamedSource.calibrate); a Decoder runs each batch through all its blocks. Each block sees
+    the same inputs in the same batches either way, so the statistics are the same."""
+    if isinstance(model, StreamedSource):
+        return model.calibrate(watch, calibration_windows, batch_size, finish)
     was_training = model.training
     model.eval()
     tokens = 0
+    hooks = []
     try:
+        for bid, block in model.blocks.items():
+            hooks.extend(watch(bid, block))
         device = next(model.parameters()).device
         share = _inputs(_share(calibration_windows))
         for batch in share.split(batch_size) if len(share) else ():  # more ranks than windows: none here
@@ -92,29 +113,30 @@ def _calibrate(model: Decoder, hooks: list, calibration_windows: torch.Tensor, b
         for h in hooks:
             h.remove()
         model.train(was_training)
+    for bid in model.block_ids:
+        finish(bid)
     return tokens
 
 
 @torch.no_grad()
-def block_influence(model: Decoder, calibration_windows: torch.Tensor, batch_size: int = CALIBRATION_BATCH) -> dict[str, float]:
+def block_influence(model: "Decoder | StreamedSource", calibration_windows: torch.Tensor,
+                    batch_size: int = CALIBRATION_BATCH) -> dict[str, float]:
     """1 - mean cosine(input, output) of each block's hidden states over the calibration tokens
     (of all ranks, under torchrun)."""
     ids = model.block_ids
-    device = next(model.parameters()).device
     # [cosine sum of each block..., tokens], summed on the device in fp64 and read back once.
-    sums = torch.zeros(len(ids) + 1, dtype=torch.float64, device=device)
-    hooks = []
+    sums = torch.zeros(len(ids) + 1, dtype=torch.float64, device=_device(model))
 
-    def watch(i: int):
+    def watch(bid: str, block: nn.Module) -> list:
+        i = ids.index(bid)
+
         def hook(module, args, output):
             cos = torch.nn.functional.cosine_similarity(args[0].float(), output.float(), dim=-1)  # (B, T)
             sums[i] += cos.double().sum()
 
-        return hook
+        return [block.register_forward_hook(hook)]
 
-    for i, block in enumerate(model.blocks.values()):
-        hooks.append(block.register_forward_hook(watch(i)))
-    sums[-1] = _calibrate(model, hooks, calibration_windows, batch_size)
+    sums[-1] = _calibrate(model, watch, calibration_windows, batch_size)
     _sum_over_ranks(sums)
     *cosines, count = sums.tolist()
     return {bid: 1.0 - s / count for bid, s in zip(ids, cosines)}
@@ -144,11 +166,16 @@ class LayerStats:
 
 
 @torch.no_grad()
-def layer_stats(model: Decoder, calibration_windows: torch.Tensor, block_ids: list[str], batch_size: int = CALIBRATION_BATCH) -> dict[str, LayerStats]:
+def layer_stats(model: "Decoder | StreamedSource", calibration_windows: torch.Tensor, block_ids: list[str],
+                batch_size: int = CALIBRATION_BATCH) -> dict[str, LayerStats]:
     """Activation Grams of the chosen blocks' o_proj and down_proj inputs (fp64 accumulators),
-    over the calibration tokens of all ranks under torchrun."""
+    over the calibration tokens of all ranks under torchrun.
+
+    Each block's Grams are made on the device beside it and summed over the ranks there once
+    every window has gone through it; from a StreamedSource they then move to the host
+    (StreamedSource.stats_device), so the device holds one block's Grams at a time."""
     stats: dict[str, LayerStats] = {}
-    hooks = []
+    keep_on = model.stats_device if isinstance(model, StreamedSource) else None
 
     def accumulate(bid: str, which: str):
         def hook(module, args):
@@ -166,8 +193,9 @@ def layer_stats(model: Decoder, calibration_windows: torch.Tensor, block_ids: li
 
         return hook
 
-    for bid in block_ids:
-        block = model.blocks[bid]
+    def watch(bid: str, block: nn.Module) -> list:
+        if bid not in block_ids:
+            return []
         d_mlp = block.mlp.down_proj.in_features
         d_attn = block.attn.o_proj.in_features
         device = block.mlp.down_proj.weight.device
@@ -175,15 +203,30 @@ def layer_stats(model: Decoder, calibration_windows: torch.Tensor, block_ids: li
             mlp_gram=torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=device),
             attn_gram=torch.zeros(d_attn, d_attn, dtype=torch.float64, device=device),
         )
-        hooks.append(block.register_forward_pre_hook(residual(bid)))
-        hooks.append(block.mlp.down_proj.register_forward_pre_hook(accumulate(bid, "mlp_gram")))
-        hooks.append(block.attn.o_proj.register_forward_pre_hook(accumulate(bid, "attn_gram")))
-    _calibrate(model, hooks, calibration_windows, batch_size)
-    for bid in block_ids:  # every rank's share of the windows, in every rank's statistics
-        counts = torch.tensor([stats[bid].tokens, stats[bid].residual], dtype=torch.float64, device=stats[bid].mlp_gram.device)
-        _sum_over_ranks(stats[bid].mlp_gram, stats[bid].attn_gram, counts)
-        stats[bid].tokens, stats[bid].residual = int(counts[0].item()), counts[1].item()
-    return stats
+        return [block.register_forward_pre_hook(residual(bid)),
+                block.mlp.down_proj.register_forward_pre_hook(accumulate(bid, "mlp_gram")),
+                block.attn.o_proj.register_forward_pre_hook(accumulate(bid, "attn_gram"))]
+
+    def finish(bid: str) -> None:  # every rank's share of the windows, in every rank's statistics
+        if bid not in block_ids:
+            return
+        one = stats[bid]
+        counts = torch.tensor([one.tokens, one.residual], dtype=torch.float64, device=one.mlp_gram.device)
+        _sum_over_ranks(one.mlp_gram, one.attn_gram, counts)
+        one.tokens, one.residual = int(counts[0].item()), counts[1].item()
+        if keep_on is not None:
+            one.mlp_gram, one.attn_gram = one.mlp_gram.to(keep_on), one.attn_gram.to(keep_on)
+
+    _calibrate(model, watch, calibration_windows, batch_size, finish)
+    return {bid: stats[bid] for bid in block_ids}
+
+
+def _on(stats: LayerStats | None, device: torch.device) -> LayerStats | None:
+    """A layer's statistics with its Grams on `device` (where its block is): the same object
+    where they already are there."""
+    if stats is None or stats.mlp_gram.device == device:
+        return stats
+    return LayerStats(stats.mlp_gram.to(device), stats.attn_gram.to(device), stats.tokens, stats.residual)
 
 
 # ----------------------------------------------------------------------------- what to remove: ours
@@ -438,14 +481,16 @@ def plan_cuts(model: Decoder, chosen: list[str], ratio: float, stats: dict[str, 
 
     unit_orders, head_options = {}, {}
     for bid in chosen:
-        block, shape = model.blocks[bid], shapes[bid]
+        block, shape = model.blocks[bid], shapes[bid]  # from a StreamedSource: read now, one at a time
+        one = _on(stats.get(bid), block.mlp.down_proj.weight.device)
         if method == "activation":
-            order, errors = _obs_units(block.mlp.down_proj.weight, stats[bid].mlp_gram, most(shape.mlp_hidden))
-            unit_orders[bid] = (order, [0.0] + [e / stats[bid].residual for e in errors])
-            head_options[bid] = _obs_heads(block.attn.o_proj.weight, stats[bid].attn_gram, shape, block.attn.head_dim)
+            order, errors = _obs_units(block.mlp.down_proj.weight, one.mlp_gram, most(shape.mlp_hidden))
+            unit_orders[bid] = (order, [0.0] + [e / one.residual for e in errors])
+            head_options[bid] = _obs_heads(block.attn.o_proj.weight, one.attn_gram, shape, block.attn.head_dim)
         else:
-            unit_orders[bid] = (_unit_scores(block, method, generator, stats.get(bid)).argsort().tolist(), None)
-            head_options[bid] = _scored_heads(block, shape, method, generator, stats.get(bid))
+            unit_orders[bid] = (_unit_scores(block, method, generator, one).argsort().tolist(), None)
+            head_options[bid] = _scored_heads(block, shape, method, generator, one)
+        del block, one
 
     if method == "activation" and not even:
         target = sum(3 * config.dim * n + head_parameters(shapes[b], k, s) for b, n, (k, s) in zip(chosen, even_units, even_heads))
@@ -576,6 +621,166 @@ def contract(
     return contract_blocks(model, config, calibration, ratio, chosen, method=method, seed=seed)
 
 
+# ----------------------------------------------------------------------------- the source, streamed
+
+
+class StreamedSource:
+    """The source model read from its safetensors files one unit at a time, never whole: a block,
+    the embeddings, the final norm or the head comes onto `device` in fp32 when a pass needs it
+    (read in place from the memory-mapped files, one tensor at a time) and is freed after it.
+
+    A pass over windows (calibration, held-out loss) runs all of this rank's windows through one
+    block before it reads the next, as layer-wise pruning methods do: the device holds one unit,
+    the windows' hidden states and that block's statistics; the chosen layers' Grams, once
+    summed over the ranks, wait on the host (`stats_device`) until the surgery takes them back
+    to the device one layer at a time. `blocks[bid]` reads one block, as plan_cuts asks for it."""
+
+    def __init__(self, config: ModelConfig, files: list[Path], names: dict[str, str],
+                 device: torch.device | str = "cpu", stats_device: torch.device | str = "cpu"):
+        self.config, self.files, self.names = config, list(files), names
+        self.device, self.stats_device = torch.device(device), torch.device(stats_device)
+        with torch.device("meta"):
+            self._skeleton = Decoder(config)
+        self._skeleton.reset_buffers(self.device)  # the rotary tables (and the document layouts of packed windows)
+        self.blocks = _StreamedBlocks(self)
+
+    @property
+    def block_ids(self) -> list[str]:
+        return self.config.ids()
+
+    def source_names(self) -> dict[str, str]:
+        """Our name of every parameter of the model -> its name in the files."""
+        return {name: self.names[name] for name, _ in self._skeleton.named_parameters()}
+
+    @torch.no_grad()
+    def unit(self, name: str) -> nn.Module:
+        """The submodule `name` ("blocks.<id>", "embed", "norm", "lm_head") in fp32 on the device,
+        in eval mode, read from the files."""
+        from training_image.parallel import load_shards
+
+        module = copy.deepcopy(self._skeleton.get_submodule(name)).to_empty(device=self.device)
+        sources = {}
+        for local, _ in module.named_parameters():
+            ours = f"{name}.{local}"
+            if ours == "lm_head.weight" and self.config.tie_embeddings:
+                ours = "embed.weight"
+            sources[local] = self.names[ours]
+        load_shards(module, self.files, sources)
+        return module.eval()
+
+    @torch.no_grad()
+    def calibrate(self, watch: Watch, calibration_windows: torch.Tensor, batch_size: int, finish: Finish) -> int:
+        """_calibrate, block by block: this rank's share of the windows through each block in turn
+        (a rank with no share still reads every block and finishes it, for the ranks' sums)."""
+        share = _inputs(_share(calibration_windows))
+        batches = share.split(batch_size) if len(share) else ()
+        embed = self.unit("embed")
+        hidden = [embed(batch.to(self.device)) for batch in batches]
+        del embed
+        T = share.shape[1]
+        cos, sin = self._skeleton.rope_cos[:T], self._skeleton.rope_sin[:T]
+        for bid in self.block_ids:
+            block = self.unit(f"blocks.{bid}")
+            hooks = watch(bid, block)
+            try:
+                for i, x in enumerate(hidden):  # in place: one batch's old states freed as its new ones come
+                    hidden[i] = block(x, cos, sin)
+            finally:
+                for h in hooks:
+                    h.remove()
+            del block
+            finish(bid)
+        return share.numel()
+
+    @torch.no_grad()
+    def heldout_loss(self, windows: torch.Tensor, batch_size: int = DEFAULT_EVAL_BATCH) -> float:
+        """evaluate.heldout_loss of the source (across ranks under torchrun), in fp32, block by
+        block: each rank's share of the windows in batches of `batch_size`, as a Decoder's."""
+        if len(windows) == 0:
+            raise ValueError("no held-out windows to evaluate")
+        share = _share(windows)
+        batches = [split_windows(batch) for batch in share.split(batch_size)] if len(share) else []
+        embed = self.unit("embed")
+        hidden, layouts = [], []
+        for inputs, _, starts in batches:
+            hidden.append(embed(inputs.to(self.device)))
+            if starts is None:
+                T = inputs.shape[1]
+                layouts.append((self._skeleton.rope_cos[:T], self._skeleton.rope_sin[:T], None))
+            else:
+                layouts.append(self._skeleton._document_layout(starts.to(self.device)))
+        del embed
+        for bid in self.block_ids:
+            block = self.unit(f"blocks.{bid}")
+            for i, (cos, sin, mask) in enumerate(layouts):
+                hidden[i] = block(hidden[i], cos, sin, None, mask)
+            del block
+        norm, head = self.unit("norm"), self.unit("lm_head")
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss sum, scored targets]
+        for x, (_, targets, _) in zip(hidden, batches):
+            targets = targets.to(self.device)
+            sums[0] += chunked_cross_entropy(norm(x), head.weight, targets, "sum")
+            sums[1] += (targets != IGNORE_INDEX).sum()
+        _sum_over_ranks(sums)
+        total, count = sums.tolist()
+        if count == 0:
+            raise ValueError("the held-out windows hold no target to measure (no assistant tokens)")
+        return total / count
+
+
+class _StreamedBlocks:
+    def __init__(self, source: StreamedSource):
+        self._source = source
+
+    def __getitem__(self, bid: str) -> nn.Module:
+        return self._source.unit(f"blocks.{bid}")
+
+
+def _agreed(cuts: dict[str, LayerCut]) -> dict[str, LayerCut]:
+    """Rank 0's cuts on every rank: the ranks choose from the same summed statistics, and this
+    makes sure every rank builds the same shape (each fills its own rows of the student)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return cuts
+    shared = [cuts]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+@torch.no_grad()
+def contract_streamed(source: StreamedSource, calibration: torch.Tensor, ratio: float, chosen: list[str],
+                      method: Method = "activation", stats: dict[str, LayerStats] | None = None,
+                      ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """contract_blocks for a source read block by block: (the contracted config, the contracted
+    blocks' tensors on the host, by our name). Every other tensor of the contracted model is the
+    source's own, read from its files where it is needed (student_sources), so no whole model is
+    built here: the chosen blocks come to the device one at a time, each with its Grams, to be
+    costed (plan_cuts) and then cut and refit."""
+    if stats is None:
+        stats = layer_stats(source, calibration, chosen)
+    cuts = _agreed(plan_cuts(source, chosen, ratio, stats, method))
+    config = source.config
+    layers = [cuts[bid].shape() if bid in cuts else layer for layer, bid in zip(config.layers, config.ids())]
+    new_config = config.model_copy(update={"layers": layers})
+    given: dict[str, torch.Tensor] = {}
+    for bid in chosen:
+        old = source.blocks[bid]
+        with torch.device("meta"):
+            new = Block(new_config, cuts[bid].shape())
+        new.to_empty(device="cpu")
+        _shrink_block(old, new, cuts[bid], _on(stats[bid], source.device), refit=True)
+        given.update({f"blocks.{bid}.{name}": tensor for name, tensor in new.state_dict().items()})
+        del old
+    return new_config, given
+
+
+def student_sources(source: StreamedSource, contracted: ModelConfig, given: dict[str, torch.Tensor]) -> dict:
+    """Where each parameter of the contracted model comes from, for parallel.load_shards: a
+    contracted block's tensor (given), else the source's tensor of the same name in its files."""
+    with torch.device("meta"):
+        skeleton = Decoder(contracted)
+    return {name: given[name] if name in given else source.names[name] for name, _ in skeleton.named_parameters()}
+
+
 # ----------------------------------------------------------------------------- healing
 
 HealLoss = Literal["kl", "kl+lm", "lm"]
@@ -587,7 +792,9 @@ class Distillation(nn.Module):
     the mean over tokens of KL(source || student) of the next-token distributions ("kl"), that
     plus the language-model loss ("kl+lm"), or the language-model loss alone ("lm"), as the
     Decoder returns its loss. The source is held outside the module tree: it is neither trained
-    nor saved, and a sharded healing (parallel.wrap) shards the student alone.
+    nor saved, and a sharded healing (parallel.wrap) shards the student alone; the source comes
+    as it was built, whole or itself sharded over the same ranks (a contract job's teacher:
+    parallel.frozen_model), and its head, which the loss reads, whole either way.
 
     Neither model's logits are ever held whole: the source runs to its final hidden states, and
     the student's head computes the loss from both in chunks (model.chunked_kl_divergence), as

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from shared.contracts import ContractMetrics, Hyperparameters, Metrics, TrainMetrics
 from shared.memory import Layout
@@ -35,9 +36,11 @@ from training_image import parallel, runtime, stopping
 from training_image.contract import (
     HEAL_LR,
     Distillation,
+    StreamedSource,
     block_influence,
     choose_blocks,
-    contract_blocks,
+    contract_streamed,
+    student_sources,
 )
 from training_image.evaluate import heldout_loss
 from training_image.evaluation import held_out, run_evaluate_job
@@ -165,17 +168,20 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
                      log: Callable[[str], None] | None = None, layout: Layout | None = None) -> ContractMetrics:
     """Contract the model of the `model` channel on the `training` channel's text; write model/ and metrics.
 
-    As the memory plan counts it (shared.memory.plan_contract): every rank holds the fp32 source
-    on its device to choose and cut, and builds the contracted model on the host; the source
-    then becomes the teacher, in the precision healing computes in, and the contracted model
-    (the student) heals as the layout says: replicated (DDP) or sharded (FSDP2), its micro-batch,
-    its activations recomputed or not."""
+    As the memory plan counts it (shared.memory.plan_contract), no rank holds the whole source
+    to choose and cut: the source is read from its files one block at a time
+    (contract.StreamedSource), the calibration windows streamed through each block in turn, and
+    the chosen blocks cut one at a time. The contracted model (the student) is then made on the
+    meta device and each rank reads its own part of it (its shard, or under DDP all of it) from
+    the source's files and the cut blocks; the source, read the same way in the precision
+    healing computes in, is its frozen teacher, sharded like the student when the layout shards
+    it. The student heals as the layout says: replicated (DDP) or sharded (FSDP2), its
+    micro-batch, its activations recomputed or not."""
     # Metric lines from rank 0 only: SageMaker would count every rank's.
     log = log or (runtime.log if runtime.rank() == 0 else lambda line: None)
     layout = layout or Layout()
     started = time.monotonic()
-    source, tokenizer = _input_model(root)
-    source_config = source.config
+    source_config, tokenizer, files, names = open_model_dir(model_source(root))
     n_layers = settings.num_layers_to_contract
     if n_layers > source_config.n_layers:
         raise ValueError(
@@ -186,31 +192,40 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
     train_windows, heldout_windows = data.train_windows(), data.heldout_windows()[:CONTRACT_HELDOUT_WINDOWS]
     calibration = train_windows.sample(CONTRACT_CALIBRATION_WINDOWS)
     device = runtime.device()
-    source.to(device)
+    source = StreamedSource(source_config, files, names, device)
 
-    before = _measure(log, "source", source, heldout_windows)
+    before = _report(log, "source", source_config.parameters(), source.heldout_loss(heldout_windows))
     influence = block_influence(source, calibration)
     chosen = choose_blocks(influence, n_layers, source_config.ids())
     log("block influence: " + " ".join(f"{b}={influence[b]:.4f}" for b in source_config.ids()))
     log(f"contracting blocks {chosen} by {settings.contraction_ratio:g}")
-    model, config = contract_blocks(source, source_config, calibration, settings.contraction_ratio, chosen, device="cpu")
-    model, config = _agree_across_ranks(model, config)
+    config, cut = contract_streamed(source, calibration, settings.contraction_ratio, chosen)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    sharded = parallel.shards(layout.strategy, world_size)
     bf16 = computes_in_bf16(device)
-    if bf16:  # the teacher from here on: forward passes only, in the precision healing computes in
-        source.to(torch.bfloat16).reset_buffers(device)  # its weights; the rotary tables stay fp32
-    model.to(device)
-    pruned = _measure(log, "pruned", model, heldout_windows)
+    with torch.device("meta"):
+        model = Decoder(config)
+    materialize = functools.partial(parallel.load_shards, files=files, sources=student_sources(source, config, cut))
 
     healed, kept, cycles, tokens_processed, tokens_per_second = None, None, [], 0, 0.0
     precision = "bf16" if bf16 else "fp32"  # the healing's (the rest is fp32 forward passes)
-    delivered = model
+    if settings.train_steps > 0:
+        # The teacher: forward passes only, in the precision healing computes in, sharded with the student.
+        teacher = parallel.frozen_model(
+            source_config, device, functools.partial(parallel.load_shards, files=files, sources=source.source_names()),
+            dtype=torch.bfloat16 if bf16 else torch.float32, sharded=sharded)
+        trainer = _healer(model, teacher, config, train_windows, heldout_windows, settings.train_steps, seq_len, root,
+                          job_id, log, layout, device, materialize)
+    else:
+        parallel.wrap(model, strategy=layout.strategy, activation_checkpointing=False, world_size=world_size,
+                      device=device, materialize=materialize, bf16=bf16)
+    del cut, materialize  # the contracted blocks now live in the student
+    pruned = _measure(log, "pruned", model, heldout_windows)
     if settings.train_steps > 0:
         # Healing with few tokens can do more harm than the pruning did (its noise outweighs a
         # small loss of fit); the pruned weights are delivered then. They are the same on a
-        # rerun, so a resumed job makes the same choice. Kept on the host.
-        pruned_model = _host_copy(model)
-        trainer = _healer(model, source, config, train_windows, heldout_windows, settings.train_steps, seq_len, root,
-                          job_id, log, layout, device)
+        # rerun, so a resumed job makes the same choice. This rank's part, kept on the host.
+        pruned_weights = _host_copy(model)
         trainer.resume()
         with trainer.stop_on_sigterm():
             state = trainer.run()
@@ -220,7 +235,8 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
         kept = healed <= pruned
         if not kept:
             log(f"healing raised held-out perplexity from {pruned:.3f} to {healed:.3f}: delivering the pruned weights")
-            delivered = pruned_model
+            _restore(model, pruned_weights)
+        del pruned_weights
 
     metrics = ContractMetrics(
         job_id=job_id,
@@ -242,7 +258,7 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
         healing_kept=kept,
         precision=precision,
     )
-    _write_outputs(root, delivered, tokenizer, metrics)
+    _write_outputs(root, model, tokenizer, metrics)
     return metrics
 
 
@@ -264,11 +280,6 @@ def model_source(root: Path) -> Path:
         unpack(archive, into)
     runtime.wait_for_all()
     return into
-
-
-def _input_model(root: Path):
-    """The `model` channel's model: (model, tokenizer)."""
-    return load_model_dir(model_source(root))
 
 
 def grown_model(source: Path, layout: Layout, world_size: int):
@@ -304,18 +315,21 @@ def _write_outputs(root: Path, model: Decoder, tokenizer, metrics: Metrics) -> N
 
 
 def _measure(log: Callable[[str], None], stage: str, model: Decoder, heldout_windows: torch.Tensor) -> float:
-    loss = heldout_loss(model, heldout_windows, across_ranks=True)
-    log(f"contract_stage={stage} parameters={model.parameter_count()} heldout_loss={loss:.4f} heldout_perplexity={math.exp(loss):.3f}")
+    return _report(log, stage, model.parameter_count(), heldout_loss(model, heldout_windows, across_ranks=True))
+
+
+def _report(log: Callable[[str], None], stage: str, parameters: int, loss: float) -> float:
+    log(f"contract_stage={stage} parameters={parameters} heldout_loss={loss:.4f} heldout_perplexity={math.exp(loss):.3f}")
     return math.exp(loss)
 
 
-def _healer(model, source, config, train_windows, heldout_windows, steps, seq_len, root, job_id, log,
-            layout: Layout, device: torch.device) -> Trainer:
+def _healer(model, teacher, config, train_windows, heldout_windows, steps, seq_len, root, job_id, log,
+            layout: Layout, device: torch.device, materialize: parallel.Materialize) -> Trainer:
     plan = TrainPlan(turns=1, cycle_steps=[steps], lr=HEAL_LR, seq_len=seq_len,
                      batch_size=runtime.batch_size(config.parameters(), seq_len))
     model.train()
     return Trainer(
-        Distillation(model, source),
+        Distillation(model, teacher),
         train_windows,
         heldout_windows,
         plan,
@@ -328,27 +342,22 @@ def _healer(model, source, config, train_windows, heldout_windows, steps, seq_le
         activation_checkpointing=layout.activation_checkpointing,
         device=device,
         log=log if runtime.rank() == 0 else None,
+        materialize=materialize,
     )
 
 
-def _host_copy(model: Decoder) -> Decoder:
-    """A copy of `model` in host memory, read from wherever it lies (never a second copy on the GPU)."""
-    with torch.device("meta"):
-        copy_ = Decoder(model.config)
-    copy_.load_state_dict({name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()},
-                          assign=True)
-    if model.config.tie_embeddings:
-        copy_.lm_head.weight = copy_.embed.weight
-    return copy_.reset_buffers()
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def _agree_across_ranks(model: Decoder, config: ModelConfig) -> tuple[Decoder, ModelConfig]:
-    """Under torchrun every rank contracts; all take rank 0's shape (DDP then copies its weights)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return model, config
-    shared = [config.model_dump_json()]
-    dist.broadcast_object_list(shared, src=0)
-    agreed = ModelConfig.model_validate_json(shared[0])
-    if agreed == config:
-        return model, config
-    return Decoder(agreed).to(next(model.parameters()).device), agreed
+def _host_copy(model: Decoder) -> dict[str, torch.Tensor]:
+    """This rank's part of `model`'s weights, copied to the host: its shards where the model is
+    sharded, else the whole (never a second copy on the GPU)."""
+    return {name: _local(p).detach().to("cpu", copy=True) for name, p in model.named_parameters()}
+
+
+@torch.no_grad()
+def _restore(model: Decoder, weights: dict[str, torch.Tensor]) -> None:
+    """The weights _host_copy kept, back into `model` in place."""
+    for name, p in model.named_parameters():
+        _local(p).copy_(weights[name])

@@ -124,12 +124,40 @@ def checkpoint_blocks(model: Decoder) -> None:
 
 
 @torch.no_grad()
-def _materialize(model: Decoder, device: torch.device, materialize: Materialize) -> None:
-    model.to_empty(device=device)  # uninitialized storage for this rank's part (a DTensor's local shard)
-    if model.config.tie_embeddings and model.lm_head.weight is not model.embed.weight:
-        model.lm_head.weight = model.embed.weight  # to_empty gives each module its own tensor
-    materialize(model)
-    model.reset_buffers(device)
+def _materialize(model: nn.Module, device: torch.device, materialize: Materialize) -> None:
+    decoder = trained_decoder(model)
+    decoder.to_empty(device=device)  # uninitialized storage for this rank's part (a DTensor's local shard)
+    if decoder.config.tie_embeddings and decoder.lm_head.weight is not decoder.embed.weight:
+        decoder.lm_head.weight = decoder.embed.weight  # to_empty gives each module its own tensor
+    materialize(decoder)
+    decoder.reset_buffers(device)
+
+
+def frozen_model(config, device: torch.device, materialize: Materialize, *, dtype: torch.dtype = torch.float32,
+                 sharded: bool = False) -> Decoder:
+    """A model that is only run forward (a contract job's teacher), built on the meta device and
+    filled by `materialize` (load_shards) in `dtype`, its rotary tables fp32: on each rank whole,
+    or, `sharded`, with FSDP2 over all ranks (the mesh the trained model is sharded over), so a
+    rank holds 1/world of its blocks and embeddings and gathers one unit at a time to run it.
+
+    Sharded, every block (and the embeddings, where the head does not share them) is its own
+    unit, resharded after its forward pass; the final norm and the head stay whole on every
+    rank, as the distillation loss reads the head's weight itself. The model is never called as
+    a whole (the teacher runs forward_hidden), so no unit sits above the blocks: each gathers and
+    frees its own weights as it runs."""
+    with torch.device("meta"):
+        model = Decoder(config)
+    model.requires_grad_(False).to(dtype)
+    if sharded:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for block in model.blocks.values():
+            fully_shard(block, mesh=mesh, reshard_after_forward=True)
+        if not config.tie_embeddings:
+            fully_shard(model.embed, mesh=mesh, reshard_after_forward=True)
+    _materialize(model, device, materialize)
+    return model.eval()
 
 
 def _rows(parameter: torch.Tensor) -> tuple[int, int]:
@@ -145,10 +173,11 @@ def _rows(parameter: torch.Tensor) -> tuple[int, int]:
     return start, min(start + chunk, n)
 
 
-def load_shards(model: Decoder, files: list[Path], sources: dict[str, str | None]) -> None:
+def load_shards(model: nn.Module, files: list[Path], sources: dict[str, str | torch.Tensor | None]) -> None:
     """Fill each parameter of `model` with its rows of the tensor `sources` names for it in the
-    safetensors `files` (None: zeros) — only those rows, as the files are read in place
-    (memory-mapped), never a whole tensor per rank."""
+    safetensors `files` (None: zeros; a tensor: its rows, as a contract job gives the blocks it
+    cut) — only those rows, as the files are read in place (memory-mapped), never a whole tensor
+    per rank. Copied into the parameter's dtype."""
     from safetensors import safe_open
 
     with contextlib.ExitStack() as stack:
@@ -162,6 +191,8 @@ def load_shards(model: Decoder, files: list[Path], sources: dict[str, str | None
             source = sources[name]
             if source is None:
                 local.zero_()
+            elif isinstance(source, torch.Tensor):
+                local.copy_(source[start:stop])
             elif source not in where:
                 raise ValueError(f"the weights in {files[0].parent} lack {source} (for {name})")
             else:

@@ -1,10 +1,11 @@
 """Healing on the sharded path on CPU (gloo): the contracted model (the student) sharded with
-FSDP2 over two ranks, the source (the teacher) replicated beside it, computes in fp32 the
-distillation losses and weights one process computes; and the chunked distillation loss is
+FSDP2 over two ranks and the source (the teacher) sharded beside it over the same ranks,
+computes in fp32 the distillation losses and weights one process computes; and the chunked distillation loss is
 F.kl_div's of the whole logits (fp32)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from shared.shapes import SIZES
 from training_image import parallel
@@ -43,17 +45,32 @@ def _source() -> Decoder:
 
 def _heal(strategy: str, loss: str) -> dict:
     """Contract the debug model's middle blocks by half (the same on every rank: no statistics are
-    exchanged here), then heal toward the source; the step losses and the student's full weights."""
+    exchanged here), then heal toward the source, the teacher sharded as the student is (as a
+    contract job lays them out); the step losses, the student's full weights and the share of
+    the teacher's blocks and embeddings this rank holds."""
     source = _source()
     student, _ = contract_blocks(source, source.config, _windows()[:8], 0.5, ["1", "2"])
     with torch.no_grad():  # a student that starts away from the source
         student.lm_head.weight.mul_(0.5)
-    trainer = Trainer(Distillation(student, source, loss), _windows(), None, PLAN, strategy=strategy, log=None,
+    sharded = parallel.shards(strategy, dist.get_world_size() if dist.is_initialized() else 1)
+    teacher = parallel.frozen_model(
+        source.config, torch.device("cpu"),
+        functools.partial(parallel.load_shards, files=[], sources=dict(source.named_parameters())), sharded=sharded)
+    trainer = Trainer(Distillation(student, teacher, loss), _windows(), None, PLAN, strategy=strategy, log=None,
                       autocast=False)
     trainer.run()
+    # After the steps' forward passes: what stays of the teacher's blocks and embeddings on this rank
+    # (sharded, each unit gathered to run and freed after: every one of them a shard again).
+    parts = [p for name, p in teacher.named_parameters() if not name.startswith(("norm", "lm_head"))]
+    assert all(isinstance(p, DTensor) for p in parts) == sharded
+    held = sum(_local(p).numel() for p in parts)
     whole = parallel.full_model(student)
-    return {"losses": trainer.losses, "sharded": trainer.sharded,
+    return {"losses": trainer.losses, "sharded": trainer.sharded, "teacher_share": held / source.parameter_count(),
             "state": whole.state_dict() if whole is not None else None}
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _worker(rank: int, world_size: int, port: int, out: str, loss: str) -> None:
@@ -76,6 +93,11 @@ def test_two_sharded_ranks_heal_as_one_process_does(tmp_path, loss):
     mp.spawn(_worker, args=(2, free_port(), out, loss), nprocs=2, join=True)
     two = torch.load(out, weights_only=False)
     assert two["sharded"] and not single["sharded"]
+    # The teacher's blocks and embeddings: half of them on each of the two ranks, all of them on one.
+    config = SIZES["debug"]
+    sharded_part = 1 - (config.vocab_size * config.dim + config.dim) / config.parameters()  # all but the head and norm
+    assert single["teacher_share"] == pytest.approx(sharded_part, rel=1e-9)
+    assert two["teacher_share"] == pytest.approx(sharded_part / 2, rel=0.01)
     assert two["losses"] == pytest.approx(single["losses"], rel=REL)
     assert min(single["losses"]) > 0.1  # not vacuous: a distance well above float noise at every step
     for name, value in single["state"].items():
