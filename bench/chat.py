@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from smollm2 import hf_folder, imported, in_bench_venv
+from smollm2 import heldout_loss_of, hf_folder, imported, in_bench_venv, train_job
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "build" / "chat-bench"
@@ -48,31 +48,15 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 def heldout(model_dir: Path, data: Path, seq_len: int) -> tuple[float, int]:
     """(mean loss on the assistant's tokens of the held-out conversations, windows) of a model directory."""
-    from training_image.evaluate import heldout_loss
-    from training_image.modeldir import load_model_dir
-    from training_image.tokens import prepare
-
-    model, tokenizer = load_model_dir(model_dir)
-    windows = prepare(tokenizer, data, WORK / f"tokens-heldout-{seq_len}", seq_len, hold_out=False)
-    return heldout_loss(model, windows.windows(range(windows.count))), windows.count
+    return heldout_loss_of(model_dir, data, seq_len, WORK)
 
 
 def fusion_job(model_dir: Path, train: Path, validation: Path, args) -> dict:
     """A train job on an /opt/ml tree (grown, then trained): its metrics.json and wall seconds."""
-    import shutil
-
     from shared.settings import TrainSettings
-    from training_image.jobs import run_train_job
 
-    root = WORK / "ml"
-    shutil.rmtree(root, ignore_errors=True)
-    for channel, source in (("model", model_dir), ("training", train.parent), ("validation", validation.parent)):
-        (root / "input/data").mkdir(parents=True, exist_ok=True)
-        shutil.copytree(source, root / "input/data" / channel)
     settings = TrainSettings(cycles=1, train_steps=args.steps, seq_len=args.seq_len, lr=args.lr)
-    started = time.monotonic()
-    metrics = run_train_job(settings, root, "chat-bench", log=lambda line: print("  fusion:", line, flush=True))
-    return {"metrics": metrics.model_dump(mode="json"), "wall": time.monotonic() - started, "model": root / "model"}
+    return train_job(model_dir, train.parent, validation.parent, settings, WORK / "ml", "fusion")
 
 
 def trl_job(hf_dir: Path, train_records: list[dict], conversations_per_step: int, args) -> dict:

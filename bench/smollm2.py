@@ -88,3 +88,32 @@ def imported() -> Path:
     if not (out / "config.json").is_file():
         import_hf(hf_folder(), out)
     return out
+
+
+def heldout_loss_of(model_dir: Path, data: Path, seq_len: int, work: Path) -> tuple[float, int]:
+    """(mean held-out loss, windows) of a model directory on every window of a data folder: every
+    token of text, the assistant's tokens of conversations (training_image.evaluate.heldout_loss)."""
+    from training_image.evaluate import heldout_loss
+    from training_image.modeldir import load_model_dir
+    from training_image.tokens import prepare
+
+    model, tokenizer = load_model_dir(model_dir)
+    windows = prepare(tokenizer, data, work / f"tokens-heldout-{seq_len}", seq_len, hold_out=False)
+    return heldout_loss(model, windows.windows(range(windows.count))), windows.count
+
+
+def train_job(model_dir: Path, train: Path, validation: Path, settings, root: Path, name: str) -> dict:
+    """A Fusion train job (training_image.jobs.run_train_job: growth, then the trainer) on an /opt/ml
+    tree made of these folders: its metrics (as JSON), wall seconds and model directory."""
+    import shutil
+    import time
+
+    from training_image.jobs import run_train_job
+
+    shutil.rmtree(root, ignore_errors=True)
+    for channel, source in (("model", model_dir), ("training", train), ("validation", validation)):
+        (root / "input/data").mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source, root / "input/data" / channel)
+    started = time.monotonic()
+    metrics = run_train_job(settings, root, name, log=lambda line: print(f"  {name}:", line, flush=True))
+    return {"metrics": metrics.model_dump(mode="json"), "wall": time.monotonic() - started, "model": root / "model"}
