@@ -136,7 +136,11 @@ def main() -> None:
     figures = TokenData(WORK / "ml/tokens").chat
     per_window = figures["examples"] / max(1, figures["tokens"] + figures["padding_tokens"]) * (args.seq_len + 1)
     fusion_real = metrics["tokens_processed"] * figures["tokens"] / (figures["tokens"] + figures["padding_tokens"])
-    fusion_after = metrics["cycles"][-1]["heldout_loss"]
+    # Every model is measured by the same function on every held-out window (the job's own figure
+    # is on its seeded sample of them, printed for reference).
+    fusion_after, _ = heldout(fusion["model"], validation.parent, args.seq_len)
+    print(f"fusion's job measured {metrics['cycles'][-1]['heldout_loss']:.4f} on {metrics['heldout']['windows']} "
+          f"of the windows; the bench {fusion_after:.4f} on all {windows}")
     fusion_rate = fusion_real / max(1e-9, metrics["tokens_processed"] / max(1e-9, metrics["tokens_per_second"]))
 
     conversations_per_step = max(1, round(metrics["sequences_per_step"] * per_window))
