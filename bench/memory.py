@@ -147,6 +147,11 @@ def _loss_peaks(cases, start: torch.Tensor, weight: torch.Tensor, *rest: torch.T
     return peaks
 
 
+def _ratio(before: int, after: int) -> str:
+    """before / after, or why not: at toy sizes the chunked peak can read 0 (below what peak_bytes resolves)."""
+    return f"{before / after:.1f}x" if after > 0 else "none (the chunked peak is below what is measured)"
+
+
 def part_loss(tokens: int, dim: int, vocab: int) -> None:
     torch.manual_seed(0)
     weight = (torch.randn(vocab, dim) * 0.02).requires_grad_()
@@ -157,7 +162,7 @@ def part_loss(tokens: int, dim: int, vocab: int) -> None:
     print("|---|---|---|")
     before, after = _loss_peaks((("logits materialised (before)", _materialised_loss),
                                  ("chunked (after)", chunked_cross_entropy)), torch.randn(tokens, dim), weight, targets)
-    print(f"ratio before/after: {before / after:.1f}x; the plan's loss peak for it (fp32): "
+    print(f"ratio before/after: {_ratio(before, after)}; the plan's loss peak for it (fp32): "
           f"{logits_peak_bytes(config, tokens, compute_bytes=4) / MIB:.0f} MiB (the weight gradient's "
           f"fp32 sum included; here it lands in weight.grad's transient)")
 
@@ -214,7 +219,7 @@ def part_distill(tokens: int, dim: int, vocab: int) -> None:
     before, after = _loss_peaks((("logits materialised (before)", _materialised_distillation),
                                  ("chunked (after)", chunked_kl_divergence)),
                                 torch.randn(tokens, dim), weight, teacher_hidden, teacher_weight)
-    print(f"ratio before/after: {before / after:.1f}x; the plan's distillation peak for it (fp32): "
+    print(f"ratio before/after: {_ratio(before, after)}; the plan's distillation peak for it (fp32): "
           f"{distillation_peak_bytes(config, tokens, compute_bytes=4) / MIB:.0f} MiB")
 
 

@@ -33,6 +33,7 @@ from shared.shapes import SIZES  # noqa: E402
 from training_image.data import DOCUMENT_START, FLAG_SHIFT, NOT_TARGET, split_windows  # noqa: E402
 from training_image.model import Decoder  # noqa: E402
 from training_image.tokenizer import TextTokenizer, train_tokenizer  # noqa: E402
+from training_image.tokens import pack  # noqa: E402
 
 
 def encoded(tokenizer: TextTokenizer, records: list[dict], window: int) -> list[tuple[list[int], list[bool]]]:
@@ -43,22 +44,18 @@ def encoded(tokenizer: TextTokenizer, records: list[dict], window: int) -> list[
     return out
 
 
+def _flags(mine: list[bool]) -> list[int]:
+    return [(0 if m else NOT_TARGET) | (DOCUMENT_START if i == 0 else 0) for i, m in enumerate(mine)]
+
+
 def _flagged(ids: list[int], mine: list[bool]) -> list[int]:
-    return [t | (((0 if m else NOT_TARGET) | (DOCUMENT_START if i == 0 else 0)) << FLAG_SHIFT)
-            for i, (t, m) in enumerate(zip(ids, mine))]
+    return [t | (f << FLAG_SHIFT) for t, f in zip(ids, _flags(mine))]
 
 
 def packed_windows(items, window: int, pad: int) -> torch.Tensor:
-    """Whole conversations packed into windows, as training_image.tokens lays them out."""
-    rows, row = [], []
-    for ids, mine in items:
-        if len(row) + len(ids) > window:
-            rows.append(row + _flagged([pad] * (window - len(row)), [False] * (window - len(row))))
-            row = []
-        row += _flagged(ids, mine)
-    if row:
-        rows.append(row + _flagged([pad] * (window - len(row)), [False] * (window - len(row))))
-    return torch.tensor(rows)
+    """Whole conversations packed into windows by training_image.tokens.pack, as a job lays them out."""
+    rows = pack(((ids, _flags(mine)) for ids, mine in items), window, pad)
+    return torch.tensor([[t | (f << FLAG_SHIFT) for t, f in zip(ids, flags)] for ids, flags, _ in rows])
 
 
 def padded_windows(items, window: int, pad: int) -> torch.Tensor:

@@ -19,9 +19,10 @@ every restart reads the same list. The manifest also records what the shards wer
 a changed dataset, tokenizer or window length is tokenized afresh.
 
 A conversation dataset (JSONL of conversations, shared.conversations) is rendered with the
-model's chat template and packed whole into windows: a conversation that does not fit in what is
-left of a window starts the next one, the rest of the window is padding (no loss, a document of
-its own), and one longer than a window is cut to it (counted in the manifest's "chat" figures).
+model's chat template and packed whole into windows (pack(): best fit over a few open windows,
+each conversation into the open window it fills most; what no conversation fills is padding, no
+loss, a document of its own), and one longer than a window is cut to it (counted in the
+manifest's "chat" figures).
 Beside each shard a flags file holds a byte a token (data.NOT_TARGET, data.DOCUMENT_START), and
 every task's shard is a whole number of windows, so windows line up with the packing.
 """
@@ -34,7 +35,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -52,11 +53,12 @@ from training_image.data import (
 )
 from training_image.tokenizer import as_text_tokenizer
 
-FORMAT = 2
+FORMAT = 3
 MANIFEST = "manifest.json"
 TASK_BYTES = 16 << 20  # text per task: enough tasks for every rank of a host, shards of a few MB
 BATCH_CHARS = 1 << 20  # text per tokenizer call: what bounds memory while tokenizing
 HELDOUT_FRACTION = 0.05
+OPEN_WINDOWS = 16  # windows pack() keeps open: best fit over more saved nothing on conversations
 
 
 @dataclass(frozen=True)
@@ -191,9 +193,48 @@ def dataset_kind(files: list[Path]) -> str:
     return kinds.pop() if kinds else TEXT
 
 
+def pack(items: Iterable[tuple[list[int], list[int]]], window: int, pad: int,
+         open_windows: int = OPEN_WINDOWS) -> Iterator[tuple[list[int], list[int], int]]:
+    """Whole conversations into windows of `window` tokens: (token ids, flags, padding) a window.
+
+    `items` are a conversation's token ids and flags (at most a window; the first flagged
+    DOCUMENT_START). Best fit: each goes into the open window with the least room that holds it,
+    else opens one; when more than `open_windows` are open, the fullest is closed. A closed
+    window's rest is padding, flagged NOT_TARGET and DOCUMENT_START so that nothing attends to it.
+    Against next fit (a conversation that does not fit starts the next window) it halves the
+    padding of short conversations in long windows; the order is deterministic."""
+    rows: list[tuple[list[int], list[int]]] = []
+
+    def close(row: tuple[list[int], list[int]]) -> tuple[list[int], list[int], int]:
+        ids, flags = row
+        missing = window - len(ids)
+        if missing:
+            ids.extend([pad] * missing)
+            flags.extend([NOT_TARGET | DOCUMENT_START] + [NOT_TARGET] * (missing - 1))
+        return ids, flags, missing
+
+    for ids, flags in items:
+        if len(ids) > window:
+            raise ValueError(f"a conversation of {len(ids)} tokens is longer than the window ({window})")
+        fits = [row for row in rows if window - len(row[0]) >= len(ids)]
+        if fits:
+            row = min(fits, key=lambda r: window - len(r[0]))
+        else:
+            row = ([], [])
+            rows.append(row)
+        row[0].extend(ids)
+        row[1].extend(flags)
+        if len(row[0]) == window or len(rows) > open_windows:
+            full = row if len(row[0]) == window else max(rows, key=lambda r: len(r[0]))
+            rows.remove(full)
+            yield close(full)
+    for row in rows:
+        yield close(row)
+
+
 def tokenize_chat_task(tokenizer: Tokenizer, task: Task, folder: Path, window: int) -> int:
-    """Render and tokenize one task's conversations, packed whole into windows (see the module's
-    doc), into its shard and flags file, and its figures beside them; the tokens written."""
+    """Render and tokenize one task's conversations, packed whole into windows (pack()), into
+    its shard and flags file, and its figures beside them; the tokens written."""
     text_tokenizer, dtype = as_text_tokenizer(tokenizer), token_dtype(tokenizer)
     pad = text_tokenizer.special_id("pad_token")
     pad = text_tokenizer.eos_id if pad is None else pad
@@ -201,32 +242,27 @@ def tokenize_chat_task(tokenizer: Tokenizer, task: Task, folder: Path, window: i
     flags: list[int] = []
     figures = {"examples": 0, "examples_cut": 0, "tokens": 0, "assistant_tokens": 0, "padding_tokens": 0}
 
-    def fill() -> None:  # pad to the window's end: no loss there, attended to by nothing else
-        missing = -len(ids) % window
-        if missing:
-            ids.extend([pad] * missing)
-            flags.extend([NOT_TARGET | DOCUMENT_START] + [NOT_TARGET] * (missing - 1))
-            figures["padding_tokens"] += missing
+    def conversations() -> Iterator[tuple[list[int], list[int]]]:
+        for offset, line in _lines(task):
+            if not line.strip():
+                continue
+            try:
+                messages = conversation(json.loads(line))
+                tokens, assistant = text_tokenizer.conversation_ids(messages)
+            except (json.JSONDecodeError, UnicodeDecodeError, ConversationError) as error:
+                raise ValueError(f"{task.file.name} line {_line_number(task.file, offset)} {_worded(error)}") from None
+            if len(tokens) > window:
+                tokens, assistant = tokens[:window], assistant[:window]
+                figures["examples_cut"] += 1
+            figures["examples"] += 1
+            figures["tokens"] += len(tokens)
+            figures["assistant_tokens"] += sum(assistant)
+            yield tokens, [(0 if mine else NOT_TARGET) | (DOCUMENT_START if i == 0 else 0) for i, mine in enumerate(assistant)]
 
-    for offset, line in _lines(task):
-        if not line.strip():
-            continue
-        try:
-            messages = conversation(json.loads(line))
-            tokens, assistant = text_tokenizer.conversation_ids(messages)
-        except (json.JSONDecodeError, UnicodeDecodeError, ConversationError) as error:
-            raise ValueError(f"{task.file.name} line {_line_number(task.file, offset)} {_worded(error)}") from None
-        if len(tokens) > window:
-            tokens, assistant = tokens[:window], assistant[:window]
-            figures["examples_cut"] += 1
-        if len(ids) % window + len(tokens) > window:
-            fill()
-        ids.extend(tokens)
-        flags.extend((0 if mine else NOT_TARGET) | (DOCUMENT_START if i == 0 else 0) for i, mine in enumerate(assistant))
-        figures["examples"] += 1
-        figures["tokens"] += len(tokens)
-        figures["assistant_tokens"] += sum(assistant)
-    fill()
+    for row_ids, row_flags, padding in pack(conversations(), window, pad):
+        ids.extend(row_ids)
+        flags.extend(row_flags)
+        figures["padding_tokens"] += padding
     for target, values, kind in ((_shard(folder, task.number), ids, dtype), (_flags(folder, task.number), flags, np.uint8)):
         partial = target.with_name(target.name + ".partial")
         np.asarray(values, dtype=kind).tofile(partial)

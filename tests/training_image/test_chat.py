@@ -5,6 +5,7 @@ never see each other, and the template carried through the model directory and t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from training_image.export import export_hf
 from training_image.model import IGNORE_INDEX, Decoder
 from training_image.modeldir import load_model_dir, save_model_dir
 from training_image.tokenizer import CHAT_TEMPLATE, TextTokenizer
-from training_image.tokens import prepare
+from training_image.tokens import pack, prepare
 from training_image.train import Trainer, TrainPlan
 
 # SmolLM2-Instruct's template (ChatML, a default system prompt).
@@ -155,7 +156,7 @@ def test_conversations_are_packed_whole_into_windows_and_only_the_answers_count(
     assert counted == data.chat["assistant_tokens"] - int(((flags[:, 0] & NOT_TARGET) == 0).sum())
     assert 0 < counted < 0.6 * targets.numel()
     answer = [t for t, keep in zip(targets[0].tolist(), (targets[0] != IGNORE_INDEX).tolist()) if keep]
-    assert chat_tokenizer.tokenizer.decode(answer, skip_special_tokens=False) .startswith("number 0 number 0 number 0<|im_end|>")
+    assert re.match(r"number (\d+) number \1 number \1<\|im_end\|>", chat_tokenizer.tokenizer.decode(answer, skip_special_tokens=False))
 
     # The held-out loss is the mean over the answers' tokens only: a model that is told the
     # answers exactly would score 0 whatever it says elsewhere.
@@ -296,3 +297,28 @@ def test_generate_chat_answers_as_transformers_does_from_the_export(tmp_path, ch
     assert code == 0
     assert json.loads(capsys.readouterr().out) == {"messages": chat + [{"role": "assistant", "content": answer}]}
     assert main(["models", "generate", str(tmp_path / "model"), "--system", "x", "--prompt", "y"]) == 1
+
+
+def test_pack_puts_each_conversation_whole_into_the_window_it_fills_most():
+    window, pad = 129, 0
+    lengths = [70, 70, 50, 50, 129, 3]
+    items = [([100 + n] * n, [DOCUMENT_START] + [0] * (n - 1)) for n in lengths]
+    rows = list(pack(iter(items), window, pad))
+    # Next fit needs 5 windows (70 | 70+50 | 50 | 129 | 3); best fit puts each 50 beside a 70 and the 3 in a gap.
+    assert sorted(len(ids) for ids, _, _ in rows) == [window] * len(rows)
+    assert len(rows) == 3 and sum(padding for _, _, padding in rows) == 3 * window - sum(lengths)
+    found = []
+    for ids, flags, padding in rows:
+        assert len(flags) == window
+        starts = [i for i, f in enumerate(flags) if f & DOCUMENT_START]
+        for start, end in zip(starts, starts[1:] + [window]):
+            token = ids[start]
+            if start >= window - padding:  # the padding: no target, nothing after it
+                assert token == pad and all(f & NOT_TARGET for f in flags[start:])
+                continue
+            assert ids[start:end] == [token] * (end - start)  # one conversation, whole
+            found.append(end - start)
+    assert sorted(found) == sorted(lengths)
+    assert list(pack(iter(items), window, pad)) == rows  # the same layout every time
+    with pytest.raises(ValueError, match="longer than the window"):
+        list(pack(iter([([1] * 130, [DOCUMENT_START] + [0] * 129)]), window, pad))
