@@ -74,7 +74,8 @@ def trl_job(hf_dir: Path, train_records: list[dict], conversations_per_step: int
         rows.append({"prompt": messages[:-1], "completion": messages[-1:]})
     out = WORK / "trl"
     config = SFTConfig(
-        output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=conversations_per_step,
+        output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=conversations_per_step // args.trl_accumulation,
+        gradient_accumulation_steps=args.trl_accumulation,
         learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=max(1, args.steps // 4), weight_decay=0.1,
         adam_beta2=0.95, max_grad_norm=1.0, max_length=args.seq_len + 1, completion_only_loss=True, packing=False,
         # SFTConfig recomputes activations by default; Fusion's plan does not here (the memory is there).
@@ -101,7 +102,7 @@ def trl_job(hf_dir: Path, train_records: list[dict], conversations_per_step: int
     tokenizer.save_pretrained(out / "final")
     return {"folder": out / "final", "seconds": result.metrics.get("train_runtime", seconds), 
             # accelerate's loader reads a batch ahead: only the first max_steps were trained on.
-            "tokens": sum(batches[: args.steps])}
+            "tokens": sum(batches[: args.steps * args.trl_accumulation])}
 
 
 def main() -> None:
@@ -111,6 +112,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--train", type=int, default=4000, help="training conversations at most")
     parser.add_argument("--heldout", type=int, default=400, help="held-out conversations at most")
+    parser.add_argument("--trl-accumulation", type=int, default=1,
+                        help="TRL's micro-batches a step (the same conversations a step, in parts: less memory)")
+    parser.add_argument("--reuse-fusion", action="store_true", help="keep the Fusion job an earlier run left in build/")
     args = parser.parse_args()
     in_bench_venv()
     sys.path[:0] = [str(REPO), str(REPO / "bench")]
@@ -129,7 +133,12 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct, {len(train_records)} training and {len(heldout_records)} held-out conversations "
           f"({windows} windows of {args.seq_len}); held-out assistant-token loss before training: {before:.4f}")
 
-    fusion = fusion_job(ours, train, validation, args)
+    done = WORK / "ml/model/metrics.json"
+    if args.reuse_fusion and done.is_file():  # the Fusion job of an earlier run with these arguments
+        fusion = {"metrics": json.loads(done.read_text()), "model": done.parent}
+        print(f"reusing the Fusion job in {done.parent}")
+    else:
+        fusion = fusion_job(ours, train, validation, args)
     metrics = fusion["metrics"]
     from training_image.tokens import TokenData
 
@@ -143,7 +152,7 @@ def main() -> None:
           f"of the windows; the bench {fusion_after:.4f} on all {windows}")
     fusion_rate = fusion_real / max(1e-9, metrics["tokens_processed"] / max(1e-9, metrics["tokens_per_second"]))
 
-    conversations_per_step = max(1, round(metrics["sequences_per_step"] * per_window))
+    conversations_per_step = max(1, round(metrics["sequences_per_step"] * per_window / args.trl_accumulation)) * args.trl_accumulation
     trl = trl_job(hf_dir, train_records, conversations_per_step, args)
     trl_dir = WORK / "trl-ours"
     import shutil
