@@ -116,13 +116,19 @@ def resolve(
                           "validation_dataset_pin": pin}
     if settings.output_name is None:
         settings = settings.model_copy(update={"output_name": default_output_name(job_id)})
+    return _queued_job(job_id, request.type, owner, settings, estimate, warnings, dataset, dataset_uri, pinned,
+                       model=model_id, input_model_uri=base["artifact_uri"], **validation)
+
+
+def _queued_job(job_id: str, job_type: str, owner: str, settings: Any, estimate: Estimate, warnings: list[str],
+                dataset: str, dataset_uri: str, pinned: Any, **fields: Any) -> dict[str, Any]:
+    """A job's record as admitted (queued, nothing launched yet); `fields` are its type's own."""
     created = now()
     return {
         "job_id": job_id,
-        "type": request.type,
+        "type": job_type,
         "status": "queued",
         "owner": owner,
-        "model": model_id,
         "dataset": dataset,
         "settings": settings.model_dump(mode="json"),
         "estimate": estimate.model_dump(mode="json"),
@@ -136,8 +142,7 @@ def resolve(
         "updated_at": created,
         "dataset_uri": dataset_uri,
         "dataset_pin": pinned,
-        "input_model_uri": base["artifact_uri"],
-        **validation,
+        **fields,
     }
 
 
@@ -182,29 +187,10 @@ def _resolve_evaluation(request: EvaluateJobRequest, owner: str, *, catalog: Cat
     estimate = _planned(lambda: estimate_evaluate(settings, [config for _, config in models]), "hyperparams.model_ids")
     dataset_uri, pinned = _unreplaced(s3, request.dataset, owner, datasets=datasets, data_bucket=data_bucket)
     warnings = settings.warnings() + _data_warnings(request.dataset, owner, datasets, settings.seq_len)
-    created = now()
-    return {
-        "job_id": job_id,
-        "type": request.type,
-        "status": "queued",
-        "owner": owner,
-        "model": None,  # an evaluation has no one model: it measures `models`
-        "models": list(settings.model_ids),
-        "dataset": request.dataset,
-        "settings": settings.model_dump(mode="json"),
-        "estimate": estimate.model_dump(mode="json"),
-        "warnings": warnings,
-        "training_job_name": None,
-        "output_model_id": None,
-        "failure_reason": None,
-        "progress": None,
-        "bill": None,
-        "created_at": created,
-        "updated_at": created,
-        "dataset_uri": dataset_uri,
-        "dataset_pin": pinned,
-        "input_model_uris": [model["artifact_uri"] for model, _ in models],
-    }
+    return _queued_job(job_id, request.type, owner, settings, estimate, warnings, request.dataset, dataset_uri, pinned,
+                       model=None,  # an evaluation has no one model: it measures `models`
+                       models=list(settings.model_ids),
+                       input_model_uris=[model["artifact_uri"] for model, _ in models])
 
 
 def _planned(estimate: Any, field_name: str) -> Estimate:
