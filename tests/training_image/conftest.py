@@ -23,6 +23,15 @@ SEQ_LEN = 32
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def one_thread():
+    """Models this small run fastest on one thread, most of all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def corpus() -> list[str]:
     return stdlib_corpus(300_000)

@@ -41,13 +41,7 @@ from training_image.tokens import TokenData
 from .conftest import small_config, write_hyperparameters
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread, most of all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _removed(before, after, chosen):
