@@ -71,8 +71,9 @@ def test_a_small_tuning_runs_ranks_bills_and_promotes(stack, dataset_id, capsys,
         assert trial["tokens_trained"] == 10 * 64 and len(trial["curve"]) == 2
         assert trial["curve"][-1] == pytest.approx(trial["perplexity"], rel=1e-3)
     for trial in trials:
-        if trial["status"] == "stopped":  # stopped early by the tuner: billed for what it trained
-            assert trial["early_stopped"] and trial["tokens_trained"] < 10 * 64
+        if trial["status"] == "stopped":  # stopped early by the tuner: billed for the steps it logged,
+            # which can be all of them when the stop lands while it writes its model (on SageMaker too)
+            assert trial["early_stopped"] and 0 < trial["tokens_trained"] <= 10 * 64
     tokens = sum(t["tokens_trained"] for t in trials)
     assert Decimal(ended["bill"]) == bill(Estimate.model_validate(ended["estimate"]), tokens)
     assert Decimal(ended["bill"]) <= Decimal(ended["estimate"]["total"])
