@@ -33,7 +33,7 @@ GIB = 1 << 30
 AUTOCAST_WEIGHT_BYTES = 2
 COMPUTE_BYTES = 2  # bf16 activations under autocast
 RESIDUAL_BYTES = 4  # the residual stream and the norms stay fp32
-INDEX_BYTES = 8  # int64 token ids (embedding input) and targets (loss)
+INDEX_BYTES = 8  # int64 token ids (the embedding's input)
 # Targets that the loss does not score (PyTorch's cross_entropy convention).
 IGNORE_INDEX = -100
 # The loss computes the logits of this many bytes (fp32) of tokens at a time: 256 MiB is 523
@@ -182,10 +182,17 @@ def block_activation_bytes(config: ModelConfig, layer: LayerShape, compute_bytes
 
 
 def head_activation_bytes(config: ModelConfig, compute_bytes: int = COMPUTE_BYTES) -> int:
-    """Bytes saved per token outside the blocks: token ids and targets, the final norm, and what
-    the chunked loss keeps: its input (the head's) and each token's fp32 log-sum-exp. No logits."""
+    """Bytes saved per token outside the blocks: token ids, the final norm, and what the chunked
+    loss keeps: the gradient of its input (the head's), computed in its forward pass. No logits;
+    the head's weight gradient it keeps beside is counted once, in logits_peak_bytes."""
     C = config.dim
-    return INDEX_BYTES * 2 + C * RESIDUAL_BYTES + 4 + C * compute_bytes + 4
+    return INDEX_BYTES + C * RESIDUAL_BYTES + 4 + C * compute_bytes
+
+
+def head_weight_gradient_bytes(config: ModelConfig) -> int:
+    """The head's weight gradient as the chunked loss sums it over its chunks: fp32, the weight's
+    shape. Computed in the loss's forward pass and kept for its backward."""
+    return config.vocab_size * config.dim * 4
 
 
 def loss_chunk_tokens(vocab_size: int) -> int:
@@ -195,13 +202,13 @@ def loss_chunk_tokens(vocab_size: int) -> int:
 
 def logits_peak_bytes(config: ModelConfig, tokens: int, compute_bytes: int = COMPUTE_BYTES) -> int:
     """The loss's transient peak for a micro-batch of `tokens` tokens: one chunk's logits in the
-    compute dtype, their fp32 copy and one more fp32 tensor of that size (the log-sum-exp's
-    exponentials forward, the logits' gradient backward); and the head's weight gradient,
-    summed over the chunks in fp32 (with each chunk's share in the compute dtype when that is
-    not fp32). Bounded whatever the micro-batch: it no longer grows with the tokens."""
+    compute dtype, their fp32 copy and one more fp32 tensor of that size (the logits' gradient,
+    in the compute dtype, is at most that); and the head's weight gradient
+    (head_weight_gradient_bytes, with each chunk's share in the compute dtype when that is not
+    fp32). Bounded whatever the micro-batch: it no longer grows with the tokens."""
     V, C, a = config.vocab_size, config.dim, compute_bytes
     chunk = min(tokens, loss_chunk_tokens(V))
-    weight_gradient = V * C * 4 + (V * C * a if a != 4 else 0)
+    weight_gradient = head_weight_gradient_bytes(config) + (V * C * a if a != 4 else 0)
     return chunk * V * (a + 4 + 4) + weight_gradient
 
 
@@ -349,7 +356,7 @@ def distillation_peak_bytes(config: ModelConfig, tokens: int, compute_bytes: int
     gradient (as logits_peak_bytes counts it). Bounded whatever the micro-batch."""
     V, C, a = config.vocab_size, config.dim, compute_bytes
     chunk = min(tokens, loss_chunk_tokens(V))
-    weight_gradient = V * C * 4 + (V * C * a if a != 4 else 0)
+    weight_gradient = head_weight_gradient_bytes(config) + (V * C * a if a != 4 else 0)
     forward = chunk * V * 3 * 4
     backward = chunk * V * (4 + 4 + (a if a != 4 else 0)) + weight_gradient
     return max(forward, backward)

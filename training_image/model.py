@@ -172,10 +172,13 @@ def chunked_cross_entropy(
     states `hidden` (..., C), against `targets` (...): the mean (or sum) over the targets that
     are not IGNORE_INDEX. The same value as F.cross_entropy of the head's logits, without
     ever holding the logits of more than `chunk_tokens` tokens (by default sized by the memory
-    plan for the vocabulary), in the forward pass or the backward one.
+    plan for the vocabulary).
 
     The logits are computed in the compute dtype (bf16 under autocast, as the head's matmul
-    would) and the log-softmax in fp32; a mean over no scored targets is 0."""
+    would) and the log-softmax in fp32; a mean over no scored targets is 0. Where a gradient is
+    wanted (grad mode on, and hidden or weight requiring one), it is computed in the same pass,
+    from each chunk's logits while they are at hand: the backward pass only scales it, and the
+    logits are never computed twice."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"unknown reduction {reduction!r}")
     device = hidden.device.type
@@ -183,67 +186,74 @@ def chunked_cross_entropy(
     dtype = torch.get_autocast_dtype(device) if autocast else hidden.dtype
     chunk = chunk_tokens or loss_chunk_tokens(weight.shape[0])
     return _ChunkedCrossEntropy.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), dtype, chunk, reduction == "mean"
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), dtype, chunk, reduction == "mean",
+        torch.is_grad_enabled(),
     )
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Keeps for the backward pass the hidden states and each token's fp32 log-sum-exp, and
-    computes the logits again there, chunk by chunk: no vocabulary-wide tensor outlives a chunk."""
+    """Computes the loss and, where wanted, its gradients (d loss / d logits = softmax -
+    one_hot(target), for scored targets) chunk by chunk in the forward pass, and keeps those
+    gradients for the backward pass, which scales them by the loss's own gradient: the hidden
+    states' gradient (their size, in their dtype) and the head's weight gradient (fp32, the
+    weight's shape; shared.memory counts both). No vocabulary-wide tensor outlives a chunk. One
+    backward pass (it scales the kept gradients in place)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, dtype, chunk, mean):
+    def forward(ctx, hidden, weight, targets, dtype, chunk, mean, gradient):
+        need_h = gradient and ctx.needs_input_grad[0]
+        need_w = gradient and ctx.needs_input_grad[1]
+        scored = targets != IGNORE_INDEX
+        count = scored.sum()
+        # Each token's weight in the loss: 0 where not scored, 1 / count (mean) or 1 (sum) where scored.
+        token_weight = scored.float()
+        if mean:
+            token_weight /= count.clamp(min=1)
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
-            lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+            grad_h = torch.empty_like(hidden) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for start in range(0, h.shape[0], chunk):
-                logits = (h[start : start + chunk] @ w.t()).float()  # (chunk, V)
-                lse_chunk = torch.logsumexp(logits, dim=-1)
-                t = targets[start : start + chunk]
-                picked = logits.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1)
-                total += torch.where(t != IGNORE_INDEX, lse_chunk - picked, 0.0).sum()
-                lse[start : start + chunk] = lse_chunk
-                del logits
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.dtype, ctx.chunk, ctx.mean = dtype, chunk, mean
+                rows = slice(start, start + chunk)
+                t = targets[rows].clamp(min=0).unsqueeze(1)
+                logits = (h[rows] @ w.t()).float()  # (chunk, V)
+                picked = logits.gather(1, t).squeeze(1)
+                top = logits.amax(dim=-1, keepdim=True)
+                exp = logits.sub_(top).exp_()  # in place: the chunk's one fp32 (chunk, V) tensor
+                sums = exp.sum(dim=-1)
+                lse = top.squeeze(1) + sums.log()
+                total += torch.where(scored[rows], lse - picked, 0.0).sum()
+                if need_h or need_w:
+                    weights = token_weight[rows].unsqueeze(1)
+                    g = exp.mul_(weights / sums.unsqueeze(1))  # softmax, weighted
+                    g = g.scatter_add_(1, t, -weights).to(dtype)  # - one_hot(target), weighted
+                    if need_h:
+                        grad_h[rows] = g @ w
+                    if need_w:
+                        if dtype == torch.float32:
+                            grad_w.addmm_(g.t(), h[rows])
+                        else:  # summed over chunks in fp32
+                            grad_w.add_(g.t() @ h[rows])
+                    del g
+                del logits, exp
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype, ctx.used = weight.dtype, False
         if mean:
-            total = total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+            total = total / count.clamp(min=1)
         return total
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        dtype, chunk = ctx.dtype, ctx.chunk
-        scored = targets != IGNORE_INDEX
-        scale = grad.float()
-        if ctx.mean:
-            scale = scale / scored.sum().clamp(min=1)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        with torch.autocast(hidden.device.type, enabled=False):
-            h, w = hidden.to(dtype), weight.to(dtype)
-            grad_h = torch.empty_like(h) if need_h else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-            for start in range(0, h.shape[0], chunk):
-                h_chunk, t = h[start : start + chunk], targets[start : start + chunk]
-                # d loss / d logits = softmax - one_hot(target), for scored targets only.
-                g = (h_chunk @ w.t()).float().sub_(lse[start : start + chunk, None]).exp_()
-                g.scatter_add_(1, t.clamp(min=0).unsqueeze(1), torch.full_like(g[:, :1], -1.0))
-                g.mul_((scored[start : start + chunk].float() * scale).unsqueeze(1))
-                g = g.to(dtype)
-                if need_h:
-                    grad_h[start : start + chunk] = g @ w
-                if need_w:
-                    if dtype == torch.float32:
-                        grad_w.addmm_(g.t(), h_chunk)
-                    else:  # summed over chunks in fp32
-                        grad_w.add_(g.t() @ h_chunk)
-                del g
-        return (
-            grad_h.to(hidden.dtype) if need_h else None,
-            grad_w.to(weight.dtype) if need_w else None,
-            None, None, None, None,
-        )
+        if ctx.used:
+            raise RuntimeError("the chunked loss's gradients are scaled in place: one backward pass only")
+        ctx.used = True
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h.mul_(grad.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad.float()).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def chunked_kl_divergence(
