@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from shared.pricing import LLAMA_SHAPES
@@ -90,6 +91,47 @@ def hf_loop(model: LlamaForCausalLM, windows: torch.Tensor, plan: TrainPlan, bat
     return run
 
 
+def kernel_floor(config: ModelConfig, sequences: int, micro_batch: int, seq_len: int, device: torch.device,
+                 bf16: bool) -> Callable[[int], None]:
+    """run(n): n steps of nothing but a training step's matrix products and attention calls, on
+    random tensors of the step's shapes: each block's seven projections forward, their input and
+    weight gradients backward, causal grouped-query attention forward and backward through
+    scaled_dot_product_attention, and the head's three products (logits, hidden-state and
+    weight gradients), per micro-batch. Every loop that uses these kernels spends at least this
+    long on a step (the norms, rotary, SwiGLU, loss arithmetic, optimizer and framework come on
+    top): a loop's time over this is the ceiling of any ratio against it."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    tokens, D, C, V = micro_batch * seq_len, config.head_dim, config.dim, config.vocab_size
+    rand = lambda *shape, grad=False: torch.randn(*shape, device=device, dtype=dtype, requires_grad=grad)  # noqa: E731
+    shapes: dict = {}  # one set of tensors per distinct layer shape, run once per layer
+
+    def tensors(layer):
+        H, K, M = layer.n_heads, layer.n_kv_heads, layer.mlp_hidden
+        # (weight, its input) of q, k, v, o, gate, up, down
+        projections = [(rand(H * D, C), rand(tokens, C)), (rand(K * D, C), rand(tokens, C)), (rand(K * D, C), rand(tokens, C)),
+                       (rand(C, H * D), rand(tokens, H * D)), (rand(M, C), rand(tokens, C)), (rand(M, C), rand(tokens, C)),
+                       (rand(C, M), rand(tokens, M))]
+        attention = (rand(micro_batch, H, seq_len, D, grad=True), rand(micro_batch, K, seq_len, D, grad=True),
+                     rand(micro_batch, K, seq_len, D, grad=True), rand(micro_batch, H, seq_len, D))
+        return projections, attention, [rand(tokens, w.shape[0]) for w, _ in projections]
+
+    layers = [shapes[layer] if layer in shapes else shapes.setdefault(layer, tensors(layer)) for layer in config.layers]
+    head, hidden, logits = rand(V, C), rand(tokens, C), rand(tokens, V)
+
+    def run(steps: int) -> None:
+        for _ in range(steps * (sequences // micro_batch)):
+            for projections, (q, k, v, grad), output_grads in layers:
+                for weight, inputs in projections:
+                    inputs @ weight.t()
+                for (weight, inputs), output_grad in zip(projections, output_grads):
+                    output_grad @ weight  # the input's gradient
+                    output_grad.t() @ inputs  # the weight's
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]).backward(grad)
+            hidden @ head.t(), logits @ head, logits.t() @ hidden
+
+    return run
+
+
 def _timed(run: Callable[[], object], device: torch.device) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process). CPU time is what contention from other
     processes on a shared machine disturbs least; wall time is what a user waits."""
@@ -116,11 +158,12 @@ def peak_flops(device: torch.device) -> float | None:
 def throughput(
     config: ModelConfig, windows: torch.Tensor, seq_len: int, rounds: int, steps: int, device: torch.device,
     ours_bf16: bool | None, hf_bf16: bool, *, strategy: str = "ddp", compile_blocks: bool = False,
-    micro_batch: int | None = None, batch: int | None = None, base: Decoder | None = None,
+    micro_batch: int | None = None, batch: int | None = None, base: Decoder | None = None, floor: bool = False,
 ) -> None:
     """Steady-state steps of the product's Trainer.run() against the HF loop, in alternating
     rounds (A B B A A B ...); the figure is the median over rounds of each round's ratio.
-    ours_bf16 None: the Trainer's own choice (autocast_dtype). base: the initial weights (copied)."""
+    ours_bf16 None: the Trainer's own choice (autocast_dtype). base: the initial weights (copied).
+    floor: also time kernel_floor at the HF loop's precision in the same rounds (one process)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     batch = batch or batch_size_for(config.parameters())
     batch += (-batch) % world
@@ -155,9 +198,12 @@ def throughput(
                 layer.compile()
             hf_compiled = hf_loop(compiled_reference, windows, plan, trainer.batch_indices, hf_bf16)
             loops["hf compiled"] = lambda: hf_compiled(steps)
+        if floor:
+            kernels = kernel_floor(config, batch, trainer.micro_batch, seq_len, device, hf_bf16)
+            loops["floor"] = lambda: kernels(steps)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in loops}
     for r in range(rounds + 1):  # round 0 warms both up and is not counted
-        order = ["fusion", "hf", "hf compiled"] if r % 2 else ["hf compiled", "hf", "fusion"]
+        order = ["fusion", "hf", "hf compiled", "floor"] if r % 2 else ["floor", "hf compiled", "hf", "fusion"]
         for name in [n for n in order if n in loops]:
             measured = _timed(loops[name], device)
             if r:
@@ -189,6 +235,12 @@ def throughput(
         print(f"  HF compiled layers{rate['hf compiled'][0]:15.0f}{rate['hf compiled'][1]:20.0f}")
         print(f"  ratio fusion / HF compiled {statistics.median(r[0] for r in ratios):6.2f}"
               f"{statistics.median(r[1] for r in ratios):20.2f}   (median of per-round ratios)")
+    if "floor" in rate:
+        ceiling = [h[1] / k[1] for h, k in zip(times["hf"], times["floor"])]
+        over = [f[1] / k[1] for f, k in zip(times["fusion"], times["floor"])]
+        print(f"  matmuls + attention alone {rate['floor'][0]:7.0f}{rate['floor'][1]:20.0f}   (kernel_floor: what any loop on these kernels spends at least)")
+        print(f"  HF / floor, the ceiling of fusion / HF {statistics.median(ceiling):5.2f}; fusion / floor {statistics.median(over):.2f}"
+              f"   (CPU time, medians of per-round ratios)")
     peak = peak_flops(device)
     if peak_memory is not None:
         print(f"  peak GPU memory (both loops) {peak_memory:.1f} GiB; bf16 dense peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
@@ -248,7 +300,7 @@ def _precisions(args, config: ModelConfig, train: torch.Tensor, device: torch.de
                   "the fp32 comparison above\n")
             continue
         throughput(config, train, args.seq_len, args.rounds, args.steps, device, ours, hf,
-                   micro_batch=args.micro_batch, batch=args.batch, **options)
+                   micro_batch=args.micro_batch, batch=args.batch, floor=args.floor, **options)
         print()
 
 
@@ -271,6 +323,8 @@ def main() -> None:
                         help="torch.compile each block (both: without, then with)")
     parser.add_argument("--micro-batch", type=int, help="sequences per forward/backward on one rank")
     parser.add_argument("--batch", type=int, help="sequences per step (default: the product's rule for the size)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time a step's matmuls and attention alone (kernel_floor): the ceiling of the ratio")
     parser.add_argument("--corpus-chars", type=int, default=3_000_000, help="characters of stdlib text to tokenize")
     parser.add_argument("--precision", default="all", choices=("all", "fp32", "bf16", "default"),
                         help="throughput: fp32 vs fp32, bf16 vs bf16, ours at its default vs HF at its default (fp32)")
