@@ -42,7 +42,7 @@ from training_image.contract import (
     contract_streamed,
     student_sources,
 )
-from training_image.evaluate import heldout_loss
+from training_image.evaluate import DEFAULT_EVAL_BATCH, heldout_loss
 from training_image.evaluation import held_out, run_evaluate_job
 from training_image.growth import grow, sources as growth_sources
 from training_image.model import Decoder
@@ -220,7 +220,10 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
         parallel.wrap(model, strategy=layout.strategy, activation_checkpointing=False, world_size=world_size,
                       device=device, materialize=materialize, bf16=bf16)
     del cut, materialize  # the contracted blocks now live in the student
-    pruned = _measure(log, "pruned", model, heldout_windows)
+    # Within the plan: the held-out passes run at the healing's micro-batch (the logits of a
+    # chunk of that many windows), not at a batch of their own beside the optimizer's state.
+    eval_batch = trainer.micro_batch if settings.train_steps > 0 else (layout.micro_batch or DEFAULT_EVAL_BATCH)
+    pruned = _measure(log, "pruned", model, heldout_windows, eval_batch)
     if settings.train_steps > 0:
         # Healing with few tokens can do more harm than the pruning did (its noise outweighs a
         # small loss of fit); the pruned weights are delivered then. They are the same on a
@@ -231,7 +234,7 @@ def run_contract_job(settings: ContractSettings, root: Path, job_id: str,
             state = trainer.run()
         cycles, tokens_processed, tokens_per_second = state.cycles, state.tokens_seen, trainer.tokens_per_second()
         precision = trainer.precision
-        healed = _measure(log, "healed", model, heldout_windows)
+        healed = _measure(log, "healed", model, heldout_windows, eval_batch)
         kept = healed <= pruned
         if not kept:
             log(f"healing raised held-out perplexity from {pruned:.3f} to {healed:.3f}: delivering the pruned weights")
@@ -314,8 +317,10 @@ def _write_outputs(root: Path, model: Decoder, tokenizer, metrics: Metrics) -> N
         runtime.write_outputs(root, whole, tokenizer, metrics)
 
 
-def _measure(log: Callable[[str], None], stage: str, model: Decoder, heldout_windows: torch.Tensor) -> float:
-    return _report(log, stage, model.parameter_count(), heldout_loss(model, heldout_windows, across_ranks=True))
+def _measure(log: Callable[[str], None], stage: str, model: Decoder, heldout_windows: torch.Tensor,
+             batch_size: int) -> float:
+    return _report(log, stage, model.parameter_count(),
+                   heldout_loss(model, heldout_windows, batch_size, across_ranks=True))
 
 
 def _report(log: Callable[[str], None], stage: str, parameters: int, loss: float) -> float:
