@@ -378,3 +378,22 @@ def test_container_rejects_more_layers_than_the_source_has(ml_root):
     with pytest.raises(ValueError, match="depth 4"):
         run_contract_job(settings, ml_root, "contract-3", log=lambda line: None)
     assert not (ml_root / "model").exists()
+
+
+@pytest.mark.slow
+def test_held_out_passes_run_at_the_healing_micro_batch(ml_root, monkeypatch):
+    """Before and after healing, the held-out loss is computed within the plan: at the healing's
+    micro-batch (its chunk of logits), not at a batch of its own beside the optimizer's state."""
+    from shared.memory import Layout
+    from training_image.evaluate import DEFAULT_EVAL_BATCH, heldout_loss
+
+    batches = []
+
+    def recording(model, windows, batch_size=DEFAULT_EVAL_BATCH, **options):
+        batches.append(batch_size)
+        return heldout_loss(model, windows, batch_size, **options)
+
+    monkeypatch.setattr(jobs, "heldout_loss", recording)
+    settings = ContractSettings(source_model_id="m", num_layers_to_contract=2, contraction_ratio=0.5, train_steps=1)
+    run_contract_job(settings, ml_root, "contract-5", log=lambda line: None, layout=Layout(micro_batch=1))
+    assert batches == [1, 1]  # pruned, healed

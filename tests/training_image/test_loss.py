@@ -97,3 +97,19 @@ def test_evaluation_averages_over_scored_targets_at_any_micro_batch():
     assert want != pytest.approx(unweighted, rel=1e-3)
     bf16 = heldout_loss(model, windows, 2, autocast=True)
     assert bf16 == pytest.approx(want, rel=2e-2) and bf16 != want  # bf16 matmuls: close, not equal
+
+
+def test_gradients_are_computed_in_the_forward_pass_only_where_wanted():
+    """The loss computes its gradients while each chunk's logits are at hand, and only with grad
+    mode on: under no_grad (evaluation) it keeps nothing; its one backward pass scales them."""
+    hidden, weight, targets = _case()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        with torch.no_grad():
+            chunked_cross_entropy(hidden, weight, targets, chunk_tokens=7)
+        assert saved == []
+        loss = chunked_cross_entropy(hidden, weight, targets, chunk_tokens=7)
+    assert saved == [hidden.shape, weight.shape]  # the two gradients, nothing vocabulary-wide per token
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()
