@@ -20,7 +20,8 @@ method. Three methods remove the same blocks' heads and MLP units:
 Every method gets the same least-squares refit of the kept output-projection columns. Ours
 removes the same number of parameters as the others (printed). Then each model is healed by
 distillation from the source, as the contract job heals: one cycle at the product's healing rate,
-on 1% of the corpus's training tokens.
+at the job's batch, on a healing dataset of 1% of the corpus's training tokens read
+--heal-passes times (a contract job given that dataset and the matching train_steps).
 
 Held-out text: Debian's `fortunes` corpus (bench/corpus.py), split by file. Nobody here wrote it.
 The windows are seq_len 256, as the contract job uses.
@@ -50,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SEQ_LEN = 256  # the contract job's (shared.settings.CONTRACT_SEQ_LEN), checked in main()
 GOALS_HEALED = {0.25: 0.01, 0.5: 0.03}
 GOAL_VS_METHOD = 0.7
+HEAL_PASSES = 16  # train_steps 32 at SmolLM2's batch of 16; docs/evaluation.md compares 1, 4 and 16
 METHODS = {"ours": ("ours + refit", "activation", True), "wanda-sp": ("Wanda-sp + refit", "wanda-sp", True),
            "magnitude": ("magnitude + refit", "magnitude", False)}
 
@@ -59,8 +61,13 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=8, help="blocks to contract (the contract job's default)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--heldout", type=int, default=32, help=f"held-out windows of {SEQ_LEN} tokens")
-    parser.add_argument("--calibration", type=int, default=32, help="calibration windows (the job takes 64)")
-    parser.add_argument("--heal-share", type=float, default=0.01, help="healing tokens, a share of the corpus's")
+    parser.add_argument("--calibration", type=int, default=None,
+                        help="calibration windows (default: the contract job's, CONTRACT_CALIBRATION_WINDOWS)")
+    parser.add_argument("--heal-share", type=float, default=0.01,
+                        help="the healing dataset: a share of the corpus's training windows, in whole steps")
+    parser.add_argument("--heal-passes", type=int, default=HEAL_PASSES, help="passes over the healing dataset")
+    parser.add_argument("--heal-batch", type=int, default=None,
+                        help="windows a healing step (default: the contract job's batch for the model)")
     parser.add_argument("--no-heal", action="store_true", help="pruned figures only (healing costs the most)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
@@ -72,13 +79,15 @@ def main() -> int:
 
     sys.path.insert(0, str(ROOT / "bench"))
     from corpus import english_texts, english_windows
-    from shared.settings import CONTRACT_SEQ_LEN
+    from shared.settings import CONTRACT_CALIBRATION_WINDOWS, CONTRACT_SEQ_LEN
     from shared.shapes import batch_size_for
     from training_image.contract import HEAL_LR, block_influence, choose_blocks, contract_blocks, heal, layer_stats
     from training_image.evaluate import perplexity
     from training_image.modeldir import load_model_dir
 
     assert SEQ_LEN == CONTRACT_SEQ_LEN
+    if args.calibration is None:
+        args.calibration = CONTRACT_CALIBRATION_WINDOWS
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     started = time.monotonic()
@@ -90,8 +99,14 @@ def main() -> int:
     heldout = heldout[torch.randperm(len(heldout), generator=torch.Generator().manual_seed(0))[: args.heldout]]
     calibration = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[: args.calibration]]
     corpus_tokens = len(train) * SEQ_LEN
-    heal_batch = batch_size_for(config.parameters())  # as the contract job heals
-    heal_steps = max(1, math.ceil(args.heal_share * corpus_tokens / (heal_batch * SEQ_LEN)))
+    job_batch = batch_size_for(config.parameters())  # as the contract job heals
+    heal_batch = args.heal_batch or job_batch
+    # The healing dataset: a fixed sample of heal_share of the corpus's windows, in whole steps of
+    # the job's batch, read as a contract job given that dataset and train_steps = passes x
+    # windows / batch reads it (an epoch, then a fresh order).
+    windows = job_batch * max(1, math.ceil(args.heal_share * corpus_tokens / (job_batch * SEQ_LEN)))
+    healing = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(2))[:windows]]
+    heal_steps = max(1, args.heal_passes * windows // heal_batch)
     print(f"SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32), imported: {config.parameters():,} parameters, "
           f"{config.n_layers} blocks, {config.layers[0].n_heads} heads / {config.layers[0].n_kv_heads} KV heads, "
           f"MLP {config.layers[0].mlp_hidden}, vocab {config.vocab_size}, tied embeddings {config.tie_embeddings}")
@@ -104,9 +119,10 @@ def main() -> int:
     stats = layer_stats(model, calibration, chosen)
     print(f"source held-out perplexity {base:.3f}  [{time.monotonic() - started:.0f} s]", flush=True)
     print("block influence: " + " ".join(f"{b}={v:.4f}" for b, v in influence.items()))
-    print(f"contracting blocks {chosen}; healing {heal_steps} steps of {heal_batch} x {SEQ_LEN} = "
-          f"{heal_steps * heal_batch * SEQ_LEN:,} tokens ({100 * heal_steps * heal_batch * SEQ_LEN / corpus_tokens:.2f}% "
-          f"of the corpus's) at lr {HEAL_LR:g}, distilled from the source\n", flush=True)
+    print(f"contracting blocks {chosen}; healing on {len(healing) * SEQ_LEN:,} tokens "
+          f"({100 * len(healing) * SEQ_LEN / corpus_tokens:.2f}% of the corpus's), {args.heal_passes} "
+          f"pass{'es' * (args.heal_passes != 1)}: {heal_steps} steps of {heal_batch} x {SEQ_LEN} at lr {HEAL_LR:g}, "
+          f"distilled from the source\n", flush=True)
 
     def rise(p: float) -> float:
         return 100 * (p / base - 1)
@@ -125,7 +141,7 @@ def main() -> int:
             heals = heals and not args.no_heal
             if heals:
                 student = copy.deepcopy(new)
-                heal(student, model, train, heal_steps, batch_size=heal_batch, seed=1)
+                heal(student, model, healing, heal_steps, batch_size=heal_batch, seed=1)
                 healed = perplexity(student, heldout)
             results[name] = (pruned, healed)
             healed_text = f"{healed:>9.3f} {rise(healed):>+7.2f}%" if heals else f"{'':>9} {'':>8}"
