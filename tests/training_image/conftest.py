@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import os
 import random
 import socket
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from shared.shapes import SIZES, ModelConfig
+from training_image import parallel
 from training_image.data import stdlib_corpus, token_windows
 from training_image.model import Decoder
 from training_image.modeldir import save_model_dir
@@ -108,3 +114,27 @@ def assert_bf16_close(losses, state, expected_losses, expected_state, initial_st
         update = (value - initial_state[name]).norm()
         off = (state[name] - value).norm()
         assert off <= BF16_UPDATE_REL * update, f"{name}: {off:.3g} off an update of {update:.3g}"
+
+
+@contextmanager
+def gloo_group(rank: int, world_size: int, port: int):
+    """A spawned rank's work in the test's gloo group on loopback (`port` from free_port).
+
+    After a body that completed, the rank leaves as a job does (parallel.leave: every rank waits
+    for the others, then the group is torn down) and the process ends there, at once: what it
+    had to say is written, and the interpreter's teardown of gloo's threads, which is not under
+    test, was seen to abort a rank ('terminate called without an active exception') in loaded
+    runs. After a failure the group is torn down at once and the exception goes to
+    torch.multiprocessing, which reports it. A rank that dies of a signal prints its Python
+    stacks (faulthandler)."""
+    faulthandler.enable()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    completed = False
+    try:
+        yield
+        completed = True
+    finally:
+        parallel.leave(completed)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -4,17 +4,14 @@ weights, of one process calibrating on them all."""
 
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from shared.shapes import SIZES
 from training_image.contract import block_influence, choose_blocks, contract_blocks, layer_stats
 from training_image.model import Decoder
 
-from .conftest import free_port, small_config
+from .conftest import free_port, gloo_group, small_config
 
 CONFIG = small_config(n_layers=4)
 RATIO = 0.5
@@ -42,12 +39,9 @@ def _contract() -> dict:
 
 def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, port):
         result = _contract()
         torch.save(result, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_choose_and_cut_what_one_process_does(tmp_path):

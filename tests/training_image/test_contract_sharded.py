@@ -23,7 +23,7 @@ from training_image.contract import Distillation, contract_blocks
 from training_image.model import Decoder, chunked_kl_divergence
 from training_image.train import Trainer, TrainPlan
 
-from .conftest import free_port
+from .conftest import free_port, gloo_group
 
 PLAN = TrainPlan(turns=1, cycle_steps=[6], lr=3e-3, seq_len=16, batch_size=8, seed=3)
 REL = 1e-5  # fp32: the ranks' reductions add in another order
@@ -75,13 +75,10 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 def _worker(rank: int, world_size: int, port: int, out: str, loss: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, port):
         result = _heal("fsdp", loss)
         if rank == 0:
             torch.save(result, out)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -137,13 +134,10 @@ def _job(root: str, sharded: bool) -> dict:
 def _job_worker(rank: int, world_size: int, port: int, root: str, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))  # as torchrun sets them
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, port):
         metrics = _job(root, sharded=True)
         if rank == 0:
             torch.save(metrics, out)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

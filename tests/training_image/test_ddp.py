@@ -4,17 +4,15 @@ and accumulating micro-batches the same as one batch: in fp32 to float noise, in
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from shared.shapes import SIZES
 from training_image.model import Decoder
 from training_image.train import Trainer, TrainPlan
 
-from .conftest import assert_bf16_close, free_port
+from .conftest import assert_bf16_close, free_port, gloo_group
 
 PLAN = TrainPlan(turns=2, cycle_steps=[3], lr=3e-3, seq_len=32, batch_size=4, seed=1)
 
@@ -28,13 +26,10 @@ def _train(windows: torch.Tensor, micro_batch: int | None = None, bf16: bool = F
 
 def _worker(rank: int, world_size: int, port: int, windows: torch.Tensor, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, port):
         runs = {bf16: _train(windows, bf16=bf16) for bf16 in (False, True)}
         if rank == 0:
             torch.save(runs, out)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import signal
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from shared.shapes import SIZES
@@ -19,7 +18,7 @@ from training_image.checkpoint import latest
 from training_image.model import Decoder
 from training_image.train import Trainer, TrainingStopped, TrainPlan
 
-from .conftest import assert_bf16_close, free_port
+from .conftest import assert_bf16_close, free_port, gloo_group
 
 # 10 steps in two cycles (the first cycle's end writes a checkpoint); 8 sequences a step split
 # over 1, 2 or 4 ranks.
@@ -70,13 +69,10 @@ def _run(checkpoint_dir, *, max_steps=None, stop_at=None, resume=False, checkpoi
 def _worker(rank: int, world_size: int, port: int, out: str, kwargs: dict) -> None:
     torch.set_num_threads(1)
     os.environ["LOCAL_RANK"] = str(rank)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, port):
         result = _run(**kwargs)
         if rank == 0:
             torch.save(result, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def _spawn(world_size: int, tmp_path, name: str, **kwargs) -> dict:

@@ -16,7 +16,7 @@ from training_image import parallel
 from training_image.model import Decoder
 from training_image.train import Trainer, TrainPlan
 
-from .conftest import free_port
+from .conftest import free_port, gloo_group
 
 # 2 steps of 8 sequences: 4 a rank, in micro-batches of 1.
 PLAN = TrainPlan(turns=1, cycle_steps=[2], lr=3e-3, seq_len=16, batch_size=8, seed=5)
@@ -40,7 +40,6 @@ def _train(strategy: str, micro_batch: int | None, defer: bool) -> dict:
 def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     os.environ["LOCAL_RANK"] = str(rank)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     counted = {"n": 0}
     reduce_scatter = dist.reduce_scatter_single
 
@@ -50,16 +49,16 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
 
     dist.reduce_scatter_single = counting  # FSDP2's reduce-scatter of gradients (DefaultReduceScatter)
     try:
-        results = {}
-        for name, strategy, defer in (("fsdp-deferred", "fsdp", True), ("fsdp-each", "fsdp", False),
-                                      ("ddp", "ddp", False)):
-            counted["n"] = 0
-            results[name] = {**_train(strategy, 1, defer), "reduce_scatters": counted["n"]}
-        if rank == 0:
-            torch.save(results, out)
+        with gloo_group(rank, world_size, port):
+            results = {}
+            for name, strategy, defer in (("fsdp-deferred", "fsdp", True), ("fsdp-each", "fsdp", False),
+                                          ("ddp", "ddp", False)):
+                counted["n"] = 0
+                results[name] = {**_train(strategy, 1, defer), "reduce_scatters": counted["n"]}
+            if rank == 0:
+                torch.save(results, out)
     finally:
         dist.reduce_scatter_single = reduce_scatter
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

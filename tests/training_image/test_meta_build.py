@@ -4,7 +4,6 @@ grown, and the model it trains is bit for bit the one grown on the CPU and then 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
@@ -17,7 +16,7 @@ from training_image.export import export_hf
 from training_image.modeldir import save_model_dir
 from training_image.train import Trainer, TrainPlan
 
-from .conftest import free_port, small_config
+from .conftest import free_port, gloo_group, small_config
 
 # Grows to 6 blocks (one inserted after block 3); tied, as the embedding is then the root's unit.
 CONFIG = small_config(n_layers=5, qkv_bias=True, tie_embeddings=True)
@@ -41,8 +40,7 @@ def _train(model, materialize=None) -> tuple[list[float], dict, int]:
 
 def _worker(rank: int, world_size: int, port: int, base, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, port):
         _, _, model, materialize = jobs.grown_model(base, FSDP, world_size)
         before = {"meta": all(p.is_meta for p in model.parameters()), "sharded": False}
 
@@ -55,8 +53,6 @@ def _worker(rank: int, world_size: int, port: int, base, out: str) -> None:
         eager = _train(eager_model)
         if rank == 0:
             torch.save({"before": before, "meta": meta, "eager": eager, "none": none}, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_sharded_run_built_on_meta_trains_the_model_grown_on_the_cpu(tmp_path, tokenizer):

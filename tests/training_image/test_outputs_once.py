@@ -19,7 +19,7 @@ from training_image import jobs, modeldir, runtime
 from training_image.model import Decoder
 from training_image.modeldir import load_model_dir, open_model_dir, save_model_dir
 
-from .conftest import free_port
+from .conftest import free_port, gloo_group
 
 
 def _metrics(config) -> TrainMetrics:
@@ -85,8 +85,7 @@ def test_an_archive_is_extracted_once_and_read_in_place_after(tmp_path, tokenize
 
 def _worker(rank: int, world_size: int, port: int, root, out: str) -> None:
     os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"] = str(rank), str(world_size)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, port):
         extracted = []
         unpack = jobs.unpack
         jobs.unpack = lambda archive, into: extracted.append(rank) or unpack(archive, into)
@@ -96,8 +95,6 @@ def _worker(rank: int, world_size: int, port: int, root, out: str) -> None:
         dist.all_gather_object(everyone, (extracted, str(folder), model.parameter_count()))
         if rank == 0:
             torch.save(everyone, out)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

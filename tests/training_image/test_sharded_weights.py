@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors import safe_open
 from tokenizers import Tokenizer
@@ -22,7 +21,7 @@ from training_image.model import Decoder
 from training_image.modeldir import load_model_dir, save_model_dir
 from training_image.train import Trainer, TrainPlan
 
-from .conftest import free_port, small_config
+from .conftest import free_port, gloo_group, small_config
 
 TINY_SHARD = 20_000  # bytes: the debug model in several shards
 PLAN = TrainPlan(turns=1, cycle_steps=[3], lr=3e-3, seq_len=16, batch_size=4, seed=1)
@@ -85,13 +84,8 @@ def _outputs(root, tokenizer_file: str) -> None:
 def _worker(rank: int, world_size: int, port: int, root, tokenizer_file: str) -> None:
     torch.set_num_threads(1)
     os.environ["LOCAL_RANK"] = str(rank)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    completed = False
-    try:
+    with gloo_group(rank, world_size, port):
         _outputs(root, tokenizer_file)
-        completed = True
-    finally:
-        parallel.leave(completed)
 
 
 def test_a_sharded_run_at_two_ranks_writes_the_tensors_of_one_process(tmp_path, tokenizer):

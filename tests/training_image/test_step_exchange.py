@@ -15,7 +15,7 @@ from shared.shapes import SIZES
 from training_image.model import Decoder
 from training_image.train import Trainer, TrainPlan
 
-from .conftest import free_port
+from .conftest import free_port, gloo_group
 
 PLAN = TrainPlan(turns=2, cycle_steps=[3, 3], lr=3e-3, seq_len=16, batch_size=4, seed=7)
 DUE_AFTER = 4  # rank 1 alone finds its interval passed after this step
@@ -35,8 +35,7 @@ def _trainer(checkpoint_dir=None, strategy: str = "ddp") -> Trainer:
 def _worker(rank: int, world_size: int, port: int, checkpoint_dir, out: str) -> None:
     torch.set_num_threads(1)
     os.environ["LOCAL_RANK"] = str(rank)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(rank, world_size, port):
         trainer = _trainer(checkpoint_dir, "fsdp")
         saved: list[int] = []
         save = trainer.save_checkpoint
@@ -56,8 +55,6 @@ def _worker(rank: int, world_size: int, port: int, checkpoint_dir, out: str) -> 
         dist.all_gather_object(everyone, saved)
         if rank == 0:
             torch.save(everyone, out)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow

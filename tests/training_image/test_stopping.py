@@ -20,7 +20,7 @@ from training_image.evaluate import heldout_loss
 from training_image.model import Decoder
 from training_image.train import CHECKPOINT, METRICS_LOG, Trainer, TrainingStopped, TrainPlan
 
-from .conftest import free_port, write_hyperparameters
+from .conftest import free_port, gloo_group, write_hyperparameters
 
 PLAN = TrainPlan(turns=1, cycle_steps=[3, 2], lr=3e-3, seq_len=32, batch_size=4, seed=2)
 SIGNAL_STEP = 2  # SIGTERM lands during this step (1-based)
@@ -131,8 +131,7 @@ def test_checkpoints_are_written_beside_the_mirrored_folder(windows, tmp_path, m
 
 def _ddp_worker(rank: int, port: int, windows: torch.Tensor, root: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, 2, port):
         reference = _trainer(windows)
         reference.run()
         # The held-out loss shared out over the ranks (7 windows: 4 and 3) is that of the whole set.
@@ -147,8 +146,6 @@ def _ddp_worker(rank: int, port: int, windows: torch.Tensor, root: str) -> None:
             dist.barrier()
         if rank == 0:
             torch.save({"phases": results, "heldout": heldout}, os.path.join(root, "results.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _stop_then_resume_ddp(windows, phase, directory, signalled: bool) -> tuple[int, Trainer]:
