@@ -19,9 +19,9 @@ method. Three methods remove the same blocks' heads and MLP units:
 
 Every method gets the same least-squares refit of the kept output-projection columns. Ours
 removes the same number of parameters as the others (printed). Then each model is healed by
-distillation from the source, as the contract job heals: one cycle at the product's healing rate,
-at the job's batch, on a healing dataset of 1% of the corpus's training tokens read
---heal-passes times (a contract job given that dataset and the matching train_steps).
+distillation from the source, as the contract job heals: one cycle of --heal-steps steps (its
+train_steps) at the product's healing rate and at the job's healing batch for that dataset
+(shared.shapes.healing_batch_size), on a healing dataset of 1% of the corpus's training tokens.
 
 Held-out text: Debian's `fortunes` corpus (bench/corpus.py), split by file. Nobody here wrote it.
 The windows are seq_len 256, as the contract job uses.
@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SEQ_LEN = 256  # the contract job's (shared.settings.CONTRACT_SEQ_LEN), checked in main()
 GOALS_HEALED = {0.25: 0.01, 0.5: 0.03}
 GOAL_VS_METHOD = 0.7
-HEAL_PASSES = 16  # train_steps 32 at SmolLM2's batch of 16; docs/evaluation.md compares 1, 4 and 16
+HEAL_STEPS = 32  # the contract job's train_steps; docs/evaluation.md compares batches and passes at 8 and 32
 METHODS = {"ours": ("ours + refit", "activation", True), "wanda-sp": ("Wanda-sp + refit", "wanda-sp", True),
            "magnitude": ("magnitude + refit", "magnitude", False)}
 
@@ -65,9 +65,9 @@ def main() -> int:
                         help="calibration windows (default: the contract job's, CONTRACT_CALIBRATION_WINDOWS)")
     parser.add_argument("--heal-share", type=float, default=0.01,
                         help="the healing dataset: a share of the corpus's training windows, in whole steps")
-    parser.add_argument("--heal-passes", type=int, default=HEAL_PASSES, help="passes over the healing dataset")
+    parser.add_argument("--heal-steps", type=int, default=HEAL_STEPS, help="healing steps (the job's train_steps)")
     parser.add_argument("--heal-batch", type=int, default=None,
-                        help="windows a healing step (default: the contract job's batch for the model)")
+                        help="windows a healing step (default: the contract job's, shared.shapes.healing_batch_size)")
     parser.add_argument("--no-heal", action="store_true", help="pruned figures only (healing costs the most)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
@@ -80,7 +80,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT / "bench"))
     from corpus import english_texts, english_windows
     from shared.settings import CONTRACT_CALIBRATION_WINDOWS, CONTRACT_SEQ_LEN
-    from shared.shapes import batch_size_for
+    from shared.shapes import batch_size_for, healing_batch_size
     from training_image.contract import HEAL_LR, block_influence, choose_blocks, contract_blocks, heal, layer_stats
     from training_image.evaluate import perplexity
     from training_image.modeldir import load_model_dir
@@ -99,14 +99,15 @@ def main() -> int:
     heldout = heldout[torch.randperm(len(heldout), generator=torch.Generator().manual_seed(0))[: args.heldout]]
     calibration = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[: args.calibration]]
     corpus_tokens = len(train) * SEQ_LEN
-    job_batch = batch_size_for(config.parameters())  # as the contract job heals
-    heal_batch = args.heal_batch or job_batch
-    # The healing dataset: a fixed sample of heal_share of the corpus's windows, in whole steps of
-    # the job's batch, read as a contract job given that dataset and train_steps = passes x
-    # windows / batch reads it (an epoch, then a fresh order).
+    job_batch = batch_size_for(config.parameters())  # a training step's
+    # The healing dataset: a fixed sample of heal_share of the corpus's windows, in whole training
+    # steps, read as a contract job given that dataset reads it (an epoch, then a fresh order) at
+    # the healing batch the job takes for it.
     windows = job_batch * max(1, math.ceil(args.heal_share * corpus_tokens / (job_batch * SEQ_LEN)))
     healing = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(2))[:windows]]
-    heal_steps = max(1, args.heal_passes * windows // heal_batch)
+    heal_batch = args.heal_batch or healing_batch_size(config.parameters(), SEQ_LEN, windows)
+    heal_steps = args.heal_steps
+    passes = heal_steps * heal_batch / windows
     print(f"SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32), imported: {config.parameters():,} parameters, "
           f"{config.n_layers} blocks, {config.layers[0].n_heads} heads / {config.layers[0].n_kv_heads} KV heads, "
           f"MLP {config.layers[0].mlp_hidden}, vocab {config.vocab_size}, tied embeddings {config.tie_embeddings}")
@@ -120,8 +121,8 @@ def main() -> int:
     print(f"source held-out perplexity {base:.3f}  [{time.monotonic() - started:.0f} s]", flush=True)
     print("block influence: " + " ".join(f"{b}={v:.4f}" for b, v in influence.items()))
     print(f"contracting blocks {chosen}; healing on {len(healing) * SEQ_LEN:,} tokens "
-          f"({100 * len(healing) * SEQ_LEN / corpus_tokens:.2f}% of the corpus's), {args.heal_passes} "
-          f"pass{'es' * (args.heal_passes != 1)}: {heal_steps} steps of {heal_batch} x {SEQ_LEN} at lr {HEAL_LR:g}, "
+          f"({100 * len(healing) * SEQ_LEN / corpus_tokens:.2f}% of the corpus's), {passes:g} "
+          f"pass{'es' * (passes != 1)}: {heal_steps} steps of {heal_batch} x {SEQ_LEN} at lr {HEAL_LR:g}, "
           f"distilled from the source\n", flush=True)
 
     def rise(p: float) -> float:

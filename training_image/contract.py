@@ -40,11 +40,11 @@ from torch import nn
 
 from shared.memory import CALIBRATION_BATCH, IGNORE_INDEX
 from shared.settings import TrainSettings
-from shared.shapes import LayerShape, ModelConfig, even_cuts, head_shapes, heads_to_remove, units_to_remove  # noqa: F401 (the tests read the two rules here)
+from shared.shapes import LayerShape, ModelConfig, even_cuts, healing_batch_size, head_shapes, heads_to_remove, units_to_remove  # noqa: F401 (the tests read the two rules here)
 from training_image.data import TOKEN_MASK, split_windows
 from training_image.evaluate import DEFAULT_EVAL_BATCH
 from training_image.model import Block, Decoder, chunked_cross_entropy
-from training_image.train import Trainer, TrainPlan, batch_size_for
+from training_image.train import Trainer, TrainPlan
 
 Method = Literal["activation", "magnitude", "random", "wanda-sp"]
 EXHAUSTIVE_HEAD_SETS = 256  # a layer's head shape with at most this many ways to keep its heads tries them all
@@ -827,11 +827,14 @@ class Distillation(nn.Module):
 
 def heal(model: Decoder, source: Decoder, windows: torch.Tensor, steps: int, lr: float = None, *, batch_size: int | None = None,
          loss: HealLoss = HEAL_LOSS, seed: int = 0) -> list[float]:
-    """Train the contracted `model` in place for `steps` steps of one cycle toward `source`; the step losses."""
+    """Train the contracted `model` in place for `steps` steps of one cycle toward `source`, at
+    `batch_size` windows a step (by default a contract job's, shapes.healing_batch_size); the step
+    losses."""
     if steps <= 0:
         return []
     plan = TrainPlan(turns=1, cycle_steps=[steps], lr=HEAL_LR if lr is None else lr, seq_len=windows.shape[1] - 1,
-                     batch_size=batch_size or batch_size_for(model.parameter_count()), seed=seed)
+                     batch_size=batch_size or healing_batch_size(model.parameter_count(), windows.shape[1] - 1, len(windows)),
+                     seed=seed)
     trainer = Trainer(Distillation(model, source, loss).train(), windows, None, plan, log=None)
     trainer.run()
     return trainer.losses

@@ -331,7 +331,7 @@ def _report(log: Callable[[str], None], stage: str, parameters: int, loss: float
 def _healer(model, teacher, config, train_windows, heldout_windows, steps, seq_len, root, job_id, log,
             layout: Layout, device: torch.device, materialize: parallel.Materialize) -> Trainer:
     plan = TrainPlan(turns=1, cycle_steps=[steps], lr=HEAL_LR, seq_len=seq_len,
-                     batch_size=runtime.batch_size(config.parameters(), seq_len))
+                     batch_size=runtime.batch_size(config.parameters(), seq_len, healing_windows=len(train_windows)))
     model.train()
     return Trainer(
         Distillation(model, teacher),

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from shared.contracts import Metrics
-from shared.shapes import batch_size_for
+from shared.shapes import batch_size_for, healing_batch_size
 from training_image import tokens
 from training_image.export import EXPORT_DIR, export_hf
 from training_image.modeldir import METRICS, save_model_dir, shares_export_weights
@@ -89,10 +89,14 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def batch_size(parameters: int, seq_len: int) -> int:
-    """Sequences of seq_len per optimizer step over all ranks: shapes.batch_size_for, rounded up
+def batch_size(parameters: int, seq_len: int, healing_windows: int | None = None) -> int:
+    """Sequences of seq_len per optimizer step over all ranks: shapes.batch_size_for (for a
+    contract job's healing on `healing_windows` windows, shapes.healing_batch_size), rounded up
     so that every rank takes an equal share."""
-    batch = batch_size_for(parameters, seq_len)
+    if healing_windows is None:
+        batch = batch_size_for(parameters, seq_len)
+    else:
+        batch = healing_batch_size(parameters, seq_len, healing_windows)
     world = dist.get_world_size() if dist.is_initialized() else 1
     return batch + (-batch) % world
 

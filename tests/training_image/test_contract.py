@@ -397,3 +397,23 @@ def test_held_out_passes_run_at_the_healing_micro_batch(ml_root, monkeypatch):
     settings = ContractSettings(source_model_id="m", num_layers_to_contract=2, contraction_ratio=0.5, train_steps=1)
     run_contract_job(settings, ml_root, "contract-5", log=lambda line: None, layout=Layout(micro_batch=1))
     assert batches == [1, 1]  # pruned, healed
+
+
+@pytest.mark.slow
+def test_healing_on_a_small_dataset_steps_on_smaller_batches(ml_root, corpus):
+    """A healing dataset of few windows is read in smaller batches (shapes.healing_batch_size):
+    every step reads what the rule says, and the tokens processed are its count."""
+    from shared.shapes import batch_size_for, healing_batch_size
+
+    training = ml_root / "input/data/training"
+    for path in sorted(training.rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    (training / "small.txt").write_text("\n".join(corpus)[:20_000])
+    settings = ContractSettings(source_model_id="m", num_layers_to_contract=1, contraction_ratio=0.25, train_steps=3)
+    metrics = run_contract_job(settings, ml_root, "contract-6", log=lambda line: None)
+
+    windows = len(TokenData(ml_root / "tokens").train_windows())
+    parameters = metrics.parameters_after
+    batch = healing_batch_size(parameters, CONTRACT_SEQ_LEN, windows)
+    assert batch < batch_size_for(parameters, CONTRACT_SEQ_LEN)  # the dataset is small enough to matter
+    assert metrics.tokens_processed == settings.train_steps * batch * CONTRACT_SEQ_LEN

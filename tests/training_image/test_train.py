@@ -186,6 +186,23 @@ def test_batch_rule_grows_with_model_size():
     assert sizes == sorted(sizes)
 
 
+def test_healing_on_a_small_dataset_takes_smaller_batches_and_more_steps_a_pass():
+    from shared.shapes import HEALING_STEPS_PER_PASS, healing_batch_size
+
+    smollm2 = 134_515_008  # SmolLM2-135M: 16 sequences of 256 a training step
+    assert batch_size_for(smollm2) == 16
+    # 32 windows (1% of the bench's corpus): 4 a step, 8 steps a pass.
+    assert healing_batch_size(smollm2, 256, 32) == 4
+    for windows in (1, 7, 8, 15, 16, 33, 100, 127, 128, 10_000):
+        batch = healing_batch_size(smollm2, 256, windows)
+        assert batch == min(16, 2 ** int(math.log2(max(1, windows // HEALING_STEPS_PER_PASS))))
+        assert batch & (batch - 1) == 0 and batch >= 1
+        assert batch == 1 or windows // batch >= HEALING_STEPS_PER_PASS
+    # A dataset of whole passes of the full batch heals as training does.
+    assert healing_batch_size(smollm2, 256, 16 * HEALING_STEPS_PER_PASS) == 16
+    assert healing_batch_size(SIZES["debug"].parameters(), 2048, 10_000) == batch_size_for(SIZES["debug"].parameters(), 2048)
+
+
 def test_the_batch_is_sized_in_tokens_up_to_the_cap():
     from shared.pricing import LLAMA_SHAPES
     from shared.shapes import BATCH_TOKENS_CAP, MIN_BATCH_SEQUENCES, batch_tokens_for
