@@ -64,7 +64,7 @@ def main() -> int:
     parser.add_argument("--calibration", type=int, default=None,
                         help="calibration windows (default: the contract job's, CONTRACT_CALIBRATION_WINDOWS)")
     parser.add_argument("--heal-share", type=float, default=0.01,
-                        help="the healing dataset: a share of the corpus's training windows, in whole steps")
+                        help="the healing dataset: at most this share of the corpus's training tokens, in whole windows")
     parser.add_argument("--heal-steps", type=int, default=HEAL_STEPS, help="healing steps (the job's train_steps)")
     parser.add_argument("--heal-batch", type=int, default=None,
                         help="windows a healing step (default: the contract job's, shared.shapes.healing_batch_size)")
@@ -80,7 +80,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT / "bench"))
     from corpus import english_texts, english_windows
     from shared.settings import CONTRACT_CALIBRATION_WINDOWS, CONTRACT_SEQ_LEN
-    from shared.shapes import batch_size_for, healing_batch_size
+    from shared.shapes import healing_batch_size
     from training_image.contract import HEAL_LR, block_influence, choose_blocks, contract_blocks, heal, layer_stats
     from training_image.evaluate import perplexity
     from training_image.modeldir import load_model_dir
@@ -99,11 +99,10 @@ def main() -> int:
     heldout = heldout[torch.randperm(len(heldout), generator=torch.Generator().manual_seed(0))[: args.heldout]]
     calibration = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[: args.calibration]]
     corpus_tokens = len(train) * SEQ_LEN
-    job_batch = batch_size_for(config.parameters())  # a training step's
-    # The healing dataset: a fixed sample of heal_share of the corpus's windows, in whole training
-    # steps, read as a contract job given that dataset reads it (an epoch, then a fresh order) at
-    # the healing batch the job takes for it.
-    windows = job_batch * max(1, math.ceil(args.heal_share * corpus_tokens / (job_batch * SEQ_LEN)))
+    # The healing dataset: a fixed sample of the corpus's windows, as many as heal_share of its
+    # tokens fills (never more), read as a contract job given that dataset reads it (an epoch,
+    # then a fresh order) at the healing batch the job takes for it.
+    windows = max(1, math.floor(args.heal_share * corpus_tokens / SEQ_LEN))
     healing = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(2))[:windows]]
     heal_batch = args.heal_batch or healing_batch_size(config.parameters(), SEQ_LEN, windows)
     heal_steps = args.heal_steps
