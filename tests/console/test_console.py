@@ -132,7 +132,9 @@ def test_a_submission_whose_answer_was_lost_is_retried_into_the_same_job(tab, st
 
 
 def test_job_page_charts_the_curve_as_it_grows_then_shows_the_bill(tab, stack, dataset_id):
-    job = call(stack, "POST", "/jobs", train_request(dataset_id, train_steps=60, cycles=3))
+    # Long enough for several of the page's polls (console/app.js POLL_MS) on a fast CPU: 60 steps
+    # ran in 4.4 s in fp32, two polls, and the chart was seen empty and then whole.
+    job = call(stack, "POST", "/jobs", train_request(dataset_id, train_steps=240, cycles=3))
     tab.open(f"#/jobs/{job['job_id']}")
     page = tab.page
     expect(page.locator(".status")).to_contain_text("train of base-debug")
