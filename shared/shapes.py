@@ -324,7 +324,6 @@ def batch_size_for(parameters: int, seq_len: int = REFERENCE_SEQ_LEN) -> int:
     return int(max(MIN_BATCH_SEQUENCES, sequences))
 
 
-
 # A healing step takes at most this share of the healing dataset's windows (1 / 8), so one pass
 # over a small dataset is at least this many optimizer steps.
 HEALING_STEPS_PER_PASS = 8
