@@ -69,6 +69,10 @@ def main() -> int:
     parser.add_argument("--heal-batch", type=int, default=None,
                         help="windows a healing step (default: the contract job's, shared.shapes.healing_batch_size)")
     parser.add_argument("--no-heal", action="store_true", help="pruned figures only (healing costs the most)")
+    parser.add_argument("--refit", choices=["sequential", "plain"], default="sequential",
+                        help="sequential: the cut blocks' output projections refit in depth order to the source's "
+                             "residual stream (contract.reconstruct, the contract job's); plain: each refit alone "
+                             "on the source's activations")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                         help="the methods to run (the comparisons need ours with another)")
@@ -135,7 +139,7 @@ def main() -> int:
         results = {}
         for name, method, heals in (METHODS[m] for m in args.methods):
             new, new_config = contract_blocks(model, config, calibration, ratio, chosen, method=method, refit=True,
-                                              stats=stats)
+                                              stats=stats, sequential=args.refit == "sequential")
             pruned = perplexity(new, heldout)
             healed = math.nan
             heals = heals and not args.no_heal

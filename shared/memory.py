@@ -317,19 +317,21 @@ def choosing_bytes(source: ModelConfig, student: ModelConfig, chosen_layers: int
     The source is read from its files one unit at a time (a block, the embeddings, or the final
     norm with the head, in fp32) and the windows of a pass go through one block before the next
     is read: the device holds one unit, the hidden states (fp32) of the largest pass's windows
-    (the held-out windows, CONTRACT_HELDOUT_WINDOWS, as if one rank ran them all), one batch's
-    new ones, the forward pass's transient at CALIBRATION_BATCH windows with the chunked loss's
-    logits, and the Grams of the block being calibrated (summed over the ranks, then sent to the
-    host). Then the chosen blocks are cut one at a time: one block, its Grams brought back, and
-    the surgery's working matrices (its Gram's inverse, a damped copy and the downdated one, with
-    the fp64 output projection; heads: three such for the twin searches). The cut blocks are
-    built on the host (contract_host_bytes)."""
+    (the held-out windows, CONTRACT_HELDOUT_WINDOWS, or the reconstruction's two streams of the
+    calibration windows, as if one rank ran them all), one batch's new ones, the forward pass's
+    transient at CALIBRATION_BATCH windows with the chunked loss's logits, and the Grams of the
+    block being calibrated (summed over the ranks, then sent to the host) or, in the
+    reconstruction, a cut block and its projection's moments. Then the chosen blocks are cut one
+    at a time (before the reconstruction): one block, its Grams brought back, and the surgery's
+    working matrices (its Gram's inverse, a damped copy and the downdated one, with the fp64
+    output projection; heads: three such for the twin searches). The cut blocks are built on the
+    host (contract_host_bytes)."""
     from shared.settings import CONTRACT_CALIBRATION_WINDOWS, CONTRACT_HELDOUT_WINDOWS
 
     tokens = CALIBRATION_BATCH * seq_len
     block = max(source.layer_parameters(layer) for layer in source.layers) * 4
     unit = max(block, (source.vocab_size * source.dim + source.dim) * 4)
-    held = max(CONTRACT_HELDOUT_WINDOWS, CONTRACT_CALIBRATION_WINDOWS) * seq_len * source.dim * RESIDUAL_BYTES
+    held = max(CONTRACT_HELDOUT_WINDOWS, 2 * CONTRACT_CALIBRATION_WINDOWS) * seq_len * source.dim * RESIDUAL_BYTES
     batch = tokens * source.dim * RESIDUAL_BYTES
     forward = forward_transient_bytes(source, tokens, 4) + _eval_logits_bytes(source, tokens, 4)
     grams = max(_grams_bytes(source, layer) for layer in source.layers)
@@ -338,7 +340,13 @@ def choosing_bytes(source: ModelConfig, student: ModelConfig, chosen_layers: int
          + 2 * source.dim * max(layer.mlp_hidden, layer.n_heads * source.head_dim)) * GRAM_BYTES
         for layer in source.layers
     )
-    streaming = unit + held + batch + forward + grams
+    # The reconstruction's turn at a cut block: that block beside the source's, and the Gram and
+    # cross-moments of one of its output projections.
+    reconstructing = block + max(
+        (width ** 2 + source.dim * width) * GRAM_BYTES
+        for layer in source.layers for width in (layer.mlp_hidden, layer.n_heads * source.head_dim)
+    )
+    streaming = unit + held + batch + forward + max(grams, reconstructing)
     cutting = block + grams + surgery
     return max(streaming, cutting)
 

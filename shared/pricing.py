@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from shared import memory
 
 from shared.settings import (
+    CONTRACT_CALIBRATION_PASSES,
     CONTRACT_CALIBRATION_WINDOWS,
     CONTRACT_EVALUATIONS,
     CONTRACT_HELDOUT_WINDOWS,
@@ -149,7 +150,7 @@ class Estimate(BaseModel):
 
 # Forward-only tokens of a contract job, at most (shared.settings says which passes they are).
 CONTRACT_FORWARD_TOKENS = (
-    CONTRACT_CALIBRATION_WINDOWS + CONTRACT_EVALUATIONS * CONTRACT_HELDOUT_WINDOWS
+    CONTRACT_CALIBRATION_PASSES * CONTRACT_CALIBRATION_WINDOWS + CONTRACT_EVALUATIONS * CONTRACT_HELDOUT_WINDOWS
 ) * CONTRACT_SEQ_LEN
 
 

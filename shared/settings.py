@@ -31,6 +31,9 @@ CONTRACT_SEQ_LEN = 256  # window length of contraction's calibration and healing
 # 256 windows (65,536 tokens) give the refit of a 1536-wide MLP enough rows: on SmolLM2's own
 # blocks, 64 left +4.99% at ratio 0.25 and 256 +3.76% (docs/evaluation.md).
 CONTRACT_CALIBRATION_WINDOWS = 256
+# Passes over the calibration sample, at most: Block Influence, the activation statistics, and the
+# reconstruction's two streams side by side (the source's and the contracted model's).
+CONTRACT_CALIBRATION_PASSES = 4
 CONTRACT_HELDOUT_WINDOWS = 512
 CONTRACT_EVALUATIONS = 3
 

@@ -37,6 +37,7 @@ from typing import Callable, Literal
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 
 from shared.memory import CALIBRATION_BATCH, IGNORE_INDEX
 from shared.settings import TrainSettings
@@ -551,6 +552,100 @@ def _shrink_block(old, new, cut: LayerCut, stats: LayerStats | None, refit: bool
         a_new.o_proj.weight.copy_(a_old.o_proj.weight[:, q_rows])
 
 
+def _unit(source: "Decoder | StreamedSource", name: str) -> nn.Module:
+    return source.unit(name) if isinstance(source, StreamedSource) else source.get_submodule(name)
+
+
+def _solve(gram: torch.Tensor, cross: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W minimising sum_t ||y(t) - W a(t)||^2, given G = sum a a^T and C = sum y a^T: C G^-1 (ridged)."""
+    ridge = RIDGE * gram.diagonal().mean().clamp_min(1e-12)
+    damped = gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(damped, cross.T).T.to(dtype)
+
+
+@torch.no_grad()
+def reconstruct(source: "Decoder | StreamedSource", calibration_windows: torch.Tensor, cut: dict[str, nn.Module],
+                batch_size: int = CALIBRATION_BATCH) -> None:
+    """Refit the output projections of the cut blocks (`cut`: block id -> the smaller block, changed
+    in place) in depth order, so that the contracted model's residual stream after each of their
+    sub-layers comes as close, by least squares over the calibration tokens, to the source's there.
+
+    The source's hidden states and the contracted model's go through the blocks side by side (the
+    blocks that were not cut are the source's own in both). At a cut sub-layer, with the kept
+    heads' or units' activations a(t) on the contracted model's own stream x'(t), its output
+    projection becomes W' = argmin sum_t ||x_src(t) + W a_src(t) - x'(t) - W' a(t)||^2: the first
+    cut sub-layer gets the plain refit (x' = x_src there), and each later one also takes back what
+    the cuts before it changed in the stream, which a refit on the source's activations cannot see.
+    Each cut block comes to the source's device for its turn and goes back where it was. Under
+    torchrun each rank runs its share of the windows and the sums are all-reduced."""
+    device = _device(source)
+    share = _inputs(_share(calibration_windows))
+    batches = share.split(batch_size) if len(share) else ()
+    embed = _unit(source, "embed")
+    theirs = [embed(batch.to(device)) for batch in batches]  # the source's stream
+    del embed
+    ours = None  # the contracted model's: the same as the source's up to the first cut block
+    skeleton = source._skeleton if isinstance(source, StreamedSource) else source
+    T = share.shape[1]
+    cos, sin = skeleton.rope_cos[:T], skeleton.rope_sin[:T]
+
+    def refit(projection: nn.Linear, activations: Callable[[int], torch.Tensor]) -> None:
+        """projection's weight from the stream's gap, given the activations entering it per batch."""
+        width = projection.in_features
+        gram = torch.zeros(width, width, dtype=torch.float64, device=device)
+        cross = torch.zeros(projection.out_features, width, dtype=torch.float64, device=device)
+        for i in range(len(theirs)):
+            a = activations(i).reshape(-1, width).double()
+            gap = (theirs[i] - ours[i]).reshape(-1, projection.out_features).double()
+            gram += a.T @ a
+            cross += gap.T @ a
+        _sum_over_ranks(gram, cross)
+        ridge = RIDGE * gram.diagonal().mean().clamp_min(1e-12)
+        gram += ridge * torch.eye(width, dtype=gram.dtype, device=device)
+        projection.weight.copy_(torch.linalg.solve(gram, cross.T).T)
+
+    def heads_output(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        seen = []
+        hook = attn.o_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            attn(x, cos, sin)
+        finally:
+            hook.remove()
+        return seen[0]
+
+    def units(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
+
+    remaining = set(cut)
+    for bid in source.block_ids:
+        if not remaining:
+            break
+        old = _unit(source, f"blocks.{bid}")
+        if bid not in cut:
+            for i in range(len(theirs)):
+                theirs[i] = old(theirs[i], cos, sin)
+                if ours is not None:
+                    ours[i] = old(ours[i], cos, sin)
+            continue
+        remaining.discard(bid)
+        new = cut[bid]
+        home = new.attn.o_proj.weight.device
+        new.to(device)
+        if ours is None:
+            ours = [x.clone() for x in theirs]
+        for i in range(len(theirs)):
+            theirs[i] = theirs[i] + old.attn(old.attn_norm(theirs[i]), cos, sin)
+        refit(new.attn.o_proj, lambda i: heads_output(new.attn, new.attn_norm(ours[i])))
+        for i in range(len(theirs)):
+            ours[i] = ours[i] + new.attn(new.attn_norm(ours[i]), cos, sin)
+            theirs[i] = theirs[i] + old.mlp(old.mlp_norm(theirs[i]))
+        refit(new.mlp.down_proj, lambda i: units(new.mlp, new.mlp_norm(ours[i])))
+        for i in range(len(ours)):
+            ours[i] = ours[i] + new.mlp(new.mlp_norm(ours[i]))
+        new.to(home)
+        del old
+
+
 def _copy_head_extras(old, new, q_rows: torch.Tensor, kv_rows: torch.Tensor) -> None:
     """What else belongs to the kept heads: q/k/v biases follow their rows; a q/k norm is one
     weight shared by every head, so it is kept whole."""
@@ -576,6 +671,7 @@ def contract_blocks(
     stats: dict[str, LayerStats] | None = None,
     even: bool = False,
     device: torch.device | str | None = None,
+    sequential: bool = True,
 ) -> tuple[Decoder, ModelConfig]:
     """Shrink the given blocks by `ratio` with the given method; a new model, the source untouched.
 
@@ -597,9 +693,11 @@ def contract_blocks(
         new.lm_head.weight.copy_(model.lm_head.weight)
     for bid, block in model.blocks.items():
         if bid in cuts:
-            _shrink_block(block, new.blocks[bid], cuts[bid], stats.get(bid), refit)
+            _shrink_block(block, new.blocks[bid], cuts[bid], stats.get(bid), refit and not sequential)
         else:
             new.blocks[bid].load_state_dict(block.state_dict())
+    if refit and sequential:
+        reconstruct(model, calibration, {bid: new.blocks[bid] for bid in cuts})
     new.train(model.training)
     return new, new_config
 
@@ -761,16 +859,17 @@ def contract_streamed(source: StreamedSource, calibration: torch.Tensor, ratio: 
     config = source.config
     layers = [cuts[bid].shape() if bid in cuts else layer for layer, bid in zip(config.layers, config.ids())]
     new_config = config.model_copy(update={"layers": layers})
-    given: dict[str, torch.Tensor] = {}
+    blocks: dict[str, Block] = {}
     for bid in chosen:
         old = source.blocks[bid]
         with torch.device("meta"):
             new = Block(new_config, cuts[bid].shape())
         new.to_empty(device="cpu")
-        _shrink_block(old, new, cuts[bid], _on(stats[bid], source.device), refit=True)
-        given.update({f"blocks.{bid}.{name}": tensor for name, tensor in new.state_dict().items()})
+        _shrink_block(old, new, cuts[bid], _on(stats[bid], source.device), refit=False)
+        blocks[bid] = new.eval()
         del old
-    return new_config, given
+    reconstruct(source, calibration, blocks)
+    return new_config, {f"blocks.{bid}.{name}": tensor for bid, new in blocks.items() for name, tensor in new.state_dict().items()}
 
 
 def student_sources(source: StreamedSource, contracted: ModelConfig, given: dict[str, torch.Tensor]) -> dict:
