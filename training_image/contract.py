@@ -13,8 +13,10 @@
    choices of heads every choice is costed. The parameters are allotted across the chosen layers,
    and between each layer's attention and MLP, by that damage relative to the residual stream
    each layer writes into.
-4. The kept output-projection columns are refit by least squares, so the kept units reproduce
-   what the whole layer wrote as well as they can (the model has no biases, so FLAP's bias
+4. The kept output-projection columns are refit by least squares, block after block in depth
+   order (reconstruct): the contracted model's residual stream after each cut sub-layer is made
+   as close as it can be to the source's there, on the contracted model's own inputs, so a later
+   cut also takes back what the earlier ones changed (the model has no biases, so FLAP's bias
    compensation has nowhere to go; the refit plays that role).
 5. The result is a new Decoder whose config records every layer's own sizes; block ids are kept.
 6. Healing trains the contracted model to match the source's next-token distribution (KL to the

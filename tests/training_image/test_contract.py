@@ -264,6 +264,33 @@ def test_wanda_sp_keeps_the_units_and_heads_of_largest_weight_times_input_norm(d
     assert torch.equal(new.blocks["1"].attn.q_proj.weight, block.attn.q_proj.weight[rows])
     assert config.parameters() < debug_model.config.parameters()
 
+def test_the_sequential_refit_is_the_plain_refit_at_the_first_cut_and_closer_to_the_source_after_several_fp32(
+        debug_model, windows):
+    """The cut blocks' output projections are refit in depth order against the source's residual
+    stream (contract.reconstruct), fp32. A single cut's attention sees the source's own stream, so
+    its o_proj is the plain least-squares refit; over several cut blocks the later refits also take
+    back what the earlier cuts changed, and the final hidden states come closer to the source's."""
+    train, _ = windows
+    calibration = train[:16]
+    model, config = debug_model.eval(), debug_model.config
+    plain, _ = contract_blocks(model, config, calibration, 0.5, ["1"], sequential=False)
+    sequential, _ = contract_blocks(model, config, calibration, 0.5, ["1"], sequential=True)
+    torch.testing.assert_close(sequential.blocks["1"].attn.o_proj.weight, plain.blocks["1"].attn.o_proj.weight,
+                               rtol=1e-4, atol=1e-6)
+    assert torch.equal(sequential.blocks["1"].mlp.up_proj.weight, plain.blocks["1"].mlp.up_proj.weight)
+
+    inputs = calibration[:, :-1]
+    with torch.no_grad():
+        source = model.forward_hidden(inputs)
+
+        def error(sequential: bool) -> float:
+            new, _ = contract_blocks(model, config, calibration, 0.5, config.ids()[1:-1], sequential=sequential)
+            return ((new.forward_hidden(inputs) - source).pow(2).sum() / source.pow(2).sum()).item()
+
+        plain_error, sequential_error = error(False), error(True)
+    assert 0 < sequential_error < 0.95 * plain_error, (sequential_error, plain_error)
+
+
 
 @pytest.mark.slow
 def test_activation_aware_importance_beats_random_choice(windows):

@@ -159,8 +159,10 @@ def test_a_contract_job_laid_out_sharded_on_two_ranks_delivers_what_one_process_
     for key in ("perplexity_before", "perplexity_after_pruning", "perplexity_after_healing"):
         assert two[key] == pytest.approx(alone[key], rel=REL), key
     # The distillation loss of this near-uniform debug source is about 1e-5: a difference of near-equal
-    # sums, whose fp32 rounding is absolute (1e-9), not relative.
-    assert [c["loss"] for c in two["cycles"]] == pytest.approx([c["loss"] for c in alone["cycles"]], rel=REL, abs=1e-9)
+    # sums, whose fp32 rounding is absolute, not relative. The cut blocks' projections are refit to the
+    # gap between two residual streams (contract.reconstruct), which each rank computes on its own
+    # batches of windows: weights one fp32 rounding apart move that loss by about 1e-9.
+    assert [c["loss"] for c in two["cycles"]] == pytest.approx([c["loss"] for c in alone["cycles"]], rel=REL, abs=1e-8)
     assert two["healing_kept"] == alone["healing_kept"]
     delivered, _ = load_model_dir(ml_root / "model")
     expected, _ = load_model_dir(alone_root / "model")
