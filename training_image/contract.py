@@ -513,14 +513,16 @@ def plan_cuts(model: Decoder, chosen: list[str], ratio: float, stats: dict[str, 
     return cuts
 
 
+def _solve(gram: torch.Tensor, cross: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W minimising sum_t ||y(t) - W a(t)||^2, given G = sum a a^T and C = sum y a^T: C G^-1 (ridged)."""
+    ridge = RIDGE * gram.diagonal().mean().clamp_min(1e-12)
+    damped = gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(damped, cross.T).T.to(dtype)
+
+
 def _refit(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Kept columns W' minimising sum_t ||W a(t) - W' a_keep(t)||^2: W' = W G[:, k] (G[k, k])^-1."""
-    w = weight.double()
-    g_kk = gram[keep][:, keep]
-    ridge = RIDGE * g_kk.diagonal().mean().clamp_min(1e-12)
-    g_kk = g_kk + ridge * torch.eye(len(keep), dtype=g_kk.dtype, device=g_kk.device)
-    rhs = w @ gram[:, keep]  # (out, k)
-    return torch.linalg.solve(g_kk, rhs.T).T.to(weight.dtype)
+    return _solve(gram[keep][:, keep], weight.double() @ gram[:, keep], weight.dtype)
 
 
 # ----------------------------------------------------------------------------- surgery
@@ -556,13 +558,6 @@ def _shrink_block(old, new, cut: LayerCut, stats: LayerStats | None, refit: bool
 
 def _unit(source: "Decoder | StreamedSource", name: str) -> nn.Module:
     return source.unit(name) if isinstance(source, StreamedSource) else source.get_submodule(name)
-
-
-def _solve(gram: torch.Tensor, cross: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """W minimising sum_t ||y(t) - W a(t)||^2, given G = sum a a^T and C = sum y a^T: C G^-1 (ridged)."""
-    ridge = RIDGE * gram.diagonal().mean().clamp_min(1e-12)
-    damped = gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(damped, cross.T).T.to(dtype)
 
 
 @torch.no_grad()
@@ -602,9 +597,7 @@ def reconstruct(source: "Decoder | StreamedSource", calibration_windows: torch.T
             gram += a.T @ a
             cross += gap.T @ a
         _sum_over_ranks(gram, cross)
-        ridge = RIDGE * gram.diagonal().mean().clamp_min(1e-12)
-        gram += ridge * torch.eye(width, dtype=gram.dtype, device=device)
-        projection.weight.copy_(torch.linalg.solve(gram, cross.T).T)
+        projection.weight.copy_(_solve(gram, cross, projection.weight.dtype))
 
     def heads_output(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
         seen = []

@@ -264,6 +264,7 @@ def test_wanda_sp_keeps_the_units_and_heads_of_largest_weight_times_input_norm(d
     assert torch.equal(new.blocks["1"].attn.q_proj.weight, block.attn.q_proj.weight[rows])
     assert config.parameters() < debug_model.config.parameters()
 
+
 def test_the_sequential_refit_is_the_plain_refit_at_the_first_cut_and_closer_to_the_source_after_several_fp32(
         debug_model, windows):
     """The cut blocks' output projections are refit in depth order against the source's residual
@@ -289,7 +290,6 @@ def test_the_sequential_refit_is_the_plain_refit_at_the_first_cut_and_closer_to_
 
         plain_error, sequential_error = error(False), error(True)
     assert 0 < sequential_error < 0.95 * plain_error, (sequential_error, plain_error)
-
 
 
 @pytest.mark.slow
