@@ -358,11 +358,14 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 def _host_copy(model: Decoder) -> dict[str, torch.Tensor]:
     """This rank's part of `model`'s weights, copied to the host: its shards where the model is
     sharded, else the whole (never a second copy on the GPU)."""
+    parallel.reshard(model)
     return {name: _local(p).detach().to("cpu", copy=True) for name, p in model.named_parameters()}
 
 
 @torch.no_grad()
 def _restore(model: Decoder, weights: dict[str, torch.Tensor]) -> None:
-    """The weights _host_copy kept, back into `model` in place."""
+    """The weights _host_copy kept, back into `model` in place (into the shards, which are what
+    is trained and gathered for delivery)."""
+    parallel.reshard(model)
     for name, p in model.named_parameters():
         _local(p).copy_(weights[name])

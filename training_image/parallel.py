@@ -236,6 +236,17 @@ def is_sharded(network: nn.Module) -> bool:
     return isinstance(trained_decoder(network), FSDPModule)
 
 
+def reshard(network: nn.Module) -> None:
+    """Put every FSDP unit of `network` back to its shards, so that its parameters are the shards
+    themselves. A unit may be left gathered (the head and final norm: reshard_after_forward=False),
+    and a copy read from its gathered parameters or written into them does not round-trip: a
+    sharded contract job whose healing did harm delivered the healed head instead of the kept one
+    (tests/training_image/test_contract_sharded.py, on a CPU where healing was not kept)."""
+    for module in network.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def accumulating(network: nn.Module, last: bool, defer_gradient_sync: bool = False):
     """The context of one micro-batch's forward and backward: DDP skips its all-reduce until the
     last one. FSDP, with defer_gradient_sync, skips its reduce-scatter until the last one too,

@@ -96,8 +96,14 @@ def test_a_sharded_run_at_two_ranks_writes_the_tensors_of_one_process(tmp_path, 
     one, two = _tensors(tmp_path / "one/model/hf"), _tensors(tmp_path / "two/model/hf")
     assert len(list((tmp_path / "two/model/hf").glob("*.safetensors"))) > 2
     assert sorted(two) == sorted(one)
-    for name, tensor in one.items():  # 3 AdamW steps apart by fp32 rounding only (as in test_fsdp)
-        torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    for name, tensor in one.items():
+        # Apart by fp32 rounding only (the ranks' reductions add in another order), which AdamW
+        # amplifies where a gradient is near zero (it divides by the gradient's own running
+        # size): a rare element moves further, never beyond the 3 steps' learning rate. A wrong
+        # shard or a missing reduction moves most elements.
+        apart = (two[name] - tensor).abs()
+        beyond = apart > 1e-5 + 1e-4 * tensor.abs()
+        assert beyond.sum() <= max(1, tensor.numel() // 1000) and apart.max() <= 3 * PLAN.lr, (name, beyond.sum(), apart.max())
     assert json.loads((tmp_path / "two/model/metrics.json").read_text())["job_id"] == "ranks-2"  # rank 0 wrote it
     # The weights are written once, in the export; the model directory reads them from there.
     assert not list((tmp_path / "two/model").glob("*.safetensors"))
