@@ -104,8 +104,12 @@ def block_saved(config: ModelConfig, tokens: int, concatenated: bool) -> int:
         return t
 
     x = torch.randn(1, tokens, config.dim, dtype=torch.bfloat16, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(x, cos, sin)
+    fp32_on_cpu, Attention.fp32_on_cpu = Attention.fp32_on_cpu, False  # attention in bf16, as on a GPU
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(x, cos, sin)
+    finally:
+        Attention.fp32_on_cpu = fp32_on_cpu
     return sum(storages.values())
 
 

@@ -34,7 +34,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from shared.pricing import LLAMA_SHAPES
@@ -43,7 +42,7 @@ from training_image import parallel, runtime
 from training_image.data import stdlib_corpus, token_windows
 from training_image.evaluate import perplexity
 from training_image.growth import grow
-from training_image.model import Decoder
+from training_image.model import Decoder, attend
 from training_image.tokenizer import train_tokenizer
 from training_image.train import GRAD_CLIP, Trainer, TrainPlan, autocast_dtype, batch_size_for, lr_at
 
@@ -52,13 +51,15 @@ from training_image.train import GRAD_CLIP, Trainer, TrainPlan, autocast_dtype, 
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def hf_llama(config: ModelConfig) -> LlamaForCausalLM:
+def hf_llama(config: ModelConfig, attention: str = "sdpa") -> LlamaForCausalLM:
+    """The same shape as a transformers Llama; attention: its attn_implementation ("sdpa", its
+    default, or "eager": its own matmul-softmax-matmul)."""
     layer = config.layers[0]
     hf = LlamaConfig(
         vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=layer.mlp_hidden,
         num_hidden_layers=config.n_layers, num_attention_heads=layer.n_heads, num_key_value_heads=layer.n_kv_heads,
         head_dim=config.head_dim, max_position_embeddings=config.context_length, rms_norm_eps=config.norm_eps,
-        rope_theta=config.rope_theta, tie_word_embeddings=config.tie_embeddings,
+        rope_theta=config.rope_theta, tie_word_embeddings=config.tie_embeddings, attn_implementation=attention,
     )
     return LlamaForCausalLM(hf)
 
@@ -95,11 +96,11 @@ def kernel_floor(config: ModelConfig, sequences: int, micro_batch: int, seq_len:
                  bf16: bool) -> Callable[[int], None]:
     """run(n): n steps of nothing but a training step's matrix products and attention calls, on
     random tensors of the step's shapes: each block's seven projections forward, their input and
-    weight gradients backward, causal grouped-query attention forward and backward through
-    scaled_dot_product_attention, and the head's three products (logits, hidden-state and
-    weight gradients), per micro-batch. Every loop that uses these kernels spends at least this
-    long on a step (the norms, rotary, SwiGLU, loss arithmetic, optimizer and framework come on
-    top): a loop's time over this is the ceiling of any ratio against it."""
+    weight gradients backward, causal grouped-query attention forward and backward as the
+    product computes it (training_image.model.attend: in fp32 on a CPU at short sequences), and
+    the head's three products (logits, hidden-state and weight gradients), per micro-batch. The
+    product's loop spends at least this long on a step (the norms, rotary, SwiGLU, loss
+    arithmetic, optimizer and framework come on top): its time over this is its overhead."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     tokens, D, C, V = micro_batch * seq_len, config.head_dim, config.dim, config.vocab_size
     rand = lambda *shape, grad=False: torch.randn(*shape, device=device, dtype=dtype, requires_grad=grad)  # noqa: E731
@@ -126,7 +127,7 @@ def kernel_floor(config: ModelConfig, sequences: int, micro_batch: int, seq_len:
                 for (weight, inputs), output_grad in zip(projections, output_grads):
                     output_grad @ weight  # the input's gradient
                     output_grad.t() @ inputs  # the weight's
-                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]).backward(grad)
+                attend(q, k, v, is_causal=True).backward(grad)
             hidden @ head.t(), logits @ head, logits.t() @ hidden
 
     return run
@@ -159,6 +160,7 @@ def throughput(
     config: ModelConfig, windows: torch.Tensor, seq_len: int, rounds: int, steps: int, device: torch.device,
     ours_bf16: bool | None, hf_bf16: bool, *, strategy: str = "ddp", compile_blocks: bool = False,
     micro_batch: int | None = None, batch: int | None = None, base: Decoder | None = None, floor: bool = False,
+    hf_attention: str = "sdpa",
 ) -> None:
     """Steady-state steps of the product's Trainer.run() against the HF loop, in alternating
     rounds (A B B A A B ...); the figure is the median over rounds of each round's ratio.
@@ -184,12 +186,12 @@ def throughput(
     ours_precision = precision(trainer.autocast) + (" (its default)" if ours_bf16 is None else "")
     if trainer.sharded:
         ours_precision = f"FSDP, {parallel.mixed_precision(device).param_dtype or torch.float32} compute"
-    print(f"precision: fusion {ours_precision}, HF {precision(hf_bf16)}")
+    print(f"precision: fusion {ours_precision}, HF {precision(hf_bf16)}; HF attention: {hf_attention}")
     loops = {"fusion": lambda: trainer.run(max_steps=steps)}
     reference = hf = compiled_reference = hf_compiled = None
     if world == 1:
         with torch.device(device):  # initialized where it runs: no minutes of CPU init for 1B
-            reference = hf_llama(config).train()
+            reference = hf_llama(config, hf_attention).train()
         hf = hf_loop(reference, windows, plan, trainer.batch_indices, hf_bf16)
         loops["hf"] = lambda: hf(steps)
         if compile_blocks:  # compiled ours against HF both eager and compiled (each layer)
@@ -236,10 +238,10 @@ def throughput(
         print(f"  ratio fusion / HF compiled {statistics.median(r[0] for r in ratios):6.2f}"
               f"{statistics.median(r[1] for r in ratios):20.2f}   (median of per-round ratios)")
     if "floor" in rate:
-        ceiling = [h[1] / k[1] for h, k in zip(times["hf"], times["floor"])]
+        hf_over = [h[1] / k[1] for h, k in zip(times["hf"], times["floor"])]
         over = [f[1] / k[1] for f, k in zip(times["fusion"], times["floor"])]
-        print(f"  matmuls + attention alone {rate['floor'][0]:7.0f}{rate['floor'][1]:20.0f}   (kernel_floor: what any loop on these kernels spends at least)")
-        print(f"  HF / floor, the ceiling of fusion / HF {statistics.median(ceiling):5.2f}; fusion / floor {statistics.median(over):.2f}"
+        print(f"  matmuls + attention alone {rate['floor'][0]:7.0f}{rate['floor'][1]:20.0f}   (kernel_floor: what the product's loop spends at least)")
+        print(f"  HF / floor {statistics.median(hf_over):5.2f}; fusion / floor {statistics.median(over):.2f}"
               f"   (CPU time, medians of per-round ratios)")
     peak = peak_flops(device)
     if peak_memory is not None:
@@ -300,7 +302,7 @@ def _precisions(args, config: ModelConfig, train: torch.Tensor, device: torch.de
                   "the fp32 comparison above\n")
             continue
         throughput(config, train, args.seq_len, args.rounds, args.steps, device, ours, hf,
-                   micro_batch=args.micro_batch, batch=args.batch, floor=args.floor, **options)
+                   micro_batch=args.micro_batch, batch=args.batch, floor=args.floor, hf_attention=args.hf_attention, **options)
         print()
 
 
@@ -324,7 +326,9 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, help="sequences per forward/backward on one rank")
     parser.add_argument("--batch", type=int, help="sequences per step (default: the product's rule for the size)")
     parser.add_argument("--floor", action="store_true",
-                        help="also time a step's matmuls and attention alone (kernel_floor): the ceiling of the ratio")
+                        help="also time a step's matmuls and attention alone (kernel_floor): the product's overhead over its kernels")
+    parser.add_argument("--hf-attention", default="sdpa", choices=("sdpa", "eager"),
+                        help="transformers' attn_implementation: sdpa (its default) or eager (matmul, softmax, matmul)")
     parser.add_argument("--corpus-chars", type=int, default=3_000_000, help="characters of stdlib text to tokenize")
     parser.add_argument("--precision", default="all", choices=("all", "fp32", "bf16", "default"),
                         help="throughput: fp32 vs fp32, bf16 vs bf16, ours at its default vs HF at its default (fp32)")

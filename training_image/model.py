@@ -100,7 +100,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
+# Training on a CPU, attention runs in fp32 under bf16 autocast at sequences up to this length:
+# PyTorch's CPU flash-attention kernel is several times slower backward in bf16 than in fp32 at
+# short sequences and small head dims (docs/memory-plan.md, "Attention on a CPU"), and never
+# slower forward. GPUs, inference and longer sequences keep the compute dtype.
+CPU_FP32_ATTENTION_MAX_LEN = 512
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> torch.Tensor:
+    """F.scaled_dot_product_attention(q, k, v, **options), with grouped-query heads; in fp32 on a
+    CPU while training in bf16 at sequences up to CPU_FP32_ATTENTION_MAX_LEN (returned in q's dtype)."""
+    # enable_gqa: query head h reads kv head h // (H / K), without materialising repeated k and v.
+    options.setdefault("enable_gqa", k.shape[1] != q.shape[1])
+    if (Attention.fp32_on_cpu and q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
+            and k.shape[2] <= CPU_FP32_ATTENTION_MAX_LEN):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **options).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, **options)
+
+
 class Attention(nn.Module):
+    fp32_on_cpu = True  # see attend(); off measures on a CPU what a GPU computes and keeps
+
+
     def __init__(self, config: ModelConfig, shape: LayerShape):
         super().__init__()
         dim, head_dim, bias = config.dim, config.head_dim, config.qkv_bias
@@ -134,7 +156,7 @@ class Attention(nn.Module):
         v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         causal = True
         if mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=K != H)  # (B, H, T, D)
+            y = attend(q, k, v, attn_mask=mask)  # (B, H, T, D)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
         if cache is not None:
             # Decoding: the new positions attend to every cached one and causally among themselves.
@@ -142,15 +164,14 @@ class Attention(nn.Module):
             causal = T > 1
             if causal and k.shape[2] > T:
                 return self.o_proj(self._attend_masked(q, k, v).transpose(1, 2).reshape(B, T, H * D))
-        # enable_gqa: query head h reads kv head h // (H / K), without materialising repeated k and v.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=K != H)  # (B, H, T, D)
+        y = attend(q, k, v, is_causal=causal)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
     def _attend_masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         T, S = q.shape[2], k.shape[2]
         # Query i (at position S - T + i) sees keys 0 .. S - T + i.
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        return attend(q, k, v, attn_mask=mask)
 
 
 class MLP(nn.Module):

@@ -6,11 +6,18 @@ import torch
 
 from shared.memory import AUTOCAST_WEIGHT_BYTES, block_activation_bytes, head_activation_bytes, head_weight_gradient_bytes
 from shared.shapes import SIZES
-from training_image.model import Decoder
+from training_image.model import Attention, Decoder
 
 # fp32: everything fp32. autocast: fp32 weights, bf16 autocast (DDP on a GPU). bf16: bf16
 # weights and no autocast, as FSDP's mixed-precision policy gathers them.
 MODES = {"fp32": 4, "autocast": 2, "bf16": 2}
+
+
+@pytest.fixture(autouse=True)
+def _attention_as_on_a_gpu(monkeypatch):
+    """The plan counts what a GPU keeps: attention in the compute dtype, which a CPU training in
+    bf16 swaps for fp32 (training_image.model.attend)."""
+    monkeypatch.setattr(Attention, "fp32_on_cpu", False)
 
 
 def _saved_bytes(fn, exclude: set[int]) -> int:
