@@ -102,8 +102,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # Training on a CPU, attention runs in fp32 under bf16 autocast at sequences up to this length:
 # PyTorch's CPU flash-attention kernel is several times slower backward in bf16 than in fp32 at
-# short sequences and small head dims (docs/memory-plan.md, "Attention on a CPU"), and never
-# slower forward. GPUs, inference and longer sequences keep the compute dtype.
+# short sequences and small head dims (docs/memory-plan.md, "Attention on a CPU"); forward it was
+# faster in bf16 at every shape measured. GPUs, inference and longer sequences keep the compute dtype.
 CPU_FP32_ATTENTION_MAX_LEN = 512
 
 
@@ -121,7 +121,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options) -> torc
 
 class Attention(nn.Module):
     fp32_on_cpu = True  # see attend(); off measures on a CPU what a GPU computes and keeps
-
 
     def __init__(self, config: ModelConfig, shape: LayerShape):
         super().__init__()
